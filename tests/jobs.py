@@ -1,0 +1,103 @@
+"""Job functions that tests submit to workers.
+
+Workers import these by reference as ``tests.jobs.<name>``; the test harness puts the repo root first on
+``PYTHONPATH`` so that works in every worker process. Keep them top-level and free of test state.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+T = TypeVar("T")
+
+HOLD_LIMIT_S = 60.0
+POLL_INTERVAL_S = 0.01
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def add(a: Any, b: Any) -> Any:
+    return a + b
+
+
+def noop(x: object = None) -> None:
+    return None
+
+
+def slow_square(x: int, delay_s: float = 0.05) -> int:
+    time.sleep(delay_s)
+    return x * x
+
+
+def sleep_then(x: T, seconds: float) -> T:
+    time.sleep(seconds)
+    return x
+
+
+def boom(x: object) -> NoReturn:
+    raise ValueError(f"boom {x}")
+
+
+class CustomError(Exception):
+    """An exception whose constructor takes two arguments, to test that it survives pickling."""
+
+    def __init__(self, code: int, detail: str) -> None:
+        super().__init__(code, detail)
+        self.code = code
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return f"custom error {self.code}: {self.detail}"
+
+
+def raise_custom(x: int) -> NoReturn:
+    raise CustomError(x, f"raised for {x}")
+
+
+def segfault(x: object = None) -> NoReturn:
+    """Crash the worker process with SIGSEGV by reading address 0."""
+    ctypes.string_at(0)
+    raise AssertionError("unreachable: reading address 0 did not crash")
+
+
+def hard_exit(code: int) -> NoReturn:
+    """Leave the process at once, skipping cleanup, as a crashing extension would."""
+    os._exit(code)
+
+
+def echo(payload: T) -> T:
+    return payload
+
+
+def make_bytes(n: int) -> bytes:
+    return bytes(n)
+
+
+def length(data: Any) -> int:
+    return len(data)
+
+
+def pid(x: object = None) -> int:
+    return os.getpid()
+
+
+def hold(path: str | os.PathLike[str], x: T) -> T:
+    """Keep the job in flight until ``path`` exists (the test creates it), then return ``x``."""
+    deadline = time.monotonic() + HOLD_LIMIT_S
+    while not Path(path).exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"hold: {path} did not appear within {HOLD_LIMIT_S} s")
+        time.sleep(POLL_INTERVAL_S)
+    return x
+
+
+def wait_forever(x: object = None) -> NoReturn:
+    """Never return; the test cancels the job or kills the worker."""
+    while True:
+        time.sleep(0.1)

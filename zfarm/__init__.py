@@ -1,0 +1,26 @@
+"""zfarm: a task farm for Python on ZeroMQ.
+
+>>> import zfarm
+>>> with zfarm.Client() as client:              # an embedded broker and workers
+...     print(sum(client.map(abs, range(-10, 0))))
+55
+"""
+
+__version__ = "0.1.0"
+
+from zfarm.client import Client, as_completed  # noqa: E402
+from zfarm.errors import (  # noqa: E402
+    BrokerUnavailable,
+    JobCrashed,
+    JobError,
+    PayloadTooLarge,
+    ProtocolError,
+    Refused,
+    WorkerLost,
+    ZfarmError,
+)
+
+__all__ = [
+    "BrokerUnavailable", "Client", "JobCrashed", "JobError", "PayloadTooLarge", "ProtocolError", "Refused",
+    "WorkerLost", "ZfarmError", "__version__", "as_completed",
+]

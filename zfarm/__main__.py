@@ -1,0 +1,5 @@
+import sys
+
+from zfarm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,115 @@
+"""The broker's shell: one ROUTER socket around the pure :class:`Scheduler`.
+
+::
+
+    clients ─┐                  ┌──────────── Scheduler ────────────┐
+    workers ─┼─► ROUTER ─recv─► │ handle(route, frames, now)         │
+    monitors ┘     ▲            │ tick(now): expiry and heartbeats   │
+                   └────send────│ flush(now) → [(route, message)]    │
+                                └────────────────────────────────────┘
+
+The loop drains every message that is waiting before it flushes, so a deep
+queue travels in few large messages and a lone job goes out at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from types import FrameType
+from typing import Any
+
+import zmq
+
+from zfarm import protocol as p
+from zfarm.config import BrokerSettings
+from zfarm.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+#: messages handled before the loop flushes and checks its timers
+DRAIN_LIMIT = 1000
+
+
+class Broker:
+    """Owns the socket; run it with :meth:`serve` (blocks until :meth:`stop`)."""
+
+    def __init__(self, settings: BrokerSettings, context: zmq.Context[Any] | None = None) -> None:
+        self.settings = settings
+        self._own_context = context is None
+        self.context = context or zmq.Context()
+        self.socket: zmq.Socket[Any] = self.context.socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, settings.max_message_bytes)
+        self.socket.setsockopt(zmq.SNDHWM, 0)  # credit and client windows bound what we queue
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.bind(settings.bind)
+        self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.scheduler = Scheduler(settings, time.monotonic())
+        self._stopping = threading.Event()
+
+    def serve(self) -> None:
+        """Run until :meth:`stop` is called (or the parent process named in settings is gone)."""
+        log.info("broker %s listening on %s (heartbeat %.3g s, liveness %d)", self.scheduler.broker_id,
+                 self.endpoint, self.settings.heartbeat_interval_s, self.settings.liveness)
+        poller = zmq.Poller()
+        poller.register(self.socket, zmq.POLLIN)
+        sched = self.scheduler
+        try:
+            while not self._stopping.is_set():
+                timeout_ms = max(0.0, (sched.next_wakeup() - time.monotonic()) * 1000)
+                if poller.poll(min(timeout_ms, 250)):
+                    self._drain()
+                now = time.monotonic()
+                sched.tick(now)
+                self._send(sched.flush(now))
+                if self.settings.parent_pid and os.getppid() != self.settings.parent_pid:
+                    log.info("parent process %d is gone: stopping", self.settings.parent_pid)
+                    break
+        finally:
+            self.close()
+
+    def _drain(self) -> None:
+        sched = self.scheduler
+        recv = self.socket.recv_multipart
+        for _ in range(DRAIN_LIMIT):
+            try:
+                frames = recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            sched.handle(frames[0].bytes, frames[1:], time.monotonic())
+
+    def _send(self, outbound: list[tuple[bytes, p.Message]]) -> None:
+        send = self.socket.send_multipart
+        for route, msg in outbound:
+            try:
+                send([route, *p.encode(msg)], copy=False)
+            except zmq.ZMQError as exc:
+                if exc.errno != zmq.EHOSTUNREACH:
+                    raise
+                self.scheduler.peer_unreachable(route, time.monotonic())
+
+    def stop(self) -> None:
+        """Ask :meth:`serve` to return; safe from signal handlers and other threads."""
+        self._stopping.set()
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+        if self._own_context:
+            self.context.term()
+
+
+def run_broker(settings: BrokerSettings) -> None:
+    """The ``zfarm broker`` command: serve until SIGINT or SIGTERM."""
+    broker = Broker(settings)
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("received %s: stopping", signal.Signals(signum).name)
+        broker.stop()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    broker.serve()

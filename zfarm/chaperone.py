@@ -1,0 +1,268 @@
+"""Slot processes: each runs one job at a time, so a job cannot silence its worker.
+
+::
+
+    worker loop ──task──► pipe ──► slot process: fn(*args) ──► pipe ──outcome──► worker loop
+         │                                 ▲
+         └── lifeline pipe (never written) ┘  EOF = the worker died: the slot exits too
+
+A job that holds the GIL, segfaults or calls ``os._exit`` only takes its slot
+down: the pool notices the dead pipe, reports :class:`JobCrashed` naming the
+exit code or signal, and starts a fresh slot. Slots come from a forkserver, a
+clean single-threaded parent, so they inherit no ZeroMQ threads or sockets.
+Functions are unpickled once per slot and cached by their id.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
+
+import msgpack
+
+from zfarm import serialization as ser
+from zfarm.errors import JobCrashed
+from zfarm.protocol import Outcome
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, int]
+#: exit status of a slot whose worker died
+ORPHANED_EXIT = 70
+
+
+@dataclass(slots=True)
+class SlotTask:
+    key: Key
+    attempt: int
+    fn_id: bytes
+    fn_blob: Any
+    frames: list[Any]
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{self.key[0]}:{self.key[1]}"
+
+
+@dataclass(slots=True)
+class SlotOutcome:
+    key: Key
+    attempt: int
+    outcome: Outcome
+    frames: list[Any]
+    info: str = ""
+    run_s: float = 0.0
+
+
+# ---- inside the slot process -----------------------------------------------------------------------
+
+
+def _slot_main(conn: Connection, lifeline: Connection) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the worker's to handle
+    threading.Thread(target=_exit_with_worker, args=(lifeline,), daemon=True).start()
+    functions: dict[bytes, Any] = {}
+    while True:
+        try:
+            fn_id, with_fn, nframes = msgpack.unpackb(conn.recv_bytes())
+            if with_fn:
+                functions[fn_id] = _load(conn.recv_bytes())
+            frames = [conn.recv_bytes() for _ in range(nframes)]
+        except (EOFError, OSError):
+            os._exit(0)  # the worker closed the pipe: a normal end
+        started = time.perf_counter()
+        outcome, out, info = _run(functions.get(fn_id), frames)
+        header = msgpack.packb([int(outcome), len(out), info, time.perf_counter() - started])
+        conn.send_bytes(header)
+        for frame in out:
+            conn.send_bytes(frame)
+
+
+def _exit_with_worker(lifeline: Connection) -> None:
+    try:
+        lifeline.recv_bytes()
+    except (EOFError, OSError):
+        pass
+    os._exit(ORPHANED_EXIT)
+
+
+class _Unloadable:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+def _load(blob: bytes) -> Any:
+    try:
+        return ser.load_function(blob)
+    except Exception as exc:  # the function's module is missing here, most often
+        return _Unloadable(exc)
+
+
+def _run(fn: Any, frames: list[bytes]) -> tuple[Outcome, list[Any], str]:
+    if fn is None:
+        exc: BaseException = RuntimeError("the slot never received this job's function")
+        return Outcome.ERROR, ser.dump_exception(exc), ser.error_line(exc)
+    if isinstance(fn, _Unloadable):
+        exc = fn.exc
+        note = ("the job's function could not be unpickled on this worker; make its module importable "
+                "here (install it, or set PYTHONPATH) or pass it by value with "
+                "cloudpickle.register_pickle_by_value")
+        problem = ImportError(f"{ser.error_line(exc)}; {note}")
+        return Outcome.ERROR, ser.dump_exception(problem), ser.error_line(problem)
+    try:
+        mode, args, kwargs = ser.loads(frames)
+    except BaseException as exc:
+        return Outcome.ERROR, ser.dump_exception(exc), "arguments could not be unpickled: " + ser.error_line(exc)
+    if mode == ser.CHUNK:
+        return _run_chunk(fn, args)
+    try:
+        value = fn(*args, **kwargs)
+    except BaseException as exc:
+        return Outcome.ERROR, ser.dump_exception(exc), ser.error_line(exc)
+    return _result(value)
+
+
+def _run_chunk(fn: Any, items: list[tuple[Any, ...]]) -> tuple[Outcome, list[Any], str]:
+    values: list[Any] = []
+    for item in items:
+        try:
+            values.append(fn(*item))
+        except BaseException as exc:
+            info = f"item {len(values)} of the chunk: {ser.error_line(exc)}"
+            return Outcome.ERROR, ser.dump_exception(exc, values), info
+    return _result(values)
+
+
+def _result(value: Any) -> tuple[Outcome, list[Any], str]:
+    try:
+        return Outcome.OK, ser.dumps(value), ""
+    except BaseException as exc:
+        problem = TypeError(f"the job's return value could not be pickled: {exc!r}")
+        return Outcome.ERROR, ser.dump_exception(problem), ser.error_line(problem)
+
+
+# ---- in the worker ---------------------------------------------------------------------------------
+
+
+class Slot:
+    """One slot process and the task it runs, as seen from the worker."""
+
+    def __init__(self, ctx: Any, index: int) -> None:
+        self.index = index
+        self.conn, child_conn = ctx.Pipe(duplex=True)
+        lifeline_r, self.lifeline = ctx.Pipe(duplex=False)
+        self.process = ctx.Process(target=_slot_main, args=(child_conn, lifeline_r), daemon=True,
+                                   name=f"zfarm-slot-{index}")
+        self.process.start()
+        child_conn.close()
+        lifeline_r.close()
+        self.task: SlotTask | None = None
+        self.fns: set[bytes] = set()
+
+    def send(self, task: SlotTask) -> None:
+        with_fn = task.fn_id not in self.fns and task.fn_blob is not None
+        self.conn.send_bytes(msgpack.packb([task.fn_id, with_fn, len(task.frames)]))
+        if with_fn:
+            self.conn.send_bytes(ser.buffer_of(task.fn_blob))
+            self.fns.add(task.fn_id)
+        for frame in task.frames:
+            self.conn.send_bytes(ser.buffer_of(frame))
+        self.task = task
+
+    def receive(self) -> SlotOutcome:
+        """Read the finished task's outcome (raises EOFError/OSError if the slot died)."""
+        outcome, nframes, info, run_s = msgpack.unpackb(self.conn.recv_bytes())
+        frames = [self.conn.recv_bytes() for _ in range(nframes)]
+        task, self.task = self.task, None
+        assert task is not None  # only busy slots are read
+        return SlotOutcome(task.key, task.attempt, Outcome(outcome), frames, info, run_s)
+
+    def kill(self) -> int | None:
+        """Stop the process for good and return its exit code."""
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join(timeout=5)
+        self.conn.close()
+        self.lifeline.close()
+        return self.process.exitcode
+
+
+class SlotPool:
+    """A fixed number of slots; dead ones are replaced as soon as they are noticed."""
+
+    def __init__(self, size: int, host: str = "") -> None:
+        methods = multiprocessing.get_all_start_methods()
+        self.ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+        if "forkserver" in methods:
+            self.ctx.set_forkserver_preload(["zfarm.chaperone"])
+        self.host = host
+        self.slots = [Slot(self.ctx, i) for i in range(size)]
+
+    @property
+    def size(self) -> int:
+        return len(self.slots)
+
+    @property
+    def free(self) -> int:
+        return sum(slot.task is None for slot in self.slots)
+
+    def running(self) -> list[Key]:
+        return [slot.task.key for slot in self.slots if slot.task is not None]
+
+    def fds(self) -> dict[int, Slot]:
+        """File descriptors to poll: readable means a result is ready or the slot died."""
+        return {slot.conn.fileno(): slot for slot in self.slots}
+
+    def run(self, task: SlotTask) -> SlotOutcome | None:
+        """Start ``task`` on an idle slot; returns an outcome at once only if the slot died."""
+        slot = next(s for s in self.slots if s.task is None)
+        try:
+            slot.send(task)
+        except (OSError, ValueError):
+            slot.task = task
+            return self._replace(slot)
+        return None
+
+    def collect(self, slot: Slot) -> SlotOutcome | None:
+        """Read what a readable slot has to say: a finished job, or its death."""
+        if slot.task is None:  # an idle slot never writes: it died
+            self._replace(slot)
+            return None
+        try:
+            return slot.receive()
+        except (EOFError, OSError, ValueError):
+            return self._replace(slot)
+
+    def cancel(self, key: Key) -> SlotOutcome | None:
+        """Kill the slot running ``key`` (it is replaced); None if no slot runs it."""
+        for slot in self.slots:
+            if slot.task is not None and slot.task.key == key:
+                task = slot.task
+                slot.task = None
+                self._replace(slot)
+                return SlotOutcome(task.key, task.attempt, Outcome.CANCELLED, [], "cancelled")
+        return None
+
+    def _replace(self, slot: Slot) -> SlotOutcome | None:
+        task = slot.task
+        exitcode = slot.kill()
+        self.slots[self.slots.index(slot)] = Slot(self.ctx, slot.index)
+        if task is None:
+            log.warning("slot %d died while idle (%s); replaced it", slot.index, exitcode)
+            return None
+        error = JobCrashed(task.name, exitcode, self.host)
+        log.warning("job %s crashed slot %d: %s; replaced it", task.name, slot.index, error)
+        return SlotOutcome(task.key, task.attempt, Outcome.CRASHED, ser.dumps((error, "", None)),
+                           ser.error_line(error))
+
+    def close(self) -> None:
+        for slot in self.slots:
+            slot.task = None
+            slot.kill()

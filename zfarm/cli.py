@@ -1,0 +1,174 @@
+"""The ``zfarm`` command line; the only place that configures logging.
+
+Exit codes: 0 success, 1 failure at run time (broker unreachable, a job failed
+in the demo), 2 bad usage or settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from zfarm import __version__
+from zfarm.config import DEFAULT_ADDRESS, BrokerSettings, WorkerSettings, resolve
+from zfarm.errors import ConfigError, ZfarmError
+
+log = logging.getLogger("zfarm")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.log_level)
+    try:
+        return int(args.run(args) or 0)
+    except ConfigError as exc:
+        print(f"zfarm: {exc}", file=sys.stderr)
+        return 2
+    except ZfarmError as exc:
+        print(f"zfarm: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="zfarm", description="A task farm for Python on ZeroMQ.")
+    parser.add_argument("--version", action="version", version=f"zfarm {__version__}")
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    broker = _command(sub, "broker", "run a broker: the one endpoint clients and workers connect to",
+                      _run_broker)
+    broker.add_argument("--bind", help=f"endpoint to listen on (default {DEFAULT_ADDRESS}; env ZFARM_BIND)")
+    _liveness_flags(broker)
+    broker.add_argument("--max-message-bytes", type=int, help="largest message accepted (default 2 GiB)")
+
+    worker = _command(sub, "worker", "run a worker: runs jobs from a broker in N slot processes",
+                      _run_worker)
+    worker.add_argument("--connect", help=f"broker endpoint (default {DEFAULT_ADDRESS}; env ZFARM_CONNECT)")
+    worker.add_argument("--procs", type=int, help="slots, i.e. jobs run at once (default: CPU count)")
+    worker.add_argument("--prefetch", type=int, help="jobs held ready beyond the free slots (default 1)")
+    worker.add_argument("--worker-id", help="name shown in status (default: random)")
+    worker.add_argument("--grace", type=float, dest="grace_s",
+                        help="seconds running jobs may take to finish on SIGTERM (default 30)")
+    _liveness_flags(worker)
+
+    status = _command(sub, "status", "show the workers, queue and clients of a broker", _run_status)
+    status.add_argument("--connect", default=None, help=f"broker endpoint (default {DEFAULT_ADDRESS})")
+    status.add_argument("--json", action="store_true", help="print the snapshot as JSON")
+    status.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the broker")
+
+    demo = _command(sub, "demo", "run a demo map on an embedded farm, with a progress bar", _run_demo)
+    demo.add_argument("--jobs", type=int, default=400, help="number of jobs (default 400)")
+    demo.add_argument("--workers", type=int, default=None, help="workers to start (default: CPU count)")
+    demo.add_argument("--connect", default=None, help="use this broker instead of an embedded farm")
+    return parser
+
+
+def _command(sub: Any, name: str, text: str, run: Any) -> argparse.ArgumentParser:
+    cmd: argparse.ArgumentParser = sub.add_parser(name, help=text, description=text)
+    cmd.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                     help="how much to log (default info)")
+    cmd.set_defaults(run=run)
+    return cmd
+
+
+def _liveness_flags(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("--heartbeat-interval", type=float, dest="heartbeat_interval_s",
+                     help="seconds between heartbeats (default 1)")
+    cmd.add_argument("--liveness", type=int, help="silent intervals before a peer is dead (default 3)")
+    cmd.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)  # embedded use: exit with the parent
+
+
+def _configure_logging(level: str) -> None:
+    from rich.logging import RichHandler
+
+    handler = RichHandler(show_path=False, log_time_format="%H:%M:%S", markup=False)
+    logging.basicConfig(level=level.upper(), format="%(message)s", handlers=[handler], force=True)
+
+
+def _flags(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
+    return {name: getattr(args, name, None) for name in names}
+
+
+def _run_broker(args: argparse.Namespace) -> int:
+    from zfarm.broker import run_broker
+
+    settings = resolve(BrokerSettings, _flags(args, ["bind", "heartbeat_interval_s", "liveness",
+                                                     "max_message_bytes", "parent_pid"]))
+    run_broker(settings)
+    return 0
+
+
+def _run_worker(args: argparse.Namespace) -> int:
+    from zfarm.worker import run_worker
+
+    settings = resolve(WorkerSettings, _flags(args, ["connect", "procs", "prefetch", "worker_id", "grace_s",
+                                                     "heartbeat_interval_s", "liveness", "parent_pid"]))
+    run_worker(settings)
+    return 0
+
+
+def _run_status(args: argparse.Namespace) -> int:
+    from zfarm.monitor import fetch_status
+
+    address = args.connect or resolve(WorkerSettings).connect
+    snapshot = fetch_status(address, args.timeout)
+    if args.json:
+        print(json.dumps(snapshot, indent=2))
+    else:
+        _print_status(snapshot)
+    return 0
+
+
+def _print_status(snap: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"[bold]zfarm broker[/] {snap['address']}  id {snap['broker_id']}  "
+                  f"up {snap['uptime_s']:.0f} s  protocol {snap['protocol']}")
+    console.print(f"queued {snap['queued']}  in flight {snap['in_flight']}  done {snap['done']}  "
+                  f"failed {snap['failed']}  requeued {snap['requeued']}  workers lost {snap['workers_lost']}")
+    workers = Table("worker", "host", "pid", "slots", "busy", "done", "failed", "heartbeat age",
+                    title="workers")
+    for w in snap["workers"]:
+        workers.add_row(w["id"], w["host"], str(w["pid"]), str(w["slots"]), str(w["busy"]), str(w["done"]),
+                        str(w["failed"]), f"{w['heartbeat_age_s']:.1f} s")
+    console.print(workers)
+    clients = Table("client", "host", "pid", "submitted", "queued", "in flight", "done", "failed",
+                    title="clients")
+    for c in snap["clients"]:
+        clients.add_row(c["id"], c["host"], str(c["pid"]), str(c["submitted"]), str(c["queued"]),
+                        str(c["in_flight"]), str(c["done"]), str(c["failed"]))
+    console.print(clients)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    import time
+
+    import zfarm
+
+    started = time.perf_counter()
+    with zfarm.Client(args.connect, n_workers=args.workers) as client:
+        where = client.address if args.connect else f"an embedded farm ({client.address})"
+        print(f"zfarm demo: {args.jobs} jobs estimating pi on {where}", file=sys.stderr)
+        hits = sum(client.map(_demo_job, range(args.jobs), progress=True))
+    samples = args.jobs * _DEMO_SAMPLES
+    print(f"pi ≈ {4 * hits / samples:.5f} from {samples:,} samples in {time.perf_counter() - started:.2f} s")
+    return 0
+
+
+_DEMO_SAMPLES = 20_000
+
+
+def _demo_job(seed: int) -> int:
+    """Count random points that fall in the unit circle (a stand-in for real work)."""
+    import random
+
+    rng = random.Random(seed)
+    return sum(rng.random() ** 2 + rng.random() ** 2 <= 1.0 for _ in range(_DEMO_SAMPLES))

@@ -1,0 +1,131 @@
+"""Settings: frozen dataclasses resolved once, flag → ``ZFARM_*`` variable → default.
+
+Nothing else in zfarm reads the environment; the CLI and ``Client`` call
+:func:`resolve` and pass the result down.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from zfarm.errors import ConfigError
+
+DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    bind: str = DEFAULT_ADDRESS
+    heartbeat_interval_s: float = 1.0
+    liveness: int = 3
+    #: ZMQ_MAXMSGSIZE on the broker socket: larger messages cut the sender off.
+    max_message_bytes: int = 2 * GIB
+    #: exit when this process id is no longer our parent (embedded use)
+    parent_pid: int = 0
+
+    def __post_init__(self) -> None:
+        _check_endpoint(self.bind)
+        _check_positive(heartbeat_interval_s=self.heartbeat_interval_s, liveness=self.liveness,
+                        max_message_bytes=self.max_message_bytes)
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    connect: str = DEFAULT_ADDRESS
+    procs: int = 0  # 0: one slot per CPU
+    #: jobs held beyond the free slots, so a slot never waits on the network
+    prefetch: int = 1
+    worker_id: str = ""
+    heartbeat_interval_s: float = 1.0  # until the broker's WELCOME says otherwise
+    liveness: int = 3
+    reconnect_min_s: float = 1.0
+    reconnect_max_s: float = 32.0
+    #: on SIGTERM, how long running jobs may take to finish before they are handed back
+    grace_s: float = 30.0
+    parent_pid: int = 0
+
+    def __post_init__(self) -> None:
+        _check_endpoint(self.connect)
+        if self.procs < 0 or self.prefetch < 0:
+            raise ConfigError("procs and prefetch must not be negative")
+        _check_positive(heartbeat_interval_s=self.heartbeat_interval_s, liveness=self.liveness,
+                        reconnect_min_s=self.reconnect_min_s, reconnect_max_s=self.reconnect_max_s)
+
+    @property
+    def slots(self) -> int:
+        return self.procs or os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    address: str = DEFAULT_ADDRESS
+    #: how long to wait for the broker's first answer before raising BrokerUnavailable
+    connect_timeout_s: float = 10.0
+    #: how long unfinished jobs wait for a silent broker before they fail with BrokerUnavailable
+    broker_timeout_s: float = 60.0
+    heartbeat_interval_s: float = 1.0  # until the broker's WELCOME says otherwise
+    liveness: int = 3
+    reconnect_min_s: float = 1.0
+    reconnect_max_s: float = 32.0
+    #: jobs `map` keeps unfinished at once; bounds memory for endless inputs
+    window: int = 4096
+
+    def __post_init__(self) -> None:
+        _check_endpoint(self.address)
+        _check_positive(connect_timeout_s=self.connect_timeout_s, broker_timeout_s=self.broker_timeout_s,
+                        heartbeat_interval_s=self.heartbeat_interval_s, liveness=self.liveness,
+                        window=self.window)
+
+
+S = TypeVar("S")
+
+
+def resolve(cls: type[S], flags: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> S:
+    """Build settings: a flag that is not None wins, then ``ZFARM_<FIELD>``, then the default.
+
+    Raises:
+        ConfigError: a value cannot be parsed or is out of range.
+    """
+    flags = flags or {}
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if flags.get(f.name) is not None:
+            values[f.name] = flags[f.name]
+            continue
+        raw = env.get(f"ZFARM_{f.name.upper()}")
+        if raw is not None and raw != "":
+            values[f.name] = _parse(f.name, raw, type(f.default))
+    unknown = set(flags) - {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    if unknown:
+        raise ConfigError(f"unknown setting(s) for {cls.__name__}: {', '.join(sorted(unknown))}")
+    return cls(**values)
+
+
+def _parse(name: str, raw: str, kind: type) -> Any:
+    try:
+        if kind is bool:
+            return raw.strip().lower() in {"1", "true", "yes", "on"}
+        return kind(raw)
+    except ValueError:
+        raise ConfigError(f"ZFARM_{name.upper()}={raw!r} is not a valid {kind.__name__}") from None
+
+
+def _check_endpoint(address: str) -> None:
+    scheme, sep, rest = address.partition("://")
+    if not sep or scheme not in {"tcp", "ipc", "inproc"} or not rest:
+        raise ConfigError(
+            f"{address!r} is not a ZeroMQ endpoint: use tcp://HOST:PORT (for example "
+            f"{DEFAULT_ADDRESS}) or ipc:///path/to/socket"
+        )
+
+
+def _check_positive(**values: float) -> None:
+    for name, value in values.items():
+        if value <= 0:
+            raise ConfigError(f"{name} must be positive, got {value}")

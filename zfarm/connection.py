@@ -1,0 +1,378 @@
+"""The client's I/O thread: the one owner of the client's DEALER socket.
+
+::
+
+    user threads ──submit/cancel──► inbox (deque) ──wake──►┐
+                                                          I/O thread ◄──DEALER──► broker
+    futures ◄──────────── set_result / set_exception ─────┘
+
+Lazy pirate: when the broker is silent past its liveness window the thread
+drops the socket, reconnects with backoff (1 s → 32 s), introduces itself
+again and resubmits every unfinished job. The broker ignores jobs it already
+holds, and a result for a job already resolved here is dropped, so every
+future resolves exactly once even when its job ran twice.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import socket
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from zfarm import protocol as p
+from zfarm import serialization as ser
+from zfarm.config import ClientSettings
+from zfarm.errors import BrokerUnavailable, JobCrashed, ProtocolError, Refused, WorkerLost
+
+log = logging.getLogger(__name__)
+
+#: SUBMIT messages are cut at this size so one message never holds up the broker for long
+SUBMIT_BATCH_BYTES = 16 * 1024 * 1024
+
+
+class Link(str, enum.Enum):
+    DOWN = "down"
+    CONNECTING = "connecting"
+    READY = "ready"
+
+
+class JobFuture(Future[Any]):
+    """A standard future whose ``cancel()`` also cancels the job at the broker."""
+
+    def __init__(self, connection: Connection, seq: int) -> None:
+        super().__init__()
+        self.seq = seq
+        self._connection = connection
+        #: for a chunk of a map that failed: the results of the items before the failing one
+        self.partial: list[Any] | None = None
+
+    def cancel(self) -> bool:
+        if self.done():
+            return self.cancelled()
+        cancelled = super().cancel()
+        if cancelled:
+            self._connection.cancel(self.seq)
+        return cancelled
+
+
+@dataclass(slots=True, eq=False)
+class PendingJob:
+    seq: int
+    fn_id: bytes
+    frames: list[Any]
+    future: JobFuture
+    size: int = 0
+
+
+class Connection(threading.Thread):
+    """Runs the socket; every method but the public ones below runs in this thread."""
+
+    def __init__(self, settings: ClientSettings, client_id: str, context: zmq.Context[Any]) -> None:
+        super().__init__(name=f"zfarm-client-{client_id}", daemon=True)
+        self.settings = settings
+        self.client_id = client_id
+        self.context = context
+        self.welcomed = threading.Event()
+        self.max_message_bytes = 0
+        self.duplicates = 0
+        self.fatal: BaseException | None = None
+        self._inbox: deque[tuple[str, Any]] = deque()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._woken = False
+        self._lock = threading.Lock()
+        self._stopping = False
+        # owned by the I/O thread from here on
+        self._socket: zmq.Socket[Any] | None = None
+        self._jobs: dict[int, PendingJob] = {}
+        self._fns: dict[bytes, Any] = {}
+        self._fn_users: dict[bytes, int] = {}
+        self._fns_sent: set[bytes] = set()
+        self._to_send: list[int] = []
+        self._link = Link.DOWN
+        self._interval_s = settings.heartbeat_interval_s
+        self._liveness = settings.liveness
+        now = time.monotonic()
+        self._last_heard = now
+        self._last_sent = now
+        self._backoff_s = settings.reconnect_min_s
+        self._reconnect_at = now
+
+    # ---- called from user threads ----------------------------------------------------------------
+
+    def submit(self, fn_id: bytes, fn_blob: Any, jobs: list[PendingJob]) -> None:
+        self._post("submit", (fn_id, fn_blob, jobs))
+
+    def cancel(self, seq: int) -> None:
+        self._post("cancel", seq)
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Say goodbye to the broker, stop the thread and close the socket."""
+        self._post("stop", None)
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join(timeout_s)
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def _post(self, what: str, payload: Any) -> None:
+        self._inbox.append((what, payload))
+        with self._lock:
+            if self._woken:
+                return
+            self._woken = True
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:
+            pass  # closed: the thread is gone
+
+    # ---- the I/O thread ---------------------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            while not self._stopping:
+                self._step()
+        except BaseException as exc:  # never die silently: fail the futures with the reason
+            log.exception("client %s I/O thread failed", self.client_id)
+            self.fatal = exc
+            self._fail_all(exc)
+        finally:
+            self._goodbye()
+
+    def _step(self) -> None:
+        now = time.monotonic()
+        if self._link is Link.DOWN and now >= self._reconnect_at:
+            self._connect(now)
+        poller = zmq.Poller()
+        poller.register(self._wake_r, zmq.POLLIN)
+        if self._socket is not None:
+            poller.register(self._socket, zmq.POLLIN)
+        timeout_s = self._interval_s / 4
+        ready = dict(poller.poll(timeout_s * 1000))
+        if self._inbox or ready.get(self._wake_r.fileno()):
+            self._take_inbox()
+        if self._socket is not None and ready.get(self._socket):
+            self._drain()
+        self._flush()
+        self._check_liveness(time.monotonic())
+
+    def _connect(self, now: float) -> None:
+        sock = self.context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        sock.connect(self.settings.address)
+        self._socket = sock
+        self._hello(now)
+
+    def _hello(self, now: float) -> None:
+        self._link = Link.CONNECTING
+        self._last_heard = max(self._last_heard, now - self._interval_s * self._liveness)
+        self._fns_sent.clear()
+        hello = p.Hello(p.Role.CLIENT.value, self.client_id, socket.gethostname(), os.getpid(), 0, {})
+        self._send(hello, now)
+
+    def _take_inbox(self) -> None:
+        # Drain the wake-up bytes before clearing the flag: a post that finds the flag still
+        # set has already queued its item, which the loop below takes.
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+        with self._lock:
+            self._woken = False
+        while self._inbox:
+            what, payload = self._inbox.popleft()
+            if what == "submit":
+                fn_id, blob, jobs = payload
+                self._fns[fn_id] = blob
+                self._fn_users[fn_id] = self._fn_users.get(fn_id, 0) + len(jobs)
+                for job in jobs:
+                    self._jobs[job.seq] = job
+                    self._to_send.append(job.seq)
+            elif what == "cancel":
+                if self._forget(payload) is not None and self._link is Link.READY:
+                    self._send(p.Cancel([payload]), time.monotonic())
+            elif what == "stop":
+                self._stopping = True
+
+    def _drain(self) -> None:
+        while self._socket is not None:
+            try:
+                frames = self._socket.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            now = time.monotonic()
+            self._last_heard = now
+            try:
+                msg = p.decode(frames)
+            except ProtocolError as exc:
+                log.warning("dropped a malformed message from the broker: %s", exc)
+                continue
+            self._on_message(msg, now)
+
+    def _on_message(self, msg: p.Message, now: float) -> None:
+        if isinstance(msg, p.Result):
+            self._results(msg)
+        elif isinstance(msg, p.Welcome):
+            self._welcome(msg)
+        elif isinstance(msg, p.Reconnect):
+            log.info("client %s: broker does not know us (%s); introducing ourselves again",
+                     self.client_id, msg.reason)
+            self._hello(now)
+        elif isinstance(msg, p.Refused):
+            error = Refused(f"the broker at {self.settings.address} refused this client: {msg.reason}")
+            self.fatal = error
+            self._fail_all(error)
+            self._stopping = True
+        elif isinstance(msg, p.Disconnect):
+            self._drop_link(now)
+
+    def _welcome(self, msg: p.Welcome) -> None:
+        first = not self.welcomed.is_set()
+        self._link = Link.READY
+        self._interval_s, self._liveness = msg.heartbeat_interval_s, msg.liveness
+        self.max_message_bytes = msg.max_message_bytes
+        self._backoff_s = self.settings.reconnect_min_s
+        self._to_send = sorted(self._jobs)  # everything unfinished: the broker drops what it has
+        if not first:
+            log.info("client %s reconnected to broker %s; resubmitting %d unfinished jobs", self.client_id,
+                     msg.broker_id, len(self._to_send))
+        self.welcomed.set()
+
+    def _results(self, msg: p.Result) -> None:
+        per_row = p.split_frames(msg.frames, [row[2] for row in msg.results])
+        for (seq, outcome, _n, info), frames in zip(msg.results, per_row):
+            job = self._forget(seq)
+            if job is None:
+                self.duplicates += 1
+                continue
+            _resolve(job, outcome, frames, info, self.client_id)
+
+    def _forget(self, seq: int) -> PendingJob | None:
+        job = self._jobs.pop(seq, None)
+        if job is not None:
+            users = self._fn_users[job.fn_id] - 1
+            if users:
+                self._fn_users[job.fn_id] = users
+            else:
+                del self._fn_users[job.fn_id]
+                del self._fns[job.fn_id]
+        return job
+
+    def _flush(self) -> None:
+        if self._link is not Link.READY or not self._to_send:
+            return
+        now = time.monotonic()
+        batch: list[PendingJob] = []
+        size = 0
+        for seq in self._to_send:
+            job = self._jobs.get(seq)
+            if job is None:
+                continue
+            if batch and (job.fn_id != batch[0].fn_id or size + job.size > SUBMIT_BATCH_BYTES):
+                self._send_batch(batch, now)
+                batch, size = [], 0
+            batch.append(job)
+            size += job.size
+        if batch:
+            self._send_batch(batch, now)
+        self._to_send = []
+
+    def _send_batch(self, batch: list[PendingJob], now: float) -> None:
+        fn_id = batch[0].fn_id
+        with_fn = fn_id not in self._fns_sent
+        frames: list[Any] = [self._fns[fn_id]] if with_fn else []
+        rows = []
+        for job in batch:
+            rows.append([job.seq, len(job.frames), {}])
+            frames.extend(job.frames)
+        self._fns_sent.add(fn_id)
+        self._send(p.Submit(fn_id, with_fn, rows, frames), now)
+
+    def _check_liveness(self, now: float) -> None:
+        silent_s = now - self._last_heard
+        if self._jobs and silent_s > self.settings.broker_timeout_s:
+            self._fail_all(BrokerUnavailable(self.settings.address, silent_s, "unfinished jobs given up"))
+        if self._link is Link.DOWN:
+            return
+        if silent_s > self._interval_s * self._liveness:
+            log.warning("client %s: broker silent for %.1f s; reconnecting in %.0f s", self.client_id,
+                        silent_s, self._backoff_s)
+            self._drop_link(now)
+        elif self._link is Link.READY and now - self._last_sent >= self._interval_s:
+            self._send(p.Heartbeat(), now)
+
+    def _drop_link(self, now: float) -> None:
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None
+        self._link = Link.DOWN
+        self._reconnect_at = now + self._backoff_s
+        self._backoff_s = min(self._backoff_s * 2, self.settings.reconnect_max_s)
+
+    def _send(self, msg: p.Message, now: float) -> None:
+        if self._socket is not None:
+            self._socket.send_multipart(p.encode(msg), copy=False)
+            self._last_sent = now
+
+    def _fail_all(self, error: BaseException) -> None:
+        for seq in list(self._jobs):
+            job = self._forget(seq)
+            if job is not None:
+                _set(job.future, error=error)
+
+    def _goodbye(self) -> None:
+        if self._socket is not None:
+            if self._link is Link.READY:
+                try:
+                    self._socket.send_multipart(p.encode(p.Disconnect("client closed")), zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
+            self._socket.close(linger=200)
+            self._socket = None
+        for seq in list(self._jobs):  # the client was shut down without waiting for these
+            job = self._forget(seq)
+            if job is not None:
+                Future.cancel(job.future)
+
+
+def _resolve(job: PendingJob, outcome: int, frames: list[Any], info: str, client_id: str) -> None:
+    if outcome == p.Outcome.OK:
+        try:
+            value = ser.loads(frames)
+        except Exception as exc:
+            _set(job.future, error=TypeError(f"job {client_id}:{job.seq} finished but its result could not "
+                                             f"be unpickled here: {exc!r}"))
+            return
+        _set(job.future, value=value)
+    elif outcome in (p.Outcome.ERROR, p.Outcome.CRASHED):
+        error, job.future.partial = ser.load_exception(frames)
+        _set(job.future, error=error)
+    elif outcome == p.Outcome.CANCELLED:
+        job.future.cancel()
+    elif outcome == p.Outcome.LOST:
+        _set(job.future, error=WorkerLost(f"{client_id}:{job.seq}", info))
+    else:
+        _set(job.future, error=JobCrashed(f"{client_id}:{job.seq}", None))
+
+
+def _set(future: Future[Any], value: Any = None, error: BaseException | None = None) -> None:
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(value)
+    except InvalidStateError:
+        pass  # cancelled by the user meanwhile

@@ -1,0 +1,147 @@
+"""One exception tree for everything zfarm raises.
+
+Every error says what happened and, where there is one, what to do next.
+Errors that cross the wire (a job's failure) are pickled by the worker and
+raised in the caller; they keep plain constructor arguments so that pickling
+them round-trips.
+"""
+
+from __future__ import annotations
+
+import signal
+
+
+class ZfarmError(Exception):
+    """Base of every error zfarm raises."""
+
+
+class ProtocolError(ZfarmError):
+    """A message on the wire was malformed, of another version, or unexpected."""
+
+
+class ConfigError(ZfarmError):
+    """A setting is invalid (bad endpoint, negative interval, ...)."""
+
+
+class BrokerUnavailable(ZfarmError):
+    """The broker did not answer within the deadline."""
+
+    def __init__(self, address: str, waited_s: float, detail: str = "") -> None:
+        self.address = address
+        self.waited_s = waited_s
+        self.detail = detail
+        text = (
+            f"no answer from the zfarm broker at {address} after {waited_s:.1f} s"
+            f"{': ' + detail if detail else ''}; check that `zfarm broker --bind "
+            f"{address}` is running and reachable from this machine"
+        )
+        super().__init__(text)
+
+    def __reduce__(self) -> tuple[type, tuple[str, float, str]]:
+        return (type(self), (self.address, self.waited_s, self.detail))
+
+
+class Refused(ZfarmError):
+    """The broker refused this peer (another protocol version, bad handshake)."""
+
+
+class JobError(ZfarmError):
+    """A job raised an exception that could not be re-created in the caller.
+
+    Attributes:
+        type_name: the qualified name of the remote exception's type.
+        message: ``str()`` of the remote exception.
+        remote_traceback: the traceback text as printed on the worker.
+    """
+
+    def __init__(self, type_name: str, message: str, remote_traceback: str = "") -> None:
+        self.type_name = type_name
+        self.message = message
+        self.remote_traceback = remote_traceback
+        super().__init__(f"{type_name}: {message}")
+
+    def __reduce__(self) -> tuple[type, tuple[str, str, str]]:
+        return (type(self), (self.type_name, self.message, self.remote_traceback))
+
+
+class JobCrashed(ZfarmError):
+    """The process running a job died (segfault, ``os._exit``, killed by the OS).
+
+    The worker replaced the slot and lives on; the job is not retried because
+    it would most likely crash again.
+    """
+
+    def __init__(self, job: str, exitcode: int | None, host: str = "") -> None:
+        self.job = job
+        self.exitcode = exitcode
+        self.host = host
+        super().__init__(f"job {job} killed the process running it{_where(host)}: {describe_exit(exitcode)}")
+
+    def __reduce__(self) -> tuple[type, tuple[str, int | None, str]]:
+        return (type(self), (self.job, self.exitcode, self.host))
+
+
+class WorkerLost(ZfarmError):
+    """The worker running a job died or left, and the job was not run elsewhere."""
+
+    def __init__(self, job: str, detail: str = "") -> None:
+        self.job = job
+        self.detail = detail
+        super().__init__(f"job {job} lost its worker{': ' + detail if detail else ''}")
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        return (type(self), (self.job, self.detail))
+
+
+class RemoteTraceback(Exception):
+    """Carries a remote traceback; set as ``__cause__`` of a re-raised job error."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.tb}"""'
+
+
+def _where(host: str) -> str:
+    return f" on {host}" if host else ""
+
+
+_LIKELY_CAUSE = {
+    signal.SIGSEGV: "segmentation fault: most likely a bug in a C extension or a ctypes call",
+    signal.SIGKILL: "killed: most likely the kernel's out-of-memory killer or a `kill -9`",
+    signal.SIGABRT: "aborted: a C library called abort(), often a failed assertion",
+    signal.SIGBUS: "bus error: a bad memory access in native code",
+    signal.SIGFPE: "floating point exception in native code",
+    signal.SIGTERM: "terminated by SIGTERM from outside the worker",
+}
+
+
+def describe_exit(exitcode: int | None) -> str:
+    """Say in words how a process ended, from a ``multiprocessing`` exit code."""
+    if exitcode is None:
+        return "the process vanished without an exit status"
+    if exitcode < 0:
+        try:
+            sig = signal.Signals(-exitcode)
+        except ValueError:
+            return f"killed by signal {-exitcode}"
+        cause = _LIKELY_CAUSE.get(sig, "")
+        return f"killed by signal {-exitcode} ({sig.name}){'; ' + cause if cause else ''}"
+    return f"the process exited with code {exitcode} (a call to os._exit or sys.exit inside the job?)"
+
+
+class PayloadTooLarge(ZfarmError, ValueError):
+    """A job's arguments are larger than the broker accepts in one message."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        self.size = size
+        self.limit = limit
+        super().__init__(
+            f"this job's arguments pickle to {size} bytes, over the broker's limit of {limit} bytes; "
+            "pass large data through shared storage, or start the broker with a larger --max-message-bytes"
+        )
+
+    def __reduce__(self) -> tuple[type, tuple[int, int]]:
+        return (type(self), (self.size, self.limit))

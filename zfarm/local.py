@@ -1,0 +1,67 @@
+"""The embedded farm behind ``Client()``: a broker and workers as child processes.
+
+They run the same code as ``zfarm broker`` and ``zfarm worker`` (started as
+``python -m zfarm``), talk over an ipc endpoint in a private temporary folder,
+watch this process's pid so that they exit if it dies, and are stopped by
+:meth:`LocalCluster.stop` (called by ``Client.shutdown`` and at interpreter exit).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+log = logging.getLogger(__name__)
+
+
+class LocalCluster:
+    def __init__(self, n_workers: int | None = None, procs_per_worker: int = 1,
+                 heartbeat_interval_s: float | None = None, log_level: str = "warning") -> None:
+        self.n_workers = n_workers or os.cpu_count() or 1
+        self._tmpdir = tempfile.mkdtemp(prefix="zfarm-")
+        self.address = _private_endpoint(self._tmpdir)
+        common = ["--parent-pid", str(os.getpid()), "--log-level", log_level]
+        if heartbeat_interval_s is not None:
+            common += ["--heartbeat-interval", str(heartbeat_interval_s)]
+        self.broker = _spawn(["broker", "--bind", self.address, *common])
+        self.workers = [
+            _spawn(["worker", "--connect", self.address, "--procs", str(procs_per_worker), "--grace", "2",
+                    *common])
+            for _ in range(self.n_workers)
+        ]
+        log.info("embedded farm at %s: broker pid %d, %d workers", self.address, self.broker.pid,
+                 self.n_workers)
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop every process (politely, then by force) and remove the temporary folder."""
+        procs = [*self.workers, self.broker]
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + timeout_s
+        for proc in procs:
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("pid %d did not stop within %.0f s: killing it", proc.pid, timeout_s)
+                proc.kill()
+                proc.wait()
+        shutil.rmtree(self._tmpdir, ignore_errors=True)
+
+
+def _spawn(args: list[str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "zfarm", *args], stdin=subprocess.DEVNULL)
+
+
+def _private_endpoint(folder: str) -> str:
+    if sys.platform != "win32":
+        return f"ipc://{folder}/broker.sock"
+    with socket.socket() as s:  # Windows has no ipc transport
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"

@@ -1,0 +1,48 @@
+"""A short-lived monitor connection: ask the broker for its snapshot."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import uuid
+from typing import Any
+
+import zmq
+
+from zfarm import protocol as p
+from zfarm.errors import BrokerUnavailable, ProtocolError, Refused
+
+
+def fetch_status(address: str, timeout_s: float = 5.0, context: zmq.Context[Any] | None = None) -> dict[str, Any]:
+    """Connect as a monitor, return the broker's snapshot, leave.
+
+    Raises:
+        BrokerUnavailable: no answer within ``timeout_s``.
+        Refused: the broker refused us (another protocol version).
+    """
+    ctx = context or zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(address)
+    deadline = time.monotonic() + timeout_s
+    try:
+        hello = p.Hello(p.Role.MONITOR.value, f"m-{uuid.uuid4().hex[:10]}", socket.gethostname(), os.getpid())
+        sock.send_multipart(p.encode(hello))
+        sock.send_multipart(p.encode(p.Status()))
+        while True:
+            remaining_ms = (deadline - time.monotonic()) * 1000
+            if remaining_ms <= 0 or not sock.poll(remaining_ms):
+                raise BrokerUnavailable(address, timeout_s)
+            try:
+                msg = p.decode(sock.recv_multipart())
+            except ProtocolError:
+                continue
+            if isinstance(msg, p.Refused):
+                raise Refused(f"the broker at {address} refused us: {msg.reason}")
+            if isinstance(msg, p.StatusReply):
+                sock.send_multipart(p.encode(p.Disconnect("monitor done")))
+                sock.close(linger=500)  # let the goodbye out, so the broker logs no lost peer
+                return msg.snapshot
+    finally:
+        sock.close(linger=0)

@@ -1,0 +1,365 @@
+"""The zfarm wire protocol: one module, one frozen dataclass per message.
+
+Every message is a ZeroMQ multipart message::
+
+    frame 0   b"ZF" + version byte        protocol header (PROTOCOL_VERSION)
+    frame 1   one byte                    Command
+    frame 2   msgpack array               the envelope: the message's fields in order
+    frame 3…  opaque bytes                user payloads (functions, arguments, results)
+
+The broker prepends/strips the ROUTER routing id; nothing else differs between
+directions. The broker decodes frames 0-2 only and routes payload frames
+untouched: it never unpickles user data. ``decode`` validates everything it
+reads and raises :class:`ProtocolError`; it never asserts.
+
+See docs/protocol.md for the conversation between peers.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+import msgpack
+
+from zfarm.errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+MAGIC = b"ZF"
+HEADER = MAGIC + bytes([PROTOCOL_VERSION])
+#: Envelopes are small (ids and counts); anything larger is an attack or a bug.
+MAX_ENVELOPE_BYTES = 16 * 1024 * 1024
+
+Frame = Any  # bytes, memoryview or zmq.Frame: payloads are never looked into
+
+
+class Command(enum.IntEnum):
+    HELLO = 1  # peer → broker: who I am
+    WELCOME = 2  # broker → peer: the settings we both use
+    REFUSED = 3  # broker → peer: you cannot be served (stable across versions)
+    RECONNECT = 4  # broker → peer: I do not know you (I restarted?): say HELLO again
+    HEARTBEAT = 5  # both ways, while otherwise quiet
+    DISCONNECT = 6  # both ways: I am leaving
+    READY = 7  # worker → broker: I can take `credit` more jobs
+    JOBS = 8  # broker → worker: jobs to run (batched), functions it lacks
+    RESULTS = 9  # worker → broker: finished jobs (batched), credit returned
+    CANCEL_JOBS = 10  # broker → worker: drop or kill these jobs
+    SUBMIT = 11  # client → broker: jobs (batched) for one function
+    RESULT = 12  # broker → client: results (batched)
+    CANCEL = 13  # client → broker: cancel these jobs
+    STATUS = 14  # any peer → broker: send me a snapshot
+    STATUS_REPLY = 15  # broker → peer: the snapshot
+
+
+class Role(str, enum.Enum):
+    WORKER = "worker"
+    CLIENT = "client"
+    MONITOR = "monitor"
+
+
+class Outcome(enum.IntEnum):
+    """How a job ended, as carried in RESULTS and RESULT entries."""
+
+    OK = 0  # payload: the pickled return value
+    ERROR = 1  # payload: the pickled exception raised by the job
+    CRASHED = 2  # payload: a pickled JobCrashed made by the worker
+    LOST = 3  # no payload; the broker gave up on the job (info says why)
+    CANCELLED = 4  # no payload; the job was cancelled before it finished
+    RETURNED = 5  # no payload; worker → broker only: given back unrun (the worker is leaving)
+
+
+# Row layouts of the batched messages (msgpack arrays inside the envelope).
+# JOBS row:    [client_id, seq, attempt, fn_id, nframes, options]
+JOB_ROW = (str, int, int, bytes, int, dict)
+# RESULTS row: [client_id, seq, attempt, outcome, nframes, info]
+RESULTS_ROW = (str, int, int, int, int, str)
+# SUBMIT row:  [seq, nframes, options]
+SUBMIT_ROW = (int, int, dict)
+# RESULT row:  [seq, outcome, nframes, info]
+RESULT_ROW = (int, int, int, str)
+# job keys in CANCEL_JOBS: [client_id, seq]
+KEY_ROW = (str, int)
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    command: ClassVar[Command]
+    #: isinstance checks for the envelope fields, in order (bool excluded from int).
+    schema: ClassVar[tuple[type | tuple[type, ...], ...]] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Hello(Message):
+    command = Command.HELLO
+    schema = (str, str, str, int, int, dict)
+    role: str
+    peer_id: str
+    host: str
+    pid: int
+    slots: int = 0
+    #: open-ended facts: resources, session name, software versions
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome(Message):
+    command = Command.WELCOME
+    schema = (str, (int, float), int, int, dict)
+    broker_id: str
+    heartbeat_interval_s: float
+    liveness: int
+    max_message_bytes: int
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Refused(Message):
+    command = Command.REFUSED
+    schema = (str,)
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Reconnect(Message):
+    command = Command.RECONNECT
+    schema = (str,)
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat(Message):
+    command = Command.HEARTBEAT
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnect(Message):
+    command = Command.DISCONNECT
+    schema = (str,)
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Ready(Message):
+    command = Command.READY
+    schema = (int,)
+    credit: int
+
+
+@dataclass(frozen=True, slots=True)
+class Jobs(Message):
+    """Jobs for a worker. Frames: one per fn_id in ``fns``, then each job's frames."""
+
+    command = Command.JOBS
+    schema = (list, list)
+    fns: list[bytes]
+    jobs: list[list[Any]]  # JOB_ROW
+    frames: Sequence[Frame] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Results(Message):
+    """Finished jobs from a worker, and the credit their slots free."""
+
+    command = Command.RESULTS
+    schema = (int, list)
+    credit: int
+    results: list[list[Any]]  # RESULTS_ROW
+    frames: Sequence[Frame] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class CancelJobs(Message):
+    command = Command.CANCEL_JOBS
+    schema = (list,)
+    keys: list[list[Any]]  # KEY_ROW
+
+
+@dataclass(frozen=True, slots=True)
+class Submit(Message):
+    """Jobs of one function. Frames: the function if ``with_fn``, then each job's frames."""
+
+    command = Command.SUBMIT
+    schema = (bytes, bool, list)
+    fn_id: bytes
+    with_fn: bool
+    jobs: list[list[Any]]  # SUBMIT_ROW
+    frames: Sequence[Frame] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Result(Message):
+    command = Command.RESULT
+    schema = (list,)
+    results: list[list[Any]]  # RESULT_ROW
+    frames: Sequence[Frame] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel(Message):
+    command = Command.CANCEL
+    schema = (list,)
+    seqs: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class Status(Message):
+    command = Command.STATUS
+
+
+@dataclass(frozen=True, slots=True)
+class StatusReply(Message):
+    command = Command.STATUS_REPLY
+    schema = (dict,)
+    snapshot: dict[str, Any]
+
+
+MESSAGE_TYPES: dict[Command, type[Message]] = {
+    cls.command: cls
+    for cls in (
+        Hello, Welcome, Refused, Reconnect, Heartbeat, Disconnect, Ready, Jobs, Results,
+        CancelJobs, Submit, Result, Cancel, Status, StatusReply,
+    )
+}
+_ENVELOPE_FIELDS: dict[type[Message], tuple[str, ...]] = {
+    cls: tuple(f.name for f in fields(cls) if f.name != "frames") for cls in MESSAGE_TYPES.values()
+}
+_HAS_FRAMES = {cls for cls in MESSAGE_TYPES.values() if "frames" in {f.name for f in fields(cls)}}
+
+
+def encode(msg: Message) -> list[Frame]:
+    """Turn a message into the frames to send (without any routing id)."""
+    cls = type(msg)
+    envelope = [getattr(msg, name) for name in _ENVELOPE_FIELDS[cls]]
+    out: list[Frame] = [HEADER, _COMMAND_BYTES[cls.command], msgpack.packb(envelope, use_bin_type=True)]
+    if cls in _HAS_FRAMES:
+        out.extend(msg.frames)  # type: ignore[attr-defined]
+    return out
+
+
+_COMMAND_BYTES = {c: bytes([c]) for c in Command}
+
+
+def _as_bytes(frame: Frame) -> bytes:
+    return frame if isinstance(frame, bytes) else bytes(getattr(frame, "buffer", frame))
+
+
+def decode(frames: Sequence[Frame]) -> Message:
+    """Validate frames and build the message they carry.
+
+    Raises:
+        ProtocolError: the frames are not a well-formed message of this version.
+    """
+    if len(frames) < 3:
+        raise ProtocolError(f"expected at least 3 frames, got {len(frames)}")
+    header = _as_bytes(frames[0])
+    if header != HEADER:
+        if len(header) == 3 and header[:2] == MAGIC:
+            raise VersionMismatch(header[2])
+        raise ProtocolError(f"not a zfarm message (header {header[:8]!r})")
+    cmd_bytes = _as_bytes(frames[1])
+    if len(cmd_bytes) != 1 or cmd_bytes[0] not in _BY_BYTE:
+        raise ProtocolError(f"unknown command {cmd_bytes[:8]!r}")
+    cls = _BY_BYTE[cmd_bytes[0]]
+    raw = _as_bytes(frames[2])
+    if len(raw) > MAX_ENVELOPE_BYTES:
+        raise ProtocolError(f"{cls.__name__} envelope of {len(raw)} bytes is over the limit")
+    try:
+        envelope = msgpack.unpackb(raw, raw=False, use_list=True, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types on bad input
+        raise ProtocolError(f"{cls.__name__} envelope is not valid msgpack: {exc}") from None
+    names = _ENVELOPE_FIELDS[cls]
+    if not isinstance(envelope, list) or len(envelope) != len(names):
+        raise ProtocolError(f"{cls.__name__} envelope must be an array of {len(names)} fields")
+    for name, value, kind in zip(names, envelope, cls.schema):
+        if not _is(value, kind):
+            raise ProtocolError(f"{cls.__name__}.{name} has the wrong type {type(value).__name__}")
+    payload = list(frames[3:])
+    if cls in _HAS_FRAMES:
+        msg = cls(*envelope, frames=payload)  # type: ignore[call-arg]
+        _check_frames(msg, len(payload))
+        return msg
+    if payload:
+        raise ProtocolError(f"{cls.__name__} carries no payload frames, got {len(payload)}")
+    msg = cls(*envelope)
+    _check_plain_rows(msg)
+    return msg
+
+
+class VersionMismatch(ProtocolError):
+    """The peer speaks another protocol version."""
+
+    def __init__(self, version: int) -> None:
+        self.version = version
+        super().__init__(
+            f"peer speaks zfarm protocol version {version}, this side speaks {PROTOCOL_VERSION}: "
+            "install the same zfarm release on every machine of the farm"
+        )
+
+
+_BY_BYTE = {int(c): cls for c, cls in MESSAGE_TYPES.items()}
+
+
+def _is(value: Any, kind: type | tuple[type, ...]) -> bool:
+    if isinstance(value, bool) and kind is not bool and (kind is int or (isinstance(kind, tuple) and bool not in kind)):
+        return False
+    return isinstance(value, kind)
+
+
+def check_rows(rows: list[Any], layout: tuple[type, ...], what: str) -> None:
+    """Validate batched rows (each an array laid out as ``layout``)."""
+    for row in rows:
+        if not isinstance(row, list) or len(row) != len(layout):
+            raise ProtocolError(f"{what} row must be an array of {len(layout)} fields")
+        for value, kind in zip(row, layout):
+            if not _is(value, kind):
+                raise ProtocolError(f"{what} row field has the wrong type {type(value).__name__}")
+
+
+def _check_frames(msg: Message, nframes: int) -> None:
+    if isinstance(msg, Jobs):
+        check_rows(msg.jobs, JOB_ROW, "JOBS")
+        if not all(isinstance(f, bytes) for f in msg.fns):
+            raise ProtocolError("JOBS fns must be byte strings")
+        expected = len(msg.fns) + _sum_frames(msg.jobs, 4)
+    elif isinstance(msg, Results):
+        check_rows(msg.results, RESULTS_ROW, "RESULTS")
+        expected = _sum_frames(msg.results, 4)
+    elif isinstance(msg, Submit):
+        check_rows(msg.jobs, SUBMIT_ROW, "SUBMIT")
+        expected = int(msg.with_fn) + _sum_frames(msg.jobs, 1)
+    elif isinstance(msg, Result):
+        check_rows(msg.results, RESULT_ROW, "RESULT")
+        expected = _sum_frames(msg.results, 2)
+    else:  # pragma: no cover - every framed type is listed above
+        raise ProtocolError(f"no frame rule for {type(msg).__name__}")
+    if expected != nframes:
+        raise ProtocolError(f"{type(msg).__name__} announces {expected} payload frames, carries {nframes}")
+
+
+def _sum_frames(rows: list[list[Any]], column: int) -> int:
+    total = 0
+    for row in rows:
+        n = row[column]
+        if n < 0:
+            raise ProtocolError("negative frame count")
+        total += n
+    return total
+
+
+def _check_plain_rows(msg: Message) -> None:
+    if isinstance(msg, CancelJobs):
+        check_rows(msg.keys, KEY_ROW, "CANCEL_JOBS")
+    elif isinstance(msg, Cancel) and not all(_is(s, int) for s in msg.seqs):
+        raise ProtocolError("CANCEL seqs must be integers")
+
+
+def split_frames(frames: Sequence[Frame], counts: Sequence[int]) -> list[list[Frame]]:
+    """Cut a flat payload into one list of frames per row."""
+    out: list[list[Frame]] = []
+    pos = 0
+    for n in counts:
+        out.append(list(frames[pos : pos + n]))
+        pos += n
+    return out

@@ -1,0 +1,542 @@
+"""The broker's pure core: who is connected, which job is where, what to send.
+
+Sans-IO: the broker shell feeds it decoded events with the time they happened
+and sends whatever it returns. It owns no socket and reads no clock, so unit
+tests drive it with plain data and a fake clock.
+
+Job life (one source of truth: ``Job.state`` and where the job is held)::
+
+    SUBMIT ──► QUEUED ──dispatch──► ASSIGNED(worker) ──RESULTS──► finished (forgotten)
+                 ▲                      │
+                 └── worker dead/left ──┘          CANCEL: QUEUED|ASSIGNED ──► cancelled
+
+Queues are per client and served round-robin, so one client's million jobs
+cannot starve another's ten. A worker's credit is what the worker said it can
+take; the scheduler never sends it more. Results are accepted from any worker
+the job was ever given to, and only the first is delivered.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+import uuid
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from zfarm import protocol as p
+from zfarm.config import BrokerSettings
+from zfarm.errors import ProtocolError
+
+log = logging.getLogger(__name__)
+
+Route = bytes
+Outbound = tuple[Route, p.Message]
+MAX_PEER_ID_CHARS = 128
+MAX_CREDIT = 1_000_000
+#: how often the core scans peers for expiry and heartbeats, as a fraction of the interval
+SCANS_PER_INTERVAL = 4
+
+
+class JobState(str, enum.Enum):
+    QUEUED = "queued"
+    ASSIGNED = "assigned"
+    FINISHED = "finished"
+    CANCELLED = "cancelled"
+
+
+@dataclass(slots=True, eq=False)
+class Job:
+    client_id: str
+    seq: int
+    fn_id: bytes
+    frames: list[Any]
+    options: dict[str, Any]
+    queued_at: float
+    state: JobState = JobState.QUEUED
+    worker: str | None = None
+    #: ids of the workers the job was given to, in order; its attempt number is the length
+    history: list[str] = field(default_factory=list)
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.client_id, self.seq)
+
+    @property
+    def name(self) -> str:
+        return f"{self.client_id}:{self.seq}"
+
+
+@dataclass(slots=True, eq=False)
+class Peer:
+    id: str
+    route: Route
+    host: str
+    pid: int
+    joined_at: float
+    last_seen: float
+    last_sent: float
+
+
+@dataclass(slots=True, eq=False)
+class WorkerRecord(Peer):
+    slots: int = 0
+    credit: int = 0
+    jobs: dict[tuple[str, int], Job] = field(default_factory=dict)
+    fns: set[bytes] = field(default_factory=set)
+    done: int = 0
+    failed: int = 0
+    outbox: list[Job] = field(default_factory=list)
+
+
+@dataclass(slots=True, eq=False)
+class ClientRecord(Peer):
+    queue: deque[Job] = field(default_factory=deque)
+    queued: int = 0
+    scheduled: bool = False  # in the scheduler's round-robin of clients with queued jobs
+    jobs: dict[int, Job] = field(default_factory=dict)
+    fns: dict[bytes, Any] = field(default_factory=dict)
+    submitted: int = 0
+    done: int = 0
+    failed: int = 0
+    out_rows: list[list[Any]] = field(default_factory=list)
+    out_frames: list[Any] = field(default_factory=list)
+
+
+@dataclass(slots=True, eq=False)
+class MonitorRecord(Peer):
+    pass
+
+
+@dataclass(slots=True)
+class Counters:
+    done: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    requeued: int = 0
+    workers_lost: int = 0
+    late_results: int = 0
+    malformed: int = 0
+
+
+class Scheduler:
+    """Feed it ``handle``/``tick``/``peer_unreachable``; send what ``flush`` returns."""
+
+    def __init__(self, settings: BrokerSettings, now: float, broker_id: str | None = None) -> None:
+        self.settings = settings
+        self.broker_id = broker_id or uuid.uuid4().hex[:12]
+        self.started_at = now
+        self.peers: dict[Route, Peer] = {}
+        self.workers: dict[str, WorkerRecord] = {}
+        self.clients: dict[str, ClientRecord] = {}
+        self.hungry: dict[str, WorkerRecord] = {}  # workers with credit, in arrival order
+        self.active: deque[ClientRecord] = deque()  # clients with queued jobs, round-robin
+        self.queued = 0
+        self.counters = Counters()
+        self._out: list[Outbound] = []
+        self._next_scan = now
+        self.deadline_s = settings.heartbeat_interval_s * settings.liveness
+
+    # ---- stimuli ---------------------------------------------------------------------------------
+
+    def handle(self, route: Route, frames: Sequence[Any], now: float) -> None:
+        """One message from ``route``. Bad input is logged and dropped, never raised."""
+        try:
+            msg = p.decode(frames)
+        except p.VersionMismatch as exc:
+            log.warning("refused peer %s: %s", route.hex(), exc)
+            self._out.append((route, p.Refused(str(exc))))
+            return
+        except ProtocolError as exc:
+            self.counters.malformed += 1
+            log.warning("dropped malformed message from %s: %s", route.hex(), exc)
+            return
+        try:
+            self._dispatch_message(route, msg, now)
+        except ProtocolError as exc:
+            self.counters.malformed += 1
+            log.warning("dropped %s from %s: %s", type(msg).__name__, route.hex(), exc)
+
+    def _dispatch_message(self, route: Route, msg: p.Message, now: float) -> None:
+        if isinstance(msg, p.Hello):
+            self._hello(route, msg, now)
+            return
+        peer = self.peers.get(route)
+        if peer is None:
+            if not isinstance(msg, p.Disconnect):
+                self._send_to(route, p.Reconnect("this broker does not know you (it may have restarted)"))
+            return
+        peer.last_seen = now
+        if isinstance(msg, p.Heartbeat):
+            return
+        if isinstance(msg, p.Disconnect):
+            log.info("%s %s left: %s", _role(peer), peer.id, msg.reason or "no reason given")
+            self._remove(peer, now, why="left")
+        elif isinstance(msg, p.Status):
+            self._send(peer, p.StatusReply(self.snapshot(now)), now)
+        elif isinstance(peer, WorkerRecord):
+            self._worker_message(peer, msg)
+        elif isinstance(peer, ClientRecord):
+            self._client_message(peer, msg, now)
+        else:
+            raise ProtocolError(f"a monitor cannot send {type(msg).__name__}")
+
+    def _worker_message(self, worker: WorkerRecord, msg: p.Message) -> None:
+        if isinstance(msg, p.Ready):
+            self._add_credit(worker, msg.credit)
+        elif isinstance(msg, p.Results):
+            self._results(worker, msg)
+        else:
+            raise ProtocolError(f"a worker cannot send {type(msg).__name__}")
+
+    def _client_message(self, client: ClientRecord, msg: p.Message, now: float) -> None:
+        if isinstance(msg, p.Submit):
+            self._submit(client, msg, now)
+        elif isinstance(msg, p.Cancel):
+            for seq in msg.seqs:
+                job = client.jobs.pop(seq, None)
+                if job is not None:
+                    self._cancel(job, client)
+        else:
+            raise ProtocolError(f"a client cannot send {type(msg).__name__}")
+
+    def peer_unreachable(self, route: Route, now: float) -> None:
+        """The socket could not route to ``route``: the peer's connection is gone."""
+        peer = self.peers.get(route)
+        if peer is not None:
+            log.info("%s %s is unreachable", _role(peer), peer.id)
+            self._remove(peer, now, why="unreachable")
+
+    def tick(self, now: float) -> None:
+        """Expire silent peers and heartbeat quiet ones; cheap to call on every loop."""
+        if now < self._next_scan:
+            return
+        interval = self.settings.heartbeat_interval_s
+        self._next_scan = now + interval / SCANS_PER_INTERVAL
+        for peer in list(self.peers.values()):
+            silent_s = now - peer.last_seen
+            if silent_s > self.deadline_s:
+                log.warning("%s %s on %s silent for %.1f s: declared dead", _role(peer), peer.id,
+                            peer.host, silent_s)
+                self._remove(peer, now, why=f"silent for {silent_s:.1f} s")
+            elif now - peer.last_sent >= interval:
+                self._send(peer, p.Heartbeat(), now)
+
+    def next_wakeup(self) -> float:
+        """When ``tick`` next has work, on the caller's clock."""
+        return self._next_scan
+
+    def flush(self, now: float) -> list[Outbound]:
+        """Dispatch what can be dispatched and return every message to send, batched per peer."""
+        self._dispatch(now)
+        for worker in self.workers.values():
+            if worker.outbox:
+                self._send(worker, self._jobs_message(worker), now)
+        for client in self.clients.values():
+            if client.out_rows:
+                self._send(client, p.Result(client.out_rows, client.out_frames), now)
+                client.out_rows, client.out_frames = [], []
+        out, self._out = self._out, []
+        return out
+
+    # ---- handshake and departure -----------------------------------------------------------------
+
+    def _hello(self, route: Route, msg: p.Hello, now: float) -> None:
+        problem = _check_hello(msg)
+        if problem:
+            log.warning("refused peer %s: %s", route.hex(), problem)
+            self._send_to(route, p.Refused(problem))
+            return
+        known = self.peers.get(route)
+        if known is not None and known.id == msg.peer_id and _role(known) == msg.role:
+            known.last_seen = now  # a repeated HELLO: answer again, change nothing
+            self._send(known, self._welcome(), now)
+            return
+        if known is not None:
+            self._remove(known, now, why="replaced by a new HELLO on its connection")
+        peer = self._register(route, msg, now)
+        self.peers[route] = peer
+        self._send(peer, self._welcome(), now)
+
+    def _register(self, route: Route, msg: p.Hello, now: float) -> Peer:
+        common = dict(id=msg.peer_id, route=route, host=msg.host, pid=msg.pid, joined_at=now,
+                      last_seen=now, last_sent=now)
+        if msg.role == p.Role.WORKER:
+            old = self.workers.get(msg.peer_id)
+            if old is not None:
+                self._remove(old, now, why="reconnected")
+            worker = WorkerRecord(**common, slots=msg.slots)  # type: ignore[arg-type]
+            self.workers[worker.id] = worker
+            log.info("worker %s joined from %s pid %d with %d slots", worker.id, worker.host, worker.pid,
+                     worker.slots)
+            return worker
+        if msg.role == p.Role.CLIENT:
+            client = self.clients.get(msg.peer_id)
+            if client is not None:  # the same client on a new connection keeps its jobs
+                self.peers.pop(client.route, None)
+                client.route, client.last_seen, client.host, client.pid = route, now, msg.host, msg.pid
+                log.info("client %s reconnected from %s pid %d", client.id, client.host, client.pid)
+                return client
+            client = ClientRecord(**common)  # type: ignore[arg-type]
+            self.clients[client.id] = client
+            log.info("client %s joined from %s pid %d", client.id, client.host, client.pid)
+            return client
+        return MonitorRecord(**common)  # type: ignore[arg-type]
+
+    def _welcome(self) -> p.Welcome:
+        s = self.settings
+        from zfarm import __version__
+
+        return p.Welcome(self.broker_id, s.heartbeat_interval_s, s.liveness, s.max_message_bytes,
+                         {"version": __version__})
+
+    def _remove(self, peer: Peer, now: float, why: str) -> None:
+        if self.peers.get(peer.route) is peer:
+            del self.peers[peer.route]
+        if isinstance(peer, WorkerRecord) and self.workers.get(peer.id) is peer:
+            del self.workers[peer.id]
+            self.hungry.pop(peer.id, None)
+            if why != "left":
+                self.counters.workers_lost += 1
+            self._requeue(peer, why)
+        elif isinstance(peer, ClientRecord) and self.clients.get(peer.id) is peer:
+            del self.clients[peer.id]
+            dropped = len(peer.jobs)
+            for job in list(peer.jobs.values()):
+                self._cancel(job, peer)
+            peer.jobs.clear()
+            peer.fns.clear()
+            if dropped:
+                log.info("client %s gone (%s): dropped its %d unfinished jobs", peer.id, why, dropped)
+
+    def _requeue(self, worker: WorkerRecord, why: str) -> None:
+        jobs = [job for job in worker.jobs.values() if job.state is JobState.ASSIGNED and job.worker == worker.id]
+        worker.jobs.clear()
+        worker.outbox.clear()
+        if jobs:
+            log.warning("worker %s %s: requeued its %d jobs", worker.id, why, len(jobs))
+        self._requeue_jobs(jobs)
+
+    def _requeue_jobs(self, jobs: list[Job]) -> None:
+        for job in reversed(jobs):  # appendleft reverses; keep the original order
+            client = self.clients.get(job.client_id)
+            if client is None:
+                continue
+            job.state, job.worker = JobState.QUEUED, None
+            client.queue.appendleft(job)
+            client.queued += 1
+            self.queued += 1
+            self.counters.requeued += 1
+            if not client.scheduled:
+                client.scheduled = True
+                self.active.appendleft(client)
+
+    # ---- jobs ------------------------------------------------------------------------------------
+
+    def _submit(self, client: ClientRecord, msg: p.Submit, now: float) -> None:
+        frames = msg.frames
+        if msg.with_fn:
+            client.fns[msg.fn_id] = frames[0]
+            frames = frames[1:]
+        known_fn = msg.fn_id in client.fns
+        per_job = p.split_frames(frames, [row[1] for row in msg.jobs])
+        for (seq, _n, options), job_frames in zip(msg.jobs, per_job):
+            if seq in client.jobs:
+                continue  # a resubmission of a job we hold already
+            if not known_fn:
+                self._finish_for_client(client, seq, p.Outcome.LOST, [],
+                                        "the broker never received this job's function; submit it again")
+                continue
+            job = Job(client.id, seq, msg.fn_id, job_frames, options, now)
+            client.jobs[seq] = job
+            client.queue.append(job)
+            client.queued += 1
+            client.submitted += 1
+            self.queued += 1
+            if not client.scheduled:
+                client.scheduled = True
+                self.active.append(client)
+
+    def _add_credit(self, worker: WorkerRecord, credit: int) -> None:
+        if credit < 0:
+            raise ProtocolError(f"negative credit {credit}")
+        worker.credit = min(worker.credit + credit, MAX_CREDIT)
+        if worker.credit > 0:
+            self.hungry[worker.id] = worker
+
+    def _dispatch(self, now: float) -> None:
+        while self.hungry and self.queued:
+            share = max(1, math.ceil(self.queued / len(self.hungry)))
+            for worker in list(self.hungry.values()):
+                for _ in range(min(worker.credit, share)):
+                    job = self._next_queued()
+                    if job is None:
+                        return
+                    self._assign(job, worker)
+                if worker.credit <= 0:
+                    del self.hungry[worker.id]
+
+    def _next_queued(self) -> Job | None:
+        while self.active:
+            client = self.active[0]
+            while client.queue:
+                job = client.queue.popleft()
+                if job.state is JobState.QUEUED:
+                    client.queued -= 1
+                    self.queued -= 1
+                    if client.queued:
+                        self.active.rotate(-1)
+                    else:
+                        self.active.popleft()
+                        client.scheduled = False
+                    return job
+            self.active.popleft()
+            client.scheduled = False
+        return None
+
+    def _assign(self, job: Job, worker: WorkerRecord) -> None:
+        job.state, job.worker = JobState.ASSIGNED, worker.id
+        job.history.append(worker.id)
+        worker.jobs[job.key] = job
+        worker.credit -= 1
+        worker.outbox.append(job)
+
+    def _jobs_message(self, worker: WorkerRecord) -> p.Jobs:
+        fns: list[bytes] = []
+        fn_frames: list[Any] = []
+        rows: list[list[Any]] = []
+        job_frames: list[Any] = []
+        for job in worker.outbox:
+            if job.fn_id not in worker.fns:
+                client = self.clients[job.client_id]
+                fns.append(job.fn_id)
+                fn_frames.append(client.fns[job.fn_id])
+                worker.fns.add(job.fn_id)
+            rows.append([job.client_id, job.seq, len(job.history), job.fn_id, len(job.frames), job.options])
+            job_frames.extend(job.frames)
+        worker.outbox = []
+        return p.Jobs(fns, rows, fn_frames + job_frames)
+
+    def _results(self, worker: WorkerRecord, msg: p.Results) -> None:
+        self._add_credit(worker, msg.credit)
+        per_row = p.split_frames(msg.frames, [row[4] for row in msg.results])
+        for (client_id, seq, _attempt, outcome, _n, info), frames in zip(msg.results, per_row):
+            client = self.clients.get(client_id)
+            job = client.jobs.get(seq) if client else None
+            if job is None or client is None or worker.id not in job.history:
+                if outcome != p.Outcome.CANCELLED:
+                    self.counters.late_results += 1
+                continue
+            if outcome == p.Outcome.CANCELLED:
+                continue  # only a client's CANCEL ends a job; this acknowledges one
+            if outcome == p.Outcome.RETURNED:
+                self._give_back(worker, job)
+                continue
+            if outcome not in _OUTCOMES:
+                raise ProtocolError(f"unknown outcome {outcome}")
+            self._release(job, finisher=worker)
+            del client.jobs[seq]
+            job.state = JobState.FINISHED
+            ok = outcome == p.Outcome.OK
+            worker.done += ok
+            worker.failed += not ok
+            if not ok:
+                log.info("job %s failed on worker %s: %s", job.name, worker.id, info)
+            self._finish_for_client(client, seq, p.Outcome(outcome), frames, info)
+
+    def _give_back(self, worker: WorkerRecord, job: Job) -> None:
+        if job.state is JobState.ASSIGNED and worker.jobs.pop(job.key, None) is job:
+            self._requeue_jobs([job])
+
+    def _release(self, job: Job, finisher: WorkerRecord | None = None) -> None:
+        """Take a job back from the worker holding it (telling that worker if it still runs it)."""
+        if job.state is JobState.QUEUED:
+            job.state = JobState.CANCELLED  # removed lazily from its client's queue
+            client = self.clients.get(job.client_id)
+            if client is not None:
+                client.queued -= 1
+            self.queued -= 1
+            return
+        holder = self.workers.get(job.worker or "")
+        if holder is not None and holder.jobs.pop(job.key, None) is not None and holder is not finisher:
+            if job in holder.outbox:
+                holder.outbox.remove(job)
+            else:
+                self._out.append((holder.route, p.CancelJobs([[job.client_id, job.seq]])))
+
+    def _cancel(self, job: Job, client: ClientRecord) -> None:
+        self._release(job)
+        job.state = JobState.CANCELLED
+        self.counters.cancelled += 1
+
+    def _finish_for_client(self, client: ClientRecord, seq: int, outcome: p.Outcome, frames: list[Any],
+                           info: str) -> None:
+        ok = outcome == p.Outcome.OK
+        client.done += ok
+        client.failed += not ok
+        self.counters.done += ok
+        self.counters.failed += not ok
+        client.out_rows.append([seq, int(outcome), len(frames), info])
+        client.out_frames.extend(frames)
+
+    # ---- output and views ------------------------------------------------------------------------
+
+    def _send(self, peer: Peer, msg: p.Message, now: float) -> None:
+        peer.last_sent = now
+        self._out.append((peer.route, msg))
+
+    def _send_to(self, route: Route, msg: p.Message) -> None:
+        self._out.append((route, msg))
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        """Plain data describing the farm now (for ``zfarm status`` and the dashboard)."""
+        from zfarm import __version__
+
+        in_flight = sum(len(w.jobs) for w in self.workers.values())
+        return {
+            "broker_id": self.broker_id,
+            "version": __version__,
+            "protocol": p.PROTOCOL_VERSION,
+            "address": self.settings.bind,
+            "uptime_s": round(now - self.started_at, 3),
+            "heartbeat_interval_s": self.settings.heartbeat_interval_s,
+            "liveness": self.settings.liveness,
+            "queued": self.queued,
+            "in_flight": in_flight,
+            "workers": [
+                {"id": w.id, "host": w.host, "pid": w.pid, "slots": w.slots, "busy": len(w.jobs),
+                 "credit": w.credit, "done": w.done, "failed": w.failed,
+                 "heartbeat_age_s": round(now - w.last_seen, 3), "uptime_s": round(now - w.joined_at, 3)}
+                for w in self.workers.values()
+            ],
+            "clients": [
+                {"id": c.id, "host": c.host, "pid": c.pid, "submitted": c.submitted, "queued": c.queued,
+                 "in_flight": len(c.jobs) - c.queued, "done": c.done, "failed": c.failed}
+                for c in self.clients.values()
+            ],
+            **{name: getattr(self.counters, name) for name in Counters.__slots__},  # type: ignore[attr-defined]
+        }
+
+
+_OUTCOMES = {int(o) for o in p.Outcome}
+
+
+def _role(peer: Peer) -> str:
+    if isinstance(peer, WorkerRecord):
+        return p.Role.WORKER.value
+    if isinstance(peer, ClientRecord):
+        return p.Role.CLIENT.value
+    return p.Role.MONITOR.value
+
+
+def _check_hello(msg: p.Hello) -> str:
+    if msg.role not in {r.value for r in p.Role}:
+        return f"unknown role {msg.role!r}: expected worker, client or monitor"
+    if not msg.peer_id or len(msg.peer_id) > MAX_PEER_ID_CHARS:
+        return f"peer id must be 1 to {MAX_PEER_ID_CHARS} characters"
+    if msg.role == p.Role.WORKER and not 0 < msg.slots <= 100_000:
+        return f"a worker must announce 1 to 100000 slots, not {msg.slots}"
+    return ""

@@ -1,0 +1,118 @@
+"""Turning functions, arguments, results and exceptions into frames and back.
+
+Functions travel once per client and worker (identified by a hash of their
+pickle), by reference when importable and by value (cloudpickle) otherwise.
+Data uses pickle protocol 5: large buffers (numpy arrays, bytearrays) become
+their own frames, sent and received without copies. Only clients and workers
+call into this module; the broker routes the frames without reading them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+import cloudpickle
+
+from zfarm.errors import JobError, RemoteTraceback
+
+#: buffers smaller than this stay inside the pickle: a frame costs more than a copy
+OUT_OF_BAND_MIN_BYTES = 64 * 1024
+
+
+def buffer_of(frame: Any) -> Any:
+    """The bytes-like view of a frame (zmq.Frame exposes ``.buffer``)."""
+    return getattr(frame, "buffer", frame)
+
+
+def dump_function(fn: Any) -> tuple[bytes, bytes]:
+    """Pickle a function once; return ``(fn_id, blob)`` where fn_id names the blob."""
+    blob = cloudpickle.dumps(fn, protocol=pickle.HIGHEST_PROTOCOL)
+    return hashlib.blake2b(blob, digest_size=16).digest(), blob
+
+
+def load_function(blob: Any) -> Any:
+    return pickle.loads(buffer_of(blob))
+
+
+def dumps(obj: Any) -> list[Any]:
+    """Pickle ``obj`` into frames: the pickle, then its out-of-band buffers."""
+    buffers: list[Any] = []
+
+    def keep(buf: pickle.PickleBuffer) -> bool:
+        view = buf.raw()
+        if view.nbytes < OUT_OF_BAND_MIN_BYTES:
+            return True  # in band
+        buffers.append(view)
+        return False
+
+    try:
+        head = pickle.dumps(obj, protocol=5, buffer_callback=keep)
+    except (pickle.PicklingError, AttributeError, TypeError):
+        # lambdas, closures and classes defined in __main__ need cloudpickle
+        buffers.clear()
+        head = cloudpickle.dumps(obj, protocol=5, buffer_callback=keep)
+    return [head, *buffers]
+
+
+def loads(frames: Sequence[Any]) -> Any:
+    return pickle.loads(buffer_of(frames[0]), buffers=[buffer_of(f) for f in frames[1:]])
+
+
+def dump_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
+    """Frames for one call ``fn(*args, **kwargs)``."""
+    return dumps((CALL, args, kwargs))
+
+
+def dump_chunk(items: list[tuple[Any, ...]]) -> list[Any]:
+    """Frames for a chunk of a map: ``[fn(*item) for item in items]`` in one job."""
+    return dumps((CHUNK, items, None))
+
+
+CALL, CHUNK = 0, 1
+
+
+def dump_exception(exc: BaseException, partial: list[Any] | None = None) -> list[Any]:
+    """Frames for a job's exception, with its traceback text, ready to re-raise remotely.
+
+    ``partial`` holds the results a chunk produced before the failing item.
+    """
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        frames = dumps((exc, tb, partial))
+        loads(frames)  # an exception that pickles but cannot be rebuilt is no use to the caller
+        return frames
+    except Exception:
+        return dumps((JobError(_type_name(exc), str(exc), tb), tb, partial))
+
+
+def load_exception(frames: Sequence[Any]) -> tuple[BaseException, list[Any] | None]:
+    """Rebuild a job's exception with the remote traceback as its ``__cause__``.
+
+    Returns the exception and the partial results of a chunk (None for a call).
+    Exceptions whose class cannot be imported here come back as :class:`JobError`.
+    """
+    try:
+        exc, tb, partial = loads(frames)
+    except Exception as problem:
+        return JobError("unknown", f"the job failed and its exception could not be unpickled here: "
+                        f"{problem!r}"), None
+    if not isinstance(exc, BaseException):
+        return JobError(type(exc).__name__, repr(exc), tb), partial
+    if tb:
+        exc.__cause__ = RemoteTraceback(tb)
+    return exc, partial
+
+
+def _type_name(exc: BaseException) -> str:
+    cls = type(exc)
+    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+
+
+def error_line(exc: BaseException) -> str:
+    """One line naming an exception, for logs and the broker's statistics."""
+    text = str(exc).strip().splitlines()
+    return f"{_type_name(exc)}: {text[0]}"[:200] if text else _type_name(exc)

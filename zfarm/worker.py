@@ -1,0 +1,363 @@
+"""The worker agent: one DEALER to the broker, a pool of slot processes for the jobs.
+
+::
+
+    broker ◄──DEALER──► WorkerCore (pure: handshake, credit, heartbeats, backoff)
+                            │ tasks ▲ outcomes
+                            ▼       │
+                          SlotPool (chaperone): one process per slot
+
+The core never reads a clock or touches a socket; :class:`Worker` is the
+shell that polls the socket and the slots' pipes and feeds the core. Because
+jobs run in other processes, the loop keeps heartbeating however long a job
+runs. Credit is the worker's to give: READY says how many more jobs it can
+hold (free slots plus a small prefetch), and every RESULTS returns the credit
+of the jobs it reports.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import signal
+import socket
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+import zmq
+
+from zfarm import protocol as p
+from zfarm.chaperone import Key, SlotOutcome, SlotPool, SlotTask
+from zfarm.config import WorkerSettings
+from zfarm.errors import ProtocolError, Refused
+
+log = logging.getLogger(__name__)
+
+
+class Link(str, enum.Enum):
+    DOWN = "down"  # no socket: waiting out the reconnect backoff
+    CONNECTING = "connecting"  # HELLO sent, no WELCOME yet
+    READY = "ready"
+
+
+@dataclass
+class Actions:
+    """What the shell must do after feeding the core an event."""
+
+    send: list[p.Message] = field(default_factory=list)
+    kill: list[Key] = field(default_factory=list)  # running jobs to cancel
+    reconnect: bool = False  # close the socket; open a new one at ``core.reconnect_at``
+
+
+class WorkerCore:
+    def __init__(self, settings: WorkerSettings, now: float, host: str | None = None,
+                 pid: int | None = None) -> None:
+        self.settings = settings
+        self.id = settings.worker_id or f"w-{uuid.uuid4().hex[:10]}"
+        self.host = host or socket.gethostname()
+        self.pid = os.getpid() if pid is None else pid
+        self.slots = settings.slots
+        self.capacity = self.slots + settings.prefetch
+        self.interval_s = settings.heartbeat_interval_s
+        self.liveness = settings.liveness
+        self.link = Link.DOWN
+        self.broker_id = ""
+        self.last_heard = now
+        self.last_sent = now
+        self.backoff_s = settings.reconnect_min_s
+        self.reconnect_at = now
+        self.pending: deque[SlotTask] = deque()  # received, not yet in a slot
+        self.running = 0
+        self.fns: dict[bytes, Any] = {}
+        self.unsent: list[SlotOutcome] = []  # finished while the broker did not know us
+        self.stopping = False
+        self.done = 0
+
+    @property
+    def in_hand(self) -> int:
+        return len(self.pending) + self.running
+
+    def connect(self, now: float) -> Actions:
+        """A new socket is open: introduce ourselves."""
+        self.link = Link.CONNECTING
+        self.last_heard = now
+        return self._out(now, [self._hello()])
+
+    def _hello(self) -> p.Hello:
+        return p.Hello(p.Role.WORKER.value, self.id, self.host, self.pid, self.slots,
+                       {"prefetch": self.settings.prefetch})
+
+    def on_message(self, msg: p.Message, now: float) -> Actions:
+        self.last_heard = now
+        if isinstance(msg, p.Welcome):
+            return self._welcome(msg, now)
+        if isinstance(msg, p.Jobs):
+            return self._jobs(msg, now)
+        if isinstance(msg, p.CancelJobs):
+            return self._cancel({(k[0], k[1]) for k in msg.keys}, now)
+        if isinstance(msg, p.Reconnect):
+            log.info("broker does not know us (%s): introducing ourselves again", msg.reason)
+            return self.connect(now)
+        if isinstance(msg, p.Refused):
+            raise Refused(f"the broker refused this worker: {msg.reason}")
+        if isinstance(msg, p.Disconnect):
+            log.warning("broker is leaving (%s): will reconnect", msg.reason)
+            return self._drop_link(now)
+        if not isinstance(msg, p.Heartbeat):
+            log.warning("ignored unexpected %s from the broker", type(msg).__name__)
+        return Actions()
+
+    def _welcome(self, msg: p.Welcome, now: float) -> Actions:
+        if self.link is not Link.READY:
+            log.info("worker %s registered with broker %s (%d slots)", self.id, msg.broker_id, self.slots)
+        self.link = Link.READY
+        self.broker_id = msg.broker_id
+        self.interval_s, self.liveness = msg.heartbeat_interval_s, msg.liveness
+        self.backoff_s = self.settings.reconnect_min_s
+        send: list[p.Message] = [p.Ready(0 if self.stopping else self.capacity - self.in_hand)]
+        if self.unsent:
+            send.append(self._results(self.unsent, credit=0))
+            self.unsent = []
+        return self._out(now, send)
+
+    def _jobs(self, msg: p.Jobs, now: float) -> Actions:
+        for fn_id, blob in zip(msg.fns, msg.frames):
+            self.fns[fn_id] = blob
+        per_job = p.split_frames(msg.frames[len(msg.fns):], [row[4] for row in msg.jobs])
+        returned: list[SlotOutcome] = []
+        for (client_id, seq, attempt, fn_id, _n, options), frames in zip(msg.jobs, per_job):
+            task = SlotTask((client_id, seq), attempt, fn_id, self.fns.get(fn_id), frames, options)
+            if self.stopping:
+                returned.append(SlotOutcome(task.key, attempt, p.Outcome.RETURNED, []))
+            else:
+                self.pending.append(task)
+        return self.finished(returned, now) if returned else Actions()
+
+    def _cancel(self, keys: set[Key], now: float) -> Actions:
+        dropped = [t for t in self.pending if t.key in keys]
+        self.pending = deque(t for t in self.pending if t.key not in keys)
+        actions = self.finished([SlotOutcome(t.key, t.attempt, p.Outcome.CANCELLED, []) for t in dropped], now)
+        actions.kill = sorted(keys - {t.key for t in dropped})
+        return actions
+
+    def take_tasks(self, free_slots: int) -> list[SlotTask]:
+        """Tasks to start now on ``free_slots`` idle slots."""
+        tasks = []
+        while self.pending and len(tasks) < free_slots:
+            tasks.append(self.pending.popleft())
+        self.running += len(tasks)
+        return tasks
+
+    def finished(self, outcomes: list[SlotOutcome], now: float, from_slots: int = 0) -> Actions:
+        """Jobs left our hands (``from_slots`` of them were running); report them."""
+        self.running -= from_slots
+        self.done += sum(o.outcome == p.Outcome.OK for o in outcomes)
+        if not outcomes:
+            return Actions()
+        if self.link is not Link.READY:
+            self.unsent.extend(outcomes)
+            return Actions()
+        return self._out(now, [self._results(outcomes, credit=0 if self.stopping else len(outcomes))])
+
+    def _results(self, outcomes: list[SlotOutcome], credit: int) -> p.Results:
+        rows = [[o.key[0], o.key[1], o.attempt, int(o.outcome), len(o.frames), o.info] for o in outcomes]
+        return p.Results(credit, rows, [f for o in outcomes for f in o.frames])
+
+    def tick(self, now: float) -> Actions:
+        """Heartbeat when quiet; give up on a silent broker and schedule a reconnect."""
+        if self.link is Link.DOWN:
+            return Actions()
+        silent_s = now - self.last_heard
+        if silent_s > self.interval_s * self.liveness:
+            log.warning("broker silent for %.1f s: reconnecting in %.0f s", silent_s, self.backoff_s)
+            return self._drop_link(now)
+        if self.link is Link.READY and now - self.last_sent >= self.interval_s:
+            return self._out(now, [p.Heartbeat()])
+        return Actions()
+
+    def _drop_link(self, now: float) -> Actions:
+        self.link = Link.DOWN
+        self.reconnect_at = now + self.backoff_s
+        self.backoff_s = min(self.backoff_s * 2, self.settings.reconnect_max_s)
+        return Actions(reconnect=True)
+
+    def stop(self, now: float) -> Actions:
+        """Take no more jobs; hand back those not started. Running ones may finish."""
+        if self.stopping:
+            return Actions()
+        self.stopping = True
+        returned = [SlotOutcome(t.key, t.attempt, p.Outcome.RETURNED, []) for t in self.pending]
+        self.pending.clear()
+        log.info("worker %s stopping: handed back %d queued jobs, %d running", self.id, len(returned),
+                 self.running)
+        return self.finished(returned, now)
+
+    def goodbye(self, now: float) -> Actions:
+        return self._out(now, [p.Disconnect("worker stopping")] if self.link is Link.READY else [])
+
+    def _out(self, now: float, msgs: list[p.Message]) -> Actions:
+        self.last_sent = now
+        return Actions(send=msgs)
+
+
+class Worker:
+    """The shell: sockets, slots, signals and the clock around a :class:`WorkerCore`."""
+
+    def __init__(self, settings: WorkerSettings, context: zmq.Context[Any] | None = None) -> None:
+        self.settings = settings
+        self._own_context = context is None
+        self.context = context or zmq.Context()
+        self.core = WorkerCore(settings, time.monotonic())
+        self.pool: SlotPool | None = None
+        self.socket: zmq.Socket[Any] | None = None
+        self._signals = 0  # stop requests so far (set from signal handlers: only counted there)
+        self._signals_seen = 0
+        self._grace_until = 0.0
+
+    def serve(self) -> None:
+        """Run until stopped by :meth:`request_stop` (twice: at once), or the parent is gone."""
+        core = self.core
+        self.pool = SlotPool(core.slots, core.host)
+        log.info("worker %s on %s pid %d: %d slots, connecting to %s", core.id, core.host, core.pid,
+                 core.slots, self.settings.connect)
+        try:
+            while True:
+                now = time.monotonic()
+                if core.link is Link.DOWN and now >= core.reconnect_at and not core.stopping:
+                    self._open_socket()
+                    self._apply(core.connect(now))
+                self._poll_once()
+                self._handle_stop_requests()
+                self._apply(core.tick(time.monotonic()))
+                if self._should_exit():
+                    break
+        finally:
+            self._shutdown()
+
+    def _poll_once(self) -> None:
+        assert self.pool is not None
+        core, pool = self.core, self.pool
+        poller = zmq.Poller()
+        if self.socket is not None:
+            poller.register(self.socket, zmq.POLLIN)
+        slot_fds = pool.fds()
+        for fd in slot_fds:
+            poller.register(fd, zmq.POLLIN)
+        timeout_s = core.interval_s / 4
+        if core.link is Link.DOWN:
+            timeout_s = max(0.0, min(timeout_s, core.reconnect_at - time.monotonic()))
+        ready = dict(poller.poll(timeout_s * 1000))
+        if self.socket is not None and ready.get(self.socket):
+            self._drain_socket()
+        outcomes: list[SlotOutcome] = []
+        for fd, slot in slot_fds.items():
+            if ready.get(fd) and (outcome := pool.collect(slot)) is not None:
+                outcomes.append(outcome)
+        now = time.monotonic()
+        self._apply(core.finished(outcomes, now, from_slots=len(outcomes)))
+        started_dead = []
+        for task in core.take_tasks(pool.free):
+            if (outcome := pool.run(task)) is not None:
+                started_dead.append(outcome)
+        if started_dead:
+            self._apply(core.finished(started_dead, now, from_slots=len(started_dead)))
+
+    def _drain_socket(self) -> None:
+        assert self.socket is not None
+        while self.socket is not None:
+            try:
+                frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                msg = p.decode(frames)
+            except ProtocolError as exc:
+                log.warning("dropped a malformed message from the broker: %s", exc)
+                continue
+            self._apply(self.core.on_message(msg, time.monotonic()))
+
+    def _apply(self, actions: Actions) -> None:
+        if actions.kill and self.pool is not None:
+            cancelled = [o for key in actions.kill if (o := self.pool.cancel(key)) is not None]
+            self._apply(self.core.finished(cancelled, time.monotonic(), from_slots=len(cancelled)))
+        if self.socket is not None:
+            for msg in actions.send:
+                self.socket.send_multipart(p.encode(msg), copy=False)
+        if actions.reconnect:
+            self._close_socket()
+
+    def _open_socket(self) -> None:
+        sock = self.context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        sock.connect(self.settings.connect)
+        self.socket = sock
+
+    def _close_socket(self) -> None:
+        if self.socket is not None:
+            self.socket.close(linger=0)
+            self.socket = None
+
+    def request_stop(self) -> None:
+        """First call: drain gracefully within the grace period. Second call: stop now.
+
+        Only counts the request, so it is safe in a signal handler; the loop acts on it.
+        """
+        self._signals += 1
+
+    def _handle_stop_requests(self) -> None:
+        if self._signals and not self._signals_seen:
+            self._grace_until = time.monotonic() + self.settings.grace_s
+            self._apply(self.core.stop(time.monotonic()))
+        self._signals_seen = self._signals
+
+    def _should_exit(self) -> bool:
+        if self.settings.parent_pid and os.getppid() != self.settings.parent_pid:
+            log.info("parent process %d is gone: stopping", self.settings.parent_pid)
+            return True
+        if not self.core.stopping:
+            return False
+        assert self.pool is not None
+        if self.core.running == 0:
+            return True
+        if self._signals > 1 or time.monotonic() >= self._grace_until:
+            keys = self.pool.running()
+            log.warning("handing back %d running jobs unfinished", len(keys))
+            outcomes = []
+            for key in keys:
+                outcome = self.pool.cancel(key)
+                if outcome is not None:
+                    outcomes.append(SlotOutcome(key, outcome.attempt, p.Outcome.RETURNED, []))
+            self._apply(self.core.finished(outcomes, time.monotonic(), from_slots=len(outcomes)))
+            return True
+        return False
+
+    def _shutdown(self) -> None:
+        self._apply(self.core.goodbye(time.monotonic()))
+        if self.pool is not None:
+            self.pool.close()
+        self._close_socket()
+        if self._own_context:
+            self.context.term()
+        log.info("worker %s stopped after %d jobs", self.core.id, self.core.done)
+
+
+def run_worker(settings: WorkerSettings) -> None:
+    """The ``zfarm worker`` command: serve until SIGINT/SIGTERM (twice: at once)."""
+    worker = Worker(settings)
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("received %s: %s", signal.Signals(signum).name,
+                 "stopping now" if worker._signals else "finishing running jobs, then stopping")
+        worker.request_stop()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    worker.serve()
