@@ -8,8 +8,8 @@
 
 __version__ = "0.1.0"
 
-from zfarm.client import Client, as_completed  # noqa: E402
-from zfarm.errors import (  # noqa: E402
+from zfarm.client import Client, as_completed
+from zfarm.errors import (
     BrokerUnavailable,
     JobCrashed,
     JobError,

@@ -61,7 +61,7 @@ class Broker:
         try:
             while not self._stopping.is_set():
                 timeout_ms = max(0.0, (sched.next_wakeup() - time.monotonic()) * 1000)
-                if poller.poll(min(timeout_ms, 250)):
+                if poller.poll(int(min(timeout_ms, 250))):
                     self._drain()
                 now = time.monotonic()
                 sched.tick(now)

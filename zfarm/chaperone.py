@@ -119,7 +119,8 @@ def _run(fn: Any, frames: list[bytes]) -> tuple[Outcome, list[Any], str]:
     try:
         mode, args, kwargs = ser.loads(frames)
     except BaseException as exc:
-        return Outcome.ERROR, ser.dump_exception(exc), "arguments could not be unpickled: " + ser.error_line(exc)
+        info = "arguments could not be unpickled: " + ser.error_line(exc)
+        return Outcome.ERROR, ser.dump_exception(exc), info
     if mode == ser.CHUNK:
         return _run_chunk(fn, args)
     try:
@@ -191,7 +192,8 @@ class Slot:
         self.process.join(timeout=5)
         self.conn.close()
         self.lifeline.close()
-        return self.process.exitcode
+        code: int | None = self.process.exitcode
+        return code
 
 
 class SlotPool:

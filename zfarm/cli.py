@@ -133,7 +133,8 @@ def _print_status(snap: dict[str, Any]) -> None:
     console.print(f"[bold]zfarm broker[/] {snap['address']}  id {snap['broker_id']}  "
                   f"up {snap['uptime_s']:.0f} s  protocol {snap['protocol']}")
     console.print(f"queued {snap['queued']}  in flight {snap['in_flight']}  done {snap['done']}  "
-                  f"failed {snap['failed']}  requeued {snap['requeued']}  workers lost {snap['workers_lost']}")
+                  f"failed {snap['failed']}  requeued {snap['requeued']}  "
+                  f"workers lost {snap['workers_lost']}")
     workers = Table("worker", "host", "pid", "slots", "busy", "done", "failed", "heartbeat age",
                     title="workers")
     for w in snap["workers"]:

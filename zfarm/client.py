@@ -126,7 +126,7 @@ class Client(concurrent.futures.Executor):
         deadline = None if timeout is None else time.monotonic() + timeout
         size = max(1, chunksize or 1)
         fn_id, blob = ser.dump_function(fn)
-        items = zip(*iterables)
+        items = zip(*iterables, strict=False)  # like zip: stops at the shortest
         chunks = iter(lambda: list(itertools.islice(items, size)), [])
         pending: deque[JobFuture] = deque()
         self._fill(pending, chunks, fn_id, blob)

@@ -85,7 +85,8 @@ class ClientSettings:
 S = TypeVar("S")
 
 
-def resolve(cls: type[S], flags: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> S:
+def resolve(cls: type[S], flags: Mapping[str, Any] | None = None,
+            environ: Mapping[str, str] | None = None) -> S:
     """Build settings: a flag that is not None wins, then ``ZFARM_<FIELD>``, then the default.
 
     Raises:

@@ -156,7 +156,7 @@ class Connection(threading.Thread):
         if self._socket is not None:
             poller.register(self._socket, zmq.POLLIN)
         timeout_s = self._interval_s / 4
-        ready = dict(poller.poll(timeout_s * 1000))
+        ready = dict(poller.poll(int(timeout_s * 1000)))
         if self._inbox or ready.get(self._wake_r.fileno()):
             self._take_inbox()
         if self._socket is not None and ready.get(self._socket):
@@ -253,7 +253,7 @@ class Connection(threading.Thread):
 
     def _results(self, msg: p.Result) -> None:
         per_row = p.split_frames(msg.frames, [row[2] for row in msg.results])
-        for (seq, outcome, _n, info), frames in zip(msg.results, per_row):
+        for (seq, outcome, _n, info), frames in zip(msg.results, per_row, strict=True):
             job = self._forget(seq)
             if job is None:
                 self.duplicates += 1

@@ -60,7 +60,7 @@ def _spawn(args: list[str]) -> subprocess.Popen[bytes]:
 
 
 def _private_endpoint(folder: str) -> str:
-    if sys.platform != "win32":
+    if os.name != "nt":
         return f"ipc://{folder}/broker.sock"
     with socket.socket() as s:  # Windows has no ipc transport
         s.bind(("127.0.0.1", 0))

@@ -14,7 +14,8 @@ from zfarm import protocol as p
 from zfarm.errors import BrokerUnavailable, ProtocolError, Refused
 
 
-def fetch_status(address: str, timeout_s: float = 5.0, context: zmq.Context[Any] | None = None) -> dict[str, Any]:
+def fetch_status(address: str, timeout_s: float = 5.0,
+                 context: zmq.Context[Any] | None = None) -> dict[str, Any]:
     """Connect as a monitor, return the broker's snapshot, leave.
 
     Raises:

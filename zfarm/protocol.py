@@ -242,7 +242,10 @@ _COMMAND_BYTES = {c: bytes([c]) for c in Command}
 
 
 def _as_bytes(frame: Frame) -> bytes:
-    return frame if isinstance(frame, bytes) else bytes(getattr(frame, "buffer", frame))
+    if isinstance(frame, bytes):
+        return frame
+    view: Any = getattr(frame, "buffer", frame)
+    return bytes(view)
 
 
 def decode(frames: Sequence[Frame]) -> Message:
@@ -272,7 +275,7 @@ def decode(frames: Sequence[Frame]) -> Message:
     names = _ENVELOPE_FIELDS[cls]
     if not isinstance(envelope, list) or len(envelope) != len(names):
         raise ProtocolError(f"{cls.__name__} envelope must be an array of {len(names)} fields")
-    for name, value, kind in zip(names, envelope, cls.schema):
+    for name, value, kind in zip(names, envelope, cls.schema, strict=True):
         if not _is(value, kind):
             raise ProtocolError(f"{cls.__name__}.{name} has the wrong type {type(value).__name__}")
     payload = list(frames[3:])
@@ -302,8 +305,8 @@ _BY_BYTE = {int(c): cls for c, cls in MESSAGE_TYPES.items()}
 
 
 def _is(value: Any, kind: type | tuple[type, ...]) -> bool:
-    if isinstance(value, bool) and kind is not bool and (kind is int or (isinstance(kind, tuple) and bool not in kind)):
-        return False
+    if isinstance(value, bool):  # bool is an int to isinstance, never to the protocol
+        return kind is bool or (isinstance(kind, tuple) and bool in kind)
     return isinstance(value, kind)
 
 
@@ -312,7 +315,7 @@ def check_rows(rows: list[Any], layout: tuple[type, ...], what: str) -> None:
     for row in rows:
         if not isinstance(row, list) or len(row) != len(layout):
             raise ProtocolError(f"{what} row must be an array of {len(layout)} fields")
-        for value, kind in zip(row, layout):
+        for value, kind in zip(row, layout, strict=True):
             if not _is(value, kind):
                 raise ProtocolError(f"{what} row field has the wrong type {type(value).__name__}")
 

@@ -18,6 +18,7 @@ the job was ever given to, and only the first is delivered.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 import math
@@ -313,7 +314,8 @@ class Scheduler:
                 log.info("client %s gone (%s): dropped its %d unfinished jobs", peer.id, why, dropped)
 
     def _requeue(self, worker: WorkerRecord, why: str) -> None:
-        jobs = [job for job in worker.jobs.values() if job.state is JobState.ASSIGNED and job.worker == worker.id]
+        jobs = [job for job in worker.jobs.values()
+                if job.state is JobState.ASSIGNED and job.worker == worker.id]
         worker.jobs.clear()
         worker.outbox.clear()
         if jobs:
@@ -343,7 +345,7 @@ class Scheduler:
             frames = frames[1:]
         known_fn = msg.fn_id in client.fns
         per_job = p.split_frames(frames, [row[1] for row in msg.jobs])
-        for (seq, _n, options), job_frames in zip(msg.jobs, per_job):
+        for (seq, _n, options), job_frames in zip(msg.jobs, per_job, strict=True):
             if seq in client.jobs:
                 continue  # a resubmission of a job we hold already
             if not known_fn:
@@ -423,7 +425,7 @@ class Scheduler:
     def _results(self, worker: WorkerRecord, msg: p.Results) -> None:
         self._add_credit(worker, msg.credit)
         per_row = p.split_frames(msg.frames, [row[4] for row in msg.results])
-        for (client_id, seq, _attempt, outcome, _n, info), frames in zip(msg.results, per_row):
+        for (client_id, seq, _attempt, outcome, _n, info), frames in zip(msg.results, per_row, strict=True):
             client = self.clients.get(client_id)
             job = client.jobs.get(seq) if client else None
             if job is None or client is None or worker.id not in job.history:
@@ -517,7 +519,7 @@ class Scheduler:
                  "in_flight": len(c.jobs) - c.queued, "done": c.done, "failed": c.failed}
                 for c in self.clients.values()
             ],
-            **{name: getattr(self.counters, name) for name in Counters.__slots__},  # type: ignore[attr-defined]
+            **dataclasses.asdict(self.counters),
         }
 
 

@@ -126,11 +126,11 @@ class WorkerCore:
         return self._out(now, send)
 
     def _jobs(self, msg: p.Jobs, now: float) -> Actions:
-        for fn_id, blob in zip(msg.fns, msg.frames):
+        for fn_id, blob in zip(msg.fns, msg.frames, strict=False):  # frames go on past the fns
             self.fns[fn_id] = blob
         per_job = p.split_frames(msg.frames[len(msg.fns):], [row[4] for row in msg.jobs])
         returned: list[SlotOutcome] = []
-        for (client_id, seq, attempt, fn_id, _n, options), frames in zip(msg.jobs, per_job):
+        for (client_id, seq, attempt, fn_id, _n, options), frames in zip(msg.jobs, per_job, strict=True):
             task = SlotTask((client_id, seq), attempt, fn_id, self.fns.get(fn_id), frames, options)
             if self.stopping:
                 returned.append(SlotOutcome(task.key, attempt, p.Outcome.RETURNED, []))
@@ -141,13 +141,14 @@ class WorkerCore:
     def _cancel(self, keys: set[Key], now: float) -> Actions:
         dropped = [t for t in self.pending if t.key in keys]
         self.pending = deque(t for t in self.pending if t.key not in keys)
-        actions = self.finished([SlotOutcome(t.key, t.attempt, p.Outcome.CANCELLED, []) for t in dropped], now)
+        cancelled = [SlotOutcome(t.key, t.attempt, p.Outcome.CANCELLED, []) for t in dropped]
+        actions = self.finished(cancelled, now)
         actions.kill = sorted(keys - {t.key for t in dropped})
         return actions
 
     def take_tasks(self, free_slots: int) -> list[SlotTask]:
         """Tasks to start now on ``free_slots`` idle slots."""
-        tasks = []
+        tasks: list[SlotTask] = []
         while self.pending and len(tasks) < free_slots:
             tasks.append(self.pending.popleft())
         self.running += len(tasks)
@@ -251,7 +252,7 @@ class Worker:
         timeout_s = core.interval_s / 4
         if core.link is Link.DOWN:
             timeout_s = max(0.0, min(timeout_s, core.reconnect_at - time.monotonic()))
-        ready = dict(poller.poll(timeout_s * 1000))
+        ready = dict(poller.poll(int(timeout_s * 1000)))
         if self.socket is not None and ready.get(self.socket):
             self._drain_socket()
         outcomes: list[SlotOutcome] = []
