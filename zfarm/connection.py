@@ -103,6 +103,7 @@ class Connection(threading.Thread):
         self._liveness = settings.liveness
         now = time.monotonic()
         self._last_heard = now
+        self._attempt_at = now
         self._last_sent = now
         self._backoff_s = settings.reconnect_min_s
         self._reconnect_at = now
@@ -177,7 +178,7 @@ class Connection(threading.Thread):
 
     def _hello(self, now: float) -> None:
         self._link = Link.CONNECTING
-        self._last_heard = max(self._last_heard, now - self._interval_s * self._liveness)
+        self._attempt_at = now  # the broker gets a full liveness window to answer this HELLO
         self._fns_sent.clear()
         hello = p.Hello(p.Role.CLIENT.value, self.client_id, socket.gethostname(), os.getpid(), 0, {})
         self._send(hello, now)
@@ -307,6 +308,7 @@ class Connection(threading.Thread):
             self._fail_all(BrokerUnavailable(self.settings.address, silent_s, "unfinished jobs given up"))
         if self._link is Link.DOWN:
             return
+        silent_s = now - max(self._last_heard, self._attempt_at)
         if silent_s > self._interval_s * self._liveness:
             log.warning("client %s: broker silent for %.1f s; reconnecting in %.0f s", self.client_id,
                         silent_s, self._backoff_s)
