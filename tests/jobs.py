@@ -101,3 +101,16 @@ def wait_forever(x: object = None) -> NoReturn:
     """Never return; the test cancels the job or kills the worker."""
     while True:
         time.sleep(0.1)
+
+
+def square_or_boom(x: int, bad: int) -> int:
+    """``x * x``, except for ``x == bad``, which raises ValueError("boom BAD") (a map failing mid-way)."""
+    if x == bad:
+        boom(x)
+    return x * x
+
+
+def touch_and_hold(started: str | os.PathLike[str], release: str | os.PathLike[str], x: T) -> T:
+    """Create ``started`` (the test waits for it: the job now runs in a slot), then ``hold(release, x)``."""
+    Path(started).touch()
+    return hold(release, x)

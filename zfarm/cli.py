@@ -164,7 +164,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-_DEMO_SAMPLES = 20_000
+_DEMO_SAMPLES = 100_000
 
 
 def _demo_job(seed: int) -> int:

@@ -83,7 +83,7 @@ class Client(concurrent.futures.Executor):
                 raise fatal
             raise BrokerUnavailable(self.settings.address, self.settings.connect_timeout_s,
                                     "no answer to our handshake")
-        log.info("client %s connected to %s", self.id, self.settings.address)
+        log.debug("client %s connected to %s", self.id, self.settings.address)
 
     @property
     def address(self) -> str:
