@@ -114,3 +114,10 @@ def touch_and_hold(started: str | os.PathLike[str], release: str | os.PathLike[s
     """Create ``started`` (the test waits for it: the job now runs in a slot), then ``hold(release, x)``."""
     Path(started).touch()
     return hold(release, x)
+
+
+def mark_then_sleep(marker_dir: str | os.PathLike[str], x: T, seconds: float) -> T:
+    """Create ``marker_dir/started-<x>`` (so the test knows the job runs), sleep, return ``x``."""
+    Path(marker_dir, f"started-{x}").touch()
+    time.sleep(seconds)
+    return x
