@@ -261,7 +261,7 @@ class SlotPool:
             return None
         error = JobCrashed(task.name, exitcode, self.host)
         log.warning("job %s crashed slot %d: %s; replaced it", task.name, slot.index, error)
-        return SlotOutcome(task.key, task.attempt, Outcome.CRASHED, ser.dumps((error, "", None)),
+        return SlotOutcome(task.key, task.attempt, Outcome.CRASHED, ser.dump_exception(error),
                            ser.error_line(error))
 
     def close(self) -> None:

@@ -7,6 +7,7 @@ Nothing else in zfarm reads the environment; the CLI and ``Client`` call
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -128,5 +129,5 @@ def _check_endpoint(address: str) -> None:
 
 def _check_positive(**values: float) -> None:
     for name, value in values.items():
-        if value <= 0:
+        if not math.isfinite(value) or value <= 0:
             raise ConfigError(f"{name} must be positive, got {value}")

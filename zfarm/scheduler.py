@@ -253,7 +253,10 @@ class Scheduler:
             return
         known = self.peers.get(route)
         if known is not None and known.id == msg.peer_id and _role(known) == msg.role:
-            known.last_seen = now  # a repeated HELLO: answer again, change nothing
+            known.last_seen = now  # a repeated HELLO: answer again
+            if isinstance(known, WorkerRecord):  # a worker answers every WELCOME with its full credit
+                known.credit = 0
+                self.hungry.pop(known.id, None)
             self._send(known, self._welcome(), now)
             return
         if known is not None:

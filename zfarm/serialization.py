@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import cloudpickle
+import msgpack
 
 from zfarm.errors import JobError, RemoteTraceback
 
@@ -38,6 +39,34 @@ def load_function(blob: Any) -> Any:
     return pickle.loads(buffer_of(blob))
 
 
+class _Big:
+    """Stands in for a large bytes/bytearray so that pickle sends it out of band.
+
+    The C pickler writes bytes and bytearrays inline whatever their size and
+    offers no hook for them, so large ones near the top of the object (the
+    value itself, or an argument) are boxed before pickling.
+    """
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes | bytearray) -> None:
+        self.data = data
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        return type(self.data), (pickle.PickleBuffer(self.data),)
+
+
+def _box(obj: Any, depth: int = 3) -> Any:
+    kind = type(obj)
+    if kind in (bytes, bytearray):
+        return _Big(obj) if len(obj) >= OUT_OF_BAND_MIN_BYTES else obj
+    if depth and kind in (tuple, list):
+        return kind(_box(item, depth - 1) for item in obj)
+    if depth and kind is dict:
+        return {key: _box(value, depth - 1) for key, value in obj.items()}
+    return obj
+
+
 def dumps(obj: Any) -> list[Any]:
     """Pickle ``obj`` into frames: the pickle, then its out-of-band buffers."""
     buffers: list[Any] = []
@@ -49,12 +78,13 @@ def dumps(obj: Any) -> list[Any]:
         buffers.append(view)
         return False
 
+    boxed = _box(obj)
     try:
-        head = pickle.dumps(obj, protocol=5, buffer_callback=keep)
+        head = pickle.dumps(boxed, protocol=5, buffer_callback=keep)
     except (pickle.PicklingError, AttributeError, TypeError):
         # lambdas, closures and classes defined in __main__ need cloudpickle
         buffers.clear()
-        head = cloudpickle.dumps(obj, protocol=5, buffer_callback=keep)
+        head = cloudpickle.dumps(boxed, protocol=5, buffer_callback=keep)
     return [head, *buffers]
 
 
@@ -76,17 +106,20 @@ CALL, CHUNK = 0, 1
 
 
 def dump_exception(exc: BaseException, partial: list[Any] | None = None) -> list[Any]:
-    """Frames for a job's exception, with its traceback text, ready to re-raise remotely.
+    """Frames for a job's exception, ready to re-raise in the caller.
 
-    ``partial`` holds the results a chunk produced before the failing item.
+    Frame 0 names the exception in plain msgpack (type, message, traceback text), so
+    the caller can say what happened even when it cannot unpickle the exception
+    itself; then come the pickled exception and ``partial``, the results a chunk
+    produced before its failing item.
     """
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     try:
-        frames = dumps((exc, tb, partial))
-        loads(frames)  # an exception that pickles but cannot be rebuilt is no use to the caller
-        return frames
+        pickled = dumps((exc, partial))
+        loads(pickled)  # an exception that pickles but cannot be rebuilt is no use to the caller
     except Exception:
-        return dumps((JobError(_type_name(exc), str(exc), tb), tb, partial))
+        pickled = dumps((JobError(_type_name(exc), str(exc), tb), partial))
+    return [msgpack.packb([_type_name(exc), str(exc), tb]), *pickled]
 
 
 def load_exception(frames: Sequence[Any]) -> tuple[BaseException, list[Any] | None]:
@@ -95,14 +128,15 @@ def load_exception(frames: Sequence[Any]) -> tuple[BaseException, list[Any] | No
     Returns the exception and the partial results of a chunk (None for a call).
     Exceptions whose class cannot be imported here come back as :class:`JobError`.
     """
+    type_name, message, tb = msgpack.unpackb(buffer_of(frames[0]))
     try:
-        exc, tb, partial = loads(frames)
+        exc, partial = loads(frames[1:])
     except Exception as problem:
-        return JobError("unknown", f"the job failed and its exception could not be unpickled here: "
-                        f"{problem!r}"), None
+        note = f"{message} (the exception could not be rebuilt here: {problem!r})"
+        return JobError(type_name, note, tb), None
     if not isinstance(exc, BaseException):
-        return JobError(type(exc).__name__, repr(exc), tb), partial
-    if tb:
+        return JobError(type_name, message, tb), partial
+    if "Traceback" in tb:
         exc.__cause__ = RemoteTraceback(tb)
     return exc, partial
 

@@ -101,6 +101,8 @@ class WorkerCore:
         if isinstance(msg, p.CancelJobs):
             return self._cancel({(k[0], k[1]) for k in msg.keys}, now)
         if isinstance(msg, p.Reconnect):
+            if self.link is Link.CONNECTING:
+                return Actions()  # our HELLO is on its way already
             log.info("broker does not know us (%s): introducing ourselves again", msg.reason)
             return self.connect(now)
         if isinstance(msg, p.Refused):

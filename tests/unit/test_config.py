@@ -1,0 +1,105 @@
+"""Settings: flag → ZFARM_* variable → default, and clear ConfigErrors for bad values."""
+
+from __future__ import annotations
+
+import pytest
+
+from zfarm.config import DEFAULT_ADDRESS, BrokerSettings, ClientSettings, WorkerSettings, resolve
+from zfarm.errors import ConfigError
+
+
+def test_defaults_when_nothing_is_set() -> None:
+    s = resolve(BrokerSettings, {}, {})
+    assert s == BrokerSettings()
+    assert (s.bind, s.heartbeat_interval_s, s.liveness) == (DEFAULT_ADDRESS, 1.0, 3)
+
+
+def test_environment_overrides_default() -> None:
+    env = {"ZFARM_HEARTBEAT_INTERVAL_S": "0.25", "ZFARM_LIVENESS": "5", "ZFARM_BIND": "ipc:///tmp/zf.sock"}
+    s = resolve(BrokerSettings, {}, env)
+    assert (s.heartbeat_interval_s, s.liveness, s.bind) == (0.25, 5, "ipc:///tmp/zf.sock")
+    assert isinstance(s.heartbeat_interval_s, float) and isinstance(s.liveness, int)
+
+
+def test_flag_overrides_environment() -> None:
+    env = {"ZFARM_HEARTBEAT_INTERVAL_S": "0.25", "ZFARM_LIVENESS": "5"}
+    s = resolve(BrokerSettings, {"heartbeat_interval_s": 2.0, "liveness": None}, env)
+    assert s.heartbeat_interval_s == 2.0  # the flag
+    assert s.liveness == 5  # a flag left as None falls through to the variable
+
+
+def test_empty_variable_means_unset() -> None:
+    assert resolve(BrokerSettings, {}, {"ZFARM_LIVENESS": ""}).liveness == 3
+
+
+def test_environ_defaults_to_the_process_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ZFARM_LIVENESS", "7")
+    assert resolve(BrokerSettings).liveness == 7
+    assert resolve(BrokerSettings, {}, {}).liveness == 3  # an explicit mapping is used instead
+
+
+def test_worker_and_client_settings_resolve_too() -> None:
+    w = resolve(WorkerSettings, {"procs": 3}, {"ZFARM_PROCS": "8", "ZFARM_GRACE_S": "1.5",
+                                               "ZFARM_WORKER_ID": "gpu-7"})
+    assert (w.procs, w.grace_s, w.worker_id, w.slots) == (3, 1.5, "gpu-7", 3)
+    c = resolve(ClientSettings, {}, {"ZFARM_WINDOW": "16", "ZFARM_ADDRESS": "tcp://10.0.0.1:6000"})
+    assert (c.window, c.address) == (16, "tcp://10.0.0.1:6000")
+
+
+@pytest.mark.parametrize(("variable", "value"), [
+    ("ZFARM_HEARTBEAT_INTERVAL_S", "fast"),
+    ("ZFARM_HEARTBEAT_INTERVAL_S", "-1"),
+    ("ZFARM_HEARTBEAT_INTERVAL_S", "0"),
+    ("ZFARM_HEARTBEAT_INTERVAL_S", "nan"),
+    ("ZFARM_HEARTBEAT_INTERVAL_S", "inf"),
+    ("ZFARM_LIVENESS", "3.5"),
+    ("ZFARM_LIVENESS", "three"),
+    ("ZFARM_LIVENESS", "0"),
+    ("ZFARM_MAX_MESSAGE_BYTES", "-5"),
+])
+def test_bad_values_name_the_variable(variable: str, value: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        resolve(BrokerSettings, {}, {variable: value})
+    # the message names the setting (as the variable or as the field it sets)
+    assert variable.removeprefix("ZFARM_").lower() in str(info.value).lower()
+
+
+@pytest.mark.parametrize(("variable", "value"), [("ZFARM_PROCS", "-1"), ("ZFARM_PREFETCH", "-2"),
+                                                 ("ZFARM_PROCS", "many"), ("ZFARM_GRACE_S", "soon")])
+def test_bad_worker_values(variable: str, value: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        resolve(WorkerSettings, {}, {variable: value})
+    assert variable.removeprefix("ZFARM_").lower() in str(info.value).lower()
+
+
+def test_bad_flag_value_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="liveness"):
+        resolve(BrokerSettings, {"liveness": -1}, {})
+
+
+def test_unknown_flag_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="heartbeat_intreval_s"):
+        resolve(BrokerSettings, {"heartbeat_intreval_s": 1.0}, {})
+
+
+@pytest.mark.parametrize("address", [
+    "localhost:5555", "127.0.0.1", "http://127.0.0.1:5555", "tcp://", "", "tcp:/127.0.0.1:5555",
+])
+def test_bad_endpoints(address: str) -> None:
+    with pytest.raises(ConfigError, match="ZeroMQ endpoint"):
+        resolve(BrokerSettings, {"bind": address}, {})
+    with pytest.raises(ConfigError, match="ZeroMQ endpoint"):
+        resolve(WorkerSettings, {}, {"ZFARM_CONNECT": address or "nonsense"})
+    with pytest.raises(ConfigError, match="ZeroMQ endpoint"):
+        ClientSettings(address=address)
+
+
+@pytest.mark.parametrize("address", ["tcp://127.0.0.1:5555", "tcp://*:6000", "ipc:///tmp/x.sock", "inproc://a"])
+def test_good_endpoints(address: str) -> None:
+    assert resolve(BrokerSettings, {"bind": address}, {}).bind == address
+
+
+def test_settings_are_frozen() -> None:
+    s = BrokerSettings()
+    with pytest.raises(AttributeError):
+        s.liveness = 9  # type: ignore[misc]

@@ -1,0 +1,265 @@
+"""Wire protocol: every message round-trips, and ``decode`` rejects bad input with ProtocolError only."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from zfarm import protocol as p
+from zfarm.errors import ProtocolError
+
+FN_ID = b"\x01" * 16
+
+#: one instance of every message type, payload frames where the type carries them
+SAMPLES: list[p.Message] = [
+    p.Hello("worker", "w-1", "node7", 4242, 8, {"prefetch": 1, "gpu": ["a100"]}),
+    p.Hello("client", "c-1", "laptop", 17),
+    p.Welcome("b-1", 0.25, 4, 1 << 30, {"version": "0.1.0"}),
+    p.Welcome("b-2", 2, 3, 100),
+    p.Refused("protocol version 9"),
+    p.Reconnect("broker restarted"),
+    p.Heartbeat(),
+    p.Disconnect("bye"),
+    p.Disconnect(),
+    p.Ready(3),
+    p.Jobs([FN_ID], [["c-1", 0, 1, FN_ID, 2, {}], ["c-1", 1, 2, FN_ID, 0, {"timeout_s": 5}]],
+           [b"fn-blob", b"arg0", b"arg0-buffer"]),
+    p.Jobs([], [], []),
+    p.Results(2, [["c-1", 0, 1, int(p.Outcome.OK), 1, ""], ["c-1", 1, 1, int(p.Outcome.LOST), 0, "why"]],
+              [b"result0"]),
+    p.CancelJobs([["c-1", 0], ["c-2", 7]]),
+    p.Submit(FN_ID, True, [[0, 1, {}], [1, 2, {"k": "v"}], [2, 0, {}]], [b"fn", b"a", b"b1", b"b2"]),
+    p.Submit(FN_ID, False, [[5, 1, {}]], [b"a"]),
+    p.Result([[0, int(p.Outcome.OK), 2, ""], [1, int(p.Outcome.ERROR), 1, "ValueError: x"]],
+             [b"r0", b"r0-buffer", b"e1"]),
+    p.Cancel([1, 2, 3]),
+    p.Status(),
+    p.StatusReply({"queued": 3, "workers": [{"id": "w-1", "busy": 2}]}),
+]
+
+
+def test_every_message_type_is_sampled() -> None:
+    assert {type(m) for m in SAMPLES} == set(p.MESSAGE_TYPES.values())
+
+
+@pytest.mark.parametrize("msg", SAMPLES, ids=lambda m: type(m).__name__)
+def test_round_trip(msg: p.Message) -> None:
+    frames = p.encode(msg)
+    assert frames[0] == p.HEADER == b"ZF\x01"
+    assert frames[1] == bytes([msg.command])
+    decoded = p.decode(frames)
+    assert type(decoded) is type(msg)
+    assert decoded == msg
+
+
+@pytest.mark.parametrize("msg", [m for m in SAMPLES if hasattr(m, "frames")], ids=lambda m: type(m).__name__)
+def test_payload_frames_pass_through_untouched(msg: Any) -> None:
+    """The decoder routes payload frames as they are: the very same objects, never copies."""
+    frames = p.encode(msg)
+    decoded: Any = p.decode(frames)
+    assert len(decoded.frames) == len(msg.frames)
+    assert all(a is b for a, b in zip(decoded.frames, frames[3:], strict=True))
+
+
+def test_decode_accepts_memoryviews_and_frame_like_objects() -> None:
+    class FakeFrame:  # zmq.Frame exposes its bytes as .buffer
+        def __init__(self, data: bytes) -> None:
+            self.buffer = memoryview(data)
+
+    msg = p.Result([[3, 0, 1, ""]], [b"payload"])
+    header, cmd, env, payload = p.encode(msg)
+    decoded = p.decode([memoryview(header), FakeFrame(cmd), memoryview(env), payload])
+    assert decoded == msg
+
+
+def frames_of(command: p.Command, envelope: Any, *payload: bytes) -> list[bytes]:
+    return [p.HEADER, bytes([command]), msgpack.packb(envelope, use_bin_type=True), *payload]
+
+
+BAD_FRAMES = {
+    "no frames": [],
+    "one frame": [p.HEADER],
+    "two frames": [p.HEADER, bytes([p.Command.HEARTBEAT])],
+    "bad magic": [b"XX\x01", bytes([p.Command.HEARTBEAT]), msgpack.packb([])],
+    "long header": [b"ZF\x01\x00", bytes([p.Command.HEARTBEAT]), msgpack.packb([])],
+    "empty header": [b"", bytes([p.Command.HEARTBEAT]), msgpack.packb([])],
+    "unknown command": [p.HEADER, b"\x63", msgpack.packb([])],
+    "command zero": [p.HEADER, b"\x00", msgpack.packb([])],
+    "empty command": [p.HEADER, b"", msgpack.packb([])],
+    "two command bytes": [p.HEADER, b"\x05\x05", msgpack.packb([])],
+    "not msgpack": [p.HEADER, bytes([p.Command.READY]), b"\xc1"],
+    "truncated msgpack": [p.HEADER, bytes([p.Command.READY]), b"\x92\x01"],
+    "trailing msgpack": [p.HEADER, bytes([p.Command.READY]), msgpack.packb([1]) + msgpack.packb([1])],
+    "empty envelope": [p.HEADER, bytes([p.Command.READY]), b""],
+    "bad utf-8": [p.HEADER, bytes([p.Command.REFUSED]), b"\x91\xa2\xff\xfe"],
+    "int map key": frames_of(p.Command.STATUS_REPLY, [{1: 2}]),
+    "envelope not an array": frames_of(p.Command.READY, {"credit": 1}),
+    "envelope a scalar": frames_of(p.Command.READY, 3),
+    "too few fields": frames_of(p.Command.READY, []),
+    "too many fields": frames_of(p.Command.READY, [1, 2]),
+    "heartbeat with a field": frames_of(p.Command.HEARTBEAT, [1]),
+    "hello missing info": frames_of(p.Command.HELLO, ["worker", "w", "h", 1, 1]),
+    "credit a string": frames_of(p.Command.READY, ["3"]),
+    "credit a float": frames_of(p.Command.READY, [3.0]),
+    "credit a bool": frames_of(p.Command.READY, [True]),
+    "pid a bool": frames_of(p.Command.HELLO, ["worker", "w", "h", True, 1, {}]),
+    "slots None": frames_of(p.Command.HELLO, ["worker", "w", "h", 1, None, {}]),
+    "role as bytes": frames_of(p.Command.HELLO, [b"worker", "w", "h", 1, 1, {}]),
+    "interval a bool": frames_of(p.Command.WELCOME, ["b", True, 3, 10, {}]),
+    "liveness a float": frames_of(p.Command.WELCOME, ["b", 1.0, 3.0, 10, {}]),
+    "with_fn an int": frames_of(p.Command.SUBMIT, [FN_ID, 1, []], b"fn"),
+    "fn_id a str": frames_of(p.Command.SUBMIT, ["f", False, []]),
+    "jobs not a list": frames_of(p.Command.SUBMIT, [FN_ID, False, {}]),
+    "results credit a bool": frames_of(p.Command.RESULTS, [False, []]),
+    "status reply a list": frames_of(p.Command.STATUS_REPLY, [[1]]),
+    "payload on heartbeat": frames_of(p.Command.HEARTBEAT, [], b"extra"),
+    "payload on ready": frames_of(p.Command.READY, [1], b"extra"),
+    # rows of the wrong shape
+    "submit row short": frames_of(p.Command.SUBMIT, [FN_ID, False, [[0, 1]]], b"a"),
+    "submit row long": frames_of(p.Command.SUBMIT, [FN_ID, False, [[0, 1, {}, 9]]], b"a"),
+    "submit row not a list": frames_of(p.Command.SUBMIT, [FN_ID, False, [7]]),
+    "submit seq a str": frames_of(p.Command.SUBMIT, [FN_ID, False, [["0", 1, {}]]], b"a"),
+    "submit seq a bool": frames_of(p.Command.SUBMIT, [FN_ID, False, [[True, 1, {}]]], b"a"),
+    "submit options a list": frames_of(p.Command.SUBMIT, [FN_ID, False, [[0, 1, []]]], b"a"),
+    "jobs row short": frames_of(p.Command.JOBS, [[], [["c", 0, 1, FN_ID, 0]]]),
+    "jobs fn_id a str": frames_of(p.Command.JOBS, [[], [["c", 0, 1, "f", 0, {}]]]),
+    "jobs fns not bytes": frames_of(p.Command.JOBS, [["f"], []], b"fn"),
+    "results row short": frames_of(p.Command.RESULTS, [1, [["c", 0, 1, 0, 0]]]),
+    "results info None": frames_of(p.Command.RESULTS, [1, [["c", 0, 1, 0, 0, None]]]),
+    "results outcome a bool": frames_of(p.Command.RESULTS, [1, [["c", 0, 1, False, 0, ""]]]),
+    "result row a dict": frames_of(p.Command.RESULT, [[{"seq": 1}]]),
+    "result seq a float": frames_of(p.Command.RESULT, [[[1.0, 0, 0, ""]]]),
+    "cancel jobs key short": frames_of(p.Command.CANCEL_JOBS, [[["c"]]]),
+    "cancel jobs seq a str": frames_of(p.Command.CANCEL_JOBS, [[["c", "1"]]]),
+    "cancel seqs strings": frames_of(p.Command.CANCEL, [["1"]]),
+    "cancel seqs bools": frames_of(p.Command.CANCEL, [[True]]),
+    # frame counts that do not match the payload
+    "result too few frames": frames_of(p.Command.RESULT, [[[0, 0, 2, ""]]], b"only-one"),
+    "result too many frames": frames_of(p.Command.RESULT, [[[0, 0, 1, ""]]], b"a", b"b"),
+    "submit fn frame missing": frames_of(p.Command.SUBMIT, [FN_ID, True, [[0, 1, {}]]], b"a"),
+    "submit with_fn and nothing": frames_of(p.Command.SUBMIT, [FN_ID, True, []]),
+    "jobs fn frame missing": frames_of(p.Command.JOBS, [[FN_ID], [["c", 0, 1, FN_ID, 1, {}]]], b"a"),
+    "results frames missing": frames_of(p.Command.RESULTS, [1, [["c", 0, 1, 0, 1, ""]]]),
+    # negative frame counts, alone and balanced by another row
+    "result negative count": frames_of(p.Command.RESULT, [[[0, 0, -1, ""]]]),
+    "result negative balanced": frames_of(p.Command.RESULT, [[[0, 0, -1, ""], [1, 0, 1, ""]]]),
+    "submit negative balanced": frames_of(p.Command.SUBMIT, [FN_ID, False, [[0, -1, {}], [1, 2, {}]]], b"x"),
+    "jobs negative count": frames_of(p.Command.JOBS, [[FN_ID], [["c", 0, 1, FN_ID, -1, {}]]]),
+    "results negative count": frames_of(p.Command.RESULTS,
+                                        [0, [["c", 0, 1, 0, -1, ""], ["c", 1, 1, 0, 1, ""]]]),
+}
+
+
+@pytest.mark.parametrize("frames", BAD_FRAMES.values(), ids=BAD_FRAMES.keys())
+def test_decode_rejects_bad_input_with_protocol_error(frames: list[bytes]) -> None:
+    with pytest.raises(ProtocolError) as info:
+        p.decode(frames)
+    assert str(info.value)  # every rejection says why
+    assert not isinstance(info.value, p.VersionMismatch)
+
+
+def test_envelope_over_the_limit_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(p, "MAX_ENVELOPE_BYTES", 64)
+    frames = frames_of(p.Command.REFUSED, ["x" * 100])
+    with pytest.raises(ProtocolError, match="over the limit"):
+        p.decode(frames)
+
+
+def test_other_protocol_version_is_a_version_mismatch() -> None:
+    frames = [b"ZF\x02", *p.encode(p.Hello("client", "c", "h", 1))[1:]]
+    with pytest.raises(p.VersionMismatch) as info:
+        p.decode(frames)
+    exc = info.value
+    assert isinstance(exc, ProtocolError)
+    assert exc.version == 2
+    text = str(exc)
+    assert "version 2" in text
+    assert f"speaks {p.PROTOCOL_VERSION}" in text
+
+
+def test_version_mismatch_is_detected_before_the_rest_is_read() -> None:
+    """A future version may change commands and envelopes: the header alone decides."""
+    with pytest.raises(p.VersionMismatch):
+        p.decode([b"ZF\xff", b"\xee", b"\xc1"])
+
+
+def test_split_frames() -> None:
+    assert p.split_frames([b"a", b"b", b"c"], [1, 0, 2]) == [[b"a"], [], [b"b", b"c"]]
+    assert p.split_frames([], []) == []
+
+
+# ---- property tests ------------------------------------------------------------------------------
+
+PROPERTY = settings(max_examples=300, deadline=None, database=None,
+                    suppress_health_check=[HealthCheck.too_slow])
+
+msgpackable = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats(allow_nan=True) | st.text(max_size=8) | st.binary(max_size=8),
+    lambda kids: st.lists(kids, max_size=6) | st.dictionaries(st.text(max_size=4), kids, max_size=4),
+    max_leaves=20,
+)
+
+binary_frames = st.lists(st.binary(max_size=24), min_size=0, max_size=6)
+
+
+def _only_protocol_errors(frames: list[Any]) -> None:
+    try:
+        msg = p.decode(frames)
+    except ProtocolError:
+        return
+    # whatever decodes is a well-formed message that encodes and decodes again
+    assert type(msg) in p.MESSAGE_TYPES.values()
+    assert type(p.decode(p.encode(msg))) is type(msg)
+
+
+@PROPERTY
+@given(binary_frames)
+def test_random_frames_raise_only_protocol_error(frames: list[bytes]) -> None:
+    _only_protocol_errors(frames)
+
+
+@PROPERTY
+@given(
+    command=st.integers(min_value=0, max_value=255),
+    envelope=msgpackable,
+    payload=st.lists(st.binary(max_size=8), max_size=3),
+)
+def test_structured_frames_raise_only_protocol_error(command: int, envelope: Any,
+                                                     payload: list[bytes]) -> None:
+    frames = [p.HEADER, bytes([command]), msgpack.packb(envelope, use_bin_type=True), *payload]
+    _only_protocol_errors(frames)
+
+
+def _row(layout: tuple[type, ...]) -> st.SearchStrategy[list[Any]]:
+    """Rows that mostly fit the layout, sometimes not (any field may be any msgpack value)."""
+    typed = {str: st.text(max_size=4), int: st.integers(-3, 3), bytes: st.binary(max_size=4),
+             dict: st.dictionaries(st.text(max_size=3), msgpackable, max_size=2)}
+    fields = [typed[kind] | msgpackable if kind in typed else msgpackable for kind in layout]
+    return st.tuples(*fields).map(list) | st.lists(msgpackable, max_size=len(layout) + 1)
+
+
+near_valid_envelopes = st.one_of(
+    st.tuples(st.just(p.Command.SUBMIT), st.tuples(st.binary(max_size=4), st.booleans() | msgpackable,
+                                                    st.lists(_row(p.SUBMIT_ROW), max_size=3)).map(list)),
+    st.tuples(st.just(p.Command.JOBS), st.tuples(st.lists(st.binary(max_size=4) | msgpackable, max_size=2),
+                                                  st.lists(_row(p.JOB_ROW), max_size=3)).map(list)),
+    st.tuples(st.just(p.Command.RESULTS), st.tuples(st.integers(-2, 2) | msgpackable,
+                                                     st.lists(_row(p.RESULTS_ROW), max_size=3)).map(list)),
+    st.tuples(st.just(p.Command.RESULT), st.tuples(st.lists(_row(p.RESULT_ROW), max_size=3)).map(list)),
+    st.tuples(st.just(p.Command.CANCEL_JOBS), st.tuples(st.lists(_row(p.KEY_ROW), max_size=3)).map(list)),
+    st.tuples(st.just(p.Command.CANCEL), st.tuples(st.lists(st.integers(-3, 3) | msgpackable,
+                                                            max_size=3)).map(list)),
+)
+
+
+@PROPERTY
+@given(near_valid_envelopes, st.lists(st.binary(max_size=4), max_size=5))
+def test_nearly_valid_batches_raise_only_protocol_error(case: tuple[p.Command, list[Any]],
+                                                         payload: list[bytes]) -> None:
+    command, envelope = case
+    _only_protocol_errors(frames_of(command, envelope, *payload))

@@ -1,0 +1,362 @@
+"""The worker's pure core: handshake, credit, cancel, heartbeats and backoff, with a fake clock."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from zfarm import protocol as p
+from zfarm.chaperone import SlotOutcome
+from zfarm.config import BrokerSettings, WorkerSettings
+from zfarm.errors import Refused
+from zfarm.scheduler import Scheduler
+from zfarm.worker import Actions, Link, WorkerCore
+
+FN = b"\xf1" * 16
+OK = p.Outcome.OK
+
+
+def make_core(**overrides: Any) -> WorkerCore:
+    settings = WorkerSettings(**{"procs": 2, "prefetch": 1, "worker_id": "w-test", **overrides})
+    return WorkerCore(settings, now=0.0, host="h", pid=1)
+
+
+def welcome(interval_s: float = 1.0, liveness: int = 3) -> p.Welcome:
+    return p.Welcome("b-1", interval_s, liveness, 1 << 30, {})
+
+
+def wire(msg: p.Message) -> p.Message:
+    """What the core gets after the message crossed the network."""
+    return p.decode(p.encode(msg))
+
+
+def jobs(seqs: list[int], with_fn: bool = True, client: str = "c") -> p.Jobs:
+    rows = [[client, seq, 1, FN, 1, {}] for seq in seqs]
+    frames = ([b"fn-blob"] if with_fn else []) + [f"arg{seq}".encode() for seq in seqs]
+    return p.Jobs([FN] if with_fn else [], rows, frames)
+
+
+def ready_core(now: float = 0.0, **overrides: Any) -> WorkerCore:
+    core = make_core(**overrides)
+    core.connect(now)
+    core.on_message(wire(welcome()), now)
+    return core
+
+
+def only(actions: Actions, kind: type[p.Message]) -> Any:
+    assert len(actions.send) == 1, actions
+    (msg,) = actions.send
+    assert isinstance(msg, kind), msg
+    return wire(msg)  # whatever the core sends must survive the wire
+
+
+def outcome(seq: int, result: bytes = b"r", client: str = "c", kind: p.Outcome = OK) -> SlotOutcome:
+    return SlotOutcome((client, seq), 1, kind, [result] if kind in (OK, p.Outcome.ERROR) else [], "")
+
+
+# ---- handshake -----------------------------------------------------------------------------------
+
+
+def test_connect_says_hello() -> None:
+    core = make_core()
+    hello = only(core.connect(0.0), p.Hello)
+    assert (hello.role, hello.peer_id, hello.host, hello.pid, hello.slots) == ("worker", "w-test", "h", 1, 2)
+    assert hello.info.get("prefetch") == 1
+    assert core.link is Link.CONNECTING
+
+
+def test_generated_worker_id_is_stable_and_distinct() -> None:
+    a, b = make_core(worker_id=""), make_core(worker_id="")
+    assert a.id and b.id and a.id != b.id
+    assert only(a.connect(0.0), p.Hello).peer_id == a.id
+
+
+def test_welcome_gets_ready_with_slots_plus_prefetch_and_adopts_the_broker_settings() -> None:
+    core = make_core()
+    core.connect(0.0)
+    ready = only(core.on_message(wire(welcome(interval_s=0.25, liveness=5)), 0.1), p.Ready)
+    assert ready.credit == 3
+    assert core.link is Link.READY
+    assert (core.interval_s, core.liveness, core.broker_id) == (0.25, 5, "b-1")
+
+
+def test_refused_raises() -> None:
+    core = make_core()
+    core.connect(0.0)
+    with pytest.raises(Refused, match="version 9"):
+        core.on_message(wire(p.Refused("protocol version 9")), 0.1)
+
+
+# ---- jobs and credit -----------------------------------------------------------------------------
+
+
+def test_jobs_are_handed_out_no_more_than_free_slots() -> None:
+    core = ready_core()
+    assert core.on_message(wire(jobs([0, 1, 2])), 0.1).send == []
+    first = core.take_tasks(2)
+    assert [t.key for t in first] == [("c", 0), ("c", 1)]
+    assert all(t.fn_id == FN and t.fn_blob == b"fn-blob" for t in first)
+    assert [t.frames for t in first] == [[b"arg0"], [b"arg1"]]
+    assert first[0].attempt == 1
+    assert core.take_tasks(0) == []
+    assert [t.key for t in core.take_tasks(5)] == [("c", 2)]
+    assert core.take_tasks(5) == []
+    assert (core.running, len(core.pending)) == (3, 0)
+
+
+def test_function_is_kept_for_later_jobs() -> None:
+    core = ready_core()
+    core.on_message(wire(jobs([0])), 0.1)
+    core.on_message(wire(jobs([1], with_fn=False)), 0.2)
+    tasks = core.take_tasks(2)
+    assert [t.fn_blob for t in tasks] == [b"fn-blob", b"fn-blob"]
+    assert [t.frames for t in tasks] == [[b"arg0"], [b"arg1"]]
+
+
+def test_finished_jobs_are_reported_with_their_credit() -> None:
+    core = ready_core()
+    core.on_message(wire(jobs([0, 1, 2])), 0.1)
+    core.take_tasks(2)
+    big = bytearray(b"result-one")
+    results = only(core.finished([outcome(0, big), outcome(1, b"e", kind=p.Outcome.ERROR)], 0.5,
+                                 from_slots=2), p.Results)
+    assert results.credit == 2
+    assert results.results == [["c", 0, 1, int(OK), 1, ""], ["c", 1, 1, int(p.Outcome.ERROR), 1, ""]]
+    assert results.frames == [big, b"e"]
+    assert core.running == 0 and len(core.pending) == 1
+    assert core.finished([], 0.6, from_slots=0).send == []
+
+
+def test_cancel_of_a_pending_job_answers_cancelled_and_of_a_running_one_asks_for_a_kill() -> None:
+    core = ready_core()
+    core.on_message(wire(jobs([0, 1, 2])), 0.1)
+    core.take_tasks(1)  # job 0 runs; 1 and 2 wait
+    actions = core.on_message(wire(p.CancelJobs([["c", 0], ["c", 2]])), 0.2)
+    results = only(actions, p.Results)
+    assert results.results == [["c", 2, 1, int(p.Outcome.CANCELLED), 0, ""]]
+    assert results.credit == 1
+    assert actions.kill == [("c", 0)]
+    assert [t.key for t in core.take_tasks(5)] == [("c", 1)]
+
+
+def test_cancel_of_unknown_jobs_sends_nothing() -> None:
+    core = ready_core()
+    actions = core.on_message(wire(p.CancelJobs([["c", 9]])), 0.2)
+    assert actions.send == []
+    # the shell asks its pool, which does not have it either: no harm either way
+    assert actions.kill in ([], [("c", 9)])
+
+
+# ---- heartbeats and reconnects -------------------------------------------------------------------
+
+
+def test_heartbeat_after_an_interval_of_quiet() -> None:
+    core = ready_core(now=0.0)
+    assert core.tick(0.5).send == []
+    assert only(core.tick(1.0), p.Heartbeat) == p.Heartbeat()
+    assert core.tick(1.5).send == []
+    core.on_message(wire(p.Heartbeat()), 1.6)
+    core.finished([], 1.7)
+    assert only(core.tick(2.0), p.Heartbeat) == p.Heartbeat()
+
+
+def test_sending_results_counts_as_not_quiet() -> None:
+    core = ready_core(now=0.0)
+    core.on_message(wire(jobs([0])), 0.1)
+    core.take_tasks(1)
+    core.finished([outcome(0)], 0.8, from_slots=1)
+    assert core.tick(1.0).send == []
+    assert only(core.tick(1.8), p.Heartbeat) == p.Heartbeat()
+
+
+def test_no_heartbeat_before_welcome() -> None:
+    core = make_core()
+    core.connect(0.0)
+    assert core.tick(1.5).send == []
+
+
+def test_silent_broker_means_reconnect_with_doubling_backoff_capped() -> None:
+    core = ready_core(now=0.0)
+    core.on_message(wire(p.Heartbeat()), 0.0)
+    assert core.tick(2.9).reconnect is False  # 2.9 s of silence < 3 intervals
+    now = 3.5
+    delays = []
+    for _ in range(8):
+        actions = core.tick(now)
+        assert actions.reconnect is True and actions.send == []
+        assert core.link is Link.DOWN
+        delays.append(core.reconnect_at - now)
+        assert core.tick(now + 0.1).reconnect is False  # down: nothing to do until reconnect_at
+        now = core.reconnect_at
+        only(core.connect(now), p.Hello)  # no WELCOME comes back
+        now += 3.5
+    assert delays == pytest.approx([1, 2, 4, 8, 16, 32, 32, 32])
+
+
+def test_welcome_resets_the_backoff() -> None:
+    core = ready_core(now=0.0)
+    now = 3.5
+    for _ in range(3):
+        assert core.tick(now).reconnect
+        now = core.reconnect_at
+        core.connect(now)
+        now += 3.5
+    assert core.tick(now).reconnect
+    assert core.reconnect_at - now == pytest.approx(8)
+    core.connect(core.reconnect_at)
+    core.on_message(wire(welcome()), core.reconnect_at + 0.1)
+    now = core.reconnect_at + 5.0
+    assert core.tick(now).reconnect
+    assert core.reconnect_at - now == pytest.approx(1)
+
+
+def test_reconnect_message_says_hello_again() -> None:
+    core = ready_core()
+    hello = only(core.on_message(wire(p.Reconnect("broker restarted")), 1.0), p.Hello)
+    assert hello.peer_id == "w-test" and hello.slots == 2
+    assert core.link is Link.CONNECTING
+    ready = only(core.on_message(wire(welcome()), 1.1), p.Ready)
+    assert ready.credit == 3
+
+
+def test_broker_disconnect_drops_the_link() -> None:
+    core = ready_core()
+    actions = core.on_message(wire(p.Disconnect("broker stopping")), 1.0)
+    assert actions.reconnect is True
+    assert core.link is Link.DOWN and core.reconnect_at == pytest.approx(2.0)
+
+
+# ---- stopping and results across reconnects -------------------------------------------------------
+
+
+def test_stop_hands_back_pending_jobs_with_no_credit() -> None:
+    core = ready_core()
+    core.on_message(wire(jobs([0, 1, 2])), 0.1)
+    core.take_tasks(1)
+    results = only(core.stop(0.2), p.Results)
+    assert results.credit == 0
+    assert results.results == [["c", 1, 1, int(p.Outcome.RETURNED), 0, ""],
+                               ["c", 2, 1, int(p.Outcome.RETURNED), 0, ""]]
+    assert core.take_tasks(5) == []
+    assert core.stop(0.3).send == []  # a second stop changes nothing
+    # jobs that still arrive go straight back, and the running one reports without credit
+    late = only(core.on_message(wire(jobs([3], with_fn=False)), 0.4), p.Results)
+    assert (late.credit, late.results) == (0, [["c", 3, 1, int(p.Outcome.RETURNED), 0, ""]])
+    done = only(core.finished([outcome(0)], 0.5, from_slots=1), p.Results)
+    assert done.credit == 0 and done.results[0][:4] == ["c", 0, 1, int(OK)]
+    assert core.running == 0
+    assert only(core.goodbye(0.6), p.Disconnect).reason
+
+
+def test_results_finished_while_disconnected_are_sent_after_the_next_welcome() -> None:
+    core = ready_core()
+    core.on_message(wire(jobs([0, 1, 2])), 0.1)
+    core.take_tasks(2)  # 0 and 1 run, 2 waits
+    assert core.tick(3.5).reconnect  # the broker went quiet
+    assert core.finished([outcome(0, b"kept")], 3.6, from_slots=1).send == []
+    core.connect(4.5)
+    actions = core.on_message(wire(welcome()), 4.6)
+    assert len(actions.send) == 2
+    ready, results = (wire(m) for m in actions.send)
+    assert isinstance(ready, p.Ready) and isinstance(results, p.Results)
+    assert ready.credit == 3 - 2  # capacity 3, in hand: job 1 running and job 2 waiting
+    assert results.credit == 0  # the new READY already counts these slots
+    assert results.results == [["c", 0, 1, int(OK), 1, ""]]
+    assert results.frames == [b"kept"]
+    # held results are sent once only
+    assert only(core.on_message(wire(welcome()), 4.7), p.Ready).credit == 1
+
+
+def test_ready_after_a_welcome_while_stopping_offers_no_credit() -> None:
+    core = ready_core()
+    core.stop(0.1)
+    assert only(core.on_message(wire(p.Reconnect("restarted")), 0.2), p.Hello)
+    assert only(core.on_message(wire(welcome()), 0.3), p.Ready).credit == 0
+
+
+def test_credit_outstanding_plus_jobs_in_hand_is_always_the_capacity() -> None:
+    """However jobs arrive and finish, credit offered and not used plus jobs held equals slots + prefetch."""
+    core = ready_core()
+    offered = 3  # the READY of the handshake
+    sent = 0  # jobs the broker sent, never more than offered
+    running: list[Any] = []
+    for step in range(60):
+        now = 0.1 * (step + 1)
+        unused = offered - sent
+        if unused > 0:
+            count = 1 + step % unused
+            core.on_message(wire(jobs(list(range(sent, sent + count)), with_fn=sent == 0)), now)
+            sent += count
+        running.extend(core.take_tasks(2 - core.running))
+        assert core.running == len(running) <= 2
+        finishing, running = running[: step % 3], running[step % 3:]
+        if finishing:
+            done = [SlotOutcome(t.key, t.attempt, OK, [b"r"]) for t in finishing]
+            offered += only(core.finished(done, now, from_slots=len(done)), p.Results).credit
+        assert (offered - sent) + core.in_hand == core.capacity == 3
+    assert sent > 20
+
+
+# ---- the worker core against the broker core (no sockets: frames passed by hand) ------------------
+
+
+class Wire:
+    """A worker core and a scheduler, with the frames between them carried by hand, in order."""
+
+    ROUTE = b"\x00worker-route"
+    CLIENT = b"\x00client-route"
+
+    def __init__(self, core: WorkerCore, now: float) -> None:
+        self.core = core
+        self.sched = Scheduler(BrokerSettings(heartbeat_interval_s=1.0, liveness=3), now, broker_id="b-2")
+        self.to_broker: list[list[Any]] = []
+        self.to_worker: list[p.Message] = []
+        self.jobs_received = 0
+
+    def worker_does(self, actions: Actions) -> None:
+        self.to_broker.extend(p.encode(m) for m in actions.send)
+
+    def deliver_to_broker(self, now: float) -> None:
+        for frames in self.to_broker:
+            self.sched.handle(self.ROUTE, frames, now)
+        self.to_broker = []
+        for route, msg in self.sched.flush(now):
+            if route == self.ROUTE:
+                self.to_worker.append(p.decode(p.encode(msg)))
+
+    def deliver_to_worker(self, now: float) -> None:
+        inbox, self.to_worker = self.to_worker, []
+        for msg in inbox:
+            if isinstance(msg, p.Jobs):
+                self.jobs_received += len(msg.jobs)
+            self.worker_does(self.core.on_message(msg, now))
+
+
+def test_several_reconnect_replies_do_not_inflate_the_workers_credit() -> None:
+    """A restarted broker answers each message of a worker it does not know with RECONNECT.
+
+    The worker had sent two heartbeats before the first RECONNECT arrived, so two come back; it
+    must still end up offering its capacity once, not twice.
+    """
+    core = ready_core(now=0.0)  # registered with a broker that has since restarted
+    link = Wire(core, now=0.0)
+    link.worker_does(core.tick(1.0))
+    link.deliver_to_broker(1.0)
+    link.worker_does(core.tick(2.0))
+    link.deliver_to_broker(2.0)
+    assert [type(m) for m in link.to_worker] == [p.Reconnect, p.Reconnect]
+    for step in range(4):  # let the conversation settle
+        now = 2.1 + step * 0.1
+        link.deliver_to_worker(now)
+        link.deliver_to_broker(now)
+    (worker,) = link.sched.snapshot(3.0)["workers"]
+    assert worker["credit"] <= core.capacity, f"broker thinks the worker takes {worker['credit']} jobs"
+    # a client with many jobs: the worker must never be sent more than it can hold
+    link.sched.handle(link.CLIENT, p.encode(p.Hello("client", "c", "h", 2)), 3.0)
+    rows = [[seq, 1, {}] for seq in range(10)]
+    link.sched.handle(link.CLIENT, p.encode(p.Submit(FN, True, rows, [b"fn"] + [b"a"] * 10)), 3.0)
+    link.deliver_to_broker(3.0)
+    link.deliver_to_worker(3.0)
+    assert link.jobs_received <= core.capacity
+    assert core.in_hand <= core.capacity
