@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 from zfarm.client import Client, as_completed
 from zfarm.errors import (
     BrokerUnavailable,
+    ConfigError,
     JobCrashed,
     JobError,
     PayloadTooLarge,
@@ -21,6 +22,6 @@ from zfarm.errors import (
 )
 
 __all__ = [
-    "BrokerUnavailable", "Client", "JobCrashed", "JobError", "PayloadTooLarge", "ProtocolError", "Refused",
-    "WorkerLost", "ZfarmError", "__version__", "as_completed",
+    "BrokerUnavailable", "Client", "ConfigError", "JobCrashed", "JobError", "PayloadTooLarge",
+    "ProtocolError", "Refused", "WorkerLost", "ZfarmError", "__version__", "as_completed",
 ]

@@ -26,6 +26,7 @@ import zmq
 
 from zfarm import protocol as p
 from zfarm.config import BrokerSettings
+from zfarm.errors import ZfarmError
 from zfarm.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,12 @@ class Broker:
         self.socket.setsockopt(zmq.MAXMSGSIZE, settings.max_message_bytes)
         self.socket.setsockopt(zmq.SNDHWM, 0)  # credit and client windows bound what we queue
         self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.bind(settings.bind)
+        try:
+            self.socket.bind(settings.bind)
+        except zmq.ZMQError as exc:
+            self.close()
+            raise ZfarmError(f"cannot listen on {settings.bind}: {exc.strerror}; is another broker "
+                             "running there? choose another endpoint with --bind") from None
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.scheduler = Scheduler(settings, time.monotonic())
         self._stopping = threading.Event()
@@ -70,7 +76,8 @@ class Broker:
                     log.info("parent process %d is gone: stopping", self.settings.parent_pid)
                     break
         finally:
-            self.close()
+            self._send(self.scheduler.goodbye())  # peers reconnect at once instead of timing out
+            self.close(linger_ms=500)
 
     def _drain(self) -> None:
         sched = self.scheduler
@@ -96,8 +103,8 @@ class Broker:
         """Ask :meth:`serve` to return; safe from signal handlers and other threads."""
         self._stopping.set()
 
-    def close(self) -> None:
-        self.socket.close(linger=0)
+    def close(self, linger_ms: int = 0) -> None:
+        self.socket.close(linger=linger_ms)
         if self._own_context:
             self.context.term()
 

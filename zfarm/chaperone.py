@@ -66,7 +66,10 @@ class SlotOutcome:
 
 
 def _slot_main(conn: Connection, lifeline: Connection) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the worker's to handle
+    # Ctrl-C and a SIGTERM sent to the whole process group are the worker's to handle:
+    # it lets running jobs finish, and kills slots itself with SIGKILL when it must.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     threading.Thread(target=_exit_with_worker, args=(lifeline,), daemon=True).start()
     functions: dict[bytes, Any] = {}
     while True:
@@ -80,9 +83,12 @@ def _slot_main(conn: Connection, lifeline: Connection) -> None:
         started = time.perf_counter()
         outcome, out, info = _run(functions.get(fn_id), frames)
         header = msgpack.packb([int(outcome), len(out), info, time.perf_counter() - started])
-        conn.send_bytes(header)
-        for frame in out:
-            conn.send_bytes(frame)
+        try:
+            conn.send_bytes(header)
+            for frame in out:
+                conn.send_bytes(frame)
+        except OSError:
+            os._exit(ORPHANED_EXIT)  # the worker died while we reported
 
 
 def _exit_with_worker(lifeline: Connection) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -49,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
 
     worker = _command(sub, "worker", "run a worker: runs jobs from a broker in N slot processes",
                       _run_worker)
-    worker.add_argument("--connect", help=f"broker endpoint (default {DEFAULT_ADDRESS}; env ZFARM_CONNECT)")
+    worker.add_argument("--connect", help=f"broker endpoint (default {DEFAULT_ADDRESS}; env ZFARM_ADDRESS)")
     worker.add_argument("--procs", type=int, help="slots, i.e. jobs run at once (default: CPU count)")
     worker.add_argument("--prefetch", type=int, help="jobs held ready beyond the free slots (default 1)")
     worker.add_argument("--worker-id", help="name shown in status (default: random)")
@@ -107,8 +108,9 @@ def _run_broker(args: argparse.Namespace) -> int:
 def _run_worker(args: argparse.Namespace) -> int:
     from zfarm.worker import run_worker
 
-    settings = resolve(WorkerSettings, _flags(args, ["connect", "procs", "prefetch", "worker_id", "grace_s",
-                                                     "heartbeat_interval_s", "liveness", "parent_pid"]))
+    flags = _flags(args, ["procs", "prefetch", "worker_id", "grace_s",
+                           "heartbeat_interval_s", "liveness", "parent_pid"])
+    settings = resolve(WorkerSettings, {**flags, "address": args.connect})
     run_worker(settings)
     return 0
 
@@ -116,7 +118,7 @@ def _run_worker(args: argparse.Namespace) -> int:
 def _run_status(args: argparse.Namespace) -> int:
     from zfarm.monitor import fetch_status
 
-    address = args.connect or resolve(WorkerSettings).connect
+    address = args.connect or os.environ.get("ZFARM_ADDRESS") or DEFAULT_ADDRESS
     snapshot = fetch_status(address, args.timeout)
     if args.json:
         print(json.dumps(snapshot, indent=2))

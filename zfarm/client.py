@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures
+import dataclasses
 import itertools
 import logging
+import os
 import threading
 import time
 import uuid
@@ -33,6 +35,7 @@ from zfarm.connection import Connection, JobFuture, PendingJob
 from zfarm.errors import BrokerUnavailable, PayloadTooLarge
 from zfarm.local import LocalCluster
 from zfarm.progress import known_length, track
+from zfarm.worker import ENVELOPE_ALLOWANCE
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +46,8 @@ class Client(concurrent.futures.Executor):
     """Run Python functions on a zfarm broker's workers.
 
     Args:
-        address: the broker's endpoint (``tcp://host:5555``). None starts a local
-            broker and ``n_workers`` workers that stop with this client.
+        address: the broker's endpoint (``tcp://host:5555``). None: ``ZFARM_ADDRESS`` if set,
+            else a local broker and ``n_workers`` workers that stop with this client.
         n_workers: workers of the embedded farm (default: one per CPU).
         connect_timeout_s: how long to wait for the broker's first answer.
         broker_timeout_s: how long unfinished jobs wait for a silent broker.
@@ -59,12 +62,12 @@ class Client(concurrent.futures.Executor):
                  connect_timeout_s: float | None = None, broker_timeout_s: float | None = None,
                  window: int | None = None, heartbeat_interval_s: float | None = None) -> None:
         self._cluster: LocalCluster | None = None
-        if address is None:
-            self._cluster = LocalCluster(n_workers=n_workers, heartbeat_interval_s=heartbeat_interval_s)
-            address = self._cluster.address
         self.settings = resolve(ClientSettings, {
             "address": address, "connect_timeout_s": connect_timeout_s, "broker_timeout_s": broker_timeout_s,
             "window": window})
+        if address is None and not os.environ.get("ZFARM_ADDRESS"):
+            self._cluster = LocalCluster(n_workers=n_workers, heartbeat_interval_s=heartbeat_interval_s)
+            self.settings = dataclasses.replace(self.settings, address=self._cluster.address)
         self.id = f"c-{uuid.uuid4().hex[:12]}"
         self._seq = itertools.count(1)
         self._shutdown = False
@@ -104,7 +107,7 @@ class Client(concurrent.futures.Executor):
             PayloadTooLarge: the arguments are over the broker's message limit.
         """
         fn_id, blob = ser.dump_function(fn)
-        job = self._job(fn_id, ser.dump_call(args, kwargs))
+        job = self._job(fn_id, ser.dump_call(args, kwargs), len(blob))
         self._connection.submit(fn_id, blob, [job])
         return job.future
 
@@ -136,7 +139,8 @@ class Client(concurrent.futures.Executor):
     def _fill(self, pending: deque[JobFuture], chunks: Iterator[list[tuple[Any, ...]]], fn_id: bytes,
               blob: Any) -> None:
         room = self.settings.window - len(pending)
-        jobs = [self._job(fn_id, ser.dump_chunk(chunk)) for chunk in itertools.islice(chunks, max(0, room))]
+        jobs = [self._job(fn_id, ser.dump_chunk(chunk), len(blob))
+                for chunk in itertools.islice(chunks, max(0, room))]
         if jobs:
             self._connection.submit(fn_id, blob, jobs)
             pending.extend(job.future for job in jobs)
@@ -200,15 +204,15 @@ class Client(concurrent.futures.Executor):
             self._cluster.stop()
         _LIVE_CLIENTS.discard(self)
 
-    def _job(self, fn_id: bytes, frames: list[Any]) -> PendingJob:
+    def _job(self, fn_id: bytes, frames: list[Any], fn_size: int) -> PendingJob:
         if self._shutdown:
             raise RuntimeError("cannot submit jobs after the client was shut down")
         if self._connection.fatal is not None:
             raise self._connection.fatal
         size = sum(memoryview(f).nbytes for f in frames)
-        limit = self._connection.max_message_bytes
-        if limit and size > limit - 64 * 1024:
-            raise PayloadTooLarge(size, limit)
+        limit = self._connection.max_message_bytes - ENVELOPE_ALLOWANCE
+        if self._connection.max_message_bytes and size + fn_size > limit:
+            raise PayloadTooLarge(size + fn_size, limit, "this job's function and arguments")
         seq = next(self._seq)
         future = JobFuture(self._connection, seq)
         with self._futures_lock:

@@ -37,7 +37,7 @@ class BrokerSettings:
 
 @dataclass(frozen=True)
 class WorkerSettings:
-    connect: str = DEFAULT_ADDRESS
+    address: str = DEFAULT_ADDRESS  # the broker to connect to (ZFARM_ADDRESS, as for clients)
     procs: int = 0  # 0: one slot per CPU
     #: jobs held beyond the free slots, so a slot never waits on the network
     prefetch: int = 1
@@ -51,7 +51,7 @@ class WorkerSettings:
     parent_pid: int = 0
 
     def __post_init__(self) -> None:
-        _check_endpoint(self.connect)
+        _check_endpoint(self.address)
         if self.procs < 0 or self.prefetch < 0:
             raise ConfigError("procs and prefetch must not be negative")
         _check_positive(heartbeat_interval_s=self.heartbeat_interval_s, liveness=self.liveness,

@@ -133,15 +133,16 @@ def describe_exit(exitcode: int | None) -> str:
 
 
 class PayloadTooLarge(ZfarmError, ValueError):
-    """A job's arguments are larger than the broker accepts in one message."""
+    """A job's arguments or result are larger than the broker accepts in one message."""
 
-    def __init__(self, size: int, limit: int) -> None:
+    def __init__(self, size: int, limit: int, what: str = "this job's arguments") -> None:
         self.size = size
         self.limit = limit
+        self.what = what
         super().__init__(
-            f"this job's arguments pickle to {size} bytes, over the broker's limit of {limit} bytes; "
-            "pass large data through shared storage, or start the broker with a larger --max-message-bytes"
+            f"{what} pickle to {size} bytes, over the broker's limit of {limit} bytes; pass large "
+            "data through shared storage, or start the broker with a larger --max-message-bytes"
         )
 
-    def __reduce__(self) -> tuple[type, tuple[int, int]]:
-        return (type(self), (self.size, self.limit))
+    def __reduce__(self) -> tuple[type, tuple[int, int, str]]:
+        return (type(self), (self.size, self.limit, self.what))

@@ -256,12 +256,9 @@ def decode(frames: Sequence[Frame]) -> Message:
     """
     if len(frames) < 3:
         raise ProtocolError(f"expected at least 3 frames, got {len(frames)}")
-    header = _as_bytes(frames[0])
-    if header != HEADER:
-        if len(header) == 3 and header[:2] == MAGIC:
-            raise VersionMismatch(header[2])
-        raise ProtocolError(f"not a zfarm message (header {header[:8]!r})")
     cmd_bytes = _as_bytes(frames[1])
+    if _as_bytes(frames[0]) != HEADER:
+        return _foreign(frames, cmd_bytes)
     if len(cmd_bytes) != 1 or cmd_bytes[0] not in _BY_BYTE:
         raise ProtocolError(f"unknown command {cmd_bytes[:8]!r}")
     cls = _BY_BYTE[cmd_bytes[0]]
@@ -288,6 +285,21 @@ def decode(frames: Sequence[Frame]) -> Message:
     msg = cls(*envelope)
     _check_plain_rows(msg)
     return msg
+
+
+def _foreign(frames: Sequence[Frame], cmd_bytes: bytes) -> Refused:
+    """A message under another header: another version's REFUSED is read, the rest rejected."""
+    header = _as_bytes(frames[0])
+    if len(header) != 3 or header[:2] != MAGIC:
+        raise ProtocolError(f"not a zfarm message (header {header[:8]!r})")
+    if cmd_bytes != _COMMAND_BYTES[Command.REFUSED]:  # REFUSED is readable in every version
+        raise VersionMismatch(header[2])
+    try:
+        envelope = msgpack.unpackb(_as_bytes(frames[2]), raw=False)
+        reason = str(envelope[0])
+    except Exception:
+        reason = "the broker speaks another protocol version"
+    return Refused(reason)
 
 
 class VersionMismatch(ProtocolError):

@@ -226,6 +226,10 @@ class Scheduler:
             elif now - peer.last_sent >= interval:
                 self._send(peer, p.Heartbeat(), now)
 
+    def goodbye(self) -> list[Outbound]:
+        """DISCONNECT for every peer: the broker is stopping."""
+        return [(peer.route, p.Disconnect("broker stopping")) for peer in self.peers.values()]
+
     def next_wakeup(self) -> float:
         """When ``tick`` next has work, on the caller's clock."""
         return self._next_scan

@@ -32,11 +32,15 @@ from typing import Any
 import zmq
 
 from zfarm import protocol as p
+from zfarm import serialization as ser
 from zfarm.chaperone import Key, SlotOutcome, SlotPool, SlotTask
 from zfarm.config import WorkerSettings
-from zfarm.errors import ProtocolError, Refused
+from zfarm.errors import PayloadTooLarge, ProtocolError, Refused
 
 log = logging.getLogger(__name__)
+
+#: room left for the envelope and other jobs' results beside one job's payload
+ENVELOPE_ALLOWANCE = 64 * 1024
 
 
 class Link(str, enum.Enum):
@@ -67,6 +71,7 @@ class WorkerCore:
         self.liveness = settings.liveness
         self.link = Link.DOWN
         self.broker_id = ""
+        self.max_message_bytes = 0  # the broker's, from WELCOME
         self.last_heard = now
         self.last_sent = now
         self.backoff_s = settings.reconnect_min_s
@@ -119,6 +124,7 @@ class WorkerCore:
             log.info("worker %s registered with broker %s (%d slots)", self.id, msg.broker_id, self.slots)
         self.link = Link.READY
         self.broker_id = msg.broker_id
+        self.max_message_bytes = msg.max_message_bytes
         self.interval_s, self.liveness = msg.heartbeat_interval_s, msg.liveness
         self.backoff_s = self.settings.reconnect_min_s
         send: list[p.Message] = [p.Ready(0 if self.stopping else self.capacity - self.in_hand)]
@@ -159,6 +165,7 @@ class WorkerCore:
     def finished(self, outcomes: list[SlotOutcome], now: float, from_slots: int = 0) -> Actions:
         """Jobs left our hands (``from_slots`` of them were running); report them."""
         self.running -= from_slots
+        outcomes = [self._fit(o) for o in outcomes]
         self.done += sum(o.outcome == p.Outcome.OK for o in outcomes)
         if not outcomes:
             return Actions()
@@ -166,6 +173,16 @@ class WorkerCore:
             self.unsent.extend(outcomes)
             return Actions()
         return self._out(now, [self._results(outcomes, credit=0 if self.stopping else len(outcomes))])
+
+    def _fit(self, outcome: SlotOutcome) -> SlotOutcome:
+        """Turn a result too large for the broker into an error (sent whole, it would cut us off)."""
+        size = sum(memoryview(f).nbytes for f in outcome.frames)
+        limit = self.max_message_bytes - ENVELOPE_ALLOWANCE
+        if not self.max_message_bytes or size <= limit:
+            return outcome
+        error = PayloadTooLarge(size, limit, "this job's result")
+        return SlotOutcome(outcome.key, outcome.attempt, p.Outcome.ERROR, ser.dump_exception(error),
+                           ser.error_line(error), outcome.run_s)
 
     def _results(self, outcomes: list[SlotOutcome], credit: int) -> p.Results:
         rows = [[o.key[0], o.key[1], o.attempt, int(o.outcome), len(o.frames), o.info] for o in outcomes]
@@ -227,7 +244,7 @@ class Worker:
         core = self.core
         self.pool = SlotPool(core.slots, core.host)
         log.info("worker %s on %s pid %d: %d slots, connecting to %s", core.id, core.host, core.pid,
-                 core.slots, self.settings.connect)
+                 core.slots, self.settings.address)
         try:
             while True:
                 now = time.monotonic()
@@ -300,7 +317,7 @@ class Worker:
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-        sock.connect(self.settings.connect)
+        sock.connect(self.settings.address)
         self.socket = sock
 
     def _close_socket(self) -> None:

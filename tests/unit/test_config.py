@@ -89,7 +89,7 @@ def test_bad_endpoints(address: str) -> None:
     with pytest.raises(ConfigError, match="ZeroMQ endpoint"):
         resolve(BrokerSettings, {"bind": address}, {})
     with pytest.raises(ConfigError, match="ZeroMQ endpoint"):
-        resolve(WorkerSettings, {}, {"ZFARM_CONNECT": address or "nonsense"})
+        resolve(WorkerSettings, {}, {"ZFARM_ADDRESS": address or "nonsense"})
     with pytest.raises(ConfigError, match="ZeroMQ endpoint"):
         ClientSettings(address=address)
 
