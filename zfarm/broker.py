@@ -28,6 +28,7 @@ from zfarm import protocol as p
 from zfarm.config import BrokerSettings
 from zfarm.errors import ZfarmError
 from zfarm.scheduler import Scheduler
+from zfarm.security import BrokerKeys, check_bind_is_safe, roles_of
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,11 @@ class Broker:
         self.socket.setsockopt(zmq.MAXMSGSIZE, settings.max_message_bytes)
         self.socket.setsockopt(zmq.SNDHWM, 0)  # credit and client windows bound what we queue
         self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.HANDSHAKE_IVL, int(settings.handshake_timeout_s * 1000))
+        self.keys = BrokerKeys(settings.keys) if settings.keys else None
+        if self.keys is not None:
+            self.keys.start_zap(self.context)
+            self.keys.apply(self.socket)
         try:
             self.socket.bind(settings.bind)
         except zmq.ZMQError as exc:
@@ -63,11 +69,16 @@ class Broker:
                  self.endpoint, self.settings.heartbeat_interval_s, self.settings.liveness)
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
+        if self.keys is not None and self.keys.zap is not None:
+            poller.register(self.keys.zap, zmq.POLLIN)
         sched = self.scheduler
         try:
             while not self._stopping.is_set():
                 timeout_ms = max(0.0, (sched.next_wakeup() - time.monotonic()) * 1000)
-                if poller.poll(int(min(timeout_ms, 250))):
+                ready = dict(poller.poll(int(min(timeout_ms, 250))))
+                if self.keys is not None and self.keys.zap in ready:
+                    self.keys.answer_zap()
+                if self.socket in ready:
                     self._drain()
                 now = time.monotonic()
                 sched.tick(now)
@@ -87,7 +98,8 @@ class Broker:
                 frames = recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            sched.handle(frames[0].bytes, frames[1:], time.monotonic())
+            roles = roles_of(str(frames[-1].get("User-Id"))) if self.keys is not None else None
+            sched.handle(frames[0].bytes, frames[1:], time.monotonic(), roles)
 
     def _send(self, outbound: list[tuple[bytes, p.Message]]) -> None:
         send = self.socket.send_multipart
@@ -105,13 +117,22 @@ class Broker:
 
     def close(self, linger_ms: int = 0) -> None:
         self.socket.close(linger=linger_ms)
+        if self.keys is not None:
+            self.keys.close()
         if self._own_context:
             self.context.term()
 
 
 def run_broker(settings: BrokerSettings) -> None:
     """The ``zfarm broker`` command: serve until SIGINT or SIGTERM."""
+    check_bind_is_safe(settings.bind, settings.keys, settings.insecure)
     broker = Broker(settings)
+    if settings.keys:
+        log.info("CURVE on: admitting %d keys from %s", len(broker.keys.allowed) if broker.keys else 0,
+                 settings.keys)
+    elif settings.insecure:
+        log.warning("listening on %s WITHOUT keys (--insecure): anyone who reaches it can run code on "
+                    "every worker", settings.bind)
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         log.info("received %s: stopping", signal.Signals(signum).name)

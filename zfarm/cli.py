@@ -47,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     broker.add_argument("--bind", help=f"endpoint to listen on (default {DEFAULT_ADDRESS}; env ZFARM_BIND)")
     _liveness_flags(broker)
     broker.add_argument("--max-message-bytes", type=int, help="largest message accepted (default 2 GiB)")
+    _keys_flag(broker, name=False)
+    broker.add_argument("--insecure", action="store_true", default=None,
+                        help="allow listening beyond loopback without keys (trusted networks only)")
 
     worker = _command(sub, "worker", "run a worker: runs jobs from a broker in N slot processes",
                       _run_worker)
@@ -57,16 +60,31 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--grace", type=float, dest="grace_s",
                         help="seconds running jobs may take to finish on SIGTERM (default 30)")
     _liveness_flags(worker)
+    _keys_flag(worker)
 
     status = _command(sub, "status", "show the workers, queue and clients of a broker", _run_status)
     status.add_argument("--connect", default=None, help=f"broker endpoint (default {DEFAULT_ADDRESS})")
     status.add_argument("--json", action="store_true", help="print the snapshot as JSON")
     status.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the broker")
+    _keys_flag(status, name=False)
+
+    keys = sub.add_parser("keys", help="create CURVE keys (see docs/security.md)",
+                          description="Create the keys that let only key holders into a farm.")
+    keys_sub = keys.add_subparsers(required=True, metavar="ACTION")
+    init = _command(keys_sub, "init", "create a keys folder: the broker's keys, a worker and a client key",
+                    _run_keys_init)
+    init.add_argument("folder", help="folder to create (mode 0700)")
+    add = _command(keys_sub, "add", "add a worker or client keypair to a keys folder", _run_keys_add)
+    add.add_argument("folder", help="an existing keys folder")
+    add.add_argument("name", help="name of the new key, e.g. the machine it is for")
+    add.add_argument("--role", choices=["worker", "client"], default="worker",
+                     help="what the key may connect as (default worker)")
 
     demo = _command(sub, "demo", "run a demo map on an embedded farm, with a progress bar", _run_demo)
     demo.add_argument("--jobs", type=int, default=400, help="number of jobs (default 400)")
     demo.add_argument("--workers", type=int, default=None, help="workers to start (default: CPU count)")
     demo.add_argument("--connect", default=None, help="use this broker instead of an embedded farm")
+    _keys_flag(demo)
     return parser
 
 
@@ -85,6 +103,12 @@ def _liveness_flags(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)  # embedded use: exit with the parent
 
 
+def _keys_flag(cmd: argparse.ArgumentParser, name: bool = True) -> None:
+    cmd.add_argument("--keys", help="keys folder: CURVE authentication and encryption (env ZFARM_KEYS)")
+    if name:
+        cmd.add_argument("--key-name", help="which key of the folder's list to use (default: the only one)")
+
+
 def _configure_logging(level: str) -> None:
     from rich.logging import RichHandler
 
@@ -100,7 +124,7 @@ def _run_broker(args: argparse.Namespace) -> int:
     from zfarm.broker import run_broker
 
     settings = resolve(BrokerSettings, _flags(args, ["bind", "heartbeat_interval_s", "liveness",
-                                                     "max_message_bytes", "parent_pid"]))
+                                                     "max_message_bytes", "parent_pid", "keys", "insecure"]))
     run_broker(settings)
     return 0
 
@@ -108,8 +132,8 @@ def _run_broker(args: argparse.Namespace) -> int:
 def _run_worker(args: argparse.Namespace) -> int:
     from zfarm.worker import run_worker
 
-    flags = _flags(args, ["procs", "prefetch", "worker_id", "grace_s",
-                           "heartbeat_interval_s", "liveness", "parent_pid"])
+    flags = _flags(args, ["procs", "prefetch", "worker_id", "grace_s", "heartbeat_interval_s", "liveness",
+                          "parent_pid", "keys", "key_name"])
     settings = resolve(WorkerSettings, {**flags, "address": args.connect})
     run_worker(settings)
     return 0
@@ -119,7 +143,7 @@ def _run_status(args: argparse.Namespace) -> int:
     from zfarm.monitor import fetch_status
 
     address = args.connect or os.environ.get("ZFARM_ADDRESS") or DEFAULT_ADDRESS
-    snapshot = fetch_status(address, args.timeout)
+    snapshot = fetch_status(address, args.timeout, keys=args.keys or os.environ.get("ZFARM_KEYS", ""))
     if args.json:
         print(json.dumps(snapshot, indent=2))
     else:
@@ -157,12 +181,32 @@ def _run_demo(args: argparse.Namespace) -> int:
     import zfarm
 
     started = time.perf_counter()
-    with zfarm.Client(args.connect, n_workers=args.workers) as client:
+    with zfarm.Client(args.connect, n_workers=args.workers, keys=args.keys) as client:
         where = client.address if args.connect else f"an embedded farm ({client.address})"
         print(f"zfarm demo: {args.jobs} jobs estimating pi on {where}", file=sys.stderr)
         hits = sum(client.map(_demo_job, range(args.jobs), progress=True))
     samples = args.jobs * _DEMO_SAMPLES
     print(f"pi ≈ {4 * hits / samples:.5f} from {samples:,} samples in {time.perf_counter() - started:.2f} s")
+    return 0
+
+
+def _run_keys_init(args: argparse.Namespace) -> int:
+    from zfarm.security import init_keys
+
+    for path in init_keys(args.folder):
+        print(path)
+    print(f"next: zfarm broker --keys {args.folder}; give each worker machine {args.folder}/broker.key and "
+          f"{args.folder}/workers/, each client machine {args.folder}/broker.key and {args.folder}/clients/",
+          file=sys.stderr)
+    return 0
+
+
+def _run_keys_add(args: argparse.Namespace) -> int:
+    from zfarm.security import add_key
+
+    for path in add_key(args.folder, args.name, args.role):
+        print(path)
+    print("restart the broker to admit the new key", file=sys.stderr)
     return 0
 
 

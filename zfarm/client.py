@@ -53,6 +53,7 @@ class Client(concurrent.futures.Executor):
         broker_timeout_s: how long unfinished jobs wait for a silent broker.
         window: how many jobs ``map`` keeps unfinished at once.
         heartbeat_interval_s: heartbeat interval of the embedded broker.
+        keys: a keys folder (or ``ZFARM_KEYS``): connect with CURVE (docs/security.md).
 
     Raises:
         BrokerUnavailable: the broker did not answer within ``connect_timeout_s``.
@@ -60,11 +61,12 @@ class Client(concurrent.futures.Executor):
 
     def __init__(self, address: str | None = None, *, n_workers: int | None = None,
                  connect_timeout_s: float | None = None, broker_timeout_s: float | None = None,
-                 window: int | None = None, heartbeat_interval_s: float | None = None) -> None:
+                 window: int | None = None, heartbeat_interval_s: float | None = None,
+                 keys: str | None = None) -> None:
         self._cluster: LocalCluster | None = None
         self.settings = resolve(ClientSettings, {
             "address": address, "connect_timeout_s": connect_timeout_s, "broker_timeout_s": broker_timeout_s,
-            "window": window})
+            "window": window, "keys": keys})
         if address is None and not os.environ.get("ZFARM_ADDRESS"):
             self._cluster = LocalCluster(n_workers=n_workers, heartbeat_interval_s=heartbeat_interval_s)
             self.settings = dataclasses.replace(self.settings, address=self._cluster.address)

@@ -28,6 +28,12 @@ class BrokerSettings:
     max_message_bytes: int = 2 * GIB
     #: exit when this process id is no longer our parent (embedded use)
     parent_pid: int = 0
+    #: keys folder: CURVE on, peers admitted by the allow-lists in it (docs/security.md)
+    keys: str = ""
+    #: listen beyond loopback without keys (only on a network you trust)
+    insecure: bool = False
+    #: a connection must finish the ZeroMQ (and CURVE) handshake within this time
+    handshake_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
         _check_endpoint(self.bind)
@@ -49,6 +55,8 @@ class WorkerSettings:
     #: on SIGTERM, how long running jobs may take to finish before they are handed back
     grace_s: float = 30.0
     parent_pid: int = 0
+    keys: str = ""  # keys folder: connect with CURVE using workers/KEY_NAME.key_secret
+    key_name: str = ""
 
     def __post_init__(self) -> None:
         _check_endpoint(self.address)
@@ -75,6 +83,8 @@ class ClientSettings:
     reconnect_max_s: float = 32.0
     #: jobs `map` keeps unfinished at once; bounds memory for endless inputs
     window: int = 4096
+    keys: str = ""  # keys folder: connect with CURVE using clients/KEY_NAME.key_secret
+    key_name: str = ""
 
     def __post_init__(self) -> None:
         _check_endpoint(self.address)

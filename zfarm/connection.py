@@ -32,6 +32,7 @@ from zfarm import protocol as p
 from zfarm import serialization as ser
 from zfarm.config import ClientSettings
 from zfarm.errors import BrokerUnavailable, JobCrashed, ProtocolError, Refused, WorkerLost
+from zfarm.security import PeerKeys
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,7 @@ class Connection(threading.Thread):
         self._woken = False
         self._lock = threading.Lock()
         self._stopping = False
+        self._keys = PeerKeys.load(settings.keys, "client", settings.key_name) if settings.keys else None
         # owned by the I/O thread from here on
         self._socket: zmq.Socket[Any] | None = None
         self._jobs: dict[int, PendingJob] = {}
@@ -172,6 +174,8 @@ class Connection(threading.Thread):
         sock.setsockopt(zmq.RCVHWM, 0)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        if self._keys is not None:
+            self._keys.apply(sock)
         sock.connect(self.settings.address)
         self._socket = sock
         self._hello(now)

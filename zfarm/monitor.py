@@ -12,10 +12,19 @@ import zmq
 
 from zfarm import protocol as p
 from zfarm.errors import BrokerUnavailable, ProtocolError, Refused
+from zfarm.security import PeerKeys, SecurityError
 
 
-def fetch_status(address: str, timeout_s: float = 5.0,
-                 context: zmq.Context[Any] | None = None) -> dict[str, Any]:
+def monitor_keys(folder: str) -> PeerKeys:
+    """A monitor may use a client key, or a worker key where there is none."""
+    try:
+        return PeerKeys.load(folder, "client")
+    except SecurityError:
+        return PeerKeys.load(folder, "worker")
+
+
+def fetch_status(address: str, timeout_s: float = 5.0, context: zmq.Context[Any] | None = None,
+                 keys: str = "") -> dict[str, Any]:
     """Connect as a monitor, return the broker's snapshot, leave.
 
     Raises:
@@ -25,6 +34,8 @@ def fetch_status(address: str, timeout_s: float = 5.0,
     ctx = context or zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    if keys:
+        monitor_keys(keys).apply(sock)
     sock.connect(address)
     deadline = time.monotonic() + timeout_s
     try:

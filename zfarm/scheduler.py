@@ -143,8 +143,11 @@ class Scheduler:
 
     # ---- stimuli ---------------------------------------------------------------------------------
 
-    def handle(self, route: Route, frames: Sequence[Any], now: float) -> None:
-        """One message from ``route``. Bad input is logged and dropped, never raised."""
+    def handle(self, route: Route, frames: Sequence[Any], now: float, roles: set[str] | None = None) -> None:
+        """One message from ``route``. Bad input is logged and dropped, never raised.
+
+        ``roles``: with CURVE, the roles the peer's key may claim (None: any).
+        """
         try:
             msg = p.decode(frames)
         except p.VersionMismatch as exc:
@@ -154,6 +157,13 @@ class Scheduler:
         except ProtocolError as exc:
             self.counters.malformed += 1
             log.warning("dropped malformed message from %s: %s", route.hex(), exc)
+            return
+        if isinstance(msg, p.Hello) and roles is not None and msg.role not in roles:
+            reason = (f"this key may not connect as a {msg.role}; it may connect as: "
+                      f"{', '.join(sorted(roles)) or 'nothing'}. Use a key from the keys folder's "
+                      f"{msg.role}s/ list")
+            log.warning("refused %s %s from %s: %s", msg.role, msg.peer_id, msg.host, reason)
+            self._send_to(route, p.Refused(reason))
             return
         try:
             self._dispatch_message(route, msg, now)

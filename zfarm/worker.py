@@ -36,6 +36,7 @@ from zfarm import serialization as ser
 from zfarm.chaperone import Key, SlotOutcome, SlotPool, SlotTask
 from zfarm.config import WorkerSettings
 from zfarm.errors import PayloadTooLarge, ProtocolError, Refused
+from zfarm.security import PeerKeys
 
 log = logging.getLogger(__name__)
 
@@ -317,6 +318,8 @@ class Worker:
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        if self.settings.keys:
+            PeerKeys.load(self.settings.keys, "worker", self.settings.key_name).apply(sock)
         sock.connect(self.settings.address)
         self.socket = sock
 
