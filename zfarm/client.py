@@ -82,12 +82,12 @@ class Client(concurrent.futures.Executor):
         self._connection.start()
         _LIVE_CLIENTS.add(self)
         if not self._connection.welcomed.wait(self.settings.connect_timeout_s):
-            fatal = self._connection.fatal
+            fatal, problem = self._connection.fatal, self._connection.handshake_problem
             self._close()
             if fatal is not None:
                 raise fatal
             raise BrokerUnavailable(self.settings.address, self.settings.connect_timeout_s,
-                                    "no answer to our handshake")
+                                    problem or "no answer to our handshake")
         log.debug("client %s connected to %s", self.id, self.settings.address)
 
     @property

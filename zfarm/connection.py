@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import zmq
+from zmq.utils import monitor as zmq_monitor
 
 from zfarm import protocol as p
 from zfarm import serialization as ser
@@ -35,6 +36,22 @@ from zfarm.errors import BrokerUnavailable, JobCrashed, ProtocolError, Refused, 
 from zfarm.security import PeerKeys
 
 log = logging.getLogger(__name__)
+
+_HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+_REFUSED_KEY = ("the broker refused our key: it is not on the broker's client list (add it with "
+                "`zfarm keys add` and restart the broker)")
+_NEED_KEYS = "the broker requires keys (CURVE) and this client has none: pass keys= or set ZFARM_KEYS"
+_WRONG_KEYS = ("the security handshake failed: our broker.key is not this broker's public key, or the "
+               "broker does not use keys")
+
+
+def _handshake_problem(event: int, with_keys: bool) -> str:
+    if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+        return ""
+    if not with_keys:
+        return _NEED_KEYS
+    return _REFUSED_KEY if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH else _WRONG_KEYS
 
 #: SUBMIT messages are cut at this size so one message never holds up the broker for long
 SUBMIT_BATCH_BYTES = 16 * 1024 * 1024
@@ -86,6 +103,8 @@ class Connection(threading.Thread):
         self.max_message_bytes = 0
         self.duplicates = 0
         self.fatal: BaseException | None = None
+        #: why the last ZeroMQ handshake with the broker failed, in words ("" if it did not)
+        self.handshake_problem = ""
         self._inbox: deque[tuple[str, Any]] = deque()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -95,6 +114,7 @@ class Connection(threading.Thread):
         self._keys = PeerKeys.load(settings.keys, "client", settings.key_name) if settings.keys else None
         # owned by the I/O thread from here on
         self._socket: zmq.Socket[Any] | None = None
+        self._monitor: zmq.Socket[Any] | None = None
         self._jobs: dict[int, PendingJob] = {}
         self._fns: dict[bytes, Any] = {}
         self._fn_users: dict[bytes, int] = {}
@@ -158,8 +178,12 @@ class Connection(threading.Thread):
         poller.register(self._wake_r, zmq.POLLIN)
         if self._socket is not None:
             poller.register(self._socket, zmq.POLLIN)
+        if self._monitor is not None:
+            poller.register(self._monitor, zmq.POLLIN)
         timeout_s = self._interval_s / 4
         ready = dict(poller.poll(int(timeout_s * 1000)))
+        if self._monitor is not None and ready.get(self._monitor):
+            self._read_handshake_events()
         if self._inbox or ready.get(self._wake_r.fileno()):
             self._take_inbox()
         if self._socket is not None and ready.get(self._socket):
@@ -176,6 +200,7 @@ class Connection(threading.Thread):
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
         if self._keys is not None:
             self._keys.apply(sock)
+        self._monitor = sock.get_monitor_socket(_HANDSHAKE_EVENTS)
         sock.connect(self.settings.address)
         self._socket = sock
         self._hello(now)
@@ -309,7 +334,8 @@ class Connection(threading.Thread):
     def _check_liveness(self, now: float) -> None:
         silent_s = now - self._last_heard
         if self._jobs and silent_s > self.settings.broker_timeout_s:
-            self._fail_all(BrokerUnavailable(self.settings.address, silent_s, "unfinished jobs given up"))
+            detail = self.handshake_problem or "unfinished jobs given up"
+            self._fail_all(BrokerUnavailable(self.settings.address, silent_s, detail))
         if self._link is Link.DOWN:
             return
         silent_s = now - max(self._last_heard, self._attempt_at)
@@ -320,10 +346,26 @@ class Connection(threading.Thread):
         elif self._link is Link.READY and now - self._last_sent >= self._interval_s:
             self._send(p.Heartbeat(), now)
 
-    def _drop_link(self, now: float) -> None:
+    def _read_handshake_events(self) -> None:
+        assert self._monitor is not None
+        while self._monitor.poll(0):
+            event = zmq_monitor.recv_monitor_message(self._monitor)["event"]
+            problem = _handshake_problem(event, self._keys is not None)
+            if problem and problem != self.handshake_problem:
+                log.warning("client %s: %s", self.client_id, problem)
+            self.handshake_problem = problem
+
+    def _close_socket(self, linger_ms: int = 0) -> None:
         if self._socket is not None:
-            self._socket.close(linger=0)
+            if self._monitor is not None:
+                self._socket.disable_monitor()
+                self._monitor.close(linger=0)
+                self._monitor = None
+            self._socket.close(linger=linger_ms)
             self._socket = None
+
+    def _drop_link(self, now: float) -> None:
+        self._close_socket()
         self._link = Link.DOWN
         self._reconnect_at = now + self._backoff_s
         self._backoff_s = min(self._backoff_s * 2, self.settings.reconnect_max_s)
@@ -340,14 +382,12 @@ class Connection(threading.Thread):
                 _set(job.future, error=error)
 
     def _goodbye(self) -> None:
-        if self._socket is not None:
-            if self._link is Link.READY:
-                try:
-                    self._socket.send_multipart(p.encode(p.Disconnect("client closed")), zmq.NOBLOCK)
-                except zmq.ZMQError:
-                    pass
-            self._socket.close(linger=200)
-            self._socket = None
+        if self._socket is not None and self._link is Link.READY:
+            try:
+                self._socket.send_multipart(p.encode(p.Disconnect("client closed")), zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+        self._close_socket(linger_ms=200)
         for seq in list(self._jobs):  # the client was shut down without waiting for these
             job = self._forget(seq)
             if job is not None:
