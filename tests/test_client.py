@@ -24,6 +24,7 @@ import pytest
 import zfarm
 from tests import jobs
 from tests.helpers import (
+    Proc,
     Procs,
     family,
     free_tcp_endpoint,
@@ -41,20 +42,58 @@ RESULT_TIMEOUT_S = 30.0
 # --- fixtures and helpers --------------------------------------------------------------------------
 
 
+FARM_WORKERS = 2
+
+
+class Farm:
+    """The module's broker and workers; a worker that died is reported and replaced between tests."""
+
+    def __init__(self, registry: Procs) -> None:
+        self.registry = registry
+        self.broker, self.endpoint = registry.broker()
+        self.workers = [registry.worker(self.endpoint, procs=1) for _ in range(FARM_WORKERS)]
+        wait_for_workers(self.endpoint, FARM_WORKERS)
+
+    def dead(self) -> list[Proc]:
+        return [proc for proc in [self.broker, *self.workers] if not proc.alive()]
+
+    def replace_dead_workers(self) -> None:
+        if not self.broker.alive():
+            pytest.fail(f"the module farm's broker is dead:\n{self.broker.log_tail()}")
+        if any(not proc.alive() for proc in self.workers):
+            self.workers = [
+                proc if proc.alive() else self.registry.worker(self.endpoint, procs=1)
+                for proc in self.workers
+            ]
+            try:
+                wait_for_workers(self.endpoint, FARM_WORKERS)
+            except AssertionError as exc:
+                pytest.fail(f"could not replace the farm's dead workers: {exc}\n{self.registry.report()}")
+
+
 @pytest.fixture(scope="module")
-def farm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A broker and two one-slot workers shared by this module's tests; yields the broker's endpoint."""
+def module_farm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Farm]:
     registry = Procs(tmp_path_factory.mktemp("client-farm"))
     try:
-        _, endpoint = registry.broker()
-        registry.worker(endpoint, procs=1)
-        registry.worker(endpoint, procs=1)
-        wait_for_workers(endpoint, 2)
-        yield endpoint
+        yield Farm(registry)
     finally:
         problems = registry.shutdown()
         if problems:
             print("\n".join(["", "===== module farm =====", *problems, registry.report()]))
+
+
+@pytest.fixture
+def farm(module_farm: Farm) -> Iterator[str]:
+    """The endpoint of the shared farm (a broker and two one-slot workers), with every process alive.
+
+    A test after which a farm process is dead fails, with that process's log; the next test gets a
+    fresh worker in its place, so one crash does not make every later test hang.
+    """
+    module_farm.replace_dead_workers()
+    yield module_farm.endpoint
+    if dead := module_farm.dead():
+        pytest.fail("farm processes died during this test:\n" + "\n".join(
+            f"--- {proc.name} (pid {proc.pid}, {proc!r})\n{proc.log_tail()}" for proc in dead))
 
 
 def snapshot(endpoint: str) -> dict[str, Any]:

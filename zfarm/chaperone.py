@@ -240,6 +240,8 @@ class SlotPool:
 
     def collect(self, slot: Slot) -> SlotOutcome | None:
         """Read what a readable slot has to say: a finished job, or its death."""
+        if slot not in self.slots:
+            return None  # replaced since the caller polled it (its job was cancelled)
         if slot.task is None:  # an idle slot never writes: it died
             self._replace(slot)
             return None

@@ -387,16 +387,23 @@ class Scheduler:
             self.hungry[worker.id] = worker
 
     def _dispatch(self, now: float) -> None:
-        while self.hungry and self.queued:
-            share = max(1, math.ceil(self.queued / len(self.hungry)))
-            for worker in list(self.hungry.values()):
-                for _ in range(min(worker.credit, share)):
-                    job = self._next_queued()
-                    if job is None:
-                        return
-                    self._assign(job, worker)
-                if worker.credit <= 0:
-                    del self.hungry[worker.id]
+        """Fill idle slots first, spreading jobs evenly; only then use prefetch credit."""
+        for prefetch in (False, True):
+            while self.queued:
+                room = {w: (w.credit if prefetch else min(w.credit, w.slots - len(w.jobs)))
+                        for w in self.hungry.values()}
+                room = {w: n for w, n in room.items() if n > 0}
+                if not room:
+                    break
+                share = max(1, math.ceil(self.queued / len(room)))
+                for worker, n in room.items():
+                    for _ in range(min(n, share)):
+                        job = self._next_queued()
+                        if job is None:
+                            return
+                        self._assign(job, worker)
+                    if worker.credit <= 0:
+                        del self.hungry[worker.id]
 
     def _next_queued(self) -> Job | None:
         while self.active:
