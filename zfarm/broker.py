@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from types import FrameType
@@ -60,13 +61,14 @@ class Broker:
             raise ZfarmError(f"cannot listen on {settings.bind}: {exc.strerror}; is another broker "
                              "running there? choose another endpoint with --bind") from None
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.scheduler = Scheduler(settings, time.monotonic())
+        self.scheduler = Scheduler(settings, time.monotonic(), wall_offset_s=time.time() - time.monotonic())
         self._stopping = threading.Event()
 
     def serve(self) -> None:
         """Run until :meth:`stop` is called (or the parent process named in settings is gone)."""
         log.info("broker %s listening on %s (heartbeat %.3g s, liveness %d)", self.scheduler.broker_id,
                  self.endpoint, self.settings.heartbeat_interval_s, self.settings.liveness)
+        log.info("connect workers with: %s", worker_command(self.endpoint, self.settings.keys))
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
         if self.keys is not None and self.keys.zap is not None:
@@ -121,6 +123,15 @@ class Broker:
             self.keys.close()
         if self._own_context:
             self.context.term()
+
+
+def worker_command(endpoint: str, keys: str) -> str:
+    """The command that connects a worker to this broker, with this host's name for a wildcard bind."""
+    scheme, _, rest = endpoint.partition("://")
+    host, _, port = rest.rpartition(":")
+    if scheme == "tcp" and host in {"0.0.0.0", "*", "[::]", "::"}:
+        endpoint = f"tcp://{socket.gethostname()}:{port}"
+    return f"zfarm worker --connect {endpoint}" + (f" --keys {keys}" if keys else "")
 
 
 def run_broker(settings: BrokerSettings) -> None:

@@ -19,6 +19,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -60,6 +61,12 @@ class SlotOutcome:
     frames: list[Any]
     info: str = ""
     run_s: float = 0.0
+    started_at: float = 0.0  # epoch seconds, as the slot saw them
+    finished_at: float = 0.0
+    peak_rss: int = 0  # the slot process's peak resident memory so far, bytes
+
+    def stats_row(self) -> list[Any]:
+        return [self.started_at, self.finished_at, self.run_s, self.peak_rss]
 
 
 # ---- inside the slot process -----------------------------------------------------------------------
@@ -80,15 +87,26 @@ def _slot_main(conn: Connection, lifeline: Connection) -> None:
             frames = [conn.recv_bytes() for _ in range(nframes)]
         except (EOFError, OSError):
             os._exit(0)  # the worker closed the pipe: a normal end
-        started = time.perf_counter()
+        started_at, started = time.time(), time.perf_counter()
         outcome, out, info = _run(functions.get(fn_id), frames)
-        header = msgpack.packb([int(outcome), len(out), info, time.perf_counter() - started])
+        run_s = time.perf_counter() - started
+        header = msgpack.packb([int(outcome), len(out), info, run_s, started_at, started_at + run_s,
+                                _peak_rss_bytes()])
         try:
             conn.send_bytes(header)
             for frame in out:
                 conn.send_bytes(frame)
         except OSError:
             os._exit(ORPHANED_EXIT)  # the worker died while we reported
+
+
+def _peak_rss_bytes() -> int:
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # macOS says bytes, Linux KiB
 
 
 def _exit_with_worker(lifeline: Connection) -> None:
@@ -185,11 +203,12 @@ class Slot:
 
     def receive(self) -> SlotOutcome:
         """Read the finished task's outcome (raises EOFError/OSError if the slot died)."""
-        outcome, nframes, info, run_s = msgpack.unpackb(self.conn.recv_bytes())
+        outcome, nframes, info, run_s, started_at, finished_at, rss = msgpack.unpackb(self.conn.recv_bytes())
         frames = [self.conn.recv_bytes() for _ in range(nframes)]
         task, self.task = self.task, None
         assert task is not None  # only busy slots are read
-        return SlotOutcome(task.key, task.attempt, Outcome(outcome), frames, info, run_s)
+        return SlotOutcome(task.key, task.attempt, Outcome(outcome), frames, info, run_s, started_at,
+                           finished_at, rss)
 
     def kill(self) -> int | None:
         """Stop the process for good and return its exit code."""

@@ -24,7 +24,7 @@ log = logging.getLogger("zfarm")
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    _configure_logging(args.log_level)
+    _configure_logging(args.log_level, args.log_json)
     try:
         return int(args.run(args) or 0)
     except ConfigError as exc:
@@ -68,6 +68,15 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the broker")
     _keys_flag(status, name=False)
 
+    history = _command(sub, "history", "list the broker's records of finished jobs", _run_history)
+    history.add_argument("--connect", default=None, help=f"broker endpoint (default {DEFAULT_ADDRESS})")
+    out = history.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print a JSON array of records")
+    out.add_argument("--csv", action="store_true", help="print CSV with a header line")
+    history.add_argument("--last", type=int, default=0, help="only the newest N records (default: all kept)")
+    history.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the broker")
+    _keys_flag(history, name=False)
+
     keys = sub.add_parser("keys", help="create CURVE keys (see docs/security.md)",
                           description="Create the keys that let only key holders into a farm.")
     keys_sub = keys.add_subparsers(required=True, metavar="ACTION")
@@ -92,6 +101,7 @@ def _command(sub: Any, name: str, text: str, run: Any) -> argparse.ArgumentParse
     cmd: argparse.ArgumentParser = sub.add_parser(name, help=text, description=text)
     cmd.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                      help="how much to log (default info)")
+    cmd.add_argument("--log-json", action="store_true", help="log one JSON object per line (for collectors)")
     cmd.set_defaults(run=run)
     return cmd
 
@@ -109,10 +119,29 @@ def _keys_flag(cmd: argparse.ArgumentParser, name: bool = True) -> None:
         cmd.add_argument("--key-name", help="which key of the folder's list to use (default: the only one)")
 
 
-def _configure_logging(level: str) -> None:
-    from rich.logging import RichHandler
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: time, level, logger, message (and the exception, if any)."""
 
-    handler = RichHandler(show_path=False, log_time_format="%H:%M:%S", markup=False)
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"time": round(record.created, 6), "level": record.levelname.lower(), "logger": record.name,
+               "message": record.getMessage(), "pid": record.process}
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def _configure_logging(level: str, as_json: bool = False) -> None:
+    handler: logging.Handler
+    if as_json:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(JsonFormatter())
+    else:
+        from rich.console import Console
+        from rich.logging import RichHandler
+
+        # a log file or pipe gets whole lines, not lines wrapped at 80 columns
+        console = Console(stderr=True, width=None if sys.stderr.isatty() else 240)
+        handler = RichHandler(console=console, show_path=False, log_time_format="%H:%M:%S", markup=False)
     logging.basicConfig(level=level.upper(), format="%(message)s", handlers=[handler], force=True)
 
 
@@ -149,6 +178,40 @@ def _run_status(args: argparse.Namespace) -> int:
     else:
         _print_status(snapshot)
     return 0
+
+
+def _run_history(args: argparse.Namespace) -> int:
+    import csv
+
+    from zfarm.monitor import fetch_history
+
+    address = args.connect or os.environ.get("ZFARM_ADDRESS") or DEFAULT_ADDRESS
+    columns, rows = fetch_history(address, max(0, args.last), args.timeout,
+                                  keys=args.keys or os.environ.get("ZFARM_KEYS", ""))
+    if args.json:
+        print(json.dumps([dict(zip(columns, row, strict=True)) for row in rows], indent=1))
+    elif args.csv:
+        writer = csv.writer(sys.stdout)
+        writer.writerow(columns)
+        writer.writerows(rows)
+    else:
+        _print_history(columns, rows)
+    return 0
+
+
+def _print_history(columns: list[str], rows: list[list[Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    shown = ["id", "worker", "host", "run_s", "attempts", "outcome", "peak_rss_bytes", "error"]
+    table = Table(*shown, title=f"{len(rows)} finished jobs")
+    where = [columns.index(c) for c in shown]
+    for row in rows:
+        values = [row[i] for i in where]
+        values[3] = f"{values[3]:.3f}"
+        values[6] = f"{values[6] / 2**20:.0f} MiB"
+        table.add_row(*(str(v) for v in values))
+    Console().print(table)
 
 
 def _print_status(snap: dict[str, Any]) -> None:

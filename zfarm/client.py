@@ -35,6 +35,7 @@ from zfarm.connection import Connection, JobFuture, PendingJob
 from zfarm.errors import BrokerUnavailable, PayloadTooLarge
 from zfarm.local import LocalCluster
 from zfarm.progress import known_length, track
+from zfarm.stats import Stats, summarize
 from zfarm.worker import ENVELOPE_ALLOWANCE
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,17 @@ class Client(concurrent.futures.Executor):
     def duplicates_dropped(self) -> int:
         """Results that arrived for jobs already resolved (their jobs ran twice)."""
         return self._connection.duplicates
+
+    def stats(self) -> Stats:
+        """Records of this client's finished jobs (the newest 100,000) and their summary.
+
+        Each record says where and when the job ran: worker, host, times queued,
+        started and finished (epoch seconds), run time, attempts, the slot's peak
+        memory, the outcome and the first line of its error.
+        """
+        with self._connection.records_lock:
+            records = list(self._connection.records)
+        return Stats(records, summarize(records))
 
     # ---- Executor API ----------------------------------------------------------------------------
 

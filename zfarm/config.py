@@ -34,6 +34,8 @@ class BrokerSettings:
     insecure: bool = False
     #: a connection must finish the ZeroMQ (and CURVE) handshake within this time
     handshake_timeout_s: float = 10.0
+    #: finished jobs' records kept for `zfarm history` (about 200 bytes each)
+    history: int = 50_000
 
     def __post_init__(self) -> None:
         _check_endpoint(self.bind)

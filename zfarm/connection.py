@@ -34,6 +34,7 @@ from zfarm import serialization as ser
 from zfarm.config import ClientSettings
 from zfarm.errors import BrokerUnavailable, JobCrashed, ProtocolError, Refused, WorkerLost
 from zfarm.security import PeerKeys
+from zfarm.stats import JobRecord, record_of
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,9 @@ def _handshake_problem(event: int, with_keys: bool) -> str:
     if not with_keys:
         return _NEED_KEYS
     return _REFUSED_KEY if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH else _WRONG_KEYS
+
+#: job records kept for Client.stats(), newest last
+RECORDS_KEPT = 100_000
 
 #: SUBMIT messages are cut at this size so one message never holds up the broker for long
 SUBMIT_BATCH_BYTES = 16 * 1024 * 1024
@@ -102,6 +106,8 @@ class Connection(threading.Thread):
         self.welcomed = threading.Event()
         self.max_message_bytes = 0
         self.duplicates = 0
+        self.records: deque[JobRecord] = deque(maxlen=RECORDS_KEPT)
+        self.records_lock = threading.Lock()
         self.fatal: BaseException | None = None
         #: why the last ZeroMQ handshake with the broker failed, in words ("" if it did not)
         self.handshake_problem = ""
@@ -283,12 +289,20 @@ class Connection(threading.Thread):
 
     def _results(self, msg: p.Result) -> None:
         per_row = p.split_frames(msg.frames, [row[2] for row in msg.results])
-        for (seq, outcome, _n, info), frames in zip(msg.results, per_row, strict=True):
+        stats: list[list[Any] | None] = [*msg.stats] or [None] * len(msg.results)
+        records = []
+        for (seq, outcome, _n, info), frames, row in zip(msg.results, per_row, stats, strict=True):
             job = self._forget(seq)
             if job is None:
                 self.duplicates += 1
                 continue
+            if row is not None and outcome != p.Outcome.CANCELLED:
+                name = p.Outcome(outcome).name.lower()
+                records.append(record_of(f"{self.client_id}:{seq}", name, info, row))
             _resolve(job, outcome, frames, info, self.client_id)
+        if records:
+            with self.records_lock:
+                self.records.extend(records)
 
     def _forget(self, seq: int) -> PendingJob | None:
         job = self._jobs.pop(seq, None)

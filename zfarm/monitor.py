@@ -1,4 +1,4 @@
-"""A short-lived monitor connection: ask the broker for its snapshot."""
+"""Short-lived monitor connections: ask the broker for its snapshot or its job history."""
 
 from __future__ import annotations
 
@@ -6,13 +6,15 @@ import os
 import socket
 import time
 import uuid
-from typing import Any
+from typing import Any, TypeVar
 
 import zmq
 
 from zfarm import protocol as p
 from zfarm.errors import BrokerUnavailable, ProtocolError, Refused
 from zfarm.security import PeerKeys, SecurityError
+
+M = TypeVar("M", bound=p.Message)
 
 
 def monitor_keys(folder: str) -> PeerKeys:
@@ -29,8 +31,21 @@ def fetch_status(address: str, timeout_s: float = 5.0, context: zmq.Context[Any]
 
     Raises:
         BrokerUnavailable: no answer within ``timeout_s``.
-        Refused: the broker refused us (another protocol version).
+        Refused: the broker refused us (another protocol version, a key not allowed).
     """
+    return ask(address, p.Status(), p.StatusReply, timeout_s, context, keys).snapshot
+
+
+def fetch_history(address: str, last: int = 0, timeout_s: float = 10.0,
+                  context: zmq.Context[Any] | None = None, keys: str = "") -> tuple[list[str], list[list[Any]]]:
+    """The broker's records of finished jobs, oldest first: ``(columns, rows)``."""
+    reply = ask(address, p.History(last), p.HistoryReply, timeout_s, context, keys)
+    return reply.columns, reply.rows
+
+
+def ask(address: str, request: p.Message, reply_type: type[M], timeout_s: float,
+        context: zmq.Context[Any] | None = None, keys: str = "") -> M:
+    """Introduce ourselves as a monitor, send ``request``, return the first ``reply_type`` answer."""
     ctx = context or zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -41,7 +56,7 @@ def fetch_status(address: str, timeout_s: float = 5.0, context: zmq.Context[Any]
     try:
         hello = p.Hello(p.Role.MONITOR.value, f"m-{uuid.uuid4().hex[:10]}", socket.gethostname(), os.getpid())
         sock.send_multipart(p.encode(hello))
-        sock.send_multipart(p.encode(p.Status()))
+        sock.send_multipart(p.encode(request))
         while True:
             remaining_ms = (deadline - time.monotonic()) * 1000
             if remaining_ms <= 0 or not sock.poll(remaining_ms):
@@ -52,9 +67,9 @@ def fetch_status(address: str, timeout_s: float = 5.0, context: zmq.Context[Any]
                 continue
             if isinstance(msg, p.Refused):
                 raise Refused(f"the broker at {address} refused us: {msg.reason}")
-            if isinstance(msg, p.StatusReply):
+            if isinstance(msg, reply_type):
                 sock.send_multipart(p.encode(p.Disconnect("monitor done")))
                 sock.close(linger=500)  # let the goodbye out, so the broker logs no lost peer
-                return msg.snapshot
+                return msg
     finally:
         sock.close(linger=0)

@@ -51,6 +51,8 @@ class Command(enum.IntEnum):
     CANCEL = 13  # client → broker: cancel these jobs
     STATUS = 14  # any peer → broker: send me a snapshot
     STATUS_REPLY = 15  # broker → peer: the snapshot
+    HISTORY = 16  # any peer → broker: send me the records of the last finished jobs
+    HISTORY_REPLY = 17  # broker → peer: those records
 
 
 class Role(str, enum.Enum):
@@ -81,6 +83,11 @@ SUBMIT_ROW = (int, int, dict)
 RESULT_ROW = (int, int, int, str)
 # job keys in CANCEL_JOBS: [client_id, seq]
 KEY_ROW = (str, int)
+_NUM = (int, float)
+# RESULTS stats row, one per result row: [started_at, finished_at, run_s, peak_rss_bytes] (epoch seconds)
+RUN_STATS_ROW = (_NUM, _NUM, _NUM, int)
+# RESULT stats row: [worker_id, host, attempts, queued_at, started_at, finished_at, run_s, peak_rss_bytes]
+JOB_STATS_ROW = (str, str, int, _NUM, _NUM, _NUM, _NUM, int)
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,10 +170,11 @@ class Results(Message):
     """Finished jobs from a worker, and the credit their slots free."""
 
     command = Command.RESULTS
-    schema = (int, list)
+    schema = (int, list, list)
     credit: int
     results: list[list[Any]]  # RESULTS_ROW
     frames: Sequence[Frame] = ()
+    stats: list[list[Any]] = field(default_factory=list)  # RUN_STATS_ROW per result, or none
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,9 +199,10 @@ class Submit(Message):
 @dataclass(frozen=True, slots=True)
 class Result(Message):
     command = Command.RESULT
-    schema = (list,)
+    schema = (list, list)
     results: list[list[Any]]  # RESULT_ROW
     frames: Sequence[Frame] = ()
+    stats: list[list[Any]] = field(default_factory=list)  # JOB_STATS_ROW per result, or none
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,11 +224,26 @@ class StatusReply(Message):
     snapshot: dict[str, Any]
 
 
+@dataclass(frozen=True, slots=True)
+class History(Message):
+    command = Command.HISTORY
+    schema = (int,)
+    last: int  # how many of the newest records; 0: all the broker keeps
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryReply(Message):
+    command = Command.HISTORY_REPLY
+    schema = (list, list)
+    columns: list[str]
+    rows: list[list[Any]]
+
+
 MESSAGE_TYPES: dict[Command, type[Message]] = {
     cls.command: cls
     for cls in (
         Hello, Welcome, Refused, Reconnect, Heartbeat, Disconnect, Ready, Jobs, Results,
-        CancelJobs, Submit, Result, Cancel, Status, StatusReply,
+        CancelJobs, Submit, Result, Cancel, Status, StatusReply, History, HistoryReply,
     )
 }
 _ENVELOPE_FIELDS: dict[type[Message], tuple[str, ...]] = {
@@ -276,13 +300,14 @@ def decode(frames: Sequence[Frame]) -> Message:
         if not _is(value, kind):
             raise ProtocolError(f"{cls.__name__}.{name} has the wrong type {type(value).__name__}")
     payload = list(frames[3:])
+    values = dict(zip(names, envelope, strict=True))
     if cls in _HAS_FRAMES:
-        msg = cls(*envelope, frames=payload)  # type: ignore[call-arg]
+        msg = cls(**values, frames=payload)  # type: ignore[call-arg]
         _check_frames(msg, len(payload))
         return msg
     if payload:
         raise ProtocolError(f"{cls.__name__} carries no payload frames, got {len(payload)}")
-    msg = cls(*envelope)
+    msg = cls(**values)
     _check_plain_rows(msg)
     return msg
 
@@ -322,7 +347,7 @@ def _is(value: Any, kind: type | tuple[type, ...]) -> bool:
     return isinstance(value, kind)
 
 
-def check_rows(rows: list[Any], layout: tuple[type, ...], what: str) -> None:
+def check_rows(rows: list[Any], layout: tuple[Any, ...], what: str) -> None:
     """Validate batched rows (each an array laid out as ``layout``)."""
     for row in rows:
         if not isinstance(row, list) or len(row) != len(layout):
@@ -340,17 +365,25 @@ def _check_frames(msg: Message, nframes: int) -> None:
         expected = len(msg.fns) + _sum_frames(msg.jobs, 4)
     elif isinstance(msg, Results):
         check_rows(msg.results, RESULTS_ROW, "RESULTS")
+        _check_stats(msg.stats, RUN_STATS_ROW, len(msg.results), "RESULTS")
         expected = _sum_frames(msg.results, 4)
     elif isinstance(msg, Submit):
         check_rows(msg.jobs, SUBMIT_ROW, "SUBMIT")
         expected = int(msg.with_fn) + _sum_frames(msg.jobs, 1)
     elif isinstance(msg, Result):
         check_rows(msg.results, RESULT_ROW, "RESULT")
+        _check_stats(msg.stats, JOB_STATS_ROW, len(msg.results), "RESULT")
         expected = _sum_frames(msg.results, 2)
     else:  # pragma: no cover - every framed type is listed above
         raise ProtocolError(f"no frame rule for {type(msg).__name__}")
     if expected != nframes:
         raise ProtocolError(f"{type(msg).__name__} announces {expected} payload frames, carries {nframes}")
+
+
+def _check_stats(stats: list[Any], layout: tuple[Any, ...], rows: int, what: str) -> None:
+    if stats and len(stats) != rows:
+        raise ProtocolError(f"{what} carries {len(stats)} stats rows for {rows} results")
+    check_rows(stats, layout, f"{what} stats")
 
 
 def _sum_frames(rows: list[list[Any]], column: int) -> int:
@@ -368,6 +401,10 @@ def _check_plain_rows(msg: Message) -> None:
         check_rows(msg.keys, KEY_ROW, "CANCEL_JOBS")
     elif isinstance(msg, Cancel) and not all(_is(s, int) for s in msg.seqs):
         raise ProtocolError("CANCEL seqs must be integers")
+    elif isinstance(msg, History) and msg.last < 0:
+        raise ProtocolError("HISTORY last must not be negative")
+    elif isinstance(msg, HistoryReply) and not all(isinstance(r, list) for r in msg.rows):
+        raise ProtocolError("HISTORY_REPLY rows must be arrays")
 
 
 def split_frames(frames: Sequence[Frame], counts: Sequence[int]) -> list[list[Frame]]:

@@ -31,6 +31,7 @@ from typing import Any
 from zfarm import protocol as p
 from zfarm.config import BrokerSettings
 from zfarm.errors import ProtocolError
+from zfarm.records import JOB_COLUMNS, Records
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,7 @@ class ClientRecord(Peer):
     failed: int = 0
     out_rows: list[list[Any]] = field(default_factory=list)
     out_frames: list[Any] = field(default_factory=list)
+    out_stats: list[list[Any]] = field(default_factory=list)
 
 
 @dataclass(slots=True, eq=False)
@@ -126,8 +128,11 @@ class Counters:
 class Scheduler:
     """Feed it ``handle``/``tick``/``peer_unreachable``; send what ``flush`` returns."""
 
-    def __init__(self, settings: BrokerSettings, now: float, broker_id: str | None = None) -> None:
+    def __init__(self, settings: BrokerSettings, now: float, broker_id: str | None = None,
+                 wall_offset_s: float = 0.0) -> None:
+        """``wall_offset_s``: add it to a time on the caller's clock to get epoch seconds."""
         self.settings = settings
+        self.records = Records(now, wall_offset_s, settings.history)
         self.broker_id = broker_id or uuid.uuid4().hex[:12]
         self.started_at = now
         self.peers: dict[Route, Peer] = {}
@@ -188,18 +193,20 @@ class Scheduler:
             self._remove(peer, now, why="left")
         elif isinstance(msg, p.Status):
             self._send(peer, p.StatusReply(self.snapshot(now)), now)
+        elif isinstance(msg, p.History):
+            self._send(peer, p.HistoryReply(JOB_COLUMNS, self.records.history(msg.last)), now)
         elif isinstance(peer, WorkerRecord):
-            self._worker_message(peer, msg)
+            self._worker_message(peer, msg, now)
         elif isinstance(peer, ClientRecord):
             self._client_message(peer, msg, now)
         else:
             raise ProtocolError(f"a monitor cannot send {type(msg).__name__}")
 
-    def _worker_message(self, worker: WorkerRecord, msg: p.Message) -> None:
+    def _worker_message(self, worker: WorkerRecord, msg: p.Message, now: float) -> None:
         if isinstance(msg, p.Ready):
             self._add_credit(worker, msg.credit)
         elif isinstance(msg, p.Results):
-            self._results(worker, msg)
+            self._results(worker, msg, now)
         else:
             raise ProtocolError(f"a worker cannot send {type(msg).__name__}")
 
@@ -252,8 +259,8 @@ class Scheduler:
                 self._send(worker, self._jobs_message(worker), now)
         for client in self.clients.values():
             if client.out_rows:
-                self._send(client, p.Result(client.out_rows, client.out_frames), now)
-                client.out_rows, client.out_frames = [], []
+                self._send(client, p.Result(client.out_rows, client.out_frames, client.out_stats), now)
+                client.out_rows, client.out_frames, client.out_stats = [], [], []
         out, self._out = self._out, []
         return out
 
@@ -290,6 +297,8 @@ class Scheduler:
             self.workers[worker.id] = worker
             log.info("worker %s joined from %s pid %d with %d slots", worker.id, worker.host, worker.pid,
                      worker.slots)
+            self.records.event(now, "worker-joined", f"worker {worker.id} joined from {worker.host} "
+                               f"with {worker.slots} slots")
             return worker
         if msg.role == p.Role.CLIENT:
             client = self.clients.get(msg.peer_id)
@@ -301,6 +310,7 @@ class Scheduler:
             client = ClientRecord(**common)  # type: ignore[arg-type]
             self.clients[client.id] = client
             log.info("client %s joined from %s pid %d", client.id, client.host, client.pid)
+            self.records.event(now, "client-joined", f"client {client.id} joined from {client.host}")
             return client
         return MonitorRecord(**common)  # type: ignore[arg-type]
 
@@ -317,8 +327,15 @@ class Scheduler:
         if isinstance(peer, WorkerRecord) and self.workers.get(peer.id) is peer:
             del self.workers[peer.id]
             self.hungry.pop(peer.id, None)
-            if why != "left":
+            held = len(peer.jobs)
+            if why == "left":
+                self.records.event(now, "worker-left", f"worker {peer.id} left ({held} jobs handed back)")
+            else:
                 self.counters.workers_lost += 1
+                self.records.event(now, "worker-lost", f"worker {peer.id} on {peer.host} lost ({why}); "
+                                   f"{held} jobs requeued")
+                self.records.lost_workers.append({**self._worker_view(peer, now), "state": "lost",
+                                                  "lost_at": self.records.wall(now), "why": why})
             self._requeue(peer, why)
         elif isinstance(peer, ClientRecord) and self.clients.get(peer.id) is peer:
             del self.clients[peer.id]
@@ -329,6 +346,8 @@ class Scheduler:
             peer.fns.clear()
             if dropped:
                 log.info("client %s gone (%s): dropped its %d unfinished jobs", peer.id, why, dropped)
+            self.records.event(now, "client-left", f"client {peer.id} {why}"
+                               f"{f'; dropped its {dropped} unfinished jobs' if dropped else ''}")
 
     def _requeue(self, worker: WorkerRecord, why: str) -> None:
         jobs = [job for job in worker.jobs.values()
@@ -366,8 +385,9 @@ class Scheduler:
             if seq in client.jobs:
                 continue  # a resubmission of a job we hold already
             if not known_fn:
-                self._finish_for_client(client, seq, p.Outcome.LOST, [],
-                                        "the broker never received this job's function; submit it again")
+                why = "the broker never received this job's function; submit it again"
+                at = self.records.wall(now)
+                self._finish_for_client(client, seq, p.Outcome.LOST, [], why, ["", "", 0, at, at, at, 0.0, 0])
                 continue
             job = Job(client.id, seq, msg.fn_id, job_frames, options, now)
             client.jobs[seq] = job
@@ -446,10 +466,12 @@ class Scheduler:
         worker.outbox = []
         return p.Jobs(fns, rows, fn_frames + job_frames)
 
-    def _results(self, worker: WorkerRecord, msg: p.Results) -> None:
+    def _results(self, worker: WorkerRecord, msg: p.Results, now: float) -> None:
         self._add_credit(worker, msg.credit)
         per_row = p.split_frames(msg.frames, [row[4] for row in msg.results])
-        for (client_id, seq, _attempt, outcome, _n, info), frames in zip(msg.results, per_row, strict=True):
+        stats = msg.stats or [[0.0, 0.0, 0.0, 0]] * len(msg.results)
+        for (client_id, seq, _attempt, outcome, _n, info), frames, run in zip(msg.results, per_row, stats,
+                                                                              strict=True):
             client = self.clients.get(client_id)
             job = client.jobs.get(seq) if client else None
             if job is None or client is None or worker.id not in job.history:
@@ -463,15 +485,27 @@ class Scheduler:
                 continue
             if outcome not in _OUTCOMES:
                 raise ProtocolError(f"unknown outcome {outcome}")
-            self._release(job, finisher=worker)
-            del client.jobs[seq]
-            job.state = JobState.FINISHED
-            ok = outcome == p.Outcome.OK
-            worker.done += ok
-            worker.failed += not ok
-            if not ok:
-                log.info("job %s failed on worker %s: %s", job.name, worker.id, info)
-            self._finish_for_client(client, seq, p.Outcome(outcome), frames, info)
+            self._finish_job(worker, client, job, p.Outcome(outcome), frames, info, run, now)
+
+    def _finish_job(self, worker: WorkerRecord, client: ClientRecord, job: Job, outcome: p.Outcome,
+                    frames: list[Any], info: str, run: list[Any], now: float) -> None:
+        self._release(job, finisher=worker)
+        del client.jobs[job.seq]
+        job.state = JobState.FINISHED
+        ok = outcome == p.Outcome.OK
+        worker.done += ok
+        worker.failed += not ok
+        if not ok:
+            log.info("job %s failed on worker %s: %s", job.name, worker.id, info)
+            self.records.event(now, "job-failed", f"job {job.name} failed on {worker.id}: {info}")
+        started_at, finished_at, run_s, peak_rss = run
+        queued_at = self.records.wall(job.queued_at)
+        self.records.job(now, (job.name, job.client_id, worker.id, worker.host, queued_at, started_at,
+                               finished_at, round(run_s, 6), len(job.history), outcome.name.lower(),
+                               peak_rss, info))
+        stats = [worker.id, worker.host, len(job.history), queued_at, started_at, finished_at, run_s,
+                 peak_rss]
+        self._finish_for_client(client, job.seq, outcome, frames, info, stats)
 
     def _give_back(self, worker: WorkerRecord, job: Job) -> None:
         if job.state is JobState.ASSIGNED and worker.jobs.pop(job.key, None) is job:
@@ -499,7 +533,7 @@ class Scheduler:
         self.counters.cancelled += 1
 
     def _finish_for_client(self, client: ClientRecord, seq: int, outcome: p.Outcome, frames: list[Any],
-                           info: str) -> None:
+                           info: str, stats: list[Any]) -> None:
         ok = outcome == p.Outcome.OK
         client.done += ok
         client.failed += not ok
@@ -507,6 +541,7 @@ class Scheduler:
         self.counters.failed += not ok
         client.out_rows.append([seq, int(outcome), len(frames), info])
         client.out_frames.extend(frames)
+        client.out_stats.append(stats)
 
     # ---- output and views ------------------------------------------------------------------------
 
@@ -528,23 +563,28 @@ class Scheduler:
             "protocol": p.PROTOCOL_VERSION,
             "address": self.settings.bind,
             "uptime_s": round(now - self.started_at, 3),
+            "started_at": self.records.wall(self.started_at),
             "heartbeat_interval_s": self.settings.heartbeat_interval_s,
             "liveness": self.settings.liveness,
             "queued": self.queued,
             "in_flight": in_flight,
-            "workers": [
-                {"id": w.id, "host": w.host, "pid": w.pid, "slots": w.slots, "busy": len(w.jobs),
-                 "credit": w.credit, "done": w.done, "failed": w.failed,
-                 "heartbeat_age_s": round(now - w.last_seen, 3), "uptime_s": round(now - w.joined_at, 3)}
-                for w in self.workers.values()
-            ],
+            "workers": [self._worker_view(w, now) for w in self.workers.values()],
+            "lost_workers": list(self.records.lost_workers),
             "clients": [
                 {"id": c.id, "host": c.host, "pid": c.pid, "submitted": c.submitted, "queued": c.queued,
                  "in_flight": len(c.jobs) - c.queued, "done": c.done, "failed": c.failed}
                 for c in self.clients.values()
             ],
             **dataclasses.asdict(self.counters),
+            "throughput": self.records.throughput(now),
+            "events": self.records.recent_events(now),
         }
+
+    def _worker_view(self, w: WorkerRecord, now: float) -> dict[str, Any]:
+        return {"id": w.id, "host": w.host, "pid": w.pid, "slots": w.slots, "busy": len(w.jobs),
+                "credit": w.credit, "done": w.done, "failed": w.failed,
+                "state": "busy" if w.jobs else "idle",
+                "heartbeat_age_s": round(now - w.last_seen, 3), "uptime_s": round(now - w.joined_at, 3)}
 
 
 _OUTCOMES = {int(o) for o in p.Outcome}

@@ -183,11 +183,13 @@ class WorkerCore:
             return outcome
         error = PayloadTooLarge(size, limit, "this job's result")
         return SlotOutcome(outcome.key, outcome.attempt, p.Outcome.ERROR, ser.dump_exception(error),
-                           ser.error_line(error), outcome.run_s)
+                           ser.error_line(error), outcome.run_s, outcome.started_at, outcome.finished_at,
+                           outcome.peak_rss)
 
     def _results(self, outcomes: list[SlotOutcome], credit: int) -> p.Results:
         rows = [[o.key[0], o.key[1], o.attempt, int(o.outcome), len(o.frames), o.info] for o in outcomes]
-        return p.Results(credit, rows, [f for o in outcomes for f in o.frames])
+        frames = [f for o in outcomes for f in o.frames]
+        return p.Results(credit, rows, frames, [o.stats_row() for o in outcomes])
 
     def tick(self, now: float) -> Actions:
         """Heartbeat when quiet; give up on a silent broker and schedule a reconnect."""

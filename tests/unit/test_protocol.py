@@ -39,6 +39,10 @@ SAMPLES: list[p.Message] = [
     p.Cancel([1, 2, 3]),
     p.Status(),
     p.StatusReply({"queued": 3, "workers": [{"id": "w-1", "busy": 2}]}),
+    p.Results(1, [["c-1", 0, 1, int(p.Outcome.OK), 1, ""]], [b"r"], [[1.5, 2.5, 1.0, 4096]]),
+    p.Result([[0, int(p.Outcome.OK), 1, ""]], [b"r"], [["w-1", "h", 1, 1.0, 1.5, 2.5, 1.0, 4096]]),
+    p.History(10),
+    p.HistoryReply(["id", "run_s"], [["c-1:0", 0.5]]),
 ]
 
 
