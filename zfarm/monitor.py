@@ -36,8 +36,11 @@ def fetch_status(address: str, timeout_s: float = 5.0, context: zmq.Context[Any]
     return ask(address, p.Status(), p.StatusReply, timeout_s, context, keys).snapshot
 
 
+Table = tuple[list[str], list[list[Any]]]
+
+
 def fetch_history(address: str, last: int = 0, timeout_s: float = 10.0,
-                  context: zmq.Context[Any] | None = None, keys: str = "") -> tuple[list[str], list[list[Any]]]:
+                  context: zmq.Context[Any] | None = None, keys: str = "") -> Table:
     """The broker's records of finished jobs, oldest first: ``(columns, rows)``."""
     reply = ask(address, p.History(last), p.HistoryReply, timeout_s, context, keys)
     return reply.columns, reply.rows
