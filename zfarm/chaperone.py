@@ -189,6 +189,7 @@ class Slot:
         child_conn.close()
         lifeline_r.close()
         self.task: SlotTask | None = None
+        self.started_at = 0.0
         self.fns: set[bytes] = set()
 
     def send(self, task: SlotTask) -> None:
@@ -200,6 +201,14 @@ class Slot:
         for frame in task.frames:
             self.conn.send_bytes(ser.buffer_of(frame))
         self.task = task
+        self.started_at = time.time()
+
+    def outcome_without_report(self, task: SlotTask, outcome: Outcome, frames: list[Any],
+                               info: str) -> SlotOutcome:
+        """The outcome of a task whose slot died or was killed: timed from our side."""
+        now = time.time()
+        started = self.started_at or now
+        return SlotOutcome(task.key, task.attempt, outcome, frames, info, now - started, started, now)
 
     def receive(self) -> SlotOutcome:
         """Read the finished task's outcome (raises EOFError/OSError if the slot died)."""
@@ -276,7 +285,7 @@ class SlotPool:
                 task = slot.task
                 slot.task = None
                 self._replace(slot)
-                return SlotOutcome(task.key, task.attempt, Outcome.CANCELLED, [], "cancelled")
+                return slot.outcome_without_report(task, Outcome.CANCELLED, [], "cancelled")
         return None
 
     def _replace(self, slot: Slot) -> SlotOutcome | None:
@@ -288,8 +297,8 @@ class SlotPool:
             return None
         error = JobCrashed(task.name, exitcode, self.host)
         log.warning("job %s crashed slot %d: %s; replaced it", task.name, slot.index, error)
-        return SlotOutcome(task.key, task.attempt, Outcome.CRASHED, ser.dump_exception(error),
-                           ser.error_line(error))
+        return slot.outcome_without_report(task, Outcome.CRASHED, ser.dump_exception(error),
+                                           ser.error_line(error))
 
     def close(self) -> None:
         for slot in self.slots:
