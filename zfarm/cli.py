@@ -47,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     broker.add_argument("--bind", help=f"endpoint to listen on (default {DEFAULT_ADDRESS}; env ZFARM_BIND)")
     _liveness_flags(broker)
     broker.add_argument("--max-message-bytes", type=int, help="largest message accepted (default 2 GiB)")
+    broker.add_argument("--history", type=int, help="finished jobs' records kept for `zfarm history` (50000)")
     _keys_flag(broker, name=False)
     broker.add_argument("--insecure", action="store_true", default=None,
                         help="allow listening beyond loopback without keys (trusted networks only)")
@@ -153,7 +154,8 @@ def _run_broker(args: argparse.Namespace) -> int:
     from zfarm.broker import run_broker
 
     settings = resolve(BrokerSettings, _flags(args, ["bind", "heartbeat_interval_s", "liveness",
-                                                     "max_message_bytes", "parent_pid", "keys", "insecure"]))
+                                                     "max_message_bytes", "parent_pid", "keys", "insecure",
+                                                     "history"]))
     run_broker(settings)
     return 0
 
