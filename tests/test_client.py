@@ -186,7 +186,7 @@ def test_breaking_out_of_an_endless_map_cancels_the_rest(farm: str) -> None:
         cancelled_before = snapshot(farm)["cancelled"]
         started = time.monotonic()
         got = []
-        for value in c.map(jobs.square, itertools.count()):
+        for value in c.map(jobs.square, itertools.count(), chunksize=1):
             got.append(value)
             if len(got) == 50:
                 break

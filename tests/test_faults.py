@@ -107,7 +107,7 @@ def test_worker_sigkilled_mid_map_every_result_arrives_once(procs: Procs, ctx: z
 
     results = []
     with zfarm.Client(endpoint) as client:
-        for value in client.map(jobs.slow_square, range(n), [0.005] * n, timeout=60):
+        for value in client.map(jobs.slow_square, range(n), [0.005] * n, timeout=60, chunksize=1):
             results.append(value)
             if len(results) == kill_after:
                 entry = worker_entry(snapshot(ctx, endpoint), victim.pid)
@@ -139,7 +139,7 @@ def test_worker_sigstopped_is_declared_dead_and_rejoins_after_sigcont(
     _, endpoint, (frozen, other) = farm(procs, ctx, n_workers=2, slots=1)
 
     with zfarm.Client(endpoint) as client:
-        results = client.map(jobs.hold, [str(release)] * n, range(n), timeout=RESULT_TIMEOUT_S)
+        results = client.map(jobs.hold, [str(release)] * n, range(n), timeout=RESULT_TIMEOUT_S, chunksize=1)
 
         def both_busy() -> dict[str, Any] | None:
             snap = snapshot(ctx, endpoint)
@@ -165,7 +165,7 @@ def test_worker_sigstopped_is_declared_dead_and_rejoins_after_sigcont(
         frozen.cont()
         wait_for(lambda: frozen.pid in worker_pids(snapshot(ctx, endpoint)), 15.0, interval_s=0.05,
                  message="the resumed worker to register again")
-        again = list(client.map(jobs.square, range(50), timeout=RESULT_TIMEOUT_S))
+        again = list(client.map(jobs.square, range(50), timeout=RESULT_TIMEOUT_S, chunksize=1))
         assert again == [x * x for x in range(50)]
 
     snap = snapshot(ctx, endpoint)
@@ -186,7 +186,7 @@ def test_broker_restarted_on_same_endpoint_map_completes(procs: Procs, ctx: zmq.
 
     results = []
     with zfarm.Client(endpoint) as client:
-        for value in client.map(jobs.slow_square, range(n), [0.01] * n, timeout=50):
+        for value in client.map(jobs.slow_square, range(n), [0.01] * n, timeout=50, chunksize=1):
             results.append(value)
             if len(results) == kill_after:
                 old_broker.kill()
@@ -437,7 +437,7 @@ def test_malformed_input_leaves_broker_serving(procs: Procs, ctx: zmq.Context[An
         sock.close()
 
     with zfarm.Client(endpoint) as client:
-        values = list(client.map(jobs.square, range(100), timeout=RESULT_TIMEOUT_S))
+        values = list(client.map(jobs.square, range(100), timeout=RESULT_TIMEOUT_S, chunksize=1))
     assert values == [x * x for x in range(100)]
     final = status(endpoint)
     assert final is not None

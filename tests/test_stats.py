@@ -38,7 +38,7 @@ def test_client_stats_and_broker_history_describe_the_jobs_that_ran(procs: Procs
     assert {w["pid"] for w in snap["workers"]} == {w.pid for w in workers}
     before = time.time()
     with zfarm.Client(endpoint) as client:
-        squares = list(client.map(jobs.slow_square, range(20), [0.01] * 20))
+        squares = list(client.map(jobs.slow_square, range(20), [0.01] * 20, chunksize=1))
         failures = [client.submit(jobs.boom, i) for i in range(3)]
         crash = client.submit(jobs.segfault, 0)
         for future in failures:

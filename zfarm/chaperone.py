@@ -284,14 +284,17 @@ class SlotPool:
             if slot.task is not None and slot.task.key == key:
                 task = slot.task
                 slot.task = None
-                self._replace(slot)
+                self._replace(slot, why="cancelled")
                 return slot.outcome_without_report(task, Outcome.CANCELLED, [], "cancelled")
         return None
 
-    def _replace(self, slot: Slot) -> SlotOutcome | None:
+    def _replace(self, slot: Slot, why: str = "") -> SlotOutcome | None:
         task = slot.task
         exitcode = slot.kill()
         self.slots[self.slots.index(slot)] = Slot(self.ctx, slot.index)
+        if why:
+            log.info("slot %d %s: killed and replaced", slot.index, why)
+            return None
         if task is None:
             log.warning("slot %d died while idle (%s); replaced it", slot.index, exitcode)
             return None

@@ -78,6 +78,13 @@ def _parser() -> argparse.ArgumentParser:
     history.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the broker")
     _keys_flag(history, name=False)
 
+    dashboard = _command(sub, "dashboard", "a live full-screen view of a broker: workers, queue, clients, "
+                         "events (q quits)", _run_dashboard)
+    dashboard.add_argument("--connect", default=None, help=f"broker endpoint (default {DEFAULT_ADDRESS})")
+    dashboard.add_argument("--refresh", type=float, default=4.0, help="redraws per second (default 4)")
+    dashboard.add_argument("--once", action="store_true", help="print one view (not full screen) and exit")
+    _keys_flag(dashboard, name=False)
+
     keys = sub.add_parser("keys", help="create CURVE keys (see docs/security.md)",
                           description="Create the keys that let only key holders into a farm.")
     keys_sub = keys.add_subparsers(required=True, metavar="ACTION")
@@ -199,6 +206,15 @@ def _run_history(args: argparse.Namespace) -> int:
     else:
         _print_history(columns, rows)
     return 0
+
+
+def _run_dashboard(args: argparse.Namespace) -> int:
+    from zfarm.dashboard import run_dashboard
+
+    if not 0 < args.refresh <= 100:
+        raise ConfigError(f"--refresh must be between 0 and 100 redraws per second, not {args.refresh}")
+    address = args.connect or os.environ.get("ZFARM_ADDRESS") or DEFAULT_ADDRESS
+    return run_dashboard(address, args.keys or os.environ.get("ZFARM_KEYS", ""), args.refresh, args.once)
 
 
 def _print_history(columns: list[str], rows: list[list[Any]]) -> None:

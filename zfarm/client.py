@@ -23,7 +23,6 @@ import threading
 import time
 import uuid
 import weakref
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -34,14 +33,12 @@ from zfarm.config import ClientSettings, resolve
 from zfarm.connection import Connection, JobFuture, PendingJob
 from zfarm.errors import BrokerUnavailable, PayloadTooLarge
 from zfarm.local import LocalCluster
+from zfarm.mapping import MapRun
 from zfarm.progress import known_length, track
 from zfarm.stats import Stats, summarize
 from zfarm.worker import ENVELOPE_ALLOWANCE
 
 log = logging.getLogger(__name__)
-
-_LIVE_CLIENTS: weakref.WeakSet[Client] = weakref.WeakSet()
-
 
 class Client(concurrent.futures.Executor):
     """Run Python functions on a zfarm broker's workers.
@@ -64,27 +61,25 @@ class Client(concurrent.futures.Executor):
                  connect_timeout_s: float | None = None, broker_timeout_s: float | None = None,
                  window: int | None = None, heartbeat_interval_s: float | None = None,
                  keys: str | None = None) -> None:
-        self._cluster: LocalCluster | None = None
         self.settings = resolve(ClientSettings, {
             "address": address, "connect_timeout_s": connect_timeout_s, "broker_timeout_s": broker_timeout_s,
             "window": window, "keys": keys})
-        if address is None and not os.environ.get("ZFARM_ADDRESS"):
-            self._cluster = LocalCluster(n_workers=n_workers, heartbeat_interval_s=heartbeat_interval_s)
-            self.settings = dataclasses.replace(self.settings, address=self._cluster.address)
         self.id = f"c-{uuid.uuid4().hex[:12]}"
         self._seq = itertools.count(1)
         self._shutdown = False
-        self._closed = False
         self._shutdown_lock = threading.Lock()
-        self._futures: weakref.WeakSet[JobFuture] = weakref.WeakSet()  # pending ones stay referenced
-        self._futures_lock = threading.Lock()
-        self._context: zmq.Context[Any] = zmq.Context()
-        self._connection = Connection(self.settings, self.id, self._context)
-        self._connection.start()
-        _LIVE_CLIENTS.add(self)
+        cluster = None
+        if address is None and not os.environ.get("ZFARM_ADDRESS"):
+            cluster = LocalCluster(n_workers=n_workers, heartbeat_interval_s=heartbeat_interval_s,
+                                   keys=self.settings.keys)
+            self.settings = dataclasses.replace(self.settings, address=cluster.address)
+        self._res = _Resources.open(self.settings, self.id, cluster)
+        self._connection = self._res.connection
+        # A client dropped without shutdown() closes once its jobs are done; at exit, at once.
+        weakref.finalize(self, self._res.close_when_done).atexit = False
         if not self._connection.welcomed.wait(self.settings.connect_timeout_s):
             fatal, problem = self._connection.fatal, self._connection.handshake_problem
-            self._close()
+            self._res.close()
             if fatal is not None:
                 raise fatal
             raise BrokerUnavailable(self.settings.address, self.settings.connect_timeout_s,
@@ -136,48 +131,21 @@ class Client(concurrent.futures.Executor):
 
         Args:
             timeout: seconds, from this call, after which a result not yet in raises TimeoutError.
-            chunksize: items per job (default 1); larger chunks cost less per item.
+            chunksize: items per job. Default: adaptive, from the jobs' observed run time
+                (see docs/performance.md); 1 sends every item as its own job.
             progress: show a progress bar on stderr (done/total, rate, time left).
         """
         total = known_length(*iterables) if progress else None
         deadline = None if timeout is None else time.monotonic() + timeout
-        size = max(1, chunksize or 1)
-        fn_id, blob = ser.dump_function(fn)
-        items = zip(*iterables, strict=False)  # like zip: stops at the shortest
-        chunks = iter(lambda: list(itertools.islice(items, size)), [])
-        pending: deque[JobFuture] = deque()
-        self._fill(pending, chunks, fn_id, blob)
-        results = self._map_results(pending, chunks, fn_id, blob, deadline)
+        run = MapRun(self._submit_chunks, fn, zip(*iterables, strict=False), self.settings.window, chunksize)
+        run.fill()  # work starts now, not at the first next()
+        results = run.results(deadline)
         return track(results, total, f"map {getattr(fn, '__name__', 'fn')}") if progress else results
 
-    def _fill(self, pending: deque[JobFuture], chunks: Iterator[list[tuple[Any, ...]]], fn_id: bytes,
-              blob: Any) -> None:
-        room = self.settings.window - len(pending)
-        jobs = [self._job(fn_id, ser.dump_chunk(chunk), len(blob))
-                for chunk in itertools.islice(chunks, max(0, room))]
-        if jobs:
-            self._connection.submit(fn_id, blob, jobs)
-            pending.extend(job.future for job in jobs)
-
-    def _map_results(self, pending: deque[JobFuture], chunks: Iterator[list[tuple[Any, ...]]], fn_id: bytes,
-                     blob: Any, deadline: float | None) -> Iterator[Any]:
-        try:
-            while pending:
-                future = pending[0]
-                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-                try:
-                    values = future.result(remaining)
-                except concurrent.futures.CancelledError:
-                    raise
-                except BaseException:
-                    yield from future.partial or ()
-                    raise
-                pending.popleft()
-                self._fill(pending, chunks, fn_id, blob)
-                yield from values
-        finally:
-            for future in pending:
-                future.cancel()
+    def _submit_chunks(self, fn_id: bytes, blob: Any, chunks: list[list[Any]]) -> list[PendingJob]:
+        jobs = [self._job(fn_id, ser.dump_chunk(chunk), len(blob)) for chunk in chunks]
+        self._connection.submit(fn_id, blob, jobs)
+        return jobs
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop the client (and its embedded farm).
@@ -191,32 +159,12 @@ class Client(concurrent.futures.Executor):
                 return
             self._shutdown = True
         if cancel_futures:
-            for future in self._unfinished():
+            for future in self._res.unfinished():
                 future.cancel()
         if wait:
-            concurrent.futures.wait(self._unfinished())
-            self._close()
+            self._res.close_when_done(block=True)
         else:  # jobs go on; the connection closes when they are done
-            threading.Thread(target=self._close_when_done, name=f"zfarm-close-{self.id}", daemon=True).start()
-
-    def _unfinished(self) -> list[JobFuture]:
-        with self._futures_lock:
-            return [f for f in self._futures if not f.done()]
-
-    def _close_when_done(self) -> None:
-        concurrent.futures.wait(self._unfinished())
-        self._close()
-
-    def _close(self) -> None:
-        with self._shutdown_lock:
-            if self._closed:
-                return
-            self._closed = self._shutdown = True
-        self._connection.close()
-        self._context.term()
-        if self._cluster is not None:
-            self._cluster.stop()
-        _LIVE_CLIENTS.discard(self)
+            self._res.close_when_done()
 
     def _job(self, fn_id: bytes, frames: list[Any], fn_size: int) -> PendingJob:
         if self._shutdown:
@@ -229,12 +177,11 @@ class Client(concurrent.futures.Executor):
             raise PayloadTooLarge(size + fn_size, limit, "this job's function and arguments")
         seq = next(self._seq)
         future = JobFuture(self._connection, seq)
-        with self._futures_lock:
-            self._futures.add(future)
+        self._res.track(future)
         return PendingJob(seq, fn_id, frames, future, size)
 
     def __repr__(self) -> str:
-        where = "embedded" if self._cluster else self.settings.address
+        where = "embedded" if self._res.cluster else self.settings.address
         return f"<zfarm.Client {self.id} {where}{' shut down' if self._shutdown else ''}>"
 
 
@@ -246,12 +193,76 @@ def as_completed(futures: Iterable[concurrent.futures.Future[Any]], timeout: flo
     return track(done, len(futures), "jobs") if progress else done
 
 
+class _Resources:
+    """What a client owns (context, I/O thread, embedded farm), apart from the client itself.
+
+    Kept in ``_OPEN`` until closed, so that a client the program dropped is still
+    closed: when its jobs are done (from the client's finalizer), or at exit.
+    """
+
+    def __init__(self, context: zmq.Context[Any], connection: Connection,
+                 cluster: LocalCluster | None) -> None:
+        self.context = context
+        self.connection = connection
+        self.cluster = cluster
+        self._futures: weakref.WeakSet[JobFuture] = weakref.WeakSet()  # pending ones stay referenced
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @classmethod
+    def open(cls, settings: ClientSettings, client_id: str, cluster: LocalCluster | None) -> _Resources:
+        context: zmq.Context[Any] = zmq.Context()
+        try:
+            connection = Connection(settings, client_id, context)
+        except BaseException:
+            context.term()
+            if cluster is not None:
+                cluster.stop()
+            raise
+        res = cls(context, connection, cluster)
+        _OPEN.add(res)
+        connection.start()
+        return res
+
+    def track(self, future: JobFuture) -> None:
+        with self._lock:
+            self._futures.add(future)
+
+    def unfinished(self) -> list[JobFuture]:
+        with self._lock:
+            return [f for f in self._futures if not f.done()]
+
+    def close_when_done(self, block: bool = False) -> None:
+        if block:
+            concurrent.futures.wait(self.unfinished())
+            self.close()
+        elif not self.unfinished():
+            self.close()
+        else:
+            closer = threading.Thread(target=self.close_when_done, args=(True,), daemon=True)
+            closer.start()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self.connection.close()
+        self.context.term()
+        if self.cluster is not None:
+            self.cluster.stop()
+        _OPEN.discard(self)
+
+
+_OPEN: set[_Resources] = set()
+
+
 @atexit.register
 def _close_all_clients() -> None:
-    for client in list(_LIVE_CLIENTS):
+    for res in list(_OPEN):
         try:
-            for future in client._unfinished():
+            for future in res.unfinished():
                 future.cancel()
-            client._close()
+            res.close()
         except Exception:  # at exit, one client's failure must not keep others' processes alive
-            log.exception("could not close %r at exit", client)
+            log.exception("could not close a zfarm client at exit")

@@ -76,6 +76,8 @@ class JobFuture(Future[Any]):
         self._connection = connection
         #: for a chunk of a map that failed: the results of the items before the failing one
         self.partial: list[Any] | None = None
+        #: how long the job ran in its slot, once it is done (None if unknown)
+        self.run_s: float | None = None
 
     def cancel(self) -> bool:
         if self.done():
@@ -100,6 +102,8 @@ class Connection(threading.Thread):
 
     def __init__(self, settings: ClientSettings, client_id: str, context: zmq.Context[Any]) -> None:
         super().__init__(name=f"zfarm-client-{client_id}", daemon=True)
+        # first, so that unusable keys raise before any socket exists
+        self._keys = PeerKeys.load(settings.keys, "client", settings.key_name) if settings.keys else None
         self.settings = settings
         self.client_id = client_id
         self.context = context
@@ -117,7 +121,6 @@ class Connection(threading.Thread):
         self._woken = False
         self._lock = threading.Lock()
         self._stopping = False
-        self._keys = PeerKeys.load(settings.keys, "client", settings.key_name) if settings.keys else None
         # owned by the I/O thread from here on
         self._socket: zmq.Socket[Any] | None = None
         self._monitor: zmq.Socket[Any] | None = None
@@ -299,6 +302,7 @@ class Connection(threading.Thread):
             if row is not None and outcome != p.Outcome.CANCELLED:
                 name = p.Outcome(outcome).name.lower()
                 records.append(record_of(f"{self.client_id}:{seq}", name, info, row))
+                job.future.run_s = row[6]
             _resolve(job, outcome, frames, info, self.client_id)
         if records:
             with self.records_lock:

@@ -22,13 +22,16 @@ log = logging.getLogger(__name__)
 
 class LocalCluster:
     def __init__(self, n_workers: int | None = None, procs_per_worker: int = 1,
-                 heartbeat_interval_s: float | None = None, log_level: str = "warning") -> None:
+                 heartbeat_interval_s: float | None = None, log_level: str = "warning",
+                 keys: str = "") -> None:
         self.n_workers = n_workers or os.cpu_count() or 1
         self._tmpdir = tempfile.mkdtemp(prefix="zfarm-")
         self.address = _private_endpoint(self._tmpdir)
         common = ["--parent-pid", str(os.getpid()), "--log-level", log_level]
         if heartbeat_interval_s is not None:
             common += ["--heartbeat-interval", str(heartbeat_interval_s)]
+        if keys:
+            common += ["--keys", keys]
         self.broker = _spawn(["broker", "--bind", self.address, *common])
         self.workers = [
             _spawn(["worker", "--connect", self.address, "--procs", str(procs_per_worker), "--grace", "2",
@@ -40,19 +43,23 @@ class LocalCluster:
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Stop every process (politely, then by force) and remove the temporary folder."""
-        procs = [*self.workers, self.broker]
-        for proc in procs:
-            if proc.poll() is None:
-                proc.terminate()
         deadline = time.monotonic() + timeout_s
-        for proc in procs:
-            try:
-                proc.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                log.warning("pid %d did not stop within %.0f s: killing it", proc.pid, timeout_s)
-                proc.kill()
-                proc.wait()
+        _stop(self.workers, deadline)  # workers first, so none of them sees its broker leave
+        _stop([self.broker], deadline)
         shutil.rmtree(self._tmpdir, ignore_errors=True)
+
+
+def _stop(procs: list[subprocess.Popen[bytes]], deadline: float) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("pid %d did not stop in time: killing it", proc.pid)
+            proc.kill()
+            proc.wait()
 
 
 def _spawn(args: list[str]) -> subprocess.Popen[bytes]:

@@ -114,7 +114,7 @@ class WorkerCore:
         if isinstance(msg, p.Refused):
             raise Refused(f"the broker refused this worker: {msg.reason}")
         if isinstance(msg, p.Disconnect):
-            log.warning("broker is leaving (%s): will reconnect", msg.reason)
+            log.info("broker is leaving (%s): will reconnect", msg.reason)
             return self._drop_link(now)
         if not isinstance(msg, p.Heartbeat):
             log.warning("ignored unexpected %s from the broker", type(msg).__name__)
@@ -233,6 +233,8 @@ class Worker:
 
     def __init__(self, settings: WorkerSettings, context: zmq.Context[Any] | None = None) -> None:
         self.settings = settings
+        # first, so that unusable keys stop us before any socket or process exists
+        self.keys = PeerKeys.load(settings.keys, "worker", settings.key_name) if settings.keys else None
         self._own_context = context is None
         self.context = context or zmq.Context()
         self.core = WorkerCore(settings, time.monotonic())
@@ -320,8 +322,8 @@ class Worker:
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-        if self.settings.keys:
-            PeerKeys.load(self.settings.keys, "worker", self.settings.key_name).apply(sock)
+        if self.keys is not None:
+            self.keys.apply(sock)
         sock.connect(self.settings.address)
         self.socket = sock
 

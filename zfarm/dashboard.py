@@ -1,0 +1,298 @@
+"""``zfarm dashboard``: a live view of one broker, redrawn several times a second.
+
+::
+
+    broker ──STATUS_REPLY──> _Link (one DEALER, kept open) ──snapshot──> render() ──> rich Live
+       ^                                                                                │
+       └────────────── STATUS, once a refresh, at most one outstanding ─────────────────┘
+    stdin (cbreak) ──'q'──> leave
+
+:func:`render` is pure: a snapshot (plain data from ``Scheduler.snapshot``) and a small
+:class:`DashboardState` in, a rich renderable out, so tests render to text. :func:`run_dashboard`
+owns the socket, the terminal and the ``Live`` screen.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import termios
+import time
+import tty
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+from rich import box
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from zfarm import protocol as p
+from zfarm.errors import ProtocolError, Refused
+from zfarm.monitor import fetch_status, monitor_keys
+from zfarm.records import THROUGHPUT_WINDOW_S
+
+SPARK = "▁▂▃▄▅▆▇█"
+RATE_WINDOW_S = 3  # "throughput now": the mean of the last few complete seconds
+MAX_EVENTS = 12
+MAX_LOST_SHOWN = 5
+LOST_SHOWN_FOR_S = 300.0
+STATE_STYLE = {"idle": "dim green", "busy": "bold yellow", "lost": "bold red"}
+EVENT_STYLE = {"worker-joined": "green", "worker-left": "cyan", "worker-lost": "bold red",
+               "client-joined": "blue", "client-left": "magenta", "job-failed": "red"}
+
+
+@dataclass
+class DashboardState:
+    """What the dashboard knows beyond the latest snapshot: where it looks and whether it is answered."""
+
+    address: str
+    problem: str = ""  # non-empty while the broker does not answer
+
+
+def sparkline(values: list[int]) -> str:
+    """One block character per value, scaled to the largest; zero is a space."""
+    top = max(values, default=0)
+    if top <= 0:
+        return " " * len(values)
+    return "".join(" " if v <= 0 else SPARK[min(len(SPARK) - 1, (v * len(SPARK) - 1) // top)] for v in values)
+
+
+def rate_now(throughput: list[int]) -> float:
+    """Jobs per second over the last complete seconds (the current, partial second is left out)."""
+    complete = throughput[-1 - RATE_WINDOW_S:-1]
+    return sum(complete) / len(complete) if complete else 0.0
+
+
+def render(snapshot: dict[str, Any] | None, state: DashboardState) -> RenderableType:
+    """The whole dashboard for one snapshot (None: the broker has not answered yet)."""
+    parts: list[RenderableType] = [_header(snapshot, state)]
+    if snapshot is not None:
+        parts.append(_workers(snapshot))
+        row = Table.grid(padding=(0, 1))
+        row.add_column(width=THROUGHPUT_WINDOW_S + 4)  # the sparkline and the panel's border
+        row.add_column()
+        row.add_row(_queue(snapshot), _clients(snapshot))
+        parts += [row, _events(snapshot)]
+    return Group(*parts)
+
+
+def _header(snap: dict[str, Any] | None, state: DashboardState) -> RenderableType:
+    text = Text()
+    if state.problem:
+        text.append(f"broker not answering at {state.address} (retrying)", "bold red")
+        text.append(f"  {state.problem}{'; its last answer below' if snap else ''}", "red")
+    if snap is None:
+        if not state.problem:
+            text.append(f"connecting to {state.address} …", "yellow")
+        return Panel(text, title="zfarm dashboard", box=box.ROUNDED)
+    if state.problem:
+        text.append("\n")
+    text.append("zfarm broker ", "bold")
+    text.append(str(snap.get("address") or state.address), "bold cyan")
+    text.append(f"  id {snap['broker_id']}  up {_duration(snap['uptime_s'])}  "
+                f"protocol {snap['protocol']}  zfarm {snap['version']}  "
+                f"heartbeat {snap['heartbeat_interval_s']:g} s, liveness {snap['liveness']}")
+    return Panel(text, title="zfarm dashboard", subtitle="q quits", box=box.ROUNDED)
+
+
+def _workers(snap: dict[str, Any]) -> RenderableType:
+    alive = snap["workers"]
+    lost = _recent_lost(snap)
+    table = _table(f"workers: {len(alive)} connected, {len(lost)} recently lost", "worker", "host", "pid",
+                   "slots busy/total", "done", "failed", "heartbeat age", "state")
+    for w in alive:
+        state = w.get("state", "busy" if w["busy"] else "idle")
+        held = f" +{w['busy'] - w['slots']} held" if w["busy"] > w["slots"] else ""
+        table.add_row(w["id"], w["host"], str(w["pid"]), f"{min(w['busy'], w['slots'])}/{w['slots']}{held}",
+                      f"{w['done']:,}", f"{w['failed']:,}", f"{w['heartbeat_age_s']:.1f} s",
+                      Text(state, STATE_STYLE.get(state, "")))
+    for w in lost:
+        age = _broker_now(snap) - w["lost_at"]
+        table.add_row(w["id"], w["host"], str(w["pid"]), f"-/{w['slots']}", f"{w['done']:,}",
+                      f"{w['failed']:,}", f"{w['heartbeat_age_s']:.1f} s",
+                      Text(f"lost {_duration(age)} ago", STATE_STYLE["lost"]), style="red")
+    return table
+
+
+def _recent_lost(snap: dict[str, Any]) -> list[dict[str, Any]]:
+    """Workers lost lately and not back under the same id, newest first."""
+    back = {w["id"] for w in snap["workers"]}
+    now = _broker_now(snap)
+    lost = [w for w in reversed(snap.get("lost_workers", []))
+            if w["id"] not in back and now - w["lost_at"] <= LOST_SHOWN_FOR_S]
+    return lost[:MAX_LOST_SHOWN]
+
+
+def _queue(snap: dict[str, Any]) -> RenderableType:
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column()
+    grid.add_column(justify="right")
+    for label, key in [("queued", "queued"), ("in flight", "in_flight"), ("done", "done"),
+                       ("failed", "failed"), ("requeued", "requeued"), ("workers lost", "workers_lost")]:
+        style = "red" if key in ("failed", "workers_lost") and snap[key] else ""
+        grid.add_row(label, Text(f"{snap[key]:,}", style))
+    throughput = list(snap.get("throughput", []))
+    grid.add_row("throughput now", Text(f"{rate_now(throughput):,.1f} jobs/s", "bold cyan"))
+    return Panel(Group(grid, Text("last 60 s", "dim"), Text(sparkline(throughput), "cyan")),
+                 title="queue", box=box.ROUNDED)
+
+
+def _clients(snap: dict[str, Any]) -> RenderableType:
+    table = _table("clients", "client", "host", "submitted", "done", "in flight", "failed")
+    for c in snap["clients"]:
+        table.add_row(c["id"], c["host"], f"{c['submitted']:,}", f"{c['done']:,}", f"{c['in_flight']:,}",
+                      Text(f"{c['failed']:,}", "red" if c["failed"] else ""))
+    if not snap["clients"]:
+        table.add_row(Text("(no clients)", "dim"), "", "", "", "", "")
+    return table
+
+
+def _events(snap: dict[str, Any]) -> RenderableType:
+    table = _table("latest events (newest first)", "time", "event", "what")
+    for e in list(reversed(snap.get("events", [])))[:MAX_EVENTS]:
+        style = EVENT_STYLE.get(e["kind"], "")
+        table.add_row(time.strftime("%H:%M:%S", time.localtime(e["at"])), Text(e["kind"], style),
+                      Text(e["text"], style))
+    return table
+
+
+def _table(title: str, *columns: str) -> Table:
+    return Table(*columns, title=title, box=box.SIMPLE_HEAD, title_justify="left")
+
+
+def _broker_now(snap: dict[str, Any]) -> float:
+    return float(snap.get("started_at", 0.0)) + float(snap["uptime_s"])
+
+
+def _duration(seconds: float) -> str:
+    whole = max(0, int(seconds))
+    return f"{whole} s" if whole < 60 else f"{whole // 60} min {whole % 60:02d} s"
+
+
+class _Link:
+    """One monitor DEALER kept open across refreshes; replaced when the broker stops answering."""
+
+    def __init__(self, address: str, keys: str = "") -> None:
+        self.address, self.keys = address, keys
+        self.hello = p.Hello(p.Role.MONITOR.value, f"dash-{uuid.uuid4().hex[:8]}", socket.gethostname(),
+                             os.getpid())
+        self.sock = self._open()
+        self.asked_at: float | None = None  # monotonic time of the outstanding STATUS
+
+    def _open(self) -> zmq.Socket[Any]:
+        sock: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        if self.keys:
+            monitor_keys(self.keys).apply(sock)
+        sock.connect(self.address)
+        sock.send_multipart(p.encode(self.hello))
+        return sock
+
+    def ask(self, now: float) -> None:
+        """Send STATUS unless one is outstanding."""
+        if self.asked_at is None:
+            self.sock.send_multipart(p.encode(p.Status()))
+            self.asked_at = now
+
+    def reset(self) -> None:
+        """Lazy pirate: drop the socket (and whatever is queued on it) and start over."""
+        self.sock.close(linger=0)
+        self.sock = self._open()
+        self.asked_at = None
+
+    def receive(self) -> dict[str, Any] | None:
+        """Read what has arrived; return the newest snapshot, if any."""
+        snapshot = None
+        while self.sock.poll(0):
+            try:
+                msg = p.decode(self.sock.recv_multipart())
+            except ProtocolError:
+                continue
+            if isinstance(msg, p.StatusReply):
+                snapshot, self.asked_at = msg.snapshot, None
+            elif isinstance(msg, p.Reconnect):  # the broker forgot us (restart, or we were too quiet)
+                self.sock.send_multipart(p.encode(self.hello))
+                self.sock.send_multipart(p.encode(p.Status()))
+            elif isinstance(msg, p.Refused):
+                raise Refused(f"the broker at {self.address} refused us: {msg.reason}")
+        return snapshot
+
+    def close(self) -> None:
+        try:
+            self.sock.send_multipart(p.encode(p.Disconnect("dashboard closed")), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+        self.sock.close(linger=200)
+
+
+@contextmanager
+def _cbreak_stdin() -> Iterator[int | None]:
+    """stdin in cbreak mode (keys arrive one by one, Ctrl-C still interrupts); None if not a terminal."""
+    if not sys.stdin.isatty():
+        yield None
+        return
+    fd = sys.stdin.fileno()
+    saved = termios.tcgetattr(fd)
+    try:
+        tty.setcbreak(fd)
+        yield fd
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+def run_dashboard(address: str, keys: str = "", refresh_hz: float = 4.0, once: bool = False,
+                  timeout_s: float = 5.0) -> int:
+    """Show the dashboard until ``q`` (returns 0) or Ctrl-C (KeyboardInterrupt propagates: exit 130).
+
+    ``once``: print one render, not full screen, and return (raises BrokerUnavailable if no answer
+    within ``timeout_s``).
+    """
+    if once:
+        Console().print(render(fetch_status(address, timeout_s, keys=keys), DashboardState(address)))
+        return 0
+    period_s = 1.0 / refresh_hz
+    patience_s = max(1.0, 2 * period_s)  # no answer for this long: the broker is not answering
+    state = DashboardState(address)
+    snapshot: dict[str, Any] | None = None
+    answered_at = time.monotonic()  # or started to ask
+    link = _Link(address, keys)
+    try:
+        with _cbreak_stdin() as keyboard, Live(render(None, state), screen=True, auto_refresh=False) as live:
+            next_draw = time.monotonic()
+            while True:
+                now = time.monotonic()
+                if now >= next_draw:
+                    if link.asked_at is not None and now - link.asked_at > patience_s:
+                        link.reset()
+                        state.problem = "lost"
+                    link.ask(now)
+                    if state.problem:
+                        state.problem = f"no answer for {now - answered_at:.0f} s"
+                        live.update(render(snapshot, state), refresh=True)
+                    next_draw = max(next_draw + period_s, now)
+                if _wait(link.sock, keyboard, next_draw - time.monotonic()):
+                    return 0
+                fresh = link.receive()
+                if fresh is not None:
+                    snapshot, answered_at, state.problem = fresh, time.monotonic(), ""
+                    live.update(render(snapshot, state), refresh=True)
+    finally:
+        link.close()
+
+
+def _wait(sock: zmq.Socket[Any], keyboard: int | None, timeout_s: float) -> bool:
+    """Wait for the socket or a key; True if the key was ``q``."""
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    if keyboard is not None:
+        poller.register(keyboard, zmq.POLLIN)
+    ready = dict(poller.poll(int(max(0.0, timeout_s) * 1000)))
+    return keyboard is not None and keyboard in ready and b"q" in os.read(keyboard, 64).lower()
