@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 #: messages handled before the loop flushes and checks its timers
 DRAIN_LIMIT = 1000
+#: messages queued for one peer before it counts as gone (batches: one message holds many jobs)
+SEND_QUEUE_MESSAGES = 10_000
 
 
 class Broker:
@@ -47,7 +49,9 @@ class Broker:
         self.socket: zmq.Socket[Any] = self.context.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.socket.setsockopt(zmq.MAXMSGSIZE, settings.max_message_bytes)
-        self.socket.setsockopt(zmq.SNDHWM, 0)  # credit and client windows bound what we queue
+        # Credit and client windows bound what we queue for well-behaved peers; a peer that stops
+        # reading hits this bound and is dropped (see _send) instead of growing our memory.
+        self.socket.setsockopt(zmq.SNDHWM, SEND_QUEUE_MESSAGES)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.HANDSHAKE_IVL, int(settings.handshake_timeout_s * 1000))
         self.keys = BrokerKeys(settings.keys) if settings.keys else None
@@ -107,7 +111,11 @@ class Broker:
         send = self.socket.send_multipart
         for route, msg in outbound:
             try:
-                send([route, *p.encode(msg)], copy=False)
+                send([route, *p.encode(msg)], zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                log.warning("peer %s reads nothing: %d messages wait for it; dropping it", route.hex(),
+                            SEND_QUEUE_MESSAGES)
+                self.scheduler.peer_unreachable(route, time.monotonic())
             except zmq.ZMQError as exc:
                 if exc.errno != zmq.EHOSTUNREACH:
                     raise

@@ -95,6 +95,7 @@ class PendingJob:
     frames: list[Any]
     future: JobFuture
     size: int = 0
+    submitted_at: float = 0.0  # when the I/O thread took it (monotonic)
 
 
 class Connection(threading.Thread):
@@ -237,9 +238,14 @@ class Connection(threading.Thread):
                 fn_id, blob, jobs = payload
                 self._fns[fn_id] = blob
                 self._fn_users[fn_id] = self._fn_users.get(fn_id, 0) + len(jobs)
+                now = time.monotonic()
                 for job in jobs:
+                    job.submitted_at = now
                     self._jobs[job.seq] = job
                     self._to_send.append(job.seq)
+                if self._link is Link.DOWN:  # new work: try the broker now, not after the backoff
+                    self._reconnect_at = now
+                    self._backoff_s = self.settings.reconnect_min_s
             elif what == "cancel":
                 if self._forget(payload) is not None and self._link is Link.READY:
                     self._send(p.Cancel([payload]), time.monotonic())
@@ -350,10 +356,14 @@ class Connection(threading.Thread):
         self._send(p.Submit(fn_id, with_fn, rows, frames), now)
 
     def _check_liveness(self, now: float) -> None:
-        silent_s = now - self._last_heard
-        if self._jobs and silent_s > self.settings.broker_timeout_s:
+        limit_s = self.settings.broker_timeout_s
+        if self._jobs and now - self._last_heard > limit_s:
+            # each job waits broker_timeout_s from its own submission, not from the last message heard
             detail = self.handshake_problem or "unfinished jobs given up"
-            self._fail_all(BrokerUnavailable(self.settings.address, silent_s, detail))
+            for seq, job in list(self._jobs.items()):
+                waited_s = now - max(self._last_heard, job.submitted_at)
+                if waited_s > limit_s and self._forget(seq) is not None:
+                    _set(job.future, error=BrokerUnavailable(self.settings.address, waited_s, detail))
         if self._link is Link.DOWN:
             return
         silent_s = now - max(self._last_heard, self._attempt_at)

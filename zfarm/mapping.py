@@ -75,6 +75,8 @@ class MapRun:
         self._pending: deque[tuple[JobFuture, int]] = deque()
         self._items_in_flight = 0
         self._exhausted = False
+        #: what the input raised: raised to the caller after the results before it
+        self._input_error: BaseException | None = None
 
     def fill(self) -> None:
         """Submit chunks until the window (of chunks and of items) is full or the input ends."""
@@ -84,9 +86,14 @@ class MapRun:
         chunk_cap = self._window if self.sizer.measured else PROBES
         while (not self._exhausted and len(self._pending) + len(chunks) < chunk_cap
                and self._items_in_flight < item_cap):
-            chunk = list(itertools.islice(self._items, size))
-            if not chunk:
+            chunk: list[tuple[Any, ...]] = []
+            try:
+                chunk.extend(itertools.islice(self._items, size))
+            except Exception as exc:  # the caller's generator failed: finish what we have first
+                self._input_error = exc
+            if len(chunk) < size or self._input_error is not None:
                 self._exhausted = True
+            if not chunk:
                 break
             chunks.append(chunk)
             self._items_in_flight += len(chunk)
@@ -112,6 +119,8 @@ class MapRun:
                 self.sizer.observe(items, future.run_s)
                 self.fill()
                 yield from values
+            if self._input_error is not None:
+                raise self._input_error
         finally:
             for future, _ in self._pending:
                 future.cancel()

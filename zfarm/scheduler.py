@@ -39,6 +39,7 @@ Route = bytes
 Outbound = tuple[Route, p.Message]
 MAX_PEER_ID_CHARS = 128
 MAX_CREDIT = 1_000_000
+MALFORMED_LOGS_PER_S = 5
 #: how often the core scans peers for expiry and heartbeats, as a fraction of the interval
 SCANS_PER_INTERVAL = 4
 
@@ -143,6 +144,7 @@ class Scheduler:
         self.queued = 0
         self.counters = Counters()
         self._out: list[Outbound] = []
+        self._log_second, self._logged, self._unlogged = 0, 0, 0
         self._next_scan = now
         self.deadline_s = settings.heartbeat_interval_s * settings.liveness
 
@@ -160,8 +162,7 @@ class Scheduler:
             self._out.append((route, p.Refused(str(exc))))
             return
         except ProtocolError as exc:
-            self.counters.malformed += 1
-            log.warning("dropped malformed message from %s: %s", route.hex(), exc)
+            self._malformed(now, "dropped malformed message from %s: %s", route.hex(), exc)
             return
         if isinstance(msg, p.Hello) and roles is not None and msg.role not in roles:
             reason = (f"this key may not connect as a {msg.role}; it may connect as: "
@@ -173,8 +174,23 @@ class Scheduler:
         try:
             self._dispatch_message(route, msg, now)
         except ProtocolError as exc:
-            self.counters.malformed += 1
-            log.warning("dropped %s from %s: %s", type(msg).__name__, route.hex(), exc)
+            peer = self.peers.get(route)
+            who = f"{_role(peer)} {peer.id}" if peer else route.hex()
+            self._malformed(now, "dropped %s from %s: %s", type(msg).__name__, who, exc)
+
+    def _malformed(self, now: float, text: str, *args: Any) -> None:
+        """Count bad input; log a few lines a second at most, so a flood cannot slow the broker."""
+        self.counters.malformed += 1
+        second = int(now)
+        if second != self._log_second:
+            if self._unlogged:
+                log.warning("dropped %d more malformed messages without logging them", self._unlogged)
+            self._log_second, self._logged, self._unlogged = second, 0, 0
+        if self._logged < MALFORMED_LOGS_PER_S:
+            self._logged += 1
+            log.warning(text, *args)
+        else:
+            self._unlogged += 1
 
     def _dispatch_message(self, route: Route, msg: p.Message, now: float) -> None:
         if isinstance(msg, p.Hello):
