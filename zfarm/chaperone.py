@@ -30,7 +30,7 @@ import msgpack
 
 from zfarm import serialization as ser
 from zfarm.errors import JobCrashed
-from zfarm.protocol import Outcome
+from zfarm.protocol import Outcome, remember_fn
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def _slot_main(conn: Connection, lifeline: Connection) -> None:
         try:
             fn_id, with_fn, nframes = msgpack.unpackb(conn.recv_bytes())
             if with_fn:
-                functions[fn_id] = _load(conn.recv_bytes())
+                remember_fn(functions, fn_id, _load(conn.recv_bytes()))
             frames = [conn.recv_bytes() for _ in range(nframes)]
         except (EOFError, OSError):
             os._exit(0)  # the worker closed the pipe: a normal end
@@ -190,14 +190,14 @@ class Slot:
         lifeline_r.close()
         self.task: SlotTask | None = None
         self.started_at = 0.0
-        self.fns: set[bytes] = set()
+        self.fns: dict[bytes, None] = {}  # mirrors the slot's function cache
 
     def send(self, task: SlotTask) -> None:
         with_fn = task.fn_id not in self.fns and task.fn_blob is not None
         self.conn.send_bytes(msgpack.packb([task.fn_id, with_fn, len(task.frames)]))
         if with_fn:
             self.conn.send_bytes(ser.buffer_of(task.fn_blob))
-            self.fns.add(task.fn_id)
+            remember_fn(self.fns, task.fn_id, None)
         for frame in task.frames:
             self.conn.send_bytes(ser.buffer_of(frame))
         self.task = task

@@ -301,6 +301,10 @@ class Connection(threading.Thread):
         stats: list[list[Any] | None] = [*msg.stats] or [None] * len(msg.results)
         records = []
         for (seq, outcome, _n, info), frames, row in zip(msg.results, per_row, stats, strict=True):
+            if outcome == p.Outcome.LOST and info == p.FUNCTION_MISSING and seq in self._jobs:
+                self._fns_sent.discard(self._jobs[seq].fn_id)  # the broker let it go: send it again
+                self._to_send.append(seq)
+                continue
             job = self._forget(seq)
             if job is None:
                 self.duplicates += 1
@@ -323,6 +327,7 @@ class Connection(threading.Thread):
             else:
                 del self._fn_users[job.fn_id]
                 del self._fns[job.fn_id]
+                self._fns_sent.discard(job.fn_id)
         return job
 
     def _flush(self) -> None:

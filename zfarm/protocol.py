@@ -407,6 +407,25 @@ def _check_plain_rows(msg: Message) -> None:
         raise ProtocolError("HISTORY_REPLY rows must be arrays")
 
 
+#: functions a worker (and each of its slots) keeps; the broker mirrors the worker's cache
+FN_CACHE_SIZE = 64
+#: LOST info for a job whose function the broker no longer had; the client sends it again
+FUNCTION_MISSING = "function missing at the broker: the client sends it again"
+
+
+def remember_fn(cache: dict[bytes, Any], fn_id: bytes, value: Any, size: int = FN_CACHE_SIZE) -> None:
+    """Add to a bounded function cache, forgetting the oldest first.
+
+    Both ends of a link apply this same rule in the same order (the broker to what
+    it sent a worker, the worker to what it received; a worker to what it sent a
+    slot, the slot to what it received), so each knows what the other still holds.
+    """
+    cache.pop(fn_id, None)
+    cache[fn_id] = value
+    while len(cache) > size:
+        del cache[next(iter(cache))]
+
+
 def split_frames(frames: Sequence[Frame], counts: Sequence[int]) -> list[list[Frame]]:
     """Cut a flat payload into one list of frames per row."""
     out: list[list[Frame]] = []

@@ -40,6 +40,8 @@ Outbound = tuple[Route, p.Message]
 MAX_PEER_ID_CHARS = 128
 MAX_CREDIT = 1_000_000
 MALFORMED_LOGS_PER_S = 5
+#: how long a client's function outlives its last job at the broker (the client may send more)
+FN_KEEP_S = 3.0
 #: how often the core scans peers for expiry and heartbeats, as a fraction of the interval
 SCANS_PER_INTERVAL = 4
 
@@ -89,7 +91,7 @@ class WorkerRecord(Peer):
     slots: int = 0
     credit: int = 0
     jobs: dict[tuple[str, int], Job] = field(default_factory=dict)
-    fns: set[bytes] = field(default_factory=set)
+    fns: dict[bytes, None] = field(default_factory=dict)  # mirrors the worker's function cache
     done: int = 0
     failed: int = 0
     outbox: list[Job] = field(default_factory=list)
@@ -102,6 +104,8 @@ class ClientRecord(Peer):
     scheduled: bool = False  # in the scheduler's round-robin of clients with queued jobs
     jobs: dict[int, Job] = field(default_factory=dict)
     fns: dict[bytes, Any] = field(default_factory=dict)
+    fn_users: dict[bytes, int] = field(default_factory=dict)  # unfinished jobs per function
+    fn_idle: dict[bytes, float] = field(default_factory=dict)  # unused functions, since when
     submitted: int = 0
     done: int = 0
     failed: int = 0
@@ -231,8 +235,9 @@ class Scheduler:
             self._submit(client, msg, now)
         elif isinstance(msg, p.Cancel):
             for seq in msg.seqs:
-                job = client.jobs.pop(seq, None)
+                job = client.jobs.get(seq)
                 if job is not None:
+                    self._forget_job(client, job, now)
                     self._cancel(job, client)
         else:
             raise ProtocolError(f"a client cannot send {type(msg).__name__}")
@@ -250,6 +255,7 @@ class Scheduler:
             return
         interval = self.settings.heartbeat_interval_s
         self._next_scan = now + interval / SCANS_PER_INTERVAL
+        self._drop_idle_functions(now)
         for peer in list(self.peers.values()):
             silent_s = now - peer.last_seen
             if silent_s > self.deadline_s:
@@ -291,8 +297,9 @@ class Scheduler:
         known = self.peers.get(route)
         if known is not None and known.id == msg.peer_id and _role(known) == msg.role:
             known.last_seen = now  # a repeated HELLO: answer again
-            if isinstance(known, WorkerRecord):  # a worker answers every WELCOME with its full credit
-                known.credit = 0
+            if isinstance(known, WorkerRecord):  # after every WELCOME a worker sends its full credit
+                known.credit = 0  # and starts its function cache afresh
+                known.fns.clear()
                 self.hungry.pop(known.id, None)
             self._send(known, self._welcome(), now)
             return
@@ -396,17 +403,19 @@ class Scheduler:
             client.fns[msg.fn_id] = frames[0]
             frames = frames[1:]
         known_fn = msg.fn_id in client.fns
+        client.fn_idle.pop(msg.fn_id, None)
         per_job = p.split_frames(frames, [row[1] for row in msg.jobs])
         for (seq, _n, options), job_frames in zip(msg.jobs, per_job, strict=True):
             if seq in client.jobs:
                 continue  # a resubmission of a job we hold already
             if not known_fn:
-                why = "the broker never received this job's function; submit it again"
                 at = self.records.wall(now)
-                self._finish_for_client(client, seq, p.Outcome.LOST, [], why, ["", "", 0, at, at, at, 0.0, 0])
+                self._finish_for_client(client, seq, p.Outcome.LOST, [], p.FUNCTION_MISSING,
+                                        ["", "", 0, at, at, at, 0.0, 0])
                 continue
             job = Job(client.id, seq, msg.fn_id, job_frames, options, now)
             client.jobs[seq] = job
+            client.fn_users[msg.fn_id] = client.fn_users.get(msg.fn_id, 0) + 1
             client.queue.append(job)
             client.queued += 1
             client.submitted += 1
@@ -476,7 +485,7 @@ class Scheduler:
                 client = self.clients[job.client_id]
                 fns.append(job.fn_id)
                 fn_frames.append(client.fns[job.fn_id])
-                worker.fns.add(job.fn_id)
+                p.remember_fn(worker.fns, job.fn_id, None)
             rows.append([job.client_id, job.seq, len(job.history), job.fn_id, len(job.frames), job.options])
             job_frames.extend(job.frames)
         worker.outbox = []
@@ -506,7 +515,7 @@ class Scheduler:
     def _finish_job(self, worker: WorkerRecord, client: ClientRecord, job: Job, outcome: p.Outcome,
                     frames: list[Any], info: str, run: list[Any], now: float) -> None:
         self._release(job, finisher=worker)
-        del client.jobs[job.seq]
+        self._forget_job(client, job, now)
         job.state = JobState.FINISHED
         ok = outcome == p.Outcome.OK
         worker.done += ok
@@ -522,6 +531,22 @@ class Scheduler:
         stats = [worker.id, worker.host, len(job.history), queued_at, started_at, finished_at, run_s,
                  peak_rss]
         self._finish_for_client(client, job.seq, outcome, frames, info, stats)
+
+    def _forget_job(self, client: ClientRecord, job: Job, now: float) -> None:
+        """The job is over for its client; its function is kept a little while for the next jobs."""
+        del client.jobs[job.seq]
+        users = client.fn_users.get(job.fn_id, 0) - 1
+        client.fn_users[job.fn_id] = users
+        if users <= 0:
+            client.fn_idle[job.fn_id] = now
+
+    def _drop_idle_functions(self, now: float) -> None:
+        for client in self.clients.values():
+            for fn_id, since in list(client.fn_idle.items()):
+                if now - since > FN_KEEP_S:
+                    del client.fn_idle[fn_id]
+                    client.fns.pop(fn_id, None)
+                    client.fn_users.pop(fn_id, None)
 
     def _give_back(self, worker: WorkerRecord, job: Job) -> None:
         if job.state is JobState.ASSIGNED and worker.jobs.pop(job.key, None) is job:

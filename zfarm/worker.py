@@ -124,6 +124,7 @@ class WorkerCore:
         if self.link is not Link.READY:
             log.info("worker %s registered with broker %s (%d slots)", self.id, msg.broker_id, self.slots)
         self.link = Link.READY
+        self.fns.clear()  # the broker's mirror of our cache starts empty with each registration
         self.broker_id = msg.broker_id
         self.max_message_bytes = msg.max_message_bytes
         self.interval_s, self.liveness = msg.heartbeat_interval_s, msg.liveness
@@ -136,7 +137,7 @@ class WorkerCore:
 
     def _jobs(self, msg: p.Jobs, now: float) -> Actions:
         for fn_id, blob in zip(msg.fns, msg.frames, strict=False):  # frames go on past the fns
-            self.fns[fn_id] = blob
+            p.remember_fn(self.fns, fn_id, blob)
         per_job = p.split_frames(msg.frames[len(msg.fns):], [row[4] for row in msg.jobs])
         returned: list[SlotOutcome] = []
         for (client_id, seq, attempt, fn_id, _n, options), frames in zip(msg.jobs, per_job, strict=True):

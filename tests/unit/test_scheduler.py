@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from zfarm import protocol as p
+from zfarm import scheduler
 from zfarm.config import BrokerSettings
 from zfarm.scheduler import Scheduler
 
@@ -958,3 +959,53 @@ def test_random_conversations_keep_credit_and_deliver_once(ops: list[tuple[str, 
     for op in ops:
         conversation.run(op)
     conversation.drain()
+
+
+# ---- function caches --------------------------------------------------------------------------------
+
+
+def test_a_function_is_let_go_after_its_last_job_and_asked_for_again() -> None:
+    farm = Farm()
+    farm.worker(W1, "w1", credit=2)
+    farm.client(CA, "ca")
+    farm.submit(CA, [1], 0.1)
+    (row,) = job_rows(farm.out(0.1), W1)
+    farm.result(W1, row, 0.2)
+    farm.out(0.2)
+    farm.submit(CA, [2], 1.0, with_fn=False)  # soon after: the broker still has the function
+    (row2,) = job_rows(farm.out(1.0), W1)
+    farm.result(W1, row2, 1.1)
+    farm.out(1.1)
+    later = 1.1 + scheduler.FN_KEEP_S + 1.0
+    for step in range(1, int(later * 2)):  # both peers stay alive meanwhile
+        farm.send(W1, p.Heartbeat(), step / 2)
+        farm.send(CA, p.Heartbeat(), step / 2)
+        farm.sched.tick(step / 2)
+    farm.sched.tick(later)
+    farm.submit(CA, [3], later, with_fn=False)  # the client still thinks the broker has it
+    (lost, _frames), = [r for r in result_rows(farm.out(later), CA) if r[0][0] == 3]
+    assert lost[1] == int(p.Outcome.LOST) and lost[3] == p.FUNCTION_MISSING
+    farm.submit(CA, [3], later, with_fn=True)  # the client's answer: send it again
+    assert job_seqs(farm.out(later), W1) == [3]
+
+
+def test_the_worker_function_cache_is_mirrored_and_bounded() -> None:
+    farm = Farm()
+    farm.worker(W1, "w1", credit=1)
+    farm.client(CA, "ca")
+    sent: list[bytes] = []
+    now = 0.0
+    for seq in range(p.FN_CACHE_SIZE + 2):
+        fn = f"fn-{seq:04d}".encode().ljust(16, b".")
+        farm.submit(CA, [seq], now, fn=fn)
+        (jobs,) = to(farm.out(now), W1, p.Jobs)
+        sent.extend(jobs.fns)
+        farm.result(W1, jobs.jobs[0], now)
+        farm.out(now)
+        now += 0.01
+    assert len(sent) == p.FN_CACHE_SIZE + 2  # each function went once
+    first = b"fn-0000".ljust(16, b".")
+    farm.submit(CA, [999], now, fn=first)  # evicted from the worker's cache: sent again
+    (jobs,) = to(farm.out(now), W1, p.Jobs)
+    assert jobs.fns == [first]
+    assert len(farm.sched.workers["w1"].fns) == p.FN_CACHE_SIZE
