@@ -28,8 +28,8 @@ import zmq
 from zfarm import protocol as p
 from zfarm.config import BrokerSettings
 from zfarm.errors import ZfarmError
-from zfarm.scheduler import Scheduler
-from zfarm.security import BrokerKeys, check_bind_is_safe, roles_of
+from zfarm.scheduler import Auth, Scheduler
+from zfarm.security import BrokerKeys, check_bind_is_safe, identity_of
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +104,8 @@ class Broker:
                 frames = recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            roles = roles_of(str(frames[-1].get("User-Id"))) if self.keys is not None else None
-            sched.handle(frames[0].bytes, frames[1:], time.monotonic(), roles)
+            auth = Auth(*identity_of(str(frames[-1].get("User-Id")))) if self.keys is not None else None
+            sched.handle(frames[0].bytes, frames[1:], time.monotonic(), auth)
 
     def _send(self, outbound: list[tuple[bytes, p.Message]]) -> None:
         send = self.socket.send_multipart

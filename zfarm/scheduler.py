@@ -46,6 +46,14 @@ FN_KEEP_S = 3.0
 SCANS_PER_INTERVAL = 4
 
 
+@dataclass(frozen=True, slots=True)
+class Auth:
+    """Who a peer is by its CURVE key: the roles its key may take, and the key itself."""
+
+    roles: frozenset[str]
+    key: str
+
+
 class JobState(str, enum.Enum):
     QUEUED = "queued"
     ASSIGNED = "assigned"
@@ -84,6 +92,7 @@ class Peer:
     joined_at: float
     last_seen: float
     last_sent: float
+    key: str = ""  # with CURVE: the public key it connected with; its id is bound to it
 
 
 @dataclass(slots=True, eq=False)
@@ -154,10 +163,10 @@ class Scheduler:
 
     # ---- stimuli ---------------------------------------------------------------------------------
 
-    def handle(self, route: Route, frames: Sequence[Any], now: float, roles: set[str] | None = None) -> None:
+    def handle(self, route: Route, frames: Sequence[Any], now: float, auth: Auth | None = None) -> None:
         """One message from ``route``. Bad input is logged and dropped, never raised.
 
-        ``roles``: with CURVE, the roles the peer's key may claim (None: any).
+        ``auth``: with CURVE, who the peer's key says it is (None: no keys, anyone may be anything).
         """
         try:
             msg = p.decode(frames)
@@ -168,19 +177,27 @@ class Scheduler:
         except ProtocolError as exc:
             self._malformed(now, "dropped malformed message from %s: %s", route.hex(), exc)
             return
-        if isinstance(msg, p.Hello) and roles is not None and msg.role not in roles:
-            reason = (f"this key may not connect as a {msg.role}; it may connect as: "
-                      f"{', '.join(sorted(roles)) or 'nothing'}. Use a key from the keys folder's "
-                      f"{msg.role}s/ list")
+        if isinstance(msg, p.Hello) and auth is not None and (reason := self._refusal(msg, auth)):
             log.warning("refused %s %s from %s: %s", msg.role, msg.peer_id, msg.host, reason)
             self._send_to(route, p.Refused(reason))
             return
         try:
-            self._dispatch_message(route, msg, now)
+            self._dispatch_message(route, msg, now, auth.key if auth else "")
         except ProtocolError as exc:
             peer = self.peers.get(route)
             who = f"{_role(peer)} {peer.id}" if peer else route.hex()
             self._malformed(now, "dropped %s from %s: %s", type(msg).__name__, who, exc)
+
+    def _refusal(self, msg: p.Hello, auth: Auth) -> str:
+        """Why a key may not say this HELLO ("" if it may)."""
+        if msg.role not in auth.roles:
+            return (f"this key may not connect as a {msg.role}; it may connect as: "
+                    f"{', '.join(sorted(auth.roles)) or 'nothing'}. Use a key from the keys folder's "
+                    f"{msg.role}s/ list")
+        owner = self.workers.get(msg.peer_id) if msg.role == p.Role.WORKER else self.clients.get(msg.peer_id)
+        if owner is not None and owner.key != auth.key:
+            return f"the {msg.role} id {msg.peer_id} belongs to another key"
+        return ""
 
     def _malformed(self, now: float, text: str, *args: Any) -> None:
         """Count bad input; log a few lines a second at most, so a flood cannot slow the broker."""
@@ -196,9 +213,9 @@ class Scheduler:
         else:
             self._unlogged += 1
 
-    def _dispatch_message(self, route: Route, msg: p.Message, now: float) -> None:
+    def _dispatch_message(self, route: Route, msg: p.Message, now: float, key: str) -> None:
         if isinstance(msg, p.Hello):
-            self._hello(route, msg, now)
+            self._hello(route, msg, now, key)
             return
         peer = self.peers.get(route)
         if peer is None:
@@ -288,7 +305,7 @@ class Scheduler:
 
     # ---- handshake and departure -----------------------------------------------------------------
 
-    def _hello(self, route: Route, msg: p.Hello, now: float) -> None:
+    def _hello(self, route: Route, msg: p.Hello, now: float, key: str = "") -> None:
         problem = _check_hello(msg)
         if problem:
             log.warning("refused peer %s: %s", route.hex(), problem)
@@ -306,6 +323,7 @@ class Scheduler:
         if known is not None:
             self._remove(known, now, why="replaced by a new HELLO on its connection")
         peer = self._register(route, msg, now)
+        peer.key = key
         self.peers[route] = peer
         self._send(peer, self._welcome(), now)
 

@@ -177,7 +177,7 @@ class BrokerKeys:
         key = frames[6] if mechanism == b"CURVE" else b""
         roles = self.allowed.get(zmq.utils.z85.encode(key)) if len(key) == 32 else None
         if roles:
-            user = ",".join(sorted(roles)).encode()
+            user = f"{','.join(sorted(roles))}|{zmq.utils.z85.encode(key).decode()}".encode()
             self.zap.send_multipart([version, request_id, b"200", b"OK", user, b""])
         else:
             log.warning("refused a connection from %s: its key is not on the allow-list",
@@ -190,12 +190,13 @@ class BrokerKeys:
             self.zap = None
 
 
-def roles_of(user_id: str) -> set[str]:
-    """The roles a peer may claim, from the User-Id the ZAP handler gave its connection."""
+def identity_of(user_id: str) -> tuple[frozenset[str], str]:
+    """The roles a peer may claim and its public key, from the User-Id ZAP gave its connection."""
+    lists, _, key = user_id.partition("|")
     allowed: set[str] = set()
-    for key_role in user_id.split(","):
+    for key_role in lists.split(","):
         allowed |= ROLES_OF_KEY.get(key_role, set())
-    return allowed
+    return frozenset(allowed), key
 
 
 def check_bind_is_safe(bind: str, keys: str, insecure: bool) -> None:

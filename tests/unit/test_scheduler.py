@@ -1009,3 +1009,30 @@ def test_the_worker_function_cache_is_mirrored_and_bounded() -> None:
     (jobs,) = to(farm.out(now), W1, p.Jobs)
     assert jobs.fns == [first]
     assert len(farm.sched.workers["w1"].fns) == p.FN_CACHE_SIZE
+
+
+# ---- identities bound to keys -------------------------------------------------------------------------
+
+
+def test_with_keys_an_id_stays_with_the_key_that_first_used_it() -> None:
+    farm = Farm()
+    alice = scheduler.Auth(frozenset({"client", "monitor"}), "key-alice")
+    mallory = scheduler.Auth(frozenset({"client", "monitor"}), "key-mallory")
+    farm.sched.handle(CA, p.encode(p.Hello("client", "c-1", "laptop", 1)), 0.0, alice)
+    farm.sched.handle(CB, p.encode(p.Hello("client", "c-1", "evil", 2)), 0.1, mallory)
+    out = farm.out(0.1)
+    (refused,) = to(out, CB, p.Refused)
+    assert "belongs to another key" in refused.reason
+    assert farm.sched.clients["c-1"].route == CA  # still Alice's connection
+    farm.sched.handle(CB, p.encode(p.Hello("client", "c-1", "laptop", 1)), 0.2, alice)  # Alice reconnects
+    assert to(farm.out(0.2), CB, p.Welcome)
+    assert farm.sched.clients["c-1"].route == CB
+
+
+def test_with_keys_a_client_key_cannot_say_it_is_a_worker() -> None:
+    farm = Farm()
+    client_key = scheduler.Auth(frozenset({"client", "monitor"}), "key-c")
+    farm.sched.handle(W1, p.encode(p.Hello("worker", "w-1", "node", 1, 2, {})), 0.0, client_key)
+    (refused,) = to(farm.out(0.0), W1, p.Refused)
+    assert "may not connect as a worker" in refused.reason
+    assert not farm.sched.workers
