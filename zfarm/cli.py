@@ -262,7 +262,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     import zfarm
 
     started = time.perf_counter()
-    with zfarm.Client(args.connect, n_workers=args.workers, keys=args.keys) as client:
+    with zfarm.Client(args.connect, n_workers=args.workers, keys=args.keys, key_name=args.key_name) as client:
         where = client.address if args.connect else f"an embedded farm ({client.address})"
         print(f"zfarm demo: {args.jobs} jobs estimating pi on {where}", file=sys.stderr)
         hits = sum(client.map(_demo_job, range(args.jobs), progress=True))

@@ -52,6 +52,7 @@ class Client(concurrent.futures.Executor):
         window: how many jobs ``map`` keeps unfinished at once.
         heartbeat_interval_s: heartbeat interval of the embedded broker.
         keys: a keys folder (or ``ZFARM_KEYS``): connect with CURVE (docs/security.md).
+        key_name: which of the folder's client keys to use (default: the only one).
 
     Raises:
         BrokerUnavailable: the broker did not answer within ``connect_timeout_s``.
@@ -60,10 +61,10 @@ class Client(concurrent.futures.Executor):
     def __init__(self, address: str | None = None, *, n_workers: int | None = None,
                  connect_timeout_s: float | None = None, broker_timeout_s: float | None = None,
                  window: int | None = None, heartbeat_interval_s: float | None = None,
-                 keys: str | None = None) -> None:
+                 keys: str | None = None, key_name: str | None = None) -> None:
         self.settings = resolve(ClientSettings, {
             "address": address, "connect_timeout_s": connect_timeout_s, "broker_timeout_s": broker_timeout_s,
-            "window": window, "keys": keys})
+            "window": window, "keys": keys, "key_name": key_name})
         self.id = f"c-{uuid.uuid4().hex[:12]}"
         self._seq = itertools.count(1)
         self._shutdown = False
@@ -77,7 +78,8 @@ class Client(concurrent.futures.Executor):
         self._connection = self._res.connection
         # A client dropped without shutdown() closes once its jobs are done; at exit, at once.
         weakref.finalize(self, self._res.close_when_done).atexit = False
-        if not self._connection.welcomed.wait(self.settings.connect_timeout_s):
+        welcomed = self._connection.welcomed.wait(self.settings.connect_timeout_s)
+        if not welcomed or self._connection.fatal is not None:
             fatal, problem = self._connection.fatal, self._connection.handshake_problem
             self._res.close()
             if fatal is not None:

@@ -232,6 +232,7 @@ class Connection(threading.Thread):
             pass
         with self._lock:
             self._woken = False
+        cancels: list[int] = []
         while self._inbox:
             what, payload = self._inbox.popleft()
             if what == "submit":
@@ -247,10 +248,12 @@ class Connection(threading.Thread):
                     self._reconnect_at = now
                     self._backoff_s = self.settings.reconnect_min_s
             elif what == "cancel":
-                if self._forget(payload) is not None and self._link is Link.READY:
-                    self._send(p.Cancel([payload]), time.monotonic())
+                if self._forget(payload) is not None:
+                    cancels.append(payload)
             elif what == "stop":
                 self._stopping = True
+        if cancels and self._link is Link.READY:  # one message however many futures were cancelled
+            self._send(p.Cancel(cancels), time.monotonic())
 
     def _drain(self) -> None:
         while self._socket is not None:
@@ -281,6 +284,7 @@ class Connection(threading.Thread):
             self.fatal = error
             self._fail_all(error)
             self._stopping = True
+            self.welcomed.set()  # wake the constructor: it raises ``fatal``
         elif isinstance(msg, p.Disconnect):
             self._drop_link(now)
 

@@ -6,23 +6,22 @@ import os
 import socket
 import time
 import uuid
+from pathlib import Path
 from typing import Any, TypeVar
 
 import zmq
 
 from zfarm import protocol as p
 from zfarm.errors import BrokerUnavailable, ProtocolError, Refused
-from zfarm.security import PeerKeys, SecurityError
+from zfarm.security import PeerKeys
 
 M = TypeVar("M", bound=p.Message)
 
 
 def monitor_keys(folder: str) -> PeerKeys:
-    """A monitor may use a client key, or a worker key where there is none."""
-    try:
-        return PeerKeys.load(folder, "client")
-    except SecurityError:
-        return PeerKeys.load(folder, "worker")
+    """A monitor uses the folder's client key, or its worker key where it holds no client key."""
+    has_client_key = any(Path(folder, "clients").glob("*.key_secret"))
+    return PeerKeys.load(folder, "client" if has_client_key else "worker")
 
 
 def fetch_status(address: str, timeout_s: float = 5.0, context: zmq.Context[Any] | None = None,

@@ -104,6 +104,7 @@ class WorkerRecord(Peer):
     done: int = 0
     failed: int = 0
     outbox: list[Job] = field(default_factory=list)
+    cancels: list[list[Any]] = field(default_factory=list)  # keys to tell it to drop, sent in one batch
 
 
 @dataclass(slots=True, eq=False)
@@ -296,6 +297,9 @@ class Scheduler:
         for worker in self.workers.values():
             if worker.outbox:
                 self._send(worker, self._jobs_message(worker), now)
+            if worker.cancels:
+                self._send(worker, p.CancelJobs(worker.cancels), now)
+                worker.cancels = []
         for client in self.clients.values():
             if client.out_rows:
                 self._send(client, p.Result(client.out_rows, client.out_frames, client.out_stats), now)
@@ -584,7 +588,7 @@ class Scheduler:
             if job in holder.outbox:
                 holder.outbox.remove(job)
             else:
-                self._out.append((holder.route, p.CancelJobs([[job.client_id, job.seq]])))
+                holder.cancels.append([job.client_id, job.seq])
 
     def _cancel(self, job: Job, client: ClientRecord) -> None:
         self._release(job)
