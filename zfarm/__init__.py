@@ -6,9 +6,11 @@
 55
 """
 
+import logging
+
 __version__ = "0.1.0"
 
-from zfarm.client import Client, as_completed
+from zfarm.client import Client, as_completed  # after __version__: the client uses it
 from zfarm.errors import (
     BrokerUnavailable,
     ConfigError,
@@ -17,11 +19,15 @@ from zfarm.errors import (
     PayloadTooLarge,
     ProtocolError,
     Refused,
+    SecurityError,
     WorkerLost,
     ZfarmError,
 )
 
+# A library only logs; the application (or the zfarm command) decides where logs go.
+logging.getLogger("zfarm").addHandler(logging.NullHandler())
+
 __all__ = [
     "BrokerUnavailable", "Client", "ConfigError", "JobCrashed", "JobError", "PayloadTooLarge",
-    "ProtocolError", "Refused", "WorkerLost", "ZfarmError", "__version__", "as_completed",
+    "ProtocolError", "Refused", "SecurityError", "WorkerLost", "ZfarmError", "__version__", "as_completed",
 ]

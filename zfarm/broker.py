@@ -14,6 +14,7 @@ queue travels in few large messages and a lone job goes out at once.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -28,8 +29,9 @@ import zmq
 from zfarm import protocol as p
 from zfarm.config import BrokerSettings
 from zfarm.errors import ZfarmError
-from zfarm.scheduler import Auth, Scheduler
+from zfarm.scheduler import Scheduler
 from zfarm.security import BrokerKeys, check_bind_is_safe, identity_of
+from zfarm.state import Auth
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +64,9 @@ class Broker:
             self.socket.bind(settings.bind)
         except zmq.ZMQError as exc:
             self.close()
-            raise ZfarmError(f"cannot listen on {settings.bind}: {exc.strerror}; is another broker "
-                             "running there? choose another endpoint with --bind") from None
+            hint = ("is another broker running there? choose another endpoint with --bind"
+                    if exc.errno == errno.EADDRINUSE else "check the endpoint given to --bind")
+            raise ZfarmError(f"cannot listen on {settings.bind}: {exc.strerror}; {hint}") from None
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.scheduler = Scheduler(settings, time.monotonic(), wall_offset_s=time.time() - time.monotonic())
         self._stopping = threading.Event()

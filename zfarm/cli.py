@@ -55,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     worker = _command(sub, "worker", "run a worker: runs jobs from a broker in N slot processes",
                       _run_worker)
     worker.add_argument("--connect", help=f"broker endpoint (default {DEFAULT_ADDRESS}; env ZFARM_ADDRESS)")
-    worker.add_argument("--procs", type=int, help="slots, i.e. jobs run at once (default: CPU count)")
+    worker.add_argument("--procs", type=int, help="slots, i.e. jobs run at once (default or 0: one per CPU)")
     worker.add_argument("--prefetch", type=int, help="jobs held ready beyond the free slots (default 1)")
     worker.add_argument("--worker-id", help="name shown in status (default: random)")
     worker.add_argument("--grace", type=float, dest="grace_s",
@@ -66,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     status = _command(sub, "status", "show the workers, queue and clients of a broker", _run_status)
     status.add_argument("--connect", default=None, help=f"broker endpoint (default {DEFAULT_ADDRESS})")
     status.add_argument("--json", action="store_true", help="print the snapshot as JSON")
-    status.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the broker")
+    status.add_argument("--timeout", type=_positive, default=5.0, help="seconds to wait for the broker")
     _keys_flag(status, name=False)
 
     history = _command(sub, "history", "list the broker's records of finished jobs", _run_history)
@@ -75,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     out.add_argument("--json", action="store_true", help="print a JSON array of records")
     out.add_argument("--csv", action="store_true", help="print CSV with a header line")
     history.add_argument("--last", type=int, default=0, help="only the newest N records (default: all kept)")
-    history.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the broker")
+    history.add_argument("--timeout", type=_positive, default=10.0, help="seconds to wait for the broker")
     _keys_flag(history, name=False)
 
     dashboard = _command(sub, "dashboard", "a live full-screen view of a broker: workers, queue, clients, "
@@ -119,6 +119,13 @@ def _liveness_flags(cmd: argparse.ArgumentParser) -> None:
                      help="seconds between heartbeats (default 1)")
     cmd.add_argument("--liveness", type=int, help="silent intervals before a peer is dead (default 3)")
     cmd.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)  # embedded use: exit with the parent
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
+    return value
 
 
 def _keys_flag(cmd: argparse.ArgumentParser, name: bool = True) -> None:

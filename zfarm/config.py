@@ -17,6 +17,7 @@ from zfarm.errors import ConfigError
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
 GIB = 1024**3
+MIN_MESSAGE_BYTES = 1024**2
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,12 @@ class BrokerSettings:
     def __post_init__(self) -> None:
         _check_endpoint(self.bind)
         _check_positive(heartbeat_interval_s=self.heartbeat_interval_s, liveness=self.liveness,
-                        max_message_bytes=self.max_message_bytes)
+                        handshake_timeout_s=self.handshake_timeout_s)
+        if self.max_message_bytes < MIN_MESSAGE_BYTES:
+            raise ConfigError(f"max_message_bytes must be at least {MIN_MESSAGE_BYTES} (1 MiB), "
+                              f"got {self.max_message_bytes}")
+        if self.history < 0:
+            raise ConfigError(f"history must not be negative, got {self.history}")
 
 
 @dataclass(frozen=True)
@@ -62,8 +68,8 @@ class WorkerSettings:
 
     def __post_init__(self) -> None:
         _check_endpoint(self.address)
-        if self.procs < 0 or self.prefetch < 0:
-            raise ConfigError("procs and prefetch must not be negative")
+        if self.procs < 0 or self.prefetch < 0 or self.grace_s < 0:
+            raise ConfigError("procs, prefetch and grace_s must not be negative")
         _check_positive(heartbeat_interval_s=self.heartbeat_interval_s, liveness=self.liveness,
                         reconnect_min_s=self.reconnect_min_s, reconnect_max_s=self.reconnect_max_s)
 

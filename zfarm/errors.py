@@ -19,6 +19,25 @@ class ProtocolError(ZfarmError):
     """A message on the wire was malformed, of another version, or unexpected."""
 
 
+class VersionMismatch(ProtocolError):
+    """The peer speaks another protocol version."""
+
+    def __init__(self, version: int, ours: int) -> None:
+        self.version = version
+        self.ours = ours
+        super().__init__(
+            f"peer speaks zfarm protocol version {version}, this side speaks {ours}: "
+            "install the same zfarm release on every machine of the farm"
+        )
+
+    def __reduce__(self) -> tuple[type, tuple[int, int]]:
+        return (type(self), (self.version, self.ours))
+
+
+class SecurityError(ZfarmError):
+    """Keys are missing, unsafe, or do not let this peer in."""
+
+
 class ConfigError(ZfarmError):
     """A setting is invalid (bad endpoint, negative interval, ...)."""
 

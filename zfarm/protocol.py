@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 
 import msgpack
 
-from zfarm.errors import ProtocolError
+from zfarm.errors import ProtocolError, VersionMismatch
 
 PROTOCOL_VERSION = 1
 MAGIC = b"ZF"
@@ -318,24 +318,13 @@ def _foreign(frames: Sequence[Frame], cmd_bytes: bytes) -> Refused:
     if len(header) != 3 or header[:2] != MAGIC:
         raise ProtocolError(f"not a zfarm message (header {header[:8]!r})")
     if cmd_bytes != _COMMAND_BYTES[Command.REFUSED]:  # REFUSED is readable in every version
-        raise VersionMismatch(header[2])
+        raise VersionMismatch(header[2], PROTOCOL_VERSION)
     try:
         envelope = msgpack.unpackb(_as_bytes(frames[2]), raw=False)
         reason = str(envelope[0])
     except Exception:
         reason = "the broker speaks another protocol version"
     return Refused(reason)
-
-
-class VersionMismatch(ProtocolError):
-    """The peer speaks another protocol version."""
-
-    def __init__(self, version: int) -> None:
-        self.version = version
-        super().__init__(
-            f"peer speaks zfarm protocol version {version}, this side speaks {PROTOCOL_VERSION}: "
-            "install the same zfarm release on every machine of the farm"
-        )
 
 
 _BY_BYTE = {int(c): cls for c, cls in MESSAGE_TYPES.items()}

@@ -19,23 +19,32 @@ the job was ever given to, and only the first is delivered.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import logging
 import math
 import uuid
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from zfarm import protocol as p
 from zfarm.config import BrokerSettings
-from zfarm.errors import ProtocolError
+from zfarm.errors import ProtocolError, VersionMismatch
 from zfarm.records import JOB_COLUMNS, Records
+from zfarm.state import (
+    Auth,
+    ClientRecord,
+    Counters,
+    Job,
+    JobState,
+    MonitorRecord,
+    Peer,
+    Route,
+    WorkerRecord,
+    role_of,
+)
 
 log = logging.getLogger(__name__)
 
-Route = bytes
 Outbound = tuple[Route, p.Message]
 MAX_PEER_ID_CHARS = 128
 MAX_CREDIT = 1_000_000
@@ -44,100 +53,6 @@ MALFORMED_LOGS_PER_S = 5
 FN_KEEP_S = 3.0
 #: how often the core scans peers for expiry and heartbeats, as a fraction of the interval
 SCANS_PER_INTERVAL = 4
-
-
-@dataclass(frozen=True, slots=True)
-class Auth:
-    """Who a peer is by its CURVE key: the roles its key may take, and the key itself."""
-
-    roles: frozenset[str]
-    key: str
-
-
-class JobState(str, enum.Enum):
-    QUEUED = "queued"
-    ASSIGNED = "assigned"
-    FINISHED = "finished"
-    CANCELLED = "cancelled"
-
-
-@dataclass(slots=True, eq=False)
-class Job:
-    client_id: str
-    seq: int
-    fn_id: bytes
-    frames: list[Any]
-    options: dict[str, Any]
-    queued_at: float
-    state: JobState = JobState.QUEUED
-    worker: str | None = None
-    #: ids of the workers the job was given to, in order; its attempt number is the length
-    history: list[str] = field(default_factory=list)
-
-    @property
-    def key(self) -> tuple[str, int]:
-        return (self.client_id, self.seq)
-
-    @property
-    def name(self) -> str:
-        return f"{self.client_id}:{self.seq}"
-
-
-@dataclass(slots=True, eq=False)
-class Peer:
-    id: str
-    route: Route
-    host: str
-    pid: int
-    joined_at: float
-    last_seen: float
-    last_sent: float
-    key: str = ""  # with CURVE: the public key it connected with; its id is bound to it
-
-
-@dataclass(slots=True, eq=False)
-class WorkerRecord(Peer):
-    slots: int = 0
-    credit: int = 0
-    jobs: dict[tuple[str, int], Job] = field(default_factory=dict)
-    fns: dict[bytes, None] = field(default_factory=dict)  # mirrors the worker's function cache
-    done: int = 0
-    failed: int = 0
-    outbox: list[Job] = field(default_factory=list)
-    cancels: list[list[Any]] = field(default_factory=list)  # keys to tell it to drop, sent in one batch
-
-
-@dataclass(slots=True, eq=False)
-class ClientRecord(Peer):
-    queue: deque[Job] = field(default_factory=deque)
-    queued: int = 0
-    scheduled: bool = False  # in the scheduler's round-robin of clients with queued jobs
-    jobs: dict[int, Job] = field(default_factory=dict)
-    fns: dict[bytes, Any] = field(default_factory=dict)
-    fn_users: dict[bytes, int] = field(default_factory=dict)  # unfinished jobs per function
-    fn_idle: dict[bytes, float] = field(default_factory=dict)  # unused functions, since when
-    submitted: int = 0
-    done: int = 0
-    failed: int = 0
-    out_rows: list[list[Any]] = field(default_factory=list)
-    out_frames: list[Any] = field(default_factory=list)
-    out_stats: list[list[Any]] = field(default_factory=list)
-
-
-@dataclass(slots=True, eq=False)
-class MonitorRecord(Peer):
-    pass
-
-
-@dataclass(slots=True)
-class Counters:
-    done: int = 0
-    failed: int = 0
-    cancelled: int = 0
-    requeued: int = 0
-    workers_lost: int = 0
-    late_results: int = 0
-    malformed: int = 0
 
 
 class Scheduler:
@@ -171,7 +86,7 @@ class Scheduler:
         """
         try:
             msg = p.decode(frames)
-        except p.VersionMismatch as exc:
+        except VersionMismatch as exc:
             log.warning("refused peer %s: %s", route.hex(), exc)
             self._out.append((route, p.Refused(str(exc))))
             return
@@ -186,7 +101,7 @@ class Scheduler:
             self._dispatch_message(route, msg, now, auth.key if auth else "")
         except ProtocolError as exc:
             peer = self.peers.get(route)
-            who = f"{_role(peer)} {peer.id}" if peer else route.hex()
+            who = f"{role_of(peer)} {peer.id}" if peer else route.hex()
             self._malformed(now, "dropped %s from %s: %s", type(msg).__name__, who, exc)
 
     def _refusal(self, msg: p.Hello, auth: Auth) -> str:
@@ -227,7 +142,7 @@ class Scheduler:
         if isinstance(msg, p.Heartbeat):
             return
         if isinstance(msg, p.Disconnect):
-            log.info("%s %s left: %s", _role(peer), peer.id, msg.reason or "no reason given")
+            log.info("%s %s left: %s", role_of(peer), peer.id, msg.reason or "no reason given")
             self._remove(peer, now, why="left")
         elif isinstance(msg, p.Status):
             self._send(peer, p.StatusReply(self.snapshot(now)), now)
@@ -264,7 +179,7 @@ class Scheduler:
         """The socket could not route to ``route``: the peer's connection is gone."""
         peer = self.peers.get(route)
         if peer is not None:
-            log.info("%s %s is unreachable", _role(peer), peer.id)
+            log.info("%s %s is unreachable", role_of(peer), peer.id)
             self._remove(peer, now, why="unreachable")
 
     def tick(self, now: float) -> None:
@@ -277,7 +192,7 @@ class Scheduler:
         for peer in list(self.peers.values()):
             silent_s = now - peer.last_seen
             if silent_s > self.deadline_s:
-                log.warning("%s %s on %s silent for %.1f s: declared dead", _role(peer), peer.id,
+                log.warning("%s %s on %s silent for %.1f s: declared dead", role_of(peer), peer.id,
                             peer.host, silent_s)
                 self._remove(peer, now, why=f"silent for {silent_s:.1f} s")
             elif now - peer.last_sent >= interval:
@@ -316,7 +231,7 @@ class Scheduler:
             self._send_to(route, p.Refused(problem))
             return
         known = self.peers.get(route)
-        if known is not None and known.id == msg.peer_id and _role(known) == msg.role:
+        if known is not None and known.id == msg.peer_id and role_of(known) == msg.role:
             known.last_seen = now  # a repeated HELLO: answer again
             if isinstance(known, WorkerRecord):  # after every WELCOME a worker sends its full credit
                 known.credit = 0  # and starts its function cache afresh
@@ -651,14 +566,6 @@ class Scheduler:
 
 
 _OUTCOMES = {int(o) for o in p.Outcome}
-
-
-def _role(peer: Peer) -> str:
-    if isinstance(peer, WorkerRecord):
-        return p.Role.WORKER.value
-    if isinstance(peer, ClientRecord):
-        return p.Role.CLIENT.value
-    return p.Role.MONITOR.value
 
 
 def _check_hello(msg: p.Hello) -> str:

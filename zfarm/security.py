@@ -31,7 +31,7 @@ from typing import Any
 import zmq
 import zmq.auth
 
-from zfarm.errors import ConfigError, ZfarmError
+from zfarm.errors import ConfigError, SecurityError
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +39,6 @@ ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 ROLE_FOLDERS = {"worker": "workers", "client": "clients"}
 #: which roles a key from each allow-list may claim in its HELLO
 ROLES_OF_KEY = {"worker": {"worker", "monitor"}, "client": {"client", "monitor"}}
-
-
-class SecurityError(ZfarmError):
-    """Keys are missing, unsafe, or do not let this peer in."""
 
 
 def init_keys(folder: str | os.PathLike[str]) -> list[Path]:

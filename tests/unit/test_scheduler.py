@@ -14,6 +14,7 @@ from zfarm import protocol as p
 from zfarm import scheduler
 from zfarm.config import BrokerSettings
 from zfarm.scheduler import Scheduler
+from zfarm.state import Auth
 
 SETTINGS = BrokerSettings(heartbeat_interval_s=1.0, liveness=3)
 FN = b"\xf1" * 16
@@ -1016,8 +1017,8 @@ def test_the_worker_function_cache_is_mirrored_and_bounded() -> None:
 
 def test_with_keys_an_id_stays_with_the_key_that_first_used_it() -> None:
     farm = Farm()
-    alice = scheduler.Auth(frozenset({"client", "monitor"}), "key-alice")
-    mallory = scheduler.Auth(frozenset({"client", "monitor"}), "key-mallory")
+    alice = Auth(frozenset({"client", "monitor"}), "key-alice")
+    mallory = Auth(frozenset({"client", "monitor"}), "key-mallory")
     farm.sched.handle(CA, p.encode(p.Hello("client", "c-1", "laptop", 1)), 0.0, alice)
     farm.sched.handle(CB, p.encode(p.Hello("client", "c-1", "evil", 2)), 0.1, mallory)
     out = farm.out(0.1)
@@ -1031,7 +1032,7 @@ def test_with_keys_an_id_stays_with_the_key_that_first_used_it() -> None:
 
 def test_with_keys_a_client_key_cannot_say_it_is_a_worker() -> None:
     farm = Farm()
-    client_key = scheduler.Auth(frozenset({"client", "monitor"}), "key-c")
+    client_key = Auth(frozenset({"client", "monitor"}), "key-c")
     farm.sched.handle(W1, p.encode(p.Hello("worker", "w-1", "node", 1, 2, {})), 0.0, client_key)
     (refused,) = to(farm.out(0.0), W1, p.Refused)
     assert "may not connect as a worker" in refused.reason

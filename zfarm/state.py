@@ -1,0 +1,118 @@
+"""The broker's records of jobs and peers: plain data the scheduler keeps and changes.
+
+One source of truth: a job's ``state`` and the worker whose ``jobs`` hold it say
+where the job is; a worker's ``credit`` is what the worker last said it can take.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from zfarm import protocol as p
+
+Route = bytes  # a ROUTER routing id
+
+
+@dataclass(frozen=True, slots=True)
+class Auth:
+    """Who a peer is by its CURVE key: the roles its key may take, and the key itself."""
+
+    roles: frozenset[str]
+    key: str
+
+
+class JobState(str, enum.Enum):
+    QUEUED = "queued"
+    ASSIGNED = "assigned"
+    FINISHED = "finished"
+    CANCELLED = "cancelled"
+
+
+@dataclass(slots=True, eq=False)
+class Job:
+    client_id: str
+    seq: int
+    fn_id: bytes
+    frames: list[Any]
+    options: dict[str, Any]
+    queued_at: float
+    state: JobState = JobState.QUEUED
+    worker: str | None = None
+    #: ids of the workers the job was given to, in order; its attempt number is the length
+    history: list[str] = field(default_factory=list)
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.client_id, self.seq)
+
+    @property
+    def name(self) -> str:
+        return f"{self.client_id}:{self.seq}"
+
+
+@dataclass(slots=True, eq=False)
+class Peer:
+    id: str
+    route: Route
+    host: str
+    pid: int
+    joined_at: float
+    last_seen: float
+    last_sent: float
+    key: str = ""  # with CURVE: the public key it connected with; its id is bound to it
+
+
+@dataclass(slots=True, eq=False)
+class WorkerRecord(Peer):
+    slots: int = 0
+    credit: int = 0
+    jobs: dict[tuple[str, int], Job] = field(default_factory=dict)
+    fns: dict[bytes, None] = field(default_factory=dict)  # mirrors the worker's function cache
+    done: int = 0
+    failed: int = 0
+    outbox: list[Job] = field(default_factory=list)
+    cancels: list[list[Any]] = field(default_factory=list)  # keys to tell it to drop, sent in one batch
+
+
+@dataclass(slots=True, eq=False)
+class ClientRecord(Peer):
+    queue: deque[Job] = field(default_factory=deque)
+    queued: int = 0
+    scheduled: bool = False  # in the scheduler's round-robin of clients with queued jobs
+    jobs: dict[int, Job] = field(default_factory=dict)
+    fns: dict[bytes, Any] = field(default_factory=dict)
+    fn_users: dict[bytes, int] = field(default_factory=dict)  # unfinished jobs per function
+    fn_idle: dict[bytes, float] = field(default_factory=dict)  # unused functions, since when
+    submitted: int = 0
+    done: int = 0
+    failed: int = 0
+    out_rows: list[list[Any]] = field(default_factory=list)
+    out_frames: list[Any] = field(default_factory=list)
+    out_stats: list[list[Any]] = field(default_factory=list)
+
+
+@dataclass(slots=True, eq=False)
+class MonitorRecord(Peer):
+    pass
+
+
+@dataclass(slots=True)
+class Counters:
+    done: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    requeued: int = 0
+    workers_lost: int = 0
+    late_results: int = 0
+    malformed: int = 0
+
+
+def role_of(peer: Peer) -> str:
+    if isinstance(peer, WorkerRecord):
+        return p.Role.WORKER.value
+    if isinstance(peer, ClientRecord):
+        return p.Role.CLIENT.value
+    return p.Role.MONITOR.value
