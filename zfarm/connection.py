@@ -125,6 +125,9 @@ class Connection(threading.Thread):
         # owned by the I/O thread from here on
         self._socket: zmq.Socket[Any] | None = None
         self._monitor: zmq.Socket[Any] | None = None
+        self._poller_key: tuple[int, int] = (-1, 0)
+        self._socket_generation = 0  # counts sockets opened and closed: the poller's key
+        self._cached_poller = zmq.Poller()
         self._jobs: dict[int, PendingJob] = {}
         self._fns: dict[bytes, Any] = {}
         self._fn_users: dict[bytes, int] = {}
@@ -184,12 +187,7 @@ class Connection(threading.Thread):
         now = time.monotonic()
         if self._link is Link.DOWN and now >= self._reconnect_at:
             self._connect(now)
-        poller = zmq.Poller()
-        poller.register(self._wake_r, zmq.POLLIN)
-        if self._socket is not None:
-            poller.register(self._socket, zmq.POLLIN)
-        if self._monitor is not None:
-            poller.register(self._monitor, zmq.POLLIN)
+        poller = self._poller()
         timeout_s = self._interval_s / 4
         ready = dict(poller.poll(int(timeout_s * 1000)))
         if self._monitor is not None and ready.get(self._monitor):
@@ -200,6 +198,17 @@ class Connection(threading.Thread):
             self._drain()
         self._flush()
         self._check_liveness(time.monotonic())
+
+    def _poller(self) -> zmq.Poller:
+        """The poller for the wake-up pipe, socket and monitor, rebuilt only when they change."""
+        key = (self._socket_generation, 0)
+        if key != self._poller_key:
+            self._poller_key, self._cached_poller = key, zmq.Poller()
+            self._cached_poller.register(self._wake_r, zmq.POLLIN)
+            for sock in (self._socket, self._monitor):
+                if sock is not None:
+                    self._cached_poller.register(sock, zmq.POLLIN)
+        return self._cached_poller
 
     def _connect(self, now: float) -> None:
         sock = self.context.socket(zmq.DEALER)
@@ -213,6 +222,7 @@ class Connection(threading.Thread):
         self._monitor = sock.get_monitor_socket(_HANDSHAKE_EVENTS)
         sock.connect(self.settings.address)
         self._socket = sock
+        self._socket_generation += 1
         self._hello(now)
 
     def _hello(self, now: float) -> None:
@@ -400,6 +410,7 @@ class Connection(threading.Thread):
                 self._monitor = None
             self._socket.close(linger=linger_ms)
             self._socket = None
+            self._socket_generation += 1
 
     def _drop_link(self, now: float) -> None:
         self._close_socket()

@@ -241,6 +241,9 @@ class Worker:
         self.core = WorkerCore(settings, time.monotonic())
         self.pool: SlotPool | None = None
         self.socket: zmq.Socket[Any] | None = None
+        self._poller_key: tuple[int, tuple[int, ...]] = (-1, ())
+        self._socket_generation = 0  # counts sockets opened: the poller's key
+        self._cached_poller = zmq.Poller()
         self._signals = 0  # stop requests so far (set from signal handlers: only counted there)
         self._signals_seen = 0
         self._grace_until = 0.0
@@ -268,12 +271,8 @@ class Worker:
     def _poll_once(self) -> None:
         assert self.pool is not None
         core, pool = self.core, self.pool
-        poller = zmq.Poller()
-        if self.socket is not None:
-            poller.register(self.socket, zmq.POLLIN)
         slot_fds = pool.fds()
-        for fd in slot_fds:
-            poller.register(fd, zmq.POLLIN)
+        poller = self._poller(slot_fds)
         timeout_s = core.interval_s / 4
         if core.link is Link.DOWN:
             timeout_s = max(0.0, min(timeout_s, core.reconnect_at - time.monotonic()))
@@ -292,6 +291,17 @@ class Worker:
                 started_dead.append(outcome)
         if started_dead:
             self._apply(core.finished(started_dead, now, from_slots=len(started_dead)))
+
+    def _poller(self, slot_fds: dict[int, Any]) -> zmq.Poller:
+        """The poller for the socket and the slots' pipes, rebuilt only when one of them changed."""
+        key = (self._socket_generation, tuple(slot_fds))
+        if key != self._poller_key:
+            self._poller_key, self._cached_poller = key, zmq.Poller()
+            if self.socket is not None:
+                self._cached_poller.register(self.socket, zmq.POLLIN)
+            for fd in slot_fds:
+                self._cached_poller.register(fd, zmq.POLLIN)
+        return self._cached_poller
 
     def _drain_socket(self) -> None:
         assert self.socket is not None
@@ -327,11 +337,13 @@ class Worker:
             self.keys.apply(sock)
         sock.connect(self.settings.address)
         self.socket = sock
+        self._socket_generation += 1
 
     def _close_socket(self) -> None:
         if self.socket is not None:
             self.socket.close(linger=0)
             self.socket = None
+            self._socket_generation += 1
 
     def request_stop(self) -> None:
         """First call: drain gracefully within the grace period. Second call: stop now.
