@@ -27,7 +27,7 @@ from zfarm import serialization as ser
 from zfarm.connection import JobFuture, PendingJob
 
 #: how long one chunk should run once job durations are known
-TARGET_CHUNK_S = 0.02
+TARGET_CHUNK_S = 0.005
 MAX_CHUNK = 10_000
 #: single-item chunks sent before any run time is known
 PROBES = 4
