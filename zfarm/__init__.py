@@ -6,11 +6,11 @@
 55
 """
 
+from __future__ import annotations
+
 import logging
+from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
-
-from zfarm.client import Client, as_completed  # after __version__: the client uses it
 from zfarm.errors import (
     BrokerUnavailable,
     ConfigError,
@@ -23,6 +23,22 @@ from zfarm.errors import (
     WorkerLost,
     ZfarmError,
 )
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from zfarm.client import Client, as_completed
+
+
+def __getattr__(name: str) -> Any:
+    # The client (and rich, pyzmq's monitor, ...) load on first use, so that brokers, workers
+    # and slot processes, which import zfarm too, start fast.
+    if name in ("Client", "as_completed"):
+        from zfarm import client
+
+        return getattr(client, name)
+    raise AttributeError(f"module 'zfarm' has no attribute {name!r}")
+
 
 # A library only logs; the application (or the zfarm command) decides where logs go.
 logging.getLogger("zfarm").addHandler(logging.NullHandler())

@@ -5,17 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TaskProgressColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-
 T = TypeVar("T")
 
 
@@ -32,6 +21,17 @@ def known_length(*iterables: Iterable[Any]) -> int | None:
 
 def track(items: Iterable[T], total: int | None, description: str = "jobs") -> Iterator[T]:
     """Yield ``items`` while a bar shows done/total, rate and time left (count and rate if no total)."""
+    from rich.console import Console  # here: rich costs start-up time that only bars need
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TaskProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
     columns: list[Any] = [TextColumn("[bold]{task.description}")]
     if total is not None:
         columns += [BarColumn(), MofNCompleteColumn(), TaskProgressColumn(), TimeRemainingColumn()]

@@ -350,7 +350,8 @@ class Scheduler:
                 self._finish_for_client(client, seq, p.Outcome.LOST, [], p.FUNCTION_MISSING,
                                         ["", "", 0, at, at, at, 0.0, 0])
                 continue
-            job = Job(client.id, seq, msg.fn_id, job_frames, options, now)
+            payload = tuple(_compact(f) for f in job_frames)
+            job = Job(client.id, seq, msg.fn_id, payload, options or _NO_OPTIONS, now)
             client.jobs[seq] = job
             client.fn_users[msg.fn_id] = client.fn_users.get(msg.fn_id, 0) + 1
             client.queue.append(job)
@@ -407,7 +408,7 @@ class Scheduler:
 
     def _assign(self, job: Job, worker: WorkerRecord) -> None:
         job.state, job.worker = JobState.ASSIGNED, worker.id
-        job.history.append(worker.id)
+        job.history += (worker.id,)
         worker.jobs[job.key] = job
         worker.credit -= 1
         worker.outbox.append(job)
@@ -566,6 +567,16 @@ class Scheduler:
 
 
 _OUTCOMES = {int(o) for o in p.Outcome}
+_NO_OPTIONS: dict[str, Any] = {}  # shared by every job without options; never changed
+#: payload frames up to this size are kept as bytes: a zmq.Frame object costs more than the copy
+COMPACT_FRAME_BYTES = 4096
+
+
+def _compact(frame: Any) -> Any:
+    buffer = getattr(frame, "buffer", None)
+    if buffer is not None and buffer.nbytes <= COMPACT_FRAME_BYTES:
+        return frame.bytes
+    return frame
 
 
 def _check_hello(msg: p.Hello) -> str:

@@ -36,13 +36,13 @@ class Job:
     client_id: str
     seq: int
     fn_id: bytes
-    frames: list[Any]
+    frames: tuple[Any, ...]  # opaque payload frames, never decoded here
     options: dict[str, Any]
     queued_at: float
     state: JobState = JobState.QUEUED
     worker: str | None = None
     #: ids of the workers the job was given to, in order; its attempt number is the length
-    history: list[str] = field(default_factory=list)
+    history: tuple[str, ...] = ()  # a tuple: the empty one is shared, so a queued job carries none
 
     @property
     def key(self) -> tuple[str, int]:
