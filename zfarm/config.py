@@ -136,6 +136,15 @@ def _parse(name: str, raw: str, kind: type) -> Any:
         raise ConfigError(f"ZFARM_{name.upper()}={raw!r} is not a valid {kind.__name__}") from None
 
 
+def reconnect_interval_ms(address: str) -> tuple[int, int]:
+    """ZeroMQ's own reconnect interval and its cap for a socket connecting to ``address``.
+
+    A local (ipc) broker may still be starting, as the embedded farm's is: retry often, so
+    the first result is not held up by a backoff. Across a network, back off up to 2 s.
+    """
+    return (10, 0) if address.startswith(("ipc://", "inproc://")) else (100, 2000)
+
+
 def _check_endpoint(address: str) -> None:
     scheme, sep, rest = address.partition("://")
     if not sep or scheme not in {"tcp", "ipc", "inproc"} or not rest:

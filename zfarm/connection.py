@@ -31,7 +31,7 @@ from zmq.utils import monitor as zmq_monitor
 
 from zfarm import protocol as p
 from zfarm import serialization as ser
-from zfarm.config import ClientSettings
+from zfarm.config import ClientSettings, reconnect_interval_ms
 from zfarm.errors import BrokerUnavailable, JobCrashed, ProtocolError, Refused, WorkerLost
 from zfarm.security import PeerKeys
 from zfarm.stats import JobRecord, record_of
@@ -215,8 +215,9 @@ class Connection(threading.Thread):
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
-        sock.setsockopt(zmq.RECONNECT_IVL, 100)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        ivl_ms, ivl_max_ms = reconnect_interval_ms(self.settings.address)
+        sock.setsockopt(zmq.RECONNECT_IVL, ivl_ms)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, ivl_max_ms)
         if self._keys is not None:
             self._keys.apply(sock)
         self._monitor = sock.get_monitor_socket(_HANDSHAKE_EVENTS)

@@ -34,7 +34,7 @@ import zmq
 from zfarm import protocol as p
 from zfarm import serialization as ser
 from zfarm.chaperone import Key, SlotOutcome, SlotPool, SlotTask
-from zfarm.config import WorkerSettings
+from zfarm.config import WorkerSettings, reconnect_interval_ms
 from zfarm.errors import PayloadTooLarge, ProtocolError, Refused
 from zfarm.security import PeerKeys
 
@@ -331,8 +331,9 @@ class Worker:
         sock = self.context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 0)
-        sock.setsockopt(zmq.RECONNECT_IVL, 100)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        ivl_ms, ivl_max_ms = reconnect_interval_ms(self.settings.address)
+        sock.setsockopt(zmq.RECONNECT_IVL, ivl_ms)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, ivl_max_ms)
         if self.keys is not None:
             self.keys.apply(sock)
         sock.connect(self.settings.address)
