@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -120,4 +121,11 @@ def mark_then_sleep(marker_dir: str | os.PathLike[str], x: T, seconds: float) ->
     """Create ``marker_dir/started-<x>`` (so the test knows the job runs), sleep, return ``x``."""
     Path(marker_dir, f"started-{x}").touch()
     time.sleep(seconds)
+    return x
+
+
+def kill_my_worker(x: int = 0) -> int:
+    """SIGKILL the worker running this job (as a job that brings its machine down would)."""
+    os.kill(int(os.environ["ZFARM_WORKER_PID"]), signal.SIGKILL)
+    time.sleep(60)
     return x

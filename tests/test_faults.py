@@ -459,3 +459,24 @@ def test_status_unreachable_endpoint_exits_1_naming_address() -> None:
     assert result.returncode == 1, (result.stdout, result.stderr)
     assert endpoint in result.stderr, result.stderr
     assert timeout_s <= elapsed_s < timeout_s + 15.0, f"took {elapsed_s:.1f} s"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_a_job_that_kills_its_workers_is_declared_poison(procs: Procs, ctx: zmq.Context[Any]) -> None:
+    """After --max-losses workers died running it, the job fails with WorkerLost naming them."""
+    _, endpoint = procs.broker(None, *FAST, "--max-losses", "2")
+    workers = [procs.worker(endpoint, *FAST, procs=1) for _ in range(3)]
+    wait_for(lambda: len(snapshot(ctx, endpoint)["workers"]) == 3, 20, message="3 workers")
+    with zfarm.Client(endpoint) as client:
+        poison = client.submit(jobs.kill_my_worker, 1)
+        with pytest.raises(zfarm.WorkerLost) as info:
+            poison.result(RESULT_TIMEOUT_S)
+        assert client.submit(jobs.square, 7).result(RESULT_TIMEOUT_S) == 49  # the last worker serves on
+    text = str(info.value)
+    assert "2 workers died while running it" in text
+    dead = [w for w in workers if not w.alive()]
+    assert len(dead) == 2
+    snap = snapshot(ctx, endpoint)
+    assert snap["workers_lost"] == 2 and snap["failed"] == 1
+    assert [w["pid"] for w in snap["workers"]] == [w.pid for w in workers if w.alive()]

@@ -47,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     broker.add_argument("--bind", help=f"endpoint to listen on (default {DEFAULT_ADDRESS}; env ZFARM_BIND)")
     _liveness_flags(broker)
     broker.add_argument("--max-message-bytes", type=int, help="largest message accepted (default 2 GiB)")
+    broker.add_argument("--max-losses", type=int,
+                        help="workers a job may kill (or lose) before it fails with WorkerLost (default 3)")
     broker.add_argument("--history", type=int, help="finished jobs' records kept for `zfarm history` (50000)")
     _keys_flag(broker, name=False)
     broker.add_argument("--insecure", action="store_true", default=None,
@@ -169,7 +171,7 @@ def _run_broker(args: argparse.Namespace) -> int:
 
     settings = resolve(BrokerSettings, _flags(args, ["bind", "heartbeat_interval_s", "liveness",
                                                      "max_message_bytes", "parent_pid", "keys", "insecure",
-                                                     "history"]))
+                                                     "history", "max_losses"]))
     run_broker(settings)
     return 0
 

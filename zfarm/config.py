@@ -37,6 +37,8 @@ class BrokerSettings:
     handshake_timeout_s: float = 10.0
     #: finished jobs' records kept for `zfarm history` (about 200 bytes each)
     history: int = 50_000
+    #: a job whose workers died this many times while running it fails with WorkerLost
+    max_losses: int = 3
 
     def __post_init__(self) -> None:
         _check_endpoint(self.bind)
@@ -45,6 +47,8 @@ class BrokerSettings:
         if self.max_message_bytes < MIN_MESSAGE_BYTES:
             raise ConfigError(f"max_message_bytes must be at least {MIN_MESSAGE_BYTES} (1 MiB), "
                               f"got {self.max_message_bytes}")
+        if self.max_losses < 1:
+            raise ConfigError(f"max_losses must be at least 1, got {self.max_losses}")
         if self.history < 0:
             raise ConfigError(f"history must not be negative, got {self.history}")
 

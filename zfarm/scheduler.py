@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import time
 import uuid
 from collections import deque
 from collections.abc import Sequence
@@ -296,7 +297,7 @@ class Scheduler:
                                    f"{held} jobs requeued")
                 self.records.lost_workers.append({**self._worker_view(peer, now), "state": "lost",
                                                   "lost_at": self.records.wall(now), "why": why})
-            self._requeue(peer, why)
+            self._requeue(peer, why, now)
         elif isinstance(peer, ClientRecord) and self.clients.get(peer.id) is peer:
             del self.clients[peer.id]
             dropped = len(peer.jobs)
@@ -309,14 +310,38 @@ class Scheduler:
             self.records.event(now, "client-left", f"client {peer.id} {why}"
                                f"{f'; dropped its {dropped} unfinished jobs' if dropped else ''}")
 
-    def _requeue(self, worker: WorkerRecord, why: str) -> None:
+    def _requeue(self, worker: WorkerRecord, why: str, now: float) -> None:
         jobs = [job for job in worker.jobs.values()
                 if job.state is JobState.ASSIGNED and job.worker == worker.id]
         worker.jobs.clear()
         worker.outbox.clear()
+        if why != "left":  # the worker died holding these: count it against each job
+            jobs = [job for job in jobs if not self._poisoned(job, worker, why, now)]
         if jobs:
             log.warning("worker %s %s: requeued its %d jobs", worker.id, why, len(jobs))
         self._requeue_jobs(jobs)
+
+    def _poisoned(self, job: Job, worker: WorkerRecord, why: str, now: float) -> bool:
+        """Record a worker lost while running ``job``; end the job once it has lost too many."""
+        at = time.strftime("%H:%M:%S", time.localtime(self.records.wall(now)))
+        job.losses += (f"{worker.id} on {worker.host} ({why}, at {at})",)
+        limit = job.options.get("max_losses")
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+            limit = self.settings.max_losses
+        client = self.clients.get(job.client_id)
+        if len(job.losses) < limit or client is None:
+            return False
+        info = (f"{len(job.losses)} workers died while running it, so it is not tried again (it may be "
+                f"what kills them): {'; '.join(job.losses)}")
+        log.warning("job %s declared poison: %s", job.name, info)
+        self.records.event(now, "job-failed", f"job {job.name} lost {len(job.losses)} workers: not retried")
+        self._forget_job(client, job, now)
+        job.state = JobState.FINISHED
+        at_wall = self.records.wall(now)
+        self._finish_for_client(client, job.seq, p.Outcome.LOST, [], info,
+                                [worker.id, worker.host, len(job.history), self.records.wall(job.queued_at),
+                                 at_wall, at_wall, 0.0, 0])
+        return True
 
     def _requeue_jobs(self, jobs: list[Job]) -> None:
         for job in reversed(jobs):  # appendleft reverses; keep the original order

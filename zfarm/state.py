@@ -43,6 +43,8 @@ class Job:
     worker: str | None = None
     #: ids of the workers the job was given to, in order; its attempt number is the length
     history: tuple[str, ...] = ()  # a tuple: the empty one is shared, so a queued job carries none
+    #: the workers that died while running it, with why and when (poison detection)
+    losses: tuple[str, ...] = ()
 
     @property
     def key(self) -> tuple[str, int]:

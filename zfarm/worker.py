@@ -251,6 +251,8 @@ class Worker:
     def serve(self) -> None:
         """Run until stopped by :meth:`request_stop` (twice: at once), or the parent is gone."""
         core = self.core
+        os.environ["ZFARM_WORKER_PID"] = str(os.getpid())  # jobs may read it; set before slots start
+        os.environ["ZFARM_WORKER_ID"] = core.id
         self.pool = SlotPool(core.slots, core.host)
         log.info("worker %s on %s pid %d: %d slots, connecting to %s", core.id, core.host, core.pid,
                  core.slots, self.settings.address)
