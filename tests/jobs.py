@@ -129,3 +129,12 @@ def kill_my_worker(x: int = 0) -> int:
     os.kill(int(os.environ["ZFARM_WORKER_PID"]), signal.SIGKILL)
     time.sleep(60)
     return x
+
+
+def hog_memory(megabytes: int, hold_s: float = 30.0) -> int:
+    """Touch ``megabytes`` MiB of memory and hold it (for memory-limit tests)."""
+    block = bytearray(megabytes * 2**20)
+    for i in range(0, len(block), 4096):
+        block[i] = 1
+    time.sleep(hold_s)
+    return len(block)

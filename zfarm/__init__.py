@@ -16,6 +16,8 @@ from zfarm.errors import (
     ConfigError,
     JobCrashed,
     JobError,
+    JobTimeout,
+    MemoryLimitExceeded,
     PayloadTooLarge,
     ProtocolError,
     Refused,
@@ -44,6 +46,7 @@ def __getattr__(name: str) -> Any:
 logging.getLogger("zfarm").addHandler(logging.NullHandler())
 
 __all__ = [
-    "BrokerUnavailable", "Client", "ConfigError", "JobCrashed", "JobError", "PayloadTooLarge",
-    "ProtocolError", "Refused", "SecurityError", "WorkerLost", "ZfarmError", "__version__", "as_completed",
+    "BrokerUnavailable", "Client", "ConfigError", "JobCrashed", "JobError", "JobTimeout",
+    "MemoryLimitExceeded", "PayloadTooLarge", "ProtocolError", "Refused", "SecurityError", "WorkerLost",
+    "ZfarmError", "__version__", "as_completed",
 ]

@@ -29,7 +29,7 @@ from typing import Any
 import msgpack
 
 from zfarm import serialization as ser
-from zfarm.errors import JobCrashed
+from zfarm.errors import JobCrashed, JobTimeout, MemoryLimitExceeded
 from zfarm.protocol import Outcome, remember_fn
 
 log = logging.getLogger(__name__)
@@ -176,6 +176,25 @@ def _result(value: Any) -> tuple[Outcome, list[Any], str]:
 # ---- in the worker ---------------------------------------------------------------------------------
 
 
+MEMORY_CHECK_S = 0.1  # how often the memory of slots with a limit is read
+
+
+def _limit(task: SlotTask, name: str) -> float | None:
+    value = task.options.get(name)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        return float(value)
+    return None
+
+
+def _rss_bytes(pid: int | None) -> int:
+    """Resident memory of a process, from /proc (0 where there is no /proc)."""
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 class Slot:
     """One slot process and the task it runs, as seen from the worker."""
 
@@ -190,6 +209,7 @@ class Slot:
         lifeline_r.close()
         self.task: SlotTask | None = None
         self.started_at = 0.0
+        self.started_mono = 0.0
         self.fns: dict[bytes, None] = {}  # mirrors the slot's function cache
 
     def send(self, task: SlotTask) -> None:
@@ -202,6 +222,7 @@ class Slot:
             self.conn.send_bytes(ser.buffer_of(frame))
         self.task = task
         self.started_at = time.time()
+        self.started_mono = time.monotonic()
 
     def outcome_without_report(self, task: SlotTask, outcome: Outcome, frames: list[Any],
                                info: str) -> SlotOutcome:
@@ -240,6 +261,7 @@ class SlotPool:
             self.ctx.set_forkserver_preload(["zfarm.chaperone"])
         self.host = host
         self.slots = [Slot(self.ctx, i) for i in range(size)]
+        self._next_memory_check = 0.0
 
     @property
     def size(self) -> int:
@@ -265,6 +287,37 @@ class SlotPool:
             slot.task = task
             return self._replace(slot)
         return None
+
+    def next_deadline(self) -> float | None:
+        """The earliest time limit of a running job (monotonic), if any."""
+        deadlines = [s.started_mono + limit for s in self.slots
+                     if s.task is not None and (limit := _limit(s.task, "timeout_s")) is not None]
+        return min(deadlines, default=None)
+
+    def enforce_limits(self, now: float) -> list[SlotOutcome]:
+        """Kill jobs past their time limit, or whose slot grew past its memory limit."""
+        check_memory = now >= self._next_memory_check
+        if check_memory:
+            self._next_memory_check = now + MEMORY_CHECK_S
+        outcomes = []
+        for slot in list(self.slots):
+            task = slot.task
+            if task is None:
+                continue
+            error: BaseException | None = None
+            timeout_s = _limit(task, "timeout_s")
+            mem_limit = _limit(task, "mem_limit")
+            if timeout_s is not None and now - slot.started_mono > timeout_s:
+                error = JobTimeout(task.name, timeout_s, now - slot.started_mono)
+            elif mem_limit is not None and check_memory and (rss := _rss_bytes(slot.process.pid)) > mem_limit:
+                error = MemoryLimitExceeded(task.name, int(mem_limit), rss)
+            if error is not None:
+                log.warning("%s", error)
+                slot.task = None
+                self._replace(slot, why=f"over a limit of job {task.name}")
+                outcomes.append(slot.outcome_without_report(task, Outcome.ERROR, ser.dump_exception(error),
+                                                            ser.error_line(error)))
+        return outcomes
 
     def collect(self, slot: Slot) -> SlotOutcome | None:
         """Read what a readable slot has to say: a finished job, or its death."""

@@ -31,7 +31,7 @@ import zmq
 from zfarm import serialization as ser
 from zfarm.config import ClientSettings, resolve
 from zfarm.connection import Connection, JobFuture, PendingJob
-from zfarm.errors import BrokerUnavailable, PayloadTooLarge
+from zfarm.errors import BrokerUnavailable, ConfigError, PayloadTooLarge
 from zfarm.local import LocalCluster
 from zfarm.mapping import MapRun
 from zfarm.progress import known_length, track
@@ -53,6 +53,8 @@ class Client(concurrent.futures.Executor):
         heartbeat_interval_s: heartbeat interval of the embedded broker.
         keys: a keys folder (or ``ZFARM_KEYS``): connect with CURVE (docs/security.md).
         key_name: which of the folder's client keys to use (default: the only one).
+        job_timeout_s: default time limit of each job (see ``map``); None: no limit.
+        mem_limit: default memory limit of each job's slot, bytes; None: no limit.
 
     Raises:
         BrokerUnavailable: the broker did not answer within ``connect_timeout_s``.
@@ -61,11 +63,13 @@ class Client(concurrent.futures.Executor):
     def __init__(self, address: str | None = None, *, n_workers: int | None = None,
                  connect_timeout_s: float | None = None, broker_timeout_s: float | None = None,
                  window: int | None = None, heartbeat_interval_s: float | None = None,
-                 keys: str | None = None, key_name: str | None = None) -> None:
+                 keys: str | None = None, key_name: str | None = None, job_timeout_s: float | None = None,
+                 mem_limit: int | None = None) -> None:
         self.settings = resolve(ClientSettings, {
             "address": address, "connect_timeout_s": connect_timeout_s, "broker_timeout_s": broker_timeout_s,
             "window": window, "keys": keys, "key_name": key_name})
         self.id = f"c-{uuid.uuid4().hex[:12]}"
+        self._options = job_options(job_timeout_s, mem_limit)
         self._seq = itertools.count(1)
         self._shutdown = False
         self._shutdown_lock = threading.Lock()
@@ -117,13 +121,25 @@ class Client(concurrent.futures.Executor):
             RuntimeError: the client was shut down.
             PayloadTooLarge: the arguments are over the broker's message limit.
         """
+        return self._submit(fn, args, kwargs, self._options)
+
+    def _submit(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+                options: dict[str, Any]) -> concurrent.futures.Future[Any]:
         fn_id, blob = ser.dump_function(fn)
-        job = self._job(fn_id, ser.dump_call(args, kwargs), len(blob))
+        job = self._job(fn_id, ser.dump_call(args, kwargs), len(blob), options)
         self._connection.submit(fn_id, blob, [job])
         return job.future
 
+    def with_options(self, *, job_timeout_s: float | None = None, mem_limit: int | None = None) -> JobLimits:
+        """``submit`` and ``map`` with limits for these jobs only (they override the client's).
+
+        >>> client.with_options(job_timeout_s=60, mem_limit=2 * 2**30).submit(simulate, params)
+        """
+        return JobLimits(self, {**self._options, **job_options(job_timeout_s, mem_limit)})
+
     def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None,
-            chunksize: int | None = None, progress: bool = False) -> Iterator[Any]:
+            chunksize: int | None = None, progress: bool = False, job_timeout_s: float | None = None,
+            mem_limit: int | None = None) -> Iterator[Any]:
         """Like ``Executor.map``, but the inputs are read lazily within a bounded window.
 
         Work starts at once on the first window of jobs; the rest is submitted as
@@ -136,18 +152,29 @@ class Client(concurrent.futures.Executor):
             chunksize: items per job. Default: adaptive, from the jobs' observed run time
                 (see docs/performance.md); 1 sends every item as its own job.
             progress: show a progress bar on stderr (done/total, rate, time left).
+            job_timeout_s: the longest one item may run (a chunk of n items gets n times this);
+                past it the job is killed and raises JobTimeout.
+            mem_limit: bytes of resident memory a job's slot may reach before it is killed
+                (MemoryLimitExceeded).
         """
+        options = {**self._options, **job_options(job_timeout_s, mem_limit)}
+        return self._map(fn, iterables, timeout, chunksize, progress, options)
+
+    def _map(self, fn: Callable[..., Any], iterables: tuple[Iterable[Any], ...], timeout: float | None,
+             chunksize: int | None, progress: bool, options: dict[str, Any]) -> Iterator[Any]:
         total = known_length(*iterables) if progress else None
         deadline = None if timeout is None else time.monotonic() + timeout
-        run = MapRun(self._submit_chunks, fn, zip(*iterables, strict=False), self.settings.window, chunksize)
+
+        def submit_chunks(fn_id: bytes, blob: Any, chunks: list[list[Any]]) -> list[PendingJob]:
+            jobs = [self._job(fn_id, ser.dump_chunk(chunk), len(blob), _per_chunk(options, len(chunk)))
+                    for chunk in chunks]
+            self._connection.submit(fn_id, blob, jobs)
+            return jobs
+
+        run = MapRun(submit_chunks, fn, zip(*iterables, strict=False), self.settings.window, chunksize)
         run.fill()  # work starts now, not at the first next()
         results = run.results(deadline)
         return track(results, total, f"map {getattr(fn, '__name__', 'fn')}") if progress else results
-
-    def _submit_chunks(self, fn_id: bytes, blob: Any, chunks: list[list[Any]]) -> list[PendingJob]:
-        jobs = [self._job(fn_id, ser.dump_chunk(chunk), len(blob)) for chunk in chunks]
-        self._connection.submit(fn_id, blob, jobs)
-        return jobs
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop the client (and its embedded farm).
@@ -168,7 +195,7 @@ class Client(concurrent.futures.Executor):
         else:  # jobs go on; the connection closes when they are done
             self._res.close_when_done()
 
-    def _job(self, fn_id: bytes, frames: list[Any], fn_size: int) -> PendingJob:
+    def _job(self, fn_id: bytes, frames: list[Any], fn_size: int, options: dict[str, Any]) -> PendingJob:
         if self._shutdown:
             raise RuntimeError("cannot submit jobs after the client was shut down")
         if self._connection.fatal is not None:
@@ -180,7 +207,7 @@ class Client(concurrent.futures.Executor):
         seq = next(self._seq)
         future = JobFuture(self._connection, seq)
         self._res.track(future)
-        return PendingJob(seq, fn_id, frames, future, size)
+        return PendingJob(seq, fn_id, frames, future, size, options=options)
 
     def __repr__(self) -> str:
         where = "embedded" if self._res.cluster else self.settings.address
@@ -193,6 +220,43 @@ def as_completed(futures: Iterable[concurrent.futures.Future[Any]], timeout: flo
     futures = list(futures)
     done = concurrent.futures.as_completed(futures, timeout)
     return track(done, len(futures), "jobs") if progress else done
+
+
+def job_options(job_timeout_s: float | None, mem_limit: int | None) -> dict[str, Any]:
+    """The options a job carries to its worker (only those set).
+
+    Raises:
+        ConfigError: a limit that is not a positive number.
+    """
+    options: dict[str, Any] = {}
+    for name, value in (("timeout_s", job_timeout_s), ("mem_limit", mem_limit)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ConfigError(f"{name} must be a positive number, not {value!r}")
+        options[name] = value
+    return options
+
+
+def _per_chunk(options: dict[str, Any], items: int) -> dict[str, Any]:
+    if "timeout_s" not in options or items == 1:
+        return options
+    return {**options, "timeout_s": options["timeout_s"] * items}
+
+
+class JobLimits:
+    """``submit`` and ``map`` of a client, with job limits (from :meth:`Client.with_options`)."""
+
+    def __init__(self, client: Client, options: dict[str, Any]) -> None:
+        self._client = client
+        self._options = options
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
+        return self._client._submit(fn, args, kwargs, self._options)
+
+    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None,
+            chunksize: int | None = None, progress: bool = False) -> Iterator[Any]:
+        return self._client._map(fn, iterables, timeout, chunksize, progress, self._options)
 
 
 class _Resources:

@@ -23,7 +23,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future, InvalidStateError
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
@@ -96,6 +96,7 @@ class PendingJob:
     future: JobFuture
     size: int = 0
     submitted_at: float = 0.0  # when the I/O thread took it (monotonic)
+    options: dict[str, Any] = field(default_factory=dict)  # limits the worker enforces
 
 
 class Connection(threading.Thread):
@@ -370,7 +371,7 @@ class Connection(threading.Thread):
         frames: list[Any] = [self._fns[fn_id]] if with_fn else []
         rows = []
         for job in batch:
-            rows.append([job.seq, len(job.frames), {}])
+            rows.append([job.seq, len(job.frames), job.options])
             frames.extend(job.frames)
         self._fns_sent.add(fn_id)
         self._send(p.Submit(fn_id, with_fn, rows, frames), now)

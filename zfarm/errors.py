@@ -100,6 +100,34 @@ class JobCrashed(ZfarmError):
         return (type(self), (self.job, self.exitcode, self.host))
 
 
+class JobTimeout(ZfarmError, TimeoutError):
+    """A job ran past its time limit; its slot was killed and replaced."""
+
+    def __init__(self, job: str, limit_s: float, ran_s: float) -> None:
+        self.job = job
+        self.limit_s = limit_s
+        self.ran_s = ran_s
+        super().__init__(f"job {job} ran {ran_s:.1f} s, past its limit of {limit_s:g} s: it was killed. "
+                         "Raise job_timeout_s if it needs longer")
+
+    def __reduce__(self) -> tuple[type, tuple[str, float, float]]:
+        return (type(self), (self.job, self.limit_s, self.ran_s))
+
+
+class MemoryLimitExceeded(ZfarmError, MemoryError):
+    """A job's slot process grew past its memory limit; it was killed and replaced."""
+
+    def __init__(self, job: str, limit: int, reached: int) -> None:
+        self.job = job
+        self.limit = limit
+        self.reached = reached
+        super().__init__(f"job {job} reached {reached / 2**20:.0f} MiB resident memory, over its limit of "
+                         f"{limit / 2**20:.0f} MiB: it was killed. Raise mem_limit if it needs more")
+
+    def __reduce__(self) -> tuple[type, tuple[str, int, int]]:
+        return (type(self), (self.job, self.limit, self.reached))
+
+
 class WorkerLost(ZfarmError):
     """The worker running a job died or left, and the job was not run elsewhere."""
 

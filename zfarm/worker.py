@@ -278,6 +278,9 @@ class Worker:
         timeout_s = core.interval_s / 4
         if core.link is Link.DOWN:
             timeout_s = max(0.0, min(timeout_s, core.reconnect_at - time.monotonic()))
+        deadline = pool.next_deadline()
+        if deadline is not None:  # wake up in time to stop a job at its limit
+            timeout_s = max(0.0, min(timeout_s, deadline - time.monotonic() + 0.001))
         ready = dict(poller.poll(int(timeout_s * 1000)))
         if self.socket is not None and ready.get(self.socket):
             self._drain_socket()
@@ -286,6 +289,7 @@ class Worker:
             if ready.get(fd) and (outcome := pool.collect(slot)) is not None:
                 outcomes.append(outcome)
         now = time.monotonic()
+        outcomes += pool.enforce_limits(now)
         self._apply(core.finished(outcomes, now, from_slots=len(outcomes)))
         started_dead = []
         for task in core.take_tasks(pool.free):

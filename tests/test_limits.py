@@ -1,0 +1,71 @@
+"""Per-job limits enforced by the worker: time and memory. The worker lives on and keeps heartbeating."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+import zfarm
+from tests import jobs
+from tests.helpers import Procs, wait_for_workers
+from zfarm.monitor import fetch_status
+
+pytestmark = pytest.mark.timeout(60)
+FAST = ("--heartbeat-interval", "0.2")
+
+
+@pytest.fixture
+def farm(procs: Procs) -> tuple[str, int]:
+    _, endpoint = procs.broker(None, *FAST)
+    worker = procs.worker(endpoint, procs=1)
+    wait_for_workers(endpoint, 1)
+    return endpoint, worker.pid
+
+
+def test_a_job_past_its_time_limit_is_killed_and_the_worker_serves_on(farm: tuple[str, int]) -> None:
+    endpoint, worker_pid = farm
+    with zfarm.Client(endpoint, job_timeout_s=0.5) as client:
+        started = time.monotonic()
+        future = client.submit(jobs.sleep_then, 1, 30.0)
+        with pytest.raises(zfarm.JobTimeout) as info:
+            future.result(20)
+        assert time.monotonic() - started < 10  # killed near its limit, not after 30 s
+        assert info.value.limit_s == 0.5 and info.value.ran_s >= 0.5
+        assert isinstance(info.value, TimeoutError)
+        assert "raise job_timeout_s" in str(info.value).lower()
+        assert client.submit(jobs.square, 6).result(20) == 36  # the slot was replaced
+        timed_out, finished = client.stats().records
+        assert timed_out.outcome == "error" and timed_out.error.startswith("zfarm.errors.JobTimeout")
+        assert finished.outcome == "ok"
+    snap = fetch_status(endpoint)
+    assert [w["pid"] for w in snap["workers"]] == [worker_pid]  # the same worker, alive throughout
+    assert snap["workers_lost"] == 0
+
+
+def test_with_options_limits_only_those_jobs_and_map_scales_per_item(farm: tuple[str, int]) -> None:
+    endpoint, _ = farm
+    with zfarm.Client(endpoint) as client:
+        limited = client.with_options(job_timeout_s=0.3)
+        with pytest.raises(zfarm.JobTimeout):
+            limited.submit(jobs.sleep_then, 1, 30.0).result(20)
+        assert client.submit(jobs.sleep_then, 2, 0.5).result(20) == 2  # no limit on the client itself
+        # each of 3 items may take 0.4 s; the chunk of 3 gets 1.2 s and finishes in ~0.6 s
+        items = client.map(jobs.sleep_then, range(3), [0.2] * 3, chunksize=3, job_timeout_s=0.4)
+        assert list(items) == [0, 1, 2]
+        with pytest.raises(zfarm.ConfigError):
+            client.with_options(job_timeout_s=-1)
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/statm"), reason="memory is read from /proc")
+def test_a_job_over_its_memory_limit_is_killed(farm: tuple[str, int]) -> None:
+    endpoint, _ = farm
+    with zfarm.Client(endpoint) as client:
+        hog = client.with_options(mem_limit=150 * 2**20).submit(jobs.hog_memory, 400, 30.0)
+        with pytest.raises(zfarm.MemoryLimitExceeded) as info:
+            hog.result(30)
+        assert info.value.limit == 150 * 2**20
+        assert info.value.reached > 150 * 2**20
+        assert isinstance(info.value, MemoryError)
+        small = client.with_options(mem_limit=150 * 2**20).submit(jobs.hog_memory, 10, 0.0)
+        assert small.result(20) == 10 * 2**20
