@@ -138,3 +138,12 @@ def hog_memory(megabytes: int, hold_s: float = 30.0) -> int:
         block[i] = 1
     time.sleep(hold_s)
     return len(block)
+
+
+def fail_times(counter_dir: str | os.PathLike[str], times: int, x: int) -> int:
+    """Raise on the first ``times`` runs (counted in files under ``counter_dir``), then return x."""
+    runs = len(list(Path(counter_dir).iterdir()))
+    Path(counter_dir, f"run-{runs}").touch()
+    if runs < times:
+        raise RuntimeError(f"attempt {runs + 1} fails")
+    return x

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
@@ -69,3 +70,23 @@ def test_a_job_over_its_memory_limit_is_killed(farm: tuple[str, int]) -> None:
         assert isinstance(info.value, MemoryError)
         small = client.with_options(mem_limit=150 * 2**20).submit(jobs.hog_memory, 10, 0.0)
         assert small.result(20) == 10 * 2**20
+
+
+def test_retries_run_a_raising_job_again_with_backoff(farm: tuple[str, int], tmp_path: Path) -> None:
+    endpoint, _ = farm
+    with zfarm.Client(endpoint, retry_backoff_s=0.1) as client:
+        flaky, never = tmp_path / "flaky", tmp_path / "never"
+        flaky.mkdir()
+        never.mkdir()
+        started = time.monotonic()
+        assert client.with_options(retries=2).submit(jobs.fail_times, str(flaky), 2, 5).result(20) == 5
+        assert time.monotonic() - started >= 0.1 + 0.2  # waited out the backoff twice
+        assert len(list(flaky.iterdir())) == 3
+        with pytest.raises(RuntimeError, match="attempt 2 fails"):  # retries=1: two runs, then the error
+            client.with_options(retries=1).submit(jobs.fail_times, str(never), 5, 0).result(20)
+        assert len(list(never.iterdir())) == 2
+        once = tmp_path / "once"
+        once.mkdir()
+        with pytest.raises(RuntimeError, match="attempt 1 fails"):  # default: no retry of user errors
+            client.submit(jobs.fail_times, str(once), 1, 0).result(20)
+        assert len(list(once.iterdir())) == 1

@@ -55,6 +55,8 @@ class Client(concurrent.futures.Executor):
         key_name: which of the folder's client keys to use (default: the only one).
         job_timeout_s: default time limit of each job (see ``map``); None: no limit.
         mem_limit: default memory limit of each job's slot, bytes; None: no limit.
+        retries: default number of re-runs of a job whose function raised (default 0).
+        retry_backoff_s: the first wait before such a re-run (doubling, up to 30 s).
 
     Raises:
         BrokerUnavailable: the broker did not answer within ``connect_timeout_s``.
@@ -64,12 +66,13 @@ class Client(concurrent.futures.Executor):
                  connect_timeout_s: float | None = None, broker_timeout_s: float | None = None,
                  window: int | None = None, heartbeat_interval_s: float | None = None,
                  keys: str | None = None, key_name: str | None = None, job_timeout_s: float | None = None,
-                 mem_limit: int | None = None) -> None:
+                 mem_limit: int | None = None, retries: int | None = None,
+                 retry_backoff_s: float | None = None) -> None:
         self.settings = resolve(ClientSettings, {
             "address": address, "connect_timeout_s": connect_timeout_s, "broker_timeout_s": broker_timeout_s,
-            "window": window, "keys": keys, "key_name": key_name})
+            "window": window, "keys": keys, "key_name": key_name, "retry_backoff_s": retry_backoff_s})
         self.id = f"c-{uuid.uuid4().hex[:12]}"
-        self._options = job_options(job_timeout_s, mem_limit)
+        self._options = job_options(job_timeout_s, mem_limit, retries)
         self._seq = itertools.count(1)
         self._shutdown = False
         self._shutdown_lock = threading.Lock()
@@ -130,16 +133,17 @@ class Client(concurrent.futures.Executor):
         self._connection.submit(fn_id, blob, [job])
         return job.future
 
-    def with_options(self, *, job_timeout_s: float | None = None, mem_limit: int | None = None) -> JobLimits:
-        """``submit`` and ``map`` with limits for these jobs only (they override the client's).
+    def with_options(self, *, job_timeout_s: float | None = None, mem_limit: int | None = None,
+                     retries: int | None = None) -> JobLimits:
+        """``submit`` and ``map`` with limits and retries for these jobs only (they override the client's).
 
-        >>> client.with_options(job_timeout_s=60, mem_limit=2 * 2**30).submit(simulate, params)
+        >>> client.with_options(job_timeout_s=60, mem_limit=2 * 2**30, retries=2).submit(simulate, params)
         """
-        return JobLimits(self, {**self._options, **job_options(job_timeout_s, mem_limit)})
+        return JobLimits(self, {**self._options, **job_options(job_timeout_s, mem_limit, retries)})
 
     def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None,
             chunksize: int | None = None, progress: bool = False, job_timeout_s: float | None = None,
-            mem_limit: int | None = None) -> Iterator[Any]:
+            mem_limit: int | None = None, retries: int | None = None) -> Iterator[Any]:
         """Like ``Executor.map``, but the inputs are read lazily within a bounded window.
 
         Work starts at once on the first window of jobs; the rest is submitted as
@@ -156,8 +160,10 @@ class Client(concurrent.futures.Executor):
                 past it the job is killed and raises JobTimeout.
             mem_limit: bytes of resident memory a job's slot may reach before it is killed
                 (MemoryLimitExceeded).
+            retries: how many more times a job whose function raised is run (after 1, 2, 4 … s);
+                crashes, time-outs and memory limits are not retried.
         """
-        options = {**self._options, **job_options(job_timeout_s, mem_limit)}
+        options = {**self._options, **job_options(job_timeout_s, mem_limit, retries)}
         return self._map(fn, iterables, timeout, chunksize, progress, options)
 
     def _map(self, fn: Callable[..., Any], iterables: tuple[Iterable[Any], ...], timeout: float | None,
@@ -207,7 +213,8 @@ class Client(concurrent.futures.Executor):
         seq = next(self._seq)
         future = JobFuture(self._connection, seq)
         self._res.track(future)
-        return PendingJob(seq, fn_id, frames, future, size, options=options)
+        wire = {k: v for k, v in options.items() if k != "retries"}  # retrying is the client's business
+        return PendingJob(seq, fn_id, frames, future, size, options=wire, retries=options.get("retries", 0))
 
     def __repr__(self) -> str:
         where = "embedded" if self._res.cluster else self.settings.address
@@ -222,13 +229,18 @@ def as_completed(futures: Iterable[concurrent.futures.Future[Any]], timeout: flo
     return track(done, len(futures), "jobs") if progress else done
 
 
-def job_options(job_timeout_s: float | None, mem_limit: int | None) -> dict[str, Any]:
-    """The options a job carries to its worker (only those set).
+def job_options(job_timeout_s: float | None, mem_limit: int | None,
+                retries: int | None = None) -> dict[str, Any]:
+    """A job's options (only those set): limits for its worker, retries for the client.
 
     Raises:
-        ConfigError: a limit that is not a positive number.
+        ConfigError: a limit that is not a positive number, or negative retries.
     """
     options: dict[str, Any] = {}
+    if retries is not None:
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ConfigError(f"retries must be a whole number of at least 0, not {retries!r}")
+        options["retries"] = retries
     for name, value in (("timeout_s", job_timeout_s), ("mem_limit", mem_limit)):
         if value is None:
             continue

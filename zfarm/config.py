@@ -95,6 +95,8 @@ class ClientSettings:
     reconnect_max_s: float = 32.0
     #: jobs `map` keeps unfinished at once; bounds memory for endless inputs
     window: int = 4096
+    #: first wait before a job that raised runs again (doubling, up to 30 s), for retries=N
+    retry_backoff_s: float = 1.0
     keys: str = ""  # keys folder: connect with CURVE using clients/KEY_NAME.key_secret
     key_name: str = ""
 

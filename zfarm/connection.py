@@ -16,6 +16,7 @@ future resolves exactly once even when its job ran twice.
 from __future__ import annotations
 
 import enum
+import heapq
 import logging
 import os
 import socket
@@ -54,6 +55,7 @@ def _handshake_problem(event: int, with_keys: bool) -> str:
         return _NEED_KEYS
     return _REFUSED_KEY if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH else _WRONG_KEYS
 
+RETRY_BACKOFF_MAX_S = 30.0
 #: job records kept for Client.stats(), newest last
 RECORDS_KEPT = 100_000
 
@@ -97,6 +99,8 @@ class PendingJob:
     size: int = 0
     submitted_at: float = 0.0  # when the I/O thread took it (monotonic)
     options: dict[str, Any] = field(default_factory=dict)  # limits the worker enforces
+    retries: int = 0  # runs left after the job raised (not after it crashed or timed out)
+    attempt: int = 0  # retries used so far
 
 
 class Connection(threading.Thread):
@@ -134,6 +138,7 @@ class Connection(threading.Thread):
         self._fn_users: dict[bytes, int] = {}
         self._fns_sent: set[bytes] = set()
         self._to_send: list[int] = []
+        self._retry_at: list[tuple[float, int]] = []  # (when, seq): jobs waiting out a retry backoff
         self._link = Link.DOWN
         self._interval_s = settings.heartbeat_interval_s
         self._liveness = settings.liveness
@@ -197,6 +202,7 @@ class Connection(threading.Thread):
             self._take_inbox()
         if self._socket is not None and ready.get(self._socket):
             self._drain()
+        self._release_retries(time.monotonic())
         self._flush()
         self._check_liveness(time.monotonic())
 
@@ -306,7 +312,8 @@ class Connection(threading.Thread):
         self._interval_s, self._liveness = msg.heartbeat_interval_s, msg.liveness
         self.max_message_bytes = msg.max_message_bytes
         self._backoff_s = self.settings.reconnect_min_s
-        self._to_send = sorted(self._jobs)  # everything unfinished: the broker drops what it has
+        waiting = {seq for _, seq in self._retry_at}  # these go when their backoff is over
+        self._to_send = sorted(set(self._jobs) - waiting)  # all unfinished: the broker drops what it has
         if not first:
             log.info("client %s reconnected to broker %s; resubmitting %d unfinished jobs", self.client_id,
                      msg.broker_id, len(self._to_send))
@@ -321,18 +328,41 @@ class Connection(threading.Thread):
                 self._fns_sent.discard(self._jobs[seq].fn_id)  # the broker let it go: send it again
                 self._to_send.append(seq)
                 continue
+            if row is not None and outcome != p.Outcome.CANCELLED and seq in self._jobs:
+                name = p.Outcome(outcome).name.lower()
+                records.append(record_of(f"{self.client_id}:{seq}", name, info, row))
+            if outcome == p.Outcome.ERROR and self._retry(seq, info):
+                continue
             job = self._forget(seq)
             if job is None:
                 self.duplicates += 1
                 continue
-            if row is not None and outcome != p.Outcome.CANCELLED:
-                name = p.Outcome(outcome).name.lower()
-                records.append(record_of(f"{self.client_id}:{seq}", name, info, row))
+            if row is not None:
                 job.future.run_s = row[6]
             _resolve(job, outcome, frames, info, self.client_id)
         if records:
             with self.records_lock:
                 self.records.extend(records)
+
+    def _retry(self, seq: int, info: str) -> bool:
+        """Run a job that raised again later, if it has retries left (backoff 1, 2, 4 … 30 s)."""
+        job = self._jobs.get(seq)
+        if job is None or job.retries <= 0 or info.startswith(("zfarm.errors.JobTimeout",
+                                                                 "zfarm.errors.MemoryLimitExceeded")):
+            return False
+        job.retries -= 1
+        job.attempt += 1
+        delay_s = min(self.settings.retry_backoff_s * 2 ** (job.attempt - 1), RETRY_BACKOFF_MAX_S)
+        log.info("job %s:%d raised (%s): running it again in %.1f s, %d retries left", self.client_id, seq,
+                 info, delay_s, job.retries)
+        heapq.heappush(self._retry_at, (time.monotonic() + delay_s, seq))
+        return True
+
+    def _release_retries(self, now: float) -> None:
+        while self._retry_at and self._retry_at[0][0] <= now:
+            _, seq = heapq.heappop(self._retry_at)
+            if seq in self._jobs:
+                self._to_send.append(seq)
 
     def _forget(self, seq: int) -> PendingJob | None:
         job = self._jobs.pop(seq, None)
