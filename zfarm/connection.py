@@ -32,9 +32,9 @@ from zmq.utils import monitor as zmq_monitor
 
 from zfarm import protocol as p
 from zfarm import serialization as ser
-from zfarm.config import ClientSettings, reconnect_interval_ms
+from zfarm.config import ClientSettings
 from zfarm.errors import BrokerUnavailable, JobCrashed, ProtocolError, Refused, WorkerLost
-from zfarm.security import PeerKeys
+from zfarm.security import PeerKeys, dealer_to_broker
 from zfarm.stats import JobRecord, record_of
 
 log = logging.getLogger(__name__)
@@ -218,15 +218,7 @@ class Connection(threading.Thread):
         return self._cached_poller
 
     def _connect(self, now: float) -> None:
-        sock = self.context.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, 0)
-        sock.setsockopt(zmq.RCVHWM, 0)
-        ivl_ms, ivl_max_ms = reconnect_interval_ms(self.settings.address)
-        sock.setsockopt(zmq.RECONNECT_IVL, ivl_ms)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, ivl_max_ms)
-        if self._keys is not None:
-            self._keys.apply(sock)
+        sock = dealer_to_broker(self.context, self.settings.address, self._keys)
         self._monitor = sock.get_monitor_socket(_HANDSHAKE_EVENTS)
         sock.connect(self.settings.address)
         self._socket = sock

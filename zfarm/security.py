@@ -31,6 +31,7 @@ from typing import Any
 import zmq
 import zmq.auth
 
+from zfarm.config import reconnect_interval_ms
 from zfarm.errors import ConfigError, SecurityError
 
 log = logging.getLogger(__name__)
@@ -184,6 +185,21 @@ class BrokerKeys:
         if self.zap is not None:
             self.zap.close(linger=0)
             self.zap = None
+
+
+def dealer_to_broker(context: zmq.Context[Any], address: str, keys: PeerKeys | None) -> zmq.Socket[Any]:
+    """A DEALER connected to the broker as workers and clients use it: unbounded queues (their
+    windows and credit bound them), quick local reconnects, CURVE when there are keys."""
+    sock: zmq.Socket[Any] = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    ivl_ms, ivl_max_ms = reconnect_interval_ms(address)
+    sock.setsockopt(zmq.RECONNECT_IVL, ivl_ms)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, ivl_max_ms)
+    if keys is not None:
+        keys.apply(sock)
+    return sock
 
 
 def identity_of(user_id: str) -> tuple[frozenset[str], str]:

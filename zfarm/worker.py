@@ -34,9 +34,9 @@ import zmq
 from zfarm import protocol as p
 from zfarm import serialization as ser
 from zfarm.chaperone import Key, SlotOutcome, SlotPool, SlotTask
-from zfarm.config import WorkerSettings, reconnect_interval_ms
+from zfarm.config import WorkerSettings
 from zfarm.errors import PayloadTooLarge, ProtocolError, Refused
-from zfarm.security import PeerKeys
+from zfarm.security import PeerKeys, dealer_to_broker
 
 log = logging.getLogger(__name__)
 
@@ -334,14 +334,7 @@ class Worker:
             self._close_socket()
 
     def _open_socket(self) -> None:
-        sock = self.context.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, 0)
-        ivl_ms, ivl_max_ms = reconnect_interval_ms(self.settings.address)
-        sock.setsockopt(zmq.RECONNECT_IVL, ivl_ms)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, ivl_max_ms)
-        if self.keys is not None:
-            self.keys.apply(sock)
+        sock = dealer_to_broker(self.context, self.settings.address, self.keys)
         sock.connect(self.settings.address)
         self.socket = sock
         self._socket_generation += 1
