@@ -32,6 +32,7 @@ from zfarm.config import BrokerSettings
 from zfarm.errors import ProtocolError, VersionMismatch
 from zfarm.records import JOB_COLUMNS, Records
 from zfarm.state import (
+    NO_OPTIONS,
     Auth,
     ClientRecord,
     Counters,
@@ -41,13 +42,14 @@ from zfarm.state import (
     Peer,
     Route,
     WorkerRecord,
+    check_hello,
+    compact,
     role_of,
 )
 
 log = logging.getLogger(__name__)
 
 Outbound = tuple[Route, p.Message]
-MAX_PEER_ID_CHARS = 128
 MAX_CREDIT = 1_000_000
 MALFORMED_LOGS_PER_S = 5
 #: how long a client's function outlives its last job at the broker (the client may send more)
@@ -226,7 +228,7 @@ class Scheduler:
     # ---- handshake and departure -----------------------------------------------------------------
 
     def _hello(self, route: Route, msg: p.Hello, now: float, key: str = "") -> None:
-        problem = _check_hello(msg)
+        problem = check_hello(msg)
         if problem:
             log.warning("refused peer %s: %s", route.hex(), problem)
             self._send_to(route, p.Refused(problem))
@@ -375,8 +377,8 @@ class Scheduler:
                 self._finish_for_client(client, seq, p.Outcome.LOST, [], p.FUNCTION_MISSING,
                                         ["", "", 0, at, at, at, 0.0, 0])
                 continue
-            payload = tuple(_compact(f) for f in job_frames)
-            job = Job(client.id, seq, msg.fn_id, payload, options or _NO_OPTIONS, now)
+            payload = tuple(compact(f) for f in job_frames)
+            job = Job(client.id, seq, msg.fn_id, payload, options or NO_OPTIONS, now)
             client.jobs[seq] = job
             client.fn_users[msg.fn_id] = client.fn_users.get(msg.fn_id, 0) + 1
             client.queue.append(job)
@@ -592,23 +594,3 @@ class Scheduler:
 
 
 _OUTCOMES = {int(o) for o in p.Outcome}
-_NO_OPTIONS: dict[str, Any] = {}  # shared by every job without options; never changed
-#: payload frames up to this size are kept as bytes: a zmq.Frame object costs more than the copy
-COMPACT_FRAME_BYTES = 4096
-
-
-def _compact(frame: Any) -> Any:
-    buffer = getattr(frame, "buffer", None)
-    if buffer is not None and buffer.nbytes <= COMPACT_FRAME_BYTES:
-        return frame.bytes
-    return frame
-
-
-def _check_hello(msg: p.Hello) -> str:
-    if msg.role not in {r.value for r in p.Role}:
-        return f"unknown role {msg.role!r}: expected worker, client or monitor"
-    if not msg.peer_id or len(msg.peer_id) > MAX_PEER_ID_CHARS:
-        return f"peer id must be 1 to {MAX_PEER_ID_CHARS} characters"
-    if msg.role == p.Role.WORKER and not 0 < msg.slots <= 100_000:
-        return f"a worker must announce 1 to 100000 slots, not {msg.slots}"
-    return ""
