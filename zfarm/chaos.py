@@ -1,0 +1,187 @@
+"""A chaos soak: a real farm keeps its promise while its processes are killed.
+
+    python -m zfarm.chaos --jobs 10000 --workers 4 --kill-every 0.5 --broker-restarts 2
+
+starts a broker and K workers on a loopback port, runs a map of N jobs through them, and meanwhile
+SIGKILLs a random worker every X seconds (and starts a new one), SIGSTOPs a worker for longer than
+the liveness window and resumes it, and SIGKILLs and restarts the broker on the same port a few
+times. It then prints submitted, received, lost, duplicates delivered, wrong results and the wall
+time, and exits 1 unless lost = duplicates = wrong = 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import zfarm
+
+HEARTBEAT_S = 0.25
+LIVENESS = 3
+
+
+def chaos_job(x: int, work_s: float) -> tuple[int, int]:
+    """The job: a little work, then a result that says which input it came from."""
+    time.sleep(work_s)
+    return x, x * x
+
+
+class Farm:
+    """The broker and workers, started as ``python -m zfarm`` processes; all stopped by ``stop``."""
+
+    def __init__(self, workers: int, log: Any) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.address = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+        self.log = log
+        self.broker = self._start_broker()
+        self.workers = [self._start_worker() for _ in range(workers)]
+        self.lock = threading.Lock()
+
+    def _spawn(self, *args: str) -> subprocess.Popen[bytes]:
+        liveness = ["--heartbeat-interval", str(HEARTBEAT_S), "--liveness", str(LIVENESS)]
+        return subprocess.Popen([sys.executable, "-m", "zfarm", *args, *liveness, "--log-level", "warning"],
+                                stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log)
+
+    def _start_broker(self) -> subprocess.Popen[bytes]:
+        return self._spawn("broker", "--bind", self.address)
+
+    def _start_worker(self) -> subprocess.Popen[bytes]:
+        return self._spawn("worker", "--connect", self.address, "--procs", "1", "--grace", "1")
+
+    def kill_a_worker(self, rng: random.Random) -> None:
+        with self.lock:
+            victim = rng.randrange(len(self.workers))
+            self.workers[victim].kill()
+            self.workers[victim].wait()
+            self.workers[victim] = self._start_worker()
+
+    def stop_a_worker(self, rng: random.Random, pause_s: float, stopping: threading.Event) -> None:
+        with self.lock:
+            victim = self.workers[rng.randrange(len(self.workers))]
+            victim.send_signal(signal.SIGSTOP)
+        stopping.wait(pause_s)
+        victim.send_signal(signal.SIGCONT)
+
+    def restart_broker(self) -> None:
+        with self.lock:
+            self.broker.kill()
+            self.broker.wait()
+            self.broker = self._start_broker()
+
+    def stop(self) -> None:
+        with self.lock:
+            procs = [*self.workers, self.broker]
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
+                proc.terminate()
+        deadline = time.monotonic() + 10
+        for proc in procs:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _chaos(farm: Farm, args: argparse.Namespace, received: list[int], stopping: threading.Event,
+           events: list[str]) -> None:
+    """Kill, stop and restart things until ``stopping`` is set."""
+    rng = random.Random(args.seed)
+    restarts_done = 0
+    next_kill = time.monotonic() + args.kill_every
+    next_stop = time.monotonic() + args.stop_every
+    while not stopping.wait(0.05):
+        now = time.monotonic()
+        if args.kill_every and now >= next_kill:
+            farm.kill_a_worker(rng)
+            events.append("worker-kill")
+            next_kill = now + args.kill_every
+        if args.stop_every and now >= next_stop:
+            farm.stop_a_worker(rng, HEARTBEAT_S * LIVENESS * 2, stopping)
+            events.append("worker-stop")
+            next_stop = time.monotonic() + args.stop_every
+        due = args.jobs * (restarts_done + 1) // (args.broker_restarts + 1)
+        if restarts_done < args.broker_restarts and received[0] >= due:
+            farm.restart_broker()
+            events.append("broker-restart")
+            restarts_done += 1
+
+
+def run(args: argparse.Namespace) -> int:
+    log_path = args.log or os.devnull
+    with open(log_path, "ab") as log:
+        farm = Farm(args.workers, log)
+        received = [0]
+        stopping = threading.Event()
+        events: list[str] = []
+        chaos = threading.Thread(target=_chaos, args=(farm, args, received, stopping, events), daemon=True)
+        started = time.monotonic()
+        seen: dict[int, int] = {}
+        wrong = 0
+        try:
+            with zfarm.Client(farm.address, broker_timeout_s=args.time_limit) as client:
+                chaos.start()
+                results = client.map(chaos_job, range(args.jobs), [args.work_s] * args.jobs,
+                                     timeout=args.time_limit, chunksize=args.chunksize)
+                try:
+                    for x, square in results:
+                        seen[x] = seen.get(x, 0) + 1
+                        wrong += square != x * x
+                        received[0] += 1
+                except TimeoutError:
+                    print(f"chaos: time limit of {args.time_limit:.0f} s reached", file=sys.stderr)
+                dropped = client.duplicates_dropped
+        finally:
+            stopping.set()
+            if chaos.is_alive():
+                chaos.join(30)
+            farm.stop()
+    wall_s = time.monotonic() - started
+    lost = sum(1 for x in range(args.jobs) if x not in seen)
+    duplicates = sum(n - 1 for n in seen.values() if n > 1)
+    print(f"submitted            {args.jobs}")
+    print(f"results received     {received[0]}")
+    print(f"lost                 {lost}")
+    print(f"duplicates delivered {duplicates}")
+    print(f"wrong results        {wrong}")
+    print(f"duplicates dropped   {dropped} (jobs that ran twice; the client delivered them once)")
+    print(f"chaos                {events.count('worker-kill')} worker kills, "
+          f"{events.count('worker-stop')} worker stops, {events.count('broker-restart')} broker restarts")
+    print(f"wall time            {wall_s:.1f} s")
+    return 0 if lost == duplicates == wrong == 0 else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m zfarm.chaos", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs", type=int, default=10_000, help="jobs to run (default 10000)")
+    parser.add_argument("--workers", type=int, default=4, help="workers, one slot each (default 4)")
+    parser.add_argument("--kill-every", type=float, default=0.5,
+                        help="seconds between worker SIGKILLs (0: none)")
+    parser.add_argument("--stop-every", type=float, default=5.0,
+                        help="seconds between SIGSTOPs of a worker for twice the liveness window (0: none)")
+    parser.add_argument("--broker-restarts", type=int, default=2,
+                        help="broker SIGKILL + restarts (default 2)")
+    parser.add_argument("--work-s", type=float, default=0.002, help="seconds each job works (default 0.002)")
+    parser.add_argument("--chunksize", type=int, default=1, help="items a job (default 1: every job alone)")
+    parser.add_argument("--time-limit", type=float, default=600.0, help="give up after this many seconds")
+    parser.add_argument("--seed", type=int, default=None, help="random seed, to repeat a run")
+    parser.add_argument("--log", default=None, help="file for the farm's logs (default: discard)")
+    args = parser.parse_args(argv)
+    if args.jobs < 1 or args.workers < 1:
+        parser.error("--jobs and --workers must be at least 1")
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
