@@ -9,7 +9,7 @@ import pytest
 
 import zfarm
 from tests import jobs
-from tests.helpers import Procs, wait_for_workers
+from tests.helpers import Procs, wait_for, wait_for_workers
 from zfarm.monitor import fetch_status
 
 pytestmark = pytest.mark.timeout(60)
@@ -90,3 +90,19 @@ def test_retries_run_a_raising_job_again_with_backoff(farm: tuple[str, int], tmp
         with pytest.raises(RuntimeError, match="attempt 1 fails"):  # default: no retry of user errors
             client.submit(jobs.fail_times, str(once), 1, 0).result(20)
         assert len(list(once.iterdir())) == 1
+
+
+def test_a_full_broker_holds_submitters_back_and_loses_nothing(procs: Procs) -> None:
+    """--max-queued bounds the broker's queue; the client's extra jobs wait and all run in the end."""
+    _, endpoint = procs.broker(None, *FAST, "--max-queued", "50")
+    with zfarm.Client(endpoint) as client:
+        results = client.map(jobs.square, range(400), chunksize=1)  # submits its first window at once
+        # no worker yet: the queue fills to its bound, the rest is bounced back and resent, and stays out
+        wait_for(lambda: fetch_status(endpoint)["queued"] == 50, 10, message="the queue to fill")
+        wait_for(lambda: fetch_status(endpoint)["bounced"] > 350, 10, message="the broker to bounce jobs")
+        for _ in range(5):
+            assert fetch_status(endpoint)["queued"] == 50
+        procs.worker(endpoint, procs=2)
+        assert list(results) == [x * x for x in range(400)]
+    snap = fetch_status(endpoint)
+    assert snap["done"] == 400 and snap["failed"] == 0 and snap["queued"] == 0

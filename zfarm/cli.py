@@ -47,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     broker.add_argument("--bind", help=f"endpoint to listen on (default {DEFAULT_ADDRESS}; env ZFARM_BIND)")
     _liveness_flags(broker)
     broker.add_argument("--max-message-bytes", type=int, help="largest message accepted (default 2 GiB)")
+    broker.add_argument("--max-queued", type=int,
+                        help="jobs queued at most; past it submitters wait (default 0: no limit)")
     broker.add_argument("--max-losses", type=int,
                         help="workers a job may kill (or lose) before it fails with WorkerLost (default 3)")
     broker.add_argument("--history", type=int, help="finished jobs' records kept for `zfarm history` (50000)")
@@ -171,7 +173,7 @@ def _run_broker(args: argparse.Namespace) -> int:
 
     settings = resolve(BrokerSettings, _flags(args, ["bind", "heartbeat_interval_s", "liveness",
                                                      "max_message_bytes", "parent_pid", "keys", "insecure",
-                                                     "history", "max_losses"]))
+                                                     "history", "max_losses", "max_queued"]))
     run_broker(settings)
     return 0
 

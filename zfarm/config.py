@@ -39,6 +39,8 @@ class BrokerSettings:
     history: int = 50_000
     #: a job whose workers died this many times while running it fails with WorkerLost
     max_losses: int = 3
+    #: jobs queued at most (0: no limit); past it, submitters are told to send again later
+    max_queued: int = 0
 
     def __post_init__(self) -> None:
         _check_endpoint(self.bind)
@@ -47,6 +49,8 @@ class BrokerSettings:
         if self.max_message_bytes < MIN_MESSAGE_BYTES:
             raise ConfigError(f"max_message_bytes must be at least {MIN_MESSAGE_BYTES} (1 MiB), "
                               f"got {self.max_message_bytes}")
+        if self.max_queued < 0:
+            raise ConfigError(f"max_queued must not be negative, got {self.max_queued}")
         if self.max_losses < 1:
             raise ConfigError(f"max_losses must be at least 1, got {self.max_losses}")
         if self.history < 0:

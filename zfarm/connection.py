@@ -55,7 +55,10 @@ def _handshake_problem(event: int, with_keys: bool) -> str:
         return _NEED_KEYS
     return _REFUSED_KEY if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH else _WRONG_KEYS
 
+_OUTCOME_VALUES = {int(o) for o in p.Outcome}
 RETRY_BACKOFF_MAX_S = 30.0
+#: how long a job the broker had no room for waits before it is sent again
+BUSY_RETRY_S = 0.2
 #: job records kept for Client.stats(), newest last
 RECORDS_KEPT = 100_000
 
@@ -320,8 +323,12 @@ class Connection(threading.Thread):
                 self._fns_sent.discard(self._jobs[seq].fn_id)  # the broker let it go: send it again
                 self._to_send.append(seq)
                 continue
+            if outcome == p.Outcome.BUSY:  # the broker's queue is full: back-pressure, send it later
+                if seq in self._jobs:
+                    heapq.heappush(self._retry_at, (time.monotonic() + BUSY_RETRY_S, seq))
+                continue
             if row is not None and outcome != p.Outcome.CANCELLED and seq in self._jobs:
-                name = p.Outcome(outcome).name.lower()
+                name = p.Outcome(outcome).name.lower() if outcome in _OUTCOME_VALUES else str(outcome)
                 records.append(record_of(f"{self.client_id}:{seq}", name, info, row))
             if outcome == p.Outcome.ERROR and self._retry(seq, info):
                 continue

@@ -70,6 +70,7 @@ class Outcome(enum.IntEnum):
     LOST = 3  # no payload; the broker gave up on the job (info says why)
     CANCELLED = 4  # no payload; the job was cancelled before it finished
     RETURNED = 5  # no payload; worker → broker only: given back unrun (the worker is leaving)
+    BUSY = 6  # no payload; broker → client only: the queue is full, send this job again later
 
 
 # Row layouts of the batched messages (msgpack arrays inside the envelope).

@@ -373,9 +373,10 @@ class Scheduler:
             if seq in client.jobs:
                 continue  # a resubmission of a job we hold already
             if not known_fn:
-                at = self.records.wall(now)
-                self._finish_for_client(client, seq, p.Outcome.LOST, [], p.FUNCTION_MISSING,
-                                        ["", "", 0, at, at, at, 0.0, 0])
+                self._bounce(client, seq, p.Outcome.LOST, p.FUNCTION_MISSING, now)
+                continue
+            if self.settings.max_queued and self.queued >= self.settings.max_queued:
+                self._bounce(client, seq, p.Outcome.BUSY, "the broker's queue is full", now)
                 continue
             payload = tuple(compact(f) for f in job_frames)
             job = Job(client.id, seq, msg.fn_id, payload, options or NO_OPTIONS, now)
@@ -537,6 +538,13 @@ class Scheduler:
         self._release(job)
         job.state = JobState.CANCELLED
         self.counters.cancelled += 1
+
+    def _bounce(self, client: ClientRecord, seq: int, outcome: p.Outcome, info: str, now: float) -> None:
+        """Hand a job straight back, unaccepted: the client sends it again (counted nowhere)."""
+        at = self.records.wall(now)
+        client.out_rows.append([seq, int(outcome), 0, info])
+        client.out_stats.append(["", "", 0, at, at, at, 0.0, 0])
+        self.counters.bounced += 1
 
     def _finish_for_client(self, client: ClientRecord, seq: int, outcome: p.Outcome, frames: list[Any],
                            info: str, stats: list[Any]) -> None:

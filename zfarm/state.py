@@ -110,6 +110,7 @@ class Counters:
     workers_lost: int = 0
     late_results: int = 0
     malformed: int = 0
+    bounced: int = 0  # jobs handed back unaccepted (queue full, function let go): clients resend them
 
 
 def role_of(peer: Peer) -> str:
