@@ -129,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
         started = time.monotonic()
         seen: dict[int, int] = {}
         wrong = 0
+        dropped = 0
+        failure = ""
         try:
             with zfarm.Client(farm.address, broker_timeout_s=args.time_limit) as client:
                 chaos.start()
@@ -141,6 +143,8 @@ def run(args: argparse.Namespace) -> int:
                         received[0] += 1
                 except TimeoutError:
                     print(f"chaos: time limit of {args.time_limit:.0f} s reached", file=sys.stderr)
+                except zfarm.ZfarmError as exc:  # reported below as lost results
+                    failure = f"{type(exc).__name__}: {exc}"
                 dropped = client.duplicates_dropped
         finally:
             stopping.set()
@@ -159,6 +163,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"chaos                {events.count('worker-kill')} worker kills, "
           f"{events.count('worker-stop')} worker stops, {events.count('broker-restart')} broker restarts")
     print(f"wall time            {wall_s:.1f} s")
+    if failure:
+        print(f"the map stopped on   {failure}")
     return 0 if lost == duplicates == wrong == 0 else 1
 
 

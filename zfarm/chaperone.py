@@ -292,6 +292,8 @@ class SlotPool:
         """The earliest time limit of a running job (monotonic), if any."""
         deadlines = [s.started_mono + limit for s in self.slots
                      if s.task is not None and (limit := _limit(s.task, "timeout_s")) is not None]
+        if any(s.task is not None and _limit(s.task, "mem_limit") is not None for s in self.slots):
+            deadlines.append(self._next_memory_check)  # memory limits are checked on time too
         return min(deadlines, default=None)
 
     def enforce_limits(self, now: float) -> list[SlotOutcome]:

@@ -106,6 +106,8 @@ class ClientSettings:
 
     def __post_init__(self) -> None:
         _check_endpoint(self.address)
+        if not math.isfinite(self.retry_backoff_s) or self.retry_backoff_s < 0:
+            raise ConfigError(f"retry_backoff_s must be finite and not negative, not {self.retry_backoff_s}")
         _check_positive(connect_timeout_s=self.connect_timeout_s, broker_timeout_s=self.broker_timeout_s,
                         heartbeat_interval_s=self.heartbeat_interval_s, liveness=self.liveness,
                         window=self.window)

@@ -19,6 +19,7 @@ import enum
 import heapq
 import logging
 import os
+import random
 import socket
 import threading
 import time
@@ -57,8 +58,12 @@ def _handshake_problem(event: int, with_keys: bool) -> str:
 
 _OUTCOME_VALUES = {int(o) for o in p.Outcome}
 RETRY_BACKOFF_MAX_S = 30.0
-#: how long a job the broker had no room for waits before it is sent again
-BUSY_RETRY_S = 0.2
+#: back-pressure: jobs bounced by a full broker go back BUSY_BATCH at a time, waiting BUSY_MIN_S,
+#: doubling up to BUSY_MAX_S while the broker stays full
+BUSY_BATCH = 16
+BUSY_MIN_S = 0.05
+BUSY_MAX_S = 2.0
+_NOT_RETRIED = ("zfarm.errors.JobTimeout", "zfarm.errors.MemoryLimitExceeded", "zfarm.errors.PayloadTooLarge")
 #: job records kept for Client.stats(), newest last
 RECORDS_KEPT = 100_000
 
@@ -142,6 +147,12 @@ class Connection(threading.Thread):
         self._fns_sent: set[bytes] = set()
         self._to_send: list[int] = []
         self._retry_at: list[tuple[float, int]] = []  # (when, seq): jobs waiting out a retry backoff
+        self._retrying: set[int] = set()  # their seqs
+        # Back-pressure: jobs the broker had no room for (BUSY) wait here, in order, with every
+        # job submitted after them; they go back in small batches, less often while it stays full.
+        self._bounced: deque[int] = deque()
+        self._busy_backoff_s = BUSY_MIN_S
+        self._busy_retry_at = 0.0
         self._link = Link.DOWN
         self._interval_s = settings.heartbeat_interval_s
         self._liveness = settings.liveness
@@ -253,10 +264,11 @@ class Connection(threading.Thread):
                 self._fns[fn_id] = blob
                 self._fn_users[fn_id] = self._fn_users.get(fn_id, 0) + len(jobs)
                 now = time.monotonic()
+                queue = self._bounced if self._bounced else self._to_send  # none overtakes a bounced one
                 for job in jobs:
                     job.submitted_at = now
                     self._jobs[job.seq] = job
-                    self._to_send.append(job.seq)
+                    queue.append(job.seq)
                 if self._link is Link.DOWN:  # new work: try the broker now, not after the backoff
                     self._reconnect_at = now
                     self._backoff_s = self.settings.reconnect_min_s
@@ -307,7 +319,7 @@ class Connection(threading.Thread):
         self._interval_s, self._liveness = msg.heartbeat_interval_s, msg.liveness
         self.max_message_bytes = msg.max_message_bytes
         self._backoff_s = self.settings.reconnect_min_s
-        waiting = {seq for _, seq in self._retry_at}  # these go when their backoff is over
+        waiting = self._retrying | set(self._bounced)  # these go when their backoff is over
         self._to_send = sorted(set(self._jobs) - waiting)  # all unfinished: the broker drops what it has
         if not first:
             log.info("client %s reconnected to broker %s; resubmitting %d unfinished jobs", self.client_id,
@@ -318,6 +330,7 @@ class Connection(threading.Thread):
         per_row = p.split_frames(msg.frames, [row[2] for row in msg.results])
         stats: list[list[Any] | None] = [*msg.stats] or [None] * len(msg.results)
         records = []
+        busy = False
         for (seq, outcome, _n, info), frames, row in zip(msg.results, per_row, stats, strict=True):
             if outcome == p.Outcome.LOST and info == p.FUNCTION_MISSING and seq in self._jobs:
                 self._fns_sent.discard(self._jobs[seq].fn_id)  # the broker let it go: send it again
@@ -325,7 +338,8 @@ class Connection(threading.Thread):
                 continue
             if outcome == p.Outcome.BUSY:  # the broker's queue is full: back-pressure, send it later
                 if seq in self._jobs:
-                    heapq.heappush(self._retry_at, (time.monotonic() + BUSY_RETRY_S, seq))
+                    self._bounced.append(seq)
+                busy = True
                 continue
             if row is not None and outcome != p.Outcome.CANCELLED and seq in self._jobs:
                 name = p.Outcome(outcome).name.lower() if outcome in _OUTCOME_VALUES else str(outcome)
@@ -342,12 +356,21 @@ class Connection(threading.Thread):
         if records:
             with self.records_lock:
                 self.records.extend(records)
+        self._note_room(busy)
+
+    def _note_room(self, busy: bool) -> None:
+        """After a RESULT: if the broker bounced jobs, wait longer before offering them again."""
+        if busy:
+            jitter = 1 + random.random() / 2  # clients that bounced together do not return together
+            self._busy_retry_at = time.monotonic() + self._busy_backoff_s * jitter
+            self._busy_backoff_s = min(self._busy_backoff_s * 2, BUSY_MAX_S)
+        else:  # results mean the queue moves: offer the next batch soon
+            self._busy_backoff_s = BUSY_MIN_S
 
     def _retry(self, seq: int, info: str) -> bool:
         """Run a job that raised again later, if it has retries left (backoff 1, 2, 4 … 30 s)."""
         job = self._jobs.get(seq)
-        if job is None or job.retries <= 0 or info.startswith(("zfarm.errors.JobTimeout",
-                                                                 "zfarm.errors.MemoryLimitExceeded")):
+        if job is None or job.retries <= 0 or seq in self._retrying or info.startswith(_NOT_RETRIED):
             return False
         job.retries -= 1
         job.attempt += 1
@@ -355,13 +378,19 @@ class Connection(threading.Thread):
         log.info("job %s:%d raised (%s): running it again in %.1f s, %d retries left", self.client_id, seq,
                  info, delay_s, job.retries)
         heapq.heappush(self._retry_at, (time.monotonic() + delay_s, seq))
+        self._retrying.add(seq)
         return True
 
     def _release_retries(self, now: float) -> None:
         while self._retry_at and self._retry_at[0][0] <= now:
             _, seq = heapq.heappop(self._retry_at)
+            self._retrying.discard(seq)
             if seq in self._jobs:
                 self._to_send.append(seq)
+        if self._bounced and now >= self._busy_retry_at:
+            for _ in range(min(BUSY_BATCH, len(self._bounced))):
+                self._to_send.append(self._bounced.popleft())
+            self._busy_retry_at = now + BUSY_MIN_S  # the next batch once this one has had a chance
 
     def _forget(self, seq: int) -> PendingJob | None:
         job = self._jobs.pop(seq, None)

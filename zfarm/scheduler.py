@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 Outbound = tuple[Route, p.Message]
 MAX_CREDIT = 1_000_000
 MALFORMED_LOGS_PER_S = 5
+#: ways a worker record ends while its process may well be alive: not counted against its jobs
+ALIVE_REASONS = ("left", "reconnected", "replaced by a new HELLO on its connection")
 #: how long a client's function outlives its last job at the broker (the client may send more)
 FN_KEEP_S = 3.0
 #: how often the core scans peers for expiry and heartbeats, as a fraction of the interval
@@ -315,10 +317,14 @@ class Scheduler:
     def _requeue(self, worker: WorkerRecord, why: str, now: float) -> None:
         jobs = [job for job in worker.jobs.values()
                 if job.state is JobState.ASSIGNED and job.worker == worker.id]
+        worker_jobs = [key for key, job in worker.jobs.items() if job not in worker.outbox]
         worker.jobs.clear()
         worker.outbox.clear()
-        if why != "left":  # the worker died holding these: count it against each job
-            jobs = [job for job in jobs if not self._poisoned(job, worker, why, now)]
+        if why not in ALIVE_REASONS:  # the worker died running some of these: count it against them
+            # The oldest `slots` assignments are the ones running; the rest were only prefetched.
+            running = set(worker_jobs[:worker.slots])
+            jobs = [job for job in jobs
+                    if job.key not in running or not self._poisoned(job, worker, why, now)]
         if jobs:
             log.warning("worker %s %s: requeued its %d jobs", worker.id, why, len(jobs))
         self._requeue_jobs(jobs)
@@ -367,7 +373,6 @@ class Scheduler:
             client.fns[msg.fn_id] = frames[0]
             frames = frames[1:]
         known_fn = msg.fn_id in client.fns
-        client.fn_idle.pop(msg.fn_id, None)
         per_job = p.split_frames(frames, [row[1] for row in msg.jobs])
         for (seq, _n, options), job_frames in zip(msg.jobs, per_job, strict=True):
             if seq in client.jobs:
@@ -382,6 +387,7 @@ class Scheduler:
             job = Job(client.id, seq, msg.fn_id, payload, options or NO_OPTIONS, now)
             client.jobs[seq] = job
             client.fn_users[msg.fn_id] = client.fn_users.get(msg.fn_id, 0) + 1
+            client.fn_idle.pop(msg.fn_id, None)
             client.queue.append(job)
             client.queued += 1
             client.submitted += 1
@@ -389,6 +395,8 @@ class Scheduler:
             if not client.scheduled:
                 client.scheduled = True
                 self.active.append(client)
+        if known_fn and not client.fn_users.get(msg.fn_id):  # nothing accepted uses it: let it go in time
+            client.fn_idle.setdefault(msg.fn_id, now)
 
     def _add_credit(self, worker: WorkerRecord, credit: int) -> None:
         if credit < 0:

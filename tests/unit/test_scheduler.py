@@ -1037,3 +1037,35 @@ def test_with_keys_a_client_key_cannot_say_it_is_a_worker() -> None:
     (refused,) = to(farm.out(0.0), W1, p.Refused)
     assert "may not connect as a worker" in refused.reason
     assert not farm.sched.workers
+
+
+# ---- poison jobs ---------------------------------------------------------------------------------------
+
+
+def test_only_the_jobs_a_dead_worker_was_running_count_towards_poison() -> None:
+    farm = Farm()
+    farm.client(CA, "ca")
+    farm.submit(CA, [1, 2], 0.0)  # on a 1-slot worker, job 1 runs and job 2 waits in its prefetch
+    now = 0.0
+    for round_ in range(3):
+        route = f"w-route-{round_}".encode()
+        farm.worker(route, f"w{round_}", now, credit=2, slots=1)
+        assert sorted(job_seqs(farm.out(now), route)) == [1, 2]
+        farm.sched.peer_unreachable(route, now + 0.1)  # the worker died
+        now += 1.0
+        farm.send(CA, p.Heartbeat(), now)
+    out = farm.out(now)
+    (lost,) = [row for row, _ in result_rows(out, CA) if row[0] == 1]
+    assert lost[1] == int(p.Outcome.LOST) and "3 workers died while running it" in lost[3]
+    assert farm.sched.clients["ca"].jobs.keys() == {2}  # the prefetched job is still queued, not poisoned
+
+
+def test_a_worker_that_reconnects_costs_its_jobs_nothing() -> None:
+    farm = Farm()
+    farm.client(CA, "ca")
+    farm.submit(CA, [1], 0.0)
+    for round_ in range(5):  # the same live worker, on a new connection each time
+        route = f"w-route-{round_}".encode()
+        farm.worker(route, "w-same", float(round_), credit=1, slots=1)
+        farm.out(float(round_))
+    assert farm.sched.clients["ca"].jobs[1].losses == ()
