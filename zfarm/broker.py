@@ -35,6 +35,7 @@ from zfarm.state import Auth
 
 log = logging.getLogger(__name__)
 
+HELLO_COMMAND = bytes([p.Command.HELLO])
 #: messages handled before the loop flushes and checks its timers
 DRAIN_LIMIT = 1000
 #: messages queued for one peer before it counts as gone (batches: one message holds many jobs)
@@ -107,8 +108,13 @@ class Broker:
                 frames = recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            auth = Auth(*identity_of(str(frames[-1].get("User-Id")))) if self.keys is not None else None
-            sched.handle(frames[0].bytes, frames[1:], time.monotonic(), auth)
+            sched.handle(frames[0].bytes, frames[1:], time.monotonic(), self._auth(frames))
+
+    def _auth(self, frames: list[Any]) -> Auth | None:
+        """Who the key behind a HELLO is (ZAP's User-Id); only a HELLO needs it, so only it pays."""
+        if self.keys is None or len(frames) < 3 or frames[2].bytes != HELLO_COMMAND:
+            return None
+        return Auth(*identity_of(str(frames[-1].get("User-Id"))))
 
     def _send(self, outbound: list[tuple[bytes, p.Message]]) -> None:
         send = self.socket.send_multipart

@@ -210,6 +210,8 @@ class Slot:
         self.task: SlotTask | None = None
         self.started_at = 0.0
         self.started_mono = 0.0
+        self.timeout_s: float | None = None  # how long its task may run
+        self.mem_limit: float | None = None  # resident bytes its task may reach
         self.fns: dict[bytes, None] = {}  # mirrors the slot's function cache
 
     def send(self, task: SlotTask) -> None:
@@ -223,12 +225,15 @@ class Slot:
         self.task = task
         self.started_at = time.time()
         self.started_mono = time.monotonic()
+        self.timeout_s = _limit(task, "timeout_s")
+        self.mem_limit = _limit(task, "mem_limit")
 
-    def outcome_without_report(self, task: SlotTask, outcome: Outcome, frames: list[Any],
+    def outcome_without_report(self, task: SlotTask, outcome: Outcome, error: BaseException | None,
                                info: str) -> SlotOutcome:
         """The outcome of a task whose slot died or was killed: timed from our side."""
         now = time.time()
         started = self.started_at or now
+        frames = ser.dump_exception(error) if error is not None else []
         return SlotOutcome(task.key, task.attempt, outcome, frames, info, now - started, started, now)
 
     def receive(self) -> SlotOutcome:
@@ -264,10 +269,6 @@ class SlotPool:
         self._next_memory_check = 0.0
 
     @property
-    def size(self) -> int:
-        return len(self.slots)
-
-    @property
     def free(self) -> int:
         return sum(slot.task is None for slot in self.slots)
 
@@ -284,15 +285,14 @@ class SlotPool:
         try:
             slot.send(task)
         except (OSError, ValueError):
-            slot.task = task
-            return self._replace(slot)
+            return self._crashed(slot, task)
         return None
 
     def next_deadline(self) -> float | None:
         """The earliest time limit of a running job (monotonic), if any."""
-        deadlines = [s.started_mono + limit for s in self.slots
-                     if s.task is not None and (limit := _limit(s.task, "timeout_s")) is not None]
-        if any(s.task is not None and _limit(s.task, "mem_limit") is not None for s in self.slots):
+        busy = [s for s in self.slots if s.task is not None]
+        deadlines = [s.started_mono + s.timeout_s for s in busy if s.timeout_s is not None]
+        if any(s.mem_limit is not None for s in busy):
             deadlines.append(self._next_memory_check)  # memory limits are checked on time too
         return min(deadlines, default=None)
 
@@ -307,18 +307,16 @@ class SlotPool:
             if task is None:
                 continue
             error: BaseException | None = None
-            timeout_s = _limit(task, "timeout_s")
-            mem_limit = _limit(task, "mem_limit")
-            if timeout_s is not None and now - slot.started_mono > timeout_s:
-                error = JobTimeout(task.name, timeout_s, now - slot.started_mono)
-            elif mem_limit is not None and check_memory and (rss := _rss_bytes(slot.process.pid)) > mem_limit:
-                error = MemoryLimitExceeded(task.name, int(mem_limit), rss)
+            ran_s = now - slot.started_mono
+            if slot.timeout_s is not None and ran_s > slot.timeout_s:
+                error = JobTimeout(task.name, slot.timeout_s, ran_s)
+            elif slot.mem_limit and check_memory and (rss := _rss_bytes(slot.process.pid)) > slot.mem_limit:
+                error = MemoryLimitExceeded(task.name, int(slot.mem_limit), rss)
             if error is not None:
                 log.warning("%s", error)
-                slot.task = None
-                self._replace(slot, why=f"over a limit of job {task.name}")
-                outcomes.append(slot.outcome_without_report(task, Outcome.ERROR, ser.dump_exception(error),
-                                                            ser.error_line(error)))
+                self._replace(slot)
+                info = ser.error_line(error)
+                outcomes.append(slot.outcome_without_report(task, Outcome.ERROR, error, info))
         return outcomes
 
     def collect(self, slot: Slot) -> SlotOutcome | None:
@@ -326,37 +324,34 @@ class SlotPool:
         if slot not in self.slots:
             return None  # replaced since the caller polled it (its job was cancelled)
         if slot.task is None:  # an idle slot never writes: it died
-            self._replace(slot)
+            log.warning("slot %d died while idle (%s); replaced it", slot.index, self._replace(slot))
             return None
         try:
             return slot.receive()
         except (EOFError, OSError, ValueError):
-            return self._replace(slot)
+            return self._crashed(slot, slot.task)
 
     def cancel(self, key: Key) -> SlotOutcome | None:
         """Kill the slot running ``key`` (it is replaced); None if no slot runs it."""
         for slot in self.slots:
             if slot.task is not None and slot.task.key == key:
                 task = slot.task
-                slot.task = None
-                self._replace(slot, why="cancelled")
-                return slot.outcome_without_report(task, Outcome.CANCELLED, [], "cancelled")
+                self._replace(slot)
+                log.info("slot %d killed for cancelled job %s and replaced", slot.index, task.name)
+                return slot.outcome_without_report(task, Outcome.CANCELLED, None, "cancelled")
         return None
 
-    def _replace(self, slot: Slot, why: str = "") -> SlotOutcome | None:
-        task = slot.task
+    def _crashed(self, slot: Slot, task: SlotTask) -> SlotOutcome:
+        error = JobCrashed(task.name, self._replace(slot), self.host)
+        log.warning("job %s crashed slot %d: %s; replaced it", task.name, slot.index, error)
+        return slot.outcome_without_report(task, Outcome.CRASHED, error, ser.error_line(error))
+
+    def _replace(self, slot: Slot) -> int | None:
+        """Kill a slot (whatever it runs is over) and start a fresh one; returns the exit code."""
+        slot.task = None
         exitcode = slot.kill()
         self.slots[self.slots.index(slot)] = Slot(self.ctx, slot.index)
-        if why:
-            log.info("slot %d %s: killed and replaced", slot.index, why)
-            return None
-        if task is None:
-            log.warning("slot %d died while idle (%s); replaced it", slot.index, exitcode)
-            return None
-        error = JobCrashed(task.name, exitcode, self.host)
-        log.warning("job %s crashed slot %d: %s; replaced it", task.name, slot.index, error)
-        return slot.outcome_without_report(task, Outcome.CRASHED, ser.dump_exception(error),
-                                           ser.error_line(error))
+        return exitcode
 
     def close(self) -> None:
         for slot in self.slots:

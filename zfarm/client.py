@@ -29,7 +29,7 @@ from typing import Any
 import zmq
 
 from zfarm import serialization as ser
-from zfarm.config import ClientSettings, resolve
+from zfarm.config import ClientSettings, check_positive, resolve
 from zfarm.connection import Connection, JobFuture, PendingJob
 from zfarm.errors import BrokerUnavailable, ConfigError, PayloadTooLarge
 from zfarm.local import LocalCluster
@@ -244,8 +244,9 @@ def job_options(job_timeout_s: float | None, mem_limit: int | None,
     for name, value in (("timeout_s", job_timeout_s), ("mem_limit", mem_limit)):
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{name} must be a positive number, not {value!r}")
+        check_positive(**{name: value})
         options[name] = value
     return options
 

@@ -44,7 +44,7 @@ class BrokerSettings:
 
     def __post_init__(self) -> None:
         _check_endpoint(self.bind)
-        _check_positive(heartbeat_interval_s=self.heartbeat_interval_s, liveness=self.liveness,
+        check_positive(heartbeat_interval_s=self.heartbeat_interval_s, liveness=self.liveness,
                         handshake_timeout_s=self.handshake_timeout_s)
         if self.max_message_bytes < MIN_MESSAGE_BYTES:
             raise ConfigError(f"max_message_bytes must be at least {MIN_MESSAGE_BYTES} (1 MiB), "
@@ -78,7 +78,7 @@ class WorkerSettings:
         _check_endpoint(self.address)
         if self.procs < 0 or self.prefetch < 0 or self.grace_s < 0:
             raise ConfigError("procs, prefetch and grace_s must not be negative")
-        _check_positive(heartbeat_interval_s=self.heartbeat_interval_s, liveness=self.liveness,
+        check_positive(heartbeat_interval_s=self.heartbeat_interval_s, liveness=self.liveness,
                         reconnect_min_s=self.reconnect_min_s, reconnect_max_s=self.reconnect_max_s)
 
     @property
@@ -108,7 +108,7 @@ class ClientSettings:
         _check_endpoint(self.address)
         if not math.isfinite(self.retry_backoff_s) or self.retry_backoff_s < 0:
             raise ConfigError(f"retry_backoff_s must be finite and not negative, not {self.retry_backoff_s}")
-        _check_positive(connect_timeout_s=self.connect_timeout_s, broker_timeout_s=self.broker_timeout_s,
+        check_positive(connect_timeout_s=self.connect_timeout_s, broker_timeout_s=self.broker_timeout_s,
                         heartbeat_interval_s=self.heartbeat_interval_s, liveness=self.liveness,
                         window=self.window)
 
@@ -166,7 +166,8 @@ def _check_endpoint(address: str) -> None:
         )
 
 
-def _check_positive(**values: float) -> None:
+def check_positive(**values: float) -> None:
+    """Raise ConfigError naming the first value that is not a finite number above 0."""
     for name, value in values.items():
         if not math.isfinite(value) or value <= 0:
             raise ConfigError(f"{name} must be positive, got {value}")

@@ -138,8 +138,8 @@ class Connection(threading.Thread):
         # owned by the I/O thread from here on
         self._socket: zmq.Socket[Any] | None = None
         self._monitor: zmq.Socket[Any] | None = None
-        self._poller_key: tuple[int, int] = (-1, 0)
-        self._socket_generation = 0  # counts sockets opened and closed: the poller's key
+        self._socket_generation = 0  # counts sockets opened and closed
+        self._poller_generation = -1  # the socket generation the cached poller was built for
         self._cached_poller = zmq.Poller()
         self._jobs: dict[int, PendingJob] = {}
         self._fns: dict[bytes, Any] = {}
@@ -222,9 +222,8 @@ class Connection(threading.Thread):
 
     def _poller(self) -> zmq.Poller:
         """The poller for the wake-up pipe, socket and monitor, rebuilt only when they change."""
-        key = (self._socket_generation, 0)
-        if key != self._poller_key:
-            self._poller_key, self._cached_poller = key, zmq.Poller()
+        if self._poller_generation != self._socket_generation:
+            self._poller_generation, self._cached_poller = self._socket_generation, zmq.Poller()
             self._cached_poller.register(self._wake_r, zmq.POLLIN)
             for sock in (self._socket, self._monitor):
                 if sock is not None:

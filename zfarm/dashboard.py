@@ -15,12 +15,10 @@ owns the socket, the terminal and the ``Live`` screen.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import termios
 import time
 import tty
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,7 +34,7 @@ from rich.text import Text
 
 from zfarm import protocol as p
 from zfarm.errors import ProtocolError, Refused
-from zfarm.monitor import fetch_status, monitor_keys
+from zfarm.monitor import fetch_status, monitor_hello, open_monitor
 from zfarm.records import THROUGHPUT_WINDOW_S
 
 SPARK = "▁▂▃▄▅▆▇█"
@@ -182,19 +180,9 @@ class _Link:
 
     def __init__(self, address: str, keys: str = "") -> None:
         self.address, self.keys = address, keys
-        self.hello = p.Hello(p.Role.MONITOR.value, f"dash-{uuid.uuid4().hex[:8]}", socket.gethostname(),
-                             os.getpid())
-        self.sock = self._open()
+        self.hello = monitor_hello("dash")
+        self.sock = open_monitor(address, self.hello, keys)
         self.asked_at: float | None = None  # monotonic time of the outstanding STATUS
-
-    def _open(self) -> zmq.Socket[Any]:
-        sock: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        if self.keys:
-            monitor_keys(self.keys).apply(sock)
-        sock.connect(self.address)
-        sock.send_multipart(p.encode(self.hello))
-        return sock
 
     def ask(self, now: float) -> None:
         """Send STATUS unless one is outstanding."""
@@ -205,7 +193,7 @@ class _Link:
     def reset(self) -> None:
         """Lazy pirate: drop the socket (and whatever is queued on it) and start over."""
         self.sock.close(linger=0)
-        self.sock = self._open()
+        self.sock = open_monitor(self.address, self.hello, self.keys)
         self.asked_at = None
 
     def receive(self) -> dict[str, Any] | None:

@@ -24,6 +24,23 @@ def monitor_keys(folder: str) -> PeerKeys:
     return PeerKeys.load(folder, "client" if has_client_key else "worker")
 
 
+def monitor_hello(prefix: str) -> p.Hello:
+    peer_id = f"{prefix}-{uuid.uuid4().hex[:10]}"
+    return p.Hello(p.Role.MONITOR.value, peer_id, socket.gethostname(), os.getpid())
+
+
+def open_monitor(address: str, hello: p.Hello, keys: str = "",
+                 context: zmq.Context[Any] | None = None) -> zmq.Socket[Any]:
+    """A DEALER to the broker that has said ``hello`` (with the folder's keys, if any)."""
+    sock: zmq.Socket[Any] = (context or zmq.Context.instance()).socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    if keys:
+        monitor_keys(keys).apply(sock)
+    sock.connect(address)
+    sock.send_multipart(p.encode(hello))
+    return sock
+
+
 def fetch_status(address: str, timeout_s: float = 5.0, context: zmq.Context[Any] | None = None,
                  keys: str = "") -> dict[str, Any]:
     """Connect as a monitor, return the broker's snapshot, leave.
@@ -48,20 +65,13 @@ def fetch_history(address: str, last: int = 0, timeout_s: float = 10.0,
 def ask(address: str, request: p.Message, reply_type: type[M], timeout_s: float,
         context: zmq.Context[Any] | None = None, keys: str = "") -> M:
     """Introduce ourselves as a monitor, send ``request``, return the first ``reply_type`` answer."""
-    ctx = context or zmq.Context.instance()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    if keys:
-        monitor_keys(keys).apply(sock)
-    sock.connect(address)
+    sock = open_monitor(address, monitor_hello("m"), keys, context)
     deadline = time.monotonic() + timeout_s
     try:
-        hello = p.Hello(p.Role.MONITOR.value, f"m-{uuid.uuid4().hex[:10]}", socket.gethostname(), os.getpid())
-        sock.send_multipart(p.encode(hello))
         sock.send_multipart(p.encode(request))
         while True:
             remaining_ms = (deadline - time.monotonic()) * 1000
-            if remaining_ms <= 0 or not sock.poll(remaining_ms):
+            if remaining_ms <= 0 or not sock.poll(max(1, int(remaining_ms))):
                 raise BrokerUnavailable(address, timeout_s)
             try:
                 msg = p.decode(sock.recv_multipart())

@@ -27,6 +27,7 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
+from zfarm import __version__
 from zfarm import protocol as p
 from zfarm.config import BrokerSettings
 from zfarm.errors import ProtocolError, VersionMismatch
@@ -281,8 +282,6 @@ class Scheduler:
 
     def _welcome(self) -> p.Welcome:
         s = self.settings
-        from zfarm import __version__
-
         return p.Welcome(self.broker_id, s.heartbeat_interval_s, s.liveness, s.max_message_bytes,
                          {"version": __version__})
 
@@ -315,16 +314,14 @@ class Scheduler:
                                f"{f'; dropped its {dropped} unfinished jobs' if dropped else ''}")
 
     def _requeue(self, worker: WorkerRecord, why: str, now: float) -> None:
-        jobs = [job for job in worker.jobs.values()
-                if job.state is JobState.ASSIGNED and job.worker == worker.id]
-        worker_jobs = [key for key, job in worker.jobs.items() if job not in worker.outbox]
+        jobs = list(worker.jobs.values())  # in the order they were given to it
+        received = [job for job in jobs if job not in worker.outbox]
         worker.jobs.clear()
         worker.outbox.clear()
         if why not in ALIVE_REASONS:  # the worker died running some of these: count it against them
-            # The oldest `slots` assignments are the ones running; the rest were only prefetched.
-            running = set(worker_jobs[:worker.slots])
-            jobs = [job for job in jobs
-                    if job.key not in running or not self._poisoned(job, worker, why, now)]
+            # The oldest `slots` jobs it had received are the ones running; the rest were prefetched.
+            running = received[:worker.slots]
+            jobs = [job for job in jobs if job not in running or not self._poisoned(job, worker, why, now)]
         if jobs:
             log.warning("worker %s %s: requeued its %d jobs", worker.id, why, len(jobs))
         self._requeue_jobs(jobs)
@@ -345,10 +342,8 @@ class Scheduler:
         self.records.event(now, "job-failed", f"job {job.name} lost {len(job.losses)} workers: not retried")
         self._forget_job(client, job, now)
         job.state = JobState.FINISHED
-        at_wall = self.records.wall(now)
-        self._finish_for_client(client, job.seq, p.Outcome.LOST, [], info,
-                                [worker.id, worker.host, len(job.history), self.records.wall(job.queued_at),
-                                 at_wall, at_wall, 0.0, 0])
+        ended_at = self.records.wall(now)
+        self._deliver(client, job, worker, p.Outcome.LOST, [], info, [ended_at, ended_at, 0.0, 0], now)
         return True
 
     def _requeue_jobs(self, jobs: list[Job]) -> None:
@@ -497,6 +492,11 @@ class Scheduler:
         if not ok:
             log.info("job %s failed on worker %s: %s", job.name, worker.id, info)
             self.records.event(now, "job-failed", f"job {job.name} failed on {worker.id}: {info}")
+        self._deliver(client, job, worker, outcome, frames, info, run, now)
+
+    def _deliver(self, client: ClientRecord, job: Job, worker: WorkerRecord, outcome: p.Outcome,
+                 frames: list[Any], info: str, run: list[Any], now: float) -> None:
+        """Keep the finished job's record in the history and send its result to its client."""
         started_at, finished_at, run_s, peak_rss = run
         queued_at = self.records.wall(job.queued_at)
         self.records.job(now, (job.name, job.client_id, worker.id, worker.host, queued_at, started_at,
@@ -576,8 +576,6 @@ class Scheduler:
 
     def snapshot(self, now: float) -> dict[str, Any]:
         """Plain data describing the farm now (for ``zfarm status`` and the dashboard)."""
-        from zfarm import __version__
-
         in_flight = sum(len(w.jobs) for w in self.workers.values())
         return {
             "broker_id": self.broker_id,

@@ -40,8 +40,8 @@ def dump_function(fn: Any) -> tuple[bytes, bytes]:
     try:
         blob = pickle.dumps(fn, protocol=pickle.HIGHEST_PROTOCOL)
     except (pickle.PicklingError, AttributeError, TypeError):
-        blob = b"__main__"
-    if b"__main__" in blob:
+        blob = b""
+    if not blob or b"__main__" in blob:
         blob = cloudpickle.dumps(fn, protocol=pickle.HIGHEST_PROTOCOL)
     return hashlib.blake2b(blob, digest_size=16).digest(), blob
 
