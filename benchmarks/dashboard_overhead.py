@@ -17,10 +17,11 @@ Prints each run, the median jobs/s per mode and the relative drop against ``off`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import os
+import select
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,6 +32,7 @@ from rich.console import Console
 
 import zfarm
 from zfarm.dashboard import DashboardState, _Link, render
+from zfarm.local import LocalCluster
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,8 +52,10 @@ def poll_forever(address: str, hz: float, draw: bool) -> None:
     console = Console(file=io.StringIO(), width=160)
     snapshots = 0
     try:
+        next_ask = time.monotonic()
         while True:
-            time.sleep(1.0 / hz)
+            next_ask += 1.0 / hz  # pace by the clock, so asking and drawing do not slow the rate
+            time.sleep(max(0.0, next_ask - time.monotonic()))
             link.ask(time.monotonic())
             if link.sock.poll(2000) and (snapshot := link.receive()) is not None:
                 snapshots += 1
@@ -76,25 +80,22 @@ class Poller:
     def __enter__(self) -> Poller:
         self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
                                      env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
-        assert self.proc.stdout is not None and self.proc.stdout.readline().strip() == "ready"
+        assert self.proc.stdout is not None
+        started = select.select([self.proc.stdout], [], [], 30)[0]
+        if not started or self.proc.stdout.readline().strip() != "ready":
+            self.proc.kill()
+            self.proc.communicate()
+            raise SystemExit("the poller did not start within 30 s")
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.proc.terminate()
-        out, _ = self.proc.communicate(timeout=20)
+        try:
+            out, _ = self.proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, _ = self.proc.communicate()
         self.snapshots = int(out.strip() or 0) - 1  # those during the map
-
-
-def free_endpoint() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{sock.getsockname()[1]}"
-
-
-def start(*args: str) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    return subprocess.Popen([sys.executable, "-m", "zfarm", *args, "--log-level", "warning"], env=env,
-                            stdin=subprocess.DEVNULL)
 
 
 def wait_for_workers(address: str, count: int, timeout_s: float = 30.0) -> None:
@@ -127,15 +128,10 @@ def broker_cpu_per_status(address: str, broker_pid: int, hz: float = 200.0, seco
 def one_run(client: zfarm.Client, jobs: int, chunksize: int, hz: float) -> tuple[float, int]:
     """Jobs per second of one map, and how many snapshots the poller rendered meanwhile."""
     poller = Poller(client.address, hz) if hz else None
-    if poller:
-        poller.__enter__()
-    try:
+    with poller if poller else contextlib.nullcontext():
         started = time.perf_counter()
         done = sum(1 for _ in client.map(noop, range(jobs), chunksize=chunksize))
         elapsed = time.perf_counter() - started
-    finally:
-        if poller:
-            poller.__exit__()
     assert done == jobs
     return jobs / elapsed, poller.snapshots if poller else 0
 
@@ -153,10 +149,10 @@ def main() -> None:
     if args.poll:
         poll_forever(args.poll, args.hz, not args.no_draw)
         return
-    address = free_endpoint()
-    procs: list[subprocess.Popen[bytes]] = [start("broker", "--bind", address)]
+    # the embedded farm's broker and workers: started together, stopped together (whatever happens)
+    farm = LocalCluster(n_workers=2, procs_per_worker=args.procs)
+    address = farm.address
     try:
-        procs += [start("worker", "--connect", address, "--procs", str(args.procs)) for _ in range(2)]
         wait_for_workers(address, 2)
         modes: dict[str, float] = {"off": 0.0, "4 Hz": 4.0, "10 Hz": 10.0}
         rates: dict[str, list[float]] = {m: [] for m in modes}
@@ -169,7 +165,7 @@ def main() -> None:
                     rates[mode].append(rate)
                     print(f"rep {rep + 1} {mode:>5}: {rate:8,.0f} jobs/s  ({snapshots} snapshots rendered)",
                           flush=True)
-        per_status_s = broker_cpu_per_status(address, procs[0].pid)
+        per_status_s = broker_cpu_per_status(address, farm.broker.pid)
         base = statistics.median(rates["off"])
         print(f"\n{args.jobs:,} no-op jobs, chunksize {args.chunksize}, 2 workers x {args.procs} slots, "
               f"{args.reps} reps; {os.cpu_count()} CPUs")
@@ -184,13 +180,7 @@ def main() -> None:
         print(f"broker CPU per STATUS answered: {per_status_s * 1e6:,.0f} us, i.e. "
               f"{per_status_s * 4 * 100:.3f} % of one core at 4 Hz, {per_status_s * 10 * 100:.3f} % at 10 Hz")
     finally:
-        for proc in reversed(procs):  # the workers first, so the broker's goodbye worries nobody
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+        farm.stop()  # the workers first, then the broker; SIGKILL whatever does not stop in time
 
 
 if __name__ == "__main__":

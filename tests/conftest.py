@@ -8,8 +8,10 @@ from __future__ import annotations
 import os
 from collections.abc import Generator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import zmq
 
 from tests.helpers import STARTED_PGIDS, Procs, describe_pid, family, kill_pids
 
@@ -36,6 +38,15 @@ def procs(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Procs]:
     problems = registry.shutdown()
     if problems or has_failed(request.node):
         print("\n".join(["", "===== zfarm processes =====", *problems, registry.report()]))
+
+
+@pytest.fixture
+def ctx() -> Iterator[zmq.Context[Any]]:
+    """A ZeroMQ context for a test's own sockets. Its sockets are closed at teardown even when the
+    test failed half-way, so a failure is reported instead of hanging in ``term()``."""
+    context: zmq.Context[Any] = zmq.Context()
+    yield context
+    context.destroy(linger=0)
 
 
 @pytest.fixture(scope="session", autouse=True)

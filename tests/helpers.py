@@ -179,12 +179,16 @@ def send_signal(pid: int, sig: signal.Signals) -> None:
         pass
 
 
-def describe_pid(pid: int) -> str:
+def cmdline(pid: int) -> str:
+    """A process's command line ("" when it is gone or /proc cannot tell)."""
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
-        cmdline = "?"
-    return f"pid {pid}: {cmdline.strip()}"
+        return ""
+
+
+def describe_pid(pid: int) -> str:
+    return f"pid {pid}: {cmdline(pid).strip() or '?'}"
 
 
 def kill_pids(pids: Iterable[int], timeout_s: float = 5.0) -> set[int]:
@@ -385,17 +389,17 @@ class Procs:
         return "\n".join(parts)
 
 
+def run_zfarm(*args: str, timeout_s: float = 60.0,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m zfarm ARGS`` to completion (for commands that exit by themselves)."""
+    return subprocess.run([*ZFARM_COMMAND, *args], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          env=zfarm_env(env), timeout=timeout_s)
+
+
 def status(endpoint: str, timeout_s: float = STATUS_TIMEOUT_S) -> dict[str, Any] | None:
     """Run ``zfarm status --json`` against ``endpoint``; return the snapshot, or None if it failed."""
     try:
-        result = subprocess.run(
-            [*ZFARM_COMMAND, "status", "--connect", endpoint, "--json"],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            env=zfarm_env(),
-            timeout=timeout_s,
-        )
+        result = run_zfarm("status", "--connect", endpoint, "--json", timeout_s=timeout_s)
     except subprocess.TimeoutExpired:
         return None
     if result.returncode != 0:
@@ -407,13 +411,19 @@ def status(endpoint: str, timeout_s: float = STATUS_TIMEOUT_S) -> dict[str, Any]
     return snapshot if isinstance(snapshot, dict) else None
 
 
+def require_status(endpoint: str) -> dict[str, Any]:
+    """``status``, failing the test when the broker does not answer."""
+    snapshot = status(endpoint)
+    if snapshot is None:
+        raise AssertionError(f"zfarm status failed against {endpoint}")
+    return snapshot
+
+
 def wait_for_workers(endpoint: str, count: int, timeout_s: float = 20.0) -> dict[str, Any]:
     """Wait until the broker at ``endpoint`` lists exactly ``count`` workers; return that snapshot."""
 
     def snapshot_with_workers() -> dict[str, Any]:
-        snapshot = status(endpoint)
-        if snapshot is None:
-            raise AssertionError("zfarm status failed")
+        snapshot = require_status(endpoint)
         ids = [w.get("id") for w in snapshot.get("workers", [])]
         if len(ids) != count:
             raise AssertionError(f"broker lists {len(ids)} workers: {ids}")
@@ -422,3 +432,23 @@ def wait_for_workers(endpoint: str, count: int, timeout_s: float = 20.0) -> dict
     return wait_for(
         snapshot_with_workers, timeout_s, interval_s=0.1, message=f"{count} workers at {endpoint}"
     )
+
+
+def wait_for_worker_pids(fetch: Callable[[], dict[str, Any]], pids: Iterable[int],
+                         timeout_s: float = 20.0) -> dict[str, Any]:
+    """Wait until the snapshots ``fetch`` returns list exactly the workers with these pids."""
+    wanted = sorted(pids)
+
+    def listed() -> dict[str, Any] | None:
+        snapshot = fetch()
+        return snapshot if sorted(w["pid"] for w in snapshot["workers"]) == wanted else None
+
+    return wait_for(listed, timeout_s, interval_s=0.05, message=f"workers with pids {wanted} registered")
+
+
+def recv_message(sock: Any, timeout_s: float = 10.0) -> Any:
+    """The next message a raw ZeroMQ socket receives from the broker, decoded."""
+    from zfarm import protocol
+
+    assert sock.poll(int(timeout_s * 1000)), "no reply from the broker"
+    return protocol.decode(sock.recv_multipart())

@@ -2,28 +2,38 @@
 
 from __future__ import annotations
 
-import subprocess
+import re
 import sys
 
 import pytest
 
-from tests.helpers import zfarm_env
+from tests.helpers import Procs
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_short_chaos_soak_loses_nothing_and_delivers_once() -> None:
-    args = ["--jobs", "3000", "--workers", "4", "--work-s", "0.01", "--kill-every", "0.5",
-            "--stop-every", "3", "--broker-restarts", "2", "--seed", "7", "--time-limit", "180"]
-    result = subprocess.run([sys.executable, "-m", "zfarm.chaos", *args], capture_output=True, text=True,
-                            timeout=230, env=zfarm_env(), check=False)
-    report = dict(line.split(None, 1) for line in result.stdout.splitlines() if line.strip())
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert report["submitted"].strip() == "3000"
-    assert report["results"].split()[-1] == "3000"
-    assert report["lost"].strip() == "0"
-    assert report["wrong"].split()[-1] == "0"
-    assert "duplicates delivered 0" in result.stdout
-    assert "2 broker restarts" in result.stdout
-    kills = int(report["chaos"].split()[0])
+def test_short_chaos_soak_loses_nothing_and_delivers_once(procs: Procs) -> None:
+    # Through `procs`: the soak's own broker and workers share its process group, so the fixture
+    # stops them too if the soak is cut short.
+    soak = procs.spawn("--jobs", "3000", "--workers", "4", "--work-s", "0.01", "--kill-every", "0.5",
+                       "--stop-every", "3", "--broker-restarts", "2", "--seed", "7", "--time-limit", "180",
+                       name="chaos", command=(sys.executable, "-m", "zfarm.chaos"))
+    assert soak.wait(230) == 0, soak.log()
+    report = soak.log()
+
+    def figure(label: str) -> int:
+        found = re.search(rf"^{label}\s+(\d+)", report, re.MULTILINE)
+        assert found, f"no {label!r} in the report:\n{report}"
+        return int(found.group(1))
+
+    assert figure("submitted") == 3000
+    assert figure("results received") == 3000
+    assert figure("lost") == 0
+    assert figure("duplicates delivered") == 0
+    assert figure("wrong results") == 0
+    chaos = re.search(r"^chaos\s+(\d+) worker kills, (\d+) worker stops, (\d+) broker restarts", report,
+                      re.MULTILINE)
+    assert chaos, report
+    kills, _stops, restarts = map(int, chaos.groups())
+    assert restarts == 2
     assert kills >= 3  # the farm really was under fire

@@ -26,11 +26,12 @@ from tests import jobs
 from tests.helpers import (
     Proc,
     Procs,
+    cmdline,
     family,
     free_tcp_endpoint,
     live_pids,
     process_table,
-    status,
+    require_status,
     wait_for,
     wait_for_workers,
 )
@@ -96,16 +97,9 @@ def farm(module_farm: Farm) -> Iterator[str]:
             f"--- {proc.name} (pid {proc.pid}, {proc!r})\n{proc.log_tail()}" for proc in dead))
 
 
-def snapshot(endpoint: str) -> dict[str, Any]:
-    snap = status(endpoint)
-    if snap is None:
-        raise AssertionError(f"zfarm status failed against {endpoint}")
-    return snap
-
-
 def client_row(endpoint: str, client_id: str) -> dict[str, Any]:
     """The broker's counters for one client (raises if the broker does not list it)."""
-    rows = [row for row in snapshot(endpoint)["clients"] if row["id"] == client_id]
+    rows = [row for row in require_status(endpoint)["clients"] if row["id"] == client_id]
     if len(rows) != 1:
         raise AssertionError(f"broker lists {len(rows)} clients with id {client_id}")
     return rows[0]
@@ -115,17 +109,10 @@ def wait_until_idle(endpoint: str, timeout_s: float = 20.0) -> dict[str, Any]:
     """Wait until the broker holds no queued and no in-flight job; return that snapshot."""
 
     def idle() -> dict[str, Any] | None:
-        snap = snapshot(endpoint)
+        snap = require_status(endpoint)
         return snap if snap["queued"] == 0 and snap["in_flight"] == 0 else None
 
     return wait_for(idle, timeout_s, interval_s=0.1, message=f"an idle broker at {endpoint}")
-
-
-def cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 def zfarm_descendants() -> set[int]:
@@ -183,7 +170,7 @@ def test_map_reads_a_generator_only_within_its_window(farm: str) -> None:
 @pytest.mark.timeout(60)
 def test_breaking_out_of_an_endless_map_cancels_the_rest(farm: str) -> None:
     with zfarm.Client(farm) as c:
-        cancelled_before = snapshot(farm)["cancelled"]
+        cancelled_before = require_status(farm)["cancelled"]
         started = time.monotonic()
         got = []
         for value in c.map(jobs.square, itertools.count(), chunksize=1):
@@ -198,7 +185,7 @@ def test_breaking_out_of_an_endless_map_cancels_the_rest(farm: str) -> None:
             return row if row["queued"] == 0 and row["in_flight"] == 0 else None
 
         row = wait_for(drained, 20, interval_s=0.1, message="the client's jobs to be gone from the broker")
-        cancelled = snapshot(farm)["cancelled"] - cancelled_before
+        cancelled = require_status(farm)["cancelled"] - cancelled_before
         # every job the window submitted either ran or was cancelled: none is lost, none still runs
         assert row["submitted"] > 50
         assert row["done"] + row["failed"] + cancelled == row["submitted"]
@@ -214,8 +201,7 @@ def test_job_exception_is_raised_with_the_remote_traceback(farm: str) -> None:
             future.result(RESULT_TIMEOUT_S)
     cause = info.value.__cause__
     assert cause is not None
-    assert "boom" in str(cause)
-    assert "ValueError" in str(cause)
+    assert "ValueError: boom 3" in str(cause)  # the remote traceback's last line
 
 
 def test_custom_exception_round_trips_with_its_attributes(farm: str) -> None:
@@ -286,13 +272,13 @@ def test_cancelling_a_queued_job_means_it_never_runs(procs: Procs, tmp_path: Pat
             queued = c.submit(jobs.hold, str(release), 3)  # no credit left: stays at the broker
             wait_for(lambda: client_row(endpoint, c.id)["queued"] == 1, 20, interval_s=0.1,
                      message="the third job to be queued at the broker")
-            cancelled_before = snapshot(endpoint)["cancelled"]
+            cancelled_before = require_status(endpoint)["cancelled"]
 
             assert queued.cancel() is True
             assert queued.cancelled()
 
             def cancelled_at_broker() -> dict[str, Any] | None:
-                snap = snapshot(endpoint)
+                snap = require_status(endpoint)
                 return snap if snap["cancelled"] == cancelled_before + 1 and snap["queued"] == 0 else None
 
             wait_for(cancelled_at_broker, 20, interval_s=0.1, message="the broker to count the cancel")
@@ -306,7 +292,7 @@ def test_cancelling_a_queued_job_means_it_never_runs(procs: Procs, tmp_path: Pat
         row = client_row(endpoint, c.id)
         counts = tuple(row[key] for key in ("submitted", "done", "failed", "queued", "in_flight"))
         assert counts == (4, 3, 0, 0, 0)
-        snap = snapshot(endpoint)
+        snap = require_status(endpoint)
         assert snap["done"] == 3
         assert snap["cancelled"] == cancelled_before + 1
         assert [w["done"] for w in snap["workers"]] == [3]

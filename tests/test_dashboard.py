@@ -24,7 +24,16 @@ import pytest
 from rich.console import Console
 
 import zfarm
-from tests.helpers import REPO_ROOT, ZFARM_COMMAND, Procs, wait_for, wait_for_workers, zfarm_env
+from tests.helpers import (
+    REPO_ROOT,
+    ZFARM_COMMAND,
+    Proc,
+    Procs,
+    run_zfarm,
+    wait_for,
+    wait_for_workers,
+    zfarm_env,
+)
 from tests.jobs import slow_square
 from zfarm.dashboard import DashboardState, rate_now, render, sparkline
 from zfarm.monitor import fetch_status
@@ -53,13 +62,13 @@ def shown_done(text: str) -> int:
     return int(found[0].replace(",", ""))
 
 
-def start_farm(procs: Procs, count: int = 3) -> tuple[str, dict[str, Any]]:
-    _, endpoint = procs.broker(None, *HEARTBEAT)
+def start_farm(procs: Procs, count: int = 3) -> tuple[Proc, str, dict[str, Any]]:
+    broker, endpoint = procs.broker(None, *HEARTBEAT)
     tag = uuid.uuid4().hex[:4]
     ids = [f"dash-{tag}-w{i}" for i in range(count)]
     workers = {wid: procs.worker(endpoint, "--worker-id", wid, *HEARTBEAT) for wid in ids}
     wait_for_workers(endpoint, count)
-    return endpoint, workers
+    return broker, endpoint, workers
 
 
 # ---- pure pieces ---------------------------------------------------------------------------------
@@ -88,7 +97,7 @@ def test_render_says_when_the_broker_does_not_answer() -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(90)
 def test_render_shows_workers_working_counts_moving_and_a_killed_worker_lost(procs: Procs) -> None:
-    endpoint, workers = start_farm(procs)
+    _, endpoint, workers = start_farm(procs)
     ids = list(workers)
     count = 300
     outcome: dict[str, Any] = {}
@@ -100,7 +109,7 @@ def test_render_shows_workers_working_counts_moving_and_a_killed_worker_lost(pro
         except BaseException as exc:  # reported by the main thread
             outcome["error"] = exc
 
-    mapper = threading.Thread(target=run_map, name="dashboard-test-map")
+    mapper = threading.Thread(target=run_map, name="dashboard-test-map", daemon=True)
     mapper.start()
     try:
 
@@ -154,10 +163,8 @@ def test_render_shows_workers_working_counts_moving_and_a_killed_worker_lost(pro
 
 
 def test_once_prints_one_render_with_the_workers_and_exits_0(procs: Procs) -> None:
-    endpoint, workers = start_farm(procs)
-    result = subprocess.run([*ZFARM_COMMAND, "dashboard", "--connect", endpoint, "--once"],
-                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60,
-                            env=zfarm_env({"COLUMNS": str(WIDTH)}))
+    _, endpoint, workers = start_farm(procs)
+    result = run_zfarm("dashboard", "--connect", endpoint, "--once", env={"COLUMNS": str(WIDTH)})
     assert result.returncode == 0, result.stderr
     for wid in workers:
         assert "idle" in worker_row(result.stdout, wid)
@@ -177,8 +184,7 @@ def test_dashboard_in_tmux_shows_the_workers_survives_a_dead_broker_and_quits_on
     tmux = shutil.which("tmux")
     if tmux is None:
         pytest.skip("tmux is not installed (.ci/run installs it with apt-get where apt is available)")
-    broker_endpoint, workers = start_farm(procs)
-    broker = procs.started[0]
+    broker, broker_endpoint, workers = start_farm(procs)
     server = [tmux, "-L", f"zfarm-test-{os.getpid()}"]
     session = f"dash-{uuid.uuid4().hex[:8]}"
     rc_file = tmp_path / "dashboard.rc"

@@ -14,11 +14,9 @@ workers adopt these settings from the broker's WELCOME. State is read with an in
 from __future__ import annotations
 
 import socket
-import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -29,7 +27,17 @@ import zmq
 
 import zfarm
 from tests import jobs
-from tests.helpers import Proc, Procs, free_tcp_endpoint, live_pids, status, wait_for, zfarm_env
+from tests.helpers import (
+    Proc,
+    Procs,
+    free_tcp_endpoint,
+    live_pids,
+    recv_message,
+    require_status,
+    run_zfarm,
+    wait_for,
+    wait_for_worker_pids,
+)
 from zfarm import protocol as p
 from zfarm.monitor import fetch_status
 
@@ -43,14 +51,6 @@ RESULT_TIMEOUT_S = 30.0
 
 
 # ---- helpers --------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def ctx() -> Iterator[zmq.Context[Any]]:
-    """A ZeroMQ context for the test's own sockets; every socket must be closed by the test's end."""
-    context: zmq.Context[Any] = zmq.Context()
-    yield context
-    context.term()
 
 
 def snapshot(ctx: zmq.Context[Any], endpoint: str, timeout_s: float = 5.0) -> dict[str, Any]:
@@ -69,13 +69,7 @@ def wait_workers(
     ctx: zmq.Context[Any], endpoint: str, workers: list[Proc], timeout_s: float = 20.0
 ) -> dict[str, Any]:
     """Wait until the broker lists exactly these workers (by pid); return that snapshot."""
-    wanted = sorted(w.pid for w in workers)
-
-    def listed() -> dict[str, Any] | None:
-        snap = snapshot(ctx, endpoint)
-        return snap if sorted(worker_pids(snap)) == wanted else None
-
-    return wait_for(listed, timeout_s, interval_s=0.05, message=f"workers {wanted} registered at {endpoint}")
+    return wait_for_worker_pids(lambda: snapshot(ctx, endpoint), [w.pid for w in workers], timeout_s)
 
 
 def farm(procs: Procs, ctx: zmq.Context[Any], n_workers: int, slots: int = 1,
@@ -374,11 +368,6 @@ MALFORMED: list[tuple[str, list[bytes]]] = [
 ]
 
 
-def recv_message(sock: zmq.Socket[Any], timeout_s: float = 10.0) -> p.Message:
-    assert sock.poll(int(timeout_s * 1000)), "no reply from the broker"
-    return p.decode(sock.recv_multipart())
-
-
 def dealer(ctx: zmq.Context[Any], endpoint: str) -> zmq.Socket[Any]:
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -439,9 +428,7 @@ def test_malformed_input_leaves_broker_serving(procs: Procs, ctx: zmq.Context[An
     with zfarm.Client(endpoint) as client:
         values = list(client.map(jobs.square, range(100), timeout=RESULT_TIMEOUT_S, chunksize=1))
     assert values == [x * x for x in range(100)]
-    final = status(endpoint)
-    assert final is not None
-    assert final["malformed"] >= len(MALFORMED)
+    assert require_status(endpoint)["malformed"] - before == len(MALFORMED)  # zfarm status reads it too
 
 
 # ---- 8. status against nobody ------------------------------------------------------------------------
@@ -451,10 +438,7 @@ def test_status_unreachable_endpoint_exits_1_naming_address() -> None:
     endpoint = free_tcp_endpoint()  # nothing listens there
     timeout_s = 1.0
     started = time.monotonic()
-    result = subprocess.run(
-        [sys.executable, "-m", "zfarm", "status", "--connect", endpoint, "--timeout", str(timeout_s)],
-        stdin=subprocess.DEVNULL, capture_output=True, text=True, env=zfarm_env(), timeout=30,
-    )
+    result = run_zfarm("status", "--connect", endpoint, "--timeout", str(timeout_s), timeout_s=30)
     elapsed_s = time.monotonic() - started
     assert result.returncode == 1, (result.stdout, result.stderr)
     assert endpoint in result.stderr, result.stderr

@@ -100,7 +100,8 @@ def test_a_full_broker_holds_submitters_back_and_loses_nothing(procs: Procs) -> 
         # no worker yet: the queue fills to its bound, the rest is bounced back and resent, and stays out
         wait_for(lambda: fetch_status(endpoint)["queued"] == 50, 10, message="the queue to fill")
         wait_for(lambda: fetch_status(endpoint)["bounced"] > 350, 10, message="the broker to bounce jobs")
-        for _ in range(5):
+        held_until = time.monotonic() + 1.0  # and holds while the client keeps offering the rest
+        while time.monotonic() < held_until:
             assert fetch_status(endpoint)["queued"] == 50
         procs.worker(endpoint, procs=2)
         assert list(results) == [x * x for x in range(400)]

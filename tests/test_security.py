@@ -23,7 +23,7 @@ import socket
 import stat
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,10 @@ from tests.helpers import (
     Proc,
     Procs,
     free_tcp_endpoint,
+    recv_message,
+    run_zfarm,
     wait_for,
+    wait_for_worker_pids,
     zfarm_env,
 )
 from zfarm import protocol as p
@@ -70,20 +73,6 @@ def no_keys_in_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
 
 
-@pytest.fixture
-def ctx() -> Iterator[zmq.Context[Any]]:
-    """A ZeroMQ context for the test's own sockets; every socket must be closed by the test's end."""
-    context: zmq.Context[Any] = zmq.Context()
-    yield context
-    context.term()
-
-
-def run_zfarm(*args: str, timeout_s: float = CLI_TIMEOUT_S,
-              env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*ZFARM_COMMAND, *args], stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                          env=zfarm_env(env), timeout=timeout_s)
-
-
 def flat(text: str) -> str:
     """Text with every run of whitespace made one space: rich wraps log lines to the terminal width."""
     return " ".join(text.split())
@@ -109,20 +98,12 @@ def curve_farm(procs: Procs, keys: Path, n_workers: int = 1) -> tuple[Proc, str,
     """A CURVE broker on a fresh loopback port and ``n_workers`` workers, registered."""
     broker, endpoint = procs.broker(None, *FAST, "--keys", str(keys))
     workers = [procs.worker(endpoint, "--keys", str(keys)) for _ in range(n_workers)]
-    wait_for_worker_pids(endpoint, keys, [w.pid for w in workers])
+    wait_for_worker_pids(lambda: snapshot(endpoint, keys), [w.pid for w in workers])
     return broker, endpoint, workers
 
 
 def snapshot(endpoint: str, keys: Path | None, timeout_s: float = 5.0) -> dict[str, Any]:
     return fetch_status(endpoint, timeout_s, keys=str(keys) if keys else "")
-
-
-def wait_for_worker_pids(endpoint: str, keys: Path | None, pids: list[int]) -> dict[str, Any]:
-    def listed() -> dict[str, Any] | None:
-        snap = snapshot(endpoint, keys)
-        return snap if sorted(w["pid"] for w in snap["workers"]) == sorted(pids) else None
-
-    return wait_for(listed, 20.0, interval_s=0.05, message=f"workers {pids} registered at {endpoint}")
 
 
 def curve_dealer(ctx: zmq.Context[Any], endpoint: str, keys: PeerKeys | None) -> zmq.Socket[Any]:
@@ -150,11 +131,6 @@ def first_handshake_event(sock: zmq.Socket[Any], monitor: zmq.Socket[Any], timeo
     finally:
         sock.disable_monitor()
         monitor.close(linger=0)
-
-
-def recv_message(sock: zmq.Socket[Any], timeout_s: float = 10.0) -> p.Message:
-    assert sock.poll(int(timeout_s * 1000)), "no reply from the broker"
-    return p.decode(sock.recv_multipart())
 
 
 def expect_broker_unavailable(make_client: Callable[[], zfarm.Client]) -> zfarm.BrokerUnavailable:
@@ -559,7 +535,7 @@ def test_hostile_flood_leaves_broker_fast_and_small(procs: Procs, ctx: zmq.Conte
     # Default liveness (3 s): the registered hostile peers must outlive the flood's backlog.
     broker, endpoint = procs.broker(None)
     worker = procs.worker(endpoint)
-    wait_for_worker_pids(endpoint, None, [worker.pid])
+    wait_for_worker_pids(lambda: snapshot(endpoint, None), [worker.pid])
     with zfarm.Client(endpoint, connect_timeout_s=20) as client:
         warm_up = list(client.map(jobs.square, range(20), timeout=RESULT_TIMEOUT_S, chunksize=1))
         assert warm_up == [x * x for x in range(20)]
@@ -612,10 +588,10 @@ def free_port_on_all_interfaces() -> int:
 
 def test_broker_refuses_to_listen_beyond_loopback_without_keys(procs: Procs) -> None:
     everywhere = f"tcp://0.0.0.0:{free_port_on_all_interfaces()}"
-    refused = run_zfarm("broker", "--bind", everywhere)
-    assert refused.returncode == 2, (refused.stdout, refused.stderr)
+    refused = procs.spawn("broker", "--bind", everywhere, name="refused-broker")
+    assert refused.wait(STARTUP_FAILURE_S) == 2, refused.log()
     for needed in ("keys", "docs/security.md", "--insecure", everywhere):
-        assert needed in refused.stderr, refused.stderr
+        assert needed in refused.log(), refused.log()
 
     insecure, _ = procs.broker(everywhere, "--insecure")  # waits for "listening on"
     assert "WITHOUT keys" in flat(insecure.log()), insecure.log()

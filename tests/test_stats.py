@@ -11,8 +11,6 @@ import csv
 import io
 import json
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,14 +18,9 @@ import pytest
 
 import zfarm
 from tests import jobs
-from tests.helpers import Procs, wait_for, wait_for_workers, zfarm_env
+from tests.helpers import Procs, free_tcp_endpoint, run_zfarm, wait_for, wait_for_workers
 
 pytestmark = pytest.mark.timeout(90)
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "zfarm", *args], capture_output=True, text=True, timeout=60,
-                          env=zfarm_env(), check=False)
 
 
 def test_client_stats_and_broker_history_describe_the_jobs_that_ran(procs: Procs) -> None:
@@ -76,7 +69,7 @@ def test_client_stats_and_broker_history_describe_the_jobs_that_ran(procs: Procs
     assert summary.p50_run_s >= 0.009  # most jobs slept 10 ms
 
     # the broker's history holds the same 24 jobs with the same facts
-    result = run_cli("history", "--connect", endpoint, "--json")
+    result = run_zfarm("history", "--connect", endpoint, "--json")
     assert result.returncode == 0, result.stderr
     history = {row["id"]: row for row in json.loads(result.stdout)}
     assert set(history) == set(records)
@@ -88,14 +81,15 @@ def test_client_stats_and_broker_history_describe_the_jobs_that_ran(procs: Procs
         assert row["started_at"] == pytest.approx(record.started_at)
         assert row["run_s"] == pytest.approx(record.run_s, abs=1e-5)
 
-    result = run_cli("history", "--connect", endpoint, "--csv")
+    result = run_zfarm("history", "--connect", endpoint, "--csv")
     assert result.returncode == 0, result.stderr
     rows = list(csv.DictReader(io.StringIO(result.stdout)))
     assert {row["id"] for row in rows} == set(records)
     assert rows[0].keys() >= {"id", "client", "worker", "host", "queued_at", "started_at", "finished_at",
                               "run_s", "attempts", "outcome", "peak_rss_bytes", "error"}
 
-    last = run_cli("history", "--connect", endpoint, "--json", "--last", "5")
+    last = run_zfarm("history", "--connect", endpoint, "--json", "--last", "5")
+    assert last.returncode == 0, last.stderr
     assert [row["id"] for row in json.loads(last.stdout)] == [row["id"] for row in rows[-5:]]
 
 
@@ -118,9 +112,7 @@ def test_history_counts_a_requeued_job_attempts(procs: Procs, tmp_path: Path) ->
 
 
 def test_history_of_an_unreachable_broker_fails_cleanly() -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    result = run_cli("history", "--connect", f"tcp://127.0.0.1:{port}", "--timeout", "1")
+    endpoint = free_tcp_endpoint()  # nothing listens there
+    result = run_zfarm("history", "--connect", endpoint, "--timeout", "1")
     assert result.returncode == 1
-    assert f"tcp://127.0.0.1:{port}" in result.stderr
+    assert endpoint in result.stderr

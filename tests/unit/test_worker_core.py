@@ -145,7 +145,7 @@ def test_cancel_of_unknown_jobs_sends_nothing() -> None:
     actions = core.on_message(wire(p.CancelJobs([["c", 9]])), 0.2)
     assert actions.send == []
     # the shell asks its pool, which does not have it either: no harm either way
-    assert actions.kill in ([], [("c", 9)])
+    assert actions.kill == [("c", 9)]  # the core cannot know; the shell's pool finds nothing to kill
 
 
 # ---- heartbeats and reconnects -------------------------------------------------------------------
@@ -351,12 +351,12 @@ def test_several_reconnect_replies_do_not_inflate_the_workers_credit() -> None:
         link.deliver_to_worker(now)
         link.deliver_to_broker(now)
     (worker,) = link.sched.snapshot(3.0)["workers"]
-    assert worker["credit"] <= core.capacity, f"broker thinks the worker takes {worker['credit']} jobs"
+    assert worker["credit"] == core.capacity, f"broker thinks the worker takes {worker['credit']} jobs"
     # a client with many jobs: the worker must never be sent more than it can hold
     link.sched.handle(link.CLIENT, p.encode(p.Hello("client", "c", "h", 2)), 3.0)
     rows = [[seq, 1, {}] for seq in range(10)]
     link.sched.handle(link.CLIENT, p.encode(p.Submit(FN, True, rows, [b"fn"] + [b"a"] * 10)), 3.0)
     link.deliver_to_broker(3.0)
     link.deliver_to_worker(3.0)
-    assert link.jobs_received <= core.capacity
-    assert core.in_hand <= core.capacity
+    assert link.jobs_received == core.capacity  # as many as it can hold, never more
+    assert core.in_hand == core.capacity
