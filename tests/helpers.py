@@ -349,6 +349,13 @@ class Procs:
         """Start a worker with ``procs`` slots; it does not wait for the broker to register it."""
         return self.spawn("worker", "--connect", endpoint, "--procs", str(procs), *extra_args)
 
+    def farm(self, *broker_args: str, workers: int = 1, procs: int = 1) -> tuple[str, list[Proc]]:
+        """A broker and ``workers`` workers of ``procs`` slots, all registered; returns the endpoint."""
+        _, endpoint = self.broker(None, *broker_args)
+        started = [self.worker(endpoint, procs=procs) for _ in range(workers)]
+        wait_for_workers(endpoint, workers)
+        return endpoint, started
+
     def shutdown(self, grace_s: float = TERMINATE_GRACE_S) -> list[str]:
         """Stop everything started here and every descendant; return what needed force, as text."""
         roots = [p.pid for p in self.started]

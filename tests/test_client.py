@@ -260,9 +260,7 @@ def test_fifty_mib_argument_and_result_go_through(farm: str) -> None:
 
 
 def test_cancelling_a_queued_job_means_it_never_runs(procs: Procs, tmp_path: Path) -> None:
-    _, endpoint = procs.broker()
-    procs.worker(endpoint, procs=1)
-    wait_for_workers(endpoint, 1)
+    endpoint, _ = procs.farm()
     started, release = tmp_path / "started", tmp_path / "release"
     with zfarm.Client(endpoint) as c:
         try:
@@ -299,9 +297,7 @@ def test_cancelling_a_queued_job_means_it_never_runs(procs: Procs, tmp_path: Pat
 
 
 def test_cancelling_a_running_job_frees_its_slot(procs: Procs, tmp_path: Path) -> None:
-    _, endpoint = procs.broker()
-    procs.worker(endpoint, procs=1)
-    wait_for_workers(endpoint, 1)
+    endpoint, _ = procs.farm()
     started, never = tmp_path / "started", tmp_path / "never-created"
     with zfarm.Client(endpoint) as c:
         stuck = c.submit(jobs.touch_and_hold, str(started), str(never), "stuck")

@@ -9,7 +9,7 @@ import pytest
 
 import zfarm
 from tests import jobs
-from tests.helpers import Procs, wait_for, wait_for_workers
+from tests.helpers import Procs, wait_for
 from zfarm.monitor import fetch_status
 
 pytestmark = pytest.mark.timeout(60)
@@ -18,9 +18,7 @@ FAST = ("--heartbeat-interval", "0.2")
 
 @pytest.fixture
 def farm(procs: Procs) -> tuple[str, int]:
-    _, endpoint = procs.broker(None, *FAST)
-    worker = procs.worker(endpoint, procs=1)
-    wait_for_workers(endpoint, 1)
+    endpoint, (worker,) = procs.farm(*FAST)
     return endpoint, worker.pid
 
 

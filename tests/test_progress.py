@@ -8,7 +8,7 @@ import pytest
 
 import zfarm
 from tests import jobs
-from tests.helpers import Procs, wait_for_workers
+from tests.helpers import Procs
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -16,9 +16,7 @@ pytestmark = pytest.mark.timeout(60)
 def test_map_and_as_completed_show_progress_on_stderr(
     procs: Procs, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    _, endpoint = procs.broker()
-    procs.worker(endpoint, procs=2)
-    wait_for_workers(endpoint, 1)
+    endpoint, _ = procs.farm(procs=2)
     with zfarm.Client(endpoint) as client:
         assert list(client.map(jobs.square, range(40), progress=True)) == [x * x for x in range(40)]
         first = capsys.readouterr()

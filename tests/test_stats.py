@@ -18,15 +18,14 @@ import pytest
 
 import zfarm
 from tests import jobs
-from tests.helpers import Procs, free_tcp_endpoint, run_zfarm, wait_for, wait_for_workers
+from tests.helpers import Procs, free_tcp_endpoint, require_status, run_zfarm, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
 
 def test_client_stats_and_broker_history_describe_the_jobs_that_ran(procs: Procs) -> None:
-    _, endpoint = procs.broker()
-    workers = [procs.worker(endpoint, procs=1), procs.worker(endpoint, procs=1)]
-    snap = wait_for_workers(endpoint, 2)
+    endpoint, workers = procs.farm(workers=2)
+    snap = require_status(endpoint)
     worker_ids = {w["id"] for w in snap["workers"]}
     assert {w["pid"] for w in snap["workers"]} == {w.pid for w in workers}
     before = time.time()
@@ -95,9 +94,7 @@ def test_client_stats_and_broker_history_describe_the_jobs_that_ran(procs: Procs
 
 def test_history_counts_a_requeued_job_attempts(procs: Procs, tmp_path: Path) -> None:
     """A job whose worker is killed runs again elsewhere; its record says attempts == 2."""
-    _, endpoint = procs.broker(None, "--heartbeat-interval", "0.2")
-    first = procs.worker(endpoint, procs=1)
-    wait_for_workers(endpoint, 1)
+    endpoint, (first,) = procs.farm("--heartbeat-interval", "0.2")
     started = tmp_path / "started"
     started.mkdir()
     with zfarm.Client(endpoint) as client:
