@@ -29,6 +29,7 @@ import zmq
 from zfarm import protocol as p
 from zfarm.config import BrokerSettings
 from zfarm.errors import ZfarmError
+from zfarm.journal import Journal
 from zfarm.scheduler import Scheduler
 from zfarm.security import BrokerKeys, check_bind_is_safe, identity_of
 from zfarm.state import Auth
@@ -69,7 +70,13 @@ class Broker:
                     if exc.errno == errno.EADDRINUSE else "check the endpoint given to --bind")
             raise ZfarmError(f"cannot listen on {settings.bind}: {exc.strerror}; {hint}") from None
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.scheduler = Scheduler(settings, time.monotonic(), wall_offset_s=time.time() - time.monotonic())
+        try:
+            self.journal = Journal(settings.journal) if settings.journal else None
+        except ZfarmError:
+            self.close()
+            raise
+        self.scheduler = Scheduler(settings, time.monotonic(), wall_offset_s=time.time() - time.monotonic(),
+                                   journal=self.journal)
         self._stopping = threading.Event()
 
     def serve(self) -> None:
@@ -92,7 +99,10 @@ class Broker:
                     self._drain()
                 now = time.monotonic()
                 sched.tick(now)
-                self._send(sched.flush(now))
+                outbound = sched.flush(now)
+                if self.journal is not None:
+                    self.journal.commit()  # what we are about to say has happened must be on disk first
+                self._send(outbound)
                 if self.settings.parent_pid and os.getppid() != self.settings.parent_pid:
                     log.info("parent process %d is gone: stopping", self.settings.parent_pid)
                     break
@@ -135,6 +145,9 @@ class Broker:
         self._stopping.set()
 
     def close(self, linger_ms: int = 0) -> None:
+        if getattr(self, "journal", None) is not None:
+            self.journal.close()  # type: ignore[union-attr]
+            self.journal = None
         self.socket.close(linger=linger_ms)
         if self.keys is not None:
             self.keys.close()

@@ -52,6 +52,12 @@ def _parser() -> argparse.ArgumentParser:
     broker.add_argument("--max-losses", type=int,
                         help="workers a job may kill (or lose) before it fails with WorkerLost (default 3)")
     broker.add_argument("--history", type=int, help="finished jobs' records kept for `zfarm history` (50000)")
+    broker.add_argument("--journal", metavar="PATH",
+                        help="SQLite file keeping accepted jobs and undelivered results, so that a restarted "
+                             "broker goes on where it stopped (env ZFARM_JOURNAL; default: none)")
+    broker.add_argument("--session-ttl", type=float, dest="session_ttl_s", metavar="SECONDS",
+                        help="how long a session's jobs and results wait for its client (default 604800: "
+                             "a week)")
     _keys_flag(broker, name=False)
     broker.add_argument("--insecure", action="store_true", default=None,
                         help="allow listening beyond loopback without keys (trusted networks only)")
@@ -173,7 +179,8 @@ def _run_broker(args: argparse.Namespace) -> int:
 
     settings = resolve(BrokerSettings, _flags(args, ["bind", "heartbeat_interval_s", "liveness",
                                                      "max_message_bytes", "parent_pid", "keys", "insecure",
-                                                     "history", "max_losses", "max_queued"]))
+                                                     "history", "max_losses", "max_queued", "journal",
+                                                     "session_ttl_s"]))
     run_broker(settings)
     return 0
 

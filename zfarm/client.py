@@ -57,6 +57,10 @@ class Client(concurrent.futures.Executor):
         mem_limit: default memory limit of each job's slot, bytes; None: no limit.
         retries: default number of re-runs of a job whose function raised (default 0).
         retry_backoff_s: the first wait before such a re-run (doubling, up to 30 s).
+        session: a name (or ``ZFARM_SESSION``): the broker keeps this client's jobs running and
+            their results while the client is away, and a client that comes back under the
+            same name and submits the same jobs in the same order collects them instead of
+            running them again (docs/reliability.md). One process per session at a time.
 
     Raises:
         BrokerUnavailable: the broker did not answer within ``connect_timeout_s``.
@@ -67,11 +71,14 @@ class Client(concurrent.futures.Executor):
                  window: int | None = None, heartbeat_interval_s: float | None = None,
                  keys: str | None = None, key_name: str | None = None, job_timeout_s: float | None = None,
                  mem_limit: int | None = None, retries: int | None = None,
-                 retry_backoff_s: float | None = None) -> None:
+                 retry_backoff_s: float | None = None, session: str | None = None) -> None:
         self.settings = resolve(ClientSettings, {
             "address": address, "connect_timeout_s": connect_timeout_s, "broker_timeout_s": broker_timeout_s,
-            "window": window, "keys": keys, "key_name": key_name, "retry_backoff_s": retry_backoff_s})
-        self.id = f"c-{uuid.uuid4().hex[:12]}"
+            "window": window, "keys": keys, "key_name": key_name, "retry_backoff_s": retry_backoff_s,
+            "session": session})
+        self.session = self.settings.session
+        # A session's id is its name, so the broker knows it again; job numbers then repeat in a rerun.
+        self.id = f"s-{self.session}" if self.session else f"c-{uuid.uuid4().hex[:12]}"
         self._options = job_options(job_timeout_s, mem_limit, retries)
         self._seq = itertools.count(1)
         self._shutdown = False
@@ -154,7 +161,8 @@ class Client(concurrent.futures.Executor):
         Args:
             timeout: seconds, from this call, after which a result not yet in raises TimeoutError.
             chunksize: items per job. Default: adaptive, from the jobs' observed run time
-                (see docs/performance.md); 1 sends every item as its own job.
+                (see docs/performance.md); 1 sends every item as its own job. In a session the
+                default is 1, so that a rerun cuts the input into the same jobs.
             progress: show a progress bar on stderr (done/total, rate, time left).
             job_timeout_s: the longest one item may run (a chunk of n items gets n times this);
                 past it the job is killed and raises JobTimeout.
@@ -177,7 +185,11 @@ class Client(concurrent.futures.Executor):
             self._connection.submit(fn_id, blob, jobs)
             return jobs
 
-        run = MapRun(submit_chunks, fn, zip(*iterables, strict=False), self.settings.window, chunksize)
+        if self.session and chunksize is None:
+            chunksize = 1
+        # A session's jobs outlive an interrupted loop: a rerun collects them.
+        run = MapRun(submit_chunks, fn, zip(*iterables, strict=False), self.settings.window, chunksize,
+                     cancel_left=not self.session)
         run.fill()  # work starts now, not at the first next()
         results = run.results(deadline)
         return track(results, total, f"map {getattr(fn, '__name__', 'fn')}") if progress else results
@@ -186,7 +198,9 @@ class Client(concurrent.futures.Executor):
         """Stop the client (and its embedded farm).
 
         Args:
-            wait: first wait for every unfinished job.
+            wait: first wait for every unfinished job. In a session, ``wait=False`` leaves at
+                once: the broker runs the jobs and keeps their results for a later client
+                of the session.
             cancel_futures: cancel the jobs that have not finished.
         """
         with self._shutdown_lock:
@@ -196,7 +210,9 @@ class Client(concurrent.futures.Executor):
         if cancel_futures:
             for future in self._res.unfinished():
                 future.cancel()
-        if wait:
+        if self.session and not wait:
+            self._res.detach()
+        elif wait:
             self._res.close_when_done(block=True)
         else:  # jobs go on; the connection closes when they are done
             self._res.close_when_done()
@@ -311,6 +327,15 @@ class _Resources:
         with self._lock:
             return [f for f in self._futures if not f.done()]
 
+    def detach(self) -> None:
+        """Leave a session once the broker holds every job (DETACH_TIMEOUT_S at most)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self.connection.detach(DETACH_TIMEOUT_S)
+        self._release()
+
     def close_when_done(self, block: bool = False) -> None:
         if block:
             concurrent.futures.wait(self.unfinished())
@@ -327,6 +352,9 @@ class _Resources:
                 return
             self._closed = True
         self.connection.close()
+        self._release()
+
+    def _release(self) -> None:
         self.context.term()
         if self.cluster is not None:
             self.cluster.stop()
@@ -334,12 +362,17 @@ class _Resources:
 
 
 _OPEN: set[_Resources] = set()
+#: how long a session's client leaving waits for the broker to hold every job it submitted
+DETACH_TIMEOUT_S = 10.0
 
 
 @atexit.register
 def _close_all_clients() -> None:
     for res in list(_OPEN):
         try:
+            if res.connection.settings.session:  # a session's jobs go on without us
+                res.detach()
+                continue
             for future in res.unfinished():
                 future.cancel()
             res.close()

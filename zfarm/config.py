@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -41,11 +42,15 @@ class BrokerSettings:
     max_losses: int = 3
     #: jobs queued at most (0: no limit); past it, submitters are told to send again later
     max_queued: int = 0
+    #: SQLite file keeping accepted jobs and undelivered results across broker restarts ("": none)
+    journal: str = ""
+    #: how long a session's jobs and results wait for a client that went away
+    session_ttl_s: float = 7 * 24 * 3600.0
 
     def __post_init__(self) -> None:
         _check_endpoint(self.bind)
         check_positive(heartbeat_interval_s=self.heartbeat_interval_s, liveness=self.liveness,
-                        handshake_timeout_s=self.handshake_timeout_s)
+                        handshake_timeout_s=self.handshake_timeout_s, session_ttl_s=self.session_ttl_s)
         if self.max_message_bytes < MIN_MESSAGE_BYTES:
             raise ConfigError(f"max_message_bytes must be at least {MIN_MESSAGE_BYTES} (1 MiB), "
                               f"got {self.max_message_bytes}")
@@ -103,9 +108,12 @@ class ClientSettings:
     retry_backoff_s: float = 1.0
     keys: str = ""  # keys folder: connect with CURVE using clients/KEY_NAME.key_secret
     key_name: str = ""
+    #: a session name: the broker keeps this client's jobs and results while it is away
+    session: str = ""
 
     def __post_init__(self) -> None:
         _check_endpoint(self.address)
+        check_session(self.session)
         if not math.isfinite(self.retry_backoff_s) or self.retry_backoff_s < 0:
             raise ConfigError(f"retry_backoff_s must be finite and not negative, not {self.retry_backoff_s}")
         check_positive(connect_timeout_s=self.connect_timeout_s, broker_timeout_s=self.broker_timeout_s,
@@ -164,6 +172,16 @@ def _check_endpoint(address: str) -> None:
             f"{address!r} is not a ZeroMQ endpoint: use tcp://HOST:PORT (for example "
             f"{DEFAULT_ADDRESS}) or ipc:///path/to/socket"
         )
+
+
+SESSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def check_session(name: str) -> None:
+    """Raise ConfigError unless ``name`` is "" or a usable session name."""
+    if name and not SESSION_NAME.fullmatch(name):
+        raise ConfigError(f"session name {name!r} must be 1 to 100 letters, digits, '.', '_' or '-', "
+                          "starting with a letter or digit")
 
 
 def check_positive(**values: float) -> None:

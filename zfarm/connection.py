@@ -109,6 +109,7 @@ class PendingJob:
     options: dict[str, Any] = field(default_factory=dict)  # limits the worker enforces
     retries: int = 0  # runs left after the job raised (not after it crashed or timed out)
     attempt: int = 0  # retries used so far
+    accepted: bool = False  # a session's broker said it holds the job (ACCEPTED)
 
 
 class Connection(threading.Thread):
@@ -135,6 +136,8 @@ class Connection(threading.Thread):
         self._woken = False
         self._lock = threading.Lock()
         self._stopping = False
+        #: leaving a session: stop once the broker holds every job, or at this time (monotonic)
+        self._detach_by: float | None = None
         # owned by the I/O thread from here on
         self._socket: zmq.Socket[Any] | None = None
         self._monitor: zmq.Socket[Any] | None = None
@@ -170,6 +173,13 @@ class Connection(threading.Thread):
 
     def cancel(self, seq: int) -> None:
         self._post("cancel", seq)
+
+    def detach(self, timeout_s: float) -> None:
+        """Leave a session: wait (up to ``timeout_s``) until the broker holds every job, then close."""
+        self._post("detach", timeout_s)
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join(timeout_s + 5.0)
+        self.close()
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Say goodbye to the broker, stop the thread and close the socket."""
@@ -219,6 +229,11 @@ class Connection(threading.Thread):
         self._release_retries(time.monotonic())
         self._flush()
         self._check_liveness(time.monotonic())
+        if self._detach_by is not None and (time.monotonic() > self._detach_by or self._all_accepted()):
+            self._stopping = True
+
+    def _all_accepted(self) -> bool:
+        return all(job.accepted for job in self._jobs.values())
 
     def _poller(self) -> zmq.Poller:
         """The poller for the wake-up pipe, socket and monitor, rebuilt only when they change."""
@@ -242,7 +257,8 @@ class Connection(threading.Thread):
         self._link = Link.CONNECTING
         self._attempt_at = now  # the broker gets a full liveness window to answer this HELLO
         self._fns_sent.clear()
-        hello = p.Hello(p.Role.CLIENT.value, self.client_id, socket.gethostname(), os.getpid(), 0, {})
+        info = {"session": self.settings.session} if self.settings.session else {}
+        hello = p.Hello(p.Role.CLIENT.value, self.client_id, socket.gethostname(), os.getpid(), 0, info)
         self._send(hello, now)
 
     def _take_inbox(self) -> None:
@@ -276,6 +292,8 @@ class Connection(threading.Thread):
                     cancels.append(payload)
             elif what == "stop":
                 self._stopping = True
+            elif what == "detach":
+                self._detach_by = time.monotonic() + payload
         if cancels and self._link is Link.READY:  # one message however many futures were cancelled
             self._send(p.Cancel(cancels), time.monotonic())
 
@@ -296,7 +314,11 @@ class Connection(threading.Thread):
 
     def _on_message(self, msg: p.Message, now: float) -> None:
         if isinstance(msg, p.Result):
-            self._results(msg)
+            self._results(msg, now)
+        elif isinstance(msg, p.Accepted):
+            for seq in msg.seqs:
+                if (job := self._jobs.get(seq)) is not None:
+                    job.accepted = True
         elif isinstance(msg, p.Welcome):
             self._welcome(msg)
         elif isinstance(msg, p.Reconnect):
@@ -325,21 +347,24 @@ class Connection(threading.Thread):
                      msg.broker_id, len(self._to_send))
         self.welcomed.set()
 
-    def _results(self, msg: p.Result) -> None:
+    def _results(self, msg: p.Result, now: float) -> None:
         per_row = p.split_frames(msg.frames, [row[2] for row in msg.results])
         stats: list[list[Any] | None] = [*msg.stats] or [None] * len(msg.results)
         records = []
+        received = []
         busy = False
         for (seq, outcome, _n, info), frames, row in zip(msg.results, per_row, stats, strict=True):
-            if outcome == p.Outcome.LOST and info == p.FUNCTION_MISSING and seq in self._jobs:
-                self._fns_sent.discard(self._jobs[seq].fn_id)  # the broker let it go: send it again
-                self._to_send.append(seq)
+            if outcome == p.Outcome.LOST and info == p.FUNCTION_MISSING:
+                if seq in self._jobs:
+                    self._fns_sent.discard(self._jobs[seq].fn_id)  # the broker let it go: send it again
+                    self._to_send.append(seq)
                 continue
             if outcome == p.Outcome.BUSY:  # the broker's queue is full: back-pressure, send it later
                 if seq in self._jobs:
                     self._bounced.append(seq)
                 busy = True
                 continue
+            received.append(seq)  # the broker holds each result until we say we have it
             if row is not None and outcome != p.Outcome.CANCELLED and seq in self._jobs:
                 name = p.Outcome(outcome).name.lower() if outcome in _OUTCOME_VALUES else str(outcome)
                 records.append(record_of(f"{self.client_id}:{seq}", name, info, row))
@@ -355,6 +380,8 @@ class Connection(threading.Thread):
         if records:
             with self.records_lock:
                 self.records.extend(records)
+        if received:
+            self._send(p.Received(received), now)
         self._note_room(busy)
 
     def _note_room(self, busy: bool) -> None:
@@ -489,6 +516,8 @@ class Connection(threading.Thread):
                 _set(job.future, error=error)
 
     def _goodbye(self) -> None:
+        if self._detach_by is not None:
+            self._flush()  # a session's last jobs reach the broker before we say goodbye
         if self._socket is not None and self._link is Link.READY:
             try:
                 self._socket.send_multipart(p.encode(p.Disconnect("client closed")), zmq.NOBLOCK)

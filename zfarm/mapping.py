@@ -66,8 +66,10 @@ class ChunkSizer:
 class MapRun:
     def __init__(self, submit: Callable[[bytes, Any, list[list[tuple[Any, ...]]]], list[PendingJob]],
                  fn: Callable[..., Any], items: Iterator[tuple[Any, ...]], window: int,
-                 chunksize: int | None) -> None:
+                 chunksize: int | None, cancel_left: bool = True) -> None:
+        """``cancel_left``: cancel the jobs still unfinished when the caller stops early."""
         self._submit = submit
+        self._cancel_left = cancel_left
         self.fn_id, self.blob = ser.dump_function(fn)
         self._items = items
         self._window = window
@@ -102,7 +104,7 @@ class MapRun:
             self._pending.extend((job.future, len(chunk)) for job, chunk in zip(jobs, chunks, strict=True))
 
     def results(self, deadline: float | None) -> Iterator[Any]:
-        """Yield results in input order; cancel what is left when the caller stops early."""
+        """Yield results in input order; cancel what is left when the caller stops early (if asked)."""
         try:
             while self._pending:
                 future, items = self._pending[0]
@@ -122,5 +124,6 @@ class MapRun:
             if self._input_error is not None:
                 raise self._input_error
         finally:
-            for future, _ in self._pending:
-                future.cancel()
+            if self._cancel_left:
+                for future, _ in self._pending:
+                    future.cancel()

@@ -53,6 +53,8 @@ class Command(enum.IntEnum):
     STATUS_REPLY = 15  # broker → peer: the snapshot
     HISTORY = 16  # any peer → broker: send me the records of the last finished jobs
     HISTORY_REPLY = 17  # broker → peer: those records
+    RECEIVED = 18  # client → broker: these results arrived; the broker may forget them
+    ACCEPTED = 19  # broker → session client: these jobs are held (in the journal, if any)
 
 
 class Role(str, enum.Enum):
@@ -240,11 +242,30 @@ class HistoryReply(Message):
     rows: list[list[Any]]
 
 
+@dataclass(frozen=True, slots=True)
+class Received(Message):
+    """Results that reached the client: until it says so, the broker holds them to send again."""
+
+    command = Command.RECEIVED
+    schema = (list,)
+    seqs: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted(Message):
+    """Jobs a session's broker holds for it, so that the client may leave without losing them."""
+
+    command = Command.ACCEPTED
+    schema = (list,)
+    seqs: list[int]
+
+
 MESSAGE_TYPES: dict[Command, type[Message]] = {
     cls.command: cls
     for cls in (
         Hello, Welcome, Refused, Reconnect, Heartbeat, Disconnect, Ready, Jobs, Results,
-        CancelJobs, Submit, Result, Cancel, Status, StatusReply, History, HistoryReply,
+        CancelJobs, Submit, Result, Cancel, Status, StatusReply, History, HistoryReply, Received,
+        Accepted,
     )
 }
 _ENVELOPE_FIELDS: dict[type[Message], tuple[str, ...]] = {
@@ -389,8 +410,8 @@ def _sum_frames(rows: list[list[Any]], column: int) -> int:
 def _check_plain_rows(msg: Message) -> None:
     if isinstance(msg, CancelJobs):
         check_rows(msg.keys, KEY_ROW, "CANCEL_JOBS")
-    elif isinstance(msg, Cancel) and not all(_is(s, int) for s in msg.seqs):
-        raise ProtocolError("CANCEL seqs must be integers")
+    elif isinstance(msg, (Cancel, Received, Accepted)) and not all(_is(s, int) for s in msg.seqs):
+        raise ProtocolError(f"{msg.command.name} seqs must be integers")
     elif isinstance(msg, History) and msg.last < 0:
         raise ProtocolError("HISTORY last must not be negative")
     elif isinstance(msg, HistoryReply) and not all(isinstance(r, list) for r in msg.rows):

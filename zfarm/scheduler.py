@@ -6,9 +6,14 @@ tests drive it with plain data and a fake clock.
 
 Job life (one source of truth: ``Job.state`` and where the job is held)::
 
-    SUBMIT ──► QUEUED ──dispatch──► ASSIGNED(worker) ──RESULTS──► finished (forgotten)
+    SUBMIT ──► QUEUED ──dispatch──► ASSIGNED(worker) ──RESULTS──► held ──RECEIVED──► forgotten
                  ▲                      │
                  └── worker dead/left ──┘          CANCEL: QUEUED|ASSIGNED ──► cancelled
+
+A result is held until its client says it received it, and sent again if the
+client asks for the job again. A session client's jobs and results outlive its
+connection; with a journal (see :mod:`zfarm.journal`) everything held outlives
+the broker too.
 
 Queues are per client and served round-robin, so one client's million jobs
 cannot starve another's ten. A worker's credit is what the worker said it can
@@ -19,6 +24,7 @@ the job was ever given to, and only the first is delivered.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import math
 import time
@@ -31,12 +37,14 @@ from zfarm import __version__
 from zfarm import protocol as p
 from zfarm.config import BrokerSettings
 from zfarm.errors import ProtocolError, VersionMismatch
+from zfarm.journal import Journal, Recovered
 from zfarm.records import JOB_COLUMNS, Records
 from zfarm.state import (
     NO_OPTIONS,
     Auth,
     ClientRecord,
     Counters,
+    Held,
     Job,
     JobState,
     MonitorRecord,
@@ -59,14 +67,19 @@ ALIVE_REASONS = ("left", "reconnected", "replaced by a new HELLO on its connecti
 FN_KEEP_S = 3.0
 #: how often the core scans peers for expiry and heartbeats, as a fraction of the interval
 SCANS_PER_INTERVAL = 4
+#: how long jobs read back from a journal wait for a client without a session to come back
+RECOVERY_GRACE_S = 120.0
 
 
 class Scheduler:
     """Feed it ``handle``/``tick``/``peer_unreachable``; send what ``flush`` returns."""
 
     def __init__(self, settings: BrokerSettings, now: float, broker_id: str | None = None,
-                 wall_offset_s: float = 0.0) -> None:
-        """``wall_offset_s``: add it to a time on the caller's clock to get epoch seconds."""
+                 wall_offset_s: float = 0.0, journal: Journal | None = None) -> None:
+        """``wall_offset_s``: add it to a time on the caller's clock to get epoch seconds.
+
+        ``journal``: record what clients are owed there, and start from what it holds.
+        """
         self.settings = settings
         self.records = Records(now, wall_offset_s, settings.history)
         self.broker_id = broker_id or uuid.uuid4().hex[:12]
@@ -82,6 +95,52 @@ class Scheduler:
         self._log_second, self._logged, self._unlogged = 0, 0, 0
         self._next_scan = now
         self.deadline_s = settings.heartbeat_interval_s * settings.liveness
+        self.journal = journal
+        if journal is not None:
+            self._recover(journal.load(), now)
+
+    def _recover(self, saved: Recovered, now: float) -> None:
+        """Start from a journal: its clients are away until they say HELLO; their jobs queue now."""
+        offset = self.records.wall_offset_s
+        for client_id, session, seen, key in saved.clients:
+            away_since = min(now, seen - offset) if session else now  # a session's time away goes on
+            self.clients[client_id] = ClientRecord(
+                id=client_id, route=b"", host="", pid=0, joined_at=now, last_seen=now, last_sent=now, key=key,
+                session=session, present=False, absent_since=away_since)
+        for client_id, fn_id, blob in saved.functions:
+            if (client := self.clients.get(client_id)) is not None:
+                client.fns[fn_id] = blob
+        jobs = 0
+        for row in saved.jobs:
+            client = self.clients.get(row.client)
+            if client is None or row.fn_id not in client.fns:
+                log.warning("journal: job %s:%d has no client or function recorded: skipped", row.client,
+                            row.seq)
+                continue
+            job = Job(row.client, row.seq, row.fn_id, tuple(row.frames), row.options or NO_OPTIONS,
+                      row.queued_at - offset, losses=row.losses, digest=row.digest, recovered=True)
+            client.jobs[job.seq] = job
+            client.fn_users[job.fn_id] = client.fn_users.get(job.fn_id, 0) + 1
+            client.submitted += 1
+            jobs += 1
+            self._requeue_jobs([job], count=False)
+        for client_id, seq, held in saved.results:
+            if (client := self.clients.get(client_id)) is not None:
+                client.held[seq] = held
+        for client in self.clients.values():
+            for fn_id in client.fns:
+                if not client.fn_users.get(fn_id):
+                    client.fn_idle[fn_id] = now
+        if saved.clients:
+            log.info("journal %s: recovered %d jobs and %d results for %d clients", self.journal_path, jobs,
+                     len(saved.results), len(saved.clients))
+            self.records.event(now, "recovered", f"from the journal: {jobs} jobs, {len(saved.results)} "
+                               f"results for {len(saved.clients)} clients")
+        self.counters.recovered = jobs
+
+    @property
+    def journal_path(self) -> str:
+        return self.journal.path if self.journal is not None else ""
 
     # ---- stimuli ---------------------------------------------------------------------------------
 
@@ -172,12 +231,18 @@ class Scheduler:
     def _client_message(self, client: ClientRecord, msg: p.Message, now: float) -> None:
         if isinstance(msg, p.Submit):
             self._submit(client, msg, now)
+        elif isinstance(msg, p.Received):
+            for seq in msg.seqs:
+                if client.held.pop(seq, None) is not None and self.journal is not None:
+                    self.journal.drop_result(client.id, seq)
         elif isinstance(msg, p.Cancel):
             for seq in msg.seqs:
                 job = client.jobs.get(seq)
                 if job is not None:
                     self._forget_job(client, job, now)
                     self._cancel(job, client)
+                    if self.journal is not None:
+                        self.journal.drop_job(client.id, seq)
         else:
             raise ProtocolError(f"a client cannot send {type(msg).__name__}")
 
@@ -195,6 +260,7 @@ class Scheduler:
         interval = self.settings.heartbeat_interval_s
         self._next_scan = now + interval / SCANS_PER_INTERVAL
         self._drop_idle_functions(now)
+        self._expire_absent_clients(now)
         for peer in list(self.peers.values()):
             silent_s = now - peer.last_seen
             if silent_s > self.deadline_s:
@@ -222,8 +288,13 @@ class Scheduler:
                 self._send(worker, p.CancelJobs(worker.cancels), now)
                 worker.cancels = []
         for client in self.clients.values():
+            if client.accepted:
+                if client.present:
+                    self._send(client, p.Accepted(client.accepted), now)
+                client.accepted = []
             if client.out_rows:
-                self._send(client, p.Result(client.out_rows, client.out_frames, client.out_stats), now)
+                if client.present:  # an absent client's results wait in client.held
+                    self._send(client, p.Result(client.out_rows, client.out_frames, client.out_stats), now)
                 client.out_rows, client.out_frames, client.out_stats = [], [], []
         out, self._out = self._out, []
         return out
@@ -247,12 +318,12 @@ class Scheduler:
             return
         if known is not None:
             self._remove(known, now, why="replaced by a new HELLO on its connection")
-        peer = self._register(route, msg, now)
+        peer = self._register(route, msg, now, key)
         peer.key = key
         self.peers[route] = peer
         self._send(peer, self._welcome(), now)
 
-    def _register(self, route: Route, msg: p.Hello, now: float) -> Peer:
+    def _register(self, route: Route, msg: p.Hello, now: float, key: str) -> Peer:
         common = dict(id=msg.peer_id, route=route, host=msg.host, pid=msg.pid, joined_at=now,
                       last_seen=now, last_sent=now)
         if msg.role == p.Role.WORKER:
@@ -269,14 +340,21 @@ class Scheduler:
         if msg.role == p.Role.CLIENT:
             client = self.clients.get(msg.peer_id)
             if client is not None:  # the same client on a new connection keeps its jobs
-                self.peers.pop(client.route, None)
+                if client.present:
+                    self.peers.pop(client.route, None)
                 client.route, client.last_seen, client.host, client.pid = route, now, msg.host, msg.pid
-                log.info("client %s reconnected from %s pid %d", client.id, client.host, client.pid)
+                client.present = True
+                log.info("client %s reconnected from %s pid %d (%d jobs unfinished, %d results held)",
+                         client.id, client.host, client.pid, len(client.jobs), len(client.held))
                 return client
-            client = ClientRecord(**common)  # type: ignore[arg-type]
+            session = msg.info.get("session")
+            client = ClientRecord(**common, session=session if isinstance(session, str) else "")  # type: ignore[arg-type]
             self.clients[client.id] = client
+            if self.journal is not None:
+                self.journal.client(client.id, client.session, self.records.wall(now), key)
             log.info("client %s joined from %s pid %d", client.id, client.host, client.pid)
-            self.records.event(now, "client-joined", f"client {client.id} joined from {client.host}")
+            self.records.event(now, "client-joined", f"client {client.id} joined from {client.host}"
+                               f"{f' (session {client.session})' if client.session else ''}")
             return client
         return MonitorRecord(**common)  # type: ignore[arg-type]
 
@@ -301,17 +379,46 @@ class Scheduler:
                 self.records.lost_workers.append({**self._worker_view(peer, now), "state": "lost",
                                                   "lost_at": self.records.wall(now), "why": why})
             self._requeue(peer, why, now)
-        elif isinstance(peer, ClientRecord) and self.clients.get(peer.id) is peer:
-            del self.clients[peer.id]
-            dropped = len(peer.jobs)
-            for job in list(peer.jobs.values()):
-                self._cancel(job, peer)
-            peer.jobs.clear()
-            peer.fns.clear()
-            if dropped:
-                log.info("client %s gone (%s): dropped its %d unfinished jobs", peer.id, why, dropped)
-            self.records.event(now, "client-left", f"client {peer.id} {why}"
-                               f"{f'; dropped its {dropped} unfinished jobs' if dropped else ''}")
+        elif isinstance(peer, ClientRecord) and self.clients.get(peer.id) is peer and peer.present:
+            if peer.session and (peer.jobs or peer.held):
+                self._detach(peer, now, why)
+            else:
+                self._drop_client(peer, now, why)
+
+    def _detach(self, client: ClientRecord, now: float, why: str) -> None:
+        """A session's client went away: its jobs go on and their results wait for it."""
+        client.present, client.absent_since = False, now
+        client.out_rows, client.out_frames, client.out_stats, client.accepted = [], [], [], []
+        if self.journal is not None:
+            self.journal.client(client.id, client.session, self.records.wall(now), client.key)
+        log.info("client %s of session %s away (%s): its %d unfinished jobs go on, %d results held",
+                 client.id, client.session, why, len(client.jobs), len(client.held))
+        self.records.event(now, "client-away", f"session {client.session} away ({why}); "
+                           f"{len(client.jobs)} jobs go on")
+
+    def _drop_client(self, client: ClientRecord, now: float, why: str) -> None:
+        """Forget a client: its unfinished jobs are cancelled and its held results dropped."""
+        del self.clients[client.id]
+        if client.present:
+            self.peers.pop(client.route, None)
+        dropped = len(client.jobs)
+        for job in list(client.jobs.values()):
+            self._cancel(job, client)
+        client.jobs.clear()
+        client.fns.clear()
+        client.held.clear()
+        if self.journal is not None:
+            self.journal.drop_client(client.id)
+        if dropped:
+            log.info("client %s gone (%s): dropped its %d unfinished jobs", client.id, why, dropped)
+        self.records.event(now, "client-left", f"client {client.id} {why}"
+                           f"{f'; dropped its {dropped} unfinished jobs' if dropped else ''}")
+
+    def _expire_absent_clients(self, now: float) -> None:
+        for client in [c for c in self.clients.values() if not c.present]:
+            limit_s = self.settings.session_ttl_s if client.session else RECOVERY_GRACE_S
+            if now - client.absent_since > limit_s:
+                self._drop_client(client, now, why=f"away for {now - client.absent_since:.0f} s")
 
     def _requeue(self, worker: WorkerRecord, why: str, now: float) -> None:
         jobs = list(worker.jobs.values())  # in the order they were given to it
@@ -330,6 +437,8 @@ class Scheduler:
         """Record a worker lost while running ``job``; end the job once it has lost too many."""
         at = time.strftime("%H:%M:%S", time.localtime(self.records.wall(now)))
         job.losses += (f"{worker.id} on {worker.host} ({why}, at {at})",)
+        if self.journal is not None:
+            self.journal.losses(job)
         limit = job.options.get("max_losses")
         if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
             limit = self.settings.max_losses
@@ -346,7 +455,7 @@ class Scheduler:
         self._deliver(client, job, worker, p.Outcome.LOST, [], info, [ended_at, ended_at, 0.0, 0], now)
         return True
 
-    def _requeue_jobs(self, jobs: list[Job]) -> None:
+    def _requeue_jobs(self, jobs: list[Job], count: bool = True) -> None:
         for job in reversed(jobs):  # appendleft reverses; keep the original order
             client = self.clients.get(job.client_id)
             if client is None:
@@ -355,7 +464,7 @@ class Scheduler:
             client.queue.appendleft(job)
             client.queued += 1
             self.queued += 1
-            self.counters.requeued += 1
+            self.counters.requeued += count
             if not client.scheduled:
                 client.scheduled = True
                 self.active.appendleft(client)
@@ -366,12 +475,15 @@ class Scheduler:
         frames = msg.frames
         if msg.with_fn:
             client.fns[msg.fn_id] = frames[0]
+            if self.journal is not None:
+                self.journal.function(client.id, msg.fn_id, frames[0])
             frames = frames[1:]
         known_fn = msg.fn_id in client.fns
         per_job = p.split_frames(frames, [row[1] for row in msg.jobs])
         for (seq, _n, options), job_frames in zip(msg.jobs, per_job, strict=True):
-            if seq in client.jobs:
-                continue  # a resubmission of a job we hold already
+            digest = _digest(msg.fn_id, job_frames) if client.session else b""
+            if self._resubmitted(client, seq, digest, now):
+                continue
             if not known_fn:
                 self._bounce(client, seq, p.Outcome.LOST, p.FUNCTION_MISSING, now)
                 continue
@@ -379,7 +491,11 @@ class Scheduler:
                 self._bounce(client, seq, p.Outcome.BUSY, "the broker's queue is full", now)
                 continue
             payload = tuple(compact(f) for f in job_frames)
-            job = Job(client.id, seq, msg.fn_id, payload, options or NO_OPTIONS, now)
+            job = Job(client.id, seq, msg.fn_id, payload, options or NO_OPTIONS, now, digest=digest)
+            if self.journal is not None:
+                self.journal.job(job, self.records.wall(now))
+            if client.session:
+                client.accepted.append(seq)
             client.jobs[seq] = job
             client.fn_users[msg.fn_id] = client.fn_users.get(msg.fn_id, 0) + 1
             client.fn_idle.pop(msg.fn_id, None)
@@ -392,6 +508,36 @@ class Scheduler:
                 self.active.append(client)
         if known_fn and not client.fn_users.get(msg.fn_id):  # nothing accepted uses it: let it go in time
             client.fn_idle.setdefault(msg.fn_id, now)
+
+    def _resubmitted(self, client: ClientRecord, seq: int, digest: bytes, now: float) -> bool:
+        """Whether a submitted job is one we have: unfinished (it goes on) or held (sent again).
+
+        A session's job whose function or arguments differ from what we have under its
+        number is a new job: what we had is dropped, never answered in its place.
+        """
+        job = client.jobs.get(seq)
+        held = client.held.get(seq)
+        if job is not None and job.digest == digest:
+            if client.session:
+                client.accepted.append(seq)
+            return True
+        if held is not None and held.digest == digest:
+            if client.session:
+                client.accepted.append(seq)
+            client.out_rows.append([seq, held.outcome, len(held.frames), held.info])
+            client.out_frames.extend(held.frames)
+            client.out_stats.append(held.stats)
+            return True
+        if job is not None or held is not None:
+            log.warning("session %s sent job %d with other content than before: running the new one",
+                        client.session, seq)
+            self.records.event(now, "job-replaced", f"job {client.id}:{seq} changed: the new one runs")
+            if job is not None:
+                self._forget_job(client, job, now)
+                self._cancel(job, client)
+            if client.held.pop(seq, None) is not None and self.journal is not None:
+                self.journal.drop_result(client.id, seq)
+        return False
 
     def _add_credit(self, worker: WorkerRecord, credit: int) -> None:
         if credit < 0:
@@ -468,7 +614,7 @@ class Scheduler:
                                                                               strict=True):
             client = self.clients.get(client_id)
             job = client.jobs.get(seq) if client else None
-            if job is None or client is None or worker.id not in job.history:
+            if job is None or client is None or (worker.id not in job.history and not job.recovered):
                 if outcome != p.Outcome.CANCELLED:
                     self.counters.late_results += 1
                 continue
@@ -504,7 +650,7 @@ class Scheduler:
                                peak_rss, info))
         stats = [worker.id, worker.host, len(job.history), queued_at, started_at, finished_at, run_s,
                  peak_rss]
-        self._finish_for_client(client, job.seq, outcome, frames, info, stats)
+        self._finish_for_client(client, job, outcome, frames, info, stats)
 
     def _forget_job(self, client: ClientRecord, job: Job, now: float) -> None:
         """The job is over for its client; its function is kept a little while for the next jobs."""
@@ -521,6 +667,8 @@ class Scheduler:
                     del client.fn_idle[fn_id]
                     client.fns.pop(fn_id, None)
                     client.fn_users.pop(fn_id, None)
+                    if self.journal is not None:
+                        self.journal.drop_function(client.id, fn_id)
 
     def _give_back(self, worker: WorkerRecord, job: Job) -> None:
         if job.state is JobState.ASSIGNED and worker.jobs.pop(job.key, None) is job:
@@ -554,14 +702,19 @@ class Scheduler:
         client.out_stats.append(["", "", 0, at, at, at, 0.0, 0])
         self.counters.bounced += 1
 
-    def _finish_for_client(self, client: ClientRecord, seq: int, outcome: p.Outcome, frames: list[Any],
+    def _finish_for_client(self, client: ClientRecord, job: Job, outcome: p.Outcome, frames: list[Any],
                            info: str, stats: list[Any]) -> None:
+        """Hold the result until the client says it has it, and send it if the client is here."""
         ok = outcome == p.Outcome.OK
         client.done += ok
         client.failed += not ok
         self.counters.done += ok
         self.counters.failed += not ok
-        client.out_rows.append([seq, int(outcome), len(frames), info])
+        held = Held(int(outcome), frames, info, stats, job.digest)
+        client.held[job.seq] = held
+        if self.journal is not None:
+            self.journal.result(client.id, job.seq, held)
+        client.out_rows.append([job.seq, int(outcome), len(frames), info])
         client.out_frames.extend(frames)
         client.out_stats.append(stats)
 
@@ -590,9 +743,11 @@ class Scheduler:
             "in_flight": in_flight,
             "workers": [self._worker_view(w, now) for w in self.workers.values()],
             "lost_workers": list(self.records.lost_workers),
+            "journal": self.journal_path,
             "clients": [
                 {"id": c.id, "host": c.host, "pid": c.pid, "submitted": c.submitted, "queued": c.queued,
-                 "in_flight": len(c.jobs) - c.queued, "done": c.done, "failed": c.failed}
+                 "in_flight": len(c.jobs) - c.queued, "done": c.done, "failed": c.failed,
+                 "session": c.session, "present": c.present, "held": len(c.held)}
                 for c in self.clients.values()
             ],
             **dataclasses.asdict(self.counters),
@@ -608,3 +763,11 @@ class Scheduler:
 
 
 _OUTCOMES = {int(o) for o in p.Outcome}
+
+
+def _digest(fn_id: bytes, frames: Sequence[Any]) -> bytes:
+    """What a session's job is: its function and arguments, hashed."""
+    h = hashlib.blake2b(fn_id, digest_size=16)
+    for frame in frames:
+        h.update(getattr(frame, "buffer", frame))
+    return h.digest()

@@ -45,6 +45,10 @@ class Job:
     history: tuple[str, ...] = ()  # a tuple: the empty one is shared, so a queued job carries none
     #: the workers that died while running it, with why and when (poison detection)
     losses: tuple[str, ...] = ()
+    #: a session's jobs: a hash of function and arguments, to tell a resubmission from a new job
+    digest: bytes = b""
+    #: read back from the journal: the broker that gave it out is gone, so any worker may answer
+    recovered: bool = False
 
     @property
     def key(self) -> tuple[str, int]:
@@ -79,8 +83,27 @@ class WorkerRecord(Peer):
     cancels: list[list[Any]] = field(default_factory=list)  # keys to tell it to drop, sent in one batch
 
 
+@dataclass(slots=True)
+class Held:
+    """A result the client has not yet said it received: sent again when it asks for the job again."""
+
+    outcome: int
+    frames: list[Any]
+    info: str
+    stats: list[Any]
+    digest: bytes = b""
+
+
 @dataclass(slots=True, eq=False)
 class ClientRecord(Peer):
+    #: the session name: its jobs and results outlive the client's connection ("" for none)
+    session: str = ""
+    #: connected now; an absent client's results are held for it
+    present: bool = True
+    #: when it went away (scheduler clock), for expiry
+    absent_since: float = 0.0
+    held: dict[int, Held] = field(default_factory=dict)
+    accepted: list[int] = field(default_factory=list)  # seqs to acknowledge (sessions only)
     queue: deque[Job] = field(default_factory=deque)
     queued: int = 0
     scheduled: bool = False  # in the scheduler's round-robin of clients with queued jobs
@@ -111,6 +134,7 @@ class Counters:
     late_results: int = 0
     malformed: int = 0
     bounced: int = 0  # jobs handed back unaccepted (queue full, function let go): clients resend them
+    recovered: int = 0  # jobs read back from the journal at start
 
 
 def role_of(peer: Peer) -> str:

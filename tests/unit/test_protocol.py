@@ -43,6 +43,8 @@ SAMPLES: list[p.Message] = [
     p.Result([[0, int(p.Outcome.OK), 1, ""]], [b"r"], [["w-1", "h", 1, 1.0, 1.5, 2.5, 1.0, 4096]]),
     p.History(10),
     p.HistoryReply(["id", "run_s"], [["c-1:0", 0.5]]),
+    p.Received([4, 5]),
+    p.Accepted([1]),
 ]
 
 
