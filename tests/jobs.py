@@ -147,3 +147,15 @@ def fail_times(counter_dir: str | os.PathLike[str], times: int, x: int) -> int:
     if runs < times:
         raise RuntimeError(f"attempt {runs + 1} fails")
     return x
+
+
+def record_run(marker_dir: str | os.PathLike[str], x: int, seconds: float) -> int:
+    """Leave ``started-X-…`` and, after sleeping, ``finished-X-…`` in ``marker_dir``; return ``x * 10``.
+
+    One pair of files per run, so tests count how many times each job ran.
+    """
+    run = f"{x}-{os.getpid()}-{time.monotonic_ns()}"
+    Path(marker_dir, f"started-{run}").touch()
+    time.sleep(seconds)
+    Path(marker_dir, f"finished-{run}").touch()
+    return x * 10

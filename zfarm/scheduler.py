@@ -119,11 +119,8 @@ class Scheduler:
                 continue
             job = Job(row.client, row.seq, row.fn_id, tuple(row.frames), row.options or NO_OPTIONS,
                       row.queued_at - offset, losses=row.losses, digest=row.digest, recovered=True)
-            client.jobs[job.seq] = job
-            client.fn_users[job.fn_id] = client.fn_users.get(job.fn_id, 0) + 1
-            client.submitted += 1
+            self._enqueue(client, job)
             jobs += 1
-            self._requeue_jobs([job], count=False)
         for client_id, seq, held in saved.results:
             if (client := self.clients.get(client_id)) is not None:
                 client.held[seq] = held
@@ -455,7 +452,7 @@ class Scheduler:
         self._deliver(client, job, worker, p.Outcome.LOST, [], info, [ended_at, ended_at, 0.0, 0], now)
         return True
 
-    def _requeue_jobs(self, jobs: list[Job], count: bool = True) -> None:
+    def _requeue_jobs(self, jobs: list[Job]) -> None:
         for job in reversed(jobs):  # appendleft reverses; keep the original order
             client = self.clients.get(job.client_id)
             if client is None:
@@ -464,7 +461,7 @@ class Scheduler:
             client.queue.appendleft(job)
             client.queued += 1
             self.queued += 1
-            self.counters.requeued += count
+            self.counters.requeued += 1
             if not client.scheduled:
                 client.scheduled = True
                 self.active.appendleft(client)
@@ -496,18 +493,22 @@ class Scheduler:
                 self.journal.job(job, self.records.wall(now))
             if client.session:
                 client.accepted.append(seq)
-            client.jobs[seq] = job
-            client.fn_users[msg.fn_id] = client.fn_users.get(msg.fn_id, 0) + 1
+            self._enqueue(client, job)
             client.fn_idle.pop(msg.fn_id, None)
-            client.queue.append(job)
-            client.queued += 1
-            client.submitted += 1
-            self.queued += 1
-            if not client.scheduled:
-                client.scheduled = True
-                self.active.append(client)
         if known_fn and not client.fn_users.get(msg.fn_id):  # nothing accepted uses it: let it go in time
             client.fn_idle.setdefault(msg.fn_id, now)
+
+    def _enqueue(self, client: ClientRecord, job: Job) -> None:
+        """A job accepted for ``client`` joins the back of its queue."""
+        client.jobs[job.seq] = job
+        client.fn_users[job.fn_id] = client.fn_users.get(job.fn_id, 0) + 1
+        client.queue.append(job)
+        client.queued += 1
+        client.submitted += 1
+        self.queued += 1
+        if not client.scheduled:
+            client.scheduled = True
+            self.active.append(client)
 
     def _resubmitted(self, client: ClientRecord, seq: int, digest: bytes, now: float) -> bool:
         """Whether a submitted job is one we have: unfinished (it goes on) or held (sent again).
@@ -714,9 +715,10 @@ class Scheduler:
         client.held[job.seq] = held
         if self.journal is not None:
             self.journal.result(client.id, job.seq, held)
-        client.out_rows.append([job.seq, int(outcome), len(frames), info])
-        client.out_frames.extend(frames)
-        client.out_stats.append(stats)
+        if client.present:  # else it is sent when the client asks for the job again
+            client.out_rows.append([job.seq, int(outcome), len(frames), info])
+            client.out_frames.extend(frames)
+            client.out_stats.append(stats)
 
     # ---- output and views ------------------------------------------------------------------------
 

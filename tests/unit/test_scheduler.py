@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from zfarm import protocol as p
 from zfarm import scheduler
 from zfarm.config import BrokerSettings
+from zfarm.journal import Journal
 from zfarm.scheduler import Scheduler
 from zfarm.state import Auth
 
@@ -30,8 +31,9 @@ STRANGER = b"\x00route-unknown"
 class Farm:
     """A scheduler plus helpers that speak to it as peers would: encoded frames in, messages out."""
 
-    def __init__(self, now: float = 0.0) -> None:
-        self.sched = Scheduler(SETTINGS, now, broker_id="b-test")
+    def __init__(self, now: float = 0.0, journal: Journal | None = None,
+                 settings: BrokerSettings = SETTINGS) -> None:
+        self.sched = Scheduler(settings, now, broker_id="b-test", journal=journal)
 
     def send(self, route: bytes, msg: p.Message, now: float) -> None:
         self.sched.handle(route, p.encode(msg), now)
@@ -45,8 +47,9 @@ class Farm:
         if credit:
             self.send(route, p.Ready(credit), now)
 
-    def client(self, route: bytes, cid: str, now: float = 0.0) -> None:
-        self.send(route, p.Hello("client", cid, "laptop", 200), now)
+    def client(self, route: bytes, cid: str, now: float = 0.0, session: str = "") -> None:
+        info = {"session": session} if session else {}
+        self.send(route, p.Hello("client", cid, "laptop", 200, 0, info), now)
 
     def submit(self, route: bytes, seqs: Sequence[int], now: float, fn: bytes = FN, with_fn: bool = True,
                payloads: dict[int, list[Any]] | None = None) -> None:

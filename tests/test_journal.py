@@ -1,0 +1,141 @@
+"""A durable broker and client sessions, with real processes: brokers SIGKILLed on their journal,
+clients SIGKILLed, SIGSTOPped or gone, and every job still run and its result delivered.
+
+::
+
+    tests.map_client (own process) ──► zfarm broker --journal J ◄── zfarm worker
+         SIGSTOP / SIGKILL / leaves        SIGKILL, restart on J
+
+Each job (``tests.jobs.record_run``) leaves a file per run, so the tests count runs: a job that ran
+from the journal while its client was stopped, or whose held result was collected, ran once.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+
+import zfarm
+from tests import jobs
+from tests.helpers import Proc, Procs, wait_for, wait_for_workers
+from zfarm.monitor import fetch_status
+
+pytestmark = pytest.mark.timeout(120)
+
+FAST = ("--heartbeat-interval", "0.2", "--liveness", "3")
+MAP_CLIENT = (sys.executable, "-m", "tests.map_client")
+
+
+def runs(markers: Path, kind: str) -> Counter[int]:
+    """How many runs of each job have ``kind`` (started or finished)."""
+    return Counter(int(m.group(1)) for f in markers.iterdir() if (m := re.match(rf"{kind}-(\d+)-", f.name)))
+
+
+def results_of(client: Proc) -> dict[int, int]:
+    return {int(x): int(v) for x, v in re.findall(r"^result (\d+) (-?\d+)$", client.log(), re.M)}
+
+
+def map_client(procs: Procs, endpoint: str, markers: Path, *args: str) -> Proc:
+    return procs.spawn("--connect", endpoint, "--markers", str(markers), *args, command=MAP_CLIENT,
+                       name="map_client")
+
+
+def snapshot(ctx: zmq.Context[Any], endpoint: str) -> dict[str, Any]:
+    return fetch_status(endpoint, 5.0, ctx)
+
+
+@pytest.fixture
+def markers(tmp_path: Path) -> Path:
+    path = tmp_path / "markers"
+    path.mkdir()
+    return path
+
+
+def test_broker_sigkilled_with_jobs_queued_and_in_flight_runs_them_from_its_journal(
+        procs: Procs, tmp_path: Path, markers: Path, ctx: zmq.Context[Any]) -> None:
+    journal = str(tmp_path / "journal.db")
+    broker, endpoint = procs.broker(None, *FAST, "--journal", journal)
+    procs.worker(endpoint, "--prefetch", "0", procs=1)  # one job runs, the other four wait at the broker
+    wait_for_workers(endpoint, 1)
+    client = map_client(procs, endpoint, markers, "--jobs", "5", "--seconds", "0.5")
+    wait_for(lambda: runs(markers, "started")[0] == 1 and snapshot(ctx, endpoint)["queued"] == 4, 30,
+             message="job 0 running and 4 queued")
+    client.stop()  # the client cannot send its jobs again: only the journal has them
+    broker.kill()
+    broker.wait(10)
+
+    procs.broker(endpoint, *FAST, "--journal", journal)
+    snap = snapshot(ctx, endpoint)
+    assert snap["recovered"] + sum(c["held"] for c in snap["clients"]) == 5, snap
+    assert [c["present"] for c in snap["clients"]] == [False]
+    wait_for(lambda: set(runs(markers, "finished")) == set(range(5)), 30,
+             message="all 5 jobs run while their client is stopped")
+
+    client.cont()
+    client.wait_for_log("done", 30)
+    assert client.wait(10) == 0
+    assert results_of(client) == {x: x * 10 for x in range(5)}
+    started = runs(markers, "started")
+    assert all(started[x] == 1 for x in range(1, 5)), started  # queued at the crash: run once, from J
+    assert started[0] in (1, 2), started  # running at the crash: its worker may finish it as well
+
+
+def test_a_session_collects_results_that_finished_while_it_and_the_broker_were_gone(
+        procs: Procs, tmp_path: Path, markers: Path, ctx: zmq.Context[Any]) -> None:
+    journal = str(tmp_path / "journal.db")
+    broker, endpoint = procs.broker(None, *FAST, "--journal", journal)
+    procs.worker(endpoint, procs=2)
+    wait_for_workers(endpoint, 1)
+    first = map_client(procs, endpoint, markers, "--session", "sweep-42", "--jobs", "6", "--leave")
+    first.wait_for_log("left", 30)
+    assert first.wait(10) == 0
+    wait_for(lambda: sum(runs(markers, "finished").values()) == 6, 30, message="6 jobs run, nobody waiting")
+    held = snapshot(ctx, endpoint)["clients"]
+    assert [(c["id"], c["present"], c["held"]) for c in held] == [("s-sweep-42", False, 6)]
+
+    broker.kill()  # the results are in the journal only
+    broker.wait(10)
+    procs.broker(endpoint, *FAST, "--journal", journal)
+
+    second = map_client(procs, endpoint, markers, "--session", "sweep-42", "--jobs", "6")
+    second.wait_for_log("done", 30)
+    assert second.wait(10) == 0
+    assert results_of(second) == {x: x * 10 for x in range(6)}
+    assert runs(markers, "started") == Counter(range(6))  # collected, not run again
+    wait_for(lambda: snapshot(ctx, endpoint)["clients"] == [], 10, message="the finished session forgotten")
+
+
+def test_a_session_whose_client_was_sigkilled_goes_on_and_a_rerun_collects_it(
+        procs: Procs, markers: Path, ctx: zmq.Context[Any]) -> None:
+    endpoint, _ = procs.farm(*FAST, workers=1, procs=2)  # no journal: sessions live in the broker's memory
+    first = map_client(procs, endpoint, markers, "--session", "tiles", "--jobs", "8", "--seconds", "0.3")
+    wait_for(lambda: any(c["submitted"] == 8 for c in snapshot(ctx, endpoint)["clients"]), 30,
+             message="8 jobs at the broker")
+    first.kill()
+    wait_for(lambda: [c["present"] for c in snapshot(ctx, endpoint)["clients"]] == [False], 10,
+             message="the session's client declared away")
+    second = map_client(procs, endpoint, markers, "--session", "tiles", "--jobs", "8", "--seconds", "0.3")
+    second.wait_for_log("done", 60)
+    assert second.wait(10) == 0
+    assert results_of(second) == {x: x * 10 for x in range(8)}
+    assert runs(markers, "started") == Counter(range(8))  # every job ran once, across both clients
+
+
+def test_a_session_never_answers_a_changed_job_with_an_old_result(procs: Procs) -> None:
+    endpoint, _ = procs.farm(*FAST, workers=1)
+    client = zfarm.Client(endpoint, session="changes")
+    assert client.submit(jobs.square, 3).result(30) == 9
+    client.submit(jobs.sleep_then, "old", 0.5)
+    client.shutdown(wait=False)  # leaves the second job running, held for the session
+    again = zfarm.Client(endpoint, session="changes")
+    try:
+        assert again.submit(jobs.square, 4).result(30) == 16  # job 1 again, with another argument
+        assert again.submit(jobs.sleep_then, "old", 0.5).result(30) == "old"  # job 2 as before: collected
+    finally:
+        again.shutdown()

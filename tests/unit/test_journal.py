@@ -1,0 +1,201 @@
+"""The journal and sessions, through the broker's pure core: a restarted scheduler on the same journal.
+
+A "restart" here is a new ``Scheduler`` opened on the journal file the old one wrote (after its last
+commit, as the broker's loop does before it sends anything), with the old one thrown away.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.unit.test_scheduler import CA, CB, FN, W1, W2, Farm, job_rows, job_seqs, result_rows, to
+from zfarm import protocol as p
+from zfarm.config import BrokerSettings
+from zfarm.errors import ZfarmError
+from zfarm.journal import Journal
+
+
+def restart(farm: Farm, path: Path, now: float = 100.0) -> Farm:
+    """Commit, drop ``farm`` as a SIGKILL would (no goodbye) and start a new scheduler on its journal."""
+    assert farm.sched.journal is not None
+    farm.sched.journal.commit()
+    farm.sched.journal.close()
+    return Farm(now, journal=Journal(str(path)))
+
+
+def test_a_restarted_broker_recovers_queued_and_assigned_jobs_and_undelivered_results(tmp_path: Path) -> None:
+    path = tmp_path / "journal.db"
+    farm = Farm(journal=Journal(str(path)))
+    farm.worker(W1, "w1", credit=2, slots=2)
+    farm.client(CA, "ca")
+    farm.submit(CA, [1, 2, 3, 4], 0.1)
+    rows = job_rows(farm.out(0.1), W1)
+    assert [r[1] for r in rows] == [1, 2]
+    farm.result(W1, rows[0], 0.2)  # job 1 finishes; the client has not said it received it
+    assert [r[0][0] for r in result_rows(farm.out(0.2), CA)] == [1]
+
+    farm = restart(farm, path)
+    snap = farm.snap(100.0)
+    assert snap["queued"] == 3  # job 2 was running, jobs 3 and 4 queued: all three queue again
+    assert farm.counter("recovered") == 3
+    assert [(c["id"], c["present"], c["held"]) for c in snap["clients"]] == [("ca", False, 1)]
+    assert snap["journal"] == str(path)
+
+    farm.worker(W2, "w2", 100.0, credit=3, slots=3)  # a worker that never saw these jobs
+    jobs = [m for m in to(farm.out(100.0), W2, p.Jobs)]
+    assert [r[1] for m in jobs for r in m.jobs] == [2, 3, 4]
+    assert jobs[0].fns == [FN] and jobs[0].frames[0] == b"fn-blob:" + FN  # the function came back too
+
+    # The old worker, still running job 2, answers the new broker: the first result wins.
+    farm.worker(W1, "w1", 100.1, slots=2)
+    farm.result(W1, rows[1], 100.2)
+    farm.client(CA, "ca", 100.3)  # the client comes back and sends everything it has not received
+    farm.submit(CA, [1, 2, 3, 4], 100.3)
+    out = farm.out(100.3)
+    got = {row[0]: frames for row, frames in result_rows(out, CA)}
+    assert got == {1: [b"result:ca:1"], 2: [b"result:ca:2"]}  # 1 held since before the crash, 2 just now
+    assert job_seqs(out, W2) == []  # nothing ran twice because it was sent again
+    assert farm.snap(100.3)["queued"] == 0
+
+
+def test_received_results_leave_memory_and_journal(tmp_path: Path) -> None:
+    path = tmp_path / "journal.db"
+    farm = Farm(journal=Journal(str(path)))
+    farm.worker(W1, "w1", credit=2)
+    farm.client(CA, "ca")
+    farm.submit(CA, [1, 2], 0.1)
+    for row in job_rows(farm.out(0.1), W1):
+        farm.result(W1, row, 0.2)
+    farm.out(0.2)
+    farm.send(CA, p.Received([1]), 0.3)
+    assert farm.snap(0.3)["clients"][0]["held"] == 1
+
+    farm = restart(farm, path)
+    assert farm.snap(100.0)["clients"][0]["held"] == 1
+    farm.client(CA, "ca", 100.0)
+    farm.submit(CA, [1, 2], 100.0)
+    out = farm.out(100.0)
+    assert [row[0] for row, _ in result_rows(out, CA)] == [2]  # 2 was held; 1 had arrived, so it runs again
+    assert farm.snap(100.0)["queued"] == 1
+
+
+def test_a_plain_client_that_leaves_takes_its_jobs_and_results_out_of_the_journal(tmp_path: Path) -> None:
+    path = tmp_path / "journal.db"
+    farm = Farm(journal=Journal(str(path)))
+    farm.client(CA, "ca")
+    farm.submit(CA, [1, 2], 0.1)
+    farm.send(CA, p.Disconnect("bye"), 0.2)
+    farm = restart(farm, path)
+    assert farm.snap(100.0)["clients"] == [] and farm.snap(100.0)["queued"] == 0
+
+
+def test_a_recovered_plain_client_that_never_returns_is_dropped_after_the_grace(tmp_path: Path) -> None:
+    path = tmp_path / "journal.db"
+    farm = Farm(journal=Journal(str(path)))
+    farm.client(CA, "ca")
+    farm.submit(CA, [1], 0.1)
+    farm = restart(farm, path, now=10.0)
+    farm.sched.tick(10.0 + 60.0)
+    assert [c["id"] for c in farm.snap(70.0)["clients"]] == ["ca"]
+    farm.sched.tick(10.0 + 121.0)
+    assert farm.snap(131.0)["clients"] == [] and farm.snap(131.0)["queued"] == 0
+
+
+def test_a_session_keeps_its_jobs_and_results_while_its_client_is_away() -> None:
+    farm = Farm()
+    farm.worker(W1, "w1", credit=1)
+    farm.client(CA, "s-sweep", session="sweep")
+    farm.submit(CA, [1, 2], 0.1)
+    out = farm.out(0.1)
+    assert [m.seqs for m in to(out, CA, p.Accepted)] == [[1, 2]]
+    rows = job_rows(out, W1)
+    farm.send(CA, p.Disconnect("client closed"), 0.2)  # gone, mid-run
+    farm.client(CB, "c-plain")
+    farm.submit(CB, [1], 0.2)
+    farm.send(CB, p.Disconnect("client closed"), 0.3)  # a plain client's jobs go with it
+    farm.result(W1, rows[0], 0.4, credit=1)
+    out = farm.out(0.4)
+    assert to(out, CA) == []  # nobody to send to: held
+    row2 = job_rows(out, W1)
+    assert [r[1] for r in row2] == [2]  # the session's next job ran while it was away; c-plain's did not
+    farm.result(W1, row2[0], 0.5)
+    assert [(c["id"], c["present"], c["held"]) for c in farm.snap(0.5)["clients"]] == [("s-sweep", False, 2)]
+
+    farm.client(CA, "s-sweep", 5.0, session="sweep")  # back, from a new process: it sends the same jobs
+    farm.submit(CA, [1, 2], 5.0)
+    out = farm.out(5.0)
+    assert sorted(row[0] for row, _ in result_rows(out, CA)) == [1, 2]
+    assert job_seqs(out, W1) == []
+    farm.send(CA, p.Received([1, 2]), 5.1)
+    farm.send(CA, p.Disconnect("client closed"), 5.2)
+    assert farm.snap(5.2)["clients"] == []  # nothing left to keep: the session ends
+
+
+def test_a_session_job_sent_again_with_other_arguments_runs_anew() -> None:
+    farm = Farm()
+    farm.worker(W1, "w1", credit=4)
+    farm.client(CA, "s-x", session="x")
+    farm.submit(CA, [1], 0.1, payloads={1: [b"old"]})
+    farm.result(W1, job_rows(farm.out(0.1), W1)[0], 0.2, frames=[b"old result"])
+    farm.out(0.2)
+    farm.send(CA, p.Disconnect(), 0.3)
+    farm.client(CA, "s-x", 1.0, session="x")
+    farm.submit(CA, [1], 1.0, payloads={1: [b"new"]})
+    out = farm.out(1.0)
+    assert result_rows(out, CA) == []  # never the old answer for the new question
+    assert [r[1] for r in job_rows(out, W1)] == [1]
+    assert farm.counter("done") == 1
+
+
+def test_an_away_session_expires_after_its_ttl() -> None:
+    farm = Farm(settings=BrokerSettings(heartbeat_interval_s=1.0, liveness=3, session_ttl_s=50.0))
+    farm.client(CA, "s-x", session="x")
+    farm.submit(CA, [1], 0.1)
+    farm.send(CA, p.Disconnect(), 1.0)
+    farm.sched.tick(40.0)
+    assert farm.snap(40.0)["queued"] == 1
+    farm.sched.tick(52.0)
+    assert farm.snap(52.0)["clients"] == [] and farm.snap(52.0)["queued"] == 0
+
+
+def test_a_poison_count_survives_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "journal.db"
+    settings = BrokerSettings(heartbeat_interval_s=1.0, liveness=3, max_losses=2)
+    farm = Farm(journal=Journal(str(path)), settings=settings)
+    farm.worker(W1, "w1", credit=1, slots=1)
+    farm.client(CA, "ca")
+    farm.submit(CA, [1], 0.1)
+    farm.out(0.1)
+    farm.send(CA, p.Heartbeat(), 9.9)
+    farm.sched.tick(10.0)  # w1 silent: lost while running job 1 (one loss)
+    farm.sched.journal.commit()  # type: ignore[union-attr]
+    farm.sched.journal.close()  # type: ignore[union-attr]
+    farm = Farm(100.0, journal=Journal(str(path)), settings=settings)
+    farm.client(CA, "ca", 100.0)
+    farm.worker(W2, "w2", 100.0, credit=1, slots=1)
+    farm.out(100.0)
+    farm.send(CA, p.Heartbeat(), 109.9)
+    farm.sched.tick(110.0)  # w2 lost too: the second loss ends the job
+    rows = result_rows(farm.out(110.0), CA)
+    assert [(row[0], row[1]) for row, _ in rows] == [(1, int(p.Outcome.LOST))]
+    assert "2 workers died" in rows[0][0][3]
+
+
+def test_a_second_broker_cannot_open_a_journal_in_use(tmp_path: Path) -> None:
+    first = Journal(str(tmp_path / "journal.db"))
+    try:
+        with pytest.raises(ZfarmError, match="another broker"):
+            Journal(str(tmp_path / "journal.db"))
+    finally:
+        first.close()
+
+
+def test_a_file_that_is_not_a_journal_is_refused(tmp_path: Path) -> None:
+    bad = tmp_path / "notes.txt"
+    bad.write_text("these are my notes, not a database\n" * 100)
+    with pytest.raises(ZfarmError, match="zfarm journal"):
+        Journal(str(bad))
+
+
