@@ -2,11 +2,12 @@
 
     python -m zfarm.chaos --jobs 10000 --workers 4 --kill-every 0.5 --broker-restarts 2
 
-starts a broker and K workers on a loopback port, runs a map of N jobs through them, and meanwhile
+starts a broker (with a journal, in a temporary folder unless --journal names one) and K workers
+on a loopback port, runs a map of N jobs through them, and meanwhile
 SIGKILLs a random worker every X seconds (and starts a new one), SIGSTOPs a worker for longer than
-the liveness window and resumes it, and SIGKILLs and restarts the broker on the same port a few
-times. It then prints submitted, received, lost, duplicates delivered, wrong results and the wall
-time, and exits 1 unless lost = duplicates = wrong = 0.
+the liveness window and resumes it, and SIGKILLs and restarts the broker on the same port and
+journal a few times. It then prints submitted, received, lost, duplicates delivered, wrong
+results and the wall time, and exits 1 unless lost = duplicates = wrong = 0.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -38,11 +40,12 @@ def chaos_job(x: int, work_s: float) -> tuple[int, int]:
 class Farm:
     """The broker and workers, started as ``python -m zfarm`` processes; all stopped by ``stop``."""
 
-    def __init__(self, workers: int, log: Any) -> None:
+    def __init__(self, workers: int, log: Any, journal: str) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.address = f"tcp://127.0.0.1:{s.getsockname()[1]}"
         self.log = log
+        self.journal = journal
         self.broker = self._start_broker()
         self.workers = [self._start_worker() for _ in range(workers)]
         self.lock = threading.Lock()
@@ -53,7 +56,8 @@ class Farm:
                                 stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log)
 
     def _start_broker(self) -> subprocess.Popen[bytes]:
-        return self._spawn("broker", "--bind", self.address)
+        journal = ("--journal", self.journal) if self.journal else ()
+        return self._spawn("broker", "--bind", self.address, *journal)
 
     def _start_worker(self) -> subprocess.Popen[bytes]:
         return self._spawn("worker", "--connect", self.address, "--procs", "1", "--grace", "1")
@@ -120,8 +124,9 @@ def _chaos(farm: Farm, args: argparse.Namespace, received: list[int], stopping: 
 
 def run(args: argparse.Namespace) -> int:
     log_path = args.log or os.devnull
-    with open(log_path, "ab") as log:
-        farm = Farm(args.workers, log)
+    with open(log_path, "ab") as log, tempfile.TemporaryDirectory(prefix="zfarm-chaos-") as folder:
+        journal = "" if args.no_journal else args.journal or os.path.join(folder, "journal.db")
+        farm = Farm(args.workers, log, journal)
         received = [0]
         stopping = threading.Event()
         events: list[str] = []
@@ -162,6 +167,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"duplicates dropped   {dropped} (jobs that ran twice; the client delivered them once)")
     print(f"chaos                {events.count('worker-kill')} worker kills, "
           f"{events.count('worker-stop')} worker stops, {events.count('broker-restart')} broker restarts")
+    print(f"journal              {journal or 'none (the client resubmits after a broker restart)'}")
     print(f"wall time            {wall_s:.1f} s")
     if failure:
         print(f"the map stopped on   {failure}")
@@ -183,6 +189,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--time-limit", type=float, default=600.0, help="give up after this many seconds")
     parser.add_argument("--seed", type=int, default=None, help="random seed, to repeat a run")
     parser.add_argument("--log", default=None, help="file for the farm's logs (default: discard)")
+    parser.add_argument("--journal", default=None, metavar="PATH",
+                        help="the broker's journal (default: one in a temporary folder)")
+    parser.add_argument("--no-journal", action="store_true", help="run the broker without a journal")
     args = parser.parse_args(argv)
     if args.jobs < 1 or args.workers < 1:
         parser.error("--jobs and --workers must be at least 1")
