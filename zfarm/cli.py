@@ -260,6 +260,8 @@ def _print_status(snap: dict[str, Any]) -> None:
     console.print(f"queued {snap['queued']}  in flight {snap['in_flight']}  done {snap['done']}  "
                   f"failed {snap['failed']}  requeued {snap['requeued']}  "
                   f"workers lost {snap['workers_lost']}")
+    if snap.get("journal"):
+        console.print(f"journal {snap['journal']}  jobs recovered at start {snap['recovered']}")
     workers = Table("worker", "host", "pid", "slots", "busy", "done", "failed", "heartbeat age",
                     title="workers")
     for w in snap["workers"]:
@@ -267,10 +269,11 @@ def _print_status(snap: dict[str, Any]) -> None:
                         str(w["failed"]), f"{w['heartbeat_age_s']:.1f} s")
     console.print(workers)
     clients = Table("client", "host", "pid", "submitted", "queued", "in flight", "done", "failed",
-                    title="clients")
+                    "results held", title="clients")
     for c in snap["clients"]:
-        clients.add_row(c["id"], c["host"], str(c["pid"]), str(c["submitted"]), str(c["queued"]),
-                        str(c["in_flight"]), str(c["done"]), str(c["failed"]))
+        clients.add_row(c["id"], c["host"] if c["present"] else "(away)", str(c["pid"]), str(c["submitted"]),
+                        str(c["queued"]), str(c["in_flight"]), str(c["done"]), str(c["failed"]),
+                        str(c["held"]))
     console.print(clients)
 
 

@@ -144,12 +144,13 @@ def _queue(snap: dict[str, Any]) -> RenderableType:
 
 
 def _clients(snap: dict[str, Any]) -> RenderableType:
-    table = _table("clients", "client", "host", "submitted", "done", "in flight", "failed")
+    table = _table("clients", "client", "host", "submitted", "done", "in flight", "failed", "held")
     for c in snap["clients"]:
-        table.add_row(c["id"], c["host"], f"{c['submitted']:,}", f"{c['done']:,}", f"{c['in_flight']:,}",
-                      Text(f"{c['failed']:,}", "red" if c["failed"] else ""))
+        host = c["host"] if c.get("present", True) else Text("(away)", "dim")
+        table.add_row(c["id"], host, f"{c['submitted']:,}", f"{c['done']:,}", f"{c['in_flight']:,}",
+                      Text(f"{c['failed']:,}", "red" if c["failed"] else ""), f"{c.get('held', 0):,}")
     if not snap["clients"]:
-        table.add_row(Text("(no clients)", "dim"), "", "", "", "", "")
+        table.add_row(Text("(no clients)", "dim"), "", "", "", "", "", "")
     return table
 
 
