@@ -90,6 +90,18 @@ def test_retries_run_a_raising_job_again_with_backoff(farm: tuple[str, int], tmp
         assert len(list(once.iterdir())) == 1
 
 
+def test_an_immediate_retry_runs_the_job_again_not_the_held_result(farm: tuple[str, int],
+                                                                  tmp_path: Path) -> None:
+    """With no backoff the re-run goes out at once: the broker must not answer it with the error it holds."""
+    endpoint, _ = farm
+    for session in (None, "retrying"):
+        counter = tmp_path / f"runs-{session}"
+        counter.mkdir()
+        with zfarm.Client(endpoint, retry_backoff_s=0, session=session) as client:
+            assert client.with_options(retries=3).submit(jobs.fail_times, str(counter), 2, 7).result(20) == 7
+        assert len(list(counter.iterdir())) == 3
+
+
 def test_a_full_broker_holds_submitters_back_and_loses_nothing(procs: Procs) -> None:
     """--max-queued bounds the broker's queue; the client's extra jobs wait and all run in the end."""
     _, endpoint = procs.broker(None, *FAST, "--max-queued", "50")

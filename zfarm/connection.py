@@ -67,6 +67,10 @@ _NOT_RETRIED = ("zfarm.errors.JobTimeout", "zfarm.errors.MemoryLimitExceeded", "
 #: job records kept for Client.stats(), newest last
 RECORDS_KEPT = 100_000
 
+#: RECEIVED goes out once this many results are unacknowledged, or RECEIVED_DELAY_S after the first
+RECEIVED_BATCH = 4096
+RECEIVED_DELAY_S = 0.05
+
 #: SUBMIT messages are cut at this size so one message never holds up the broker for long
 SUBMIT_BATCH_BYTES = 16 * 1024 * 1024
 
@@ -156,6 +160,9 @@ class Connection(threading.Thread):
         self._bounced: deque[int] = deque()
         self._busy_backoff_s = BUSY_MIN_S
         self._busy_retry_at = 0.0
+        self._received: list[int] = []  # results to tell the broker about (RECEIVED), batched
+        self._received_since = 0.0
+        self._ack_now = False  # a retry is due: its RECEIVED must reach the broker before it
         self._link = Link.DOWN
         self._interval_s = settings.heartbeat_interval_s
         self._liveness = settings.liveness
@@ -227,6 +234,7 @@ class Connection(threading.Thread):
         if self._socket is not None and ready.get(self._socket):
             self._drain()
         self._release_retries(time.monotonic())
+        self._acknowledge(time.monotonic())
         self._flush()
         self._check_liveness(time.monotonic())
         if self._detach_by is not None and (time.monotonic() > self._detach_by or self._all_accepted()):
@@ -354,15 +362,8 @@ class Connection(threading.Thread):
         received = []
         busy = False
         for (seq, outcome, _n, info), frames, row in zip(msg.results, per_row, stats, strict=True):
-            if outcome == p.Outcome.LOST and info == p.FUNCTION_MISSING:
-                if seq in self._jobs:
-                    self._fns_sent.discard(self._jobs[seq].fn_id)  # the broker let it go: send it again
-                    self._to_send.append(seq)
-                continue
-            if outcome == p.Outcome.BUSY:  # the broker's queue is full: back-pressure, send it later
-                if seq in self._jobs:
-                    self._bounced.append(seq)
-                busy = True
+            if self._bounced_back(seq, outcome, info):
+                busy = busy or outcome == p.Outcome.BUSY
                 continue
             received.append(seq)  # the broker holds each result until we say we have it
             if row is not None and outcome != p.Outcome.CANCELLED and seq in self._jobs:
@@ -381,8 +382,32 @@ class Connection(threading.Thread):
             with self.records_lock:
                 self.records.extend(records)
         if received:
-            self._send(p.Received(received), now)
+            if not self._received:
+                self._received_since = now
+            self._received.extend(received)
         self._note_room(busy)
+
+    def _bounced_back(self, seq: int, outcome: int, info: str) -> bool:
+        """Whether the broker handed this job back unaccepted; if so, it goes again later."""
+        if outcome == p.Outcome.LOST and info == p.FUNCTION_MISSING:
+            if seq in self._jobs:
+                self._fns_sent.discard(self._jobs[seq].fn_id)  # the broker let it go: send it again
+                self._to_send.append(seq)
+            return True
+        if outcome == p.Outcome.BUSY:  # the broker's queue is full: back-pressure, send it later
+            if seq in self._jobs:
+                self._bounced.append(seq)
+            return True
+        return False
+
+    def _acknowledge(self, now: float, force: bool = False) -> None:
+        """Tell the broker which results arrived, in batches: it holds each result until then."""
+        due = (force or self._ack_now or len(self._received) >= RECEIVED_BATCH
+               or now - self._received_since >= RECEIVED_DELAY_S)
+        if self._received and self._link is Link.READY and due:
+            self._send(p.Received(self._received), now)
+            self._received = []
+            self._ack_now = False
 
     def _note_room(self, busy: bool) -> None:
         """After a RESULT: if the broker bounced jobs, wait longer before offering them again."""
@@ -405,6 +430,7 @@ class Connection(threading.Thread):
                  info, delay_s, job.retries)
         heapq.heappush(self._retry_at, (time.monotonic() + delay_s, seq))
         self._retrying.add(seq)
+        self._ack_now = True  # else the broker would answer the re-run with the result it holds
         return True
 
     def _release_retries(self, now: float) -> None:
@@ -518,6 +544,7 @@ class Connection(threading.Thread):
     def _goodbye(self) -> None:
         if self._detach_by is not None:
             self._flush()  # a session's last jobs reach the broker before we say goodbye
+        self._acknowledge(time.monotonic(), force=True)
         if self._socket is not None and self._link is Link.READY:
             try:
                 self._socket.send_multipart(p.encode(p.Disconnect("client closed")), zmq.NOBLOCK)
