@@ -66,7 +66,7 @@ from zfarm.monitor import fetch_status  # noqa: E402
 MiB = 1024 * 1024
 RESULT_TIMEOUT_S = 120.0  # a run taking longer is reported as a hang, not waited for
 WORKLOADS = ("throughput", "submit", "latency", "efficiency", "payloads", "start", "memory", "endless",
-             "growth")
+             "growth", "journal")
 TITLES = {
     "throughput": "1. no-op map throughput",
     "submit": "2. submit(): one future per job",
@@ -77,7 +77,10 @@ TITLES = {
     "memory": "7. broker memory per queued job (no workers; VmRSS after - before)",
     "endless": "8. map over an endless generator (default chunking): RSS growth",
     "growth": "9. growth: broker throughput and CPU per job vs queue depth and connected workers",
+    "journal": "10. the cost of a durable broker: the same farm with and without --journal",
 }
+#: workloads whose rows compare with their base row (case/base) rather than zfarm with its peers
+AGAINST_BASE = ("growth", "journal")
 #: (workload, metric, comparison, threshold) checked against the workload's headline zfarm row
 GOALS = [
     ("throughput", "jobs/s", ">=", 1_000_000),
@@ -1020,6 +1023,39 @@ def bench_growth(ctx: Ctx) -> None:
                      "sockets): broker us/job (its CPU time per job) is the broker's cost")
 
 
+def bench_journal(ctx: Ctx) -> None:
+    metrics: list[Metric] = [("map jobs/s", "jobs/s", True), ("map c=1 jobs/s", "jobs/s", True),
+                             ("submit jobs/s", "jobs/s", True)]
+    n_map, n_single, n_submit = (100_000, 3_000, 1_000) if ctx.quick else (300_000, 10_000, 3_000)
+
+    def once(client: zfarm.Client, _state: Any) -> dict[str, float]:
+        out = {}
+        for metric, run, n in (
+                ("map jobs/s", lambda n: consume(client.map(wl.noop, range(n))), n_map),
+                ("map c=1 jobs/s", lambda n: consume(client.map(wl.noop, range(n), chunksize=1)), n_single),
+                ("submit jobs/s", lambda n: consume(f.result(RESULT_TIMEOUT_S)
+                                                    for f in [client.submit(wl.noop, i) for i in range(n)]),
+                 n_submit)):
+            started = time.perf_counter()
+            check_count(run(n), n)
+            out[metric] = n / (time.perf_counter() - started)
+        return out
+
+    folder = tempfile.mkdtemp(prefix="zfarm-bench-journal-")
+    journal = ("--journal", os.path.join(folder, "journal.db"))
+    for index, (system, broker_args) in enumerate([
+            ("zfarm: broker + 2 workers, in memory", ()),
+            ("zfarm: broker + 2 workers, --journal", journal),
+            ("zfarm: broker + 2 workers, --journal-sync normal", (*journal, "--journal-sync", "normal"))]):
+        @contextlib.contextmanager
+        def setup(broker_args: tuple[str, ...] = broker_args) -> Iterator[zfarm.Client]:
+            with real_farm(ctx.procs, 2, *broker_args) as farm, zfarm.Client(farm.address) as client:
+                yield client
+
+        measure(ctx, "journal", system, metrics, setup, once, warm=lambda c: once(c, None), zfarm_row=True,
+                headline=index == 0, note=f"journal: SQLite WAL, on this machine's disk ({folder})")
+
+
 # ---- report ----------------------------------------------------------------------------------------
 
 
@@ -1037,7 +1073,7 @@ def print_tables(figures: list[Figure], workloads: Iterable[str]) -> list[dict[s
             continue
         say()
         say(f"== {TITLES[workload]} ==")
-        growth = workload == "growth"
+        growth = workload in AGAINST_BASE
         ratio_head = "case/base" if growth else "zfarm/peer"
         say(f"{'system':<52} {'metric':<14} {'median':>12} {'min - max':>25} {ratio_head:>10}")
         for fig in figs:

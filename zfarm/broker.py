@@ -71,7 +71,7 @@ class Broker:
             raise ZfarmError(f"cannot listen on {settings.bind}: {exc.strerror}; {hint}") from None
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         try:
-            self.journal = Journal(settings.journal) if settings.journal else None
+            self.journal = Journal(settings.journal, settings.journal_sync) if settings.journal else None
         except ZfarmError:
             self.close()
             raise

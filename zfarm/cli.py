@@ -55,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     broker.add_argument("--journal", metavar="PATH",
                         help="SQLite file keeping accepted jobs and undelivered results, so that a restarted "
                              "broker goes on where it stopped (env ZFARM_JOURNAL; default: none)")
+    broker.add_argument("--journal-sync", choices=["full", "normal"],
+                        help="full (default): every journal commit reaches the disk, surviving a power cut; "
+                             "normal: faster, survives the broker's death but not the machine's")
     broker.add_argument("--session-ttl", type=float, dest="session_ttl_s", metavar="SECONDS",
                         help="how long a session's jobs and results wait for its client (default 604800: "
                              "a week)")
@@ -180,7 +183,7 @@ def _run_broker(args: argparse.Namespace) -> int:
     settings = resolve(BrokerSettings, _flags(args, ["bind", "heartbeat_interval_s", "liveness",
                                                      "max_message_bytes", "parent_pid", "keys", "insecure",
                                                      "history", "max_losses", "max_queued", "journal",
-                                                     "session_ttl_s"]))
+                                                     "journal_sync", "session_ttl_s"]))
     run_broker(settings)
     return 0
 

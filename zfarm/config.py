@@ -44,6 +44,9 @@ class BrokerSettings:
     max_queued: int = 0
     #: SQLite file keeping accepted jobs and undelivered results across broker restarts ("": none)
     journal: str = ""
+    #: "full": each journal commit reaches the disk (survives a power cut); "normal": the OS's
+    #: (survives the broker's death, not the machine's; faster)
+    journal_sync: str = "full"
     #: how long a session's jobs and results wait for a client that went away
     session_ttl_s: float = 7 * 24 * 3600.0
 
@@ -54,6 +57,8 @@ class BrokerSettings:
         if self.max_message_bytes < MIN_MESSAGE_BYTES:
             raise ConfigError(f"max_message_bytes must be at least {MIN_MESSAGE_BYTES} (1 MiB), "
                               f"got {self.max_message_bytes}")
+        if self.journal_sync not in ("full", "normal"):
+            raise ConfigError(f"journal_sync must be full or normal, not {self.journal_sync!r}")
         if self.max_queued < 0:
             raise ConfigError(f"max_queued must not be negative, got {self.max_queued}")
         if self.max_losses < 1:

@@ -12,8 +12,10 @@ The journal holds only what is unfinished: accepted jobs until they end, results
 until their client says it received them, and the functions those jobs need.
 It stays small however long the broker runs.
 
-SQLite in WAL mode, ``synchronous=FULL``: a commit is on disk when it returns,
-so a power cut loses nothing either. One broker at a time: the file is locked.
+SQLite in WAL mode. With ``sync="full"`` (the default) a commit is on disk when it
+returns, so a power cut loses nothing either; ``sync="normal"`` leaves the flush to
+the operating system: the journal survives the broker's death, not the machine's.
+One broker at a time: the file is locked.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from zfarm.state import Held, Job
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
+SYNC_MODES = ("full", "normal")
 _TABLES = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS clients(id TEXT PRIMARY KEY, session TEXT NOT NULL, seen REAL NOT NULL,
@@ -89,13 +92,15 @@ def _frames(frames: Iterable[Any]) -> bytes:
 class Journal:
     """Record changes as they happen; :meth:`commit` makes them durable."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, sync: str = "full") -> None:
+        if sync not in SYNC_MODES:
+            raise ValueError(f"journal sync must be one of {SYNC_MODES}, not {sync!r}")
         self.path = path
         try:
             self._db = sqlite3.connect(path, timeout=0, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA locking_mode=EXCLUSIVE")  # a second broker on this file fails
             mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute(f"PRAGMA synchronous={sync.upper()}")
             self._db.execute("BEGIN IMMEDIATE")  # takes the lock now, not at the first job
             for statement in _TABLES.split(";"):
                 if statement.strip():
