@@ -391,7 +391,7 @@ def test_malformed_input_leaves_broker_serving(procs: Procs, ctx: zmq.Context[An
     # Another protocol version gets a clear refusal.
     sock = dealer(ctx, endpoint)
     try:
-        sock.send_multipart([b"ZF\x02", *hello("client", "c-future")[1:]])
+        sock.send_multipart([b"ZF\x09", *hello("client", "c-future")[1:]])
         reply = recv_message(sock)
         assert isinstance(reply, p.Refused), reply
         assert "protocol version" in reply.reason, reply.reason

@@ -95,9 +95,10 @@ def test_a_session_collects_results_that_finished_while_it_and_the_broker_were_g
     first = map_client(procs, endpoint, markers, "--session", "sweep-42", "--jobs", "6", "--leave")
     first.wait_for_log("left", 30)
     assert first.wait(10) == 0
-    wait_for(lambda: sum(runs(markers, "finished").values()) == 6, 30, message="6 jobs run, nobody waiting")
-    held = snapshot(ctx, endpoint)["clients"]
-    assert [(c["id"], c["present"], c["held"]) for c in held] == [("s-sweep-42", False, 6)]
+    def held() -> list[tuple[str, bool, int]]:
+        return [(c["id"], c["present"], c["held"]) for c in snapshot(ctx, endpoint)["clients"]]
+
+    wait_for(lambda: held() == [("s-sweep-42", False, 6)], 30, message="6 results held, nobody waiting")
 
     broker.kill()  # the results are in the journal only
     broker.wait(10)
@@ -114,28 +115,34 @@ def test_a_session_collects_results_that_finished_while_it_and_the_broker_were_g
 def test_a_session_whose_client_was_sigkilled_goes_on_and_a_rerun_collects_it(
         procs: Procs, markers: Path, ctx: zmq.Context[Any]) -> None:
     endpoint, _ = procs.farm(*FAST, workers=1, procs=2)  # no journal: sessions live in the broker's memory
-    first = map_client(procs, endpoint, markers, "--session", "tiles", "--jobs", "8", "--seconds", "0.3")
-    wait_for(lambda: any(c["submitted"] == 8 for c in snapshot(ctx, endpoint)["clients"]), 30,
-             message="8 jobs at the broker")
+    # Jobs of 1.5 s: none can have finished (and been received) by the time the client is killed.
+    first = map_client(procs, endpoint, markers, "--session", "tiles", "--jobs", "6", "--seconds", "1.5")
+    wait_for(lambda: any(c["submitted"] == 6 for c in snapshot(ctx, endpoint)["clients"]), 30,
+             message="6 jobs at the broker")
+    assert not runs(markers, "finished")
     first.kill()
     wait_for(lambda: [c["present"] for c in snapshot(ctx, endpoint)["clients"]] == [False], 10,
              message="the session's client declared away")
-    second = map_client(procs, endpoint, markers, "--session", "tiles", "--jobs", "8", "--seconds", "0.3")
+    second = map_client(procs, endpoint, markers, "--session", "tiles", "--jobs", "6", "--seconds", "1.5")
     second.wait_for_log("done", 60)
     assert second.wait(10) == 0
-    assert results_of(second) == {x: x * 10 for x in range(8)}
-    assert runs(markers, "started") == Counter(range(8))  # every job ran once, across both clients
+    assert results_of(second) == {x: x * 10 for x in range(6)}
+    assert runs(markers, "started") == Counter(range(6))  # every job ran once, across both clients
 
 
-def test_a_session_never_answers_a_changed_job_with_an_old_result(procs: Procs) -> None:
+def test_a_session_never_answers_a_changed_job_with_an_old_result(procs: Procs,
+                                                                 ctx: zmq.Context[Any]) -> None:
     endpoint, _ = procs.farm(*FAST, workers=1)
     client = zfarm.Client(endpoint, session="changes")
-    assert client.submit(jobs.square, 3).result(30) == 9
-    client.submit(jobs.sleep_then, "old", 0.5)
-    client.shutdown(wait=False)  # leaves the second job running, held for the session
+    client.submit(jobs.square, 3)
+    client.submit(jobs.sleep_then, "same", 0.2)
+    client.shutdown(wait=False)  # leaves before any result: both are held for the session
+    wait_for(lambda: [c["held"] for c in snapshot(ctx, endpoint)["clients"]] == [2], 30,
+             message="both results held")
     again = zfarm.Client(endpoint, session="changes")
     try:
-        assert again.submit(jobs.square, 4).result(30) == 16  # job 1 again, with another argument
-        assert again.submit(jobs.sleep_then, "old", 0.5).result(30) == "old"  # job 2 as before: collected
+        assert again.submit(jobs.square, 4).result(30) == 16  # job 1 again, another argument: not 9
+        assert again.submit(jobs.sleep_then, "same", 0.2).result(30) == "same"  # job 2 as before
     finally:
         again.shutdown()
+    assert snapshot(ctx, endpoint)["done"] == 3  # job 1 ran twice (old and new content), job 2 once

@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import socket
+import sqlite3
 import threading
 import time
 from types import FrameType
@@ -89,6 +90,7 @@ class Broker:
         if self.keys is not None and self.keys.zap is not None:
             poller.register(self.keys.zap, zmq.POLLIN)
         sched = self.scheduler
+        clean = False
         try:
             while not self._stopping.is_set():
                 timeout_ms = max(0.0, (sched.next_wakeup() - time.monotonic()) * 1000)
@@ -106,8 +108,17 @@ class Broker:
                 if self.settings.parent_pid and os.getppid() != self.settings.parent_pid:
                     log.info("parent process %d is gone: stopping", self.settings.parent_pid)
                     break
+            clean = True
+        except sqlite3.Error as exc:
+            raise ZfarmError(f"cannot write the journal {self.settings.journal}: {exc}; stopping, so that "
+                             "nothing is promised that is not on disk (free space, or move the journal, "
+                             "and start the broker again on it)") from None
         finally:
-            self._send(self.scheduler.goodbye())  # peers reconnect at once instead of timing out
+            if clean:
+                self._send(self.scheduler.goodbye())  # peers reconnect at once instead of timing out
+            elif self.journal is not None:
+                self.journal.abandon()  # half a turn is not written: the journal stays as of the last turn
+                self.journal = None
             self.close(linger_ms=500)
 
     def _drain(self) -> None:

@@ -162,7 +162,8 @@ class Connection(threading.Thread):
         self._busy_retry_at = 0.0
         self._received: list[int] = []  # results to tell the broker about (RECEIVED), batched
         self._received_since = 0.0
-        self._ack_now = False  # a retry is due: its RECEIVED must reach the broker before it
+        self._next_seq = 1  # above every seq taken so far
+        self._cancels: list[int] = []  # to send once the broker listens
         self._link = Link.DOWN
         self._interval_s = settings.heartbeat_interval_s
         self._liveness = settings.liveness
@@ -236,6 +237,9 @@ class Connection(threading.Thread):
         self._release_retries(time.monotonic())
         self._acknowledge(time.monotonic())
         self._flush()
+        if self._cancels and self._link is Link.READY:  # one message however many were cancelled
+            self._send(p.Cancel(self._cancels), time.monotonic())
+            self._cancels = []
         self._check_liveness(time.monotonic())
         if self._detach_by is not None and (time.monotonic() > self._detach_by or self._all_accepted()):
             self._stopping = True
@@ -279,7 +283,6 @@ class Connection(threading.Thread):
             pass
         with self._lock:
             self._woken = False
-        cancels: list[int] = []
         while self._inbox:
             what, payload = self._inbox.popleft()
             if what == "submit":
@@ -292,18 +295,17 @@ class Connection(threading.Thread):
                     job.submitted_at = now
                     self._jobs[job.seq] = job
                     queue.append(job.seq)
+                self._next_seq = max(self._next_seq, jobs[-1].seq + 1) if jobs else self._next_seq
                 if self._link is Link.DOWN:  # new work: try the broker now, not after the backoff
                     self._reconnect_at = now
                     self._backoff_s = self.settings.reconnect_min_s
             elif what == "cancel":
                 if self._forget(payload) is not None:
-                    cancels.append(payload)
+                    self._cancels.append(payload)
             elif what == "stop":
                 self._stopping = True
             elif what == "detach":
                 self._detach_by = time.monotonic() + payload
-        if cancels and self._link is Link.READY:  # one message however many futures were cancelled
-            self._send(p.Cancel(cancels), time.monotonic())
 
     def _drain(self) -> None:
         while self._socket is not None:
@@ -348,6 +350,8 @@ class Connection(threading.Thread):
         self._interval_s, self._liveness = msg.heartbeat_interval_s, msg.liveness
         self.max_message_bytes = msg.max_message_bytes
         self._backoff_s = self.settings.reconnect_min_s
+        for job in self._jobs.values():  # this broker may not be the one that accepted them
+            job.accepted = False
         waiting = self._retrying | set(self._bounced)  # these go when their backoff is over
         self._to_send = sorted(set(self._jobs) - waiting)  # all unfinished: the broker drops what it has
         if not first:
@@ -390,24 +394,28 @@ class Connection(threading.Thread):
     def _bounced_back(self, seq: int, outcome: int, info: str) -> bool:
         """Whether the broker handed this job back unaccepted; if so, it goes again later."""
         if outcome == p.Outcome.LOST and info == p.FUNCTION_MISSING:
-            if seq in self._jobs:
-                self._fns_sent.discard(self._jobs[seq].fn_id)  # the broker let it go: send it again
+            if (job := self._jobs.get(seq)) is not None:
+                job.accepted = False
+                self._fns_sent.discard(job.fn_id)  # the broker let it go: send it again
                 self._to_send.append(seq)
             return True
         if outcome == p.Outcome.BUSY:  # the broker's queue is full: back-pressure, send it later
-            if seq in self._jobs:
+            if (job := self._jobs.get(seq)) is not None:
+                job.accepted = False
                 self._bounced.append(seq)
             return True
         return False
 
     def _acknowledge(self, now: float, force: bool = False) -> None:
         """Tell the broker which results arrived, in batches: it holds each result until then."""
-        due = (force or self._ack_now or len(self._received) >= RECEIVED_BATCH
-               or now - self._received_since >= RECEIVED_DELAY_S)
+        due = force or len(self._received) >= RECEIVED_BATCH or now - self._received_since >= RECEIVED_DELAY_S
         if self._received and self._link is Link.READY and due:
-            self._send(p.Received(self._received), now)
+            self._send(p.Received(self._received, self._oldest_unfinished()), now)
             self._received = []
-            self._ack_now = False
+
+    def _oldest_unfinished(self) -> int:
+        """Every result of a job numbered below this one has arrived."""
+        return min(self._jobs) if self._jobs else self._next_seq
 
     def _note_room(self, busy: bool) -> None:
         """After a RESULT: if the broker bounced jobs, wait longer before offering them again."""
@@ -425,12 +433,12 @@ class Connection(threading.Thread):
             return False
         job.retries -= 1
         job.attempt += 1
+        job.accepted = False  # leaving the session waits for the re-run to be accepted
         delay_s = min(self.settings.retry_backoff_s * 2 ** (job.attempt - 1), RETRY_BACKOFF_MAX_S)
         log.info("job %s:%d raised (%s): running it again in %.1f s, %d retries left", self.client_id, seq,
                  info, delay_s, job.retries)
         heapq.heappush(self._retry_at, (time.monotonic() + delay_s, seq))
         self._retrying.add(seq)
-        self._ack_now = True  # else the broker would answer the re-run with the result it holds
         return True
 
     def _release_retries(self, now: float) -> None:
@@ -483,6 +491,9 @@ class Connection(threading.Thread):
         for job in batch:
             rows.append([job.seq, len(job.frames), job.options])
             frames.extend(job.frames)
+        reruns = [job.seq for job in batch if job.attempt]
+        if reruns:  # else the broker answers a re-run with the error it holds from the last run
+            self._send(p.Received(reruns, self._oldest_unfinished()), now)
         self._fns_sent.add(fn_id)
         self._send(p.Submit(fn_id, with_fn, rows, frames), now)
 

@@ -192,3 +192,11 @@ class Journal:
             self.commit()
         finally:
             self._db.close()
+
+    def abandon(self) -> None:
+        """Close without writing the changes made since the last commit (the turn did not finish)."""
+        try:
+            if self._dirty:
+                self._db.execute("ROLLBACK")
+        finally:
+            self._db.close()

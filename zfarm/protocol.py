@@ -26,9 +26,11 @@ import msgpack
 
 from zfarm.errors import ProtocolError, VersionMismatch
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: results held until RECEIVED; sessions (ACCEPTED)
 MAGIC = b"ZF"
 HEADER = MAGIC + bytes([PROTOCOL_VERSION])
+#: job numbers are 0 … 2**63 - 1 (they are stored as SQLite integers)
+MAX_SEQ = 2**63 - 1
 #: Envelopes are small (ids and counts); anything larger is an attack or a bug.
 MAX_ENVELOPE_BYTES = 16 * 1024 * 1024
 
@@ -247,8 +249,9 @@ class Received(Message):
     """Results that reached the client: until it says so, the broker holds them to send again."""
 
     command = Command.RECEIVED
-    schema = (list,)
+    schema = (list, int)
     seqs: list[int]
+    below: int = 0  # and every result of a seq under this one
 
 
 @dataclass(frozen=True, slots=True)
@@ -368,6 +371,11 @@ def check_rows(rows: list[Any], layout: tuple[Any, ...], what: str) -> None:
                 raise ProtocolError(f"{what} row field has the wrong type {type(value).__name__}")
 
 
+def _check_seqs(seqs: list[Any], what: str) -> None:
+    if not all(_is(s, int) and 0 <= s <= MAX_SEQ for s in seqs):
+        raise ProtocolError(f"{what} seqs must be integers from 0 to {MAX_SEQ}")
+
+
 def _check_frames(msg: Message, nframes: int) -> None:
     if isinstance(msg, Jobs):
         check_rows(msg.jobs, JOB_ROW, "JOBS")
@@ -380,6 +388,7 @@ def _check_frames(msg: Message, nframes: int) -> None:
         expected = _sum_frames(msg.results, 4)
     elif isinstance(msg, Submit):
         check_rows(msg.jobs, SUBMIT_ROW, "SUBMIT")
+        _check_seqs([row[0] for row in msg.jobs], "SUBMIT")
         expected = int(msg.with_fn) + _sum_frames(msg.jobs, 1)
     elif isinstance(msg, Result):
         check_rows(msg.results, RESULT_ROW, "RESULT")
@@ -410,8 +419,10 @@ def _sum_frames(rows: list[list[Any]], column: int) -> int:
 def _check_plain_rows(msg: Message) -> None:
     if isinstance(msg, CancelJobs):
         check_rows(msg.keys, KEY_ROW, "CANCEL_JOBS")
-    elif isinstance(msg, (Cancel, Received, Accepted)) and not all(_is(s, int) for s in msg.seqs):
-        raise ProtocolError(f"{msg.command.name} seqs must be integers")
+    elif isinstance(msg, (Cancel, Received, Accepted)):
+        _check_seqs(msg.seqs, msg.command.name)
+        if isinstance(msg, Received):
+            _check_seqs([msg.below], "RECEIVED below")
     elif isinstance(msg, History) and msg.last < 0:
         raise ProtocolError("HISTORY last must not be negative")
     elif isinstance(msg, HistoryReply) and not all(isinstance(r, list) for r in msg.rows):

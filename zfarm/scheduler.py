@@ -102,11 +102,11 @@ class Scheduler:
     def _recover(self, saved: Recovered, now: float) -> None:
         """Start from a journal: its clients are away until they say HELLO; their jobs queue now."""
         offset = self.records.wall_offset_s
-        for client_id, session, seen, key in saved.clients:
-            away_since = min(now, seen - offset) if session else now  # a session's time away goes on
+        for client_id, session, _seen, key in saved.clients:
+            # Away from now: a client connected when the broker died gets its full time to come back.
             self.clients[client_id] = ClientRecord(
                 id=client_id, route=b"", host="", pid=0, joined_at=now, last_seen=now, last_sent=now, key=key,
-                session=session, present=False, absent_since=away_since)
+                session=session, present=False, absent_since=now)
         for client_id, fn_id, blob in saved.functions:
             if (client := self.clients.get(client_id)) is not None:
                 client.fns[fn_id] = blob
@@ -114,8 +114,10 @@ class Scheduler:
         for row in saved.jobs:
             client = self.clients.get(row.client)
             if client is None or row.fn_id not in client.fns:
-                log.warning("journal: job %s:%d has no client or function recorded: skipped", row.client,
+                log.warning("journal: job %s:%d has no client or function recorded: dropped", row.client,
                             row.seq)
+                assert self.journal is not None
+                self.journal.drop_job(row.client, row.seq)
                 continue
             job = Job(row.client, row.seq, row.fn_id, tuple(row.frames), row.options or NO_OPTIONS,
                       row.queued_at - offset, losses=row.losses, digest=row.digest, recovered=True)
@@ -229,17 +231,16 @@ class Scheduler:
         if isinstance(msg, p.Submit):
             self._submit(client, msg, now)
         elif isinstance(msg, p.Received):
-            for seq in msg.seqs:
+            # ``below``: the client has every result under it (it covers RECEIVEDs that were lost)
+            gone = [*msg.seqs, *(seq for seq in client.held if seq < msg.below)]
+            for seq in gone:
                 if client.held.pop(seq, None) is not None and self.journal is not None:
                     self.journal.drop_result(client.id, seq)
         elif isinstance(msg, p.Cancel):
             for seq in msg.seqs:
                 job = client.jobs.get(seq)
                 if job is not None:
-                    self._forget_job(client, job, now)
-                    self._cancel(job, client)
-                    if self.journal is not None:
-                        self.journal.drop_job(client.id, seq)
+                    self._retire(client, job, now)
         else:
             raise ProtocolError(f"a client cannot send {type(msg).__name__}")
 
@@ -279,11 +280,11 @@ class Scheduler:
         """Dispatch what can be dispatched and return every message to send, batched per peer."""
         self._dispatch(now)
         for worker in self.workers.values():
-            if worker.outbox:
-                self._send(worker, self._jobs_message(worker), now)
-            if worker.cancels:
+            if worker.cancels:  # first: a replaced job's new run may share the old one's key
                 self._send(worker, p.CancelJobs(worker.cancels), now)
                 worker.cancels = []
+            if worker.outbox:
+                self._send(worker, self._jobs_message(worker), now)
         for client in self.clients.values():
             if client.accepted:
                 if client.present:
@@ -489,6 +490,8 @@ class Scheduler:
                 continue
             payload = tuple(compact(f) for f in job_frames)
             job = Job(client.id, seq, msg.fn_id, payload, options or NO_OPTIONS, now, digest=digest)
+            if client.attempts_used:
+                job.history = ("",) * client.attempts_used.pop(seq, 0)  # attempts of a retired job
             if self.journal is not None:
                 self.journal.job(job, self.records.wall(now))
             if client.session:
@@ -534,11 +537,20 @@ class Scheduler:
                         client.session, seq)
             self.records.event(now, "job-replaced", f"job {client.id}:{seq} changed: the new one runs")
             if job is not None:
-                self._forget_job(client, job, now)
-                self._cancel(job, client)
+                self._retire(client, job, now)
             if client.held.pop(seq, None) is not None and self.journal is not None:
                 self.journal.drop_result(client.id, seq)
         return False
+
+    def _retire(self, client: ClientRecord, job: Job, now: float) -> None:
+        """Cancel a client's unfinished job. A session may send its number again with other content:
+        the next job under that number goes on counting attempts, so the old run's result is refused."""
+        self._forget_job(client, job, now)
+        self._cancel(job, client)
+        if client.session and job.history:
+            client.attempts_used[job.seq] = len(job.history)
+        if self.journal is not None:
+            self.journal.drop_job(client.id, job.seq)
 
     def _add_credit(self, worker: WorkerRecord, credit: int) -> None:
         if credit < 0:
@@ -615,7 +627,7 @@ class Scheduler:
                                                                               strict=True):
             client = self.clients.get(client_id)
             job = client.jobs.get(seq) if client else None
-            if job is None or client is None or (worker.id not in job.history and not job.recovered):
+            if job is None or client is None or not _ran(job, worker, _attempt):
                 if outcome != p.Outcome.CANCELLED:
                     self.counters.late_results += 1
                 continue
@@ -765,6 +777,14 @@ class Scheduler:
 
 
 _OUTCOMES = {int(o) for o in p.Outcome}
+
+
+def _ran(job: Job, worker: WorkerRecord, attempt: int) -> bool:
+    """Whether ``worker`` was given this very job as this attempt (a result for it is an answer).
+
+    A job read back from a journal takes a result from any worker: the broker that gave it out is gone.
+    """
+    return job.recovered or (0 < attempt <= len(job.history) and job.history[attempt - 1] == worker.id)
 
 
 def _digest(fn_id: bytes, frames: Sequence[Any]) -> bytes:

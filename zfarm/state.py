@@ -104,6 +104,8 @@ class ClientRecord(Peer):
     absent_since: float = 0.0
     held: dict[int, Held] = field(default_factory=dict)
     accepted: list[int] = field(default_factory=list)  # seqs to acknowledge (sessions only)
+    #: a session's cancelled or replaced jobs: attempts used under each number, continued by the next
+    attempts_used: dict[int, int] = field(default_factory=dict)
     queue: deque[Job] = field(default_factory=deque)
     queued: int = 0
     scheduled: bool = False  # in the scheduler's round-robin of clients with queued jobs

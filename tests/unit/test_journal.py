@@ -199,3 +199,81 @@ def test_a_file_that_is_not_a_journal_is_refused(tmp_path: Path) -> None:
         Journal(str(bad))
 
 
+
+
+def test_a_session_connected_when_the_broker_died_gets_its_full_ttl_after_the_restart(tmp_path: Path) -> None:
+    path = tmp_path / "journal.db"
+    settings = BrokerSettings(heartbeat_interval_s=1.0, liveness=3, session_ttl_s=50.0)
+    farm = Farm(journal=Journal(str(path)), settings=settings)
+    farm.client(CA, "s-long", session="long")
+    farm.submit(CA, [1], 0.1)
+    for t in range(10, 61, 2):  # connected for longer than the ttl
+        farm.send(CA, p.Heartbeat(), float(t))
+    farm.sched.journal.commit()  # type: ignore[union-attr]
+    farm.sched.journal.close()  # type: ignore[union-attr]
+    farm = Farm(61.0, journal=Journal(str(path)), settings=settings)
+    farm.sched.tick(61.0)
+    farm.sched.tick(100.0)
+    assert farm.snap(100.0)["queued"] == 1  # still waiting for its client
+    farm.sched.tick(112.0)
+    assert farm.snap(112.0)["clients"] == []
+
+
+@pytest.mark.parametrize("how", ["replaced", "cancelled then sent again"])
+def test_the_old_run_of_a_session_job_never_answers_its_new_content(how: str) -> None:
+    farm = Farm()
+    farm.worker(W1, "w1", credit=2, slots=2)
+    farm.client(CA, "s-x", session="x")
+    farm.submit(CA, [1], 0.1, payloads={1: [b"old"]})
+    old_row = job_rows(farm.out(0.1), W1)[0]
+    if how == "cancelled then sent again":
+        farm.send(CA, p.Cancel([1]), 0.2)
+    farm.submit(CA, [1], 0.3, payloads={1: [b"new"]}, with_fn=False)
+    out = farm.out(0.3)
+    assert [type(m).__name__ for m in to(out, W1)] == ["CancelJobs", "Jobs"]  # the cancel first
+    new_row = job_rows(out, W1)[0]
+    assert new_row[2] == old_row[2] + 1  # the new run goes on counting attempts
+    farm.result(W1, old_row, 0.4, frames=[b"result of old"], credit=0)  # raced the cancel
+    assert result_rows(farm.out(0.4), CA) == []
+    assert farm.counter("late_results") == 1
+    farm.result(W1, new_row, 0.5, frames=[b"result of new"])
+    assert [frames for _, frames in result_rows(farm.out(0.5), CA)] == [[b"result of new"]]
+
+
+def test_a_replacement_bounced_by_a_full_queue_leaves_no_orphan_in_the_journal(tmp_path: Path) -> None:
+    path = tmp_path / "journal.db"
+    settings = BrokerSettings(heartbeat_interval_s=1.0, liveness=3, max_queued=1)
+    farm = Farm(journal=Journal(str(path)), settings=settings)
+    farm.worker(W1, "w1", credit=1, slots=1)
+    farm.client(CA, "s-x", session="x")
+    farm.client(CB, "cb")
+    farm.submit(CA, [1], 0.1, payloads={1: [b"old"]})
+    farm.out(0.1)  # job 1 runs on w1
+    farm.submit(CB, [1], 0.2)  # fills the queue
+    farm.submit(CA, [1], 0.3, payloads={1: [b"new"]}, with_fn=False)
+    assert [row[1] for row, _ in result_rows(farm.out(0.3), CA)] == [int(p.Outcome.BUSY)]
+    farm = restart(farm, path)
+    assert farm.counter("recovered") == 1  # cb's job only: the replaced one left the journal
+
+
+def test_received_below_frees_results_whose_received_was_lost() -> None:
+    farm = Farm()
+    farm.worker(W1, "w1", credit=4)
+    farm.client(CA, "ca")
+    farm.submit(CA, [1, 2, 3], 0.1)
+    for row in job_rows(farm.out(0.1), W1):
+        farm.result(W1, row, 0.2)
+    farm.out(0.2)
+    farm.send(CA, p.Received([], 3), 0.3)  # the RECEIVED for 1 and 2 never arrived; 3 is unfinished here
+    assert farm.snap(0.3)["clients"][0]["held"] == 1
+
+
+def test_a_seq_too_large_for_the_journal_is_malformed_input(tmp_path: Path) -> None:
+    farm = Farm(journal=Journal(str(tmp_path / "journal.db")))
+    farm.client(CA, "ca")
+    farm.submit(CA, [2**63], 0.1)
+    farm.send(CA, p.Cancel([2**64 - 1]), 0.1)
+    assert farm.counter("malformed") == 2
+    farm.submit(CA, [2**63 - 1], 0.2)
+    assert farm.snap(0.2)["queued"] == 1
+    farm.sched.journal.commit()  # type: ignore[union-attr]

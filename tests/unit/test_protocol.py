@@ -43,7 +43,7 @@ SAMPLES: list[p.Message] = [
     p.Result([[0, int(p.Outcome.OK), 1, ""]], [b"r"], [["w-1", "h", 1, 1.0, 1.5, 2.5, 1.0, 4096]]),
     p.History(10),
     p.HistoryReply(["id", "run_s"], [["c-1:0", 0.5]]),
-    p.Received([4, 5]),
+    p.Received([4, 5], 3),
     p.Accepted([1]),
 ]
 
@@ -55,7 +55,7 @@ def test_every_message_type_is_sampled() -> None:
 @pytest.mark.parametrize("msg", SAMPLES, ids=lambda m: type(m).__name__)
 def test_round_trip(msg: p.Message) -> None:
     frames = p.encode(msg)
-    assert frames[0] == p.HEADER == b"ZF\x01"
+    assert frames[0] == p.HEADER == b"ZF\x02"
     assert frames[1] == bytes([msg.command])
     decoded = p.decode(frames)
     assert type(decoded) is type(msg)
@@ -176,14 +176,14 @@ def test_envelope_over_the_limit_is_rejected(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_other_protocol_version_is_a_version_mismatch() -> None:
-    frames = [b"ZF\x02", *p.encode(p.Hello("client", "c", "h", 1))[1:]]
+    frames = [b"ZF\x09", *p.encode(p.Hello("client", "c", "h", 1))[1:]]
     with pytest.raises(p.VersionMismatch) as info:
         p.decode(frames)
     exc = info.value
     assert isinstance(exc, ProtocolError)
-    assert exc.version == 2
+    assert exc.version == 9
     text = str(exc)
-    assert "version 2" in text
+    assert "version 9" in text
     assert f"speaks {p.PROTOCOL_VERSION}" in text
 
 

@@ -146,11 +146,11 @@ def test_bad_hello_is_refused(hello: p.Hello) -> None:
 def test_hello_of_another_protocol_version_is_refused() -> None:
     farm = Farm()
     frames = p.encode(p.Hello("worker", "w1", "h", 1, 2, {}))
-    farm.sched.handle(W1, [b"ZF\x02", *frames[1:]], 0.0)
+    farm.sched.handle(W1, [b"ZF\x09", *frames[1:]], 0.0)
     out = farm.out(0.0)
     assert [(r, type(m)) for r, m in out] == [(W1, p.Refused)]
     reason = out[0][1].reason  # type: ignore[attr-defined]
-    assert "version 2" in reason and f"speaks {p.PROTOCOL_VERSION}" in reason
+    assert "version 9" in reason and f"speaks {p.PROTOCOL_VERSION}" in reason
     assert farm.snap()["workers"] == []
 
 
