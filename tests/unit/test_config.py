@@ -103,3 +103,20 @@ def test_settings_are_frozen() -> None:
     s = BrokerSettings()
     with pytest.raises(AttributeError):
         s.liveness = 9  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("name", ["sweep-42", "a", "run.2026_11_23", "x" * 100])
+def test_good_session_names(name: str) -> None:
+    assert ClientSettings(session=name).session == name
+
+
+@pytest.mark.parametrize("name", ["-leading-dash", "has space", "slash/name", "x" * 101, "é"])
+def test_bad_session_names_are_refused_with_the_rule(name: str) -> None:
+    with pytest.raises(ConfigError, match="letters, digits"):
+        ClientSettings(session=name)
+
+
+def test_journal_sync_must_be_full_or_normal() -> None:
+    assert BrokerSettings(journal_sync="normal").journal_sync == "normal"
+    with pytest.raises(ConfigError, match="full or normal"):
+        BrokerSettings(journal_sync="sometimes")
