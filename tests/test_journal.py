@@ -146,3 +146,17 @@ def test_a_session_never_answers_a_changed_job_with_an_old_result(procs: Procs,
     finally:
         again.shutdown()
     assert snapshot(ctx, endpoint)["done"] == 3  # job 1 ran twice (old and new content), job 2 once
+
+
+def test_shutdown_with_cancel_futures_ends_a_session(procs: Procs, ctx: zmq.Context[Any]) -> None:
+    endpoint, _ = procs.farm(*FAST, workers=1)
+    client = zfarm.Client(endpoint, session="abandoned")
+    for x in range(5):
+        client.submit(jobs.sleep_then, x, 30.0)
+    client.shutdown(wait=False)  # left: the jobs go on
+    wait_for(lambda: [c["present"] for c in snapshot(ctx, endpoint)["clients"]] == [False], 10,
+             message="the session away")
+    zfarm.Client(endpoint, session="abandoned").shutdown(cancel_futures=True)  # changed our mind
+    wait_for(lambda: snapshot(ctx, endpoint)["clients"] == [], 10, message="the session forgotten")
+    snap = snapshot(ctx, endpoint)
+    assert snap["queued"] == 0 and snap["in_flight"] == 0 and snap["cancelled"] == 5

@@ -201,7 +201,8 @@ class Client(concurrent.futures.Executor):
             wait: first wait for every unfinished job. In a session, ``wait=False`` leaves at
                 once: the broker runs the jobs and keeps their results for a later client
                 of the session.
-            cancel_futures: cancel the jobs that have not finished.
+            cancel_futures: cancel the jobs that have not finished. In a session, also end
+                it: the broker drops whatever it still runs or holds for it.
         """
         with self._shutdown_lock:
             if self._shutdown:
@@ -210,7 +211,8 @@ class Client(concurrent.futures.Executor):
         if cancel_futures:
             for future in self._res.unfinished():
                 future.cancel()
-        if self.session and not wait:
+            self._res.end_session = bool(self.session)
+        if self.session and not wait and not cancel_futures:
             self._res.detach()
         elif wait:
             self._res.close_when_done(block=True)
@@ -303,6 +305,7 @@ class _Resources:
         self._futures: weakref.WeakSet[JobFuture] = weakref.WeakSet()  # pending ones stay referenced
         self._lock = threading.Lock()
         self._closed = False
+        self.end_session = False  # on close, tell the broker to forget the session
 
     @classmethod
     def open(cls, settings: ClientSettings, client_id: str, cluster: LocalCluster | None) -> _Resources:
@@ -351,7 +354,7 @@ class _Resources:
             if self._closed:
                 return
             self._closed = True
-        self.connection.close()
+        self.connection.close(end_session=self.end_session)
         self._release()
 
     def _release(self) -> None:

@@ -142,6 +142,7 @@ class Connection(threading.Thread):
         self._stopping = False
         #: leaving a session: stop once the broker holds every job, or at this time (monotonic)
         self._detach_by: float | None = None
+        self._end_session = False
         # owned by the I/O thread from here on
         self._socket: zmq.Socket[Any] | None = None
         self._monitor: zmq.Socket[Any] | None = None
@@ -189,9 +190,12 @@ class Connection(threading.Thread):
             self.join(timeout_s + 5.0)
         self.close()
 
-    def close(self, timeout_s: float = 5.0) -> None:
-        """Say goodbye to the broker, stop the thread and close the socket."""
-        self._post("stop", None)
+    def close(self, timeout_s: float = 5.0, end_session: bool = False) -> None:
+        """Say goodbye to the broker, stop the thread and close the socket.
+
+        ``end_session``: the broker forgets the session's jobs and results, instead of keeping them.
+        """
+        self._post("stop", end_session)
         if self.is_alive() and threading.current_thread() is not self:
             self.join(timeout_s)
         self._wake_r.close()
@@ -304,6 +308,7 @@ class Connection(threading.Thread):
                     self._cancels.append(payload)
             elif what == "stop":
                 self._stopping = True
+                self._end_session = bool(payload)
             elif what == "detach":
                 self._detach_by = time.monotonic() + payload
 
@@ -558,7 +563,8 @@ class Connection(threading.Thread):
         self._acknowledge(time.monotonic(), force=True)
         if self._socket is not None and self._link is Link.READY:
             try:
-                self._socket.send_multipart(p.encode(p.Disconnect("client closed")), zmq.NOBLOCK)
+                reason = p.END_SESSION if self._end_session else "client closed"
+                self._socket.send_multipart(p.encode(p.Disconnect(reason)), zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass
         self._close_socket(linger_ms=200)

@@ -429,6 +429,8 @@ def _check_plain_rows(msg: Message) -> None:
         raise ProtocolError("HISTORY_REPLY rows must be arrays")
 
 
+#: DISCONNECT reason of a session's client that is done with the session: the broker forgets it
+END_SESSION = "session ended"
 #: functions a worker (and each of its slots) keeps; the broker mirrors the worker's cache
 FN_CACHE_SIZE = 64
 #: LOST info for a job whose function the broker no longer had; the client sends it again

@@ -67,6 +67,7 @@ ALIVE_REASONS = ("left", "reconnected", "replaced by a new HELLO on its connecti
 FN_KEEP_S = 3.0
 #: how often the core scans peers for expiry and heartbeats, as a fraction of the interval
 SCANS_PER_INTERVAL = 4
+ENDED_SESSION = "ended its session"
 #: how long jobs read back from a journal wait for a client without a session to come back
 RECOVERY_GRACE_S = 120.0
 
@@ -207,7 +208,7 @@ class Scheduler:
             return
         if isinstance(msg, p.Disconnect):
             log.info("%s %s left: %s", role_of(peer), peer.id, msg.reason or "no reason given")
-            self._remove(peer, now, why="left")
+            self._remove(peer, now, why=ENDED_SESSION if msg.reason == p.END_SESSION else "left")
         elif isinstance(msg, p.Status):
             self._send(peer, p.StatusReply(self.snapshot(now)), now)
         elif isinstance(msg, p.History):
@@ -378,7 +379,7 @@ class Scheduler:
                                                   "lost_at": self.records.wall(now), "why": why})
             self._requeue(peer, why, now)
         elif isinstance(peer, ClientRecord) and self.clients.get(peer.id) is peer and peer.present:
-            if peer.session and (peer.jobs or peer.held):
+            if peer.session and (peer.jobs or peer.held) and why != ENDED_SESSION:
                 self._detach(peer, now, why)
             else:
                 self._drop_client(peer, now, why)

@@ -277,3 +277,20 @@ def test_a_seq_too_large_for_the_journal_is_malformed_input(tmp_path: Path) -> N
     farm.submit(CA, [2**63 - 1], 0.2)
     assert farm.snap(0.2)["queued"] == 1
     farm.sched.journal.commit()  # type: ignore[union-attr]
+
+
+def test_a_client_that_ends_its_session_takes_its_jobs_and_results_with_it(tmp_path: Path) -> None:
+    path = tmp_path / "journal.db"
+    farm = Farm(journal=Journal(str(path)))
+    farm.worker(W1, "w1", credit=1, slots=1)
+    farm.client(CA, "s-x", session="x")
+    farm.submit(CA, [1, 2, 3], 0.1)
+    row = job_rows(farm.out(0.1), W1)[0]
+    farm.result(W1, row, 0.2, credit=0)
+    farm.send(CA, p.Disconnect(p.END_SESSION), 0.3)
+    out = farm.out(0.3)
+    assert to(out, W1) == []  # jobs 2 and 3 were queued (w1 had no credit): dropped, nothing to kill
+    assert farm.snap(0.3)["clients"] == [] and farm.snap(0.3)["queued"] == 0
+    assert farm.counter("cancelled") == 2
+    farm = restart(farm, path)
+    assert farm.snap(100.0)["clients"] == [] and farm.counter("recovered") == 0
