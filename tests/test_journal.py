@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -160,3 +161,44 @@ def test_shutdown_with_cancel_futures_ends_a_session(procs: Procs, ctx: zmq.Cont
     wait_for(lambda: snapshot(ctx, endpoint)["clients"] == [], 10, message="the session forgotten")
     snap = snapshot(ctx, endpoint)
     assert snap["queued"] == 0 and snap["in_flight"] == 0 and snap["cancelled"] == 5
+
+
+def test_a_session_left_by_an_exception_goes_on_and_its_rerun_collects_what_was_not_read(
+        procs: Procs, markers: Path, ctx: zmq.Context[Any]) -> None:
+    endpoint, _ = procs.farm(*FAST, workers=1, procs=2)
+    first = map_client(procs, endpoint, markers, "--session", "partial", "--jobs", "6", "--seconds", "1.0",
+                       "--read", "2")
+    first.wait_for_log("failing", 30)
+    assert first.wait(10) == 3
+    assert sum(runs(markers, "finished").values()) < 6  # left without waiting for the jobs
+    assert results_of(first) == {0: 0, 1: 10}
+
+    def held() -> list[tuple[bool, int]]:
+        return [(c["present"], c["held"]) for c in snapshot(ctx, endpoint)["clients"]]
+
+    # Results 0 to 2 were read (the loop took 2 before failing on it): received; 3 to 5 held unread.
+    wait_for(lambda: held() == [(False, 3)], 30, message="the 3 unread results held")
+    second = map_client(procs, endpoint, markers, "--session", "partial", "--jobs", "6", "--seconds", "1.0")
+    second.wait_for_log("done", 60)
+    assert second.wait(10) == 0
+    assert results_of(second) == {x: x * 10 for x in range(6)}
+    assert runs(markers, "started") == Counter({0: 2, 1: 2, 2: 2, 3: 1, 4: 1, 5: 1})  # read ones run again
+
+
+def test_leaving_a_session_sends_a_job_waiting_out_its_retry_at_once(
+        procs: Procs, tmp_path: Path, ctx: zmq.Context[Any]) -> None:
+    endpoint, _ = procs.farm(*FAST, workers=1)
+    counter = tmp_path / "runs"
+    counter.mkdir()
+    client = zfarm.Client(endpoint, session="retrying", retry_backoff_s=60)
+    client.with_options(retries=1).submit(jobs.fail_times, str(counter), 1, 7)
+    wait_for(lambda: len(client.stats().records) == 1, 20, message="the first run's error at the client")
+    started = time.monotonic()
+    client.shutdown(wait=False)
+    assert time.monotonic() - started < 5  # not the 60 s backoff, nor the 10 s limit on leaving
+    wait_for(lambda: [c["held"] for c in snapshot(ctx, endpoint)["clients"]] == [1], 20,
+             message="the re-run's result held for the session")
+    assert len(list(counter.iterdir())) == 2
+    with zfarm.Client(endpoint, session="retrying") as again:
+        assert again.with_options(retries=1).submit(jobs.fail_times, str(counter), 1, 7).result(20) == 7
+    assert len(list(counter.iterdir())) == 2  # collected, not run a third time

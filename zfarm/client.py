@@ -24,7 +24,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, Literal
 
 import zmq
 
@@ -218,6 +218,11 @@ class Client(concurrent.futures.Executor):
             self._res.close_when_done(block=True)
         else:  # jobs go on; the connection closes when they are done
             self._res.close_when_done()
+
+    def __exit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> Literal[False]:
+        """Leaving a ``with`` block waits for the jobs; a session left by an exception leaves them."""
+        self.shutdown(wait=not (self.session and exc_type is not None))
+        return False
 
     def _job(self, fn_id: bytes, frames: list[Any], fn_size: int, options: dict[str, Any]) -> PendingJob:
         if self._shutdown:

@@ -71,6 +71,9 @@ RECORDS_KEPT = 100_000
 RECEIVED_BATCH = 4096
 RECEIVED_DELAY_S = 0.05
 
+#: how long ending a session waits for the broker to be reachable, to tell it
+END_SESSION_WAIT_S = 10.0
+
 #: SUBMIT messages are cut at this size so one message never holds up the broker for long
 SUBMIT_BATCH_BYTES = 16 * 1024 * 1024
 
@@ -92,6 +95,25 @@ class JobFuture(Future[Any]):
         self.partial: list[Any] | None = None
         #: how long the job ran in its slot, once it is done (None if unknown)
         self.run_s: float | None = None
+        self._was_read = False
+
+    def result(self, timeout: float | None = None) -> Any:
+        try:
+            return super().result(timeout)
+        finally:
+            self._read()
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        try:
+            return super().exception(timeout)
+        finally:
+            self._read()
+
+    def _read(self) -> None:
+        """A session's result counts as received once the caller has read it (see ``Connection``)."""
+        if self._connection.session and not self._was_read and self.done():
+            self._was_read = True
+            self._connection.read(self.seq)
 
     def cancel(self) -> bool:
         if self.done():
@@ -114,6 +136,7 @@ class PendingJob:
     retries: int = 0  # runs left after the job raised (not after it crashed or timed out)
     attempt: int = 0  # retries used so far
     accepted: bool = False  # a session's broker said it holds the job (ACCEPTED)
+    drop_held: bool = False  # a re-run: the broker must forget the result it holds first (RECEIVED)
 
 
 class Connection(threading.Thread):
@@ -161,9 +184,14 @@ class Connection(threading.Thread):
         self._bounced: deque[int] = deque()
         self._busy_backoff_s = BUSY_MIN_S
         self._busy_retry_at = 0.0
+        self.session = settings.session
         self._received: list[int] = []  # results to tell the broker about (RECEIVED), batched
         self._received_since = 0.0
-        self._next_seq = 1  # above every seq taken so far
+        # A session's results count as received only once the caller read them: a rerun after a
+        # crash collects the rest. These arrived and wait to be read.
+        self._unread: set[int] = set()
+        self._posted_upto = 1  # every seq below it has been posted to this thread
+        self._posted_above: set[int] = set()
         self._cancels: list[int] = []  # to send once the broker listens
         self._link = Link.DOWN
         self._interval_s = settings.heartbeat_interval_s
@@ -182,6 +210,10 @@ class Connection(threading.Thread):
 
     def cancel(self, seq: int) -> None:
         self._post("cancel", seq)
+
+    def read(self, seq: int) -> None:
+        """The caller read a session job's result (from any thread)."""
+        self._post("read", seq)
 
     def detach(self, timeout_s: float) -> None:
         """Leave a session: wait (up to ``timeout_s``) until the broker holds every job, then close."""
@@ -245,8 +277,24 @@ class Connection(threading.Thread):
             self._send(p.Cancel(self._cancels), time.monotonic())
             self._cancels = []
         self._check_liveness(time.monotonic())
-        if self._detach_by is not None and (time.monotonic() > self._detach_by or self._all_accepted()):
+        if self._detach_by is not None and (time.monotonic() > self._detach_by
+                                            or (self._all_accepted() and self._link is Link.READY)):
             self._stopping = True
+
+    def _leave_by(self, deadline: float) -> None:
+        """Leave once the broker holds every job and can hear us say so (or at ``deadline``).
+
+        Jobs waiting out a retry or a full queue go now: the broker runs them without us.
+        """
+        self._detach_by = deadline
+        waiting = [seq for _, seq in self._retry_at] + list(self._bounced)
+        self._retry_at.clear()
+        self._retrying.clear()
+        self._bounced.clear()
+        self._to_send.extend(seq for seq in waiting if seq in self._jobs)
+        if self._link is Link.DOWN:  # try the broker now, not after the backoff
+            self._reconnect_at = time.monotonic()
+            self._backoff_s = self.settings.reconnect_min_s
 
     def _all_accepted(self) -> bool:
         return all(job.accepted for job in self._jobs.values())
@@ -290,27 +338,36 @@ class Connection(threading.Thread):
         while self._inbox:
             what, payload = self._inbox.popleft()
             if what == "submit":
-                fn_id, blob, jobs = payload
-                self._fns[fn_id] = blob
-                self._fn_users[fn_id] = self._fn_users.get(fn_id, 0) + len(jobs)
-                now = time.monotonic()
-                queue = self._bounced if self._bounced else self._to_send  # none overtakes a bounced one
-                for job in jobs:
-                    job.submitted_at = now
-                    self._jobs[job.seq] = job
-                    queue.append(job.seq)
-                self._next_seq = max(self._next_seq, jobs[-1].seq + 1) if jobs else self._next_seq
-                if self._link is Link.DOWN:  # new work: try the broker now, not after the backoff
-                    self._reconnect_at = now
-                    self._backoff_s = self.settings.reconnect_min_s
+                self._take_jobs(*payload)
             elif what == "cancel":
                 if self._forget(payload) is not None:
                     self._cancels.append(payload)
             elif what == "stop":
-                self._stopping = True
                 self._end_session = bool(payload)
+                if self._end_session and self._link is not Link.READY:  # the broker must hear it
+                    self._leave_by(time.monotonic() + END_SESSION_WAIT_S)
+                else:
+                    self._stopping = True
+            elif what == "read":
+                if payload in self._unread:
+                    self._unread.discard(payload)
+                    self._note_received([payload], time.monotonic())
             elif what == "detach":
-                self._detach_by = time.monotonic() + payload
+                self._leave_by(time.monotonic() + payload)
+
+    def _take_jobs(self, fn_id: bytes, blob: Any, jobs: list[PendingJob]) -> None:
+        self._fns[fn_id] = blob
+        self._fn_users[fn_id] = self._fn_users.get(fn_id, 0) + len(jobs)
+        now = time.monotonic()
+        queue = self._bounced if self._bounced else self._to_send  # none overtakes a bounced one
+        for job in jobs:
+            job.submitted_at = now
+            self._jobs[job.seq] = job
+            queue.append(job.seq)
+            self._posted(job.seq)
+        if self._link is Link.DOWN:  # new work: try the broker now, not after the backoff
+            self._reconnect_at = now
+            self._backoff_s = self.settings.reconnect_min_s
 
     def _drain(self) -> None:
         while self._socket is not None:
@@ -374,13 +431,17 @@ class Connection(threading.Thread):
             if self._bounced_back(seq, outcome, info):
                 busy = busy or outcome == p.Outcome.BUSY
                 continue
-            received.append(seq)  # the broker holds each result until we say we have it
             if row is not None and outcome != p.Outcome.CANCELLED and seq in self._jobs:
                 name = p.Outcome(outcome).name.lower() if outcome in _OUTCOME_VALUES else str(outcome)
                 records.append(record_of(f"{self.client_id}:{seq}", name, info, row))
             if outcome == p.Outcome.ERROR and self._retry(seq, info):
-                continue
+                continue  # the re-run's SUBMIT tells the broker to forget this result
             job = self._forget(seq)
+            # The broker holds each result until we say we have it; a session's, until it is read.
+            if job is not None and self.session and outcome != p.Outcome.CANCELLED:
+                self._unread.add(seq)
+            else:
+                received.append(seq)
             if job is None:
                 self.duplicates += 1
                 continue
@@ -390,11 +451,20 @@ class Connection(threading.Thread):
         if records:
             with self.records_lock:
                 self.records.extend(records)
-        if received:
+        self._note_received(received, now)
+        self._note_room(busy)
+
+    def _note_received(self, seqs: list[int], now: float) -> None:
+        if seqs:
             if not self._received:
                 self._received_since = now
-            self._received.extend(received)
-        self._note_room(busy)
+            self._received.extend(seqs)
+
+    def _posted(self, seq: int) -> None:
+        self._posted_above.add(seq)
+        while self._posted_upto in self._posted_above:
+            self._posted_above.discard(self._posted_upto)
+            self._posted_upto += 1
 
     def _bounced_back(self, seq: int, outcome: int, info: str) -> bool:
         """Whether the broker handed this job back unaccepted; if so, it goes again later."""
@@ -419,8 +489,13 @@ class Connection(threading.Thread):
             self._received = []
 
     def _oldest_unfinished(self) -> int:
-        """Every result of a job numbered below this one has arrived."""
-        return min(self._jobs) if self._jobs else self._next_seq
+        """Every result of a job numbered below this one has arrived (and, in a session, been read).
+
+        Seqs are taken in user threads, one after the other from 1, and posted here in any order:
+        none at or above the lowest seq not posted yet is counted as arrived.
+        """
+        return min(self._posted_upto, min(self._jobs, default=self._posted_upto),
+                   min(self._unread, default=self._posted_upto))
 
     def _note_room(self, busy: bool) -> None:
         """After a RESULT: if the broker bounced jobs, wait longer before offering them again."""
@@ -439,6 +514,7 @@ class Connection(threading.Thread):
         job.retries -= 1
         job.attempt += 1
         job.accepted = False  # leaving the session waits for the re-run to be accepted
+        job.drop_held = True
         delay_s = min(self.settings.retry_backoff_s * 2 ** (job.attempt - 1), RETRY_BACKOFF_MAX_S)
         log.info("job %s:%d raised (%s): running it again in %.1f s, %d retries left", self.client_id, seq,
                  info, delay_s, job.retries)
@@ -496,8 +572,10 @@ class Connection(threading.Thread):
         for job in batch:
             rows.append([job.seq, len(job.frames), job.options])
             frames.extend(job.frames)
-        reruns = [job.seq for job in batch if job.attempt]
+        reruns = [job.seq for job in batch if job.drop_held]
         if reruns:  # else the broker answers a re-run with the error it holds from the last run
+            for job in batch:
+                job.drop_held = False
             self._send(p.Received(reruns, self._oldest_unfinished()), now)
         self._fns_sent.add(fn_id)
         self._send(p.Submit(fn_id, with_fn, rows, frames), now)
@@ -560,6 +638,16 @@ class Connection(threading.Thread):
     def _goodbye(self) -> None:
         if self._detach_by is not None:
             self._flush()  # a session's last jobs reach the broker before we say goodbye
+            if not self._all_accepted():
+                log.warning("client %s left session %s before the broker held %d of its jobs: a rerun "
+                            "submits them again", self.client_id, self.session,
+                            sum(not job.accepted for job in self._jobs.values()))
+        if self._end_session and self._link is not Link.READY:
+            log.warning("client %s could not reach the broker to end session %s: it keeps the session's "
+                        "jobs and results for its --session-ttl", self.client_id, self.session)
+        elif self._detach_by is None and not self._jobs:  # closed after every job: unread ones unwanted
+            self._note_received(sorted(self._unread), time.monotonic())
+            self._unread.clear()
         self._acknowledge(time.monotonic(), force=True)
         if self._socket is not None and self._link is Link.READY:
             try:
