@@ -67,6 +67,7 @@ ALIVE_REASONS = ("left", "reconnected", "replaced by a new HELLO on its connecti
 FN_KEEP_S = 3.0
 #: how often the core scans peers for expiry and heartbeats, as a fraction of the interval
 SCANS_PER_INTERVAL = 4
+#: why a session client was dropped when it said DISCONNECT("session ended")
 ENDED_SESSION = "ended its session"
 #: how long jobs read back from a journal wait for a client without a session to come back
 RECOVERY_GRACE_S = 120.0
