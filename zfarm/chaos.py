@@ -8,6 +8,11 @@ SIGKILLs a random worker every X seconds (and starts a new one), SIGSTOPs a work
 the liveness window and resumes it, and SIGKILLs and restarts the broker on the same port and
 journal a few times. It then prints submitted, received, lost, duplicates delivered, wrong
 results and the wall time, and exits 1 unless lost = duplicates = wrong = 0.
+
+With ``--client-kills K`` the client runs in a process of its own under a session, and is SIGKILLed
+K times as well, spread over the run; each time the same map is started again in a new process
+under the same session, as a user would rerun a script. The counts are those of the last run,
+which must deliver every result once.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import zfarm
@@ -122,6 +129,94 @@ def _chaos(farm: Farm, args: argparse.Namespace, received: list[int], stopping: 
             restarts_done += 1
 
 
+@dataclass
+class Tally:
+    """What the (last) client received."""
+
+    seen: dict[int, int] = field(default_factory=dict)
+    wrong: int = 0
+    dropped: int = 0  # duplicates the client dropped
+    failure: str = ""
+    read_by_killed: int = 0  # results read by clients that were then killed (their jobs run again)
+
+    def add(self, x: int, square: int) -> None:
+        self.seen[x] = self.seen.get(x, 0) + 1
+        self.wrong += square != x * x
+
+
+def _map_here(farm: Farm, args: argparse.Namespace, received: list[int], chaos: threading.Thread) -> Tally:
+    tally = Tally()
+    with zfarm.Client(farm.address, broker_timeout_s=args.time_limit, session=args.session) as client:
+        chaos.start()
+        results = client.map(chaos_job, range(args.jobs), [args.work_s] * args.jobs,
+                             timeout=args.time_limit, chunksize=args.chunksize)
+        try:
+            for x, square in results:
+                tally.add(x, square)
+                received[0] += 1
+        except TimeoutError:
+            print(f"chaos: time limit of {args.time_limit:.0f} s reached", file=sys.stderr)
+        except zfarm.ZfarmError as exc:  # reported below as lost results
+            tally.failure = f"{type(exc).__name__}: {exc}"
+        tally.dropped = client.duplicates_dropped
+    return tally
+
+
+def _map_in_processes(farm: Farm, args: argparse.Namespace, received: list[int], chaos: threading.Thread,
+                      folder: str, events: list[str]) -> Tally:
+    """Run the map in a client process, SIGKILL it ``--client-kills`` times and start it again."""
+    deadline = time.monotonic() + args.time_limit
+    chaos.start()
+    read_by_killed = 0
+    for run in range(args.client_kills + 1):
+        out = Path(folder, f"client-{run}.txt")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "zfarm.chaos", "--client-of", farm.address, "--out", str(out),
+             "--session", args.session, "--jobs", str(args.jobs), "--work-s", str(args.work_s),
+             "--chunksize", str(args.chunksize), "--time-limit", str(args.time_limit)],
+            stdin=subprocess.DEVNULL, stdout=farm.log, stderr=farm.log)
+        kill_at = args.jobs * (run + 1) // (args.client_kills + 1) if run < args.client_kills else None
+        while proc.poll() is None:
+            lines = _result_lines(out)
+            received[0] = len(lines)
+            if (kill_at is not None and len(lines) >= kill_at) or time.monotonic() > deadline:
+                proc.kill()
+                events.append("client-kill")
+                read_by_killed += len(_result_lines(out))
+            time.sleep(0.02)
+        proc.wait()
+    tally = Tally(read_by_killed=read_by_killed)
+    text = out.read_text() if out.exists() else ""
+    for x, square in _result_lines(out):
+        tally.add(x, square)
+    dropped = [line for line in text.splitlines() if line.startswith("dropped ")]
+    tally.dropped = int(dropped[-1].split()[1]) if dropped else 0
+    if proc.returncode != 0:
+        tally.failure = f"the last client exited with {proc.returncode}"
+    received[0] = sum(tally.seen.values())
+    return tally
+
+
+def _result_lines(path: Path) -> list[tuple[int, int]]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return []
+    complete = text.split("\n")[:-1]  # a line still being written has no newline yet
+    return [(int(a), int(b)) for a, b in (line.split() for line in complete if line[:1].isdigit())]
+
+
+def _client_process(args: argparse.Namespace) -> int:
+    """``--client-of``: one client run of a ``--client-kills`` soak, its results in ``--out``."""
+    with open(args.out, "w", buffering=1) as out, zfarm.Client(
+            args.client_of, broker_timeout_s=args.time_limit, session=args.session) as client:
+        for x, square in client.map(chaos_job, range(args.jobs), [args.work_s] * args.jobs,
+                                    timeout=args.time_limit, chunksize=args.chunksize):
+            out.write(f"{x} {square}\n")
+        out.write(f"dropped {client.duplicates_dropped}\n")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     log_path = args.log or os.devnull
     with open(log_path, "ab") as log, tempfile.TemporaryDirectory(prefix="zfarm-chaos-") as folder:
@@ -132,46 +227,36 @@ def run(args: argparse.Namespace) -> int:
         events: list[str] = []
         chaos = threading.Thread(target=_chaos, args=(farm, args, received, stopping, events), daemon=True)
         started = time.monotonic()
-        seen: dict[int, int] = {}
-        wrong = 0
-        dropped = 0
-        failure = ""
         try:
-            with zfarm.Client(farm.address, broker_timeout_s=args.time_limit) as client:
-                chaos.start()
-                results = client.map(chaos_job, range(args.jobs), [args.work_s] * args.jobs,
-                                     timeout=args.time_limit, chunksize=args.chunksize)
-                try:
-                    for x, square in results:
-                        seen[x] = seen.get(x, 0) + 1
-                        wrong += square != x * x
-                        received[0] += 1
-                except TimeoutError:
-                    print(f"chaos: time limit of {args.time_limit:.0f} s reached", file=sys.stderr)
-                except zfarm.ZfarmError as exc:  # reported below as lost results
-                    failure = f"{type(exc).__name__}: {exc}"
-                dropped = client.duplicates_dropped
+            if args.client_kills:
+                tally = _map_in_processes(farm, args, received, chaos, folder, events)
+            else:
+                tally = _map_here(farm, args, received, chaos)
         finally:
             stopping.set()
             if chaos.is_alive():
                 chaos.join(30)
             farm.stop()
     wall_s = time.monotonic() - started
-    lost = sum(1 for x in range(args.jobs) if x not in seen)
-    duplicates = sum(n - 1 for n in seen.values() if n > 1)
+    lost = sum(1 for x in range(args.jobs) if x not in tally.seen)
+    duplicates = sum(n - 1 for n in tally.seen.values() if n > 1)
     print(f"submitted            {args.jobs}")
-    print(f"results received     {received[0]}")
+    print(f"results received     {sum(tally.seen.values())}")
     print(f"lost                 {lost}")
     print(f"duplicates delivered {duplicates}")
-    print(f"wrong results        {wrong}")
-    print(f"duplicates dropped   {dropped} (jobs that ran twice; the client delivered them once)")
+    print(f"wrong results        {tally.wrong}")
+    print(f"duplicates dropped   {tally.dropped} (jobs that ran twice; the client delivered them once)")
     print(f"chaos                {events.count('worker-kill')} worker kills, "
-          f"{events.count('worker-stop')} worker stops, {events.count('broker-restart')} broker restarts")
+          f"{events.count('worker-stop')} worker stops, {events.count('broker-restart')} broker restarts, "
+          f"{events.count('client-kill')} client kills")
+    if args.client_kills:
+        print(f"client reruns        {args.client_kills} (session {args.session}; {tally.read_by_killed} "
+              "results read by killed clients ran again)")
     print(f"journal              {journal or 'none (the client resubmits after a broker restart)'}")
     print(f"wall time            {wall_s:.1f} s")
-    if failure:
-        print(f"the map stopped on   {failure}")
-    return 0 if lost == duplicates == wrong == 0 else 1
+    if tally.failure:
+        print(f"the map stopped on   {tally.failure}")
+    return 0 if lost == duplicates == tally.wrong == 0 and not tally.failure else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -192,9 +277,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--journal", default=None, metavar="PATH",
                         help="the broker's journal (default: one in a temporary folder)")
     parser.add_argument("--no-journal", action="store_true", help="run the broker without a journal")
+    parser.add_argument("--session", default=None, help="run the client in this session")
+    parser.add_argument("--client-kills", type=int, default=0,
+                        help="SIGKILL the client this many times and rerun it (in a session; default 0)")
+    parser.add_argument("--client-of", help=argparse.SUPPRESS)  # one client run of a --client-kills soak
+    parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.jobs < 1 or args.workers < 1:
         parser.error("--jobs and --workers must be at least 1")
+    if args.client_of:
+        return _client_process(args)
+    if args.client_kills and not args.session:
+        args.session = "chaos"
     return run(args)
 
 
