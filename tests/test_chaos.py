@@ -37,3 +37,19 @@ def test_short_chaos_soak_loses_nothing_and_delivers_once(procs: Procs) -> None:
     kills, _stops, restarts = map(int, chaos.groups())
     assert restarts == 2
     assert kills >= 3  # the farm really was under fire
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_chaos_soak_with_a_session_client_killed_and_rerun_loses_nothing(procs: Procs) -> None:
+    soak = procs.spawn("--jobs", "2000", "--workers", "3", "--work-s", "0.005", "--kill-every", "0.7",
+                       "--broker-restarts", "1", "--client-kills", "2", "--seed", "11", "--time-limit", "180",
+                       name="chaos", command=(sys.executable, "-m", "zfarm.chaos"))
+    assert soak.wait(230) == 0, soak.log()
+    report = soak.log()
+    for label, value in (("results received", 2000), ("lost", 0), ("duplicates delivered", 0),
+                         ("wrong results", 0)):
+        found = re.search(rf"^{label}\s+(\d+)", report, re.MULTILINE)
+        assert found and int(found.group(1)) == value, report
+    chaos = re.search(r"(\d+) broker restarts, (\d+) client kills", report)
+    assert chaos and chaos.groups() == ("1", "2"), report

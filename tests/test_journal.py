@@ -163,9 +163,9 @@ def test_shutdown_with_cancel_futures_ends_a_session(procs: Procs, ctx: zmq.Cont
     assert snap["queued"] == 0 and snap["in_flight"] == 0 and snap["cancelled"] == 5
 
 
-def test_a_session_left_by_an_exception_goes_on_and_its_rerun_collects_what_was_not_read(
-        procs: Procs, markers: Path, ctx: zmq.Context[Any]) -> None:
-    endpoint, _ = procs.farm(*FAST, workers=1, procs=2)
+def test_a_session_left_by_an_exception_goes_on_and_its_rerun_collects_every_result(
+        procs: Procs, tmp_path: Path, markers: Path, ctx: zmq.Context[Any]) -> None:
+    endpoint, _ = procs.farm(*FAST, "--journal", str(tmp_path / "journal.db"), workers=1, procs=2)
     first = map_client(procs, endpoint, markers, "--session", "partial", "--jobs", "6", "--seconds", "1.0",
                        "--read", "2")
     first.wait_for_log("failing", 30)
@@ -176,13 +176,14 @@ def test_a_session_left_by_an_exception_goes_on_and_its_rerun_collects_what_was_
     def held() -> list[tuple[bool, int]]:
         return [(c["present"], c["held"]) for c in snapshot(ctx, endpoint)["clients"]]
 
-    # Results 0 to 2 were read (the loop took 2 before failing on it): received; 3 to 5 held unread.
-    wait_for(lambda: held() == [(False, 3)], 30, message="the 3 unread results held")
+    # A session keeps every result until it ends, read or not: 0 to 2 were read before the failure.
+    wait_for(lambda: held() == [(False, 6)], 30, message="the 6 results held")
     second = map_client(procs, endpoint, markers, "--session", "partial", "--jobs", "6", "--seconds", "1.0")
     second.wait_for_log("done", 60)
     assert second.wait(10) == 0
     assert results_of(second) == {x: x * 10 for x in range(6)}
-    assert runs(markers, "started") == Counter({0: 2, 1: 2, 2: 2, 3: 1, 4: 1, 5: 1})  # read ones run again
+    assert runs(markers, "started") == Counter(range(6))  # nothing ran again
+    wait_for(lambda: held() == [], 10, message="the session over once its client finished")
 
 
 def test_leaving_a_session_sends_a_job_waiting_out_its_retry_at_once(

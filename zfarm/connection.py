@@ -95,25 +95,6 @@ class JobFuture(Future[Any]):
         self.partial: list[Any] | None = None
         #: how long the job ran in its slot, once it is done (None if unknown)
         self.run_s: float | None = None
-        self._was_read = False
-
-    def result(self, timeout: float | None = None) -> Any:
-        try:
-            return super().result(timeout)
-        finally:
-            self._read()
-
-    def exception(self, timeout: float | None = None) -> BaseException | None:
-        try:
-            return super().exception(timeout)
-        finally:
-            self._read()
-
-    def _read(self) -> None:
-        """A session's result counts as received once the caller has read it (see ``Connection``)."""
-        if self._connection.session and not self._was_read and self.done():
-            self._was_read = True
-            self._connection.read(self.seq)
 
     def cancel(self) -> bool:
         if self.done():
@@ -187,9 +168,8 @@ class Connection(threading.Thread):
         self.session = settings.session
         self._received: list[int] = []  # results to tell the broker about (RECEIVED), batched
         self._received_since = 0.0
-        # A session's results count as received only once the caller read them: a rerun after a
-        # crash collects the rest. These arrived and wait to be read.
-        self._unread: set[int] = set()
+        # A session never says RECEIVED (but for a re-run): the broker keeps its results until it
+        # ends, so that a rerun after a crash collects every finished job.
         self._posted_upto = 1  # every seq below it has been posted to this thread
         self._posted_above: set[int] = set()
         self._cancels: list[int] = []  # to send once the broker listens
@@ -210,10 +190,6 @@ class Connection(threading.Thread):
 
     def cancel(self, seq: int) -> None:
         self._post("cancel", seq)
-
-    def read(self, seq: int) -> None:
-        """The caller read a session job's result (from any thread)."""
-        self._post("read", seq)
 
     def detach(self, timeout_s: float) -> None:
         """Leave a session: wait (up to ``timeout_s``) until the broker holds every job, then close."""
@@ -348,10 +324,6 @@ class Connection(threading.Thread):
                     self._leave_by(time.monotonic() + END_SESSION_WAIT_S)
                 else:
                     self._stopping = True
-            elif what == "read":
-                if payload in self._unread:
-                    self._unread.discard(payload)
-                    self._note_received([payload], time.monotonic())
             elif what == "detach":
                 self._leave_by(time.monotonic() + payload)
 
@@ -437,11 +409,8 @@ class Connection(threading.Thread):
             if outcome == p.Outcome.ERROR and self._retry(seq, info):
                 continue  # the re-run's SUBMIT tells the broker to forget this result
             job = self._forget(seq)
-            # The broker holds each result until we say we have it; a session's, until it is read.
-            if job is not None and self.session and outcome != p.Outcome.CANCELLED:
-                self._unread.add(seq)
-            else:
-                received.append(seq)
+            if not self.session:
+                received.append(seq)  # the broker holds each result until we say we have it
             if job is None:
                 self.duplicates += 1
                 continue
@@ -489,13 +458,14 @@ class Connection(threading.Thread):
             self._received = []
 
     def _oldest_unfinished(self) -> int:
-        """Every result of a job numbered below this one has arrived (and, in a session, been read).
+        """Every result of a job numbered below this one has arrived (0 in a session: keep them all).
 
         Seqs are taken in user threads, one after the other from 1, and posted here in any order:
         none at or above the lowest seq not posted yet is counted as arrived.
         """
-        return min(self._posted_upto, min(self._jobs, default=self._posted_upto),
-                   min(self._unread, default=self._posted_upto))
+        if self.session:
+            return 0
+        return min(self._posted_upto, min(self._jobs, default=self._posted_upto))
 
     def _note_room(self, busy: bool) -> None:
         """After a RESULT: if the broker bounced jobs, wait longer before offering them again."""
@@ -642,12 +612,11 @@ class Connection(threading.Thread):
                 log.warning("client %s left session %s before the broker held %d of its jobs: a rerun "
                             "submits them again", self.client_id, self.session,
                             sum(not job.accepted for job in self._jobs.values()))
+        elif self.session and self._posted_upto > 1 and not self._jobs:
+            self._end_session = True  # closed after every job it submitted: the session is done
         if self._end_session and self._link is not Link.READY:
             log.warning("client %s could not reach the broker to end session %s: it keeps the session's "
                         "jobs and results for its --session-ttl", self.client_id, self.session)
-        elif self._detach_by is None and not self._jobs:  # closed after every job: unread ones unwanted
-            self._note_received(sorted(self._unread), time.monotonic())
-            self._unread.clear()
         self._acknowledge(time.monotonic(), force=True)
         if self._socket is not None and self._link is Link.READY:
             try:

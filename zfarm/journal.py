@@ -131,9 +131,9 @@ class Journal:
                 "ORDER BY queued_at, client, seq"):
             out.jobs.append(JournalJob(c, seq, fn, _unpack(frames), _unpack(options), queued_at, digest,
                                        tuple(_unpack(losses))))
-        for c, seq, outcome, frames, info, stats, digest in db.execute(
-                "SELECT client, seq, outcome, frames, info, stats, digest FROM results ORDER BY client, seq"):
-            out.results.append((c, seq, Held(outcome, _unpack(frames), info, _unpack(stats), digest)))
+        for c, seq, outcome, info, stats, digest in db.execute(
+                "SELECT client, seq, outcome, info, stats, digest FROM results ORDER BY client, seq"):
+            out.results.append((c, seq, Held(outcome, None, info, _unpack(stats), digest)))  # frames: lazily
         return out
 
     # ---- changes (one transaction per turn of the broker's loop) ----------------------------------
@@ -175,8 +175,14 @@ class Journal:
         """The job ended: its result replaces it until the client has it."""
         self.drop_job(client_id, seq)
         self._write("INSERT OR REPLACE INTO results VALUES(?, ?, ?, ?, ?, ?, ?)",
-                    (client_id, seq, held.outcome, _frames(held.frames), held.info, _pack(held.stats),
+                    (client_id, seq, held.outcome, _frames(held.frames or ()), held.info, _pack(held.stats),
                      held.digest))
+
+    def result_frames(self, client_id: str, seq: int) -> list[bytes] | None:
+        """A held result's payload, read back to send it again (None if the journal has none)."""
+        query = "SELECT frames FROM results WHERE client=? AND seq=?"
+        row = self._db.execute(query, (client_id, seq)).fetchone()
+        return None if row is None else list(_unpack(row[0]))
 
     def drop_result(self, client_id: str, seq: int) -> None:
         self._write("DELETE FROM results WHERE client=? AND seq=?", (client_id, seq))

@@ -527,11 +527,12 @@ class Scheduler:
             if client.session:
                 client.accepted.append(seq)
             return True
-        if held is not None and held.digest == digest:
+        frames = self._held_frames(client, seq, held) if held is not None and held.digest == digest else None
+        if held is not None and frames is not None:
             if client.session:
                 client.accepted.append(seq)
-            client.out_rows.append([seq, held.outcome, len(held.frames), held.info])
-            client.out_frames.extend(held.frames)
+            client.out_rows.append([seq, held.outcome, len(frames), held.info])
+            client.out_frames.extend(frames)
             client.out_stats.append(held.stats)
             return True
         if job is not None or held is not None:
@@ -543,6 +544,12 @@ class Scheduler:
             if client.held.pop(seq, None) is not None and self.journal is not None:
                 self.journal.drop_result(client.id, seq)
         return False
+
+    def _held_frames(self, client: ClientRecord, seq: int, held: Held) -> list[Any] | None:
+        """A held result's payload, from memory or else from the journal (None: it is gone)."""
+        if held.frames is not None:
+            return held.frames
+        return self.journal.result_frames(client.id, seq) if self.journal is not None else None
 
     def _retire(self, client: ClientRecord, job: Job, now: float) -> None:
         """Cancel a client's unfinished job. A session may send its number again with other content:
@@ -729,6 +736,8 @@ class Scheduler:
         client.held[job.seq] = held
         if self.journal is not None:
             self.journal.result(client.id, job.seq, held)
+            if client.session:  # kept until the session ends: on disk, not in memory
+                held.frames = None
         if client.present:  # else it is sent when the client asks for the job again
             client.out_rows.append([job.seq, int(outcome), len(frames), info])
             client.out_frames.extend(frames)

@@ -88,7 +88,7 @@ class Held:
     """A result the client has not yet said it received: sent again when it asks for the job again."""
 
     outcome: int
-    frames: list[Any]
+    frames: list[Any] | None  # None: only in the journal (read back when the result is sent again)
     info: str
     stats: list[Any]
     digest: bytes = b""
