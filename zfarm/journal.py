@@ -8,8 +8,9 @@
 Every change one turn of the broker's loop makes is written in one transaction,
 committed before anything that turn produced is sent: a client told a job was
 accepted, or a worker given it, can count on it surviving a crash of the broker.
-The journal holds only what is unfinished: accepted jobs until they end, results
-until their client says it received them, and the functions those jobs need.
+The journal holds only what is owed: accepted jobs until they end, results until
+their client says it received them (a session's, until the session ends), and the
+functions those jobs need.
 It stays small however long the broker runs.
 
 SQLite in WAL mode. With ``sync="full"`` (the default) a commit is on disk when it
