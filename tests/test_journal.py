@@ -203,3 +203,24 @@ def test_leaving_a_session_sends_a_job_waiting_out_its_retry_at_once(
     with zfarm.Client(endpoint, session="retrying") as again:
         assert again.with_options(retries=1).submit(jobs.fail_times, str(counter), 1, 7).result(20) == 7
     assert len(list(counter.iterdir())) == 2  # collected, not run a third time
+
+
+def test_a_client_that_collects_part_of_a_session_leaves_the_rest_alone(procs: Procs,
+                                                                        ctx: zmq.Context[Any]) -> None:
+    endpoint, _ = procs.farm(*FAST, workers=1, procs=2)
+    first = zfarm.Client(endpoint, session="shared")
+    for x in range(6):
+        first.submit(jobs.sleep_then, x, 0.3)
+    first.shutdown(wait=False)
+    with zfarm.Client(endpoint, session="shared") as check:  # looks at the first job only, and ends well
+        assert check.submit(jobs.sleep_then, 0, 0.3).result(30) == 0
+
+    def session() -> list[tuple[bool, int, int]]:
+        return [(c["present"], c["held"], c["in_flight"] + c["queued"]) for c in
+                snapshot(ctx, endpoint)["clients"]]
+
+    wait_for(lambda: session() == [(False, 5, 0)], 30, message="the other 5 results held for the session")
+    assert snapshot(ctx, endpoint)["cancelled"] == 0
+    with zfarm.Client(endpoint, session="shared") as last:
+        assert [last.submit(jobs.sleep_then, x, 0.3).result(30) for x in range(6)] == list(range(6))
+    wait_for(lambda: session() == [], 10, message="the session over")

@@ -180,8 +180,14 @@ class Client(concurrent.futures.Executor):
         deadline = None if timeout is None else time.monotonic() + timeout
 
         def submit_chunks(fn_id: bytes, blob: Any, chunks: list[list[Any]]) -> list[PendingJob]:
-            jobs = [self._job(fn_id, ser.dump_chunk(chunk), len(blob), _per_chunk(options, len(chunk)))
-                    for chunk in chunks]
+            jobs: list[PendingJob] = []
+            try:
+                for chunk in chunks:
+                    limits = _per_chunk(options, len(chunk))
+                    jobs.append(self._job(fn_id, ser.dump_chunk(chunk), len(blob), limits))
+            except BaseException:
+                self._connection.skip([job.seq for job in jobs])  # no gap in the numbers it has seen
+                raise
             self._connection.submit(fn_id, blob, jobs)
             return jobs
 

@@ -170,6 +170,7 @@ class Connection(threading.Thread):
         self._received_since = 0.0
         # A session never says RECEIVED (but for a re-run): the broker keeps its results until it
         # ends, so that a rerun after a crash collects every finished job.
+        self._got: list[int] = []  # a session's results that reached us, for RECEIVED on a clean close
         self._posted_upto = 1  # every seq below it has been posted to this thread
         self._posted_above: set[int] = set()
         self._cancels: list[int] = []  # to send once the broker listens
@@ -190,6 +191,10 @@ class Connection(threading.Thread):
 
     def cancel(self, seq: int) -> None:
         self._post("cancel", seq)
+
+    def skip(self, seqs: list[int]) -> None:
+        """Seqs taken for jobs that will never be submitted (their pickling failed)."""
+        self._post("skip", seqs)
 
     def detach(self, timeout_s: float) -> None:
         """Leave a session: wait (up to ``timeout_s``) until the broker holds every job, then close."""
@@ -320,10 +325,14 @@ class Connection(threading.Thread):
                     self._cancels.append(payload)
             elif what == "stop":
                 self._end_session = bool(payload)
-                if self._end_session and self._link is not Link.READY:  # the broker must hear it
+                must_tell = self._end_session or (self._got and not self._jobs)
+                if must_tell and self._link is not Link.READY:  # the broker must hear it
                     self._leave_by(time.monotonic() + END_SESSION_WAIT_S)
                 else:
                     self._stopping = True
+            elif what == "skip":  # seqs taken for jobs that were never posted
+                for seq in payload:
+                    self._posted(seq)
             elif what == "detach":
                 self._leave_by(time.monotonic() + payload)
 
@@ -411,6 +420,8 @@ class Connection(threading.Thread):
             job = self._forget(seq)
             if not self.session:
                 received.append(seq)  # the broker holds each result until we say we have it
+            elif job is not None:
+                self._got.append(seq)  # said only when this client closes after its jobs
             if job is None:
                 self.duplicates += 1
                 continue
@@ -612,11 +623,15 @@ class Connection(threading.Thread):
                 log.warning("client %s left session %s before the broker held %d of its jobs: a rerun "
                             "submits them again", self.client_id, self.session,
                             sum(not job.accepted for job in self._jobs.values()))
-        elif self.session and self._posted_upto > 1 and not self._jobs:
-            self._end_session = True  # closed after every job it submitted: the session is done
-        if self._end_session and self._link is not Link.READY:
-            log.warning("client %s could not reach the broker to end session %s: it keeps the session's "
-                        "jobs and results for its --session-ttl", self.client_id, self.session)
+        elif self._got and not self._jobs:
+            # Closed after all its jobs: this program has the results it got, so the broker may forget
+            # them; what other clients of the session left stays (the session ends if nothing does).
+            self._note_received(self._got, time.monotonic())
+            self._got = []
+        if (self._end_session or self._received) and self._link is not Link.READY:
+            log.warning("client %s could not reach the broker to %s: it keeps them for its --session-ttl",
+                        self.client_id, f"end session {self.session}" if self._end_session else
+                        f"release {len(self._received)} results of session {self.session}")
         self._acknowledge(time.monotonic(), force=True)
         if self._socket is not None and self._link is Link.READY:
             try:

@@ -12,8 +12,9 @@ Job life (one source of truth: ``Job.state`` and where the job is held)::
 
 A result is held until its client says it received it, and sent again if the
 client asks for the job again. A session client's jobs and results outlive its
-connection; with a journal (see :mod:`zfarm.journal`) everything held outlives
-the broker too.
+connection, and its client says RECEIVED only when it closes after its jobs, so a
+rerun finds every result. With a journal (see :mod:`zfarm.journal`) everything
+held outlives the broker too.
 
 Queues are per client and served round-robin, so one client's million jobs
 cannot starve another's ten. A worker's credit is what the worker said it can
@@ -536,9 +537,12 @@ class Scheduler:
             client.out_stats.append(held.stats)
             return True
         if job is not None or held is not None:
-            log.warning("session %s sent job %d with other content than before: running the new one",
-                        client.session, seq)
-            self.records.event(now, "job-replaced", f"job {client.id}:{seq} changed: the new one runs")
+            if held is not None and held.digest == digest:  # the same job, but its result is gone
+                log.error("job %s:%d: the journal has lost its held result; running it again", client.id, seq)
+            else:
+                log.warning("session %s sent job %d with other content than before: running the new one",
+                            client.session, seq)
+                self.records.event(now, "job-replaced", f"job {client.id}:{seq} changed: the new one runs")
             if job is not None:
                 self._retire(client, job, now)
             if client.held.pop(seq, None) is not None and self.journal is not None:
