@@ -242,7 +242,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"lost                 {lost}")
     print(f"duplicates delivered {duplicates}")
     print(f"wrong results        {tally.wrong}")
-    print(f"duplicates dropped   {tally.dropped} (jobs that ran twice; the client delivered them once)")
+    print(f"duplicates dropped   {tally.dropped} (results that came twice, from a job run twice or a held "
+          "result sent again; delivered once)")
     print(f"chaos                {events.count('worker-kill')} worker kills, "
           f"{events.count('worker-stop')} worker stops, {events.count('broker-restart')} broker restarts, "
           f"{events.count('client-kill')} client kills")
