@@ -272,7 +272,7 @@ def _print_status(snap: dict[str, Any]) -> None:
                         str(w["failed"]), f"{w['heartbeat_age_s']:.1f} s")
     console.print(workers)
     clients = Table("client", "host", "pid", "submitted", "queued", "in flight", "done", "failed",
-                    "results held", title="clients")
+                    "held", title="clients")
     for c in snap["clients"]:
         clients.add_row(c["id"], c["host"] if c["present"] else "(away)", str(c["pid"]), str(c["submitted"]),
                         str(c["queued"]), str(c["in_flight"]), str(c["done"]), str(c["failed"]),
