@@ -43,7 +43,7 @@ CREATE TABLE IF NOT EXISTS clients(id TEXT PRIMARY KEY, session TEXT NOT NULL, s
 CREATE TABLE IF NOT EXISTS functions(client TEXT, fn BLOB, blob BLOB NOT NULL, PRIMARY KEY(client, fn));
 CREATE TABLE IF NOT EXISTS jobs(client TEXT, seq INTEGER, fn BLOB NOT NULL, frames BLOB NOT NULL,
     options BLOB NOT NULL, queued_at REAL NOT NULL, digest BLOB NOT NULL, losses BLOB NOT NULL,
-    PRIMARY KEY(client, seq));
+    attempts_before INTEGER NOT NULL, PRIMARY KEY(client, seq));
 CREATE TABLE IF NOT EXISTS results(client TEXT, seq INTEGER, outcome INTEGER NOT NULL,
     frames BLOB NOT NULL, info TEXT NOT NULL, stats BLOB NOT NULL, digest BLOB NOT NULL,
     PRIMARY KEY(client, seq));
@@ -60,6 +60,7 @@ class JournalJob:
     queued_at: float  # epoch seconds
     digest: bytes
     losses: tuple[str, ...]
+    attempts_before: int  # attempts of jobs it replaced under the same number (their results are void)
 
 
 @dataclass(slots=True)
@@ -127,11 +128,11 @@ class Journal:
         out = Recovered()
         out.clients = [tuple(row) for row in db.execute("SELECT id, session, seen, key FROM clients")]
         out.functions = [tuple(row) for row in db.execute("SELECT client, fn, blob FROM functions")]
-        for c, seq, fn, frames, options, queued_at, digest, losses in db.execute(
-                "SELECT client, seq, fn, frames, options, queued_at, digest, losses FROM jobs "
-                "ORDER BY queued_at, client, seq"):
+        for c, seq, fn, frames, options, queued_at, digest, losses, before in db.execute(
+                "SELECT client, seq, fn, frames, options, queued_at, digest, losses, attempts_before "
+                "FROM jobs ORDER BY queued_at, client, seq"):
             out.jobs.append(JournalJob(c, seq, fn, _unpack(frames), _unpack(options), queued_at, digest,
-                                       tuple(_unpack(losses))))
+                                       tuple(_unpack(losses)), before))
         for c, seq, outcome, info, stats, digest in db.execute(
                 "SELECT client, seq, outcome, info, stats, digest FROM results ORDER BY client, seq"):
             out.results.append((c, seq, Held(outcome, None, info, _unpack(stats), digest)))  # frames: lazily
@@ -161,9 +162,9 @@ class Journal:
         self._write("DELETE FROM functions WHERE client=? AND fn=?", (client_id, fn_id))
 
     def job(self, job: Job, queued_at: float) -> None:
-        self._write("INSERT OR REPLACE INTO jobs VALUES(?, ?, ?, ?, ?, ?, ?, ?)",
+        self._write("INSERT OR REPLACE INTO jobs VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (job.client_id, job.seq, job.fn_id, _frames(job.frames), _pack(job.options), queued_at,
-                     job.digest, _pack(list(job.losses))))
+                     job.digest, _pack(list(job.losses)), len(job.history)))
 
     def losses(self, job: Job) -> None:
         self._write("UPDATE jobs SET losses=? WHERE client=? AND seq=?",

@@ -123,7 +123,8 @@ class Scheduler:
                 self.journal.drop_job(row.client, row.seq)
                 continue
             job = Job(row.client, row.seq, row.fn_id, tuple(row.frames), row.options or NO_OPTIONS,
-                      row.queued_at - offset, losses=row.losses, digest=row.digest, recovered=True)
+                      row.queued_at - offset, losses=row.losses, digest=row.digest,
+                      history=("",) * row.attempts_before, recovered_after=row.attempts_before)
             self._enqueue(client, job)
             jobs += 1
         for client_id, seq, held in saved.results:
@@ -798,8 +799,11 @@ def _ran(job: Job, worker: WorkerRecord, attempt: int) -> bool:
     """Whether ``worker`` was given this very job as this attempt (a result for it is an answer).
 
     A job read back from a journal takes a result from any worker: the broker that gave it out is gone.
+    Not of an attempt that ran the job it replaced, though.
     """
-    return job.recovered or (0 < attempt <= len(job.history) and job.history[attempt - 1] == worker.id)
+    if 0 <= job.recovered_after < attempt:
+        return True
+    return 0 < attempt <= len(job.history) and job.history[attempt - 1] == worker.id
 
 
 def _digest(fn_id: bytes, frames: Sequence[Any]) -> bytes:

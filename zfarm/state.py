@@ -47,8 +47,9 @@ class Job:
     losses: tuple[str, ...] = ()
     #: a session's jobs: a hash of function and arguments, to tell a resubmission from a new job
     digest: bytes = b""
-    #: read back from the journal: the broker that gave it out is gone, so any worker may answer
-    recovered: bool = False
+    #: read back from the journal: the broker that gave it out is gone, so any worker may answer an
+    #: attempt after this one (earlier ones ran a job this one replaced); -1: not read back
+    recovered_after: int = -1
 
     @property
     def key(self) -> tuple[str, int]:

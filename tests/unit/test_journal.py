@@ -294,3 +294,23 @@ def test_a_client_that_ends_its_session_takes_its_jobs_and_results_with_it(tmp_p
     assert farm.counter("cancelled") == 2
     farm = restart(farm, path)
     assert farm.snap(100.0)["clients"] == [] and farm.counter("recovered") == 0
+
+
+def test_after_a_restart_the_old_run_of_a_replaced_session_job_is_still_refused(tmp_path: Path) -> None:
+    path = tmp_path / "journal.db"
+    farm = Farm(journal=Journal(str(path)))
+    farm.worker(W1, "w1", credit=2, slots=2)
+    farm.client(CA, "s-x", session="x")
+    farm.submit(CA, [1], 0.1, payloads={1: [b"old"]})
+    old_row = job_rows(farm.out(0.1), W1)[0]  # the old content runs on w1 ...
+    farm.submit(CA, [1], 0.2, payloads={1: [b"new"]}, with_fn=False)  # ... when it is replaced
+    farm = restart(farm, path)  # and the broker dies before w1 hears of it
+    farm.worker(W1, "w1", 100.0, credit=0, slots=2)
+    farm.client(CA, "s-x", 100.0, session="x")
+    farm.result(W1, old_row, 100.1, frames=[b"result of old"], credit=0)
+    assert result_rows(farm.out(100.1), CA) == []  # not an answer to the new content
+    farm.send(W1, p.Ready(1), 100.2)
+    new_row = job_rows(farm.out(100.2), W1)[0]
+    assert new_row[2] == old_row[2] + 1
+    farm.result(W1, new_row, 100.3, frames=[b"result of new"])
+    assert [frames for _, frames in result_rows(farm.out(100.3), CA)] == [[b"result of new"]]
