@@ -774,8 +774,10 @@ operation = st.tuples(st.sampled_from(KINDS), st.integers(0, 30), st.integers(0,
 class Conversation:
     """Plays peers against the scheduler and checks what it sends against what it was told."""
 
-    def __init__(self) -> None:
-        self.farm = Farm()
+    def __init__(self, journal: str = "", sessions: bool = False) -> None:
+        self.journal = journal
+        self.sessions = sessions  # the clients are sessions: their jobs outlive their connection
+        self.farm = Farm(journal=Journal(journal) if journal else None)
         self.now = 0.0
         self.next_route = 0
         self.worker_route = {wid: self._route(wid) for wid in WORKER_IDS}
@@ -819,6 +821,7 @@ class Conversation:
             "client_hello": lambda: self.op_client_hello(client),
             "time": lambda: self.op_time(dt * 0.75, 0),
             "silence": lambda: self.op_time(dt, 1 + b),  # some peers say nothing meanwhile
+            "restart": self.op_restart,
         }
         calls[kind]()
         self.flush()
@@ -887,7 +890,26 @@ class Conversation:
 
     def op_client_hello(self, c: int) -> None:
         cid = CLIENT_IDS[c]
-        self.farm.send(self.client_route[cid], p.Hello("client", cid, "laptop", 2), self.now)
+        info = {"session": cid} if self.sessions else {}
+        self.farm.send(self.client_route[cid], p.Hello("client", cid, "laptop", 2, 0, info), self.now)
+
+    def op_restart(self) -> None:
+        """The broker dies after its last turn and starts again on its journal (or in memory).
+
+        Workers go on with the jobs they hold; everyone says HELLO again, and clients send again
+        every job they have no result for, as they do after a reconnect.
+        """
+        if self.farm.sched.journal is not None:
+            self.farm.sched.journal.close()
+        self.farm = Farm(self.now, journal=Journal(self.journal) if self.journal else None)
+        for i in range(len(WORKER_IDS)):
+            self.op_hello(i)
+            self.op_ready(i, 2)
+        for c, cid in enumerate(CLIENT_IDS):
+            self.op_client_hello(c)
+            undelivered = [s for s in range(self.next_seq[cid]) if s not in self.delivered[cid]]
+            if undelivered:
+                self._submit(cid, undelivered)
 
     def op_time(self, dt: float, silent: int) -> None:
         """Advance the clock; peers whose bit is set in ``silent`` say nothing meanwhile."""
@@ -941,6 +963,20 @@ class Conversation:
         self.send(route, p.Hello("worker", "drainer", "node", 1, 8, {}))
         self.send(route, p.Ready(100_000))
         self.flush()
+        self._answer_everything()
+        if self.sessions:  # a session keeps every job: asked again, each one has its result
+            for cid in CLIENT_IDS:
+                undelivered = [s for s in range(self.next_seq[cid]) if s not in self.delivered[cid]]
+                if undelivered:
+                    self._submit(cid, undelivered)
+            self.flush()
+            self._answer_everything()
+            for cid in CLIENT_IDS:
+                assert sorted(self.delivered[cid]) == list(range(self.next_seq[cid])), cid
+        snap = self.farm.snap(self.now)
+        assert (snap["queued"], snap["in_flight"]) == (0, 0), snap
+
+    def _answer_everything(self) -> None:
         for _ in range(200):
             pending = [(r, rows) for r, rows in self.held.items() if rows and r in self.farm.sched.peers]
             if not pending:
@@ -951,8 +987,6 @@ class Conversation:
                 frames = [f"done:{row[0]}:{row[1]}".encode() for row in rows]
                 self.send(r, p.Results(len(rows), results, frames))
             self.flush()
-        snap = self.farm.snap(self.now)
-        assert (snap["queued"], snap["in_flight"]) == (0, 0), snap
 
 
 @settings(max_examples=200, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
@@ -963,6 +997,21 @@ def test_random_conversations_keep_credit_and_deliver_once(ops: list[tuple[str, 
     for op in ops:
         conversation.run(op)
     conversation.drain()
+
+
+@settings(max_examples=100, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.one_of(operation, st.just(("restart", 0, 0, 0.0))), min_size=5, max_size=60),
+       st.booleans())
+def test_random_conversations_with_broker_restarts_on_a_journal_deliver_once(
+        tmp_path_factory: pytest.TempPathFactory, ops: list[tuple[str, int, int, float]],
+        sessions: bool) -> None:
+    """The same, with the broker dying and starting again on its journal between any two turns."""
+    conversation = Conversation(str(tmp_path_factory.mktemp("journal") / "journal.db"), sessions)
+    for op in ops:
+        conversation.run(op)
+    conversation.drain()
+    conversation.op_restart()  # a last restart: nothing is left to recover
+    assert conversation.farm.counter("recovered") == 0
 
 
 # ---- function caches --------------------------------------------------------------------------------
