@@ -226,6 +226,22 @@ def test_readable_client_secret_key_raises_security_error(tmp_path: Path) -> Non
 # ---- 3. who gets in -------------------------------------------------------------------------------
 
 
+def test_a_worker_the_broker_will_not_let_in_says_why(procs: Procs, tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    init_keys(keys)
+    other = tmp_path / "other"
+    init_keys(other)
+    _, endpoint, _ = curve_farm(procs, keys)
+    unlisted = peer_folder(tmp_path / "unlisted", "worker", other / "workers" / "worker.key_secret",
+                           keys / "broker.key")
+    stranger = procs.worker(endpoint, "--keys", str(unlisted))
+    stranger.wait_for_log("not on the broker's worker list", 20)
+    keyless = procs.worker(endpoint)
+    keyless.wait_for_log("this worker has none", 20)
+    assert len(snapshot(endpoint, keys)["workers"]) == 1  # neither got in
+    assert stranger.alive() and keyless.alive()  # they keep trying: the keys may be added
+
+
 def test_only_clients_with_listed_keys_and_the_right_broker_key_connect(procs: Procs, tmp_path: Path) -> None:
     keys = tmp_path / "keys"
     init_keys(keys)

@@ -29,32 +29,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
-from zmq.utils import monitor as zmq_monitor
 
 from zfarm import protocol as p
 from zfarm import serialization as ser
 from zfarm.config import ClientSettings
 from zfarm.errors import BrokerUnavailable, JobCrashed, ProtocolError, Refused, WorkerLost
-from zfarm.security import PeerKeys, dealer_to_broker
+from zfarm.security import HandshakeWatch, PeerKeys, dealer_to_broker
 from zfarm.stats import JobRecord, record_of
 
 log = logging.getLogger(__name__)
-
-_HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
-                     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
-_REFUSED_KEY = ("the broker refused our key: it is not on the broker's client list (add it with "
-                "`zfarm keys add` and restart the broker)")
-_NEED_KEYS = "the broker requires keys (CURVE) and this client has none: pass keys= or set ZFARM_KEYS"
-_WRONG_KEYS = ("the security handshake failed: our broker.key is not this broker's public key, or the "
-               "broker does not use keys")
-
-
-def _handshake_problem(event: int, with_keys: bool) -> str:
-    if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-        return ""
-    if not with_keys:
-        return _NEED_KEYS
-    return _REFUSED_KEY if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH else _WRONG_KEYS
 
 _OUTCOME_VALUES = {int(o) for o in p.Outcome}
 RETRY_BACKOFF_MAX_S = 30.0
@@ -149,7 +132,7 @@ class Connection(threading.Thread):
         self._end_session = False
         # owned by the I/O thread from here on
         self._socket: zmq.Socket[Any] | None = None
-        self._monitor: zmq.Socket[Any] | None = None
+        self._watch: HandshakeWatch | None = None
         self._socket_generation = 0  # counts sockets opened and closed
         self._poller_generation = -1  # the socket generation the cached poller was built for
         self._cached_poller = zmq.Poller()
@@ -245,7 +228,7 @@ class Connection(threading.Thread):
         poller = self._poller()
         timeout_s = self._interval_s / 4
         ready = dict(poller.poll(int(timeout_s * 1000)))
-        if self._monitor is not None and ready.get(self._monitor):
+        if self._watch is not None and ready.get(self._watch.monitor):
             self._read_handshake_events()
         if self._inbox or ready.get(self._wake_r.fileno()):
             self._take_inbox()
@@ -285,14 +268,15 @@ class Connection(threading.Thread):
         if self._poller_generation != self._socket_generation:
             self._poller_generation, self._cached_poller = self._socket_generation, zmq.Poller()
             self._cached_poller.register(self._wake_r, zmq.POLLIN)
-            for sock in (self._socket, self._monitor):
-                if sock is not None:
-                    self._cached_poller.register(sock, zmq.POLLIN)
+            if self._socket is not None:
+                self._cached_poller.register(self._socket, zmq.POLLIN)
+            if self._watch is not None:
+                self._cached_poller.register(self._watch.monitor, zmq.POLLIN)
         return self._cached_poller
 
     def _connect(self, now: float) -> None:
         sock = dealer_to_broker(self.context, self.settings.address, self._keys)
-        self._monitor = sock.get_monitor_socket(_HANDSHAKE_EVENTS)
+        self._watch = HandshakeWatch(sock, "client", self._keys is not None)
         sock.connect(self.settings.address)
         self._socket = sock
         self._socket_generation += 1
@@ -581,20 +565,17 @@ class Connection(threading.Thread):
             self._send(p.Heartbeat(), now)
 
     def _read_handshake_events(self) -> None:
-        assert self._monitor is not None
-        while self._monitor.poll(0):
-            event = zmq_monitor.recv_monitor_message(self._monitor)["event"]
-            problem = _handshake_problem(event, self._keys is not None)
-            if problem and problem != self.handshake_problem:
-                log.warning("client %s: %s", self.client_id, problem)
-            self.handshake_problem = problem
+        assert self._watch is not None
+        problem = self._watch.read()
+        if problem and problem != self.handshake_problem:  # once, not at every reconnect
+            log.warning("client %s: %s", self.client_id, problem)
+        self.handshake_problem = problem
 
     def _close_socket(self, linger_ms: int = 0) -> None:
         if self._socket is not None:
-            if self._monitor is not None:
-                self._socket.disable_monitor()
-                self._monitor.close(linger=0)
-                self._monitor = None
+            if self._watch is not None:
+                self._watch.close()
+                self._watch = None
             self._socket.close(linger=linger_ms)
             self._socket = None
             self._socket_generation += 1

@@ -30,6 +30,7 @@ from typing import Any
 
 import zmq
 import zmq.auth
+from zmq.utils import monitor as zmq_monitor
 
 from zfarm.config import reconnect_interval_ms
 from zfarm.errors import ConfigError, SecurityError
@@ -243,3 +244,44 @@ def is_local_endpoint(endpoint: str) -> bool:
     except OSError:
         return False
     return bool(infos) and all(ipaddress.ip_address(info[4][0]).is_loopback for info in infos)
+
+
+_HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+_KEYS_HINT = {"client": "pass keys= or set ZFARM_KEYS", "worker": "start it with --keys or set ZFARM_KEYS"}
+
+
+class HandshakeWatch:
+    """Watches a socket's ZeroMQ handshakes with the broker and says, in words, why one failed.
+
+    Without it a peer the broker will not let in only sees silence.
+    """
+
+    def __init__(self, sock: zmq.Socket[Any], role: str, with_keys: bool) -> None:
+        self.socket = sock
+        self.monitor: zmq.Socket[Any] = sock.get_monitor_socket(_HANDSHAKE_EVENTS)
+        self.role = role
+        self.with_keys = with_keys
+        #: why the last handshake failed ("" if it did not, or none happened yet)
+        self.problem = ""
+
+    def read(self) -> str:
+        """Take the pending events; return why the last handshake failed ("" if it did not)."""
+        while self.monitor.poll(0):
+            self.problem = self._problem(zmq_monitor.recv_monitor_message(self.monitor)["event"])
+        return self.problem
+
+    def _problem(self, event: int) -> str:
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            return ""
+        if not self.with_keys:
+            return f"the broker requires keys (CURVE) and this {self.role} has none: {_KEYS_HINT[self.role]}"
+        if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            return (f"the broker refused our key: it is not on the broker's {self.role} list (add it with "
+                    "`zfarm keys add` and restart the broker)")
+        return ("the security handshake failed: our broker.key is not this broker's public key, or the "
+                "broker does not use keys")
+
+    def close(self) -> None:
+        self.socket.disable_monitor()
+        self.monitor.close(linger=0)

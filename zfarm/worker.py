@@ -36,7 +36,7 @@ from zfarm import serialization as ser
 from zfarm.chaperone import Key, SlotOutcome, SlotPool, SlotTask
 from zfarm.config import WorkerSettings
 from zfarm.errors import PayloadTooLarge, ProtocolError, Refused
-from zfarm.security import PeerKeys, dealer_to_broker
+from zfarm.security import HandshakeWatch, PeerKeys, dealer_to_broker
 
 log = logging.getLogger(__name__)
 
@@ -241,6 +241,8 @@ class Worker:
         self.core = WorkerCore(settings, time.monotonic())
         self.pool: SlotPool | None = None
         self.socket: zmq.Socket[Any] | None = None
+        self._watch: HandshakeWatch | None = None
+        self._handshake_problem = ""  # logged once, not at every reconnect
         self._poller_key: tuple[int, tuple[int, ...]] = (-1, ())
         self._socket_generation = 0  # counts sockets opened: the poller's key
         self._cached_poller = zmq.Poller()
@@ -282,6 +284,8 @@ class Worker:
         if deadline is not None:  # wake up in time to stop a job at its limit
             timeout_s = max(0.0, min(timeout_s, deadline - time.monotonic() + 0.001))
         ready = dict(poller.poll(int(timeout_s * 1000)))
+        if self._watch is not None and ready.get(self._watch.monitor):
+            self._read_handshake_events()
         if self.socket is not None and ready.get(self.socket):
             self._drain_socket()
         outcomes: list[SlotOutcome] = []
@@ -305,6 +309,8 @@ class Worker:
             self._poller_key, self._cached_poller = key, zmq.Poller()
             if self.socket is not None:
                 self._cached_poller.register(self.socket, zmq.POLLIN)
+            if self._watch is not None:
+                self._cached_poller.register(self._watch.monitor, zmq.POLLIN)
             for fd in slot_fds:
                 self._cached_poller.register(fd, zmq.POLLIN)
         return self._cached_poller
@@ -333,13 +339,24 @@ class Worker:
         if actions.reconnect:
             self._close_socket()
 
+    def _read_handshake_events(self) -> None:
+        assert self._watch is not None
+        problem = self._watch.read()
+        if problem and problem != self._handshake_problem:
+            log.warning("worker %s: %s", self.core.id, problem)
+        self._handshake_problem = problem
+
     def _open_socket(self) -> None:
         sock = dealer_to_broker(self.context, self.settings.address, self.keys)
+        self._watch = HandshakeWatch(sock, "worker", self.keys is not None)
         sock.connect(self.settings.address)
         self.socket = sock
         self._socket_generation += 1
 
     def _close_socket(self) -> None:
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
         if self.socket is not None:
             self.socket.close(linger=0)
             self.socket = None
