@@ -224,3 +224,32 @@ def test_a_client_that_collects_part_of_a_session_leaves_the_rest_alone(procs: P
     with zfarm.Client(endpoint, session="shared") as last:
         assert [last.submit(jobs.sleep_then, x, 0.3).result(30) for x in range(6)] == list(range(6))
     wait_for(lambda: session() == [], 10, message="the session over")
+
+
+def test_a_script_that_reads_one_result_of_a_session_map_leaves_the_others(
+        procs: Procs, ctx: zmq.Context[Any]) -> None:
+    endpoint, _ = procs.farm(*FAST, workers=1, procs=2)
+    first = zfarm.Client(endpoint, session="sweep")
+    first.map(jobs.sleep_then, range(6), [0.2] * 6)  # submitted, not read
+    first.shutdown(wait=False)
+    with zfarm.Client(endpoint, session="sweep") as check:
+        assert next(iter(check.map(jobs.sleep_then, range(6), [0.2] * 6))) == 0  # only the first one
+
+    def session() -> list[tuple[bool, int]]:
+        return [(c["present"], c["held"]) for c in snapshot(ctx, endpoint)["clients"]]
+
+    wait_for(lambda: session() == [(False, 5)], 30, message="the 5 results it did not read still held")
+    with zfarm.Client(endpoint, session="sweep") as last:
+        assert list(last.map(jobs.sleep_then, range(6), [0.2] * 6)) == list(range(6))
+    wait_for(lambda: session() == [], 10, message="the session over")
+    assert snapshot(ctx, endpoint)["done"] == 7  # job 0 twice (its result was released), the rest once
+
+
+def test_an_embedded_farm_does_not_take_a_shared_brokers_journal_from_the_environment(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    journal = tmp_path / "shared.db"
+    monkeypatch.setenv("ZFARM_JOURNAL", str(journal))
+    monkeypatch.delenv("ZFARM_ADDRESS", raising=False)
+    with zfarm.Client(n_workers=1) as client:
+        assert client.submit(jobs.square, 5).result(30) == 25
+    assert not journal.exists()

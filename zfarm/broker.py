@@ -182,7 +182,9 @@ def run_broker(settings: BrokerSettings) -> None:
     if settings.keys:
         log.info("CURVE on: admitting %d keys from %s", len(broker.keys.allowed) if broker.keys else 0,
                  settings.keys)
-    elif settings.insecure:
+    if not settings.journal and settings.journal_sync != "full":
+        log.warning("--journal-sync %s does nothing without --journal", settings.journal_sync)
+    if settings.insecure and not settings.keys:
         log.warning("listening on %s WITHOUT keys (--insecure): anyone who reaches it can run code on "
                     "every worker", settings.bind)
 

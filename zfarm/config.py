@@ -57,6 +57,7 @@ class BrokerSettings:
         if self.max_message_bytes < MIN_MESSAGE_BYTES:
             raise ConfigError(f"max_message_bytes must be at least {MIN_MESSAGE_BYTES} (1 MiB), "
                               f"got {self.max_message_bytes}")
+        object.__setattr__(self, "journal_sync", self.journal_sync.lower())
         if self.journal_sync not in ("full", "normal"):
             raise ConfigError(f"journal_sync must be full or normal, not {self.journal_sync!r}")
         if self.max_queued < 0:

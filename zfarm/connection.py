@@ -78,6 +78,25 @@ class JobFuture(Future[Any]):
         self.partial: list[Any] | None = None
         #: how long the job ran in its slot, once it is done (None if unknown)
         self.run_s: float | None = None
+        self._was_read = False
+
+    def result(self, timeout: float | None = None) -> Any:
+        try:
+            return super().result(timeout)
+        finally:
+            self._read()
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        try:
+            return super().exception(timeout)
+        finally:
+            self._read()
+
+    def _read(self) -> None:
+        """In a session, the program has this result now: a clean close may release it."""
+        if self._connection.session and not self._was_read and self.done():
+            self._was_read = True
+            self._connection.read(self.seq)
 
     def cancel(self) -> bool:
         if self.done():
@@ -153,7 +172,10 @@ class Connection(threading.Thread):
         self._received_since = 0.0
         # A session never says RECEIVED (but for a re-run): the broker keeps its results until it
         # ends, so that a rerun after a crash collects every finished job.
-        self._got: list[int] = []  # a session's results that reached us, for RECEIVED on a clean close
+        # A session's results that reached us, and those the program then read: a clean close
+        # releases the read ones (RECEIVED); the others stay with the session for a later run.
+        self._arrived: set[int] = set()
+        self._got: list[int] = []
         self._posted_upto = 1  # every seq below it has been posted to this thread
         self._posted_above: set[int] = set()
         self._cancels: list[int] = []  # to send once the broker listens
@@ -174,6 +196,10 @@ class Connection(threading.Thread):
 
     def cancel(self, seq: int) -> None:
         self._post("cancel", seq)
+
+    def read(self, seq: int) -> None:
+        """The program read a session job's result (from any thread)."""
+        self._post("read", seq)
 
     def skip(self, seqs: list[int]) -> None:
         """Seqs taken for jobs that will never be submitted (their pickling failed)."""
@@ -308,17 +334,28 @@ class Connection(threading.Thread):
                 if self._forget(payload) is not None:
                     self._cancels.append(payload)
             elif what == "stop":
-                self._end_session = bool(payload)
-                must_tell = self._end_session or (self._got and not self._jobs)
-                if must_tell and self._link is not Link.READY:  # the broker must hear it
-                    self._leave_by(time.monotonic() + END_SESSION_WAIT_S)
-                else:
-                    self._stopping = True
-            elif what == "skip":  # seqs taken for jobs that were never posted
-                for seq in payload:
-                    self._posted(seq)
+                self._take_stop(bool(payload))
             elif what == "detach":
                 self._leave_by(time.monotonic() + payload)
+            else:
+                self._take_note(what, payload)
+
+    def _take_note(self, what: str, payload: Any) -> None:
+        if what == "read":
+            if payload in self._arrived:
+                self._arrived.discard(payload)
+                self._got.append(payload)
+        elif what == "skip":  # seqs taken for jobs that were never posted
+            for seq in payload:
+                self._posted(seq)
+
+    def _take_stop(self, end_session: bool) -> None:
+        self._end_session = end_session
+        must_tell = end_session or (self._got and not self._jobs)
+        if must_tell and self._link is not Link.READY:  # the broker must hear it: wait for it a while
+            self._leave_by(time.monotonic() + END_SESSION_WAIT_S)
+        else:
+            self._stopping = True
 
     def _take_jobs(self, fn_id: bytes, blob: Any, jobs: list[PendingJob]) -> None:
         self._fns[fn_id] = blob
@@ -404,8 +441,8 @@ class Connection(threading.Thread):
             job = self._forget(seq)
             if not self.session:
                 received.append(seq)  # the broker holds each result until we say we have it
-            elif job is not None:
-                self._got.append(seq)  # said only when this client closes after its jobs
+            elif job is not None and outcome != p.Outcome.CANCELLED:
+                self._arrived.add(seq)  # released, once read, when this client closes after its jobs
             if job is None:
                 self.duplicates += 1
                 continue
@@ -604,6 +641,10 @@ class Connection(threading.Thread):
                 log.warning("client %s left session %s before the broker held %d of its jobs: a rerun "
                             "submits them again", self.client_id, self.session,
                             sum(not job.accepted for job in self._jobs.values()))
+            elif self._link is not Link.READY and self._jobs:
+                log.warning("client %s left session %s while the broker was unreachable: its %d jobs are "
+                            "safe if the broker runs with --journal, else a rerun submits them again",
+                            self.client_id, self.session, len(self._jobs))
         elif self._got and not self._jobs:
             # Closed after all its jobs: this program has the results it got, so the broker may forget
             # them; what other clients of the session left stays (the session ends if nothing does).

@@ -22,6 +22,7 @@ One broker at a time: the file is locked.
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -97,6 +98,9 @@ class Journal:
     def __init__(self, path: str, sync: str = "full") -> None:
         if sync not in SYNC_MODES:
             raise ValueError(f"journal sync must be one of {SYNC_MODES}, not {sync!r}")
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise ZfarmError(f"cannot open the journal {path}: the folder {folder} does not exist")
         self.path = path
         try:
             self._db = sqlite3.connect(path, timeout=0, isolation_level=None, check_same_thread=False)
@@ -104,12 +108,17 @@ class Journal:
             mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             self._db.execute(f"PRAGMA synchronous={sync.upper()}")
             self._db.execute("BEGIN IMMEDIATE")  # takes the lock now, not at the first job
+            tables = {row[0] for row in self._db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if tables and "meta" not in tables:  # another program's database: not ours to change
+                raise sqlite3.DatabaseError(f"it holds other tables ({', '.join(sorted(tables)[:5])})")
             for statement in _TABLES.split(";"):
                 if statement.strip():
                     self._db.execute(statement)
             self._check_schema()
             self._db.execute("COMMIT")
         except sqlite3.Error as exc:
+            if hasattr(self, "_db"):
+                self._db.close()  # and its lock with it
             raise ZfarmError(f"cannot open the journal {path}: {exc} (is another broker using it? "
                              "is it a zfarm journal?)") from None
         if mode.lower() != "wal":

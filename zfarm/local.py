@@ -62,8 +62,15 @@ def _stop(procs: list[subprocess.Popen[bytes]], deadline: float) -> None:
             proc.wait()
 
 
+#: settings of a shared farm that the private, embedded one must not take from the environment
+#: (another broker's journal above all: two brokers would fight over it)
+_NOT_INHERITED = ("ZFARM_JOURNAL", "ZFARM_JOURNAL_SYNC", "ZFARM_SESSION_TTL_S", "ZFARM_BIND",
+                  "ZFARM_WORKER_ID")
+
+
 def _spawn(args: list[str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "zfarm", *args], stdin=subprocess.DEVNULL)
+    env = {k: v for k, v in os.environ.items() if k not in _NOT_INHERITED}
+    return subprocess.Popen([sys.executable, "-m", "zfarm", *args], stdin=subprocess.DEVNULL, env=env)
 
 
 def _private_endpoint(folder: str) -> str:

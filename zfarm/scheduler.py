@@ -134,9 +134,9 @@ class Scheduler:
             for fn_id in client.fns:
                 if not client.fn_users.get(fn_id):
                     client.fn_idle[fn_id] = now
+        log.info("journal %s: recovered %d jobs and %d results for %d clients", self.journal_path, jobs,
+                 len(saved.results), len(saved.clients))
         if saved.clients:
-            log.info("journal %s: recovered %d jobs and %d results for %d clients", self.journal_path, jobs,
-                     len(saved.results), len(saved.clients))
             self.records.event(now, "recovered", f"from the journal: {jobs} jobs, {len(saved.results)} "
                                f"results for {len(saved.clients)} clients")
         self.counters.recovered = jobs
@@ -344,6 +344,10 @@ class Scheduler:
             if client is not None:  # the same client on a new connection keeps its jobs
                 if client.present:
                     self.peers.pop(client.route, None)
+                    if (client.host, client.pid) != (msg.host, msg.pid):  # another process: it takes over
+                        self._send_to(client.route, p.Refused(
+                            f"session {client.session or client.id} was taken over by a client on "
+                            f"{msg.host} (pid {msg.pid}): one process per session at a time"))
                 client.route, client.last_seen, client.host, client.pid = route, now, msg.host, msg.pid
                 client.present = True
                 log.info("client %s reconnected from %s pid %d (%d jobs unfinished, %d results held)",
@@ -403,7 +407,7 @@ class Scheduler:
         del self.clients[client.id]
         if client.present:
             self.peers.pop(client.route, None)
-        dropped = len(client.jobs)
+        dropped, held = len(client.jobs), len(client.held)
         for job in list(client.jobs.values()):
             self._cancel(job, client)
         client.jobs.clear()
@@ -411,8 +415,9 @@ class Scheduler:
         client.held.clear()
         if self.journal is not None:
             self.journal.drop_client(client.id)
-        if dropped:
-            log.info("client %s gone (%s): dropped its %d unfinished jobs", client.id, why, dropped)
+        if dropped or held:
+            log.info("client %s gone (%s): dropped its %d unfinished jobs and %d results held for it",
+                     client.id, why, dropped, held)
         self.records.event(now, "client-left", f"client {client.id} {why}"
                            f"{f'; dropped its {dropped} unfinished jobs' if dropped else ''}")
 

@@ -314,3 +314,33 @@ def test_after_a_restart_the_old_run_of_a_replaced_session_job_is_still_refused(
     assert new_row[2] == old_row[2] + 1
     farm.result(W1, new_row, 100.3, frames=[b"result of new"])
     assert [frames for _, frames in result_rows(farm.out(100.3), CA)] == [[b"result of new"]]
+
+
+def test_another_programs_database_is_not_taken_for_a_journal(tmp_path: Path) -> None:
+    import sqlite3
+
+    other = tmp_path / "inventory.db"
+    with sqlite3.connect(other) as db:
+        db.execute("CREATE TABLE parts(name TEXT)")
+    with pytest.raises(ZfarmError, match="other tables"):
+        Journal(str(other))
+    with sqlite3.connect(other) as db:  # and it was left as it was
+        assert [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")] == ["parts"]
+
+
+def test_a_journal_in_a_missing_folder_is_refused_with_the_reason(tmp_path: Path) -> None:
+    with pytest.raises(ZfarmError, match="does not exist"):
+        Journal(str(tmp_path / "no-such-folder" / "journal.db"))
+
+
+def test_a_second_process_under_a_session_name_takes_it_over_and_the_first_is_told() -> None:
+    farm = Farm()
+    farm.send(CA, p.Hello("client", "s-x", "laptop", 100, 0, {"session": "x"}), 0.0)
+    farm.send(CB, p.Hello("client", "s-x", "desktop", 200, 0, {"session": "x"}), 0.1)
+    out = farm.out(0.1)
+    (refused,) = to(out, CA, p.Refused)
+    assert "taken over by a client on desktop (pid 200)" in refused.reason
+    assert to(out, CB, p.Welcome)
+    farm.send(CA, p.Hello("client", "s-x", "laptop", 100, 0, {"session": "x"}), 0.2)  # the first again
+    farm.send(CA, p.Hello("client", "s-x", "laptop", 100, 0, {"session": "x"}), 0.3)  # a repeated HELLO
+    assert [type(m).__name__ for m in to(farm.out(0.3), CB)] == ["Refused"]  # told once
