@@ -1053,7 +1053,8 @@ def bench_journal(ctx: Ctx) -> None:
                 yield client
 
         measure(ctx, "journal", system, metrics, setup, once, warm=lambda c: once(c, None), zfarm_row=True,
-                headline=index == 0, note=f"journal: SQLite WAL, on this machine's disk ({folder})")
+                headline=index == 0, note="journal: SQLite WAL, in a temporary folder on this machine's disk")
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 # ---- report ----------------------------------------------------------------------------------------
@@ -1125,6 +1126,26 @@ def report_goals(workload: str, figs: list[Figure]) -> list[dict[str, Any]]:
     return out
 
 
+def merged(path: Path, payload: dict[str, Any], chosen: list[str]) -> dict[str, Any]:
+    """A run of some workloads replaces theirs in an existing results file and keeps the others'.
+
+    Each figure keeps the time of the run that measured it (``when``).
+    """
+    for figure in payload["figures"]:
+        figure["when"] = payload["when"]
+    if set(chosen) == set(WORKLOADS) or not path.exists():
+        return payload
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return payload
+    keep = [f for f in old.get("figures", []) if f.get("workload") not in chosen]
+    for figure in keep:
+        figure.setdefault("when", old.get("when"))
+    goals = [g for g in old.get("goals", []) if g.get("workload") not in chosen]
+    return {**payload, "figures": keep + payload["figures"], "goals": goals + payload["goals"]}
+
+
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version(), "zfarm": zfarm.__version__, "pyzmq": zmq.__version__,
            "libzmq": zmq.zmq_version()}
@@ -1169,7 +1190,7 @@ def main() -> int:
         "versions": versions(), "repeat": reps, "quick": args.quick, "seconds": round(elapsed, 1),
         "figures": [f.as_json() for f in ctx.figures], "goals": goals,
     }
-    Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
+    Path(args.json).write_text(json.dumps(merged(Path(args.json), payload, chosen), indent=2) + "\n")
     say(f"written to {args.json}")
     failed = [f for f in ctx.figures if f.error and not f.error.startswith("skipped")]
     procs.errlog.close()

@@ -26,7 +26,7 @@ from zfarm.errors import (
     ZfarmError,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 if TYPE_CHECKING:
     from zfarm.client import Client, as_completed
