@@ -61,6 +61,7 @@ from benchmarks import _workloads as wl  # noqa: E402
 from zfarm import protocol as p  # noqa: E402
 from zfarm import serialization as ser  # noqa: E402
 from zfarm.errors import BrokerUnavailable  # noqa: E402
+from zfarm.local import free_tcp_endpoint  # noqa: E402
 from zfarm.monitor import fetch_status  # noqa: E402
 
 MiB = 1024 * 1024
@@ -244,12 +245,6 @@ class Procs:
     def stop_all(self) -> None:
         for proc in reversed(list(self.live)):
             self.stop(proc, 5.0)
-
-
-def free_tcp_endpoint() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{sock.getsockname()[1]}"
 
 
 def wait_status(address: str, predicate: Callable[[dict[str, Any]], bool], timeout_s: float,
@@ -879,13 +874,11 @@ class Rig:
 
     def wait_queued(self, n: int, timeout_s: float) -> None:
         """Until the broker holds ``n`` queued jobs, heartbeating meanwhile."""
-        next_check = [0.0]
 
         def idle() -> None:
             end = time.monotonic() + 0.2
             while time.monotonic() < end:
                 self.pump(20, refill=False)
-            next_check[0] = end
 
         wait_status(self.address, lambda s: s["queued"] >= n, timeout_s, f"{n:,} jobs to be queued",
                     self.broker, idle)

@@ -18,7 +18,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+
+from zfarm.local import free_tcp_endpoint
 
 T = TypeVar("T")
 
@@ -71,14 +72,6 @@ def wait_for(
     seen = f"last error: {last_error!r}" if last_error is not None else f"last value: {last_value!r}"
     what = message or getattr(predicate, "__name__", "condition")
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}; {seen}") from last_error
-
-
-def free_tcp_endpoint() -> str:
-    """Return ``tcp://127.0.0.1:PORT`` with a port the kernel just reported free."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"tcp://127.0.0.1:{port}"
 
 
 def ipc_endpoint(tmp_path: Path, name: str = "zfarm") -> str:

@@ -199,9 +199,9 @@ def test_dashboard_in_tmux_shows_the_workers_survives_a_dead_broker_and_quits_on
     def screen() -> str:
         return tmux_run("capture-pane", "-p", "-t", session).stdout
 
-    started = tmux_run("new-session", "-d", "-s", session, "-x", str(WIDTH), "-y", "50",
-                       f"{dashboard}; echo $? > {shlex.quote(str(rc_file))}")
-    try:
+    try:  # from the start: a tmux server that came up is killed even if new-session timed out
+        started = tmux_run("new-session", "-d", "-s", session, "-x", str(WIDTH), "-y", "50",
+                           f"{dashboard}; echo $? > {shlex.quote(str(rc_file))}")
         assert started.returncode == 0, started.stderr
 
         def workers_on_screen() -> str | None:

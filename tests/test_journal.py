@@ -16,6 +16,7 @@ import re
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,20 @@ def map_client(procs: Procs, endpoint: str, markers: Path, *args: str) -> Proc:
 
 def snapshot(ctx: zmq.Context[Any], endpoint: str) -> dict[str, Any]:
     return fetch_status(endpoint, 5.0, ctx)
+
+
+@pytest.fixture
+def leaving_clients() -> Iterator[Callable[..., zfarm.Client]]:
+    """Clients a test leaves by hand; any still open at the end (the test failed) leave then."""
+    opened: list[zfarm.Client] = []
+
+    def open_client(*args: Any, **kwargs: Any) -> zfarm.Client:
+        opened.append(zfarm.Client(*args, **kwargs))
+        return opened[-1]
+
+    yield open_client
+    for client in opened:
+        client.shutdown(wait=False)  # does nothing for a client already shut down
 
 
 @pytest.fixture
@@ -132,15 +147,16 @@ def test_a_session_whose_client_was_sigkilled_goes_on_and_a_rerun_collects_it(
 
 
 def test_a_session_never_answers_a_changed_job_with_an_old_result(procs: Procs,
-                                                                 ctx: zmq.Context[Any]) -> None:
+                                                                 ctx: zmq.Context[Any],
+        leaving_clients: Callable[..., zfarm.Client]) -> None:
     endpoint, _ = procs.farm(*FAST, workers=1)
-    client = zfarm.Client(endpoint, session="changes")
+    client = leaving_clients(endpoint, session="changes")
     client.submit(jobs.square, 3)
     client.submit(jobs.sleep_then, "same", 0.2)
     client.shutdown(wait=False)  # leaves before any result: both are held for the session
     wait_for(lambda: [c["held"] for c in snapshot(ctx, endpoint)["clients"]] == [2], 30,
              message="both results held")
-    again = zfarm.Client(endpoint, session="changes")
+    again = leaving_clients(endpoint, session="changes")
     try:
         assert again.submit(jobs.square, 4).result(30) == 16  # job 1 again, another argument: not 9
         assert again.submit(jobs.sleep_then, "same", 0.2).result(30) == "same"  # job 2 as before
@@ -149,9 +165,10 @@ def test_a_session_never_answers_a_changed_job_with_an_old_result(procs: Procs,
     assert snapshot(ctx, endpoint)["done"] == 3  # job 1 ran twice (old and new content), job 2 once
 
 
-def test_shutdown_with_cancel_futures_ends_a_session(procs: Procs, ctx: zmq.Context[Any]) -> None:
+def test_shutdown_with_cancel_futures_ends_a_session(procs: Procs, ctx: zmq.Context[Any],
+        leaving_clients: Callable[..., zfarm.Client]) -> None:
     endpoint, _ = procs.farm(*FAST, workers=1)
-    client = zfarm.Client(endpoint, session="abandoned")
+    client = leaving_clients(endpoint, session="abandoned")
     for x in range(5):
         client.submit(jobs.sleep_then, x, 30.0)
     client.shutdown(wait=False)  # left: the jobs go on
@@ -166,7 +183,7 @@ def test_shutdown_with_cancel_futures_ends_a_session(procs: Procs, ctx: zmq.Cont
 def test_a_session_left_by_an_exception_goes_on_and_its_rerun_collects_every_result(
         procs: Procs, tmp_path: Path, markers: Path, ctx: zmq.Context[Any]) -> None:
     endpoint, _ = procs.farm(*FAST, "--journal", str(tmp_path / "journal.db"), workers=1, procs=2)
-    first = map_client(procs, endpoint, markers, "--session", "partial", "--jobs", "6", "--seconds", "1.0",
+    first = map_client(procs, endpoint, markers, "--session", "partial", "--jobs", "6", "--seconds", "2.0",
                        "--read", "2")
     first.wait_for_log("failing", 30)
     assert first.wait(10) == 3
@@ -178,7 +195,7 @@ def test_a_session_left_by_an_exception_goes_on_and_its_rerun_collects_every_res
 
     # A session keeps every result until it ends, read or not: 0 to 2 were read before the failure.
     wait_for(lambda: held() == [(False, 6)], 30, message="the 6 results held")
-    second = map_client(procs, endpoint, markers, "--session", "partial", "--jobs", "6", "--seconds", "1.0")
+    second = map_client(procs, endpoint, markers, "--session", "partial", "--jobs", "6", "--seconds", "2.0")
     second.wait_for_log("done", 60)
     assert second.wait(10) == 0
     assert results_of(second) == {x: x * 10 for x in range(6)}
@@ -187,11 +204,12 @@ def test_a_session_left_by_an_exception_goes_on_and_its_rerun_collects_every_res
 
 
 def test_leaving_a_session_sends_a_job_waiting_out_its_retry_at_once(
-        procs: Procs, tmp_path: Path, ctx: zmq.Context[Any]) -> None:
+        procs: Procs, tmp_path: Path, ctx: zmq.Context[Any],
+        leaving_clients: Callable[..., zfarm.Client]) -> None:
     endpoint, _ = procs.farm(*FAST, workers=1)
     counter = tmp_path / "runs"
     counter.mkdir()
-    client = zfarm.Client(endpoint, session="retrying", retry_backoff_s=60)
+    client = leaving_clients(endpoint, session="retrying", retry_backoff_s=60)
     client.with_options(retries=1).submit(jobs.fail_times, str(counter), 1, 7)
     wait_for(lambda: len(client.stats().records) == 1, 20, message="the first run's error at the client")
     started = time.monotonic()
@@ -206,9 +224,10 @@ def test_leaving_a_session_sends_a_job_waiting_out_its_retry_at_once(
 
 
 def test_a_client_that_collects_part_of_a_session_leaves_the_rest_alone(procs: Procs,
-                                                                        ctx: zmq.Context[Any]) -> None:
+                                                                        ctx: zmq.Context[Any],
+        leaving_clients: Callable[..., zfarm.Client]) -> None:
     endpoint, _ = procs.farm(*FAST, workers=1, procs=2)
-    first = zfarm.Client(endpoint, session="shared")
+    first = leaving_clients(endpoint, session="shared")
     for x in range(6):
         first.submit(jobs.sleep_then, x, 0.3)
     first.shutdown(wait=False)
@@ -227,9 +246,10 @@ def test_a_client_that_collects_part_of_a_session_leaves_the_rest_alone(procs: P
 
 
 def test_a_script_that_reads_one_result_of_a_session_map_leaves_the_others(
-        procs: Procs, ctx: zmq.Context[Any]) -> None:
+        procs: Procs, ctx: zmq.Context[Any],
+        leaving_clients: Callable[..., zfarm.Client]) -> None:
     endpoint, _ = procs.farm(*FAST, workers=1, procs=2)
-    first = zfarm.Client(endpoint, session="sweep")
+    first = leaving_clients(endpoint, session="sweep")
     first.map(jobs.sleep_then, range(6), [0.2] * 6)  # submitted, not read
     first.shutdown(wait=False)
     with zfarm.Client(endpoint, session="sweep") as check:

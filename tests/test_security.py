@@ -94,6 +94,14 @@ def peer_folder(root: Path, role: str, secret_file: Path, broker_key: Path) -> P
     return root
 
 
+@pytest.fixture
+def keys(tmp_path: Path) -> Path:
+    """A keys folder made by ``init_keys``: the broker's keypair, a worker and a client key."""
+    folder = tmp_path / "keys"
+    init_keys(folder)
+    return folder
+
+
 def curve_farm(procs: Procs, keys: Path, n_workers: int = 1) -> tuple[Proc, str, list[Proc]]:
     """A CURVE broker on a fresh loopback port and ``n_workers`` workers, registered."""
     broker, endpoint = procs.broker(None, *FAST, "--keys", str(keys))
@@ -187,9 +195,7 @@ def test_keys_init_creates_private_folder_and_refuses_to_overwrite(tmp_path: Pat
 # ---- 2. unsafe secret key files ---------------------------------------------------------------------
 
 
-def test_readable_worker_secret_key_is_refused(procs: Procs, tmp_path: Path) -> None:
-    keys = tmp_path / "keys"
-    init_keys(keys)
+def test_readable_worker_secret_key_is_refused(procs: Procs, keys: Path) -> None:
     secret = keys / "workers" / "worker.key_secret"
     secret.chmod(0o644)
     worker = procs.worker(free_tcp_endpoint(), "--keys", str(keys))
@@ -198,9 +204,7 @@ def test_readable_worker_secret_key_is_refused(procs: Procs, tmp_path: Path) -> 
     assert f"chmod 600 {secret}" in worker.log(), worker.log()
 
 
-def test_readable_broker_secret_key_is_refused(procs: Procs, tmp_path: Path) -> None:
-    keys = tmp_path / "keys"
-    init_keys(keys)
+def test_readable_broker_secret_key_is_refused(procs: Procs, keys: Path) -> None:
     secret = keys / "broker.key_secret"
     secret.chmod(0o640)  # readable by the group is enough to refuse
     broker = procs.spawn("broker", "--bind", free_tcp_endpoint(), "--keys", str(keys))
@@ -208,9 +212,7 @@ def test_readable_broker_secret_key_is_refused(procs: Procs, tmp_path: Path) -> 
     assert f"chmod 600 {secret}" in broker.log(), broker.log()
 
 
-def test_readable_client_secret_key_raises_security_error(tmp_path: Path) -> None:
-    keys = tmp_path / "keys"
-    init_keys(keys)
+def test_readable_client_secret_key_raises_security_error(keys: Path) -> None:
     secret = keys / "clients" / "client.key_secret"
     secret.chmod(0o604)
     with pytest.raises(SecurityError) as info:
@@ -226,9 +228,7 @@ def test_readable_client_secret_key_raises_security_error(tmp_path: Path) -> Non
 # ---- 3. who gets in -------------------------------------------------------------------------------
 
 
-def test_a_worker_the_broker_will_not_let_in_says_why(procs: Procs, tmp_path: Path) -> None:
-    keys = tmp_path / "keys"
-    init_keys(keys)
+def test_a_worker_the_broker_will_not_let_in_says_why(procs: Procs, tmp_path: Path, keys: Path) -> None:
     other = tmp_path / "other"
     init_keys(other)
     _, endpoint, _ = curve_farm(procs, keys)
@@ -242,9 +242,8 @@ def test_a_worker_the_broker_will_not_let_in_says_why(procs: Procs, tmp_path: Pa
     assert stranger.alive() and keyless.alive()  # they keep trying: the keys may be added
 
 
-def test_only_clients_with_listed_keys_and_the_right_broker_key_connect(procs: Procs, tmp_path: Path) -> None:
-    keys = tmp_path / "keys"
-    init_keys(keys)
+def test_only_clients_with_listed_keys_and_the_right_broker_key_connect(procs: Procs, tmp_path: Path,
+                                                                        keys: Path) -> None:
     other = tmp_path / "other"
     init_keys(other)
     _, endpoint, _ = curve_farm(procs, keys)
@@ -275,9 +274,7 @@ def test_only_clients_with_listed_keys_and_the_right_broker_key_connect(procs: P
 # ---- 4. keys are bound to roles ---------------------------------------------------------------------
 
 
-def test_client_key_cannot_register_a_worker(procs: Procs, tmp_path: Path) -> None:
-    keys = tmp_path / "keys"
-    init_keys(keys)
+def test_client_key_cannot_register_a_worker(procs: Procs, tmp_path: Path, keys: Path) -> None:
     broker, endpoint = procs.broker(None, *FAST, "--keys", str(keys))
     impostor_keys = peer_folder(tmp_path / "impostor", "worker", keys / "clients" / "client.key_secret",
                                 keys / "broker.key")
@@ -304,9 +301,7 @@ def test_client_key_cannot_register_a_worker(procs: Procs, tmp_path: Path) -> No
     assert "worker impostor joined" not in flat(broker.log()), broker.log()
 
 
-def test_worker_key_cannot_submit_jobs(procs: Procs, tmp_path: Path) -> None:
-    keys = tmp_path / "keys"
-    init_keys(keys)
+def test_worker_key_cannot_submit_jobs(procs: Procs, tmp_path: Path, keys: Path) -> None:
     broker, endpoint, _ = curve_farm(procs, keys)
     impostor_keys = peer_folder(tmp_path / "impostor", "client", keys / "workers" / "worker.key_secret",
                                 keys / "broker.key")
@@ -351,9 +346,7 @@ def send_messages(sock: zmq.Socket[Any], frames: list[bytes]) -> None:
 
 
 def test_pickle_from_unauthenticated_peer_never_runs(procs: Procs, ctx: zmq.Context[Any],
-                                                     tmp_path: Path) -> None:
-    keys = tmp_path / "keys"
-    init_keys(keys)
+                                                     tmp_path: Path, keys: Path) -> None:
     broker, endpoint, _ = curve_farm(procs, keys)
     server_key = PeerKeys.load(str(keys), "client").server
 
@@ -621,9 +614,7 @@ def test_broker_refuses_to_listen_beyond_loopback_without_keys(procs: Procs) -> 
 # ---- 8. zfarm status with keys ----------------------------------------------------------------------
 
 
-def test_status_needs_keys_against_a_curve_broker(procs: Procs, tmp_path: Path) -> None:
-    keys = tmp_path / "keys"
-    init_keys(keys)
+def test_status_needs_keys_against_a_curve_broker(procs: Procs, keys: Path) -> None:
     _, endpoint, workers = curve_farm(procs, keys)
 
     ok = run_zfarm("status", "--connect", endpoint, "--keys", str(keys), "--json")

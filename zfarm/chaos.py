@@ -21,7 +21,6 @@ import argparse
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import zfarm
+from zfarm.local import free_tcp_endpoint, stop_processes
 
 HEARTBEAT_S = 0.25
 LIVENESS = 3
@@ -48,9 +48,7 @@ class Farm:
     """The broker and workers, started as ``python -m zfarm`` processes; all stopped by ``stop``."""
 
     def __init__(self, workers: int, log: Any, journal: str) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.address = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+        self.address = free_tcp_endpoint()
         self.log = log
         self.journal = journal
         self.broker = self._start_broker()
@@ -92,17 +90,7 @@ class Farm:
     def stop(self) -> None:
         with self.lock:
             procs = [*self.workers, self.broker]
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGCONT)
-                proc.terminate()
-        deadline = time.monotonic() + 10
-        for proc in procs:
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes(procs, time.monotonic() + 10)
 
 
 def _chaos(farm: Farm, args: argparse.Namespace, received: list[int], stopping: threading.Event,
@@ -166,41 +154,39 @@ def _map_in_processes(farm: Farm, args: argparse.Namespace, received: list[int],
     """Run the map in a client process, SIGKILL it ``--client-kills`` times and start it again."""
     deadline = time.monotonic() + args.time_limit
     chaos.start()
+    tally = Tally()
     for run in range(args.client_kills + 1):
         out = Path(folder, f"client-{run}.txt")
+        out.touch()
         proc = subprocess.Popen(
             [sys.executable, "-m", "zfarm.chaos", "--client-of", farm.address, "--out", str(out),
              "--session", args.session, "--jobs", str(args.jobs), "--work-s", str(args.work_s),
              "--chunksize", str(args.chunksize), "--time-limit", str(args.time_limit)],
             stdin=subprocess.DEVNULL, stdout=farm.log, stderr=farm.log)
         kill_at = args.jobs * (run + 1) // (args.client_kills + 1) if run < args.client_kills else None
-        while proc.poll() is None:
-            lines = _result_lines(out)
-            received[0] = len(lines)
-            if (kill_at is not None and len(lines) >= kill_at) or time.monotonic() > deadline:
-                proc.kill()
-                events.append("client-kill")
-            time.sleep(0.02)
-        proc.wait()
-    tally = Tally()
-    text = out.read_text() if out.exists() else ""
-    for x, square in _result_lines(out):
-        tally.add(x, square)
-    dropped = [line for line in text.splitlines() if line.startswith("dropped ")]
+        received[0] = 0
+        with open(out, "rb") as progress:  # read on from where we were: only the new lines are counted
+            while proc.poll() is None:
+                received[0] += progress.read().count(b"\n")
+                if time.monotonic() > deadline:
+                    proc.kill()
+                    tally.failure = f"time limit of {args.time_limit:.0f} s reached"
+                elif kill_at is not None and received[0] >= kill_at:
+                    proc.kill()
+                    events.append("client-kill")
+                time.sleep(0.02)
+        if proc.wait() != 0 and (tally.failure or kill_at is None):
+            tally.failure = tally.failure or f"the last client exited with {proc.returncode}"
+            break
+    lines = out.read_text().splitlines()
+    for line in lines:
+        if line[:1].isdigit():
+            x, square = line.split()
+            tally.add(int(x), int(square))
+    dropped = [line for line in lines if line.startswith("dropped ")]
     tally.dropped = int(dropped[-1].split()[1]) if dropped else 0
-    if proc.returncode != 0:
-        tally.failure = f"the last client exited with {proc.returncode}"
     received[0] = sum(tally.seen.values())
     return tally
-
-
-def _result_lines(path: Path) -> list[tuple[int, int]]:
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return []
-    complete = text.split("\n")[:-1]  # a line still being written has no newline yet
-    return [(int(a), int(b)) for a, b in (line.split() for line in complete if line[:1].isdigit())]
 
 
 def _client_process(args: argparse.Namespace) -> int:
@@ -250,7 +236,9 @@ def run(args: argparse.Namespace) -> int:
     if args.client_kills:
         print(f"client reruns        {args.client_kills} (session {args.session}: each rerun collects what "
               "the killed one left)")
-    print(f"journal              {journal or 'none (the client resubmits after a broker restart)'}")
+    where = args.journal or ("a temporary file, removed now" if journal else
+                             "none (the client resubmits after a broker restart)")
+    print(f"journal              {where}")
     print(f"wall time            {wall_s:.1f} s")
     if tally.failure:
         print(f"the map stopped on   {tally.failure}")
@@ -275,7 +263,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--journal", default=None, metavar="PATH",
                         help="the broker's journal (default: one in a temporary folder)")
     parser.add_argument("--no-journal", action="store_true", help="run the broker without a journal")
-    parser.add_argument("--session", default=None, help="run the client in this session")
+    parser.add_argument("--session", default=None,
+                        help="run the client in this session (with --client-kills: default chaos)")
     parser.add_argument("--client-kills", type=int, default=0,
                         help="SIGKILL the client this many times and rerun it (in a session; default 0)")
     parser.add_argument("--client-of", help=argparse.SUPPRESS)  # one client run of a --client-kills soak

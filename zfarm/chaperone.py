@@ -30,7 +30,7 @@ import msgpack
 
 from zfarm import serialization as ser
 from zfarm.errors import JobCrashed, JobTimeout, MemoryLimitExceeded
-from zfarm.protocol import Outcome, remember_fn
+from zfarm.protocol import Outcome, buffer_of, remember_fn
 
 log = logging.getLogger(__name__)
 
@@ -218,10 +218,10 @@ class Slot:
         with_fn = task.fn_id not in self.fns and task.fn_blob is not None
         self.conn.send_bytes(msgpack.packb([task.fn_id, with_fn, len(task.frames)]))
         if with_fn:
-            self.conn.send_bytes(ser.buffer_of(task.fn_blob))
+            self.conn.send_bytes(buffer_of(task.fn_blob))
             remember_fn(self.fns, task.fn_id, None)
         for frame in task.frames:
-            self.conn.send_bytes(ser.buffer_of(frame))
+            self.conn.send_bytes(buffer_of(frame))
         self.task = task
         self.started_at = time.time()
         self.started_mono = time.monotonic()

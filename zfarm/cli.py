@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from zfarm import __version__
-from zfarm.config import DEFAULT_ADDRESS, BrokerSettings, WorkerSettings, resolve
+from zfarm.config import DEFAULT_ADDRESS, JOURNAL_SYNC_MODES, BrokerSettings, WorkerSettings, resolve
 from zfarm.errors import ConfigError, ZfarmError
 
 log = logging.getLogger("zfarm")
@@ -55,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     broker.add_argument("--journal", metavar="PATH",
                         help="SQLite file keeping accepted jobs and undelivered results, so that a restarted "
                              "broker goes on where it stopped (env ZFARM_JOURNAL; default: none)")
-    broker.add_argument("--journal-sync", choices=["full", "normal"],
+    broker.add_argument("--journal-sync", choices=JOURNAL_SYNC_MODES,
                         help="full (default): every journal commit reaches the disk, surviving a power cut; "
                              "normal: faster, survives the broker's death but not the machine's")
     broker.add_argument("--session-ttl", type=float, dest="session_ttl_s", metavar="SECONDS",

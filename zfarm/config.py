@@ -19,6 +19,8 @@ from zfarm.errors import ConfigError
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
 GIB = 1024**3
 MIN_MESSAGE_BYTES = 1024**2
+#: full: each journal commit reaches the disk; normal: the operating system writes it when it likes
+JOURNAL_SYNC_MODES = ("full", "normal")
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,7 @@ class BrokerSettings:
             raise ConfigError(f"max_message_bytes must be at least {MIN_MESSAGE_BYTES} (1 MiB), "
                               f"got {self.max_message_bytes}")
         object.__setattr__(self, "journal_sync", self.journal_sync.lower())
-        if self.journal_sync not in ("full", "normal"):
+        if self.journal_sync not in JOURNAL_SYNC_MODES:
             raise ConfigError(f"journal_sync must be full or normal, not {self.journal_sync!r}")
         if self.max_queued < 0:
             raise ConfigError(f"max_queued must not be negative, got {self.max_queued}")

@@ -96,7 +96,7 @@ class JobFuture(Future[Any]):
         """In a session, the program has this result now: a clean close may release it."""
         if self._connection.session and not self._was_read and self.done():
             self._was_read = True
-            self._connection.read(self.seq)
+            self._connection.read_seqs.append(self.seq)
 
     def cancel(self) -> bool:
         if self.done():
@@ -175,7 +175,10 @@ class Connection(threading.Thread):
         # A session's results that reached us, and those the program then read: a clean close
         # releases the read ones (RECEIVED); the others stay with the session for a later run.
         self._arrived: set[int] = set()
-        self._got: list[int] = []
+        #: seqs whose result the program read, appended from user threads (list.append is atomic);
+        #: only a close looks at them, so reading a result never wakes this thread
+        self.read_seqs: list[int] = []
+        self._unfinished_heap: list[int] = []  # seqs of _jobs, for the oldest one (stale ones popped late)
         self._posted_upto = 1  # every seq below it has been posted to this thread
         self._posted_above: set[int] = set()
         self._cancels: list[int] = []  # to send once the broker listens
@@ -196,10 +199,6 @@ class Connection(threading.Thread):
 
     def cancel(self, seq: int) -> None:
         self._post("cancel", seq)
-
-    def read(self, seq: int) -> None:
-        """The program read a session job's result (from any thread)."""
-        self._post("read", seq)
 
     def skip(self, seqs: list[int]) -> None:
         """Seqs taken for jobs that will never be submitted (their pickling failed)."""
@@ -252,8 +251,7 @@ class Connection(threading.Thread):
         if self._link is Link.DOWN and now >= self._reconnect_at:
             self._connect(now)
         poller = self._poller()
-        timeout_s = self._interval_s / 4
-        ready = dict(poller.poll(int(timeout_s * 1000)))
+        ready = dict(poller.poll(int(self._wait_s(now) * 1000)))
         if self._watch is not None and ready.get(self._watch.monitor):
             self._read_handshake_events()
         if self._inbox or ready.get(self._wake_r.fileno()):
@@ -270,6 +268,18 @@ class Connection(threading.Thread):
         if self._detach_by is not None and (time.monotonic() > self._detach_by
                                             or (self._all_accepted() and self._link is Link.READY)):
             self._stopping = True
+
+    def _wait_s(self, now: float) -> float:
+        """How long the loop may sleep: a quarter interval, or less if a retry, a resend of bounced
+        jobs or a RECEIVED is due sooner."""
+        due = [now + self._interval_s / 4]
+        if self._retry_at:
+            due.append(self._retry_at[0][0])
+        if self._bounced:
+            due.append(self._busy_retry_at)
+        if self._received:
+            due.append(self._received_since + RECEIVED_DELAY_S)
+        return max(0.0, min(due) - now)
 
     def _leave_by(self, deadline: float) -> None:
         """Leave once the broker holds every job and can hear us say so (or at ``deadline``).
@@ -337,21 +347,17 @@ class Connection(threading.Thread):
                 self._take_stop(bool(payload))
             elif what == "detach":
                 self._leave_by(time.monotonic() + payload)
-            else:
-                self._take_note(what, payload)
+            elif what == "skip":  # seqs taken for jobs that were never posted
+                for seq in payload:
+                    self._posted(seq)
 
-    def _take_note(self, what: str, payload: Any) -> None:
-        if what == "read":
-            if payload in self._arrived:
-                self._arrived.discard(payload)
-                self._got.append(payload)
-        elif what == "skip":  # seqs taken for jobs that were never posted
-            for seq in payload:
-                self._posted(seq)
+    def _read_results(self) -> list[int]:
+        """A session's results that arrived here and that the program then read."""
+        return sorted(self._arrived.intersection(self.read_seqs))
 
     def _take_stop(self, end_session: bool) -> None:
         self._end_session = end_session
-        must_tell = end_session or (self._got and not self._jobs)
+        must_tell = end_session or (not self._jobs and bool(self._read_results()))
         if must_tell and self._link is not Link.READY:  # the broker must hear it: wait for it a while
             self._leave_by(time.monotonic() + END_SESSION_WAIT_S)
         else:
@@ -366,6 +372,7 @@ class Connection(threading.Thread):
             job.submitted_at = now
             self._jobs[job.seq] = job
             queue.append(job.seq)
+            heapq.heappush(self._unfinished_heap, job.seq)
             self._posted(job.seq)
         if self._link is Link.DOWN:  # new work: try the broker now, not after the backoff
             self._reconnect_at = now
@@ -497,7 +504,10 @@ class Connection(threading.Thread):
         """
         if self.session:
             return 0
-        return min(self._posted_upto, min(self._jobs, default=self._posted_upto))
+        heap = self._unfinished_heap
+        while heap and heap[0] not in self._jobs:  # seqs leave _jobs for good: pop them as they surface
+            heapq.heappop(heap)
+        return min(self._posted_upto, heap[0]) if heap else self._posted_upto
 
     def _note_room(self, busy: bool) -> None:
         """After a RESULT: if the broker bounced jobs, wait longer before offering them again."""
@@ -645,11 +655,10 @@ class Connection(threading.Thread):
                 log.warning("client %s left session %s while the broker was unreachable: its %d jobs are "
                             "safe if the broker runs with --journal, else a rerun submits them again",
                             self.client_id, self.session, len(self._jobs))
-        elif self._got and not self._jobs:
-            # Closed after all its jobs: this program has the results it got, so the broker may forget
+        elif not self._jobs and (read := self._read_results()):
+            # Closed after all its jobs: this program has the results it read, so the broker may forget
             # them; what other clients of the session left stays (the session ends if nothing does).
-            self._note_received(self._got, time.monotonic())
-            self._got = []
+            self._note_received(read, time.monotonic())
         if (self._end_session or self._received) and self._link is not Link.READY:
             log.warning("client %s could not reach the broker to %s: it keeps them for its --session-ttl",
                         self.client_id, f"end session {self.session}" if self._end_session else

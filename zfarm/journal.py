@@ -31,16 +31,15 @@ from typing import Any
 import msgpack
 
 from zfarm.errors import ZfarmError
+from zfarm.protocol import as_bytes
 from zfarm.state import Held, Job
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-SYNC_MODES = ("full", "normal")
 _TABLES = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS clients(id TEXT PRIMARY KEY, session TEXT NOT NULL, seen REAL NOT NULL,
-    key TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS clients(id TEXT PRIMARY KEY, session TEXT NOT NULL, key TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS functions(client TEXT, fn BLOB, blob BLOB NOT NULL, PRIMARY KEY(client, fn));
 CREATE TABLE IF NOT EXISTS jobs(client TEXT, seq INTEGER, fn BLOB NOT NULL, frames BLOB NOT NULL,
     options BLOB NOT NULL, queued_at REAL NOT NULL, digest BLOB NOT NULL, losses BLOB NOT NULL,
@@ -68,8 +67,7 @@ class JournalJob:
 class Recovered:
     """What a journal held when it was opened, oldest first."""
 
-    #: id, session, when last seen (epoch), CURVE key
-    clients: list[tuple[str, str, float, str]] = field(default_factory=list)
+    clients: list[tuple[str, str, str]] = field(default_factory=list)  # id, session, CURVE key
     functions: list[tuple[str, bytes, bytes]] = field(default_factory=list)  # client, fn_id, blob
     jobs: list[JournalJob] = field(default_factory=list)
     results: list[tuple[str, int, Held]] = field(default_factory=list)  # client, seq, result
@@ -84,20 +82,15 @@ def _unpack(raw: bytes) -> Any:
     return msgpack.unpackb(raw, raw=False)
 
 
-def _bytes(frame: Any) -> bytes:
-    return frame if isinstance(frame, bytes) else bytes(getattr(frame, "buffer", frame))
-
-
 def _frames(frames: Iterable[Any]) -> bytes:
-    return _pack([_bytes(f) for f in frames])
+    return _pack([as_bytes(f) for f in frames])
 
 
 class Journal:
     """Record changes as they happen; :meth:`commit` makes them durable."""
 
     def __init__(self, path: str, sync: str = "full") -> None:
-        if sync not in SYNC_MODES:
-            raise ValueError(f"journal sync must be one of {SYNC_MODES}, not {sync!r}")
+        """``sync``: one of config.JOURNAL_SYNC_MODES (BrokerSettings checks it)."""
         folder = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(folder):
             raise ZfarmError(f"cannot open the journal {path}: the folder {folder} does not exist")
@@ -135,7 +128,7 @@ class Journal:
     def load(self) -> Recovered:
         db = self._db
         out = Recovered()
-        out.clients = [tuple(row) for row in db.execute("SELECT id, session, seen, key FROM clients")]
+        out.clients = [tuple(row) for row in db.execute("SELECT id, session, key FROM clients")]
         out.functions = [tuple(row) for row in db.execute("SELECT client, fn, blob FROM functions")]
         for c, seq, fn, frames, options, queued_at, digest, losses, before in db.execute(
                 "SELECT client, seq, fn, frames, options, queued_at, digest, losses, attempts_before "
@@ -155,8 +148,8 @@ class Journal:
             self._dirty = True
         self._db.execute(sql, args)
 
-    def client(self, client_id: str, session: str, seen: float, key: str) -> None:
-        self._write("INSERT OR REPLACE INTO clients VALUES(?, ?, ?, ?)", (client_id, session, seen, key))
+    def client(self, client_id: str, session: str, key: str) -> None:
+        self._write("INSERT OR REPLACE INTO clients VALUES(?, ?, ?)", (client_id, session, key))
 
     def drop_client(self, client_id: str) -> None:
         for table, column in (("clients", "id"), ("functions", "client"), ("jobs", "client"),
@@ -165,7 +158,7 @@ class Journal:
 
     def function(self, client_id: str, fn_id: bytes, blob: Any) -> None:
         self._write("INSERT OR REPLACE INTO functions VALUES(?, ?, ?)",
-                    (client_id, fn_id, _bytes(blob)))
+                    (client_id, fn_id, as_bytes(blob)))
 
     def drop_function(self, client_id: str, fn_id: bytes) -> None:
         self._write("DELETE FROM functions WHERE client=? AND fn=?", (client_id, fn_id))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -44,14 +45,17 @@ class LocalCluster:
     def stop(self, timeout_s: float = 5.0) -> None:
         """Stop every process (politely, then by force) and remove the temporary folder."""
         deadline = time.monotonic() + timeout_s
-        _stop(self.workers, deadline)  # workers first, so none of them sees its broker leave
-        _stop([self.broker], deadline)
+        stop_processes(self.workers, deadline)  # workers first, so none of them sees its broker leave
+        stop_processes([self.broker], deadline)
         shutil.rmtree(self._tmpdir, ignore_errors=True)
 
 
-def _stop(procs: list[subprocess.Popen[bytes]], deadline: float) -> None:
+def stop_processes(procs: list[subprocess.Popen[bytes]], deadline: float) -> None:
+    """SIGTERM each (resumed first, if it was stopped); SIGKILL any still running at ``deadline``."""
     for proc in procs:
         if proc.poll() is None:
+            if hasattr(signal, "SIGCONT"):  # not on Windows
+                proc.send_signal(signal.SIGCONT)
             proc.terminate()
     for proc in procs:
         try:
@@ -62,10 +66,11 @@ def _stop(procs: list[subprocess.Popen[bytes]], deadline: float) -> None:
             proc.wait()
 
 
-#: settings of a shared farm that the private, embedded one must not take from the environment
-#: (another broker's journal above all: two brokers would fight over it)
+#: settings that name one process or one shared farm, which the private, embedded farm must not
+#: take from the environment: another broker's journal (two brokers would fight over it), an
+#: endpoint, a worker's id, and the client's key name (its workers use the folder's one worker key)
 _NOT_INHERITED = ("ZFARM_JOURNAL", "ZFARM_JOURNAL_SYNC", "ZFARM_SESSION_TTL_S", "ZFARM_BIND",
-                  "ZFARM_WORKER_ID")
+                  "ZFARM_WORKER_ID", "ZFARM_KEY_NAME")
 
 
 def _spawn(args: list[str]) -> subprocess.Popen[bytes]:
@@ -76,6 +81,11 @@ def _spawn(args: list[str]) -> subprocess.Popen[bytes]:
 def _private_endpoint(folder: str) -> str:
     if os.name != "nt":
         return f"ipc://{folder}/broker.sock"
-    with socket.socket() as s:  # Windows has no ipc transport
+    return free_tcp_endpoint()  # Windows has no ipc transport
+
+
+def free_tcp_endpoint() -> str:
+    """``tcp://127.0.0.1:PORT`` with a port the kernel just reported free."""
+    with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return f"tcp://127.0.0.1:{s.getsockname()[1]}"

@@ -290,11 +290,14 @@ def encode(msg: Message) -> list[Frame]:
 _COMMAND_BYTES = {c: bytes([c]) for c in Command}
 
 
-def _as_bytes(frame: Frame) -> bytes:
-    if isinstance(frame, bytes):
-        return frame
-    view: Any = getattr(frame, "buffer", frame)
-    return bytes(view)
+def buffer_of(frame: Frame) -> Any:
+    """The bytes-like view of a frame (zmq.Frame exposes ``.buffer``)."""
+    return getattr(frame, "buffer", frame)
+
+
+def as_bytes(frame: Frame) -> bytes:
+    """A frame's content as bytes (copied only if it is not bytes already)."""
+    return frame if isinstance(frame, bytes) else bytes(buffer_of(frame))
 
 
 def decode(frames: Sequence[Frame]) -> Message:
@@ -305,13 +308,13 @@ def decode(frames: Sequence[Frame]) -> Message:
     """
     if len(frames) < 3:
         raise ProtocolError(f"expected at least 3 frames, got {len(frames)}")
-    cmd_bytes = _as_bytes(frames[1])
-    if _as_bytes(frames[0]) != HEADER:
+    cmd_bytes = as_bytes(frames[1])
+    if as_bytes(frames[0]) != HEADER:
         return _foreign(frames, cmd_bytes)
     if len(cmd_bytes) != 1 or cmd_bytes[0] not in _BY_BYTE:
         raise ProtocolError(f"unknown command {cmd_bytes[:8]!r}")
     cls = _BY_BYTE[cmd_bytes[0]]
-    raw = _as_bytes(frames[2])
+    raw = as_bytes(frames[2])
     if len(raw) > MAX_ENVELOPE_BYTES:
         raise ProtocolError(f"{cls.__name__} envelope of {len(raw)} bytes is over the limit")
     try:
@@ -339,13 +342,13 @@ def decode(frames: Sequence[Frame]) -> Message:
 
 def _foreign(frames: Sequence[Frame], cmd_bytes: bytes) -> Refused:
     """A message under another header: another version's REFUSED is read, the rest rejected."""
-    header = _as_bytes(frames[0])
+    header = as_bytes(frames[0])
     if len(header) != 3 or header[:2] != MAGIC:
         raise ProtocolError(f"not a zfarm message (header {header[:8]!r})")
     if cmd_bytes != _COMMAND_BYTES[Command.REFUSED]:  # REFUSED is readable in every version
         raise VersionMismatch(header[2], PROTOCOL_VERSION)
     try:
-        envelope = msgpack.unpackb(_as_bytes(frames[2]), raw=False)
+        envelope = msgpack.unpackb(as_bytes(frames[2]), raw=False)
         reason = str(envelope[0])
     except Exception:
         reason = "the broker speaks another protocol version"

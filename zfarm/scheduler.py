@@ -105,7 +105,7 @@ class Scheduler:
     def _recover(self, saved: Recovered, now: float) -> None:
         """Start from a journal: its clients are away until they say HELLO; their jobs queue now."""
         offset = self.records.wall_offset_s
-        for client_id, session, _seen, key in saved.clients:
+        for client_id, session, key in saved.clients:
             # Away from now: a client connected when the broker died gets its full time to come back.
             self.clients[client_id] = ClientRecord(
                 id=client_id, route=b"", host="", pid=0, joined_at=now, last_seen=now, last_sent=now, key=key,
@@ -236,10 +236,9 @@ class Scheduler:
             self._submit(client, msg, now)
         elif isinstance(msg, p.Received):
             # ``below``: the client has every result under it (it covers RECEIVEDs that were lost)
-            gone = [*msg.seqs, *(seq for seq in client.held if seq < msg.below)]
-            for seq in gone:
-                if client.held.pop(seq, None) is not None and self.journal is not None:
-                    self.journal.drop_result(client.id, seq)
+            below = [seq for seq in client.held if seq < msg.below] if msg.below else []
+            for seq in [*msg.seqs, *below]:
+                self._drop_held(client, seq)
         elif isinstance(msg, p.Cancel):
             for seq in msg.seqs:
                 job = client.jobs.get(seq)
@@ -290,13 +289,12 @@ class Scheduler:
             if worker.outbox:
                 self._send(worker, self._jobs_message(worker), now)
         for client in self.clients.values():
+            # (an absent client has none: they are cleared when it leaves, and none are added meanwhile)
             if client.accepted:
-                if client.present:
-                    self._send(client, p.Accepted(client.accepted), now)
+                self._send(client, p.Accepted(client.accepted), now)
                 client.accepted = []
             if client.out_rows:
-                if client.present:  # an absent client's results wait in client.held
-                    self._send(client, p.Result(client.out_rows, client.out_frames, client.out_stats), now)
+                self._send(client, p.Result(client.out_rows, client.out_frames, client.out_stats), now)
                 client.out_rows, client.out_frames, client.out_stats = [], [], []
         out, self._out = self._out, []
         return out
@@ -357,7 +355,7 @@ class Scheduler:
             client = ClientRecord(**common, session=session if isinstance(session, str) else "")  # type: ignore[arg-type]
             self.clients[client.id] = client
             if self.journal is not None:
-                self.journal.client(client.id, client.session, self.records.wall(now), key)
+                self.journal.client(client.id, client.session, key)
             log.info("client %s joined from %s pid %d", client.id, client.host, client.pid)
             self.records.event(now, "client-joined", f"client {client.id} joined from {client.host}"
                                f"{f' (session {client.session})' if client.session else ''}")
@@ -395,8 +393,6 @@ class Scheduler:
         """A session's client went away: its jobs go on and their results wait for it."""
         client.present, client.absent_since = False, now
         client.out_rows, client.out_frames, client.out_stats, client.accepted = [], [], [], []
-        if self.journal is not None:
-            self.journal.client(client.id, client.session, self.records.wall(now), client.key)
         log.info("client %s of session %s away (%s): its %d unfinished jobs go on, %d results held",
                  client.id, client.session, why, len(client.jobs), len(client.held))
         self.records.event(now, "client-away", f"session {client.session} away ({why}); "
@@ -538,9 +534,7 @@ class Scheduler:
         if held is not None and frames is not None:
             if client.session:
                 client.accepted.append(seq)
-            client.out_rows.append([seq, held.outcome, len(frames), held.info])
-            client.out_frames.extend(frames)
-            client.out_stats.append(held.stats)
+            _to_client(client, seq, held.outcome, frames, held.info, held.stats)
             return True
         if job is not None or held is not None:
             if held is not None and held.digest == digest:  # the same job, but its result is gone
@@ -551,9 +545,12 @@ class Scheduler:
                 self.records.event(now, "job-replaced", f"job {client.id}:{seq} changed: the new one runs")
             if job is not None:
                 self._retire(client, job, now)
-            if client.held.pop(seq, None) is not None and self.journal is not None:
-                self.journal.drop_result(client.id, seq)
+            self._drop_held(client, seq)
         return False
+
+    def _drop_held(self, client: ClientRecord, seq: int) -> None:
+        if client.held.pop(seq, None) is not None and self.journal is not None:
+            self.journal.drop_result(client.id, seq)
 
     def _held_frames(self, client: ClientRecord, seq: int, held: Held) -> list[Any] | None:
         """A held result's payload, from memory or else from the journal (None: it is gone)."""
@@ -730,8 +727,7 @@ class Scheduler:
     def _bounce(self, client: ClientRecord, seq: int, outcome: p.Outcome, info: str, now: float) -> None:
         """Hand a job straight back, unaccepted: the client sends it again (counted nowhere)."""
         at = self.records.wall(now)
-        client.out_rows.append([seq, int(outcome), 0, info])
-        client.out_stats.append(["", "", 0, at, at, at, 0.0, 0])
+        _to_client(client, seq, outcome, [], info, ["", "", 0, at, at, at, 0.0, 0])
         self.counters.bounced += 1
 
     def _finish_for_client(self, client: ClientRecord, job: Job, outcome: p.Outcome, frames: list[Any],
@@ -749,9 +745,7 @@ class Scheduler:
             if client.session:  # kept until the session ends: on disk, not in memory
                 held.frames = None
         if client.present:  # else it is sent when the client asks for the job again
-            client.out_rows.append([job.seq, int(outcome), len(frames), info])
-            client.out_frames.extend(frames)
-            client.out_stats.append(stats)
+            _to_client(client, job.seq, outcome, frames, info, stats)
 
     # ---- output and views ------------------------------------------------------------------------
 
@@ -800,6 +794,14 @@ class Scheduler:
 _OUTCOMES = {int(o) for o in p.Outcome}
 
 
+def _to_client(client: ClientRecord, seq: int, outcome: int, frames: list[Any], info: str,
+               stats: list[Any]) -> None:
+    """Add a result to the RESULT message the client gets at the next flush."""
+    client.out_rows.append([seq, int(outcome), len(frames), info])
+    client.out_frames.extend(frames)
+    client.out_stats.append(stats)
+
+
 def _ran(job: Job, worker: WorkerRecord, attempt: int) -> bool:
     """Whether ``worker`` was given this very job as this attempt (a result for it is an answer).
 
@@ -815,5 +817,5 @@ def _digest(fn_id: bytes, frames: Sequence[Any]) -> bytes:
     """What a session's job is: its function and arguments, hashed."""
     h = hashlib.blake2b(fn_id, digest_size=16)
     for frame in frames:
-        h.update(getattr(frame, "buffer", frame))
+        h.update(p.buffer_of(frame))
     return h.digest()

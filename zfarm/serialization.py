@@ -19,14 +19,10 @@ import cloudpickle
 import msgpack
 
 from zfarm.errors import JobError, RemoteTraceback
+from zfarm.protocol import buffer_of
 
 #: buffers smaller than this stay inside the pickle: a frame costs more than a copy
 OUT_OF_BAND_MIN_BYTES = 64 * 1024
-
-
-def buffer_of(frame: Any) -> Any:
-    """The bytes-like view of a frame (zmq.Frame exposes ``.buffer``)."""
-    return getattr(frame, "buffer", frame)
 
 
 def dump_function(fn: Any) -> tuple[bytes, bytes]:

@@ -117,6 +117,6 @@ def test_bad_session_names_are_refused_with_the_rule(name: str) -> None:
 
 
 def test_journal_sync_must_be_full_or_normal() -> None:
-    assert BrokerSettings(journal_sync="normal").journal_sync == "normal"
+    assert BrokerSettings(journal_sync="NORMAL").journal_sync == "normal"  # as ZFARM_JOURNAL_SYNC=NORMAL
     with pytest.raises(ConfigError, match="full or normal"):
         BrokerSettings(journal_sync="sometimes")

@@ -18,11 +18,12 @@ from zfarm.journal import Journal
 
 
 def restart(farm: Farm, path: Path, now: float = 100.0) -> Farm:
-    """Commit, drop ``farm`` as a SIGKILL would (no goodbye) and start a new scheduler on its journal."""
+    """Commit, drop ``farm`` as a SIGKILL would (no goodbye) and start a new scheduler on its journal,
+    with the same settings."""
     assert farm.sched.journal is not None
     farm.sched.journal.commit()
     farm.sched.journal.close()
-    return Farm(now, journal=Journal(str(path)))
+    return Farm(now, journal=Journal(str(path)), settings=farm.sched.settings)
 
 
 def test_a_restarted_broker_recovers_queued_and_assigned_jobs_and_undelivered_results(tmp_path: Path) -> None:
@@ -170,9 +171,7 @@ def test_a_poison_count_survives_a_restart(tmp_path: Path) -> None:
     farm.out(0.1)
     farm.send(CA, p.Heartbeat(), 9.9)
     farm.sched.tick(10.0)  # w1 silent: lost while running job 1 (one loss)
-    farm.sched.journal.commit()  # type: ignore[union-attr]
-    farm.sched.journal.close()  # type: ignore[union-attr]
-    farm = Farm(100.0, journal=Journal(str(path)), settings=settings)
+    farm = restart(farm, path)
     farm.client(CA, "ca", 100.0)
     farm.worker(W2, "w2", 100.0, credit=1, slots=1)
     farm.out(100.0)
@@ -209,9 +208,7 @@ def test_a_session_connected_when_the_broker_died_gets_its_full_ttl_after_the_re
     farm.submit(CA, [1], 0.1)
     for t in range(10, 61, 2):  # connected for longer than the ttl
         farm.send(CA, p.Heartbeat(), float(t))
-    farm.sched.journal.commit()  # type: ignore[union-attr]
-    farm.sched.journal.close()  # type: ignore[union-attr]
-    farm = Farm(61.0, journal=Journal(str(path)), settings=settings)
+    farm = restart(farm, path, now=61.0)
     farm.sched.tick(61.0)
     farm.sched.tick(100.0)
     assert farm.snap(100.0)["queued"] == 1  # still waiting for its client

@@ -95,6 +95,16 @@ def result_rows(out: list[tuple[bytes, p.Message]], route: bytes) -> list[tuple[
     return found
 
 
+def one_job_on_w1(seq: int) -> tuple[Farm, list[Any]]:
+    """Client ca and worker w1 (credit 1); ca submits job ``seq`` and w1 gets it: its JOBS row."""
+    farm = Farm()
+    farm.client(CA, "ca")
+    farm.worker(W1, "w1", credit=1)
+    farm.submit(CA, [seq], 0.0)
+    (row,) = job_rows(farm.out(0.0), W1)
+    return farm, row
+
+
 def busy(farm: Farm) -> dict[str, int]:
     return {w["id"]: w["busy"] for w in farm.snap()["workers"]}
 
@@ -238,11 +248,7 @@ def test_results_return_credit_and_reach_the_client_with_payload_untouched() -> 
 
 
 def test_failed_outcome_is_delivered_and_counted() -> None:
-    farm = Farm()
-    farm.client(CA, "ca")
-    farm.worker(W1, "w1", credit=1)
-    farm.submit(CA, [3], 0.0)
-    (row,) = job_rows(farm.out(0.0), W1)
+    farm, row = one_job_on_w1(3)
     farm.result(W1, row, 0.1, outcome=ERROR, frames=[b"pickled exception"], info="ValueError: boom")
     ((result, frames),) = result_rows(farm.out(0.1), CA)
     assert result == [3, ERROR, 1, "ValueError: boom"]
@@ -410,11 +416,7 @@ def test_result_for_an_unknown_client_is_dropped_and_counted() -> None:
 
 
 def test_duplicate_result_from_the_same_worker_is_delivered_once() -> None:
-    farm = Farm()
-    farm.client(CA, "ca")
-    farm.worker(W1, "w1", credit=1)
-    farm.submit(CA, [0], 0.0)
-    (row,) = job_rows(farm.out(0.0), W1)
+    farm, row = one_job_on_w1(0)
     farm.result(W1, row, 0.1)
     farm.result(W1, row, 0.2)
     assert len(result_rows(farm.out(0.2), CA)) == 1
@@ -437,11 +439,7 @@ def test_worker_disconnect_requeues_without_counting_a_loss() -> None:
 
 
 def test_returned_outcome_requeues_the_job() -> None:
-    farm = Farm()
-    farm.client(CA, "ca")
-    farm.worker(W1, "w1", credit=1)
-    farm.submit(CA, [0], 0.0)
-    (row,) = job_rows(farm.out(0.0), W1)
+    farm, row = one_job_on_w1(0)
     farm.result(W1, row, 0.5, credit=0, outcome=int(p.Outcome.RETURNED))
     out = farm.out(0.5)
     assert result_rows(out, CA) == [] and job_rows(out, W1) == []
@@ -570,11 +568,7 @@ def test_silent_client_is_removed_with_its_jobs() -> None:
 
 
 def test_client_reconnecting_keeps_its_jobs_and_gets_results_on_the_new_route() -> None:
-    farm = Farm()
-    farm.client(CA, "ca")
-    farm.worker(W1, "w1", credit=1)
-    farm.submit(CA, [0], 0.0)
-    (row,) = job_rows(farm.out(0.0), W1)
+    farm, row = one_job_on_w1(0)
     new_route = b"\x00route-ca-again"
     farm.client(new_route, "ca", now=0.5)
     farm.out(0.5)
@@ -787,6 +781,7 @@ class Conversation:
         self.held: dict[bytes, list[list[Any]]] = {}  # JOBS rows a route holds and has not answered
         self.next_seq = {cid: 0 for cid in CLIENT_IDS}
         self.delivered: dict[str, dict[int, list[Any]]] = {cid: {} for cid in CLIENT_IDS}
+        self.cancelled: dict[str, set[int]] = {cid: set() for cid in CLIENT_IDS}  # and not sent since
         for c in range(len(CLIENT_IDS)):
             self.op_client_hello(c)
         for i in range(len(WORKER_IDS)):
@@ -846,6 +841,7 @@ class Conversation:
         self._submit(cid, seqs)
 
     def _submit(self, cid: str, seqs: list[int]) -> None:
+        self.cancelled[cid].difference_update(seqs)
         payloads = {s: [f"{cid}:{s}".encode()] for s in seqs}
         self.farm.submit(self.client_route[cid], seqs, self.now, payloads=payloads)
 
@@ -871,7 +867,10 @@ class Conversation:
 
     def op_cancel(self, c: int, pick: int) -> None:
         cid = CLIENT_IDS[c]
-        self.farm.send(self.client_route[cid], p.Cancel([pick % max(1, self.next_seq[cid])]), self.now)
+        seq = pick % max(1, self.next_seq[cid])
+        if seq not in self.delivered[cid]:  # a client cancels only what it has no result for
+            self.cancelled[cid].add(seq)
+        self.farm.send(self.client_route[cid], p.Cancel([seq]), self.now)
 
     def op_resubmit(self, c: int, pick: int) -> None:
         cid = CLIENT_IDS[c]
@@ -964,15 +963,18 @@ class Conversation:
         self.send(route, p.Ready(100_000))
         self.flush()
         self._answer_everything()
-        if self.sessions:  # a session keeps every job: asked again, each one has its result
-            for cid in CLIENT_IDS:
-                undelivered = [s for s in range(self.next_seq[cid]) if s not in self.delivered[cid]]
-                if undelivered:
-                    self._submit(cid, undelivered)
-            self.flush()
-            self._answer_everything()
-            for cid in CLIENT_IDS:
-                assert sorted(self.delivered[cid]) == list(range(self.next_seq[cid])), cid
+        # Back, each client sends again every job it has no result for, as after a reconnect (a plain
+        # client not the ones it cancelled: it forgot them); then every one of them must have one.
+        wanted = {cid: {s for s in range(self.next_seq[cid]) if self.sessions or s not in self.cancelled[cid]}
+                  for cid in CLIENT_IDS}
+        for cid in CLIENT_IDS:
+            if undelivered := sorted(wanted[cid] - set(self.delivered[cid])):
+                self._submit(cid, undelivered)
+        self.flush()
+        self._answer_everything()
+        for cid in CLIENT_IDS:
+            missing = sorted(wanted[cid] - set(self.delivered[cid]))
+            assert not missing, (cid, missing)
         snap = self.farm.snap(self.now)
         assert (snap["queued"], snap["in_flight"]) == (0, 0), snap
 
