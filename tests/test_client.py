@@ -302,7 +302,10 @@ def test_cancelling_a_running_job_frees_its_slot(procs: Procs, tmp_path: Path) -
     with zfarm.Client(endpoint) as c:
         stuck = c.submit(jobs.touch_and_hold, str(started), str(never), "stuck")
         wait_for(started.exists, 20, message="the job to start in the only slot")
-        assert stuck.cancel() is True
+        wait_for(stuck.running, 20, message="the future to say that its job runs")
+        assert stuck.cancel() is False  # as concurrent.futures: a running job is not cancelled...
+        assert not stuck.done()
+        assert stuck.kill() is True  # ...unless killed
         assert stuck.cancelled()
         # The stuck job would hold the slot for jobs.HOLD_LIMIT_S (60 s): a prompt result proves the
         # worker killed it and gave the slot to the next job.
@@ -344,7 +347,7 @@ def test_as_completed_times_out_on_a_job_that_does_not_finish(farm: str, tmp_pat
             assert quick.result() == 16
             assert not stuck.done()
         finally:
-            assert stuck.cancel() is True
+            assert stuck.kill() is True
     wait_until_idle(farm)
 
 
@@ -358,7 +361,7 @@ def test_short_job_does_not_wait_behind_a_stuck_job_while_a_worker_is_idle(farm:
             # stuck one (which would take jobs.HOLD_LIMIT_S = 60 s).
             assert c.submit(jobs.square, 4).result(15) == 16
         finally:
-            assert stuck.cancel() is True
+            assert stuck.kill() is True
     wait_until_idle(farm)
 
 
@@ -391,21 +394,39 @@ def test_submit_after_shutdown_raises(farm: str) -> None:
     c.shutdown()  # a second shutdown is harmless
 
 
-def test_shutdown_with_cancel_futures_cancels_pending_jobs(farm: str, tmp_path: Path) -> None:
+def test_shutdown_with_cancel_futures_cancels_jobs_not_started(farm: str, tmp_path: Path) -> None:
     release = tmp_path / "release"
     c = zfarm.Client(farm)
     try:
         futures = [c.submit(jobs.hold, str(release), i) for i in range(6)]
-        started = time.monotonic()
-        c.shutdown(cancel_futures=True)
-        assert time.monotonic() - started < 10
-        assert [f.cancelled() for f in futures] == [True] * 6
+        wait_for(lambda: sum(f.running() for f in futures) == FARM_WORKERS, 20,
+                 message="a job to run in each slot")
+        c.shutdown(wait=False, cancel_futures=True)
+        assert [f.cancelled() for f in futures] == [not f.running() for f in futures]
+        assert sum(f.cancelled() for f in futures) == 6 - FARM_WORKERS
         with pytest.raises(RuntimeError):
             c.submit(jobs.square, 1)
-        wait_until_idle(farm)  # the workers dropped the held jobs
-    finally:
-        c.shutdown(wait=False, cancel_futures=True)
         release.touch()
+        running = [f for f in futures if not f.cancelled()]
+        assert [f.result(RESULT_TIMEOUT_S) for f in running] == [futures.index(f) for f in running]
+        wait_until_idle(farm)  # the workers dropped the cancelled jobs they held
+    finally:
+        c.cancel(force=True)
+        release.touch()
+
+
+def test_client_cancel_with_force_kills_running_jobs(farm: str, tmp_path: Path) -> None:
+    release = tmp_path / "never-created"
+    with zfarm.Client(farm) as c:
+        futures = [c.submit(jobs.hold, str(release), i) for i in range(4)]
+        wait_for(lambda: sum(f.running() for f in futures) == FARM_WORKERS, 20,
+                 message="a job to run in each slot")
+        assert c.cancel() == 4 - FARM_WORKERS  # only those that had not started
+        assert c.cancel(force=True) == FARM_WORKERS
+        assert all(f.cancelled() for f in futures)
+        # The killed jobs would hold their slots for jobs.HOLD_LIMIT_S: prompt results prove they are gone.
+        assert list(c.map(jobs.square, range(4))) == [0, 1, 4, 9]
+    wait_until_idle(farm)
 
 
 def test_client_as_context_manager_waits_for_its_jobs(farm: str) -> None:

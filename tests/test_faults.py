@@ -266,7 +266,7 @@ def test_killed_client_leaves_no_jobs_behind(procs: Procs, ctx: zmq.Context[Any]
     assert_runs_promptly(endpoint)
 
 
-def test_client_shutdown_cancel_futures_drains_queue(
+def test_client_cancel_with_force_then_shutdown_drains_queue(
     procs: Procs, ctx: zmq.Context[Any], tmp_path: Path
 ) -> None:
     n = 200
@@ -277,9 +277,12 @@ def test_client_shutdown_cancel_futures_drains_queue(
         futures = [client.submit(jobs.hold, str(release), i) for i in range(n)]
         wait_for(lambda: snapshot(ctx, endpoint)["queued"] == n - 2, 20.0,
                  message=f"{n - 2} jobs queued, 2 held by the worker")
-        client.shutdown(wait=False, cancel_futures=True)
+        started = time.monotonic()
+        assert client.cancel(force=True) == n  # queued, prefetched and running alike
+        client.shutdown(wait=False)
         assert all(f.cancelled() for f in futures)
-        drained_s = timed_wait(lambda: farm_is_idle(ctx, endpoint), 10.0, "the queue to drain")
+        timed_wait(lambda: farm_is_idle(ctx, endpoint), 10.0, "the queue to drain")
+        drained_s = time.monotonic() - started
         assert drained_s <= DEAD_AFTER_S + DETECTION_MARGIN_S, f"took {drained_s:.2f} s"
     finally:
         client.shutdown(wait=False)

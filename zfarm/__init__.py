@@ -21,6 +21,7 @@ from zfarm.errors import (
     PayloadTooLarge,
     ProtocolError,
     Refused,
+    RemoteTraceback,
     SecurityError,
     WorkerLost,
     ZfarmError,
@@ -47,6 +48,6 @@ logging.getLogger("zfarm").addHandler(logging.NullHandler())
 
 __all__ = [
     "BrokerUnavailable", "Client", "ConfigError", "JobCrashed", "JobError", "JobTimeout",
-    "MemoryLimitExceeded", "PayloadTooLarge", "ProtocolError", "Refused", "SecurityError", "WorkerLost",
-    "ZfarmError", "__version__", "as_completed",
+    "MemoryLimitExceeded", "PayloadTooLarge", "ProtocolError", "Refused", "RemoteTraceback", "SecurityError",
+    "WorkerLost", "ZfarmError", "__version__", "as_completed",
 ]

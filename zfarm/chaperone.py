@@ -169,8 +169,10 @@ def _result(value: Any) -> tuple[Outcome, list[Any], str]:
     try:
         return Outcome.OK, ser.dumps(value), ""
     except BaseException as exc:
-        problem = TypeError(f"the job's return value could not be pickled: {exc!r}")
-        return Outcome.ERROR, ser.dump_exception(problem), ser.error_line(problem)
+        try:  # raised from the pickling error, so the caller sees where pickling failed (__cause__)
+            raise TypeError(f"the job's return value could not be pickled: {exc!r}") from exc
+        except TypeError as problem:
+            return Outcome.ERROR, ser.dump_exception(problem), ser.error_line(problem)
 
 
 # ---- in the worker ---------------------------------------------------------------------------------
@@ -357,3 +359,17 @@ class SlotPool:
         for slot in self.slots:
             slot.task = None
             slot.kill()
+        _stop_forkserver()
+
+
+def _stop_forkserver() -> None:
+    """Stop the slots' forkserver and wait for it, so it does not outlive the worker even briefly."""
+    from multiprocessing import forkserver
+
+    server = getattr(forkserver, "_forkserver", None)
+    stop = getattr(server, "_stop", None)
+    if stop is not None:
+        try:
+            stop()
+        except (OSError, ChildProcessError):
+            pass  # already gone

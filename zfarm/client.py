@@ -19,6 +19,7 @@ import dataclasses
 import itertools
 import logging
 import os
+import sys
 import threading
 import time
 import uuid
@@ -30,10 +31,10 @@ import zmq
 
 from zfarm import serialization as ser
 from zfarm.config import ClientSettings, check_positive, resolve
-from zfarm.connection import Connection, JobFuture, PendingJob
+from zfarm.connection import Connection, JobFuture, PendingJob, cancel_future
 from zfarm.errors import BrokerUnavailable, ConfigError, PayloadTooLarge
 from zfarm.local import LocalCluster
-from zfarm.mapping import MapRun
+from zfarm.mapping import MapRun, Submitted
 from zfarm.progress import known_length, track
 from zfarm.stats import Stats, summarize
 from zfarm.worker import ENVELOPE_ALLOWANCE
@@ -96,6 +97,9 @@ class Client(concurrent.futures.Executor):
         if not welcomed or self._connection.fatal is not None:
             fatal, problem = self._connection.fatal, self._connection.handshake_problem
             self._res.close()
+            if isinstance(fatal, zmq.ZMQError):  # the address passed our checks, yet ZeroMQ refused it
+                raise ConfigError(f"cannot connect to {self.settings.address!r}: {fatal}; use tcp://HOST:PORT"
+                                  " (for example tcp://127.0.0.1:5555) or ipc:///path") from fatal
             if fatal is not None:
                 raise fatal
             raise BrokerUnavailable(self.settings.address, self.settings.connect_timeout_s,
@@ -176,63 +180,119 @@ class Client(concurrent.futures.Executor):
 
     def _map(self, fn: Callable[..., Any], iterables: tuple[Iterable[Any], ...], timeout: float | None,
              chunksize: int | None, progress: bool, options: dict[str, Any]) -> Iterator[Any]:
+        if self._shutdown:
+            raise RuntimeError("cannot start a map after the client was shut down")
+        if chunksize is not None and (isinstance(chunksize, bool) or not isinstance(chunksize, int)
+                                      or chunksize < 1):
+            raise ValueError(f"chunksize must be a whole number of at least 1, not {chunksize!r}")
         total = known_length(*iterables) if progress else None
         deadline = None if timeout is None else time.monotonic() + timeout
 
-        def submit_chunks(fn_id: bytes, blob: Any, chunks: list[list[Any]]) -> list[PendingJob]:
+        def submit_chunks(fn_id: bytes, blob: Any, chunks: list[list[Any]]) -> Submitted:
+            # A map started before shutdown(wait=False) goes on submitting its input (in_map).
             jobs: list[PendingJob] = []
+            error: BaseException | None = None
             try:
                 for chunk in chunks:
                     limits = _per_chunk(options, len(chunk))
-                    jobs.append(self._job(fn_id, ser.dump_chunk(chunk), len(blob), limits))
-            except BaseException:
-                self._connection.skip([job.seq for job in jobs])  # no gap in the numbers it has seen
+                    jobs.append(self._job(fn_id, ser.dump_chunk(chunk), len(blob), limits, in_map=True))
+            except Exception as exc:  # an item that cannot be pickled: it raises in its place
+                error = exc
+            except BaseException:  # Ctrl-C while pickling: none of these go
+                self._abandon(jobs)
                 raise
-            self._connection.submit(fn_id, blob, jobs)
-            return jobs
+            if jobs:
+                try:
+                    self._connection.submit(fn_id, blob, jobs)
+                except BaseException:
+                    self._abandon(jobs)
+                    raise
+            return jobs, error
 
         if self.session and chunksize is None:
             chunksize = 1
         # A session's jobs outlive an interrupted loop: a rerun collects them.
         run = MapRun(submit_chunks, fn, zip(*iterables, strict=False), self.settings.window, chunksize,
                      cancel_left=not self.session)
-        run.fill()  # work starts now, not at the first next()
+        self._res.track_map(run)
+        run.start()  # work starts now, not at the first next(): the first window runs, read or not
         results = run.results(deadline)
         return track(results, total, f"map {getattr(fn, '__name__', 'fn')}") if progress else results
 
+    def _abandon(self, jobs: list[PendingJob]) -> None:
+        """Jobs made but never handed to the I/O thread: cancel their futures, leave no gap in seqs."""
+        for job in jobs:
+            cancel_future(job.future, force=True)
+        if not self._connection.closed:
+            self._connection.skip([job.seq for job in jobs])
+
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """Stop the client (and its embedded farm).
+        """Stop the client (and its embedded farm), as ``Executor.shutdown`` does.
 
         Args:
-            wait: first wait for every unfinished job. In a session, ``wait=False`` leaves at
-                once: the broker runs the jobs and keeps their results for a later client
-                of the session.
-            cancel_futures: cancel the jobs that have not finished. In a session, also end
-                it: the broker drops whatever it still runs or holds for it.
+            wait: first wait for every unfinished job (and run a ``map`` still being read to its
+                end, keeping its results for the reader). Ctrl-C while waiting says what it waits
+                for; a second Ctrl-C kills the jobs and raises KeyboardInterrupt. ``wait=False``
+                returns at once: the jobs go on, and maps started before still yield every result.
+                In a session, ``wait=False`` leaves at once: the broker runs the jobs and keeps
+                their results for a later client of the session.
+            cancel_futures: cancel the jobs that have not started (running ones finish, as in
+                ``concurrent.futures``; :meth:`cancel` with ``force=True`` kills them). In a
+                session, end it instead: the broker drops whatever it still runs or holds for it.
         """
         with self._shutdown_lock:
             if self._shutdown:
                 return
             self._shutdown = True
+        self._finish(wait, cancel_futures)
+
+    def cancel(self, futures: Iterable[concurrent.futures.Future[Any]] | None = None, *,
+               force: bool = False) -> int:
+        """Cancel jobs; return how many were cancelled.
+
+        Args:
+            futures: this client's futures (default: every unfinished one).
+            force: also kill jobs that already run on a worker (and every process they started);
+                without it, as ``Future.cancel``, only jobs that have not started are cancelled.
+        """
+        chosen = self._res.unfinished() if futures is None else list(futures)
+        return sum(f.kill() if force and isinstance(f, JobFuture) else f.cancel() for f in chosen)
+
+    def _finish(self, wait: bool, cancel_futures: bool, interrupted: bool = False) -> None:
         if cancel_futures:
-            for future in self._res.unfinished():
-                future.cancel()
+            self.cancel(force=bool(self.session))
             self._res.end_session = bool(self.session)
         if self.session and not wait and not cancel_futures:
             self._res.detach()
         elif wait:
-            self._res.close_when_done(block=True)
-        else:  # jobs go on; the connection closes when they are done
+            self._res.complete_maps()
+            self._res.close_when_done(block=True, interrupted=interrupted)
+        else:  # jobs (and maps being read) go on; the connection closes when they are done
             self._res.close_when_done()
 
     def __exit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> Literal[False]:
-        """Leaving a ``with`` block waits for the jobs; a session left by an exception leaves them."""
-        self.shutdown(wait=not (self.session and exc_type is not None))
+        """Leaving a ``with`` block waits for the jobs; a session left by an exception leaves them.
+
+        Left by Ctrl-C, it says how many jobs it waits for; Ctrl-C again kills them, and the
+        first KeyboardInterrupt goes on alone (no second traceback).
+        """
+        with self._shutdown_lock:
+            if self._shutdown:
+                return False
+            self._shutdown = True
+        interrupted = exc_type is not None and issubclass(exc_type, KeyboardInterrupt)
+        try:
+            self._finish(wait=not (self.session and exc_type is not None), cancel_futures=False,
+                         interrupted=interrupted)
+        except KeyboardInterrupt:
+            if not interrupted:
+                raise
         return False
 
-    def _job(self, fn_id: bytes, frames: list[Any], fn_size: int, options: dict[str, Any]) -> PendingJob:
-        if self._shutdown:
-            raise RuntimeError("cannot submit jobs after the client was shut down")
+    def _job(self, fn_id: bytes, frames: list[Any], fn_size: int, options: dict[str, Any],
+             in_map: bool = False) -> PendingJob:
+        if (self._shutdown and not in_map) or self._res.closed:
+            raise RuntimeError("cannot submit jobs after the client was shut down (or closed at exit)")
         if self._connection.fatal is not None:
             raise self._connection.fatal
         size = sum(memoryview(f).nbytes for f in frames)
@@ -314,8 +374,10 @@ class _Resources:
         self.connection = connection
         self.cluster = cluster
         self._futures: weakref.WeakSet[JobFuture] = weakref.WeakSet()  # pending ones stay referenced
+        self._maps: weakref.WeakSet[MapRun] = weakref.WeakSet()  # maps the program may still read
         self._lock = threading.Lock()
         self._closed = False
+        self._released = threading.Event()  # set once closed: the context ended and the farm stopped
         self.end_session = False  # on close, tell the broker to forget the session
 
     @classmethod
@@ -324,7 +386,7 @@ class _Resources:
         try:
             connection = Connection(settings, client_id, context)
         except BaseException:
-            context.term()
+            _term(context)
             if cluster is not None:
                 cluster.stop()
             raise
@@ -333,62 +395,165 @@ class _Resources:
         connection.start()
         return res
 
+    @property
+    def closed(self) -> bool:
+        return self._closed or self.connection.closed
+
     def track(self, future: JobFuture) -> None:
         with self._lock:
             self._futures.add(future)
+
+    def track_map(self, run: MapRun) -> None:
+        with self._lock:
+            self._maps.add(run)
 
     def unfinished(self) -> list[JobFuture]:
         with self._lock:
             return [f for f in self._futures if not f.done()]
 
+    def _live_maps(self) -> list[MapRun]:
+        with self._lock:
+            return [run for run in self._maps if not run.finished]
+
+    def complete_maps(self) -> None:
+        """Submit what maps still being read have left, so they can be read to the end after close."""
+        for run in self._live_maps():
+            run.complete()
+
     def detach(self) -> None:
         """Leave a session once the broker holds every job (DETACH_TIMEOUT_S at most)."""
         with self._lock:
-            if self._closed:
-                return
+            closing = self._closed
             self._closed = True
+        if closing:
+            self._released.wait(RELEASE_WAIT_S)
+            return
         self.connection.detach(DETACH_TIMEOUT_S)
         self._release()
 
-    def close_when_done(self, block: bool = False) -> None:
+    def close_when_done(self, block: bool = False, interrupted: bool = False) -> None:
+        """Close once every job is done and no map is being read (in a thread of its own, or ``block``)."""
         if block:
-            concurrent.futures.wait(self.unfinished())
+            self.wait_for_jobs(interrupted)
             self.close()
-        elif not self.unfinished():
+        elif not self.unfinished() and not self._live_maps():
             self.close()
         else:
-            closer = threading.Thread(target=self.close_when_done, args=(True,), daemon=True)
+            name = f"zfarm-close-{self.connection.client_id}"
+            closer = threading.Thread(target=self._close_later, name=name, daemon=True)
             closer.start()
 
+    def _close_later(self) -> None:
+        while not self._closed and (self.unfinished() or self._live_maps()):
+            concurrent.futures.wait(self.unfinished(), timeout=CLOSER_POLL_S)
+        self.close()
+
+    def wait_for_jobs(self, interrupted: bool = False) -> None:
+        """Wait until every job is done. Ctrl-C says what we wait for; a second one kills the jobs.
+
+        ``interrupted``: Ctrl-C was pressed already (it is why we are here).
+        Raises:
+            KeyboardInterrupt: the second Ctrl-C, once the jobs are killed and the client closed.
+        """
+        warned = False
+        if interrupted:
+            warned = self._say_waiting()
+        stop = False
+        while unfinished := self.unfinished():
+            try:
+                concurrent.futures.wait(unfinished, timeout=CLOSER_POLL_S)
+            except KeyboardInterrupt:
+                if warned:
+                    stop = True
+                    break
+                warned = self._say_waiting()
+        if stop:  # raised here, outside the handler: one traceback, not two
+            for future in self.unfinished():
+                future.kill()
+            self.close()
+            raise KeyboardInterrupt
+
+    def _say_waiting(self) -> bool:
+        unfinished = len(self.unfinished())
+        if unfinished:
+            sys.stderr.write(f"zfarm: waiting for {_jobs(unfinished)} (press Ctrl-C again to cancel them)\n")
+            sys.stderr.flush()
+        return True
+
     def close(self) -> None:
+        """Close (once); a second caller waits until the first has stopped everything."""
         with self._lock:
-            if self._closed:
-                return
+            closing = self._closed
             self._closed = True
+        if closing:
+            self._released.wait(RELEASE_WAIT_S)
+            return
         self.connection.close(end_session=self.end_session)
         self._release()
 
     def _release(self) -> None:
-        self.context.term()
-        if self.cluster is not None:
-            self.cluster.stop()
-        _OPEN.discard(self)
+        try:
+            _term(self.context)
+            if self.cluster is not None:
+                self.cluster.stop()
+        finally:
+            _OPEN.discard(self)
+            self._released.set()
+
+
+def _jobs(n: int) -> str:
+    return f"{n} unfinished job{'' if n == 1 else 's'}"
+
+
+def _term(context: zmq.Context[Any]) -> None:
+    """Terminate a context within TERM_TIMEOUT_S: ``term`` blocks while any socket is open."""
+    closer = threading.Thread(target=context.term, name="zfarm-context-term", daemon=True)
+    closer.start()
+    closer.join(TERM_TIMEOUT_S)
+    if closer.is_alive():
+        log.warning("a zfarm client's ZeroMQ context did not close within %.0f s: left to the exit",
+                    TERM_TIMEOUT_S)
 
 
 _OPEN: set[_Resources] = set()
 #: how long a session's client leaving waits for the broker to hold every job it submitted
 DETACH_TIMEOUT_S = 10.0
+#: how long closing the client's ZeroMQ context may take
+TERM_TIMEOUT_S = 10.0
+#: how long a second close waits for the first (closing the socket, the context, stopping the farm)
+RELEASE_WAIT_S = DETACH_TIMEOUT_S + TERM_TIMEOUT_S + 15.0
+#: how often a background close looks again for maps that finished
+CLOSER_POLL_S = 0.5
+#: at exit, say that we wait for unfinished jobs once they have taken this long
+EXIT_NOTICE_S = 1.0
 
 
 @atexit.register
 def _close_all_clients() -> None:
-    for res in list(_OPEN):
-        try:
-            if res.connection.settings.session:  # a session's jobs go on without us
-                res.detach()
-                continue
+    """At exit, as ``concurrent.futures`` does: wait for every submitted job; Ctrl-C kills them.
+
+    A session's client leaves instead: its jobs go on at the broker, for a later run.
+    """
+    try:
+        for res in list(_OPEN):
+            try:
+                if res.connection.settings.session:
+                    res.detach()
+                    continue
+                if res.unfinished():
+                    concurrent.futures.wait(res.unfinished(), timeout=EXIT_NOTICE_S)
+                    if left := len(res.unfinished()):
+                        sys.stderr.write(f"zfarm: waiting for {_jobs(left)} before exiting "
+                                         "(Ctrl-C cancels them)\n")
+                    while unfinished := res.unfinished():
+                        concurrent.futures.wait(unfinished, timeout=CLOSER_POLL_S)
+                res.close()
+            except KeyboardInterrupt:
+                raise
+            except Exception:  # at exit, one client's failure must not keep others' processes alive
+                log.exception("could not close a zfarm client at exit")
+    except KeyboardInterrupt:  # Ctrl-C at exit: stop at once
+        for res in list(_OPEN):
             for future in res.unfinished():
-                future.cancel()
+                future.kill()
             res.close()
-        except Exception:  # at exit, one client's failure must not keep others' processes alive
-            log.exception("could not close a zfarm client at exit")

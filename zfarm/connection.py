@@ -25,6 +25,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future, InvalidStateError
+from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, PENDING, RUNNING
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,12 +100,30 @@ class JobFuture(Future[Any]):
             self._connection.read_seqs.append(self.seq)
 
     def cancel(self) -> bool:
+        """Cancel the job unless it is known to have started (as ``concurrent.futures`` does).
+
+        True means the future is cancelled for good: its result is never delivered, and the
+        broker drops the job, or, if a worker started it in the meantime (before we heard of
+        it), stops it. False: the job runs (see :meth:`kill`) or is done.
+        """
         if self.done():
             return self.cancelled()
-        cancelled = super().cancel()
-        if cancelled:
-            self._connection.cancel(self.seq)
-        return cancelled
+        if not cancel_future(self):
+            return False
+        self._connection.cancel(self.seq)
+        return True
+
+    def kill(self) -> bool:
+        """Cancel the job even if it runs: its worker kills it (and whatever it started).
+
+        Returns False only if the job was already done (finished, failed or cancelled).
+        """
+        if self.done():
+            return self.cancelled()
+        if not cancel_future(self, force=True):
+            return self.cancelled()
+        self._connection.cancel(self.seq)
+        return True
 
 
 @dataclass(slots=True, eq=False)
@@ -145,6 +164,7 @@ class Connection(threading.Thread):
         self._wake_r.setblocking(False)
         self._woken = False
         self._lock = threading.Lock()
+        self._closed_for_posts = False  # the I/O thread has ended: nothing posted would be seen
         self._stopping = False
         #: leaving a session: stop once the broker holds every job, or at this time (monotonic)
         self._detach_by: float | None = None
@@ -195,7 +215,17 @@ class Connection(threading.Thread):
     # ---- called from user threads ----------------------------------------------------------------
 
     def submit(self, fn_id: bytes, fn_blob: Any, jobs: list[PendingJob]) -> None:
-        self._post("submit", (fn_id, fn_blob, jobs))
+        """Hand jobs to the I/O thread.
+
+        Raises:
+            RuntimeError: the connection is closed (the client was shut down, or closed at exit).
+        """
+        if not self._post("submit", (fn_id, fn_blob, jobs)):
+            raise RuntimeError("cannot submit jobs: the client is closed (shut down, or closed at exit)")
+
+    @property
+    def closed(self) -> bool:
+        return self._closed_for_posts
 
     def cancel(self, seq: int) -> None:
         self._post("cancel", seq)
@@ -222,16 +252,20 @@ class Connection(threading.Thread):
         self._wake_r.close()
         self._wake_w.close()
 
-    def _post(self, what: str, payload: Any) -> None:
-        self._inbox.append((what, payload))
+    def _post(self, what: str, payload: Any) -> bool:
+        """Queue work for the I/O thread; False if it has stopped taking any."""
         with self._lock:
+            if self._closed_for_posts:
+                return False
+            self._inbox.append((what, payload))
             if self._woken:
-                return
+                return True
             self._woken = True
         try:
             self._wake_w.send(b"\0")
         except OSError:
             pass  # closed: the thread is gone
+        return True
 
     # ---- the I/O thread ---------------------------------------------------------------------------
 
@@ -243,8 +277,13 @@ class Connection(threading.Thread):
             log.exception("client %s I/O thread failed", self.client_id)
             self.fatal = exc
             self._fail_all(exc)
+            self.welcomed.set()  # wake the constructor: it raises ``fatal``
         finally:
-            self._goodbye()
+            try:
+                self._goodbye()
+            finally:
+                self._close_socket()
+                self._refuse_posts()
 
     def _step(self) -> None:
         now = time.monotonic()
@@ -312,10 +351,10 @@ class Connection(threading.Thread):
 
     def _connect(self, now: float) -> None:
         sock = dealer_to_broker(self.context, self.settings.address, self._keys)
+        self._socket = sock  # owned from here on: closed by _close_socket whatever happens next
+        self._socket_generation += 1
         self._watch = HandshakeWatch(sock, "client", self._keys is not None)
         sock.connect(self.settings.address)
-        self._socket = sock
-        self._socket_generation += 1
         self._hello(now)
 
     def _hello(self, now: float) -> None:
@@ -400,6 +439,10 @@ class Connection(threading.Thread):
             for seq in msg.seqs:
                 if (job := self._jobs.get(seq)) is not None:
                     job.accepted = True
+        elif isinstance(msg, p.Running):
+            for seq in msg.seqs:
+                if (job := self._jobs.get(seq)) is not None:
+                    mark_running(job.future)
         elif isinstance(msg, p.Welcome):
             self._welcome(msg)
         elif isinstance(msg, p.Reconnect):
@@ -674,7 +717,19 @@ class Connection(threading.Thread):
         for seq in list(self._jobs):  # the client was shut down without waiting for these
             job = self._forget(seq)
             if job is not None:
-                Future.cancel(job.future)
+                cancel_future(job.future, force=True)
+        self._refuse_posts()
+
+    def _refuse_posts(self) -> None:
+        """From now on posts are refused; jobs posted after the loop's last look are cancelled."""
+        with self._lock:
+            self._closed_for_posts = True
+            left = list(self._inbox)
+            self._inbox.clear()
+        for what, payload in left:
+            if what == "submit":
+                for job in payload[2]:
+                    cancel_future(job.future, force=True)
 
 
 def _resolve(job: PendingJob, outcome: int, frames: list[Any], info: str, client_id: str) -> None:
@@ -690,11 +745,36 @@ def _resolve(job: PendingJob, outcome: int, frames: list[Any], info: str, client
         error, job.future.partial = ser.load_exception(frames)
         _set(job.future, error=error)
     elif outcome == p.Outcome.CANCELLED:
-        job.future.cancel()
+        cancel_future(job.future, force=True)
     elif outcome == p.Outcome.LOST:
         _set(job.future, error=WorkerLost(f"{client_id}:{job.seq}", info))
     else:
         _set(job.future, error=JobCrashed(f"{client_id}:{job.seq}", None))
+
+
+def cancel_future(future: Future[Any], force: bool = False) -> bool:
+    """Cancel a future and wake whoever waits on it (``wait``, ``as_completed``).
+
+    ``Future.cancel`` alone leaves those waiters asleep until an executor's thread calls
+    ``set_running_or_notify_cancel``; zfarm has no such thread, so this does it at once.
+    ``force``: cancel a running future too (the standard one refuses).
+    """
+    with future._condition:  # a re-entrant lock: the calls below take it again
+        if future._state in (CANCELLED, CANCELLED_AND_NOTIFIED):
+            return True
+        if force and future._state == RUNNING:
+            future._state = PENDING
+        if not Future.cancel(future):
+            return False
+        future.set_running_or_notify_cancel()  # CANCELLED → CANCELLED_AND_NOTIFIED: waiters wake
+    return True
+
+
+def mark_running(future: Future[Any]) -> None:
+    """A worker started the job: ``running()`` is True from now on (unless it ended meanwhile)."""
+    with future._condition:
+        if future._state == PENDING:
+            future.set_running_or_notify_cancel()
 
 
 def _set(future: Future[Any], value: Any = None, error: BaseException | None = None) -> None:

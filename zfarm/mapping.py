@@ -17,7 +17,9 @@ the items in flight, so an endless generator runs in bounded memory.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import itertools
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -63,8 +65,20 @@ class ChunkSizer:
             self.per_item_s += SMOOTHING * (per_item - self.per_item_s)
 
 
+#: what a map's ``submit`` returns: the jobs of the first chunks, and why the next one could not go
+Submitted = tuple[list[PendingJob], "BaseException | None"]
+
+
 class MapRun:
-    def __init__(self, submit: Callable[[bytes, Any, list[list[tuple[Any, ...]]]], list[PendingJob]],
+    """One ``map`` call's state, shared by the caller's thread and the client's I/O thread.
+
+    At call time the map reads up to ``window`` items (or, with a fixed chunk size, fills its
+    window of chunks) and every one of them runs whether or not the results are read: the
+    first few go alone to measure the run time, the rest follow (from the I/O thread, as the
+    first results arrive) in chunks of the measured size. Reading results reads more input.
+    """
+
+    def __init__(self, submit: Callable[[bytes, Any, list[list[tuple[Any, ...]]]], Submitted],
                  fn: Callable[..., Any], items: Iterator[tuple[Any, ...]], window: int,
                  chunksize: int | None, cancel_left: bool = True) -> None:
         """``cancel_left``: cancel the jobs still unfinished when the caller stops early."""
@@ -77,31 +91,96 @@ class MapRun:
         self._pending: deque[tuple[JobFuture, int]] = deque()
         self._items_in_flight = 0
         self._exhausted = False
-        #: what the input raised: raised to the caller after the results before it
+        #: items read at call time, not submitted yet (they go as soon as run times are known)
+        self._read_ahead: deque[tuple[Any, ...]] = deque()
+        #: what the input (or pickling an item) raised: raised to the caller after the results before it
         self._input_error: BaseException | None = None
+        self._lock = threading.RLock()
+        self._filling = False
+        #: the caller is done with this map (read to its end, stopped early, or dropped)
+        self.finished = False
 
-    def fill(self) -> None:
-        """Submit chunks until the window (of chunks and of items) is full or the input ends."""
-        chunks: list[list[tuple[Any, ...]]] = []
+    def start(self) -> None:
+        """At call time: take this map's first window of input and start it."""
+        if not self.sizer.measured:
+            self._read_ahead.extend(self._read(self._window))
+        self.fill()
+
+    def _read(self, n: int) -> list[tuple[Any, ...]]:
+        if self._exhausted:
+            return []
+        items: list[tuple[Any, ...]] = []
+        try:
+            items.extend(itertools.islice(self._items, n))
+        except Exception as exc:  # the caller's generator failed: finish what we have first
+            self._input_error = exc
+        if len(items) < n or self._input_error is not None:
+            self._exhausted = True
+        return items
+
+    def _next_chunk(self, size: int, read_input: bool) -> list[tuple[Any, ...]]:
+        chunk: list[tuple[Any, ...]] = []
+        while self._read_ahead and len(chunk) < size:
+            chunk.append(self._read_ahead.popleft())
+        if read_input and len(chunk) < size:
+            chunk.extend(self._read(size - len(chunk)))
+        return chunk
+
+    def fill(self, read_input: bool = True, unbounded: bool = False) -> None:
+        """Submit chunks until the window (of chunks and of items) is full or the input ends.
+
+        ``read_input``: False takes only the items read ahead (from the I/O thread, which must
+        not run the caller's generator). ``unbounded``: submit everything that is left.
+        """
+        with self._lock:
+            if self._filling:  # a job finished inside our own submit (its callback): we go on anyway
+                return
+            self._filling = True
+            try:
+                self._fill(read_input, unbounded)
+            finally:
+                self._filling = False
+
+    def _fill(self, read_input: bool, unbounded: bool) -> None:
         size = self.sizer.size()
         item_cap = max(self._window, 32 * size)
         chunk_cap = self._window if self.sizer.measured else PROBES
-        while (not self._exhausted and len(self._pending) + len(chunks) < chunk_cap
-               and self._items_in_flight < item_cap):
-            chunk: list[tuple[Any, ...]] = []
-            try:
-                chunk.extend(itertools.islice(self._items, size))
-            except Exception as exc:  # the caller's generator failed: finish what we have first
-                self._input_error = exc
-            if len(chunk) < size or self._input_error is not None:
-                self._exhausted = True
+        chunks: list[list[tuple[Any, ...]]] = []
+        while unbounded or (len(self._pending) + len(chunks) < chunk_cap
+                            and self._items_in_flight < item_cap):
+            chunk = self._next_chunk(size, read_input)
             if not chunk:
                 break
             chunks.append(chunk)
             self._items_in_flight += len(chunk)
-        if chunks:
-            jobs = self._submit(self.fn_id, self.blob, chunks)
-            self._pending.extend((job.future, len(chunk)) for job, chunk in zip(jobs, chunks, strict=True))
+        if not chunks:
+            return
+        jobs, error = self._submit(self.fn_id, self.blob, chunks)
+        if error is not None:  # an item could not be pickled: it raises in its place
+            self._input_error = error
+            self._exhausted = True
+            self._read_ahead.clear()
+            self._items_in_flight -= sum(len(chunk) for chunk in chunks[len(jobs):])
+        added = [(job.future, len(chunk)) for job, chunk in zip(jobs, chunks, strict=False)]
+        self._pending.extend(added)
+        for future, items in added:
+            future.add_done_callback(functools.partial(self._job_done, items))
+
+    def _job_done(self, items: int, future: Any) -> None:
+        """A chunk finished (in the I/O thread): learn its run time, send what was read ahead."""
+        self.sizer.observe(items, future.run_s)
+        if self._read_ahead and not self.finished:
+            try:
+                self.fill(read_input=False)
+            except Exception as exc:  # the client closed meanwhile: the caller hears of it in order
+                with self._lock:
+                    self._input_error, self._exhausted = exc, True
+                    self._read_ahead.clear()
+
+    def complete(self) -> None:
+        """Submit every item left, so the results can be read after the client closes."""
+        if not self.finished:
+            self.fill(unbounded=True)
 
     def results(self, deadline: float | None) -> Iterator[Any]:
         """Yield results in input order; cancel what is left when the caller stops early (if asked)."""
@@ -116,14 +195,18 @@ class MapRun:
                 except BaseException:
                     yield from future.partial or ()
                     raise
-                self._pending.popleft()
-                self._items_in_flight -= items
-                self.sizer.observe(items, future.run_s)
+                with self._lock:
+                    self._pending.popleft()
+                    self._items_in_flight -= items
+                del future  # a yielded value must not stay alive here once the caller drops it
                 self.fill()
-                yield from values
+                values.reverse()
+                while values:
+                    yield values.pop()
             if self._input_error is not None:
                 raise self._input_error
         finally:
-            if self._cancel_left:
+            self.finished = True
+            if self._cancel_left:  # the caller stopped early: its jobs are of no use, even running
                 for future, _ in self._pending:
-                    future.cancel()
+                    future.kill()

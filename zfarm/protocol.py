@@ -26,7 +26,7 @@ import msgpack
 
 from zfarm.errors import ProtocolError, VersionMismatch
 
-PROTOCOL_VERSION = 2  # 2: results held until RECEIVED; sessions (ACCEPTED)
+PROTOCOL_VERSION = 3  # 2: results held until RECEIVED; sessions (ACCEPTED); 3: STARTED, RUNNING
 MAGIC = b"ZF"
 HEADER = MAGIC + bytes([PROTOCOL_VERSION])
 #: job numbers are 0 … 2**63 - 1 (they are stored as SQLite integers)
@@ -57,6 +57,8 @@ class Command(enum.IntEnum):
     HISTORY_REPLY = 17  # broker → peer: those records
     RECEIVED = 18  # client → broker: these results arrived; the broker may forget them
     ACCEPTED = 19  # broker → session client: these jobs are held (in the journal, if any)
+    STARTED = 20  # worker → broker: these jobs went into a slot (only those that run a while)
+    RUNNING = 21  # broker → client: these jobs of yours started on a worker
 
 
 class Role(str, enum.Enum):
@@ -263,12 +265,30 @@ class Accepted(Message):
     seqs: list[int]
 
 
+@dataclass(frozen=True, slots=True)
+class Started(Message):
+    """Jobs that a slot started (and that still run): the broker tells their clients."""
+
+    command = Command.STARTED
+    schema = (list,)
+    keys: list[list[Any]]  # KEY_ROW
+
+
+@dataclass(frozen=True, slots=True)
+class Running(Message):
+    """A client's jobs that started on a worker: their futures say ``running()``."""
+
+    command = Command.RUNNING
+    schema = (list,)
+    seqs: list[int]
+
+
 MESSAGE_TYPES: dict[Command, type[Message]] = {
     cls.command: cls
     for cls in (
         Hello, Welcome, Refused, Reconnect, Heartbeat, Disconnect, Ready, Jobs, Results,
         CancelJobs, Submit, Result, Cancel, Status, StatusReply, History, HistoryReply, Received,
-        Accepted,
+        Accepted, Started, Running,
     )
 }
 _ENVELOPE_FIELDS: dict[type[Message], tuple[str, ...]] = {
@@ -420,9 +440,9 @@ def _sum_frames(rows: list[list[Any]], column: int) -> int:
 
 
 def _check_plain_rows(msg: Message) -> None:
-    if isinstance(msg, CancelJobs):
-        check_rows(msg.keys, KEY_ROW, "CANCEL_JOBS")
-    elif isinstance(msg, (Cancel, Received, Accepted)):
+    if isinstance(msg, (CancelJobs, Started)):
+        check_rows(msg.keys, KEY_ROW, msg.command.name)
+    elif isinstance(msg, (Cancel, Received, Accepted, Running)):
         _check_seqs(msg.seqs, msg.command.name)
         if isinstance(msg, Received):
             _check_seqs([msg.below], "RECEIVED below")

@@ -228,8 +228,18 @@ class Scheduler:
             self._add_credit(worker, msg.credit)
         elif isinstance(msg, p.Results):
             self._results(worker, msg, now)
+        elif isinstance(msg, p.Started):
+            self._started(worker, msg)
         else:
             raise ProtocolError(f"a worker cannot send {type(msg).__name__}")
+
+    def _started(self, worker: WorkerRecord, msg: p.Started) -> None:
+        """Tell clients which of their jobs run now (their futures' ``running()``)."""
+        for client_id, seq in msg.keys:
+            client = self.clients.get(client_id)
+            job = client.jobs.get(seq) if client is not None else None
+            if client is not None and job is not None and client.present and job.worker == worker.id:
+                client.started.append(seq)
 
     def _client_message(self, client: ClientRecord, msg: p.Message, now: float) -> None:
         if isinstance(msg, p.Submit):
@@ -293,6 +303,9 @@ class Scheduler:
             if client.accepted:
                 self._send(client, p.Accepted(client.accepted), now)
                 client.accepted = []
+            if client.started:
+                self._send(client, p.Running(client.started), now)
+                client.started = []
             if client.out_rows:
                 self._send(client, p.Result(client.out_rows, client.out_frames, client.out_stats), now)
                 client.out_rows, client.out_frames, client.out_stats = [], [], []

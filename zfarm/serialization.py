@@ -10,8 +10,12 @@ call into this module; the broker routes the frames without reading them.
 from __future__ import annotations
 
 import hashlib
+import linecache
+import os
 import pickle
+import re
 import traceback
+import types
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,7 +43,50 @@ def dump_function(fn: Any) -> tuple[bytes, bytes]:
         blob = b""
     if not blob or b"__main__" in blob:
         blob = cloudpickle.dumps(fn, protocol=pickle.HIGHEST_PROTOCOL)
+        _remember_sources(fn)
     return hashlib.blake2b(blob, digest_size=16).digest(), blob
+
+
+#: where functions sent by value were defined, by code name: cloudpickle calls their file
+#: "<dynamic-code>" on the worker, so the caller puts file names and source lines back
+_SOURCES: dict[str, list[str]] = {}
+SOURCES_KEPT = 10_000
+_DYNAMIC_FRAME = re.compile(r'^(  File )"<dynamic-code>", line (\d+), in (.+)$', re.MULTILINE)
+
+
+def _remember_sources(fn: Any) -> None:
+    """Note the files of ``fn``'s code, of code nested in it and of the functions it names."""
+    todo = [fn]
+    seen: set[int] = set()
+    while todo and len(seen) < 200:
+        obj = todo.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        code = getattr(obj, "__code__", None) if not isinstance(obj, types.CodeType) else obj
+        if not isinstance(code, types.CodeType):
+            continue
+        if not code.co_filename.startswith("<"):
+            files = _SOURCES.setdefault(code.co_name, [])
+            if code.co_filename not in files and len(_SOURCES) < SOURCES_KEPT:
+                files.append(code.co_filename)
+        todo.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+        names = getattr(obj, "__globals__", {})
+        todo.extend(f for name in code.co_names if isinstance(f := names.get(name), types.FunctionType))
+
+
+def _restore_sources(tb: str) -> str:
+    """Give frames of functions sent by value their file name and source line back."""
+
+    def frame(match: re.Match[str]) -> str:
+        line, name = int(match.group(2)), match.group(3)
+        for filename in _SOURCES.get(name.rsplit(".", 1)[-1], []):
+            source = linecache.getline(filename, line).strip()
+            if source:
+                return f'{match.group(1)}"{filename}", line {line}, in {name}\n    {source}'
+        return match.group(0)
+
+    return _DYNAMIC_FRAME.sub(frame, tb) if "<dynamic-code>" in tb else tb
 
 
 def load_function(blob: Any) -> Any:
@@ -120,7 +167,7 @@ def dump_exception(exc: BaseException, partial: list[Any] | None = None) -> list
     itself; then come the pickled exception and ``partial``, the results a chunk
     produced before its failing item.
     """
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    tb = user_traceback(exc)
     try:
         pickled = dumps((exc, partial))
         loads(pickled)  # an exception that pickles but cannot be rebuilt is no use to the caller
@@ -140,12 +187,30 @@ def load_exception(frames: Sequence[Any]) -> tuple[BaseException, list[Any] | No
         exc, partial = loads(frames[1:])
     except Exception as problem:
         note = f"{message} (the exception could not be rebuilt here: {problem!r})"
-        return JobError(type_name, note, tb), None
+        return JobError(type_name, note, _restore_sources(tb)), None
     if not isinstance(exc, BaseException):
-        return JobError(type_name, message, tb), partial
+        return JobError(type_name, message, _restore_sources(tb)), partial
     if "Traceback" in tb:
-        exc.__cause__ = RemoteTraceback(tb)
+        exc.__cause__ = RemoteTraceback(_restore_sources(tb))
     return exc, partial
+
+
+_OWN_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def user_traceback(exc: BaseException) -> str:
+    """The traceback of a job's exception as printed, without zfarm's own frames (the slot's)."""
+    summary = traceback.TracebackException(type(exc), exc, exc.__traceback__)
+    todo, seen = [summary], set()
+    while todo:
+        part = todo.pop()
+        if id(part) in seen:
+            continue
+        seen.add(id(part))
+        part.stack = traceback.StackSummary.from_list(
+            [frame for frame in part.stack if not frame.filename.startswith(_OWN_DIR)])
+        todo.extend(chained for chained in (part.__cause__, part.__context__) if chained is not None)
+    return "".join(summary.format())
 
 
 def _type_name(exc: BaseException) -> str:

@@ -120,6 +120,7 @@ class ClientRecord(Peer):
     out_rows: list[list[Any]] = field(default_factory=list)
     out_frames: list[Any] = field(default_factory=list)
     out_stats: list[list[Any]] = field(default_factory=list)
+    started: list[int] = field(default_factory=list)  # seqs whose jobs a worker started (RUNNING)
 
 
 @dataclass(slots=True, eq=False)

@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 
 #: room left for the envelope and other jobs' results beside one job's payload
 ENVELOPE_ALLOWANCE = 64 * 1024
+#: a job still in its slot this long after it started is reported as started (STARTED, so its
+#: client's future says ``running()``); a quicker one reports only its result: no extra message
+STARTED_REPORT_S = 0.01
 
 
 class Link(str, enum.Enum):
@@ -81,6 +84,7 @@ class WorkerCore:
         self.running = 0
         self.fns: dict[bytes, Any] = {}
         self.unsent: list[SlotOutcome] = []  # finished while the broker did not know us
+        self.unreported: dict[Key, float] = {}  # running jobs not yet reported started, and since when
         self.stopping = False
         self.done = 0
 
@@ -156,17 +160,40 @@ class WorkerCore:
         actions.kill = sorted(keys - {t.key for t in dropped})
         return actions
 
-    def take_tasks(self, free_slots: int) -> list[SlotTask]:
+    def take_tasks(self, free_slots: int, now: float = 0.0) -> list[SlotTask]:
         """Tasks to start now on ``free_slots`` idle slots."""
         tasks: list[SlotTask] = []
         while self.pending and len(tasks) < free_slots:
-            tasks.append(self.pending.popleft())
+            task = self.pending.popleft()
+            tasks.append(task)
+            self.unreported[task.key] = now
         self.running += len(tasks)
         return tasks
+
+    def report_started(self, now: float) -> Actions:
+        """STARTED for the jobs that have run for ``STARTED_REPORT_S`` (and have not finished)."""
+        if self.link is not Link.READY or not self.unreported:
+            return Actions()
+        due = [key for key, since in self.unreported.items() if now - since >= STARTED_REPORT_S]
+        if not due:
+            return Actions()
+        for key in due:
+            del self.unreported[key]
+        return self._out(now, [p.Started([list(key) for key in due])])
+
+    def next_report_at(self) -> float | None:
+        """When :meth:`report_started` next has something to send (the oldest start comes first)."""
+        if self.link is not Link.READY:
+            return None
+        for since in self.unreported.values():
+            return since + STARTED_REPORT_S
+        return None
 
     def finished(self, outcomes: list[SlotOutcome], now: float, from_slots: int = 0) -> Actions:
         """Jobs left our hands (``from_slots`` of them were running); report them."""
         self.running -= from_slots
+        for outcome in outcomes:
+            self.unreported.pop(outcome.key, None)
         outcomes = [self._fit(o) for o in outcomes]
         self.done += sum(o.outcome == p.Outcome.OK for o in outcomes)
         if not outcomes:
@@ -283,6 +310,9 @@ class Worker:
         deadline = pool.next_deadline()
         if deadline is not None:  # wake up in time to stop a job at its limit
             timeout_s = max(0.0, min(timeout_s, deadline - time.monotonic() + 0.001))
+        report_at = core.next_report_at()
+        if report_at is not None:  # and to say that a job runs
+            timeout_s = max(0.0, min(timeout_s, report_at - time.monotonic() + 0.001))
         ready = dict(poller.poll(int(timeout_s * 1000)))
         if self._watch is not None and ready.get(self._watch.monitor):
             self._read_handshake_events()
@@ -296,11 +326,12 @@ class Worker:
         outcomes += pool.enforce_limits(now)
         self._apply(core.finished(outcomes, now, from_slots=len(outcomes)))
         started_dead = []
-        for task in core.take_tasks(pool.free):
+        for task in core.take_tasks(pool.free, now):
             if (outcome := pool.run(task)) is not None:
                 started_dead.append(outcome)
         if started_dead:
             self._apply(core.finished(started_dead, now, from_slots=len(started_dead)))
+        self._apply(core.report_started(time.monotonic()))
 
     def _poller(self, slot_fds: dict[int, Any]) -> zmq.Poller:
         """The poller for the socket and the slots' pipes, rebuilt only when one of them changed."""

@@ -18,6 +18,7 @@ class FakeJob:
         self.future: Any = Future()
         self.future.partial = None
         self.future.run_s = per_item_s * len(chunk)
+        self.future.kill = self.future.cancel
         self.future.set_result([x * x for (x,) in chunk])
 
 
@@ -26,14 +27,14 @@ class Farm:
         self.per_item_s = per_item_s
         self.chunks: list[list[tuple[Any, ...]]] = []
 
-    def submit(self, fn_id: bytes, blob: Any, chunks: list[list[tuple[Any, ...]]]) -> list[Any]:
+    def submit(self, fn_id: bytes, blob: Any, chunks: list[list[tuple[Any, ...]]]) -> tuple[list[Any], None]:
         self.chunks.extend(chunks)
-        return [FakeJob(chunk, self.per_item_s) for chunk in chunks]
+        return [FakeJob(chunk, self.per_item_s) for chunk in chunks], None
 
 
 def run_map(farm: Farm, items: Any, window: int = 100, chunksize: int | None = None) -> list[Any]:
     run = MapRun(farm.submit, abs, zip(items), window, chunksize)
-    run.fill()
+    run.start()
     return list(run.results(None))
 
 
@@ -70,7 +71,7 @@ def test_sizer_follows_the_observed_time_per_item() -> None:
 def test_window_bounds_what_an_endless_input_has_in_flight() -> None:
     farm = Farm(per_item_s=1.0)
     run = MapRun(farm.submit, abs, zip(itertools.count()), 10, 2)
-    run.fill()
+    run.start()
     assert sum(len(c) for c in farm.chunks) == 20  # 10 chunks of 2, nothing more read
     results = run.results(None)
     assert list(itertools.islice(results, 5)) == [0, 1, 4, 9, 16]
@@ -84,7 +85,7 @@ def test_an_input_that_raises_yields_what_came_before_then_raises() -> None:
 
     farm = Farm()
     run = MapRun(farm.submit, abs, zip(items()), 100, 3)
-    run.fill()
+    run.start()
     got: list[int] = []
     with pytest.raises(RuntimeError, match="input broke"):
         for value in run.results(None):

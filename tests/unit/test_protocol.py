@@ -45,6 +45,8 @@ SAMPLES: list[p.Message] = [
     p.HistoryReply(["id", "run_s"], [["c-1:0", 0.5]]),
     p.Received([4, 5], 3),
     p.Accepted([1]),
+    p.Started([["c-1", 3], ["c-2", 4]]),
+    p.Running([3]),
 ]
 
 
@@ -55,7 +57,7 @@ def test_every_message_type_is_sampled() -> None:
 @pytest.mark.parametrize("msg", SAMPLES, ids=lambda m: type(m).__name__)
 def test_round_trip(msg: p.Message) -> None:
     frames = p.encode(msg)
-    assert frames[0] == p.HEADER == b"ZF\x02"
+    assert frames[0] == p.HEADER == b"ZF\x03"
     assert frames[1] == bytes([msg.command])
     decoded = p.decode(frames)
     assert type(decoded) is type(msg)

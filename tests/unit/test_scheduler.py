@@ -1123,3 +1123,23 @@ def test_a_worker_that_reconnects_costs_its_jobs_nothing() -> None:
         farm.worker(route, "w-same", float(round_), credit=1, slots=1)
         farm.out(float(round_))
     assert farm.sched.clients["ca"].jobs[1].losses == ()
+
+
+# ---- a job's start reaches its client (RUNNING) -----------------------------------------------------
+
+
+def test_started_from_the_worker_holding_the_job_tells_its_client_running() -> None:
+    farm, _row = one_job_on_w1(7)
+    farm.send(W1, p.Started([["ca", 7]]), 0.1)
+    (running,) = to(farm.out(0.1), CA, p.Running)
+    assert running.seqs == [7]
+
+
+def test_started_from_another_worker_or_for_a_finished_job_is_not_passed_on() -> None:
+    farm, row = one_job_on_w1(7)
+    farm.worker(W2, "w2")
+    farm.send(W2, p.Started([["ca", 7], ["nobody", 1]]), 0.1)  # w2 was never given it
+    assert to(farm.out(0.1), CA, p.Running) == []
+    farm.result(W1, row, 0.2)
+    farm.send(W1, p.Started([["ca", 7]]), 0.3)  # late: the job is done
+    assert to(farm.out(0.3), CA, p.Running) == []

@@ -360,3 +360,30 @@ def test_several_reconnect_replies_do_not_inflate_the_workers_credit() -> None:
     link.deliver_to_worker(3.0)
     assert link.jobs_received == core.capacity  # as many as it can hold, never more
     assert core.in_hand == core.capacity
+
+
+# ---- STARTED: a job that runs a while is reported --------------------------------------------------
+
+
+def test_a_job_still_running_after_the_report_delay_is_reported_started() -> None:
+    from zfarm.worker import STARTED_REPORT_S
+
+    core = ready_core()
+    core.on_message(wire(jobs([1, 2])), 0.0)
+    assert [t.key for t in core.take_tasks(2, now=0.0)] == [("c", 1), ("c", 2)]
+    assert core.report_started(0.0).send == []  # too early: a quick job reports only its result
+    assert core.next_report_at() == STARTED_REPORT_S
+    core.finished([outcome(1)], STARTED_REPORT_S / 2, from_slots=1)  # job 1 was quick
+    started = only(core.report_started(STARTED_REPORT_S), p.Started)
+    assert started.keys == [["c", 2]]
+    assert core.report_started(1.0).send == [] and core.next_report_at() is None
+
+
+def test_nothing_is_reported_started_while_the_broker_is_away() -> None:
+    core = ready_core()
+    core.on_message(wire(jobs([1])), 0.0)
+    core.take_tasks(1, now=0.0)
+    core.tick(100.0)  # the broker went silent: link down
+    assert core.link is Link.DOWN
+    assert core.next_report_at() is None
+    assert core.report_started(100.0).send == []
