@@ -136,19 +136,24 @@ def _header(snap: dict[str, Any] | None, state: DashboardState) -> RenderableTyp
 def _workers(snap: dict[str, Any], width: int | None = None) -> RenderableType:
     alive = snap["workers"]
     lost = _recent_lost(snap)
-    table = _table(f"workers: {len(alive)} connected, {len(lost)} recently lost", "worker", "host", "pid",
-                   "busy/slots", "done", "failed", "heartbeat", "state")
+    with_pid = width is None or width >= SIDE_BY_SIDE_MIN_WIDTH  # a narrow terminal keeps what matters more
+    columns = ["worker", "host", "pid", "busy/slots", "done", "failed", "heartbeat", "state"]
+    table = _table(f"workers: {len(alive)} connected, {len(lost)} recently lost",
+                   *(c for c in columns if with_pid or c != "pid"))
+    rows: list[tuple[list[RenderableType], str]] = []
     for w in alive:
         state = w.get("state", "busy" if w["busy"] else "idle")
         held = f" +{w['busy'] - w['slots']} held" if w["busy"] > w["slots"] else ""
-        table.add_row(w["id"], w["host"], str(w["pid"]), f"{min(w['busy'], w['slots'])}/{w['slots']}{held}",
+        rows.append(([w["id"], w["host"], str(w["pid"]), f"{min(w['busy'], w['slots'])}/{w['slots']}{held}",
                       f"{w['done']:,}", f"{w['failed']:,}", f"{w['heartbeat_age_s']:.1f} s",
-                      Text(state, STATE_STYLE.get(state, "")))
+                      Text(state, STATE_STYLE.get(state, ""))], ""))
     for w in lost:
         age = _broker_now(snap) - w["lost_at"]
-        table.add_row(w["id"], w["host"], str(w["pid"]), f"-/{w['slots']}", f"{w['done']:,}",
+        rows.append(([w["id"], w["host"], str(w["pid"]), f"-/{w['slots']}", f"{w['done']:,}",
                       f"{w['failed']:,}", f"{w['heartbeat_age_s']:.1f} s",
-                      Text(f"lost {_duration(age)} ago", STATE_STYLE["lost"]), style="red")
+                      Text(f"lost {_duration(age)} ago", STATE_STYLE["lost"])], "red"))
+    for cells, style in rows:
+        table.add_row(*(cells if with_pid else cells[:2] + cells[3:]), style=style)
     return _whole(table, width)
 
 
@@ -215,10 +220,12 @@ def _events(snap: dict[str, Any], width: int | None = None) -> RenderableType:
 
 #: columns that give up width in a narrow terminal (cut with …); all others are shown whole
 FLEXIBLE_COLUMNS = {"host", "what"}
+COLUMN_GAP = 2  # a space of padding (collapsed) and the blank divider
 
 
 def _table(title: str, *columns: str) -> Table:
-    table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", show_edge=False, pad_edge=False)
+    table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", show_edge=False, pad_edge=False,
+                  collapse_padding=True)
     for name in columns:
         table.add_column(name, no_wrap=True, overflow="ellipsis")
     return table
@@ -235,10 +242,10 @@ def _whole(table: Table, width: int | None) -> Table:
         if column not in flexible:
             fixed += column.min_width
     if width is not None and flexible:
-        left = width - fixed - 3 * (len(table.columns) - 1)  # padding and divider between columns
+        left = width - fixed - COLUMN_GAP * (len(table.columns) - 1)
         for column in flexible:
             column.min_width = None
-            column.max_width = max(8, left // len(flexible))
+            column.max_width = max(4, left // len(flexible))
     return table
 
 
