@@ -98,12 +98,13 @@ def test_monitors_of_a_broker_that_requires_keys_say_so_at_once(procs: Procs, tm
     timeout_s = 60.0
     for command in (["status"], ["history"], ["dashboard", "--once"]):
         started = time.monotonic()
-        result = run_zfarm(*command, "--connect", endpoint, "--timeout", str(timeout_s), timeout_s=2 * timeout_s)
+        result = run_zfarm(*command, "--connect", endpoint, "--timeout", str(timeout_s),
+                           timeout_s=2 * timeout_s)
         elapsed_s = time.monotonic() - started
         assert result.returncode == 1, (command, result.stdout, result.stderr)
         assert "requires keys" in result.stderr and "--keys" in result.stderr, result.stderr
         assert "Traceback" not in result.stderr
-        assert elapsed_s < timeout_s / 2, f"{command} took {elapsed_s:.1f} s: the timeout ended it, not the handshake"
+        assert elapsed_s < timeout_s / 2, f"{command} took {elapsed_s:.1f} s: its timeout, not the handshake"
 
 
 # ---- history --------------------------------------------------------------------------------------
