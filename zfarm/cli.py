@@ -322,6 +322,8 @@ def _keys(args: argparse.Namespace) -> str:
 
 
 HISTORY_COLUMNS = ["id", "worker", "host", "run_s", "attempts", "outcome", "peak_rss_bytes", "error"]
+HISTORY_LABELS = ["id", "worker", "host", "run s", "tries", "outcome", "peak RSS", "error"]  # in a terminal
+HISTORY_HEADER = ["id", "worker", "host", "run_s", "attempts", "outcome", "peak_rss", "error"]  # piped
 
 
 def _print_history(columns: list[str], rows: list[list[Any]], limit: int) -> None:
@@ -338,16 +340,17 @@ def _print_history(columns: list[str], rows: list[list[Any]], limit: int) -> Non
         title = f"the newest {title} (--limit N or --all for more)"
     if not sys.stdout.isatty():
         print(title)
-        widths = [max([len(h), *(len(c[i]) for c in cells)]) for i, h in enumerate(HISTORY_COLUMNS)]
-        for line in [HISTORY_COLUMNS, *cells]:
+        widths = [max([len(h), *(len(c[i]) for c in cells)]) for i, h in enumerate(HISTORY_HEADER)]
+        for line in [HISTORY_HEADER, *cells]:
             print("  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip())
         return
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=title)
-    for name in HISTORY_COLUMNS:
-        table.add_column(name, no_wrap=name == "id", overflow="fold")
+    table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left")
+    for name, label in zip(HISTORY_COLUMNS, HISTORY_LABELS, strict=True):
+        table.add_column(label, no_wrap=name != "error", overflow="fold", min_width=len(label))
     for line in cells:
         table.add_row(*line)
     Console().print(table)
