@@ -91,6 +91,44 @@ def test_render_says_when_the_broker_does_not_answer() -> None:
     assert "no answer for 3 s" in text
 
 
+def small_terminal_snapshot() -> dict[str, Any]:
+    """A farm as a snapshot: three workers with long ids and host names, two clients, events."""
+    workers = [{"id": f"gpu-node-{i:03d}-a", "host": f"compute-node-{i}.cluster.example.org", "pid": 4000 + i,
+                "slots": 8, "busy": 8 - i, "credit": 1, "done": 12_345 + i, "failed": i, "state": "busy",
+                "heartbeat_age_s": 0.4, "uptime_s": 100.0} for i in range(3)]
+    clients = [{"id": f"c-{i:012x}", "host": "laptop.example.org", "pid": 42 + i, "submitted": 20_000,
+                "queued": 900, "in_flight": 24, "done": 19_000, "failed": 7, "held": 3, "present": True}
+               for i in range(2)]
+    events = [{"at": 1_800_000_000.0 + i, "kind": "worker-joined",
+               "text": f"worker gpu-node-00{i}-a joined from compute-node-{i}.cluster.example.org "
+                       "with 8 slots"} for i in range(3)]
+    return {"broker_id": "0123456789ab", "version": zfarm.__version__, "protocol": 2,
+            "address": "tcp://127.0.0.1:5555", "uptime_s": 100.0, "started_at": 1_800_000_000.0,
+            "heartbeat_interval_s": 1.0, "liveness": 3, "queued": 900, "in_flight": 48, "done": 38_000,
+            "failed": 14, "requeued": 2, "workers_lost": 0, "workers": workers, "lost_workers": [],
+            "clients": clients, "events": events, "throughput": [100] * 60}
+
+
+def test_render_at_80x24_keeps_every_table_readable() -> None:
+    snap = small_terminal_snapshot()
+    console = Console(record=True, width=80, height=24, file=io.StringIO())
+    console.print(render(snap, DashboardState(snap["address"])))
+    text = console.export_text()
+    lines = text.rstrip("\n").splitlines()
+    assert len(lines) <= 24, text
+    assert max(len(line.rstrip()) for line in lines) <= 80
+    for heading in ("worker", "busy/slots", "done", "failed", "heartbeat", "state",  # workers
+                    "client", "submitted", "in flight", "held",  # clients
+                    "queued", "requeued", "throughput now"):  # queue
+        assert heading in text, f"{heading!r} missing at 80x24:\n{text}"
+    for w in snap["workers"]:
+        row = worker_row(text, w["id"])  # whole id, first on its line
+        assert f"{w['done']:,}" in row and "busy" in row and f"{w['busy']}/8" in row, row
+    for c in snap["clients"]:
+        row = next(line for line in lines if line.startswith(c["id"] + " "))
+        assert all(n in row for n in ("20,000", "19,000", "24")), row
+
+
 # ---- against a real farm -------------------------------------------------------------------------
 
 

@@ -19,6 +19,7 @@ import pytest
 import zfarm
 from tests import jobs
 from tests.helpers import Procs, free_tcp_endpoint, require_status, run_zfarm, wait_for
+from zfarm.stats import JobRecord, summarize
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -90,6 +91,23 @@ def test_client_stats_and_broker_history_describe_the_jobs_that_ran(procs: Procs
     last = run_zfarm("history", "--connect", endpoint, "--json", "--last", "5")
     assert last.returncode == 0, last.stderr
     assert [row["id"] for row in json.loads(last.stdout)] == [row["id"] for row in rows[-5:]]
+
+
+def test_a_summary_prints_as_a_few_readable_lines() -> None:
+    def record(i: int, worker: str, run_s: float, error: str = "") -> JobRecord:
+        outcome = "error" if error else "ok"
+        return JobRecord(f"c-1:{i}", worker, "h", 1, 0.0, 0.0, 0.0, run_s, 0, outcome, error)
+
+    records = [record(1, "w-a", 0.5), record(2, "w-a", 0.25), record(3, "w-b", 1.5),
+               record(4, "w-b", 0.002, "ValueError: bad input 4")]
+    assert str(summarize(records)) == (
+        "4 jobs: 3 ok, 1 failed\n"
+        "run time: mean 563 ms, median 250 ms, 95% 1.5 s, max 1.5 s\n"
+        "per worker: w-a 2, w-b 2\n"
+        "failures: ValueError 1")
+    assert str(summarize([record(1, "w-a", 2e-5)])).startswith("1 job: 1 ok, 0 failed\nrun time: mean 20 µs")
+    assert str(summarize([])) == "no finished jobs"
+    assert repr(summarize([])).startswith("Summary(count=0")  # the fields stay there for code
 
 
 def test_history_counts_a_requeued_job_attempts(procs: Procs, tmp_path: Path) -> None:

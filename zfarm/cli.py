@@ -1,7 +1,9 @@
 """The ``zfarm`` command line; the only place that configures logging.
 
-Exit codes: 0 success, 1 failure at run time (broker unreachable, a job failed
-in the demo), 2 bad usage or settings.
+Exit codes: 0 success, 1 failure at run time (broker unreachable or refusing us,
+a file that cannot be written), 2 bad usage or settings (argparse's own errors
+too), 130 interrupted with Ctrl-C. Every failure is one line on stderr, no
+traceback.
 """
 
 from __future__ import annotations
@@ -9,13 +11,22 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from zfarm import __version__
-from zfarm.config import DEFAULT_ADDRESS, JOURNAL_SYNC_MODES, BrokerSettings, WorkerSettings, resolve
+from zfarm.config import (
+    DEFAULT_ADDRESS,
+    JOURNAL_SYNC_MODES,
+    BrokerSettings,
+    WorkerSettings,
+    check_endpoint,
+    resolve,
+)
 from zfarm.errors import ConfigError, ZfarmError
 
 log = logging.getLogger("zfarm")
@@ -33,8 +44,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ZfarmError as exc:
         print(f"zfarm: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # a folder that cannot be created, a file that cannot be read
+        print(f"zfarm: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
+
+
+B, W = BrokerSettings(), WorkerSettings()  # the defaults the help texts show
+HISTORY_SHOWN = 50  # `zfarm history` without --limit or --all
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,58 +62,74 @@ def _parser() -> argparse.ArgumentParser:
 
     broker = _command(sub, "broker", "run a broker: the one endpoint clients and workers connect to",
                       _run_broker)
-    broker.add_argument("--bind", help=f"endpoint to listen on (default {DEFAULT_ADDRESS}; env ZFARM_BIND)")
+    broker.add_argument("--bind", metavar="ENDPOINT",
+                        help=f"endpoint to listen on; tcp://HOST:* picks a free port (env ZFARM_BIND; "
+                             f"default {DEFAULT_ADDRESS})")
     _liveness_flags(broker)
-    broker.add_argument("--max-message-bytes", type=int, help="largest message accepted (default 2 GiB)")
-    broker.add_argument("--max-queued", type=int,
+    broker.add_argument("--max-message-bytes", type=int, metavar="BYTES",
+                        help=f"largest message accepted (default {B.max_message_bytes}: 2 GiB)")
+    broker.add_argument("--max-queued", type=int, metavar="N",
                         help="jobs queued at most; past it submitters wait (default 0: no limit)")
-    broker.add_argument("--max-losses", type=int,
-                        help="workers a job may kill (or lose) before it fails with WorkerLost (default 3)")
-    broker.add_argument("--history", type=int, help="finished jobs' records kept for `zfarm history` (50000)")
+    broker.add_argument("--max-losses", type=int, metavar="N",
+                        help=f"workers a job may kill (or lose) before it fails with WorkerLost (default "
+                             f"{B.max_losses})")
+    broker.add_argument("--history", type=int, metavar="N",
+                        help=f"finished jobs' records kept for `zfarm history` (default {B.history})")
     broker.add_argument("--journal", metavar="PATH",
                         help="SQLite file keeping accepted jobs and undelivered results, so that a restarted "
                              "broker goes on where it stopped (env ZFARM_JOURNAL; default: none)")
     broker.add_argument("--journal-sync", choices=JOURNAL_SYNC_MODES,
-                        help="full (default): every journal commit reaches the disk, surviving a power cut; "
-                             "normal: faster, survives the broker's death but not the machine's")
+                        help="full: every journal commit reaches the disk, surviving a power cut; normal: "
+                             "faster, survives the broker's death but not the machine's (default full)")
     broker.add_argument("--session-ttl", type=float, dest="session_ttl_s", metavar="SECONDS",
-                        help="how long a session's jobs and results wait for its client (default 604800: "
-                             "a week)")
+                        help="how long a session's jobs and results wait for its client (default "
+                             f"{B.session_ttl_s:.0f}: a week)")
     _keys_flag(broker, name=False)
     broker.add_argument("--insecure", action="store_true", default=None,
-                        help="allow listening beyond loopback without keys (trusted networks only)")
+                        help="allow listening beyond loopback without keys (trusted networks only; "
+                             "default off)")
 
     worker = _command(sub, "worker", "run a worker: runs jobs from a broker in N slot processes",
                       _run_worker)
-    worker.add_argument("--connect", help=f"broker endpoint (default {DEFAULT_ADDRESS}; env ZFARM_ADDRESS)")
-    worker.add_argument("--procs", type=int, help="slots, i.e. jobs run at once (default or 0: one per CPU)")
-    worker.add_argument("--prefetch", type=int, help="jobs held ready beyond the free slots (default 1)")
-    worker.add_argument("--worker-id", help="name shown in status (default: random)")
-    worker.add_argument("--grace", type=float, dest="grace_s",
-                        help="seconds running jobs may take to finish on SIGTERM (default 30)")
+    _connect_flag(worker)
+    worker.add_argument("--procs", type=int, metavar="N",
+                        help="slots, i.e. jobs run at once (default 0: one per CPU)")
+    worker.add_argument("--prefetch", type=int, metavar="N",
+                        help=f"jobs held ready beyond the free slots (default {W.prefetch})")
+    worker.add_argument("--worker-id", help="name shown in status (default: w- and random hex digits)")
+    worker.add_argument("--grace", type=float, dest="grace_s", metavar="SECONDS",
+                        help=f"seconds running jobs may take to finish on SIGTERM (default {W.grace_s:g})")
     _liveness_flags(worker)
     _keys_flag(worker)
 
     status = _command(sub, "status", "show the workers, queue and clients of a broker", _run_status)
-    status.add_argument("--connect", default=None, help=f"broker endpoint (default {DEFAULT_ADDRESS})")
-    status.add_argument("--json", action="store_true", help="print the snapshot as JSON")
-    status.add_argument("--timeout", type=_positive, default=5.0, help="seconds to wait for the broker")
+    _connect_flag(status)
+    status.add_argument("--json", action="store_true", help="print the snapshot as JSON (default: tables)")
+    _timeout_flag(status, 5.0)
     _keys_flag(status, name=False)
 
-    history = _command(sub, "history", "list the broker's records of finished jobs", _run_history)
-    history.add_argument("--connect", default=None, help=f"broker endpoint (default {DEFAULT_ADDRESS})")
+    history = _command(sub, "history", "list the broker's records of finished jobs, oldest first",
+                       _run_history)
+    _connect_flag(history)
     out = history.add_mutually_exclusive_group()
-    out.add_argument("--json", action="store_true", help="print a JSON array of records")
-    out.add_argument("--csv", action="store_true", help="print CSV with a header line")
-    history.add_argument("--last", type=int, default=0, help="only the newest N records (default: all kept)")
-    history.add_argument("--timeout", type=_positive, default=10.0, help="seconds to wait for the broker")
+    out.add_argument("--json", action="store_true", help="print a JSON array of records (default: a table)")
+    out.add_argument("--csv", action="store_true", help="print CSV with a header line (default: a table)")
+    shown = history.add_mutually_exclusive_group()
+    shown.add_argument("--limit", "--last", type=_count, default=HISTORY_SHOWN, metavar="N",
+                       help=f"only the newest N records (default {HISTORY_SHOWN})")
+    shown.add_argument("--all", action="store_const", const=0, dest="limit",
+                       help="every record the broker keeps (default: the newest 50)")
+    _timeout_flag(history, 10.0)
     _keys_flag(history, name=False)
 
     dashboard = _command(sub, "dashboard", "a live full-screen view of a broker: workers, queue, clients, "
                          "events (q quits)", _run_dashboard)
-    dashboard.add_argument("--connect", default=None, help=f"broker endpoint (default {DEFAULT_ADDRESS})")
-    dashboard.add_argument("--refresh", type=float, default=4.0, help="redraws per second (default 4)")
-    dashboard.add_argument("--once", action="store_true", help="print one view (not full screen) and exit")
+    _connect_flag(dashboard)
+    dashboard.add_argument("--refresh", type=float, default=4.0, metavar="HZ",
+                           help="redraws per second (default 4)")
+    dashboard.add_argument("--once", action="store_true",
+                           help="print one view (not full screen) and exit (default: live until q)")
+    _timeout_flag(dashboard, 5.0, "seconds --once waits for the broker")
     _keys_flag(dashboard, name=False)
 
     keys = sub.add_parser("keys", help="create CURVE keys (see docs/security.md)",
@@ -111,9 +145,11 @@ def _parser() -> argparse.ArgumentParser:
                      help="what the key may connect as (default worker)")
 
     demo = _command(sub, "demo", "run a demo map on an embedded farm, with a progress bar", _run_demo)
-    demo.add_argument("--jobs", type=int, default=400, help="number of jobs (default 400)")
-    demo.add_argument("--workers", type=int, default=None, help="workers to start (default: CPU count)")
-    demo.add_argument("--connect", default=None, help="use this broker instead of an embedded farm")
+    demo.add_argument("--jobs", type=_some, default=400, help="number of jobs (default 400)")
+    demo.add_argument("--workers", type=_some, default=None, help="workers to start (default: CPU count)")
+    demo.add_argument("--connect", default=None, metavar="ENDPOINT",
+                      help="use the broker at this endpoint instead of an embedded farm (env ZFARM_ADDRESS; "
+                           "default: an embedded farm)")
     _keys_flag(demo)
     return parser
 
@@ -122,27 +158,65 @@ def _command(sub: Any, name: str, text: str, run: Any) -> argparse.ArgumentParse
     cmd: argparse.ArgumentParser = sub.add_parser(name, help=text, description=text)
     cmd.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                      help="how much to log (default info)")
-    cmd.add_argument("--log-json", action="store_true", help="log one JSON object per line (for collectors)")
+    cmd.add_argument("--log-json", action="store_true",
+                     help="log one JSON object per line, for collectors (default: text)")
     cmd.set_defaults(run=run)
     return cmd
 
 
+def _connect_flag(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("--connect", metavar="ENDPOINT",
+                     help=f"the broker's endpoint (env ZFARM_ADDRESS; default {DEFAULT_ADDRESS})")
+
+
+def _timeout_flag(cmd: argparse.ArgumentParser, default_s: float,
+                  text: str = "seconds to wait for the broker") -> None:
+    cmd.add_argument("--timeout", type=_seconds, default=default_s, metavar="SECONDS",
+                     help=f"{text} (default {default_s:g})")
+
+
 def _liveness_flags(cmd: argparse.ArgumentParser) -> None:
-    cmd.add_argument("--heartbeat-interval", type=float, dest="heartbeat_interval_s",
-                     help="seconds between heartbeats (default 1)")
-    cmd.add_argument("--liveness", type=int, help="silent intervals before a peer is dead (default 3)")
+    cmd.add_argument("--heartbeat-interval", type=float, dest="heartbeat_interval_s", metavar="SECONDS",
+                     help=f"seconds between heartbeats (default {B.heartbeat_interval_s:g})")
+    cmd.add_argument("--liveness", type=int, metavar="N",
+                     help=f"silent intervals before a peer is dead (default {B.liveness})")
     cmd.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)  # embedded use: exit with the parent
 
 
-def _positive(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
+def _seconds(text: str) -> float:
+    """argparse type: a positive, finite number of seconds (its message names the value)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    """argparse type: a whole number, 0 or more."""
+    return _whole(text, 0)
+
+
+def _some(text: str) -> int:
+    """argparse type: a whole number, 1 or more."""
+    return _whole(text, 1)
+
+
+def _whole(text: str, least: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = least - 1
+    if value < least:
+        raise argparse.ArgumentTypeError(f"expected a whole number, {least} or more, got {text!r}")
     return value
 
 
 def _keys_flag(cmd: argparse.ArgumentParser, name: bool = True) -> None:
-    cmd.add_argument("--keys", help="keys folder: CURVE authentication and encryption (env ZFARM_KEYS)")
+    cmd.add_argument("--keys", metavar="FOLDER",
+                     help="keys folder: CURVE authentication and encryption (env ZFARM_KEYS; default: none)")
     if name:
         cmd.add_argument("--key-name", help="which key of the folder's list to use (default: the only one)")
 
@@ -159,17 +233,17 @@ class JsonFormatter(logging.Formatter):
 
 
 def _configure_logging(level: str, as_json: bool = False) -> None:
-    handler: logging.Handler
+    handler: logging.Handler = logging.StreamHandler(sys.stderr)
     if as_json:
-        handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(JsonFormatter())
-    else:
+    elif sys.stderr.isatty():
         from rich.console import Console
         from rich.logging import RichHandler
 
-        # a log file or pipe gets whole lines, not lines wrapped at 80 columns
-        console = Console(stderr=True, width=None if sys.stderr.isatty() else 240)
-        handler = RichHandler(console=console, show_path=False, log_time_format="%H:%M:%S", markup=False)
+        handler = RichHandler(console=Console(stderr=True), show_path=False, log_time_format="%H:%M:%S",
+                              markup=False)
+    else:  # a log file or a pipe: whole lines with their date, no colours, no padding
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s"))
     logging.basicConfig(level=level.upper(), format="%(message)s", handlers=[handler], force=True)
 
 
@@ -184,6 +258,7 @@ def _run_broker(args: argparse.Namespace) -> int:
                                                      "max_message_bytes", "parent_pid", "keys", "insecure",
                                                      "history", "max_losses", "max_queued", "journal",
                                                      "journal_sync", "session_ttl_s"]))
+    check_endpoint(settings.bind, bind=True)  # inproc: only code in this process could reach it
     run_broker(settings)
     return 0
 
@@ -194,6 +269,7 @@ def _run_worker(args: argparse.Namespace) -> int:
     flags = _flags(args, ["procs", "prefetch", "worker_id", "grace_s", "heartbeat_interval_s", "liveness",
                           "parent_pid", "keys", "key_name"])
     settings = resolve(WorkerSettings, {**flags, "address": args.connect})
+    check_endpoint(settings.address)  # inproc: no broker in this process
     run_worker(settings)
     return 0
 
@@ -201,8 +277,7 @@ def _run_worker(args: argparse.Namespace) -> int:
 def _run_status(args: argparse.Namespace) -> int:
     from zfarm.monitor import fetch_status
 
-    address = args.connect or os.environ.get("ZFARM_ADDRESS") or DEFAULT_ADDRESS
-    snapshot = fetch_status(address, args.timeout, keys=args.keys or os.environ.get("ZFARM_KEYS", ""))
+    snapshot = fetch_status(_address(args), args.timeout, keys=_keys(args))
     if args.json:
         print(json.dumps(snapshot, indent=2))
     else:
@@ -215,9 +290,7 @@ def _run_history(args: argparse.Namespace) -> int:
 
     from zfarm.monitor import fetch_history
 
-    address = args.connect or os.environ.get("ZFARM_ADDRESS") or DEFAULT_ADDRESS
-    columns, rows = fetch_history(address, max(0, args.last), args.timeout,
-                                  keys=args.keys or os.environ.get("ZFARM_KEYS", ""))
+    columns, rows = fetch_history(_address(args), args.limit, args.timeout, keys=_keys(args))
     if args.json:
         print(json.dumps([dict(zip(columns, row, strict=True)) for row in rows], indent=1))
     elif args.csv:
@@ -225,7 +298,7 @@ def _run_history(args: argparse.Namespace) -> int:
         writer.writerow(columns)
         writer.writerows(rows)
     else:
-        _print_history(columns, rows)
+        _print_history(columns, rows, args.limit)
     return 0
 
 
@@ -234,23 +307,57 @@ def _run_dashboard(args: argparse.Namespace) -> int:
 
     if not 0 < args.refresh <= 100:
         raise ConfigError(f"--refresh must be between 0 and 100 redraws per second, not {args.refresh}")
-    address = args.connect or os.environ.get("ZFARM_ADDRESS") or DEFAULT_ADDRESS
-    return run_dashboard(address, args.keys or os.environ.get("ZFARM_KEYS", ""), args.refresh, args.once)
+    return run_dashboard(_address(args), _keys(args), args.refresh, args.once, args.timeout)
 
 
-def _print_history(columns: list[str], rows: list[list[Any]]) -> None:
-    from rich.console import Console
-    from rich.table import Table
+def _address(args: argparse.Namespace) -> str:
+    """The broker a monitor command asks: --connect, ZFARM_ADDRESS or the default; checked."""
+    address: str = args.connect or os.environ.get("ZFARM_ADDRESS") or DEFAULT_ADDRESS
+    check_endpoint(address)
+    return address
 
-    shown = ["id", "worker", "host", "run_s", "attempts", "outcome", "peak_rss_bytes", "error"]
-    table = Table(*shown, title=f"{len(rows)} finished jobs")
-    where = [columns.index(c) for c in shown]
+
+def _keys(args: argparse.Namespace) -> str:
+    return str(args.keys or os.environ.get("ZFARM_KEYS", ""))
+
+
+HISTORY_COLUMNS = ["id", "worker", "host", "run_s", "attempts", "outcome", "peak_rss_bytes", "error"]
+HISTORY_LABELS = ["id", "worker", "host", "run s", "tries", "outcome", "peak RSS", "error"]  # in a terminal
+HISTORY_HEADER = ["id", "worker", "host", "run_s", "attempts", "outcome", "peak_rss", "error"]  # piped
+
+
+def _print_history(columns: list[str], rows: list[list[Any]], limit: int) -> None:
+    """A table of the records; plain aligned text, nothing cut, when stdout is not a terminal."""
+    where = [columns.index(c) for c in HISTORY_COLUMNS]
+    cells = []
     for row in rows:
         values = [row[i] for i in where]
         values[3] = f"{values[3]:.3f}"
         values[6] = f"{values[6] / 2**20:.0f} MiB"
-        table.add_row(*(str(v) for v in values))
+        cells.append([str(v) for v in values])
+    title = f"{_plural(len(rows), 'finished job')}"
+    if limit and len(rows) >= limit:
+        title = f"the newest {title} (--limit N or --all for more)"
+    if not sys.stdout.isatty():
+        print(title)
+        widths = [max([len(h), *(len(c[i]) for c in cells)]) for i, h in enumerate(HISTORY_HEADER)]
+        for line in [HISTORY_HEADER, *cells]:
+            print("  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip())
+        return
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left")
+    for name, label in zip(HISTORY_COLUMNS, HISTORY_LABELS, strict=True):
+        table.add_column(label, no_wrap=name != "error", overflow="fold", min_width=len(label))
+    for line in cells:
+        table.add_row(*line)
     Console().print(table)
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
 
 
 def _print_status(snap: dict[str, Any]) -> None:
@@ -270,9 +377,11 @@ def _print_status(snap: dict[str, Any]) -> None:
     for w in snap["workers"]:
         workers.add_row(w["id"], w["host"], str(w["pid"]), str(w["slots"]), str(w["busy"]), str(w["done"]),
                         str(w["failed"]), f"{w['heartbeat_age_s']:.1f} s")
+    workers.columns[0].overflow = "fold"  # ids are what people copy: never cut them
     console.print(workers)
     clients = Table("client", "host", "pid", "submitted", "queued", "in flight", "done", "failed",
                     "held", title="clients")
+    clients.columns[0].overflow = "fold"
     for c in snap["clients"]:
         clients.add_row(c["id"], c["host"] if c["present"] else "(away)", str(c["pid"]), str(c["submitted"]),
                         str(c["queued"]), str(c["in_flight"]), str(c["done"]), str(c["failed"]),
@@ -298,10 +407,11 @@ def _run_demo(args: argparse.Namespace) -> int:
 def _run_keys_init(args: argparse.Namespace) -> int:
     from zfarm.security import init_keys
 
-    for path in init_keys(args.folder):
+    folder = Path(os.path.normpath(args.folder))
+    for path in init_keys(folder):
         print(path)
-    print(f"next: zfarm broker --keys {args.folder}; give each worker machine {args.folder}/broker.key and "
-          f"{args.folder}/workers/, each client machine {args.folder}/broker.key and {args.folder}/clients/",
+    print(f"next: zfarm broker --keys {folder}; give each worker machine {folder / 'broker.key'} and "
+          f"{folder / 'workers'}/, each client machine {folder / 'broker.key'} and {folder / 'clients'}/",
           file=sys.stderr)
     return 0
 
@@ -309,7 +419,7 @@ def _run_keys_init(args: argparse.Namespace) -> int:
 def _run_keys_add(args: argparse.Namespace) -> int:
     from zfarm.security import add_key
 
-    for path in add_key(args.folder, args.name, args.role):
+    for path in add_key(os.path.normpath(args.folder), args.name, args.role):
         print(path)
     print("restart the broker to admit the new key", file=sys.stderr)
     return 0

@@ -7,12 +7,15 @@ Nothing else in zfarm reads the environment; the CLI and ``Client`` call
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
+
+import zmq
 
 from zfarm.errors import ConfigError
 
@@ -53,7 +56,7 @@ class BrokerSettings:
     session_ttl_s: float = 7 * 24 * 3600.0
 
     def __post_init__(self) -> None:
-        _check_endpoint(self.bind)
+        check_endpoint(self.bind, bind=True, inproc=True)
         check_positive(heartbeat_interval_s=self.heartbeat_interval_s, liveness=self.liveness,
                         handshake_timeout_s=self.handshake_timeout_s, session_ttl_s=self.session_ttl_s)
         if self.max_message_bytes < MIN_MESSAGE_BYTES:
@@ -88,7 +91,7 @@ class WorkerSettings:
     key_name: str = ""
 
     def __post_init__(self) -> None:
-        _check_endpoint(self.address)
+        check_endpoint(self.address, inproc=True)  # inproc: a worker embedded with the broker's context
         if self.procs < 0 or self.prefetch < 0 or self.grace_s < 0:
             raise ConfigError("procs, prefetch and grace_s must not be negative")
         check_positive(heartbeat_interval_s=self.heartbeat_interval_s, liveness=self.liveness,
@@ -120,7 +123,7 @@ class ClientSettings:
     session: str = ""
 
     def __post_init__(self) -> None:
-        _check_endpoint(self.address)
+        check_endpoint(self.address)
         check_session(self.session)
         if not math.isfinite(self.retry_backoff_s) or self.retry_backoff_s < 0:
             raise ConfigError(f"retry_backoff_s must be finite and not negative, not {self.retry_backoff_s}")
@@ -173,13 +176,80 @@ def reconnect_interval_ms(address: str) -> tuple[int, int]:
     return (10, 0) if address.startswith(("ipc://", "inproc://")) else (100, 2000)
 
 
-def _check_endpoint(address: str) -> None:
+#: the longest ipc path the operating system takes (sockaddr_un.sun_path less its final NUL)
+IPC_PATH_MAX_BYTES = int(getattr(zmq, "IPC_PATH_MAX_LEN", 0) or 103)
+_HOST_NAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]{0,252}[A-Za-z0-9_])?")
+
+
+def check_endpoint(address: str, *, bind: bool = False, inproc: bool = False) -> None:
+    """Refuse an address ZeroMQ would reject, or accept and never reach, before any socket exists.
+
+    ``tcp://HOST:PORT`` with HOST a name, an IPv4 address or ``[IPv6]`` and PORT 1 to 65535; a
+    ``bind`` may also use ``*`` as HOST (every interface) and ``*`` or ``0`` as PORT (any free
+    port: the broker logs the one it got). ``ipc://PATH``: a path short enough for a Unix socket
+    whose folder exists when binding. ``inproc://NAME`` only where ``inproc`` says the caller can
+    share its ZeroMQ context (a broker or worker embedded in the same process).
+
+    Raises:
+        ConfigError: naming the address, what is wrong with it and a correct example.
+    """
+    if not isinstance(address, str):
+        raise ConfigError(f"an endpoint must be a string such as {DEFAULT_ADDRESS}, not {address!r}")
     scheme, sep, rest = address.partition("://")
     if not sep or scheme not in {"tcp", "ipc", "inproc"} or not rest:
-        raise ConfigError(
-            f"{address!r} is not a ZeroMQ endpoint: use tcp://HOST:PORT (for example "
-            f"{DEFAULT_ADDRESS}) or ipc:///path/to/socket"
-        )
+        raise ConfigError(f"{address!r} is not a ZeroMQ endpoint: use tcp://HOST:PORT (for example "
+                          f"{DEFAULT_ADDRESS}) or ipc:///path/to/socket")
+    if scheme == "tcp":
+        problem = _tcp_problem(rest, bind)
+    elif scheme == "ipc":
+        problem = _ipc_problem(rest, bind)
+    else:
+        problem = "" if inproc else ("inproc:// reaches only sockets in the same process and ZeroMQ context, "
+                                     "so nothing could answer here")
+    if problem:
+        raise ConfigError(f"endpoint {address!r}: {problem}; use tcp://HOST:PORT (for example "
+                          f"{DEFAULT_ADDRESS}) or ipc:///path/to/socket")
+
+
+def _tcp_problem(rest: str, bind: bool) -> str:
+    host, colon, port = rest.rpartition(":")
+    if not colon or not host:
+        return "the port is missing"
+    if port in {"*", "0"}:
+        if not bind:
+            return f"port {port} means 'any free port', which only a broker's --bind can use"
+    elif not port.isascii() or not port.isdigit() or not 1 <= int(port) <= 65535:
+        return f"the port must be a number from 1 to 65535, not {port!r}"
+    if host == "*":
+        return "" if bind else "host * (every interface) is for binding; connect to a host name or address"
+    if host.startswith("[") and host.endswith("]"):
+        return "" if _is_ip(host[1:-1], ipaddress.IPv6Address) else f"{host} is not an IPv6 address"
+    if ":" in host:
+        return f"an IPv6 address goes in brackets, as in tcp://[{host.strip('[]')}]:{port}"
+    if host.replace(".", "").isdigit():  # looks like IPv4: it must be one
+        return "" if _is_ip(host, ipaddress.IPv4Address) else f"{host} is not an IPv4 address"
+    return "" if _HOST_NAME.fullmatch(host) else f"{host!r} is not a host name"
+
+
+def _is_ip(text: str, kind: type[ipaddress.IPv4Address | ipaddress.IPv6Address]) -> bool:
+    try:
+        kind(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _ipc_problem(path: str, bind: bool) -> str:
+    size = len(path.encode())
+    if size > IPC_PATH_MAX_BYTES:
+        return (f"the socket path is {size} bytes long; this system takes at most {IPC_PATH_MAX_BYTES}: "
+                "choose a shorter one, e.g. in /tmp")
+    if "\0" in path:
+        return "the socket path holds a NUL character"
+    abstract = path.startswith("@")  # Linux's abstract namespace: no file
+    if bind and not abstract and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        return f"the folder {os.path.dirname(os.path.abspath(path))} does not exist"
+    return ""
 
 
 SESSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")

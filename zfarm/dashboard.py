@@ -26,7 +26,7 @@ from typing import Any
 
 import zmq
 from rich import box
-from rich.console import Console, Group, RenderableType
+from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
 from rich.live import Live
 from rich.panel import Panel
 from rich.table import Table
@@ -36,6 +36,7 @@ from zfarm import protocol as p
 from zfarm.errors import ProtocolError, Refused
 from zfarm.monitor import fetch_status, monitor_hello, open_monitor
 from zfarm.records import THROUGHPUT_WINDOW_S
+from zfarm.security import HandshakeWatch
 
 SPARK = "▁▂▃▄▅▆▇█"
 RATE_WINDOW_S = 3  # "throughput now": the mean of the last few complete seconds
@@ -53,6 +54,8 @@ class DashboardState:
 
     address: str
     problem: str = ""  # non-empty while the broker does not answer
+    #: why its handshake fails (it needs keys, or refused ours), when ZeroMQ told us
+    refused_because: str = ""
 
 
 def sparkline(values: list[int]) -> str:
@@ -69,17 +72,44 @@ def rate_now(throughput: list[int]) -> float:
     return sum(complete) / len(complete) if complete else 0.0
 
 
+#: below this width the queue panel and the clients table are stacked, not side by side
+SIDE_BY_SIDE_MIN_WIDTH = 140
+QUEUE_COUNTS = [("queued", "queued"), ("in flight", "in_flight"), ("done", "done"), ("failed", "failed"),
+                ("requeued", "requeued"), ("workers lost", "workers_lost")]
+
+
 def render(snapshot: dict[str, Any] | None, state: DashboardState) -> RenderableType:
     """The whole dashboard for one snapshot (None: the broker has not answered yet)."""
-    parts: list[RenderableType] = [_header(snapshot, state)]
-    if snapshot is not None:
-        parts.append(_workers(snapshot))
-        row = Table.grid(padding=(0, 1))
-        row.add_column(width=THROUGHPUT_WINDOW_S + 4)  # the sparkline and the panel's border
-        row.add_column()
-        row.add_row(_queue(snapshot), _clients(snapshot))
-        parts += [row, _events(snapshot)]
-    return Group(*parts)
+    return _Screen(snapshot, state)
+
+
+class _Screen:
+    """The dashboard laid out for the width it is drawn at (a terminal may be resized any time).
+
+    Wide: the queue panel beside the clients table. Narrow (an 80x24 terminal): the queue in two
+    lines above the clients, so every table keeps its columns readable.
+    """
+
+    def __init__(self, snapshot: dict[str, Any] | None, state: DashboardState) -> None:
+        self.snapshot, self.state = snapshot, state
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        snap = self.snapshot
+        yield _header(snap, self.state)
+        if snap is None:
+            return
+        width = options.max_width
+        yield _workers(snap, width)
+        if options.max_width >= SIDE_BY_SIDE_MIN_WIDTH:
+            row = Table.grid(padding=(0, 1))
+            row.add_column(width=THROUGHPUT_WINDOW_S + 4)  # the sparkline and the panel's border
+            row.add_column()
+            row.add_row(_queue(snap), _clients(snap))
+            yield row
+        else:
+            yield _queue_lines(snap, width)
+            yield _clients(snap, width)
+        yield _events(snap, width)
 
 
 def _header(snap: dict[str, Any] | None, state: DashboardState) -> RenderableType:
@@ -87,6 +117,8 @@ def _header(snap: dict[str, Any] | None, state: DashboardState) -> RenderableTyp
     if state.problem:
         text.append(f"broker not answering at {state.address} (retrying)", "bold red")
         text.append(f"  {state.problem}{'; its last answer below' if snap else ''}", "red")
+        if state.refused_because:
+            text.append(f"\n{state.refused_because}", "bold red")
     if snap is None:
         if not state.problem:
             text.append(f"connecting to {state.address} …", "yellow")
@@ -101,23 +133,28 @@ def _header(snap: dict[str, Any] | None, state: DashboardState) -> RenderableTyp
     return Panel(text, title="zfarm dashboard", subtitle="q quits", box=box.ROUNDED)
 
 
-def _workers(snap: dict[str, Any]) -> RenderableType:
+def _workers(snap: dict[str, Any], width: int | None = None) -> RenderableType:
     alive = snap["workers"]
     lost = _recent_lost(snap)
-    table = _table(f"workers: {len(alive)} connected, {len(lost)} recently lost", "worker", "host", "pid",
-                   "slots busy/total", "done", "failed", "heartbeat age", "state")
+    with_pid = width is None or width >= SIDE_BY_SIDE_MIN_WIDTH  # a narrow terminal keeps what matters more
+    columns = ["worker", "host", "pid", "busy/slots", "done", "failed", "heartbeat", "state"]
+    table = _table(f"workers: {len(alive)} connected, {len(lost)} recently lost",
+                   *(c for c in columns if with_pid or c != "pid"))
+    rows: list[tuple[list[RenderableType], str]] = []
     for w in alive:
         state = w.get("state", "busy" if w["busy"] else "idle")
         held = f" +{w['busy'] - w['slots']} held" if w["busy"] > w["slots"] else ""
-        table.add_row(w["id"], w["host"], str(w["pid"]), f"{min(w['busy'], w['slots'])}/{w['slots']}{held}",
+        rows.append(([w["id"], w["host"], str(w["pid"]), f"{min(w['busy'], w['slots'])}/{w['slots']}{held}",
                       f"{w['done']:,}", f"{w['failed']:,}", f"{w['heartbeat_age_s']:.1f} s",
-                      Text(state, STATE_STYLE.get(state, "")))
+                      Text(state, STATE_STYLE.get(state, ""))], ""))
     for w in lost:
         age = _broker_now(snap) - w["lost_at"]
-        table.add_row(w["id"], w["host"], str(w["pid"]), f"-/{w['slots']}", f"{w['done']:,}",
+        rows.append(([w["id"], w["host"], str(w["pid"]), f"-/{w['slots']}", f"{w['done']:,}",
                       f"{w['failed']:,}", f"{w['heartbeat_age_s']:.1f} s",
-                      Text(f"lost {_duration(age)} ago", STATE_STYLE["lost"]), style="red")
-    return table
+                      Text(f"lost {_duration(age)} ago", STATE_STYLE["lost"])], "red"))
+    for cells, style in rows:
+        table.add_row(*(cells if with_pid else cells[:2] + cells[3:]), style=style)
+    return _whole(table, width)
 
 
 def _recent_lost(snap: dict[str, Any]) -> list[dict[str, Any]]:
@@ -129,21 +166,39 @@ def _recent_lost(snap: dict[str, Any]) -> list[dict[str, Any]]:
     return lost[:MAX_LOST_SHOWN]
 
 
+def _count_style(snap: dict[str, Any], key: str) -> str:
+    return "red" if key in ("failed", "workers_lost") and snap[key] else ""
+
+
 def _queue(snap: dict[str, Any]) -> RenderableType:
     grid = Table.grid(padding=(0, 2))
     grid.add_column()
     grid.add_column(justify="right")
-    for label, key in [("queued", "queued"), ("in flight", "in_flight"), ("done", "done"),
-                       ("failed", "failed"), ("requeued", "requeued"), ("workers lost", "workers_lost")]:
-        style = "red" if key in ("failed", "workers_lost") and snap[key] else ""
-        grid.add_row(label, Text(f"{snap[key]:,}", style))
+    for label, key in QUEUE_COUNTS:
+        grid.add_row(label, Text(f"{snap[key]:,}", _count_style(snap, key)))
     throughput = list(snap.get("throughput", []))
     grid.add_row("throughput now", Text(f"{rate_now(throughput):,.1f} jobs/s", "bold cyan"))
     return Panel(Group(grid, Text("last 60 s", "dim"), Text(sparkline(throughput), "cyan")),
                  title="queue", box=box.ROUNDED)
 
 
-def _clients(snap: dict[str, Any]) -> RenderableType:
+def _queue_lines(snap: dict[str, Any], width: int) -> RenderableType:
+    """The queue panel's facts in two lines, for narrow terminals (the sparkline as wide as fits)."""
+    counts = Text()
+    for label, key in QUEUE_COUNTS:
+        counts.append(f"{label} ")
+        counts.append(f"{snap[key]:,}", _count_style(snap, key) or "bold")
+        counts.append("  ")
+    throughput = list(snap.get("throughput", []))
+    rate = Text(f"throughput now {rate_now(throughput):,.1f} jobs/s", "bold cyan")
+    seconds = min(len(throughput), width - rate.cell_len - 12)
+    if seconds > 0:
+        rate.append(f"  last {seconds} s ", "dim")
+        rate.append(sparkline(throughput[-seconds:]), "cyan")
+    return Group(counts, rate)
+
+
+def _clients(snap: dict[str, Any], width: int | None = None) -> RenderableType:
     table = _table("clients", "client", "host", "submitted", "done", "in flight", "failed", "held")
     for c in snap["clients"]:
         host = c["host"] if c.get("present", True) else Text("(away)", "dim")
@@ -151,20 +206,47 @@ def _clients(snap: dict[str, Any]) -> RenderableType:
                       Text(f"{c['failed']:,}", "red" if c["failed"] else ""), f"{c.get('held', 0):,}")
     if not snap["clients"]:
         table.add_row(Text("(no clients)", "dim"), "", "", "", "", "", "")
-    return table
+    return _whole(table, width)
 
 
-def _events(snap: dict[str, Any]) -> RenderableType:
+def _events(snap: dict[str, Any], width: int | None = None) -> RenderableType:
     table = _table("latest events (newest first)", "time", "event", "what")
     for e in list(reversed(snap.get("events", [])))[:MAX_EVENTS]:
         style = EVENT_STYLE.get(e["kind"], "")
         table.add_row(time.strftime("%H:%M:%S", time.localtime(e["at"])), Text(e["kind"], style),
                       Text(e["text"], style))
-    return table
+    return _whole(table, width)
+
+
+#: columns that give up width in a narrow terminal (cut with …); all others are shown whole
+FLEXIBLE_COLUMNS = {"host", "what"}
+COLUMN_GAP = 2  # a space of padding (collapsed) and the blank divider
 
 
 def _table(title: str, *columns: str) -> Table:
-    return Table(*columns, title=title, box=box.SIMPLE_HEAD, title_justify="left")
+    table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", show_edge=False, pad_edge=False,
+                  collapse_padding=True)
+    for name in columns:
+        table.add_column(name, no_wrap=True, overflow="ellipsis")
+    return table
+
+
+def _whole(table: Table, width: int | None) -> Table:
+    """Keep ids, counts and times whole: only the host and free-text columns give up width (cut with
+    …) when the terminal is narrow, sharing what the others leave."""
+    flexible = [c for c in table.columns if str(c.header) in FLEXIBLE_COLUMNS]
+    fixed = 0
+    for column in table.columns:
+        cells = [c.cell_len if isinstance(c, Text) else len(str(c)) for c in column.cells]
+        column.min_width = max([len(str(column.header)), *cells])
+        if column not in flexible:
+            fixed += column.min_width
+    if width is not None and flexible:
+        left = width - fixed - COLUMN_GAP * (len(table.columns) - 1)
+        for column in flexible:
+            column.min_width = None
+            column.max_width = max(4, left // len(flexible))
+    return table
 
 
 def _broker_now(snap: dict[str, Any]) -> float:
@@ -183,6 +265,7 @@ class _Link:
         self.address, self.keys = address, keys
         self.hello = monitor_hello("dash")
         self.sock = open_monitor(address, self.hello, keys)
+        self.watch = HandshakeWatch(self.sock, "monitor", bool(keys))
         self.asked_at: float | None = None  # monotonic time of the outstanding STATUS
 
     def ask(self, now: float) -> None:
@@ -193,9 +276,15 @@ class _Link:
 
     def reset(self) -> None:
         """Lazy pirate: drop the socket (and whatever is queued on it) and start over."""
+        self.watch.close()
         self.sock.close(linger=0)
         self.sock = open_monitor(self.address, self.hello, self.keys)
+        self.watch = HandshakeWatch(self.sock, "monitor", bool(self.keys))
         self.asked_at = None
+
+    def problem(self) -> str:
+        """Why the broker does not let us in (it needs keys, refused ours), or "" if we do not know."""
+        return self.watch.read()
 
     def receive(self) -> dict[str, Any] | None:
         """Read what has arrived; return the newest snapshot, if any."""
@@ -219,6 +308,7 @@ class _Link:
             self.sock.send_multipart(p.encode(p.Disconnect("dashboard closed")), zmq.NOBLOCK)
         except zmq.ZMQError:
             pass
+        self.watch.close()
         self.sock.close(linger=200)
 
 
@@ -260,10 +350,12 @@ def run_dashboard(address: str, keys: str = "", refresh_hz: float = 4.0, once: b
                 now = time.monotonic()
                 if now >= next_draw:
                     if link.asked_at is not None and now - link.asked_at > patience_s:
+                        state.refused_because = link.problem() or state.refused_because  # before reset
                         link.reset()
                         state.problem = "lost"
                     link.ask(now)
                     if state.problem:
+                        state.refused_because = link.problem() or state.refused_because
                         state.problem = f"no answer for {now - answered_at:.0f} s"
                         live.update(render(snapshot, state), refresh=True)
                     next_draw = max(next_draw + period_s, now)
@@ -271,7 +363,8 @@ def run_dashboard(address: str, keys: str = "", refresh_hz: float = 4.0, once: b
                     return 0
                 fresh = link.receive()
                 if fresh is not None:
-                    snapshot, answered_at, state.problem = fresh, time.monotonic(), ""
+                    snapshot, answered_at = fresh, time.monotonic()
+                    state.problem = state.refused_because = ""
                     live.update(render(snapshot, state), refresh=True)
     finally:
         link.close()

@@ -12,8 +12,9 @@ from typing import Any, TypeVar
 import zmq
 
 from zfarm import protocol as p
-from zfarm.errors import BrokerUnavailable, ProtocolError, Refused
-from zfarm.security import PeerKeys
+from zfarm.config import check_endpoint
+from zfarm.errors import BrokerUnavailable, ProtocolError, Refused, SecurityError
+from zfarm.security import HandshakeWatch, PeerKeys
 
 M = TypeVar("M", bound=p.Message)
 
@@ -31,7 +32,12 @@ def monitor_hello(prefix: str) -> p.Hello:
 
 def open_monitor(address: str, hello: p.Hello, keys: str = "",
                  context: zmq.Context[Any] | None = None) -> zmq.Socket[Any]:
-    """A DEALER to the broker that has said ``hello`` (with the folder's keys, if any)."""
+    """A DEALER to the broker that has said ``hello`` (with the folder's keys, if any).
+
+    Raises:
+        ConfigError: ``address`` is not an endpoint a monitor can connect to.
+    """
+    check_endpoint(address)
     sock: zmq.Socket[Any] = (context or zmq.Context.instance()).socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     if keys:
@@ -46,7 +52,9 @@ def fetch_status(address: str, timeout_s: float = 5.0, context: zmq.Context[Any]
     """Connect as a monitor, return the broker's snapshot, leave.
 
     Raises:
+        ConfigError: ``address`` is not an endpoint (no port, port out of range, ...).
         BrokerUnavailable: no answer within ``timeout_s``.
+        SecurityError: the broker needs keys we lack, or refused ours (said at once, not at the deadline).
         Refused: the broker refused us (another protocol version, a key not allowed).
     """
     return ask(address, p.Status(), p.StatusReply, timeout_s, context, keys).snapshot
@@ -66,13 +74,22 @@ def ask(address: str, request: p.Message, reply_type: type[M], timeout_s: float,
         context: zmq.Context[Any] | None = None, keys: str = "") -> M:
     """Introduce ourselves as a monitor, send ``request``, return the first ``reply_type`` answer."""
     sock = open_monitor(address, monitor_hello("m"), keys, context)
+    watch = HandshakeWatch(sock, "monitor", bool(keys))
     deadline = time.monotonic() + timeout_s
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    poller.register(watch.monitor, zmq.POLLIN)
     try:
         sock.send_multipart(p.encode(request))
         while True:
             remaining_ms = (deadline - time.monotonic()) * 1000
-            if remaining_ms <= 0 or not sock.poll(max(1, int(remaining_ms))):
-                raise BrokerUnavailable(address, timeout_s)
+            ready = dict(poller.poll(max(1, int(remaining_ms)))) if remaining_ms > 0 else {}
+            if ready.get(watch.monitor) and (problem := watch.read()):
+                raise SecurityError(f"the broker at {address} did not let us in: {problem}")
+            if not ready.get(sock):
+                if time.monotonic() >= deadline:
+                    raise BrokerUnavailable(address, timeout_s)
+                continue
             try:
                 msg = p.decode(sock.recv_multipart())
             except ProtocolError:
@@ -81,7 +98,9 @@ def ask(address: str, request: p.Message, reply_type: type[M], timeout_s: float,
                 raise Refused(f"the broker at {address} refused us: {msg.reason}")
             if isinstance(msg, reply_type):
                 sock.send_multipart(p.encode(p.Disconnect("monitor done")))
+                watch.close()
                 sock.close(linger=500)  # let the goodbye out, so the broker logs no lost peer
                 return msg
     finally:
+        watch.close()
         sock.close(linger=0)

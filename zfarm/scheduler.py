@@ -345,10 +345,10 @@ class Scheduler:
                 self._remove(old, now, why="reconnected")
             worker = WorkerRecord(**common, slots=msg.slots)  # type: ignore[arg-type]
             self.workers[worker.id] = worker
-            log.info("worker %s joined from %s pid %d with %d slots", worker.id, worker.host, worker.pid,
-                     worker.slots)
-            self.records.event(now, "worker-joined", f"worker {worker.id} joined from {worker.host} "
-                               f"with {worker.slots} slots")
+            slots = f"{worker.slots} slot{'' if worker.slots == 1 else 's'}"
+            log.info("worker %s joined from %s pid %d with %s", worker.id, worker.host, worker.pid, slots)
+            self.records.event(now, "worker-joined",
+                               f"worker {worker.id} joined from {worker.host} with {slots}")
             return worker
         if msg.role == p.Role.CLIENT:
             client = self.clients.get(msg.peer_id)

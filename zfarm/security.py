@@ -248,7 +248,10 @@ def is_local_endpoint(endpoint: str) -> bool:
 
 _HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
                      | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
-_KEYS_HINT = {"client": "pass keys= or set ZFARM_KEYS", "worker": "start it with --keys or set ZFARM_KEYS"}
+_KEYS_HINT = {"client": "pass keys= or set ZFARM_KEYS", "worker": "start it with --keys or set ZFARM_KEYS",
+              "monitor": "pass --keys FOLDER or set ZFARM_KEYS"}
+#: the broker's allow-list a role's key must be on (a monitor uses a client key, or a worker key)
+_KEY_LIST = {"client": "client", "worker": "worker", "monitor": "client (or worker)"}
 
 
 class HandshakeWatch:
@@ -277,11 +280,14 @@ class HandshakeWatch:
         if not self.with_keys:
             return f"the broker requires keys (CURVE) and this {self.role} has none: {_KEYS_HINT[self.role]}"
         if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-            return (f"the broker refused our key: it is not on the broker's {self.role} list (add it with "
-                    "`zfarm keys add` and restart the broker)")
+            return (f"the broker refused our key: it is not on the broker's {_KEY_LIST[self.role]} list "
+                    "(add it with `zfarm keys add` and restart the broker)")
         return ("the security handshake failed: our broker.key is not this broker's public key, or the "
                 "broker does not use keys")
 
     def close(self) -> None:
-        self.socket.disable_monitor()
+        if self.monitor.closed:  # closed already
+            return
+        if not self.socket.closed:
+            self.socket.disable_monitor()
         self.monitor.close(linger=0)

@@ -51,6 +51,40 @@ class Summary:
     jobs_per_worker: dict[str, int] = field(default_factory=dict)
     failures_by_type: dict[str, int] = field(default_factory=dict)
 
+    def __str__(self) -> str:
+        """A few lines for people, as ``print(client.stats().summary)`` shows them::
+
+            12 jobs: 11 ok, 1 failed
+            run time: mean 0.512 s, median 0.498 s, 95% 0.901 s, max 1.2 s
+            per worker: w-1 6, w-2 6
+            failures: ValueError 1
+        """
+        if not self.count:
+            return "no finished jobs"
+        lines = [f"{_plural(self.count, 'job')}: {self.ok:,} ok, {self.failed:,} failed",
+                 f"run time: mean {_seconds(self.mean_run_s)}, median {_seconds(self.p50_run_s)}, "
+                 f"95% {_seconds(self.p95_run_s)}, max {_seconds(self.max_run_s)}"]
+        if self.jobs_per_worker:
+            busiest = sorted(self.jobs_per_worker.items(), key=lambda item: (-item[1], item[0]))
+            lines.append("per worker: " + ", ".join(f"{worker} {count:,}" for worker, count in busiest))
+        if self.failures_by_type:
+            common = sorted(self.failures_by_type.items(), key=lambda item: (-item[1], item[0]))
+            lines.append("failures: " + ", ".join(f"{kind} {count:,}" for kind, count in common))
+        return "\n".join(lines)
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
+
+
+def _seconds(value: float) -> str:
+    """Seconds to three significant digits, in ms or µs below a second so small times stay readable."""
+    if value >= 1 or value == 0:
+        return f"{value:.3g} s"
+    if value >= 1e-3:
+        return f"{value * 1e3:.3g} ms"
+    return f"{value * 1e6:.3g} µs"
+
 
 @dataclass(frozen=True)
 class Stats:

@@ -126,7 +126,8 @@ class WorkerCore:
 
     def _welcome(self, msg: p.Welcome, now: float) -> Actions:
         if self.link is not Link.READY:
-            log.info("worker %s registered with broker %s (%d slots)", self.id, msg.broker_id, self.slots)
+            log.info("worker %s registered with broker %s (%d %s)", self.id, msg.broker_id, self.slots,
+                     "slot" if self.slots == 1 else "slots")
         self.link = Link.READY
         self.fns.clear()  # the broker's mirror of our cache starts empty with each registration
         self.broker_id = msg.broker_id
@@ -225,7 +226,11 @@ class WorkerCore:
             return Actions()
         silent_s = now - self.last_heard
         if silent_s > self.interval_s * self.liveness:
-            log.warning("broker silent for %.1f s: reconnecting in %.0f s", silent_s, self.backoff_s)
+            if self.link is Link.CONNECTING:  # said at every try, so a worker never waits in silence
+                log.warning("no answer from a broker at %s for %.0f s (is `zfarm broker` running there?): "
+                            "trying again in %.0f s", self.settings.address, silent_s, self.backoff_s)
+            else:
+                log.warning("broker silent for %.1f s: reconnecting in %.0f s", silent_s, self.backoff_s)
             return self._drop_link(now)
         if self.link is Link.READY and now - self.last_sent >= self.interval_s:
             return self._out(now, [p.Heartbeat()])
@@ -283,8 +288,8 @@ class Worker:
         os.environ["ZFARM_WORKER_PID"] = str(os.getpid())  # jobs may read it; set before slots start
         os.environ["ZFARM_WORKER_ID"] = core.id
         self.pool = SlotPool(core.slots, core.host)
-        log.info("worker %s on %s pid %d: %d slots, connecting to %s", core.id, core.host, core.pid,
-                 core.slots, self.settings.address)
+        log.info("worker %s on %s pid %d: %d %s, connecting to %s", core.id, core.host, core.pid,
+                 core.slots, "slot" if core.slots == 1 else "slots", self.settings.address)
         try:
             while True:
                 now = time.monotonic()

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
-from zfarm.config import DEFAULT_ADDRESS, BrokerSettings, ClientSettings, WorkerSettings, resolve
+from zfarm.config import (
+    DEFAULT_ADDRESS,
+    BrokerSettings,
+    ClientSettings,
+    WorkerSettings,
+    check_endpoint,
+    resolve,
+)
 from zfarm.errors import ConfigError
 
 
@@ -94,9 +103,65 @@ def test_bad_endpoints(address: str) -> None:
         ClientSettings(address=address)
 
 
-@pytest.mark.parametrize("address", ["tcp://127.0.0.1:5555", "tcp://*:6000", "ipc:///tmp/x.sock", "inproc://a"])
+@pytest.mark.parametrize("address", ["tcp://127.0.0.1:5555", "tcp://*:6000", "ipc:///tmp/x.sock", "inproc://a",
+                                     "tcp://127.0.0.1:*", "tcp://127.0.0.1:0", "tcp://*:*", "tcp://[::1]:5555",
+                                     "tcp://localhost:65535", "ipc://@abstract-name", "ipc://relative.sock"])
 def test_good_endpoints(address: str) -> None:
     assert resolve(BrokerSettings, {"bind": address}, {}).bind == address
+
+
+# (address, what the message says); each one, given to a client, a worker or a monitor, must fail
+# here at once rather than reach ZeroMQ (where some hung a constructor or a worker for ever)
+BAD_CONNECT_ENDPOINTS = [
+    ("tcp://127.0.0.1", "port is missing"),
+    ("tcp://127.0.0.1:", "port must be a number from 1 to 65535"),
+    ("tcp://127.0.0.1:abc", "port must be a number from 1 to 65535, not 'abc'"),
+    ("tcp://127.0.0.1:99999", "not '99999'"),
+    ("tcp://127.0.0.1:65536", "not '65536'"),
+    ("tcp://127.0.0.1:-1", "not '-1'"),
+    ("tcp://127.0.0.1:0", "only a broker's --bind"),
+    ("tcp://127.0.0.1:*", "only a broker's --bind"),
+    ("tcp://*:5555", "is for binding"),
+    ("tcp://:5555", "port is missing"),
+    ("tcp://::1:5555", "IPv6 address goes in brackets, as in tcp://[::1]:5555"),
+    ("tcp://[nope]:5555", "[nope] is not an IPv6 address"),
+    ("tcp://300.1.2.3:5555", "300.1.2.3 is not an IPv4 address"),
+    ("tcp://bad host:5555", "'bad host' is not a host name"),
+    ("ipc://", "not a ZeroMQ endpoint"),
+    ("ipc:///tmp/" + "x" * 120, "bytes long"),
+    ("inproc://a", "same process"),
+    ("localhost:5555", "not a ZeroMQ endpoint"),
+]
+
+
+@pytest.mark.parametrize(("address", "problem"), BAD_CONNECT_ENDPOINTS)
+def test_bad_connect_endpoints_name_the_value_the_problem_and_an_example(address: str, problem: str) -> None:
+    for build in (lambda: ClientSettings(address=address), lambda: check_endpoint(address),
+                  lambda: resolve(ClientSettings, {}, {"ZFARM_ADDRESS": address})):
+        with pytest.raises(ConfigError) as info:
+            build()
+        message = str(info.value)
+        assert problem in message and address in message and DEFAULT_ADDRESS in message, message
+
+
+@pytest.mark.parametrize(("address", "problem"), [
+    ("tcp://127.0.0.1", "port is missing"),
+    ("tcp://127.0.0.1:99999", "not '99999'"),
+    ("tcp://*:70000", "not '70000'"),
+    ("ipc:///no/such/folder/broker.sock", "the folder /no/such/folder does not exist"),
+    ("ipc:///tmp/" + "y" * 120, "bytes long"),
+])
+def test_bad_bind_endpoints(address: str, problem: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(problem)):
+        BrokerSettings(bind=address)
+
+
+def test_workers_refuse_what_they_cannot_connect_to_and_keep_inproc_for_embedding() -> None:
+    with pytest.raises(ConfigError, match="port is missing"):
+        WorkerSettings(address="tcp://127.0.0.1")
+    with pytest.raises(ConfigError, match="is for binding"):
+        WorkerSettings(address="tcp://*:5555")
+    assert WorkerSettings(address="inproc://farm").address == "inproc://farm"  # a shared context
 
 
 def test_settings_are_frozen() -> None:
