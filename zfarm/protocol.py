@@ -395,15 +395,17 @@ def _is(value: Any, kind: type | tuple[type, ...]) -> bool:
 
 def check_rows(rows: list[Any], layout: tuple[Any, ...], what: str, limits: tuple[int, ...] = ()) -> None:
     """Validate batched rows (each an array laid out as ``layout``; ``limits``: each column's bound)."""
+    bounded = [(column, limit) for column, limit in enumerate(limits) if limit]
     for row in rows:
         if not isinstance(row, list) or len(row) != len(layout):
             raise ProtocolError(f"{what} row must be an array of {len(layout)} fields")
         for value, kind in zip(row, layout, strict=True):
             if not _is(value, kind):
                 raise ProtocolError(f"{what} row field has the wrong type {type(value).__name__}")
-        for column, limit in enumerate(limits):
-            if limit:
-                check_size(row[column], limit, f"{what} row field {column}")
+        for column, limit in bounded:  # the common case inline: a short text, an empty map
+            value = row[column]
+            if len(value) > limit or (isinstance(value, dict) and value and map_cost(value, limit) > limit):
+                check_size(value, limit, f"{what} row field {column}")
 
 
 def check_size(value: Any, limit: int, what: str) -> None:
