@@ -365,7 +365,7 @@ class Scheduler:
                 self.journal.client(client.id, client.session, key)
             log.info("client %s joined from %s pid %d", client.id, p.clip(client.host), client.pid)
             self.records.event(now, "client-joined", f"client {client.id} joined from {client.host}"
-                               f"{f' (session {client.session})' if client.session else ''}")
+                               f"{f' (session {p.clip(client.session)})' if client.session else ''}")
             return client
         return MonitorRecord(**common)  # type: ignore[arg-type]
 
