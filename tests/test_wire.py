@@ -105,3 +105,43 @@ def test_a_result_finished_while_the_only_worker_was_stopped_is_kept_and_the_job
     assert stopped_s > HEARTBEAT_S * LIVENESS
     assert len(list(runs.glob("started-*"))) == 1, f"the job ran again: {sorted(runs.iterdir())}"
     assert (snap["done"], snap["workers_lost"], snap["late_results"]) == (1, 1, 0), snap
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_a_job_given_again_to_its_only_worker_while_it_still_runs_there_runs_once(
+    procs: Procs, ctx: zmq.Context[Any], tmp_path: Path
+) -> None:
+    """Stopped for less than its job: declared dead, the worker comes back while the job still runs
+    in its slot and is given the job again; the second copy waits and is dropped, never started."""
+    _, endpoint = procs.broker(None, *FAST)
+    worker = procs.worker(endpoint)
+    wait_for_worker_pids(lambda: fetch_status(endpoint, 5.0, ctx), [worker.pid])
+    runs, release = tmp_path / "runs", tmp_path / "release"
+    runs.mkdir()
+
+    with zfarm.Client(endpoint) as client:
+        future = client.submit(jobs.record_held_run, str(runs), str(release), 7)
+        wait_for(lambda: list(runs.glob("started-*")), 20.0, message="the job to start")
+        worker.stop()
+        wait_for(lambda: worker.pid not in worker_pids(ctx, endpoint), 20.0, interval_s=0.05,
+                 message="the stopped worker to be declared dead")
+        worker.cont()
+
+        def given_again() -> bool:
+            snap = fetch_status(endpoint, 5.0, ctx)
+            busy = [(w["pid"], w["busy"]) for w in snap["workers"]]
+            return busy == [(worker.pid, 1)] and not snap["queued"]
+
+        wait_for(given_again, 20.0, interval_s=0.05, message="the job handed to the resumed worker again")
+        release.touch()
+        assert future.result(timeout=RESULT_TIMEOUT_S) == 70
+
+    def settled() -> dict[str, Any] | None:
+        snap = fetch_status(endpoint, 5.0, ctx)
+        idle = [w["busy"] for w in snap["workers"]] == [0]
+        return snap if idle and snap["in_flight"] == 0 else None
+
+    snap = wait_for(settled, 20.0, interval_s=0.05, message="nothing left to run")
+    assert len(list(runs.glob("started-*"))) == 1, f"the job ran again: {sorted(runs.iterdir())}"
+    assert (snap["done"], snap["workers_lost"], snap["requeued"]) == (1, 1, 1), snap

@@ -87,7 +87,7 @@ class WorkerCore:
         self.backoff_s = settings.reconnect_min_s
         self.reconnect_at = now
         self.pending: deque[SlotTask] = deque()  # received, not yet in a slot
-        self.running = 0
+        self.running_keys: set[Key] = set()  # in a slot now; never two copies of one job at once
         self.fns: dict[bytes, Any] = {}
         self.unsent: list[SlotOutcome] = []  # finished while the broker did not know us
         # This registration's credit offered and jobs received, and the results sent on it that the
@@ -97,6 +97,10 @@ class WorkerCore:
         self.unacked: deque[tuple[int, list[SlotOutcome]]] = deque()
         self.stopping = False
         self.done = 0
+
+    @property
+    def running(self) -> int:
+        return len(self.running_keys)
 
     @property
     def in_hand(self) -> int:
@@ -180,16 +184,34 @@ class WorkerCore:
         return actions
 
     def take_tasks(self, free_slots: int) -> list[SlotTask]:
-        """Tasks to start now on ``free_slots`` idle slots."""
+        """Tasks to start now on ``free_slots`` idle slots.
+
+        A job given again while its first copy runs here (the broker thought us dead) waits: when
+        the first copy ends, its result wins and the waiting copy is dropped (see ``finished``).
+        """
         tasks: list[SlotTask] = []
+        waiting: list[SlotTask] = []
         while self.pending and len(tasks) < free_slots:
-            tasks.append(self.pending.popleft())
-        self.running += len(tasks)
+            task = self.pending.popleft()
+            if task.key in self.running_keys:
+                waiting.append(task)
+            else:
+                self.running_keys.add(task.key)
+                tasks.append(task)
+        self.pending.extendleft(reversed(waiting))
         return tasks
 
     def finished(self, outcomes: list[SlotOutcome], now: float, from_slots: int = 0) -> Actions:
-        """Jobs left our hands (``from_slots`` of them were running); report them."""
-        self.running -= from_slots
+        """Jobs left our hands (the first ``from_slots`` outcomes came from slots); report them."""
+        ended = set()
+        for o in outcomes[:from_slots]:
+            self.running_keys.discard(o.key)
+            if o.outcome in ENDS_JOB:
+                ended.add(o.key)
+        if ended and any(t.key in ended for t in self.pending):  # copies given again: not needed now
+            outcomes = outcomes + [SlotOutcome(t.key, t.attempt, p.Outcome.CANCELLED, [])
+                                   for t in self.pending if t.key in ended]
+            self.pending = deque(t for t in self.pending if t.key not in ended)
         outcomes = [self._fit(o) for o in outcomes]
         self.done += sum(o.outcome == p.Outcome.OK for o in outcomes)
         if not outcomes:

@@ -453,3 +453,30 @@ def test_a_result_info_line_is_cut_to_what_the_broker_accepts() -> None:
     failed = SlotOutcome(("c", 0), 1, p.Outcome.ERROR, [b"e"], "ValueError: " + "x" * 5000)
     results = only(core.finished([failed], 0.2, from_slots=1), p.Results)  # decodes: within the bound
     assert len(results.results[0][5]) == p.MAX_TEXT_CHARS
+
+
+def test_a_job_given_again_while_its_first_copy_runs_here_waits_and_is_dropped_when_it_ends() -> None:
+    """Paused for less than its job, the worker is declared dead and given the job again (attempt 2)
+    while attempt 1 still runs in a slot: attempt 2 is not started; attempt 1's result goes, and
+    attempt 2 is handed back as CANCELLED with its credit."""
+    core = ready_core(procs=2)
+    core.on_message(wire(jobs([0])), 0.1)
+    assert [t.key for t in core.take_tasks(2)] == [("c", 0)]
+    again = p.Jobs([], [["c", 0, 2, FN, 1, {}], ["c", 1, 1, FN, 1, {}]], [b"arg0", b"arg1"])
+    core.on_message(wire(again), 0.2)
+    assert [(t.key, t.attempt) for t in core.take_tasks(2)] == [(("c", 1), 1)]  # job 0 waits
+    assert [(t.key, t.attempt) for t in core.pending] == [(("c", 0), 2)]
+    results = only(core.finished([outcome(0, b"first")], 0.3, from_slots=1), p.Results)
+    cancelled = int(p.Outcome.CANCELLED)
+    assert [row[:4] for row in results.results] == [["c", 0, 1, int(OK)], ["c", 0, 2, cancelled]]
+    assert results.credit == 2 and not core.pending and core.running == 1
+
+
+def test_a_job_given_again_after_its_first_copy_was_cancelled_runs() -> None:
+    core = ready_core(procs=2)
+    core.on_message(wire(jobs([0])), 0.1)
+    core.take_tasks(2)
+    core.on_message(wire(p.Jobs([], [["c", 0, 2, FN, 1, {}]], [b"arg0"])), 0.2)
+    assert core.take_tasks(2) == []
+    core.finished([outcome(0, kind=p.Outcome.CANCELLED)], 0.3, from_slots=1)
+    assert [(t.key, t.attempt) for t in core.take_tasks(2)] == [(("c", 0), 2)]
