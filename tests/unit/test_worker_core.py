@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from zfarm import protocol as p
 from zfarm.chaperone import SlotOutcome
@@ -480,3 +483,87 @@ def test_a_job_given_again_after_its_first_copy_was_cancelled_runs() -> None:
     assert core.take_tasks(2) == []
     core.finished([outcome(0, kind=p.Outcome.CANCELLED)], 0.3, from_slots=1)
     assert [(t.key, t.attempt) for t in core.take_tasks(2)] == [(("c", 0), 2)]
+
+
+class PausedAndCut:
+    """One worker core and a scheduler (through ``Wire``), six jobs, and slots simulated by hand."""
+
+    STEPS = ("broker", "worker", "start", "finish", "expire", "cut")
+
+    def __init__(self) -> None:
+        self.link = registered()
+        self.core = self.link.core
+        submit(self.link, list(range(6)), 0.0)
+        self.running: list[Any] = []
+        self.starts: Counter[Any] = Counter()
+        self.routes = 0
+        self.now = 0.0
+
+    def step(self, name: str) -> None:
+        self.now += 0.01
+        if name == "broker":
+            self.link.deliver_to_broker(self.now)
+        elif name == "worker":
+            self.link.deliver_to_worker(self.now)
+        elif name == "start":
+            self.start()
+        elif name == "finish" and self.running:
+            self.finish()
+        elif name == "expire":  # the worker was paused: the broker heard nothing from it for a while
+            self.now += 4.0
+            self.link.sched.handle(self.link.CLIENT, p.encode(p.Heartbeat()), self.now)
+            self.link.sched.tick(self.now)
+        elif name == "cut":
+            self.cut()
+
+    def cut(self) -> None:
+        """The connection breaks with whatever was on its way; the worker says HELLO on a new one."""
+        self.routes += 1
+        self.link.to_broker.clear()
+        self.link.to_worker.clear()
+        self.link.ROUTE = f"\x00route-{self.routes}".encode()
+        self.core.on_message(p.Disconnect("connection cut"), self.now)
+        self.link.worker_does(self.core.connect(self.now))
+
+    def start(self) -> None:
+        tasks = self.core.take_tasks(self.core.slots - len(self.running))
+        self.starts.update(t.key for t in tasks)
+        self.running.extend(tasks)
+        assert len({t.key for t in self.running}) == len(self.running), "two copies of a job run at once"
+
+    def finish(self) -> None:
+        task = self.running.pop(0)
+        done = SlotOutcome(task.key, task.attempt, OK, [b"r"])
+        self.link.worker_does(self.core.finished([done], self.now, from_slots=1))
+
+    def settle(self) -> None:
+        """The farm runs on, both sides heartbeating, until every result is delivered."""
+        link = self.link
+        for _ in range(100):
+            self.now += 0.3
+            if self.core.link is Link.DOWN:
+                self.cut()
+            self.start()
+            while self.running:
+                self.finish()
+            link.sched.handle(link.CLIENT, p.encode(p.Heartbeat()), self.now)
+            link.sched.tick(self.now)
+            link.worker_does(self.core.tick(self.now))
+            link.deliver_to_broker(self.now)
+            link.deliver_to_worker(self.now)
+            if len(delivered(link)) >= 6 and not self.core.pending:
+                return
+
+
+@settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.sampled_from(PausedAndCut.STEPS), max_size=50))
+def test_random_pauses_and_cuts_run_and_deliver_every_job_once(steps: list[str]) -> None:
+    """At any point: a turn of either side, slots starting or finishing jobs, the broker declaring
+    the worker dead (a pause), or the connection cut with whatever was on its way. However they
+    interleave, each job runs once and its result reaches the client once."""
+    farm = PausedAndCut()
+    for step in steps:
+        farm.step(step)
+    farm.settle()
+    assert sorted(delivered(farm.link)) == list(range(6)), "every result reaches the client once"
+    assert farm.starts == Counter(("c", seq) for seq in range(6)), f"a job ran twice: {farm.starts}"
