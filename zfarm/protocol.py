@@ -88,28 +88,28 @@ class Outcome(enum.IntEnum):
 
 
 # Row layouts of the batched messages (msgpack arrays inside the envelope).
-# (Each layout's *_LIMITS: the bound of each column, 0 for none; see MAX_* above.)
+# (Each layout's *_LIMITS: (column, bound) of its texts, bytes and maps; see MAX_* above.)
 # JOBS row:    [client_id, seq, attempt, fn_id, nframes, options]
 JOB_ROW = (str, int, int, bytes, int, dict)
-JOB_ROW_LIMITS = (MAX_ID_CHARS, 0, 0, MAX_FN_ID_BYTES, 0, MAX_OPTIONS_COST)
+JOB_ROW_LIMITS = ((0, MAX_ID_CHARS), (3, MAX_FN_ID_BYTES), (5, MAX_OPTIONS_COST))
 # RESULTS row: [client_id, seq, attempt, outcome, nframes, info]
 RESULTS_ROW = (str, int, int, int, int, str)
-RESULTS_ROW_LIMITS = (MAX_ID_CHARS, 0, 0, 0, 0, MAX_TEXT_CHARS)
+RESULTS_ROW_LIMITS = ((0, MAX_ID_CHARS), (5, MAX_TEXT_CHARS))
 # SUBMIT row:  [seq, nframes, options]
 SUBMIT_ROW = (int, int, dict)
-SUBMIT_ROW_LIMITS = (0, 0, MAX_OPTIONS_COST)
+SUBMIT_ROW_LIMITS = ((2, MAX_OPTIONS_COST),)
 # RESULT row:  [seq, outcome, nframes, info]
 RESULT_ROW = (int, int, int, str)
-RESULT_ROW_LIMITS = (0, 0, 0, MAX_TEXT_CHARS)
+RESULT_ROW_LIMITS = ((3, MAX_TEXT_CHARS),)
 # job keys in CANCEL_JOBS: [client_id, seq]
 KEY_ROW = (str, int)
-KEY_ROW_LIMITS = (MAX_ID_CHARS, 0)
+KEY_ROW_LIMITS = ((0, MAX_ID_CHARS),)
 _NUM = (int, float)
 # RESULTS stats row, one per result row: [started_at, finished_at, run_s, peak_rss_bytes] (epoch seconds)
 RUN_STATS_ROW = (_NUM, _NUM, _NUM, int)
 # RESULT stats row: [worker_id, host, attempts, queued_at, started_at, finished_at, run_s, peak_rss_bytes]
 JOB_STATS_ROW = (str, str, int, _NUM, _NUM, _NUM, _NUM, int)
-JOB_STATS_ROW_LIMITS = (MAX_ID_CHARS, MAX_HOST_CHARS, 0, 0, 0, 0, 0, 0)
+JOB_STATS_ROW_LIMITS = ((0, MAX_ID_CHARS), (1, MAX_HOST_CHARS))
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,6 +301,12 @@ _FIELD_LIMITS: dict[type[Message], dict[str, int]] = {
     Disconnect: {"reason": MAX_TEXT_CHARS},
     Submit: {"fn_id": MAX_FN_ID_BYTES},
 }
+#: the same, as (position in the envelope, bound, name for a refusal) per message type
+_ENVELOPE_LIMITS: dict[type[Message], tuple[tuple[int, int, str], ...]] = {
+    cls: tuple((_ENVELOPE_FIELDS[cls].index(name), limit, f"{cls.command.name} {name}")
+               for name, limit in _FIELD_LIMITS.get(cls, {}).items())
+    for cls in MESSAGE_TYPES.values()
+}
 
 
 def encode(msg: Message) -> list[Frame]:
@@ -354,8 +360,8 @@ def decode(frames: Sequence[Frame]) -> Message:
     for name, value, kind in zip(names, envelope, cls.schema, strict=True):
         if not _is(value, kind):
             raise ProtocolError(f"{cls.__name__}.{name} has the wrong type {type(value).__name__}")
-    for name, limit in _FIELD_LIMITS.get(cls, {}).items():
-        check_size(envelope[names.index(name)], limit, f"{cls.command.name} {name}")
+    for position, limit, what in _ENVELOPE_LIMITS[cls]:
+        check_size(envelope[position], limit, what)
     payload = list(frames[3:])
     values = dict(zip(names, envelope, strict=True))
     if cls in _HAS_FRAMES:
@@ -393,16 +399,16 @@ def _is(value: Any, kind: type | tuple[type, ...]) -> bool:
     return isinstance(value, kind)
 
 
-def check_rows(rows: list[Any], layout: tuple[Any, ...], what: str, limits: tuple[int, ...] = ()) -> None:
-    """Validate batched rows (each an array laid out as ``layout``; ``limits``: each column's bound)."""
-    bounded = [(column, limit) for column, limit in enumerate(limits) if limit]
+def check_rows(rows: list[Any], layout: tuple[Any, ...], what: str,
+               limits: tuple[tuple[int, int], ...] = ()) -> None:
+    """Validate batched rows (each an array laid out as ``layout``; ``limits``: (column, bound) pairs)."""
     for row in rows:
         if not isinstance(row, list) or len(row) != len(layout):
             raise ProtocolError(f"{what} row must be an array of {len(layout)} fields")
         for value, kind in zip(row, layout, strict=True):
-            if not _is(value, kind):
+            if type(value) is not kind and not _is(value, kind):  # the exact type: no call (hot path)
                 raise ProtocolError(f"{what} row field has the wrong type {type(value).__name__}")
-        for column, limit in bounded:  # the common case inline: a short text, an empty map
+        for column, limit in limits:  # the common case inline: a short text, an empty map
             value = row[column]
             if len(value) > limit or (isinstance(value, dict) and value and map_cost(value, limit) > limit):
                 check_size(value, limit, f"{what} row field {column}")
@@ -498,7 +504,7 @@ def _check_frames(msg: Message, nframes: int) -> None:
 
 
 def _check_stats(stats: list[Any], layout: tuple[Any, ...], rows: int, what: str,
-                 limits: tuple[int, ...] = ()) -> None:
+                 limits: tuple[tuple[int, int], ...] = ()) -> None:
     if stats and len(stats) != rows:
         raise ProtocolError(f"{what} carries {len(stats)} stats rows for {rows} results")
     check_rows(stats, layout, f"{what} stats", limits)
