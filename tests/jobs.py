@@ -159,3 +159,12 @@ def record_run(marker_dir: str | os.PathLike[str], x: int, seconds: float) -> in
     time.sleep(seconds)
     Path(marker_dir, f"finished-{run}").touch()
     return x * 10
+
+
+def record_held_run(marker_dir: str | os.PathLike[str], release: str | os.PathLike[str], x: int) -> int:
+    """As ``record_run``, but the run lasts until ``release`` exists (``hold``), not a fixed time."""
+    run = f"{x}-{os.getpid()}-{time.monotonic_ns()}"
+    Path(marker_dir, f"started-{run}").touch()
+    hold(release, x)
+    Path(marker_dir, f"finished-{run}").touch()
+    return x * 10

@@ -34,6 +34,20 @@ class VersionMismatch(ProtocolError):
         return (type(self), (self.version, self.ours))
 
 
+class FieldTooLarge(ProtocolError):
+    """A field of a message is over its bound (a host name of a megabyte): the message is refused."""
+
+    def __init__(self, field: str, limit: int, size: int = 0) -> None:
+        self.field = field
+        self.limit = limit
+        self.size = size  # 0: more than the limit (a map is measured only up to it)
+        told = f"{size} long" if size else "larger"
+        super().__init__(f"{field} is {told}, over its limit of {limit}: send a shorter one")
+
+    def __reduce__(self) -> tuple[type, tuple[str, int, int]]:
+        return (type(self), (self.field, self.limit, self.size))
+
+
 class SecurityError(ZfarmError):
     """Keys are missing, unsafe, or do not let this peer in."""
 

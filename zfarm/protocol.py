@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 
 import msgpack
 
-from zfarm.errors import ProtocolError, VersionMismatch
+from zfarm.errors import FieldTooLarge, ProtocolError, VersionMismatch
 
 PROTOCOL_VERSION = 3  # 2: results held until RECEIVED; sessions (ACCEPTED); 3: STARTED, RUNNING
 MAGIC = b"ZF"
@@ -33,6 +33,16 @@ HEADER = MAGIC + bytes([PROTOCOL_VERSION])
 MAX_SEQ = 2**63 - 1
 #: Envelopes are small (ids and counts); anything larger is an attack or a bug.
 MAX_ENVELOPE_BYTES = 16 * 1024 * 1024
+# Bounds on each text and map a peer puts in an envelope. The broker keeps, logs and shows these,
+# so none may grow with what a peer chooses to send: ``decode`` refuses a field over its bound.
+MAX_ID_CHARS = 128  # a role, a peer id, a client id in a row, a broker id
+MAX_HOST_CHARS = 255  # a host name (a DNS name is at most 253)
+MAX_TEXT_CHARS = 1024  # a reason (REFUSED, RECONNECT, DISCONNECT), a result's info line
+MAX_INFO_COST = 4096  # a HELLO's or WELCOME's info map, measured by ``map_cost``
+MAX_OPTIONS_COST = 65536  # a job's options map, measured by ``map_cost``
+MAX_FN_ID_BYTES = 64  # a function id (a 16-byte digest)
+#: peer text in a log line is clipped to this many characters (see ``clip``)
+LOG_TEXT_CHARS = 200
 
 Frame = Any  # bytes, memoryview or zmq.Frame: payloads are never looked into
 
@@ -80,21 +90,28 @@ class Outcome(enum.IntEnum):
 
 
 # Row layouts of the batched messages (msgpack arrays inside the envelope).
+# (Each layout's *_LIMITS: (column, bound) of its texts, bytes and maps; see MAX_* above.)
 # JOBS row:    [client_id, seq, attempt, fn_id, nframes, options]
 JOB_ROW = (str, int, int, bytes, int, dict)
+JOB_ROW_LIMITS = ((0, MAX_ID_CHARS), (3, MAX_FN_ID_BYTES), (5, MAX_OPTIONS_COST))
 # RESULTS row: [client_id, seq, attempt, outcome, nframes, info]
 RESULTS_ROW = (str, int, int, int, int, str)
+RESULTS_ROW_LIMITS = ((0, MAX_ID_CHARS), (5, MAX_TEXT_CHARS))
 # SUBMIT row:  [seq, nframes, options]
 SUBMIT_ROW = (int, int, dict)
+SUBMIT_ROW_LIMITS = ((2, MAX_OPTIONS_COST),)
 # RESULT row:  [seq, outcome, nframes, info]
 RESULT_ROW = (int, int, int, str)
+RESULT_ROW_LIMITS = ((3, MAX_TEXT_CHARS),)
 # job keys in CANCEL_JOBS: [client_id, seq]
 KEY_ROW = (str, int)
+KEY_ROW_LIMITS = ((0, MAX_ID_CHARS),)
 _NUM = (int, float)
 # RESULTS stats row, one per result row: [started_at, finished_at, run_s, peak_rss_bytes] (epoch seconds)
 RUN_STATS_ROW = (_NUM, _NUM, _NUM, int)
 # RESULT stats row: [worker_id, host, attempts, queued_at, started_at, finished_at, run_s, peak_rss_bytes]
 JOB_STATS_ROW = (str, str, int, _NUM, _NUM, _NUM, _NUM, int)
+JOB_STATS_ROW_LIMITS = ((0, MAX_ID_CHARS), (1, MAX_HOST_CHARS))
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,6 +312,21 @@ _ENVELOPE_FIELDS: dict[type[Message], tuple[str, ...]] = {
     cls: tuple(f.name for f in fields(cls) if f.name != "frames") for cls in MESSAGE_TYPES.values()
 }
 _HAS_FRAMES = {cls for cls in MESSAGE_TYPES.values() if "frames" in {f.name for f in fields(cls)}}
+#: the bound of each text, bytes and map field of an envelope (rows are bounded by *_ROW_LIMITS)
+_FIELD_LIMITS: dict[type[Message], dict[str, int]] = {
+    Hello: {"role": MAX_ID_CHARS, "peer_id": MAX_ID_CHARS, "host": MAX_HOST_CHARS, "info": MAX_INFO_COST},
+    Welcome: {"broker_id": MAX_ID_CHARS, "info": MAX_INFO_COST},
+    Refused: {"reason": MAX_TEXT_CHARS},
+    Reconnect: {"reason": MAX_TEXT_CHARS},
+    Disconnect: {"reason": MAX_TEXT_CHARS},
+    Submit: {"fn_id": MAX_FN_ID_BYTES},
+}
+#: the same, as (position in the envelope, bound, name for a refusal) per message type
+_ENVELOPE_LIMITS: dict[type[Message], tuple[tuple[int, int, str], ...]] = {
+    cls: tuple((_ENVELOPE_FIELDS[cls].index(name), limit, f"{cls.command.name} {name}")
+               for name, limit in _FIELD_LIMITS.get(cls, {}).items())
+    for cls in MESSAGE_TYPES.values()
+}
 
 
 def encode(msg: Message) -> list[Frame]:
@@ -308,6 +340,7 @@ def encode(msg: Message) -> list[Frame]:
 
 
 _COMMAND_BYTES = {c: bytes([c]) for c in Command}
+_HELLO_BYTE = _COMMAND_BYTES[Command.HELLO]
 
 
 def buffer_of(frame: Frame) -> Any:
@@ -347,6 +380,8 @@ def decode(frames: Sequence[Frame]) -> Message:
     for name, value, kind in zip(names, envelope, cls.schema, strict=True):
         if not _is(value, kind):
             raise ProtocolError(f"{cls.__name__}.{name} has the wrong type {type(value).__name__}")
+    for position, limit, what in _ENVELOPE_LIMITS[cls]:
+        check_size(envelope[position], limit, what)
     payload = list(frames[3:])
     values = dict(zip(names, envelope, strict=True))
     if cls in _HAS_FRAMES:
@@ -384,14 +419,77 @@ def _is(value: Any, kind: type | tuple[type, ...]) -> bool:
     return isinstance(value, kind)
 
 
-def check_rows(rows: list[Any], layout: tuple[Any, ...], what: str) -> None:
-    """Validate batched rows (each an array laid out as ``layout``)."""
+def check_rows(rows: list[Any], layout: tuple[Any, ...], what: str,
+               limits: tuple[tuple[int, int], ...] = ()) -> None:
+    """Validate batched rows (each an array laid out as ``layout``; ``limits``: (column, bound) pairs)."""
     for row in rows:
         if not isinstance(row, list) or len(row) != len(layout):
             raise ProtocolError(f"{what} row must be an array of {len(layout)} fields")
         for value, kind in zip(row, layout, strict=True):
-            if not _is(value, kind):
+            if type(value) is not kind and not _is(value, kind):  # the exact type: no call (hot path)
                 raise ProtocolError(f"{what} row field has the wrong type {type(value).__name__}")
+        for column, limit in limits:  # the common case inline: a short text, an empty map
+            value = row[column]
+            if len(value) > limit or (isinstance(value, dict) and value and map_cost(value, limit) > limit):
+                check_size(value, limit, f"{what} row field {column}")
+
+
+def check_size(value: Any, limit: int, what: str) -> None:
+    """Refuse a text, bytes or map field over its bound.
+
+    Raises:
+        FieldTooLarge: naming the field, its bound and (for a text) its length.
+    """
+    if isinstance(value, dict):
+        if map_cost(value, limit) > limit:
+            raise FieldTooLarge(what, limit)
+    elif len(value) > limit:
+        raise FieldTooLarge(what, limit, len(value))
+
+
+def map_cost(value: Any, budget: int) -> int:
+    """What a map (or any msgpack value) weighs against ``budget``: each text or bytes its length,
+    each list or map 1 plus its number of entries, anything else 1 — and its entries in turn.
+
+    Counting stops as soon as the budget is passed, so a map of a million keys costs no more to
+    refuse than one just over the budget.
+    """
+    cost = 0
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, (str, bytes)):
+            cost += len(item)
+        elif isinstance(item, dict):
+            cost += 1 + len(item)
+            if cost <= budget:
+                stack.extend(item.keys())
+                stack.extend(item.values())
+        elif isinstance(item, list):
+            cost += 1 + len(item)
+            if cost <= budget:
+                stack.extend(item)
+        else:
+            cost += 1
+        if cost > budget:
+            break
+    return cost
+
+
+def clip(text: str, limit: int = LOG_TEXT_CHARS) -> str:
+    """Peer text made fit for a log line: at most ``limit`` characters, control characters escaped.
+
+    A log handler may spend time that grows faster than the line (rich wraps and highlights it),
+    so every peer-chosen text (a host, a reason, an info line) goes through here before logging.
+    """
+    if len(text) > limit:
+        text = f"{text[:limit]}… ({len(text)} characters)"
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
+def is_hello(frames: Sequence[Frame]) -> bool:
+    """Whether these frames (without a routing id) claim to be a HELLO of this version."""
+    return len(frames) > 1 and as_bytes(frames[0]) == HEADER and as_bytes(frames[1]) == _HELLO_BYTE
 
 
 def _check_seqs(seqs: list[Any], what: str) -> None:
@@ -401,21 +499,23 @@ def _check_seqs(seqs: list[Any], what: str) -> None:
 
 def _check_frames(msg: Message, nframes: int) -> None:
     if isinstance(msg, Jobs):
-        check_rows(msg.jobs, JOB_ROW, "JOBS")
+        check_rows(msg.jobs, JOB_ROW, "JOBS", JOB_ROW_LIMITS)
         if not all(isinstance(f, bytes) for f in msg.fns):
             raise ProtocolError("JOBS fns must be byte strings")
+        for fn_id in msg.fns:
+            check_size(fn_id, MAX_FN_ID_BYTES, "JOBS fn id")
         expected = len(msg.fns) + _sum_frames(msg.jobs, 4)
     elif isinstance(msg, Results):
-        check_rows(msg.results, RESULTS_ROW, "RESULTS")
+        check_rows(msg.results, RESULTS_ROW, "RESULTS", RESULTS_ROW_LIMITS)
         _check_stats(msg.stats, RUN_STATS_ROW, len(msg.results), "RESULTS")
         expected = _sum_frames(msg.results, 4)
     elif isinstance(msg, Submit):
-        check_rows(msg.jobs, SUBMIT_ROW, "SUBMIT")
+        check_rows(msg.jobs, SUBMIT_ROW, "SUBMIT", SUBMIT_ROW_LIMITS)
         _check_seqs([row[0] for row in msg.jobs], "SUBMIT")
         expected = int(msg.with_fn) + _sum_frames(msg.jobs, 1)
     elif isinstance(msg, Result):
-        check_rows(msg.results, RESULT_ROW, "RESULT")
-        _check_stats(msg.stats, JOB_STATS_ROW, len(msg.results), "RESULT")
+        check_rows(msg.results, RESULT_ROW, "RESULT", RESULT_ROW_LIMITS)
+        _check_stats(msg.stats, JOB_STATS_ROW, len(msg.results), "RESULT", JOB_STATS_ROW_LIMITS)
         expected = _sum_frames(msg.results, 2)
     else:  # pragma: no cover - every framed type is listed above
         raise ProtocolError(f"no frame rule for {type(msg).__name__}")
@@ -423,10 +523,11 @@ def _check_frames(msg: Message, nframes: int) -> None:
         raise ProtocolError(f"{type(msg).__name__} announces {expected} payload frames, carries {nframes}")
 
 
-def _check_stats(stats: list[Any], layout: tuple[Any, ...], rows: int, what: str) -> None:
+def _check_stats(stats: list[Any], layout: tuple[Any, ...], rows: int, what: str,
+                 limits: tuple[tuple[int, int], ...] = ()) -> None:
     if stats and len(stats) != rows:
         raise ProtocolError(f"{what} carries {len(stats)} stats rows for {rows} results")
-    check_rows(stats, layout, f"{what} stats")
+    check_rows(stats, layout, f"{what} stats", limits)
 
 
 def _sum_frames(rows: list[list[Any]], column: int) -> int:
@@ -441,7 +542,7 @@ def _sum_frames(rows: list[list[Any]], column: int) -> int:
 
 def _check_plain_rows(msg: Message) -> None:
     if isinstance(msg, (CancelJobs, Started)):
-        check_rows(msg.keys, KEY_ROW, msg.command.name)
+        check_rows(msg.keys, KEY_ROW, msg.command.name, KEY_ROW_LIMITS)
     elif isinstance(msg, (Cancel, Received, Accepted, Running)):
         _check_seqs(msg.seqs, msg.command.name)
         if isinstance(msg, Received):

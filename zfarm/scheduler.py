@@ -37,7 +37,7 @@ from typing import Any
 from zfarm import __version__
 from zfarm import protocol as p
 from zfarm.config import BrokerSettings
-from zfarm.errors import ProtocolError, VersionMismatch
+from zfarm.errors import FieldTooLarge, ProtocolError, VersionMismatch
 from zfarm.journal import Journal, Recovered
 from zfarm.records import JOB_COLUMNS, Records
 from zfarm.state import (
@@ -158,11 +158,18 @@ class Scheduler:
             log.warning("refused peer %s: %s", route.hex(), exc)
             self._out.append((route, p.Refused(str(exc))))
             return
+        except FieldTooLarge as exc:
+            if p.is_hello(frames):  # a HELLO it cannot accept, like any other: the peer is told why
+                log.warning("refused peer %s: %s", route.hex(), exc)
+                self._send_to(route, p.Refused(str(exc)))
+            else:
+                self._malformed(now, "dropped message from %s: %s", route.hex(), exc)
+            return
         except ProtocolError as exc:
-            self._malformed(now, "dropped malformed message from %s: %s", route.hex(), exc)
+            self._malformed(now, "dropped malformed message from %s: %s", route.hex(), p.clip(str(exc)))
             return
         if isinstance(msg, p.Hello) and auth is not None and (reason := self._refusal(msg, auth)):
-            log.warning("refused %s %s from %s: %s", msg.role, msg.peer_id, msg.host, reason)
+            log.warning("refused %s %s from %s: %s", msg.role, msg.peer_id, p.clip(msg.host), reason)
             self._send_to(route, p.Refused(reason))
             return
         try:
@@ -170,7 +177,7 @@ class Scheduler:
         except ProtocolError as exc:
             peer = self.peers.get(route)
             who = f"{role_of(peer)} {peer.id}" if peer else route.hex()
-            self._malformed(now, "dropped %s from %s: %s", type(msg).__name__, who, exc)
+            self._malformed(now, "dropped %s from %s: %s", type(msg).__name__, who, p.clip(str(exc)))
 
     def _refusal(self, msg: p.Hello, auth: Auth) -> str:
         """Why a key may not say this HELLO ("" if it may)."""
@@ -210,7 +217,7 @@ class Scheduler:
         if isinstance(msg, p.Heartbeat):
             return
         if isinstance(msg, p.Disconnect):
-            log.info("%s %s left: %s", role_of(peer), peer.id, msg.reason or "no reason given")
+            log.info("%s %s left: %s", role_of(peer), peer.id, p.clip(msg.reason) or "no reason given")
             self._remove(peer, now, why=ENDED_SESSION if msg.reason == p.END_SESSION else "left")
         elif isinstance(msg, p.Status):
             self._send(peer, p.StatusReply(self.snapshot(now)), now)
@@ -276,7 +283,7 @@ class Scheduler:
             silent_s = now - peer.last_seen
             if silent_s > self.deadline_s:
                 log.warning("%s %s on %s silent for %.1f s: declared dead", role_of(peer), peer.id,
-                            peer.host, silent_s)
+                            p.clip(peer.host), silent_s)
                 self._remove(peer, now, why=f"silent for {silent_s:.1f} s")
             elif now - peer.last_sent >= interval:
                 self._send(peer, p.Heartbeat(), now)
@@ -346,7 +353,8 @@ class Scheduler:
             worker = WorkerRecord(**common, slots=msg.slots)  # type: ignore[arg-type]
             self.workers[worker.id] = worker
             slots = f"{worker.slots} slot{'' if worker.slots == 1 else 's'}"
-            log.info("worker %s joined from %s pid %d with %s", worker.id, worker.host, worker.pid, slots)
+            log.info("worker %s joined from %s pid %d with %s", worker.id, p.clip(worker.host), worker.pid,
+                     slots)
             self.records.event(now, "worker-joined",
                                f"worker {worker.id} joined from {worker.host} with {slots}")
             return worker
@@ -357,21 +365,21 @@ class Scheduler:
                     self.peers.pop(client.route, None)
                     if (client.host, client.pid) != (msg.host, msg.pid):  # another process: it takes over
                         self._send_to(client.route, p.Refused(
-                            f"session {client.session or client.id} was taken over by a client on "
-                            f"{msg.host} (pid {msg.pid}): one process per session at a time"))
+                            f"session {p.clip(client.session or client.id)} was taken over by a client "
+                            f"on {p.clip(msg.host)} (pid {msg.pid}): one process per session at a time"))
                 client.route, client.last_seen, client.host, client.pid = route, now, msg.host, msg.pid
                 client.present = True
                 log.info("client %s reconnected from %s pid %d (%d jobs unfinished, %d results held)",
-                         client.id, client.host, client.pid, len(client.jobs), len(client.held))
+                         client.id, p.clip(client.host), client.pid, len(client.jobs), len(client.held))
                 return client
             session = msg.info.get("session")
             client = ClientRecord(**common, session=session if isinstance(session, str) else "")  # type: ignore[arg-type]
             self.clients[client.id] = client
             if self.journal is not None:
                 self.journal.client(client.id, client.session, key)
-            log.info("client %s joined from %s pid %d", client.id, client.host, client.pid)
+            log.info("client %s joined from %s pid %d", client.id, p.clip(client.host), client.pid)
             self.records.event(now, "client-joined", f"client {client.id} joined from {client.host}"
-                               f"{f' (session {client.session})' if client.session else ''}")
+                               f"{f' (session {p.clip(client.session)})' if client.session else ''}")
             return client
         return MonitorRecord(**common)  # type: ignore[arg-type]
 
@@ -407,7 +415,7 @@ class Scheduler:
         client.present, client.absent_since = False, now
         client.out_rows, client.out_frames, client.out_stats, client.accepted = [], [], [], []
         log.info("client %s of session %s away (%s): its %d unfinished jobs go on, %d results held",
-                 client.id, client.session, why, len(client.jobs), len(client.held))
+                 client.id, p.clip(client.session), why, len(client.jobs), len(client.held))
         self.records.event(now, "client-away", f"session {client.session} away ({why}); "
                            f"{len(client.jobs)} jobs go on")
 
@@ -463,7 +471,7 @@ class Scheduler:
             return False
         info = (f"{len(job.losses)} workers died while running it, so it is not tried again (it may be "
                 f"what kills them): {'; '.join(job.losses)}")
-        log.warning("job %s declared poison: %s", job.name, info)
+        log.warning("job %s declared poison: %s", job.name, p.clip(info))
         self.records.event(now, "job-failed", f"job {job.name} lost {len(job.losses)} workers: not retried")
         self._forget_job(client, job, now)
         job.state = JobState.FINISHED
@@ -554,7 +562,7 @@ class Scheduler:
                 log.error("job %s:%d: the journal has lost its held result; running it again", client.id, seq)
             else:
                 log.warning("session %s sent job %d with other content than before: running the new one",
-                            client.session, seq)
+                            p.clip(client.session), seq)
                 self.records.event(now, "job-replaced", f"job {client.id}:{seq} changed: the new one runs")
             if job is not None:
                 self._retire(client, job, now)
@@ -652,11 +660,11 @@ class Scheduler:
         self._add_credit(worker, msg.credit)
         per_row = p.split_frames(msg.frames, [row[4] for row in msg.results])
         stats = msg.stats or [[0.0, 0.0, 0.0, 0]] * len(msg.results)
-        for (client_id, seq, _attempt, outcome, _n, info), frames, run in zip(msg.results, per_row, stats,
-                                                                              strict=True):
+        for (client_id, seq, attempt, outcome, _n, info), frames, run in zip(msg.results, per_row, stats,
+                                                                             strict=True):
             client = self.clients.get(client_id)
             job = client.jobs.get(seq) if client else None
-            if job is None or client is None or not _ran(job, worker, _attempt):
+            if job is None or client is None or not _ran(job, worker, attempt):
                 if outcome != p.Outcome.CANCELLED:
                     self.counters.late_results += 1
                 continue
@@ -667,6 +675,9 @@ class Scheduler:
                 continue
             if outcome not in _OUTCOMES:
                 raise ProtocolError(f"unknown outcome {outcome}")
+            if job.worker == worker.id and attempt < len(job.history):
+                # a resent result of an earlier attempt: the later copy this worker holds is not needed
+                worker.cancels.append([client_id, seq])
             self._finish_job(worker, client, job, p.Outcome(outcome), frames, info, run, now)
 
     def _finish_job(self, worker: WorkerRecord, client: ClientRecord, job: Job, outcome: p.Outcome,
@@ -678,7 +689,7 @@ class Scheduler:
         worker.done += ok
         worker.failed += not ok
         if not ok:
-            log.info("job %s failed on worker %s: %s", job.name, worker.id, info)
+            log.info("job %s failed on worker %s: %s", job.name, worker.id, p.clip(info))
             self.records.event(now, "job-failed", f"job {job.name} failed on {worker.id}: {info}")
         self._deliver(client, job, worker, outcome, frames, info, run, now)
 
@@ -810,7 +821,7 @@ _OUTCOMES = {int(o) for o in p.Outcome}
 def _to_client(client: ClientRecord, seq: int, outcome: int, frames: list[Any], info: str,
                stats: list[Any]) -> None:
     """Add a result to the RESULT message the client gets at the next flush."""
-    client.out_rows.append([seq, int(outcome), len(frames), info])
+    client.out_rows.append([seq, int(outcome), len(frames), info[:p.MAX_TEXT_CHARS]])  # the client's bound
     client.out_frames.extend(frames)
     client.out_stats.append(stats)
 

@@ -13,6 +13,13 @@ jobs run in other processes, the loop keeps heartbeating however long a job
 runs. Credit is the worker's to give: READY says how many more jobs it can
 hold (free slots plus a small prefetch), and every RESULTS returns the credit
 of the jobs it reports.
+
+A result is kept until the broker is known to have it, and sent again after the
+next WELCOME (before READY) if the link broke first. There is no ack message:
+the broker never sends more jobs than the credit it has read, and reads a
+connection's messages in order, so a JOBS that takes the job count past the
+credit offered before a RESULTS proves that RESULTS was read. Kept results are
+so bounded by the credit offered (slots + prefetch).
 """
 
 from __future__ import annotations
@@ -45,6 +52,8 @@ ENVELOPE_ALLOWANCE = 64 * 1024
 #: a job still in its slot this long after it started is reported as started (STARTED, so its
 #: client's future says ``running()``); a quicker one reports only its result: no extra message
 STARTED_REPORT_S = 0.01
+#: outcomes that end a job: kept until the broker has them (the others only return credit)
+ENDS_JOB = frozenset({p.Outcome.OK, p.Outcome.ERROR, p.Outcome.CRASHED})
 
 
 class Link(str, enum.Enum):
@@ -81,12 +90,21 @@ class WorkerCore:
         self.backoff_s = settings.reconnect_min_s
         self.reconnect_at = now
         self.pending: deque[SlotTask] = deque()  # received, not yet in a slot
-        self.running = 0
+        self.running_keys: set[Key] = set()  # in a slot now; never two copies of one job at once
         self.fns: dict[bytes, Any] = {}
         self.unsent: list[SlotOutcome] = []  # finished while the broker did not know us
         self.unreported: dict[Key, float] = {}  # running jobs not yet reported started, and since when
+        # This registration's credit offered and jobs received, and the results sent on it that the
+        # broker may not have read yet, each batch with the credit offered before it.
+        self.offered = 0
+        self.received = 0
+        self.unacked: deque[tuple[int, list[SlotOutcome]]] = deque()
         self.stopping = False
         self.done = 0
+
+    @property
+    def running(self) -> int:
+        return len(self.running_keys)
 
     @property
     def in_hand(self) -> int:
@@ -113,12 +131,12 @@ class WorkerCore:
         if isinstance(msg, p.Reconnect):
             if self.link is Link.CONNECTING:
                 return Actions()  # our HELLO is on its way already
-            log.info("broker does not know us (%s): introducing ourselves again", msg.reason)
+            log.info("broker does not know us (%s): introducing ourselves again", p.clip(msg.reason))
             return self.connect(now)
         if isinstance(msg, p.Refused):
             raise Refused(f"the broker refused this worker: {msg.reason}")
         if isinstance(msg, p.Disconnect):
-            log.info("broker is leaving (%s): will reconnect", msg.reason)
+            log.info("broker is leaving (%s): will reconnect", p.clip(msg.reason))
             return self._drop_link(now)
         if not isinstance(msg, p.Heartbeat):
             log.warning("ignored unexpected %s from the broker", type(msg).__name__)
@@ -134,13 +152,22 @@ class WorkerCore:
         self.max_message_bytes = msg.max_message_bytes
         self.interval_s, self.liveness = msg.heartbeat_interval_s, msg.liveness
         self.backoff_s = self.settings.reconnect_min_s
-        send: list[p.Message] = [p.Ready(0 if self.stopping else self.capacity - self.in_hand)]
-        if self.unsent:
-            send.append(self._results(self.unsent, credit=0))
-            self.unsent = []
+        # What the broker may not have read goes first, so that it finishes those jobs before it
+        # could hand them out again; then READY offers the free slots (those results' credit included).
+        resend = [o for _offered, batch in self.unacked for o in batch] + self.unsent
+        self.unacked.clear()
+        self.unsent = []
+        self.offered = self.received = 0
+        send: list[p.Message] = [self._send_results(resend, credit=0)] if resend else []
+        credit = 0 if self.stopping else self.capacity - self.in_hand
+        self.offered += credit
+        send.append(p.Ready(credit))
         return self._out(now, send)
 
     def _jobs(self, msg: p.Jobs, now: float) -> Actions:
+        self.received += len(msg.jobs)
+        while self.unacked and self.unacked[0][0] < self.received:
+            self.unacked.popleft()  # the broker used credit offered after these results: it read them
         for fn_id, blob in zip(msg.fns, msg.frames, strict=False):  # frames go on past the fns
             p.remember_fn(self.fns, fn_id, blob)
         per_job = p.split_frames(msg.frames[len(msg.fns):], [row[4] for row in msg.jobs])
@@ -162,13 +189,22 @@ class WorkerCore:
         return actions
 
     def take_tasks(self, free_slots: int, now: float = 0.0) -> list[SlotTask]:
-        """Tasks to start now on ``free_slots`` idle slots."""
+        """Tasks to start now on ``free_slots`` idle slots.
+
+        A job given again while its first copy runs here (the broker thought us dead) waits: when
+        the first copy ends, its result wins and the waiting copy is dropped (see ``finished``).
+        """
         tasks: list[SlotTask] = []
+        waiting: list[SlotTask] = []
         while self.pending and len(tasks) < free_slots:
             task = self.pending.popleft()
-            tasks.append(task)
-            self.unreported[task.key] = now
-        self.running += len(tasks)
+            if task.key in self.running_keys:
+                waiting.append(task)
+            else:
+                self.running_keys.add(task.key)
+                tasks.append(task)
+                self.unreported[task.key] = now
+        self.pending.extendleft(reversed(waiting))
         return tasks
 
     def report_started(self, now: float) -> Actions:
@@ -191,8 +227,16 @@ class WorkerCore:
         return None
 
     def finished(self, outcomes: list[SlotOutcome], now: float, from_slots: int = 0) -> Actions:
-        """Jobs left our hands (``from_slots`` of them were running); report them."""
-        self.running -= from_slots
+        """Jobs left our hands (the first ``from_slots`` outcomes came from slots); report them."""
+        ended = set()
+        for o in outcomes[:from_slots]:
+            self.running_keys.discard(o.key)
+            if o.outcome in ENDS_JOB:
+                ended.add(o.key)
+        if ended and any(t.key in ended for t in self.pending):  # copies given again: not needed now
+            outcomes = outcomes + [SlotOutcome(t.key, t.attempt, p.Outcome.CANCELLED, [])
+                                   for t in self.pending if t.key in ended]
+            self.pending = deque(t for t in self.pending if t.key not in ended)
         for outcome in outcomes:
             self.unreported.pop(outcome.key, None)
         outcomes = [self._fit(o) for o in outcomes]
@@ -202,7 +246,7 @@ class WorkerCore:
         if self.link is not Link.READY:
             self.unsent.extend(outcomes)
             return Actions()
-        return self._out(now, [self._results(outcomes, credit=0 if self.stopping else len(outcomes))])
+        return self._out(now, [self._send_results(outcomes, credit=0 if self.stopping else len(outcomes))])
 
     def _fit(self, outcome: SlotOutcome) -> SlotOutcome:
         """Turn a result too large for the broker into an error (sent whole, it would cut us off)."""
@@ -215,8 +259,14 @@ class WorkerCore:
                            ser.error_line(error), outcome.run_s, outcome.started_at, outcome.finished_at,
                            outcome.peak_rss)
 
-    def _results(self, outcomes: list[SlotOutcome], credit: int) -> p.Results:
-        rows = [[o.key[0], o.key[1], o.attempt, int(o.outcome), len(o.frames), o.info] for o in outcomes]
+    def _send_results(self, outcomes: list[SlotOutcome], credit: int) -> p.Results:
+        """RESULTS for these outcomes; those that end a job are kept until the broker has read them."""
+        kept = [o for o in outcomes if o.outcome in ENDS_JOB]
+        if kept:
+            self.unacked.append((self.offered, kept))
+        self.offered += credit
+        rows = [[o.key[0], o.key[1], o.attempt, int(o.outcome), len(o.frames), o.info[:p.MAX_TEXT_CHARS]]
+                for o in outcomes]
         frames = [f for o in outcomes for f in o.frames]
         return p.Results(credit, rows, frames, [o.stats_row() for o in outcomes])
 
@@ -361,7 +411,7 @@ class Worker:
             try:
                 msg = p.decode(frames)
             except ProtocolError as exc:
-                log.warning("dropped a malformed message from the broker: %s", exc)
+                log.warning("dropped a malformed message from the broker: %s", p.clip(str(exc)))
                 continue
             self._apply(self.core.on_message(msg, time.monotonic()))
 

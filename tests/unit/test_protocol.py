@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from zfarm import protocol as p
-from zfarm.errors import ProtocolError
+from zfarm.errors import FieldTooLarge, ProtocolError
 
 FN_ID = b"\x01" * 16
 
@@ -271,3 +271,92 @@ def test_nearly_valid_batches_raise_only_protocol_error(case: tuple[p.Command, l
                                                          payload: list[bytes]) -> None:
     command, envelope = case
     _only_protocol_errors(frames_of(command, envelope, *payload))
+
+
+# ---- bounds on what a peer may say -----------------------------------------------------------------
+
+LONG_ID = "i" * (p.MAX_ID_CHARS + 1)
+LONG_TEXT = "t" * (p.MAX_TEXT_CHARS + 1)
+BIG_MAP = {f"k{i}": "v" * 64 for i in range(p.MAX_INFO_COST // 64)}
+BIG_OPTIONS = {"env": {f"K{i}": "v" * 1000 for i in range(p.MAX_OPTIONS_COST // 1000 + 1)}}
+LONG_FN_ID = b"f" * (p.MAX_FN_ID_BYTES + 1)
+
+OVERSIZED: dict[str, p.Message] = {
+    "hello host": p.Hello("worker", "w-1", "h" * (p.MAX_HOST_CHARS + 1), 1, 1, {}),
+    "hello peer id": p.Hello("client", LONG_ID, "h", 1),
+    "hello role": p.Hello(LONG_ID, "w-1", "h", 1),
+    "hello info": p.Hello("client", "c-1", "h", 1, 0, {"session": "s" * p.MAX_INFO_COST}),
+    "hello info of many keys": p.Hello("worker", "w-1", "h", 1, 1, BIG_MAP),
+    "hello info nested deep": p.Hello("worker", "w-1", "h", 1, 1, {"tags": [["x" * 100] * 50]}),
+    "welcome broker id": p.Welcome(LONG_ID, 1.0, 3, 100),
+    "welcome info": p.Welcome("b-1", 1.0, 3, 100, BIG_MAP),
+    "refused reason": p.Refused(LONG_TEXT),
+    "reconnect reason": p.Reconnect(LONG_TEXT),
+    "disconnect reason": p.Disconnect(LONG_TEXT),
+    "submit fn id": p.Submit(LONG_FN_ID, False, [[0, 1, {}]], [b"a"]),
+    "submit options": p.Submit(FN_ID, False, [[0, 1, BIG_OPTIONS]], [b"a"]),
+    "jobs client id": p.Jobs([], [[LONG_ID, 0, 1, FN_ID, 0, {}]]),
+    "jobs fn id": p.Jobs([], [["c-1", 0, 1, LONG_FN_ID, 0, {}]]),
+    "jobs fns": p.Jobs([LONG_FN_ID], [], [b"fn"]),
+    "jobs options": p.Jobs([], [["c-1", 0, 1, FN_ID, 0, BIG_OPTIONS]]),
+    "results client id": p.Results(1, [[LONG_ID, 0, 1, 0, 0, ""]]),
+    "results info": p.Results(1, [["c-1", 0, 1, 1, 0, LONG_TEXT]]),
+    "result info": p.Result([[0, 1, 0, LONG_TEXT]]),
+    "result stats host": p.Result([[0, 0, 0, ""]], [], [["w-1", "h" * 256, 1, 0.0, 0.0, 0.0, 0.0, 0]]),
+    "cancel jobs client id": p.CancelJobs([[LONG_ID, 1]]),
+}
+
+
+@pytest.mark.parametrize("msg", OVERSIZED.values(), ids=OVERSIZED.keys())
+def test_a_field_over_its_bound_is_refused_naming_it(msg: p.Message) -> None:
+    with pytest.raises(FieldTooLarge) as info:
+        p.decode(p.encode(msg))
+    assert isinstance(info.value, ProtocolError)
+    assert f"limit of {info.value.limit}" in str(info.value)
+    assert len(str(info.value)) < 200, "the refusal must not repeat the field"
+
+
+def test_fields_at_their_bound_are_accepted() -> None:
+    at_bound = [
+        p.Hello("worker", "i" * p.MAX_ID_CHARS, "h" * p.MAX_HOST_CHARS, 1, 1, {"prefetch": 1, "gpus": [0]}),
+        p.Refused("t" * p.MAX_TEXT_CHARS),
+        p.Results(1, [["i" * p.MAX_ID_CHARS, 0, 1, 1, 0, "t" * p.MAX_TEXT_CHARS]], []),
+        p.Submit(b"f" * p.MAX_FN_ID_BYTES, False, [[0, 0, {"timeout_s": 5.0, "mem_limit": 2**30}]], []),
+    ]
+    for msg in at_bound:
+        assert p.decode(p.encode(msg)) == msg
+
+
+def test_oversized_host_names_its_length() -> None:
+    with pytest.raises(FieldTooLarge, match="HELLO host is 50000 long, over its limit of 255"):
+        p.decode(p.encode(p.Hello("worker", "w-1", "h" * 50_000, 1, 1, {})))
+
+
+def test_map_cost_counts_texts_and_entries_and_stops_past_the_budget() -> None:
+    assert p.map_cost({"prefetch": 1}, 100) == 1 + 1 + len("prefetch") + 1
+    assert p.map_cost({"tags": ["ab", 3]}, 100) == 2 + 4 + 3 + 2 + 1
+    huge = {str(i): i for i in range(100_000)}
+    assert p.map_cost(huge, 10) == 1 + len(huge), "a map over the budget is not walked"
+
+
+def test_field_too_large_survives_pickling() -> None:
+    import pickle
+
+    error = FieldTooLarge("HELLO host", 255, 50_000)
+    again = pickle.loads(pickle.dumps(error))
+    assert (again.field, again.limit, again.size, str(again)) == ("HELLO host", 255, 50_000, str(error))
+
+
+def test_clip_bounds_peer_text_for_a_log_line() -> None:
+    assert p.clip("node7") == "node7"
+    clipped = p.clip("h" * 50_000)
+    assert clipped.startswith("h" * p.LOG_TEXT_CHARS) and clipped.endswith("… (50000 characters)")
+    assert len(clipped) < p.LOG_TEXT_CHARS + 30
+    assert p.clip("evil\nFAKE LOG LINE\x1b[31m") == "evil\\nFAKE LOG LINE\\x1b[31m"
+
+
+def test_is_hello_reads_only_the_header_and_command() -> None:
+    assert p.is_hello(p.encode(p.Hello("client", "c", "h", 1)))
+    assert not p.is_hello(p.encode(p.Heartbeat()))
+    assert not p.is_hello([b"ZF\x09", bytes([p.Command.HELLO]), b""])
+    assert not p.is_hello([p.HEADER])

@@ -1143,3 +1143,60 @@ def test_started_from_another_worker_or_for_a_finished_job_is_not_passed_on() ->
     farm.result(W1, row, 0.2)
     farm.send(W1, p.Started([["ca", 7]]), 0.3)  # late: the job is done
     assert to(farm.out(0.3), CA, p.Running) == []
+
+
+# ---- bounds on peer text, and results resent after a reconnect ------------------------------------
+
+
+def test_a_hello_with_a_host_over_its_bound_is_refused_and_registers_nothing() -> None:
+    farm = Farm()
+    farm.send(W1, p.Hello("worker", "w1", "h" * 50_000, 100, 4, {}), 0.0)
+    [(route, refused)] = farm.out(0.0)
+    assert route == W1 and isinstance(refused, p.Refused)
+    assert "HELLO host is 50000 long, over its limit of 255" in refused.reason
+    assert farm.snap()["workers"] == [] and farm.counter("malformed") == 0
+
+
+def test_a_field_over_its_bound_from_a_registered_peer_is_dropped_and_counted() -> None:
+    farm, row = one_job_on_w1(0)
+    farm.result(W1, row, 0.1, outcome=ERROR, info="x" * (p.MAX_TEXT_CHARS + 1))
+    assert result_rows(farm.out(0.1), CA) == []
+    assert farm.counter("malformed") == 1 and farm.snap()["in_flight"] == 1
+
+
+def test_a_resent_result_of_an_earlier_attempt_cancels_the_later_copy_on_the_same_worker() -> None:
+    """w1 is declared dead while it runs job 0, comes back, is given job 0 again (attempt 2), then
+    resends its attempt-1 result: that result wins, and w1 is told to drop attempt 2."""
+    farm, row = one_job_on_w1(0)
+    farm.send(CA, p.Heartbeat(), 3.0)
+    farm.sched.tick(3.5)  # w1 silent past the liveness window: job 0 requeued
+    w1_again = b"\x00route-w1-again"
+    farm.worker(w1_again, "w1", now=3.6, credit=1)
+    assert [(r[1], r[2]) for r in job_rows(farm.out(3.6), w1_again)] == [(0, 2)]
+    farm.result(w1_again, row, 3.7, credit=0, frames=[b"first"])
+    out = farm.out(3.7)
+    assert [frames for _row, frames in result_rows(out, CA)] == [[b"first"]]
+    assert [m.keys for m in to(out, w1_again, p.CancelJobs)] == [[["ca", 0]]]
+    farm.result(w1_again, ["ca", 0, 2], 3.8, outcome=int(p.Outcome.CANCELLED))
+    assert farm.out(3.8) == []
+    assert (farm.counter("late_results"), farm.counter("done")) == (0, 1)
+
+
+def test_a_long_lost_reason_reaches_the_client_clipped_to_the_bound() -> None:
+    """A poison job's reason lists every lost worker with its host: it may be longer than a client
+    accepts, so the broker sends no more than the bound (else the client drops the whole RESULT)."""
+    farm = Farm()
+    farm.client(CA, "ca")
+    farm.send(CA, p.Submit(FN, True, [[0, 1, {"max_losses": 6}]], [b"fn", b"arg"]), 0.0)
+    now = 0.0
+    for round_ in range(6):
+        route = f"w-route-{round_}".encode()
+        farm.send(route, p.Hello("worker", f"w{round_}-" + "i" * 120, "h" * p.MAX_HOST_CHARS, 1, 1, {}), now)
+        farm.send(route, p.Ready(1), now)
+        assert job_seqs(farm.out(now), route) == [0]
+        farm.sched.peer_unreachable(route, now + 0.1)
+        now += 1.0
+        farm.send(CA, p.Heartbeat(), now)
+    ((lost, _frames),) = result_rows(farm.out(now), CA)  # decoded as the client does
+    assert lost[1] == int(p.Outcome.LOST) and len(lost[3]) == p.MAX_TEXT_CHARS
+    assert lost[3].startswith("6 workers died while running it")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from zfarm import protocol as p
 from zfarm.chaperone import SlotOutcome
@@ -258,14 +261,15 @@ def test_results_finished_while_disconnected_are_sent_after_the_next_welcome() -
     core.connect(4.5)
     actions = core.on_message(wire(welcome()), 4.6)
     assert len(actions.send) == 2
-    ready, results = (wire(m) for m in actions.send)
-    assert isinstance(ready, p.Ready) and isinstance(results, p.Results)
+    results, ready = (wire(m) for m in actions.send)  # results first: the broker reads them before it
+    assert isinstance(ready, p.Ready) and isinstance(results, p.Results)  # could hand the jobs out again
     assert ready.credit == 3 - 2  # capacity 3, in hand: job 1 running and job 2 waiting
     assert results.credit == 0  # the new READY already counts these slots
     assert results.results == [["c", 0, 1, int(OK), 1, ""]]
     assert results.frames == [b"kept"]
-    # held results are sent once only
-    assert only(core.on_message(wire(welcome()), 4.7), p.Ready).credit == 1
+    # once the broker has used credit offered after them, they are sent no more
+    core.on_message(wire(jobs([3], with_fn=False)), 4.7)
+    assert only(core.on_message(wire(welcome()), 4.8), p.Ready).credit == 0
 
 
 def test_ready_after_a_welcome_while_stopping_offers_no_credit() -> None:
@@ -312,6 +316,7 @@ class Wire:
         self.sched = Scheduler(BrokerSettings(heartbeat_interval_s=1.0, liveness=3), now, broker_id="b-2")
         self.to_broker: list[list[Any]] = []
         self.to_worker: list[p.Message] = []
+        self.to_client: list[p.Message] = []
         self.jobs_received = 0
 
     def worker_does(self, actions: Actions) -> None:
@@ -324,6 +329,8 @@ class Wire:
         for route, msg in self.sched.flush(now):
             if route == self.ROUTE:
                 self.to_worker.append(p.decode(p.encode(msg)))
+            elif route == self.CLIENT:
+                self.to_client.append(p.decode(p.encode(msg)))
 
     def deliver_to_worker(self, now: float) -> None:
         inbox, self.to_worker = self.to_worker, []
@@ -387,3 +394,203 @@ def test_nothing_is_reported_started_while_the_broker_is_away() -> None:
     assert core.link is Link.DOWN
     assert core.next_report_at() is None
     assert core.report_started(100.0).send == []
+
+
+# ---- results kept until the broker has them --------------------------------------------------------
+
+
+def registered(now: float = 0.0, **overrides: Any) -> Wire:
+    """A worker core registered with a scheduler, and a client "c" connected to it."""
+    link = Wire(make_core(**overrides), now)
+    link.worker_does(link.core.connect(now))
+    link.deliver_to_broker(now)
+    link.deliver_to_worker(now)  # WELCOME → READY
+    link.deliver_to_broker(now)
+    link.sched.handle(link.CLIENT, p.encode(p.Hello("client", "c", "h", 2)), now)
+    return link
+
+
+def submit(link: Wire, seqs: list[int], now: float) -> None:
+    rows = [[seq, 1, {}] for seq in seqs]
+    link.sched.handle(link.CLIENT, p.encode(p.Submit(FN, True, rows, [b"fn"] + [b"a"] * len(seqs))), now)
+
+
+def delivered(link: Wire) -> list[int]:
+    return [row[0] for m in link.to_client if isinstance(m, p.Result) for row in m.results]
+
+
+def test_a_result_the_broker_did_not_read_is_sent_again_before_ready_and_the_job_runs_once() -> None:
+    """Paused past the liveness window, the worker sends its result to a broker that has forgotten
+    it: RECONNECT. After the new WELCOME the result goes again, first; the job is done, not rerun."""
+    link = registered()
+    submit(link, [0], 0.0)
+    link.deliver_to_broker(0.0)
+    link.deliver_to_worker(0.0)
+    assert [t.key for t in link.core.take_tasks(2)] == [("c", 0)]
+    link.sched.handle(link.CLIENT, p.encode(p.Heartbeat()), 3.0)
+    link.sched.tick(3.5)  # the worker was stopped: declared dead, its job queued again
+    assert link.sched.snapshot(3.5)["workers"] == []
+    link.worker_does(link.core.finished([outcome(0, b"done once")], 3.6, from_slots=1))
+    for step in range(4):  # RESULTS → RECONNECT → HELLO → WELCOME → RESULTS again, READY
+        link.deliver_to_broker(3.6 + step * 0.1)
+        link.deliver_to_worker(3.6 + step * 0.1)
+    assert delivered(link) == [0]
+    snap = link.sched.snapshot(4.0)
+    assert (snap["done"], snap["queued"], snap["in_flight"], snap["late_results"]) == (1, 0, 0, 0)
+    assert link.jobs_received == 1, "the job must not be handed out again"
+    assert [w["credit"] for w in snap["workers"]] == [link.core.capacity]
+
+
+def test_results_are_forgotten_once_the_broker_uses_credit_offered_after_them() -> None:
+    link = registered()
+    submit(link, list(range(40)), 0.0)
+    now = 0.0
+    for _ in range(60):
+        now += 0.01
+        link.deliver_to_broker(now)
+        link.deliver_to_worker(now)
+        tasks = link.core.take_tasks(2)
+        done = [SlotOutcome(t.key, t.attempt, OK, [b"r"]) for t in tasks]
+        link.worker_does(link.core.finished(done, now, from_slots=len(done)))
+        kept = sum(len(batch) for _offered, batch in link.core.unacked)
+        assert kept <= link.core.capacity, "kept results are bounded by the credit offered"
+    assert sorted(delivered(link)) == list(range(40))
+    # a new registration sends again only what the broker may not have read: the last few, at most
+    link.worker_does(link.core.connect(now))
+    link.deliver_to_broker(now)
+    resent = [m for m in link.to_worker if isinstance(m, p.Welcome)]
+    assert resent
+    actions = link.core.on_message(resent[0], now)
+    again = [row[1] for m in actions.send if isinstance(m, p.Results) for row in m.results]
+    assert 0 < len(again) <= link.core.capacity and set(again) <= set(range(40))
+
+
+def test_cancelled_and_returned_outcomes_are_not_kept() -> None:
+    core = ready_core()
+    core.on_message(wire(jobs([0, 1])), 0.1)
+    core.take_tasks(1)
+    core.on_message(wire(p.CancelJobs([["c", 1]])), 0.2)  # not started: answered CANCELLED
+    core.stop(0.3)
+    assert not core.unacked
+    core.finished([outcome(0, kind=p.Outcome.CRASHED)], 0.4, from_slots=1)
+    assert [[o.key for o in batch] for _offered, batch in core.unacked] == [[("c", 0)]]
+
+
+def test_a_result_info_line_is_cut_to_what_the_broker_accepts() -> None:
+    core = ready_core()
+    core.on_message(wire(jobs([0])), 0.1)
+    core.take_tasks(1)
+    failed = SlotOutcome(("c", 0), 1, p.Outcome.ERROR, [b"e"], "ValueError: " + "x" * 5000)
+    results = only(core.finished([failed], 0.2, from_slots=1), p.Results)  # decodes: within the bound
+    assert len(results.results[0][5]) == p.MAX_TEXT_CHARS
+
+
+def test_a_job_given_again_while_its_first_copy_runs_here_waits_and_is_dropped_when_it_ends() -> None:
+    """Paused for less than its job, the worker is declared dead and given the job again (attempt 2)
+    while attempt 1 still runs in a slot: attempt 2 is not started; attempt 1's result goes, and
+    attempt 2 is handed back as CANCELLED with its credit."""
+    core = ready_core(procs=2)
+    core.on_message(wire(jobs([0])), 0.1)
+    assert [t.key for t in core.take_tasks(2)] == [("c", 0)]
+    again = p.Jobs([], [["c", 0, 2, FN, 1, {}], ["c", 1, 1, FN, 1, {}]], [b"arg0", b"arg1"])
+    core.on_message(wire(again), 0.2)
+    assert [(t.key, t.attempt) for t in core.take_tasks(2)] == [(("c", 1), 1)]  # job 0 waits
+    assert [(t.key, t.attempt) for t in core.pending] == [(("c", 0), 2)]
+    results = only(core.finished([outcome(0, b"first")], 0.3, from_slots=1), p.Results)
+    cancelled = int(p.Outcome.CANCELLED)
+    assert [row[:4] for row in results.results] == [["c", 0, 1, int(OK)], ["c", 0, 2, cancelled]]
+    assert results.credit == 2 and not core.pending and core.running == 1
+
+
+def test_a_job_given_again_after_its_first_copy_was_cancelled_runs() -> None:
+    core = ready_core(procs=2)
+    core.on_message(wire(jobs([0])), 0.1)
+    core.take_tasks(2)
+    core.on_message(wire(p.Jobs([], [["c", 0, 2, FN, 1, {}]], [b"arg0"])), 0.2)
+    assert core.take_tasks(2) == []
+    core.finished([outcome(0, kind=p.Outcome.CANCELLED)], 0.3, from_slots=1)
+    assert [(t.key, t.attempt) for t in core.take_tasks(2)] == [(("c", 0), 2)]
+
+
+class PausedAndCut:
+    """One worker core and a scheduler (through ``Wire``), six jobs, and slots simulated by hand."""
+
+    STEPS = ("broker", "worker", "start", "finish", "expire", "cut")
+
+    def __init__(self) -> None:
+        self.link = registered()
+        self.core = self.link.core
+        submit(self.link, list(range(6)), 0.0)
+        self.running: list[Any] = []
+        self.starts: Counter[Any] = Counter()
+        self.routes = 0
+        self.now = 0.0
+
+    def step(self, name: str) -> None:
+        self.now += 0.01
+        if name == "broker":
+            self.link.deliver_to_broker(self.now)
+        elif name == "worker":
+            self.link.deliver_to_worker(self.now)
+        elif name == "start":
+            self.start()
+        elif name == "finish" and self.running:
+            self.finish()
+        elif name == "expire":  # the worker was paused: the broker heard nothing from it for a while
+            self.now += 4.0
+            self.link.sched.handle(self.link.CLIENT, p.encode(p.Heartbeat()), self.now)
+            self.link.sched.tick(self.now)
+        elif name == "cut":
+            self.cut()
+
+    def cut(self) -> None:
+        """The connection breaks with whatever was on its way; the worker says HELLO on a new one."""
+        self.routes += 1
+        self.link.to_broker.clear()
+        self.link.to_worker.clear()
+        self.link.ROUTE = f"\x00route-{self.routes}".encode()
+        self.core.on_message(p.Disconnect("connection cut"), self.now)
+        self.link.worker_does(self.core.connect(self.now))
+
+    def start(self) -> None:
+        tasks = self.core.take_tasks(self.core.slots - len(self.running))
+        self.starts.update(t.key for t in tasks)
+        self.running.extend(tasks)
+        assert len({t.key for t in self.running}) == len(self.running), "two copies of a job run at once"
+
+    def finish(self) -> None:
+        task = self.running.pop(0)
+        done = SlotOutcome(task.key, task.attempt, OK, [b"r"])
+        self.link.worker_does(self.core.finished([done], self.now, from_slots=1))
+
+    def settle(self) -> None:
+        """The farm runs on, both sides heartbeating, until every result is delivered."""
+        link = self.link
+        for _ in range(100):
+            self.now += 0.3
+            if self.core.link is Link.DOWN:
+                self.cut()
+            self.start()
+            while self.running:
+                self.finish()
+            link.sched.handle(link.CLIENT, p.encode(p.Heartbeat()), self.now)
+            link.sched.tick(self.now)
+            link.worker_does(self.core.tick(self.now))
+            link.deliver_to_broker(self.now)
+            link.deliver_to_worker(self.now)
+            if len(delivered(link)) >= 6 and not self.core.pending:
+                return
+
+
+@settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.sampled_from(PausedAndCut.STEPS), max_size=50))
+def test_random_pauses_and_cuts_run_and_deliver_every_job_once(steps: list[str]) -> None:
+    """At any point: a turn of either side, slots starting or finishing jobs, the broker declaring
+    the worker dead (a pause), or the connection cut with whatever was on its way. However they
+    interleave, each job runs once and its result reaches the client once."""
+    farm = PausedAndCut()
+    for step in steps:
+        farm.step(step)
+    farm.settle()
+    assert sorted(delivered(farm.link)) == list(range(6)), "every result reaches the client once"
+    assert farm.starts == Counter(("c", seq) for seq in range(6)), f"a job ran twice: {farm.starts}"
