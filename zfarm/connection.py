@@ -34,6 +34,8 @@ from zfarm import protocol as p
 from zfarm import serialization as ser
 from zfarm.config import ClientSettings
 from zfarm.errors import BrokerUnavailable, JobCrashed, ProtocolError, Refused, WorkerLost
+from zfarm.output import JobOutput
+from zfarm.output import take as take_output
 from zfarm.security import HandshakeWatch, PeerKeys, dealer_to_broker
 from zfarm.stats import JobRecord, record_of
 
@@ -78,6 +80,8 @@ class JobFuture(Future[Any]):
         self.partial: list[Any] | None = None
         #: how long the job ran in its slot, once it is done (None if unknown)
         self.run_s: float | None = None
+        #: what the job printed (the end of its stdout and stderr), once it is done; None: nothing
+        self.output: JobOutput | None = None
         self._was_read = False
 
     def result(self, timeout: float | None = None) -> Any:
@@ -678,6 +682,7 @@ class Connection(threading.Thread):
 
 
 def _resolve(job: PendingJob, outcome: int, frames: list[Any], info: str, client_id: str) -> None:
+    job.future.output = take_output(frames)
     if outcome == p.Outcome.OK:
         try:
             value = ser.loads(frames)
