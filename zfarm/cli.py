@@ -115,6 +115,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--workers", type=int, default=None, help="workers to start (default: CPU count)")
     demo.add_argument("--connect", default=None, help="use this broker instead of an embedded farm")
     _keys_flag(demo)
+    from zfarm.cli_batch import add_batch_commands  # submit, jobs, wait, logs, cancel, forget
+
+    add_batch_commands(sub, _command, _keys_flag)
     return parser
 
 

@@ -102,6 +102,10 @@ class JobFuture(Future[Any]):
             self._was_read = True
             self._connection.read_seqs.append(self.seq)
 
+    def accepted(self) -> bool:
+        """Whether the broker has said it holds this job (a session's), or the job is done."""
+        return self.done() or self._connection.accepted(self.seq)
+
     def cancel(self) -> bool:
         if self.done():
             return self.cancelled()
@@ -203,6 +207,11 @@ class Connection(threading.Thread):
 
     def cancel(self, seq: int) -> None:
         self._post("cancel", seq)
+
+    def accepted(self, seq: int) -> bool:
+        """Whether the broker said ACCEPTED for unfinished job ``seq`` (a flag the I/O thread sets)."""
+        job = self._jobs.get(seq)
+        return job is not None and job.accepted
 
     def skip(self, seqs: list[int]) -> None:
         """Seqs taken for jobs that will never be submitted (their pickling failed)."""
