@@ -136,3 +136,19 @@ def test_an_array_survives_its_submitter_and_a_broker_sigkill_on_its_journal(
     assert sum(n - 1 for n in runs.values()) <= 3, runs  # only jobs in flight at the kill may run twice
     assert zf(state, "logs", "durable", "33").stdout == "33\n"
     assert zf(state, "wait", "durable").returncode == 0
+
+
+def test_arrays_on_a_curve_farm_use_the_keys_they_were_submitted_with(procs: Procs, state: dict[str, str],
+                                                                     tmp_path: Path) -> None:
+    from zfarm.security import init_keys
+
+    keys = tmp_path / "keys"
+    init_keys(keys)
+    _, endpoint = procs.broker(None, *FAST, "--keys", str(keys))
+    procs.worker(endpoint, "--keys", str(keys))
+    submitted = zf(state, "submit", "--connect", endpoint, "--keys", str(keys), "--name", "secret", "--array",
+                   "1-3", "--wait", "--", "echo", "{}")
+    assert submitted.returncode == 0, submitted.stderr
+    assert zf(state, "wait", "secret").returncode == 0  # the record keeps the keys folder
+    assert zf(state, "logs", "secret", "2").stdout == "2\n"
+    assert zf(state, "forget", "secret").returncode == 0
