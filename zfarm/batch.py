@@ -41,7 +41,7 @@ from typing import Any
 
 from zfarm.commands import CommandResult, CommandSpec, run_command
 from zfarm.connection import JobFuture
-from zfarm.errors import CommandFailed, ConfigError, ZfarmError
+from zfarm.errors import CommandFailed, ConfigError, Refused, ZfarmError
 
 #: the most jobs one array may hold
 MAX_ARRAY_JOBS = 10_000_000
@@ -254,6 +254,14 @@ class Attached:
             raise
 
     def states(self) -> list[JobState]:
+        """Each job's state.
+
+        Raises:
+            Refused: another process took the session over (two watchers of one array at once).
+        """
+        for future in self.futures:
+            if future.done() and not future.cancelled() and isinstance(error := future.exception(), Refused):
+                raise error
         return [describe(index, f) for index, f in zip(self.record.indexes, self.futures, strict=True)]
 
     def settle(self, timeout_s: float = ACCEPT_TIMEOUT_S) -> None:
