@@ -28,7 +28,7 @@ from typing import Any
 
 import msgpack
 
-from zfarm.protocol import as_bytes
+from zfarm.protocol import as_bytes, buffer_of
 
 #: bytes of each stream kept per job (the end of it)
 TAIL_BYTES = 1024 * 1024
@@ -62,9 +62,10 @@ def take(frames: list[Any]) -> JobOutput | None:
     """The output carried by a result's frames, if its last frame is an output frame."""
     if not frames:
         return None
-    last = as_bytes(frames[-1])
-    if not last.startswith(MAGIC):
+    head = memoryview(buffer_of(frames[-1]))[:len(MAGIC)]  # no copy of a large result buffer
+    if head != MAGIC:
         return None
+    last = as_bytes(frames[-1])
     try:
         out, err, out_cut, err_cut = msgpack.unpackb(last[len(MAGIC):])
         return JobOutput(_text(out), _text(err), int(out_cut), int(err_cut))
@@ -88,14 +89,15 @@ class FdCapture:
 
     def __init__(self) -> None:
         self._files = [_scratch_fd("zfarm-out-"), _scratch_fd("zfarm-err-")]
-        self._saved: list[int] = []
+        self._saved = [os.dup(1), os.dup(2)]  # where they pointed before: the worker's own
+        self._dirty = [False, False]  # a scratch file holds the previous job's output
 
     def start(self) -> None:
         _flush_python_streams()
-        for fd, scratch in zip((1, 2), self._files, strict=True):
-            os.ftruncate(scratch, 0)
-            os.lseek(scratch, 0, os.SEEK_SET)
-            self._saved.append(os.dup(fd))
+        for fd, scratch, dirty in zip((1, 2), self._files, self._dirty, strict=True):
+            if dirty:
+                os.ftruncate(scratch, 0)
+                os.lseek(scratch, 0, os.SEEK_SET)
             os.dup2(scratch, fd)
 
     def stop(self) -> bytes:
@@ -103,9 +105,8 @@ class FdCapture:
         _flush_python_streams()
         for fd, saved in zip((1, 2), self._saved, strict=True):
             os.dup2(saved, fd)
-            os.close(saved)
-        self._saved = []
         (out, out_cut), (err, err_cut) = (read_tail(scratch) for scratch in self._files)
+        self._dirty = [bool(out), bool(err)]
         if not (out or err):
             return b""
         return pack(out, err, out_cut, err_cut)
