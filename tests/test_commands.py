@@ -95,7 +95,7 @@ def test_output_of_python_c_level_writes_and_child_processes_is_captured(
     assert f"[{client.id}:1] from fd 1" in echoed.out and f"[{client.id}:1] child err" in echoed.err
 
 
-def test_ten_mebibytes_of_output_keep_the_last_mebibyte(endpoint: str) -> None:
+def test_large_output_keeps_the_last_mebibyte_and_the_worker_memory_flat(endpoint: str) -> None:
     with zfarm.Client(endpoint) as client:
         big = client.run(["sh", "-c", "head -c 10485760 /dev/zero | tr '\\0' x; echo; echo end"]).result(60)
         assert big.stdout.endswith("x\nend\n") and len(big.stdout) == 2**20
@@ -104,6 +104,10 @@ def test_ten_mebibytes_of_output_keep_the_last_mebibyte(endpoint: str) -> None:
         future.result(60)
         assert future.output is not None and len(future.output.stdout) == 2**20
         assert future.output.stdout_cut > 9 * 2**20
+        huge = client.run(["sh", "-c", "head -c 104857600 /dev/zero"]).result(60)
+        assert huge.stdout_cut == 99 * 2**20
+        peaks = [record.peak_rss_bytes for record in client.stats().records]
+        assert max(peaks) < 64 * 2**20, peaks  # 100 MiB printed, and the slot stayed small: on disk
 
 
 def _pids(pid_file: Path) -> list[int]:
