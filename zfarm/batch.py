@@ -29,6 +29,7 @@ marker again, so a cancelled job never comes back.
 from __future__ import annotations
 
 import concurrent.futures
+import enum
 import json
 import os
 import re
@@ -175,12 +176,22 @@ def barrier() -> None:
     """A job that does nothing: see the module's docstring."""
 
 
+class State(str, enum.Enum):
+    """Where one job of an array stands."""
+
+    PENDING = "pending"  # queued or running
+    OK = "ok"  # exited 0
+    FAILED = "failed"  # exited non-zero, or a signal killed it
+    ERROR = "error"  # never ran to an exit: not found, time or memory limit, crash, lost
+    CANCELLED = "cancelled"
+
+
 @dataclass(frozen=True, slots=True)
 class JobState:
     """One job of an array as a watcher sees it."""
 
     index: int
-    state: str  # pending | ok | failed | error | cancelled
+    state: State
     exit_code: int | None = None
     worker: str = ""
     host: str = ""
@@ -190,30 +201,35 @@ class JobState:
 
     @property
     def finished(self) -> bool:
-        return self.state != "pending"
+        return self.state is not State.PENDING
 
     @property
     def succeeded(self) -> bool:
-        return self.state == "ok"
+        return self.state is State.OK
+
+    @property
+    def failed(self) -> bool:
+        return self.state in (State.FAILED, State.ERROR)
 
 
 def describe(index: int, future: concurrent.futures.Future[Any]) -> JobState:
     if not future.done():
-        return JobState(index, "pending")
+        return JobState(index, State.PENDING)
     if future.cancelled():
-        return JobState(index, "cancelled")
+        return JobState(index, State.CANCELLED)
     error = future.exception()
     if isinstance(error, CommandFailed) and isinstance(error.result, CommandResult):
         r = error.result
-        return JobState(index, "failed", r.returncode, r.worker, r.host, r.run_s, r.attempts, str(error))
+        return JobState(index, State.FAILED, r.returncode, r.worker, r.host, r.run_s, r.attempts, str(error))
     if error is not None:
-        return JobState(index, "error", error=f"{type(error).__name__}: {error}".splitlines()[0])
+        return JobState(index, State.ERROR, error=f"{type(error).__name__}: {error}".splitlines()[0])
     value = future.result()
     if isinstance(value, CancelledJob):
-        return JobState(index, "cancelled")
+        return JobState(index, State.CANCELLED)
     if isinstance(value, CommandResult):
-        return JobState(index, "ok", value.returncode, value.worker, value.host, value.run_s, value.attempts)
-    return JobState(index, "error", error=f"unexpected result {value!r}")
+        v = value
+        return JobState(index, State.OK, v.returncode, v.worker, v.host, v.run_s, v.attempts)
+    return JobState(index, State.ERROR, error=f"unexpected result {value!r}")
 
 
 def result_of(future: concurrent.futures.Future[Any]) -> CommandResult | None:

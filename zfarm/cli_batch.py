@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from zfarm import batch
-from zfarm.batch import ArrayRecord, Attached, JobState
+from zfarm.batch import ArrayRecord, Attached, JobState, State
 from zfarm.config import DEFAULT_ADDRESS
 from zfarm.errors import ConfigError
 
@@ -262,8 +262,8 @@ def _wait_and_report(attached: Attached, timeout_s: float | None, as_json: bool)
         states = attached.states()
     finally:
         attached.leave()
-    counts = Counter(s.state for s in states)
-    failed = [s.index for s in states if s.finished and not s.succeeded and s.state != "cancelled"]
+    counts = Counter(s.state.value for s in states)
+    failed = [s.index for s in states if s.failed]
     name = attached.record.name
     if as_json:
         print(
@@ -293,11 +293,11 @@ def _summary(states: list[JobState]) -> str:
     parts = [
         f"{counts[k]} {label}"
         for k, label in (
-            ("ok", "succeeded"),
-            ("failed", "failed"),
-            ("error", "did not run to an exit"),
-            ("cancelled", "cancelled"),
-            ("pending", "pending"),
+            (State.OK, "succeeded"),
+            (State.FAILED, "failed"),
+            (State.ERROR, "did not run to an exit"),
+            (State.CANCELLED, "cancelled"),
+            (State.PENDING, "pending"),
         )
         if counts[k]
     ]
@@ -318,11 +318,11 @@ def _run_jobs(args: argparse.Namespace) -> int:
     finally:
         attached.leave()
     if args.json:
-        counts = Counter(s.state for s in states)
+        counts = Counter(s.state.value for s in states)
         rows = [
             {
                 "index": s.index,
-                "state": s.state,
+                "state": s.state.value,
                 "exit_code": s.exit_code,
                 "worker": s.worker,
                 "host": s.host,
@@ -343,7 +343,7 @@ def _run_jobs(args: argparse.Namespace) -> int:
     for s in states:
         table.add_row(
             str(s.index),
-            s.state,
+            s.state.value,
             "" if s.exit_code is None else str(s.exit_code),
             s.worker,
             s.host,
