@@ -15,6 +15,7 @@ import pytest
 from tests.helpers import (
     ZFARM_COMMAND,
     Procs,
+    live_pids,
     require_status,
     run_zfarm,
     wait_for,
@@ -110,6 +111,20 @@ def test_cancel_and_wait_timeout(procs: Procs, state: dict[str, str], tmp_path: 
     waited = zf(state, "wait", "slow", "--timeout", "60")
     assert waited.returncode == 0 and "3 cancelled" in waited.stdout, waited.stdout + waited.stderr
     assert not (tmp_path / "ran-2").exists()  # never started: the single slot was freed and job 2 dropped
+
+
+def test_a_timed_out_job_is_killed_with_its_tree_and_keeps_its_output(procs: Procs, state: dict[str, str],
+                                                                       tmp_path: Path) -> None:
+    endpoint, _ = procs.farm(*FAST, procs=2)
+    pid_file = tmp_path / "pid-{}"
+    command = f"echo started {{}}; (setsid sleep 1000 & echo $! > {pid_file}); sleep 60"
+    waited = zf(state, "submit", "--connect", endpoint, "--name", "slow", "--array", "1-2", "--timeout", "1",
+                "--wait", "--", "sh", "-c", command)
+    assert waited.returncode == 1 and "2 timed out" in waited.stdout, waited.stdout + waited.stderr
+    assert zf(state, "logs", "slow", "2").stdout == "started 2\n"
+    jobs = json.loads(zf(state, "jobs", "slow", "--json").stdout)["jobs"]
+    assert [(j["state"], j["exit_code"]) for j in jobs] == [("timeout", -9)] * 2
+    assert not live_pids(int((tmp_path / f"pid-{i}").read_text()) for i in (1, 2))
 
 
 @pytest.mark.slow

@@ -47,6 +47,8 @@ from zfarm.errors import CommandFailed, ConfigError, Refused, ZfarmError
 #: the most jobs one array may hold
 MAX_ARRAY_JOBS = 10_000_000
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+#: how much longer than its --timeout the slot lets a command job run before killing the slot
+TIMEOUT_BACKSTOP_S = 10.0
 #: how long a watcher waits for the broker to accept the array's jobs again
 ACCEPT_TIMEOUT_S = 60.0
 
@@ -108,7 +110,8 @@ class ArrayRecord:
         env = {**self.env, "ZFARM_ARRAY_NAME": self.name, "ZFARM_ARRAY_INDEX": str(index),
                "ZFARM_ARRAY_COUNT": str(count)}
         args = expand(self.command, self.items[position], index, self.append_item)
-        return CommandSpec.of(args, cwd=self.cwd, env=env, check=True, retries=self.retries)
+        return CommandSpec.of(args, cwd=self.cwd, env=env, check=True, retries=self.retries,
+                              timeout_s=self.timeout_s)
 
 
 def state_dir() -> Path:
@@ -182,6 +185,7 @@ class State(str, enum.Enum):
     PENDING = "pending"  # queued or running
     OK = "ok"  # exited 0
     FAILED = "failed"  # exited non-zero, or a signal killed it
+    TIMEOUT = "timeout"  # ran past --timeout and was killed (its output is kept)
     ERROR = "error"  # never ran to an exit: not found, time or memory limit, crash, lost
     CANCELLED = "cancelled"
 
@@ -209,7 +213,7 @@ class JobState:
 
     @property
     def failed(self) -> bool:
-        return self.state in (State.FAILED, State.ERROR)
+        return self.state in (State.FAILED, State.TIMEOUT, State.ERROR)
 
 
 def describe(index: int, future: concurrent.futures.Future[Any]) -> JobState:
@@ -220,7 +224,8 @@ def describe(index: int, future: concurrent.futures.Future[Any]) -> JobState:
     error = future.exception()
     if isinstance(error, CommandFailed) and isinstance(error.result, CommandResult):
         r = error.result
-        return JobState(index, State.FAILED, r.returncode, r.worker, r.host, r.run_s, r.attempts, str(error))
+        state = State.TIMEOUT if r.timed_out else State.FAILED
+        return JobState(index, state, r.returncode, r.worker, r.host, r.run_s, r.attempts, str(error))
     if error is not None:
         return JobState(index, State.ERROR, error=f"{type(error).__name__}: {error}".splitlines()[0])
     value = future.result()
@@ -257,7 +262,9 @@ class Attached:
         self.client = Client(record.address, session=record.session, keys=record.keys or None,
                              key_name=record.key_name or None, connect_timeout_s=connect_timeout_s)
         try:
-            limited = self.client.with_options(job_timeout_s=record.timeout_s, mem_limit=record.mem_limit)
+            # the command keeps its own time limit (and its output); the slot's is a backstop
+            backstop = record.timeout_s + TIMEOUT_BACKSTOP_S if record.timeout_s else None
+            limited = self.client.with_options(job_timeout_s=backstop, mem_limit=record.mem_limit)
             cancelled = set(record.cancelled)
             self.futures: list[concurrent.futures.Future[Any]] = []
             for position, index in enumerate(record.indexes):

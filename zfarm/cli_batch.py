@@ -295,6 +295,7 @@ def _summary(states: list[JobState]) -> str:
         for k, label in (
             (State.OK, "succeeded"),
             (State.FAILED, "failed"),
+            (State.TIMEOUT, "timed out"),
             (State.ERROR, "did not run to an exit"),
             (State.CANCELLED, "cancelled"),
             (State.PENDING, "pending"),

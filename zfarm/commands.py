@@ -53,6 +53,7 @@ class CommandResult:
         worker, host: the worker and machine that ran it.
         stdout_cut, stderr_cut: bytes dropped from the start of each stream (0: complete).
         attempts: how many times it ran (more than 1 with ``retries``).
+        timed_out: it ran past its own time limit (``CommandSpec.timeout_s``) and was killed.
     """
 
     args: tuple[str, ...] | str
@@ -65,6 +66,7 @@ class CommandResult:
     stdout_cut: int = 0
     stderr_cut: int = 0
     attempts: int = 1
+    timed_out: bool = False
 
     @property
     def ok(self) -> bool:
@@ -84,7 +86,8 @@ class CommandResult:
         """Raise :class:`zfarm.CommandFailed` if the command did not exit with status 0."""
         if self.returncode != 0:
             tail = "\n".join(self.stderr.rstrip("\n").splitlines()[-STDERR_LINES_QUOTED:])
-            raise CommandFailed(command_text(self.args), self.returncode, tail, self.host, self)
+            limit = self.run_s if self.timed_out else None
+            raise CommandFailed(command_text(self.args), self.returncode, tail, self.host, self, limit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,12 +105,14 @@ class CommandSpec:
     check: bool = True
     input: bytes | None = None
     retries: int = 0  # runs again while it exits non-zero (job arrays)
+    timeout_s: float | None = None  # killed past it, keeping its output (job arrays)
     scratch: bool = True  # a private ZFARM_JOB_TMPDIR, removed afterwards
 
     @classmethod
     def of(cls, args: str | Sequence[str | os.PathLike[str]], *, shell: bool = False,
            cwd: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None,
-           check: bool = True, input: str | bytes | None = None, retries: int = 0) -> CommandSpec:
+           check: bool = True, input: str | bytes | None = None, retries: int = 0,
+           timeout_s: float | None = None) -> CommandSpec:
         """Check and normalise ``Client.run``'s arguments.
 
         Raises:
@@ -126,7 +131,8 @@ class CommandSpec:
                 command = " ".join(shlex.quote(a) for a in command)
         data = input.encode() if isinstance(input, str) else input
         pairs = tuple(sorted((str(k), str(v)) for k, v in (env or {}).items()))
-        return cls(command, shell, os.fspath(cwd) if cwd is not None else None, pairs, check, data, retries)
+        folder = os.fspath(cwd) if cwd is not None else None
+        return cls(command, shell, folder, pairs, check, data, retries, timeout_s)
 
 
 def command_text(args: tuple[str, ...] | str) -> str:
@@ -147,19 +153,23 @@ def run_command(spec: CommandSpec) -> CommandResult:
     while True:
         attempts += 1
         result = _run_once(spec, host, attempts)
-        if result.returncode == 0 or attempts > spec.retries:
+        if result.returncode == 0 or result.timed_out or attempts > spec.retries:
             break
     if spec.check:
         result.check_returncode()
     return result
 
 
-def _end_leftovers(pgid: int) -> None:
-    """Kill what the command left running: its process group, and in a slot everything below it."""
+def _kill_group(pgid: int) -> None:
     try:
         os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def _end_leftovers(pgid: int) -> None:
+    """Kill what the command left running: its process group, and in a slot everything below it."""
+    _kill_group(pgid)
     if proctree.is_subreaper():  # setsid'd and double-forked ones were adopted by this slot
         proctree.end_own_descendants()
 
@@ -180,8 +190,13 @@ def _run_once(spec: CommandSpec, host: str, attempts: int) -> CommandResult:
                                         stdout=out, stderr=err, start_new_session=True)
             except (FileNotFoundError, PermissionError, NotADirectoryError) as exc:
                 raise CommandNotFound(command_text(spec.args), host, exc.strerror or str(exc)) from None
+            timed_out = False
             try:
-                proc.communicate(spec.input)
+                proc.communicate(spec.input, timeout=spec.timeout_s)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                _kill_group(proc.pid)
+                proc.wait()  # before any reaping below, which would lose its status
             finally:
                 _end_leftovers(proc.pid)
             run_s = time.perf_counter() - started
@@ -193,7 +208,7 @@ def _run_once(spec: CommandSpec, host: str, attempts: int) -> CommandResult:
     worker = os.environ.get("ZFARM_WORKER_ID", "")
     return CommandResult(spec.args, proc.returncode, stdout.decode("utf-8", "replace"),
                          stderr.decode("utf-8", "replace"), run_s, worker, host, stdout_cut, stderr_cut,
-                         attempts)
+                         attempts, timed_out)
 
 
 def echo_output(job: str, future: Future[Any]) -> None:

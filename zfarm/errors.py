@@ -205,25 +205,30 @@ class CommandFailed(JobError):
         stderr_tail: the last lines of its standard error.
         host: the machine it ran on.
         result: the whole :class:`zfarm.CommandResult` (stdout and stderr included).
+        timed_out_after_s: set when the command ran past its own time limit (job arrays).
     """
 
     def __init__(self, command: str, returncode: int, stderr_tail: str = "", host: str = "",
-                 result: object = None) -> None:
+                 result: object = None, timed_out_after_s: float | None = None) -> None:
         self.command = command
         self.returncode = returncode
         self.signal = _signal_name(-returncode) if returncode < 0 else ""
         self.stderr_tail = stderr_tail
         self.host = host
         self.result = result
+        self.timed_out_after_s = timed_out_after_s
         how = f"was killed by signal {-returncode} ({self.signal})" if returncode < 0 else \
             f"exited with status {returncode}"
+        if timed_out_after_s is not None:
+            how = f"ran {timed_out_after_s:.1f} s, past its time limit, and was killed"
         tail = f"; the end of its stderr:\n{stderr_tail}" if stderr_tail else " (nothing on its stderr)"
         text = f"command {command} {how}{_where(host)}{tail}"
         ZfarmError.__init__(self, text)
         self.type_name, self.message, self.remote_traceback = "zfarm.CommandFailed", text, ""
 
-    def __reduce__(self) -> tuple[type, tuple[str, int, str, str, object]]:  # type: ignore[override]
-        return (type(self), (self.command, self.returncode, self.stderr_tail, self.host, self.result))
+    def __reduce__(self) -> tuple[type, tuple[str, int, str, str, object, float | None]]:  # type: ignore[override]
+        return (type(self), (self.command, self.returncode, self.stderr_tail, self.host, self.result,
+                             self.timed_out_after_s))
 
 
 class CommandNotFound(ZfarmError, FileNotFoundError):
