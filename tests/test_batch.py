@@ -118,7 +118,7 @@ def test_a_timed_out_job_is_killed_with_its_tree_and_keeps_its_output(procs: Pro
     endpoint, _ = procs.farm(*FAST, procs=2)
     pid_file = tmp_path / "pid-{}"
     command = f"echo started {{}}; (setsid sleep 1000 & echo $! > {pid_file}); sleep 60"
-    waited = zf(state, "submit", "--connect", endpoint, "--name", "slow", "--array", "1-2", "--timeout", "1",
+    waited = zf(state, "submit", "--connect", endpoint, "--name", "slow", "--array", "1-2", "--timeout", "3",
                 "--wait", "--", "sh", "-c", command)
     assert waited.returncode == 1 and "2 timed out" in waited.stdout, waited.stdout + waited.stderr
     assert zf(state, "logs", "slow", "2").stdout == "started 2\n"

@@ -126,7 +126,7 @@ def test_setsid_and_double_forked_processes_end_with_their_job(endpoint: str, tm
 @LINUX
 def test_a_timed_out_or_cancelled_job_takes_its_whole_tree(endpoint: str, tmp_path: Path) -> None:
     with zfarm.Client(endpoint) as client:
-        timed = client.with_options(job_timeout_s=1.0).submit(jobs.leave_orphans, tmp_path / "a", 60.0)
+        timed = client.with_options(job_timeout_s=3.0).submit(jobs.leave_orphans, tmp_path / "a", 60.0)
         with pytest.raises(zfarm.JobTimeout):
             timed.result(30)
         assert not live_pids(_pids(tmp_path / "a"))
