@@ -91,8 +91,11 @@ def test_output_of_python_c_level_writes_and_child_processes_is_captured(
         assert output.stderr == "to stderr\nchild err\n"
         assert (output.stdout_cut, output.stderr_cut) == (0, 0)
         assert client.submit(jobs.square, 3).result(30) == 9  # a quiet job carries no output
+        with pytest.raises(zfarm.CommandFailed):
+            client.run(["sh", "-c", "echo said; echo why >&2; exit 1"]).result(30)
     echoed = capsys.readouterr()
     assert f"[{client.id}:1] from fd 1" in echoed.out and f"[{client.id}:1] child err" in echoed.err
+    assert f"[{client.id}:3] said" in echoed.out and f"[{client.id}:3] why" in echoed.err
 
 
 def test_large_output_keeps_the_last_mebibyte_and_the_worker_memory_flat(endpoint: str) -> None:

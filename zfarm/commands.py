@@ -221,8 +221,9 @@ def echo_output(job: str, future: Future[Any]) -> None:
         return
     printed = [getattr(future, "output", None)]
     # the plain Future's methods: echoing a result is not the program reading it (sessions)
-    if Future.exception(future, 0) is None:
-        printed.append(Future.result(future, 0))
+    error = Future.exception(future, 0)
+    printed.append(error.result if isinstance(error, CommandFailed) else
+                   Future.result(future, 0) if error is None else None)
     streams: list[tuple[str, int, TextIO]] = []
     for out in printed:
         if isinstance(out, (CommandResult, JobOutput)):
