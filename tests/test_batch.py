@@ -127,6 +127,18 @@ def test_a_timed_out_job_is_killed_with_its_tree_and_keeps_its_output(procs: Pro
     assert not live_pids(int((tmp_path / f"pid-{i}").read_text()) for i in (1, 2))
 
 
+def test_max_running_caps_the_jobs_of_an_array_running_at_once(procs: Procs, state: dict[str, str],
+                                                                tmp_path: Path) -> None:
+    endpoint, _ = procs.farm(*FAST, procs=3)
+    running = tmp_path / "running"
+    running.mkdir()
+    count = f"touch {running}/{{}}; sleep 0.3; ls {running} | wc -l; rm {running}/{{}}"
+    done = zf(state, "submit", "--connect", endpoint, "--name", "one", "--array", "1-5", "--max-running", "1",
+              "--wait", "--", "sh", "-c", count)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert [zf(state, "logs", "one", str(i)).stdout.strip() for i in range(1, 6)] == ["1"] * 5
+
+
 @pytest.mark.slow
 def test_an_array_survives_its_submitter_and_a_broker_sigkill_on_its_journal(
         procs: Procs, state: dict[str, str], tmp_path: Path) -> None:

@@ -96,6 +96,7 @@ class ArrayRecord:
     timeout_s: float | None = None
     mem_limit: int | None = None
     retries: int = 0
+    max_running: int | None = None  # jobs of the array run at once, at most (the broker holds the rest)
     cwd: str | None = None
     env: dict[str, str] = field(default_factory=dict)
     cancelled: list[int] = field(default_factory=list)
@@ -256,7 +257,7 @@ class Attached:
     """
 
     def __init__(self, record: ArrayRecord, connect_timeout_s: float = 10.0) -> None:
-        from zfarm.client import Client
+        from zfarm.client import Client, JobLimits, job_options
 
         self.record = record
         self.client = Client(record.address, session=record.session, keys=record.keys or None,
@@ -264,7 +265,10 @@ class Attached:
         try:
             # the command keeps its own time limit (and its output); the slot's is a backstop
             backstop = record.timeout_s + TIMEOUT_BACKSTOP_S if record.timeout_s else None
-            limited = self.client.with_options(job_timeout_s=backstop, mem_limit=record.mem_limit)
+            options = job_options(backstop, record.mem_limit)
+            if record.max_running:
+                options["max_running"] = record.max_running  # read by the broker's scheduler
+            limited = JobLimits(self.client, options)
             cancelled = set(record.cancelled)
             self.futures: list[concurrent.futures.Future[Any]] = []
             for position, index in enumerate(record.indexes):

@@ -65,6 +65,12 @@ def add_batch_commands(sub: Any, command: Register, keys_flag: Callable[..., Non
         help="resident memory each job (with its child processes) may reach: 500M, 2G ...",
     )
     submit.add_argument(
+        "--max-running",
+        type=int,
+        metavar="K",
+        help="run at most K of the array's jobs at once (the broker holds the others back)",
+    )
+    submit.add_argument(
         "--retries",
         type=int,
         default=0,
@@ -181,6 +187,8 @@ def _run_submit(args: argparse.Namespace) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         raise ConfigError("zfarm submit needs a command: zfarm submit [OPTIONS] -- COMMAND [ARG...]")
+    if args.max_running is not None and args.max_running < 1:
+        raise ConfigError(f"--max-running must be at least 1, not {args.max_running}")
     if args.retries < 0:
         raise ConfigError(f"--retries must be at least 0, not {args.retries}")
     append = False
@@ -207,6 +215,7 @@ def _run_submit(args: argparse.Namespace) -> int:
         timeout_s=args.timeout_s,
         mem_limit=args.mem_limit,
         retries=args.retries,
+        max_running=args.max_running,
         cwd=args.cwd,
         env=_env(args.env),
         created_at=time.time(),
