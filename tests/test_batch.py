@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+import zfarm
+from tests import jobs
 from tests.helpers import (
     ZFARM_COMMAND,
     Procs,
@@ -179,3 +181,24 @@ def test_arrays_on_a_curve_farm_use_the_keys_they_were_submitted_with(procs: Pro
     assert zf(state, "wait", "secret").returncode == 0  # the record keeps the keys folder
     assert zf(state, "logs", "secret", "2").stdout == "2\n"
     assert zf(state, "forget", "secret").returncode == 0
+
+
+def test_a_worker_output_dir_keeps_whole_streams_named_like_slurm(procs: Procs, state: dict[str, str],
+                                                                  tmp_path: Path) -> None:
+    _, endpoint = procs.broker(None, *FAST)
+    out = tmp_path / "out"
+    procs.worker(endpoint, "--output-dir", str(out), procs=2)
+    wait_for_workers(endpoint, 1)
+    big = "head -c 3145728 /dev/zero | tr '\\0' x; echo; echo err {} >&2"
+    assert zf(state, "submit", "--connect", endpoint, "--name", "kept", "--array", "1-3", "--wait", "--",
+              "sh", "-c", big).returncode == 0
+    assert (out / "kept_2.out").stat().st_size == 3 * 2**20 + 1  # whole, where logs keeps the last MiB
+    assert (out / "kept_2.err").read_text() == "err 2\n"
+    assert len(zf(state, "logs", "kept", "2").stdout) == 2**20
+    with zfarm.Client(endpoint) as client:
+        future = client.submit(jobs.print_everywhere)
+        future.result(30)
+        quiet = client.submit(jobs.square, 2)
+        quiet.result(30)
+    assert (out / f"{client.id}_1.out").read_text() == "from python\nfrom fd 1\nfrom a child\n"
+    assert not (out / f"{client.id}_2.out").exists()  # a job that printed nothing leaves no file

@@ -36,8 +36,8 @@ import msgpack
 
 from zfarm import proctree
 from zfarm import serialization as ser
-from zfarm.errors import JobCrashed, JobTimeout, MemoryLimitExceeded
-from zfarm.output import FdCapture
+from zfarm.errors import ConfigError, JobCrashed, JobTimeout, MemoryLimitExceeded
+from zfarm.output import JOB_ID_VARIABLE, FdCapture
 from zfarm.protocol import Outcome, buffer_of, remember_fn
 
 log = logging.getLogger(__name__)
@@ -45,8 +45,6 @@ log = logging.getLogger(__name__)
 Key = tuple[str, int]
 #: exit status of a slot whose worker died
 ORPHANED_EXIT = 70
-#: the variable that names the running job in its slot (and its child processes)
-JOB_ID_VARIABLE = "ZFARM_JOB_ID"
 
 
 @dataclass(slots=True)
@@ -82,14 +80,14 @@ class SlotOutcome:
 # ---- inside the slot process -----------------------------------------------------------------------
 
 
-def _slot_main(conn: Connection, lifeline: Connection) -> None:
+def _slot_main(conn: Connection, lifeline: Connection, output_dir: str = "") -> None:
     # Ctrl-C and a SIGTERM sent to the whole process group are the worker's to handle:
     # it lets running jobs finish, and kills slots itself with SIGKILL when it must.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     threading.Thread(target=_exit_with_worker, args=(lifeline,), daemon=True).start()
     proctree.become_subreaper()
-    capture = FdCapture()
+    capture = FdCapture(output_dir)
     functions: dict[bytes, Any] = {}
     while True:
         try:
@@ -100,7 +98,7 @@ def _slot_main(conn: Connection, lifeline: Connection) -> None:
         except (EOFError, OSError):
             os._exit(0)  # the worker closed the pipe: a normal end
         os.environ[JOB_ID_VARIABLE] = job_name
-        capture.start()
+        capture.start(job_name)
         started_at, started = time.time(), time.perf_counter()
         try:
             outcome, out, info = _run(functions.get(fn_id), frames)
@@ -216,11 +214,12 @@ def _rss_bytes(pid: int | None) -> int:
 class Slot:
     """One slot process and the task it runs, as seen from the worker."""
 
-    def __init__(self, ctx: Any, index: int) -> None:
+    def __init__(self, ctx: Any, index: int, output_dir: str = "") -> None:
         self.index = index
         self.conn, child_conn = ctx.Pipe(duplex=True)
         lifeline_r, self.lifeline = ctx.Pipe(duplex=False)
-        self.process = ctx.Process(target=_slot_main, args=(child_conn, lifeline_r), daemon=True,
+        self.output_dir = output_dir
+        self.process = ctx.Process(target=_slot_main, args=(child_conn, lifeline_r, output_dir), daemon=True,
                                    name=f"zfarm-slot-{index}")
         self.process.start()
         child_conn.close()
@@ -278,13 +277,24 @@ class Slot:
 class SlotPool:
     """A fixed number of slots; dead ones are replaced as soon as they are noticed."""
 
-    def __init__(self, size: int, host: str = "") -> None:
+    def __init__(self, size: int, host: str = "", output_dir: str = "") -> None:
+        """``output_dir``: keep every job's whole stdout and stderr there (see :class:`FdCapture`).
+
+        Raises:
+            ConfigError: ``output_dir`` cannot be created.
+        """
+        if output_dir:
+            try:
+                os.makedirs(output_dir, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(f"--output-dir {output_dir}: {exc.strerror or exc}") from None
+        self.output_dir = output_dir
         methods = multiprocessing.get_all_start_methods()
         self.ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
         if "forkserver" in methods:
             self.ctx.set_forkserver_preload(["zfarm.chaperone"])
         self.host = host
-        self.slots = [Slot(self.ctx, i) for i in range(size)]
+        self.slots = [Slot(self.ctx, i, output_dir) for i in range(size)]
         self._next_memory_check = 0.0
 
     @property
@@ -369,7 +379,7 @@ class SlotPool:
         """Kill a slot (whatever it runs is over) and start a fresh one; returns the exit code."""
         slot.task = None
         exitcode = slot.kill()
-        self.slots[self.slots.index(slot)] = Slot(self.ctx, slot.index)
+        self.slots[self.slots.index(slot)] = Slot(self.ctx, slot.index, self.output_dir)
         return exitcode
 
     def close(self) -> None:

@@ -73,6 +73,9 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--worker-id", help="name shown in status (default: random)")
     worker.add_argument("--grace", type=float, dest="grace_s",
                         help="seconds running jobs may take to finish on SIGTERM (default 30)")
+    worker.add_argument("--output-dir", metavar="DIR",
+                        help="keep each job's whole stdout and stderr as files in DIR, named like Slurm's "
+                             "%%A_%%a (env ZFARM_OUTPUT_DIR)")
     _liveness_flags(worker)
     _keys_flag(worker)
 
@@ -195,7 +198,7 @@ def _run_worker(args: argparse.Namespace) -> int:
     from zfarm.worker import run_worker
 
     flags = _flags(args, ["procs", "prefetch", "worker_id", "grace_s", "heartbeat_interval_s", "liveness",
-                          "parent_pid", "keys", "key_name"])
+                          "parent_pid", "keys", "key_name", "output_dir"])
     settings = resolve(WorkerSettings, {**flags, "address": args.connect})
     run_worker(settings)
     return 0

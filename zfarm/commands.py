@@ -19,6 +19,7 @@ of each stream come back and ``stdout_cut``/``stderr_cut`` say how much was cut.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import shutil
@@ -28,14 +29,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import IO, Any, TextIO
 
 from zfarm import proctree
 from zfarm.errors import CommandFailed, CommandNotFound, ConfigError
-from zfarm.output import TAIL_BYTES, JobOutput, read_tail
+from zfarm.output import JOB_ID_VARIABLE, TAIL_BYTES, JobOutput, file_stem, output_dir, read_tail
 
 #: lines of stderr quoted in a CommandFailed message
 STDERR_LINES_QUOTED = 10
@@ -160,6 +161,29 @@ def run_command(spec: CommandSpec) -> CommandResult:
     return result
 
 
+@contextlib.contextmanager
+def _stream_files(spec: CommandSpec) -> Iterator[tuple[IO[bytes], IO[bytes]]]:
+    """Where the command's stdout and stderr go: scratch files, or whole files kept in the
+    worker's ``--output-dir`` (``ARRAY_INDEX.out`` for a job of an array, as Slurm's ``%A_%a``)."""
+    folder = output_dir()
+    if not folder:
+        with tempfile.TemporaryFile(prefix="zfarm-out-") as out, \
+                tempfile.TemporaryFile(prefix="zfarm-err-") as err:
+            yield out, err
+        return
+    env = dict(spec.env)
+    if "ZFARM_ARRAY_NAME" in env:
+        stem = file_stem(f"{env['ZFARM_ARRAY_NAME']}_{env.get('ZFARM_ARRAY_INDEX', '')}")
+    else:
+        stem = file_stem(os.environ.get(JOB_ID_VARIABLE, "command")) + ".cmd"
+    paths = [os.path.join(folder, f"{stem}.out"), os.path.join(folder, f"{stem}.err")]
+    with open(paths[0], "w+b") as out, open(paths[1], "w+b") as err:
+        yield out, err
+    for path in paths:
+        if os.path.getsize(path) == 0:
+            os.unlink(path)
+
+
 def _kill_group(pgid: int) -> None:
     try:
         os.killpg(pgid, signal.SIGKILL)
@@ -183,8 +207,7 @@ def _run_once(spec: CommandSpec, host: str, attempts: int) -> CommandResult:
     started = time.perf_counter()
     try:
         stdin = subprocess.PIPE if spec.input is not None else subprocess.DEVNULL
-        with tempfile.TemporaryFile(prefix="zfarm-out-") as out, \
-                tempfile.TemporaryFile(prefix="zfarm-err-") as err:
+        with _stream_files(spec) as (out, err):
             try:
                 proc = subprocess.Popen(spec.args, shell=spec.shell, cwd=spec.cwd, env=env, stdin=stdin,
                                         stdout=out, stderr=err, start_new_session=True)

@@ -32,6 +32,8 @@ from zfarm.protocol import as_bytes, buffer_of
 
 #: bytes of each stream kept per job (the end of it)
 TAIL_BYTES = 1024 * 1024
+#: the variable that names the running job in its slot (and its child processes)
+JOB_ID_VARIABLE = "ZFARM_JOB_ID"
 #: the first bytes of an output frame
 MAGIC = b"\x00zfarm-output-1\x00"
 
@@ -85,17 +87,29 @@ def read_tail(fd: int, keep: int = TAIL_BYTES) -> tuple[bytes, int]:
 
 
 class FdCapture:
-    """Sends this process's fd 1 and 2 to scratch files while a job runs (one per slot)."""
+    """Sends this process's fd 1 and 2 to files while a job runs (one per slot).
 
-    def __init__(self) -> None:
-        self._files = [_scratch_fd("zfarm-out-"), _scratch_fd("zfarm-err-")]
+    By default the files are two scratch files with no name, reused job after job. With
+    ``output_dir`` (``zfarm worker --output-dir``) each job gets its own pair, kept whole:
+    ``DIR/CLIENT_SEQ.out`` and ``.err``, named as Slurm's ``%A_%a`` (empty ones are removed).
+    """
+
+    def __init__(self, output_dir: str = "") -> None:
+        global _output_dir
+        _output_dir = self.output_dir = output_dir
+        self._files = [] if output_dir else [_scratch_fd("zfarm-out-"), _scratch_fd("zfarm-err-")]
+        self._paths: list[str] = []
         self._saved = [os.dup(1), os.dup(2)]  # where they pointed before: the worker's own
         self._dirty = [False, False]  # a scratch file holds the previous job's output
 
-    def start(self) -> None:
+    def start(self, job: str = "") -> None:
         _flush_python_streams()
+        if self.output_dir:
+            stem = os.path.join(self.output_dir, file_stem(job))
+            self._paths = [f"{stem}.out", f"{stem}.err"]
+            self._files = [os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644) for path in self._paths]
         for fd, scratch, dirty in zip((1, 2), self._files, self._dirty, strict=True):
-            if dirty:
+            if dirty and not self.output_dir:
                 os.ftruncate(scratch, 0)
                 os.lseek(scratch, 0, os.SEEK_SET)
             os.dup2(scratch, fd)
@@ -107,9 +121,29 @@ class FdCapture:
             os.dup2(saved, fd)
         (out, out_cut), (err, err_cut) = (read_tail(scratch) for scratch in self._files)
         self._dirty = [bool(out), bool(err)]
+        if self.output_dir:
+            for fd, path, data in zip(self._files, self._paths, (out, err), strict=True):
+                os.close(fd)
+                if not data:
+                    with contextlib.suppress(OSError):
+                        os.unlink(path)
+            self._files = []
         if not (out or err):
             return b""
         return pack(out, err, out_cut, err_cut)
+
+
+_output_dir = ""
+
+
+def output_dir() -> str:
+    """The folder where this slot keeps whole output streams ("" when it keeps none)."""
+    return _output_dir
+
+
+def file_stem(name: str) -> str:
+    """A job's name as a file name: ``client:seq`` becomes ``client_seq``."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "job"
 
 
 def _scratch_fd(prefix: str) -> int:

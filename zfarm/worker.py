@@ -255,7 +255,7 @@ class Worker:
         core = self.core
         os.environ["ZFARM_WORKER_PID"] = str(os.getpid())  # jobs may read it; set before slots start
         os.environ["ZFARM_WORKER_ID"] = core.id
-        self.pool = SlotPool(core.slots, core.host)
+        self.pool = SlotPool(core.slots, core.host, self.settings.output_dir)
         log.info("worker %s on %s pid %d: %d slots, connecting to %s", core.id, core.host, core.pid,
                  core.slots, self.settings.address)
         try:
