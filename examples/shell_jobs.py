@@ -1,4 +1,4 @@
-"""Shell commands as jobs: each job runs a command with subprocess.run and returns its output.
+"""Shell commands as jobs: ``client.run`` runs a command on a worker, as ``subprocess.run`` would there.
 
 Run it with::
 
@@ -6,19 +6,15 @@ Run it with::
     python examples/shell_jobs.py tcp://HEAD:5555       # or a running broker
 
 The commands run on the workers' machines, in the worker's working directory and
-environment, so they must exist there. A command that fails (non-zero exit status) does
-not fail its job here: the job returns the exit status and both outputs, and the caller
-decides. Pass ``check=True`` to subprocess.run to make it raise CalledProcessError instead.
+environment, so they must exist there. Each future gives a ``zfarm.CommandResult``
+(return code, stdout and stderr as text, run time, worker and host). With ``check=False`` a
+command that fails does not raise: the caller looks at its return code. With the default
+``check=True`` it raises ``zfarm.CommandFailed``; a program that does not exist raises
+``zfarm.CommandNotFound`` either way. From the shell, ``zfarm submit --array`` does the same
+for whole arrays of commands (docs/batch.md).
 """
 
-import subprocess
 import sys
-
-
-def run(command: list[str], timeout_s: float = 60) -> dict[str, object]:
-    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
-    return {"command": " ".join(command), "status": done.returncode,
-            "stdout": done.stdout.strip(), "stderr": done.stderr.strip()}
 
 
 def main() -> int:
@@ -34,12 +30,19 @@ def main() -> int:
     address = sys.argv[1] if len(sys.argv) > 1 else None  # None: an embedded farm
     failed = 0
     with zfarm.Client(address) as client:
-        for result in client.map(run, commands):
-            if result["status"] == 0:
-                print(f"ok      {result['command']}: {result['stdout']}")
+        futures = [client.run(command, check=False) for command in commands]
+        for future in futures:
+            result = future.result()
+            line = " ".join(result.args)
+            if result.returncode == 0:
+                print(f"ok      {line}: {result.stdout.strip()}  ({result.host}, {result.run_s:.3f} s)")
             else:
                 failed += 1
-                print(f"exit {result['status']:<2} {result['command']}: {result['stderr']}")
+                print(f"exit {result.returncode:<2} {line}: {result.stderr.strip()}")
+        try:
+            client.run(["no-such-program"]).result()
+        except zfarm.CommandNotFound as missing:
+            print(f"as expected: {missing}")
     print(f"{len(commands) - failed} of {len(commands)} commands succeeded")
     return 0
 

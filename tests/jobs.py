@@ -168,3 +168,48 @@ def record_held_run(marker_dir: str | os.PathLike[str], release: str | os.PathLi
     hold(release, x)
     Path(marker_dir, f"finished-{run}").touch()
     return x * 10
+
+
+def leave_orphans(pid_file: str | os.PathLike[str], hold_s: float) -> list[int]:
+    """Start a ``setsid`` child and a double-forked daemon, write their pids, then run ``hold_s``.
+
+    Both escape the job's process group; only a subreaper (or a cgroup) still finds them.
+    """
+    import subprocess
+
+    setsid_child = subprocess.Popen(["sleep", "1000"], start_new_session=True).pid
+    read_end, write_end = os.pipe()
+    if os.fork() == 0:  # the first fork: leaves a daemon behind and exits at once
+        os.setsid()
+        daemon = os.fork()
+        if daemon == 0:
+            os.close(read_end)
+            os.close(write_end)
+            time.sleep(1000)
+            os._exit(0)
+        os.write(write_end, str(daemon).encode())
+        os._exit(0)
+    os.close(write_end)
+    daemon = int(os.read(read_end, 32))
+    os.close(read_end)
+    pids = [setsid_child, daemon]
+    tmp = Path(f"{pid_file}.tmp")
+    tmp.write_text(" ".join(map(str, pids)))
+    tmp.replace(pid_file)  # whole, or not there
+    time.sleep(hold_s)
+    return pids
+
+
+def print_everywhere(n_bytes: int = 0) -> str:
+    """Print through Python, through fd 1 directly, and from a child process; optionally ``n_bytes`` more."""
+    import sys
+
+    print("from python")
+    print("to stderr", file=sys.stderr)
+    sys.stdout.flush()
+    os.write(1, b"from fd 1\n")
+    os.system("echo from a child; echo child err >&2")
+    block = b"y" * 65536
+    for _ in range(n_bytes // len(block)):
+        os.write(1, block)
+    return "done"

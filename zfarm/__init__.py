@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 from zfarm.errors import (
     BrokerUnavailable,
+    CommandFailed,
+    CommandNotFound,
     ConfigError,
     JobCrashed,
     JobError,
@@ -31,6 +33,8 @@ __version__ = "0.2.0"
 
 if TYPE_CHECKING:
     from zfarm.client import Client, as_completed
+    from zfarm.commands import CommandResult
+    from zfarm.output import JobOutput
 
 
 def __getattr__(name: str) -> Any:
@@ -40,6 +44,14 @@ def __getattr__(name: str) -> Any:
         from zfarm import client
 
         return getattr(client, name)
+    if name == "CommandResult":
+        from zfarm.commands import CommandResult
+
+        return CommandResult
+    if name == "JobOutput":
+        from zfarm.output import JobOutput
+
+        return JobOutput
     raise AttributeError(f"module 'zfarm' has no attribute {name!r}")
 
 
@@ -47,7 +59,8 @@ def __getattr__(name: str) -> Any:
 logging.getLogger("zfarm").addHandler(logging.NullHandler())
 
 __all__ = [
-    "BrokerUnavailable", "Client", "ConfigError", "JobCrashed", "JobError", "JobTimeout",
-    "MemoryLimitExceeded", "PayloadTooLarge", "ProtocolError", "Refused", "RemoteTraceback", "SecurityError",
-    "WorkerLost", "ZfarmError", "__version__", "as_completed",
+    "BrokerUnavailable", "Client", "CommandFailed", "CommandNotFound", "CommandResult", "ConfigError",
+    "JobCrashed", "JobError", "JobOutput", "JobTimeout", "MemoryLimitExceeded", "PayloadTooLarge",
+    "ProtocolError", "Refused", "RemoteTraceback", "SecurityError", "WorkerLost", "ZfarmError",
+    "__version__", "as_completed",
 ]

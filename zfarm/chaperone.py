@@ -11,6 +11,12 @@ down: the pool notices the dead pipe, reports :class:`JobCrashed` naming the
 exit code or signal, and starts a fresh slot. Slots come from a forkserver, a
 clean single-threaded parent, so they inherit no ZeroMQ threads or sockets.
 Functions are unpickled once per slot and cached by their id.
+
+Each slot owns its job's whole process tree (see :mod:`zfarm.proctree`): it is a
+child subreaper, so whatever the job starts stays below it, is counted against
+the job's memory limit, and is killed when the job ends, times out, is cancelled,
+or the worker goes. What the job prints goes to scratch files at the
+file-descriptor level and travels with its result (see :mod:`zfarm.output`).
 """
 
 from __future__ import annotations
@@ -28,8 +34,10 @@ from typing import Any
 
 import msgpack
 
+from zfarm import proctree
 from zfarm import serialization as ser
-from zfarm.errors import JobCrashed, JobTimeout, MemoryLimitExceeded
+from zfarm.errors import ConfigError, JobCrashed, JobTimeout, MemoryLimitExceeded
+from zfarm.output import JOB_ID_VARIABLE, FdCapture
 from zfarm.protocol import Outcome, buffer_of, remember_fn
 
 log = logging.getLogger(__name__)
@@ -72,24 +80,34 @@ class SlotOutcome:
 # ---- inside the slot process -----------------------------------------------------------------------
 
 
-def _slot_main(conn: Connection, lifeline: Connection) -> None:
+def _slot_main(conn: Connection, lifeline: Connection, output_dir: str = "") -> None:
     # Ctrl-C and a SIGTERM sent to the whole process group are the worker's to handle:
     # it lets running jobs finish, and kills slots itself with SIGKILL when it must.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     threading.Thread(target=_exit_with_worker, args=(lifeline,), daemon=True).start()
+    proctree.become_subreaper()
+    capture = FdCapture(output_dir)
     functions: dict[bytes, Any] = {}
     while True:
         try:
-            fn_id, with_fn, nframes = msgpack.unpackb(conn.recv_bytes())
+            fn_id, with_fn, nframes, job_name = msgpack.unpackb(conn.recv_bytes())
             if with_fn:
                 remember_fn(functions, fn_id, _load(conn.recv_bytes()))
             frames = [conn.recv_bytes() for _ in range(nframes)]
         except (EOFError, OSError):
             os._exit(0)  # the worker closed the pipe: a normal end
+        os.environ[JOB_ID_VARIABLE] = job_name
+        capture.start(job_name)
         started_at, started = time.time(), time.perf_counter()
-        outcome, out, info = _run(functions.get(fn_id), frames)
-        run_s = time.perf_counter() - started
+        try:
+            outcome, out, info = _run(functions.get(fn_id), frames)
+        finally:
+            run_s = time.perf_counter() - started
+            proctree.end_own_descendants()  # nothing the job started outlives it
+            output = capture.stop()
+        if output:
+            out = [*out, output]
         header = msgpack.packb([int(outcome), len(out), info, run_s, started_at, started_at + run_s,
                                 _peak_rss_bytes()])
         try:
@@ -101,11 +119,12 @@ def _slot_main(conn: Connection, lifeline: Connection) -> None:
 
 
 def _peak_rss_bytes() -> int:
+    """The largest resident memory of the slot or of any process its jobs started (so far)."""
     try:
         import resource
     except ImportError:  # Windows
         return 0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
     return int(peak if sys.platform == "darwin" else peak * 1024)  # macOS says bytes, Linux KiB
 
 
@@ -114,6 +133,7 @@ def _exit_with_worker(lifeline: Connection) -> None:
         lifeline.recv_bytes()
     except (EOFError, OSError):
         pass
+    proctree.kill_descendants(os.getpid())  # the job's processes go with us
     os._exit(ORPHANED_EXIT)
 
 
@@ -189,22 +209,19 @@ def _limit(task: SlotTask, name: str) -> float | None:
 
 
 def _rss_bytes(pid: int | None) -> int:
-    """Resident memory of a process, from /proc (0 where there is no /proc)."""
-    try:
-        with open(f"/proc/{pid}/statm", "rb") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
+    """Resident memory of a slot and every process its job started (0 where there is no /proc)."""
+    return proctree.tree_rss_bytes(pid) if pid is not None else 0
 
 
 class Slot:
     """One slot process and the task it runs, as seen from the worker."""
 
-    def __init__(self, ctx: Any, index: int) -> None:
+    def __init__(self, ctx: Any, index: int, output_dir: str = "") -> None:
         self.index = index
         self.conn, child_conn = ctx.Pipe(duplex=True)
         lifeline_r, self.lifeline = ctx.Pipe(duplex=False)
-        self.process = ctx.Process(target=_slot_main, args=(child_conn, lifeline_r), daemon=True,
+        self.output_dir = output_dir
+        self.process = ctx.Process(target=_slot_main, args=(child_conn, lifeline_r, output_dir), daemon=True,
                                    name=f"zfarm-slot-{index}")
         self.process.start()
         child_conn.close()
@@ -218,7 +235,7 @@ class Slot:
 
     def send(self, task: SlotTask) -> None:
         with_fn = task.fn_id not in self.fns and task.fn_blob is not None
-        self.conn.send_bytes(msgpack.packb([task.fn_id, with_fn, len(task.frames)]))
+        self.conn.send_bytes(msgpack.packb([task.fn_id, with_fn, len(task.frames), task.name]))
         if with_fn:
             self.conn.send_bytes(buffer_of(task.fn_blob))
             remember_fn(self.fns, task.fn_id, None)
@@ -248,8 +265,9 @@ class Slot:
                            finished_at, rss)
 
     def kill(self) -> int | None:
-        """Stop the process for good and return its exit code."""
-        if self.process.is_alive():
+        """Stop the process, and every process its job started, for good; return its exit code."""
+        if self.process.is_alive() and self.process.pid is not None:
+            proctree.kill_descendants(self.process.pid, include_self=True)
             self.process.kill()
         self.process.join(timeout=5)
         self.conn.close()
@@ -261,13 +279,24 @@ class Slot:
 class SlotPool:
     """A fixed number of slots; dead ones are replaced as soon as they are noticed."""
 
-    def __init__(self, size: int, host: str = "") -> None:
+    def __init__(self, size: int, host: str = "", output_dir: str = "") -> None:
+        """``output_dir``: keep every job's whole stdout and stderr there (see :class:`FdCapture`).
+
+        Raises:
+            ConfigError: ``output_dir`` cannot be created.
+        """
+        if output_dir:
+            try:
+                os.makedirs(output_dir, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(f"--output-dir {output_dir}: {exc.strerror or exc}") from None
+        self.output_dir = output_dir
         methods = multiprocessing.get_all_start_methods()
         self.ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
         if "forkserver" in methods:
             self.ctx.set_forkserver_preload(["zfarm.chaperone"])
         self.host = host
-        self.slots = [Slot(self.ctx, i) for i in range(size)]
+        self.slots = [Slot(self.ctx, i, output_dir) for i in range(size)]
         self._next_memory_check = 0.0
 
     @property
@@ -352,7 +381,7 @@ class SlotPool:
         """Kill a slot (whatever it runs is over) and start a fresh one; returns the exit code."""
         slot.task = None
         exitcode = slot.kill()
-        self.slots[self.slots.index(slot)] = Slot(self.ctx, slot.index)
+        self.slots[self.slots.index(slot)] = Slot(self.ctx, slot.index, self.output_dir)
         return exitcode
 
     def close(self) -> None:

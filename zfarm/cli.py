@@ -99,6 +99,10 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--worker-id", help="name shown in status (default: w- and random hex digits)")
     worker.add_argument("--grace", type=float, dest="grace_s", metavar="SECONDS",
                         help=f"seconds running jobs may take to finish on SIGTERM (default {W.grace_s:g})")
+    worker.add_argument("--output-dir", metavar="DIR",
+                        help="keep each job's whole stdout and stderr as files in DIR, named like Slurm's "
+                             "%%A_%%a (env ZFARM_OUTPUT_DIR; default: none, only the last MiB of each "
+                             "stream goes back with the result)")
     _liveness_flags(worker)
     _keys_flag(worker)
 
@@ -151,6 +155,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="use the broker at this endpoint instead of an embedded farm (env ZFARM_ADDRESS; "
                            "default: an embedded farm)")
     _keys_flag(demo)
+    from zfarm.cli_batch import add_batch_commands  # submit, jobs, wait, logs, cancel, forget
+
+    add_batch_commands(sub, _command, _keys_flag)
     return parser
 
 
@@ -267,7 +274,7 @@ def _run_worker(args: argparse.Namespace) -> int:
     from zfarm.worker import run_worker
 
     flags = _flags(args, ["procs", "prefetch", "worker_id", "grace_s", "heartbeat_interval_s", "liveness",
-                          "parent_pid", "keys", "key_name"])
+                          "parent_pid", "keys", "key_name", "output_dir"])
     settings = resolve(WorkerSettings, {**flags, "address": args.connect})
     check_endpoint(settings.address)  # inproc: no broker in this process
     run_worker(settings)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import atexit
 import concurrent.futures
 import dataclasses
+import functools
 import itertools
 import logging
 import os
@@ -24,12 +25,13 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import zmq
 
 from zfarm import serialization as ser
+from zfarm.commands import CommandResult, CommandSpec, echo_output, run_command
 from zfarm.config import ClientSettings, check_positive, resolve
 from zfarm.connection import Connection, JobFuture, PendingJob, cancel_future
 from zfarm.errors import BrokerUnavailable, ConfigError, PayloadTooLarge
@@ -62,6 +64,8 @@ class Client(concurrent.futures.Executor):
             their results while the client is away, and a client that comes back under the
             same name and submits the same jobs in the same order collects them instead of
             running them again (docs/reliability.md). One process per session at a time.
+        echo_output: print what each job printed (its stdout and stderr, captured on the
+            worker) here as its result arrives, each line prefixed with the job's id.
 
     Raises:
         BrokerUnavailable: the broker did not answer within ``connect_timeout_s``.
@@ -72,7 +76,8 @@ class Client(concurrent.futures.Executor):
                  window: int | None = None, heartbeat_interval_s: float | None = None,
                  keys: str | None = None, key_name: str | None = None, job_timeout_s: float | None = None,
                  mem_limit: int | None = None, retries: int | None = None,
-                 retry_backoff_s: float | None = None, session: str | None = None) -> None:
+                 retry_backoff_s: float | None = None, session: str | None = None,
+                 echo_output: bool = False) -> None:
         self.settings = resolve(ClientSettings, {
             "address": address, "connect_timeout_s": connect_timeout_s, "broker_timeout_s": broker_timeout_s,
             "window": window, "keys": keys, "key_name": key_name, "retry_backoff_s": retry_backoff_s,
@@ -81,6 +86,7 @@ class Client(concurrent.futures.Executor):
         # A session's id is its name, so the broker knows it again; job numbers then repeat in a rerun.
         self.id = f"s-{self.session}" if self.session else f"c-{uuid.uuid4().hex[:12]}"
         self._options = job_options(job_timeout_s, mem_limit, retries)
+        self._echo_output = echo_output
         self._seq = itertools.count(1)
         self._shutdown = False
         self._shutdown_lock = threading.Lock()
@@ -143,6 +149,49 @@ class Client(concurrent.futures.Executor):
         job = self._job(fn_id, ser.dump_call(args, kwargs), len(blob), options)
         self._connection.submit(fn_id, blob, [job])
         return job.future
+
+    def run(self, args: str | Sequence[str | os.PathLike[str]], *, shell: bool = False,
+            cwd: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None,
+            check: bool = True, input: str | bytes | None = None) -> concurrent.futures.Future[CommandResult]:
+        """Run a command on a worker, as ``subprocess.run`` would there; return a future of its result.
+
+        The future gives a :class:`zfarm.CommandResult` (``returncode``, ``stdout``, ``stderr`` as
+        text, ``run_s``, ``worker``, ``host``). A command job is a function job (docs/batch.md):
+        the client's limits, retries, cancel, sessions and the journal apply to it.
+
+        Args:
+            args: the program and its arguments, or one shell line with ``shell=True``.
+            cwd: the folder to run it in, on the worker (default: the worker's).
+            env: variables added to the worker's environment for it.
+            check: a non-zero exit raises :class:`zfarm.CommandFailed` (with the code, the signal,
+                the end of its stderr, and the result itself).
+            input: sent to its standard input (default: none, stdin is /dev/null).
+
+        Raises:
+            ConfigError: no arguments, or one string without ``shell=True`` (here, at once).
+            CommandNotFound: (from the future) the program does not exist on the worker's machine.
+        """
+        return self._run(args, shell, cwd, env, check, input, self._options)
+
+    def _run(self, args: str | Sequence[str | os.PathLike[str]], shell: bool,
+             cwd: str | os.PathLike[str] | None, env: Mapping[str, str] | None, check: bool,
+             input: str | bytes | None, options: dict[str, Any]) -> concurrent.futures.Future[CommandResult]:
+        spec = CommandSpec.of(args, shell=shell, cwd=cwd, env=env, check=check, input=input)
+        return self._submit(run_command, (spec,), {}, options)
+
+    def run_many(self, commands: Iterable[str | Sequence[str]], *, shell: bool = False,
+                 cwd: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None,
+                 check: bool = True, timeout: float | None = None,
+                 progress: bool = False) -> Iterator[CommandResult]:
+        """Run many commands, read lazily, as ``map`` runs a function: results in input order.
+
+        The commands are read a window ahead of the results, so a generator of a million
+        commands runs in bounded memory. Arguments as :meth:`run`; ``timeout`` and ``progress``
+        as :meth:`map`. With ``check=True`` the first failed command raises here, after the
+        results before it.
+        """
+        specs = (CommandSpec.of(c, shell=shell, cwd=cwd, env=env, check=check) for c in commands)
+        return self._map(run_command, (specs,), timeout, None, progress, self._options)
 
     def with_options(self, *, job_timeout_s: float | None = None, mem_limit: int | None = None,
                      retries: int | None = None) -> JobLimits:
@@ -301,6 +350,8 @@ class Client(concurrent.futures.Executor):
             raise PayloadTooLarge(size + fn_size, limit, "this job's function and arguments")
         seq = next(self._seq)
         future = JobFuture(self._connection, seq)
+        if self._echo_output:
+            future.add_done_callback(functools.partial(echo_output, f"{self.id}:{seq}"))
         self._res.track(future)
         wire = {k: v for k, v in options.items() if k != "retries"}  # retrying is the client's business
         return PendingJob(seq, fn_id, frames, future, size, options=wire, retries=options.get("retries", 0))
@@ -359,6 +410,11 @@ class JobLimits:
     def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None,
             chunksize: int | None = None, progress: bool = False) -> Iterator[Any]:
         return self._client._map(fn, iterables, timeout, chunksize, progress, self._options)
+
+    def run(self, args: str | Sequence[str | os.PathLike[str]], *, shell: bool = False,
+            cwd: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None,
+            check: bool = True, input: str | bytes | None = None) -> concurrent.futures.Future[CommandResult]:
+        return self._client._run(args, shell, cwd, env, check, input, self._options)
 
 
 class _Resources:

@@ -89,6 +89,8 @@ class WorkerSettings:
     parent_pid: int = 0
     keys: str = ""  # keys folder: connect with CURVE using workers/KEY_NAME.key_secret
     key_name: str = ""
+    #: keep every job's whole stdout and stderr as files here ("": only the last 1 MiB, with the result)
+    output_dir: str = ""
 
     def __post_init__(self) -> None:
         check_endpoint(self.address, inproc=True)  # inproc: a worker embedded with the broker's context

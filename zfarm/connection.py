@@ -35,6 +35,8 @@ from zfarm import protocol as p
 from zfarm import serialization as ser
 from zfarm.config import ClientSettings
 from zfarm.errors import BrokerUnavailable, JobCrashed, ProtocolError, Refused, WorkerLost
+from zfarm.output import JobOutput
+from zfarm.output import take as take_output
 from zfarm.security import HandshakeWatch, PeerKeys, dealer_to_broker
 from zfarm.stats import JobRecord, record_of
 
@@ -79,6 +81,8 @@ class JobFuture(Future[Any]):
         self.partial: list[Any] | None = None
         #: how long the job ran in its slot, once it is done (None if unknown)
         self.run_s: float | None = None
+        #: what the job printed (the end of its stdout and stderr), once it is done; None: nothing
+        self.output: JobOutput | None = None
         self._was_read = False
 
     def result(self, timeout: float | None = None) -> Any:
@@ -98,6 +102,10 @@ class JobFuture(Future[Any]):
         if self._connection.session and not self._was_read and self.done():
             self._was_read = True
             self._connection.read_seqs.append(self.seq)
+
+    def accepted(self) -> bool:
+        """Whether the broker has said it holds this job (a session's), or the job is done."""
+        return self.done() or self._connection.accepted(self.seq)
 
     def cancel(self) -> bool:
         """Cancel the job unless it is known to have started (as ``concurrent.futures`` does).
@@ -229,6 +237,11 @@ class Connection(threading.Thread):
 
     def cancel(self, seq: int) -> None:
         self._post("cancel", seq)
+
+    def accepted(self, seq: int) -> bool:
+        """Whether the broker said ACCEPTED for unfinished job ``seq`` (a flag the I/O thread sets)."""
+        job = self._jobs.get(seq)
+        return job is not None and job.accepted
 
     def skip(self, seqs: list[int]) -> None:
         """Seqs taken for jobs that will never be submitted (their pickling failed)."""
@@ -733,6 +746,7 @@ class Connection(threading.Thread):
 
 
 def _resolve(job: PendingJob, outcome: int, frames: list[Any], info: str, client_id: str) -> None:
+    job.future.output = take_output(frames)
     if outcome == p.Outcome.OK:
         try:
             value = ser.loads(frames)

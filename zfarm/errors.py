@@ -207,3 +207,64 @@ class PayloadTooLarge(ZfarmError, ValueError):
 
     def __reduce__(self) -> tuple[type, tuple[int, int, str]]:
         return (type(self), (self.size, self.limit, self.what))
+
+
+class CommandFailed(JobError):
+    """A command job exited with a non-zero status, or was killed by a signal (``check=True``).
+
+    Attributes:
+        command: the command line, as text.
+        returncode: its exit status; negative: ``-signal`` (as ``subprocess``).
+        signal: the name of the signal that killed it, or "".
+        stderr_tail: the last lines of its standard error.
+        host: the machine it ran on.
+        result: the whole :class:`zfarm.CommandResult` (stdout and stderr included).
+        timed_out_after_s: set when the command ran past its own time limit (job arrays).
+    """
+
+    def __init__(self, command: str, returncode: int, stderr_tail: str = "", host: str = "",
+                 result: object = None, timed_out_after_s: float | None = None) -> None:
+        self.command = command
+        self.returncode = returncode
+        self.signal = _signal_name(-returncode) if returncode < 0 else ""
+        self.stderr_tail = stderr_tail
+        self.host = host
+        self.result = result
+        self.timed_out_after_s = timed_out_after_s
+        how = f"was killed by signal {-returncode} ({self.signal})" if returncode < 0 else \
+            f"exited with status {returncode}"
+        if timed_out_after_s is not None:
+            how = f"ran {timed_out_after_s:.1f} s, past its time limit, and was killed"
+        tail = f"; the end of its stderr:\n{stderr_tail}" if stderr_tail else " (nothing on its stderr)"
+        text = f"command {command} {how}{_where(host)}{tail}"
+        ZfarmError.__init__(self, text)
+        self.type_name, self.message, self.remote_traceback = "zfarm.CommandFailed", text, ""
+
+    def __reduce__(self) -> tuple[type, tuple[str, int, str, str, object, float | None]]:  # type: ignore[override]
+        return (type(self), (self.command, self.returncode, self.stderr_tail, self.host, self.result,
+                             self.timed_out_after_s))
+
+
+class CommandNotFound(ZfarmError, FileNotFoundError):
+    """A command job's program (or its working directory) does not exist on the worker's machine."""
+
+    def __init__(self, command: str, host: str = "", detail: str = "") -> None:
+        self.command = command
+        self.host = host
+        self.detail = detail
+        why = f" ({detail})" if detail else ""
+        super().__init__(f"command not found{_where(host)}: {command}{why}; "
+                         "install it there, give its full path, or use shell=True for a shell line")
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+    def __reduce__(self) -> tuple[type, tuple[str, str, str]]:
+        return (type(self), (self.command, self.host, self.detail))
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"

@@ -618,6 +618,10 @@ class Scheduler:
     def _next_queued(self) -> Job | None:
         while self.active:
             client = self.active[0]
+            if _at_max_running(client):  # scheduled again when one of its jobs is over (_forget_job)
+                self.active.popleft()
+                client.scheduled = False
+                continue
             while client.queue:
                 job = client.queue.popleft()
                 if job.state is JobState.QUEUED:
@@ -708,6 +712,9 @@ class Scheduler:
     def _forget_job(self, client: ClientRecord, job: Job, now: float) -> None:
         """The job is over for its client; its function is kept a little while for the next jobs."""
         del client.jobs[job.seq]
+        if client.queued and not client.scheduled:  # it was held back by its max_running
+            client.scheduled = True
+            self.active.append(client)
         users = client.fn_users.get(job.fn_id, 0) - 1
         client.fn_users[job.fn_id] = users
         if users <= 0:
@@ -835,6 +842,14 @@ def _ran(job: Job, worker: WorkerRecord, attempt: int) -> bool:
     if 0 <= job.recovered_after < attempt:
         return True
     return 0 < attempt <= len(job.history) and job.history[attempt - 1] == worker.id
+
+
+def _at_max_running(client: ClientRecord) -> bool:
+    """Whether a client runs as many jobs as its next one allows (option ``max_running``: job arrays)."""
+    cap = client.queue[0].options.get("max_running") if client.queue else None
+    if not isinstance(cap, int) or isinstance(cap, bool) or cap < 1:
+        return False
+    return len(client.jobs) - client.queued >= cap
 
 
 def _digest(fn_id: bytes, frames: Sequence[Any]) -> bytes:

@@ -337,7 +337,7 @@ class Worker:
         core = self.core
         os.environ["ZFARM_WORKER_PID"] = str(os.getpid())  # jobs may read it; set before slots start
         os.environ["ZFARM_WORKER_ID"] = core.id
-        self.pool = SlotPool(core.slots, core.host)
+        self.pool = SlotPool(core.slots, core.host, self.settings.output_dir)
         log.info("worker %s on %s pid %d: %d %s, connecting to %s", core.id, core.host, core.pid,
                  core.slots, "slot" if core.slots == 1 else "slots", self.settings.address)
         try:

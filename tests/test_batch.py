@@ -1,0 +1,204 @@
+"""Job arrays from the command line: ``zfarm submit``, ``wait``, ``jobs``, ``logs``, ``cancel``, ``forget``.
+
+Each test keeps its array records in its own state folder (``ZFARM_STATE_DIR``).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+import zfarm
+from tests import jobs
+from tests.helpers import (
+    ZFARM_COMMAND,
+    Procs,
+    live_pids,
+    require_status,
+    run_zfarm,
+    wait_for,
+    wait_for_workers,
+    zfarm_env,
+)
+from zfarm.batch import parse_array
+from zfarm.errors import ConfigError
+
+pytestmark = pytest.mark.timeout(120)
+FAST = ("--heartbeat-interval", "0.2")
+MIXED = "echo out {}; echo err {} >&2; exit $(( {} % 50 == 0 ))"
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> dict[str, str]:
+    """Each test keeps its array records in its own folder."""
+    return {"ZFARM_STATE_DIR": str(tmp_path / "state")}
+
+
+def zf(state: dict[str, str], *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    if stdin is None:
+        return run_zfarm(*args, env=state, timeout_s=90)
+    return subprocess.run([*ZFARM_COMMAND, *args], input=stdin, capture_output=True, text=True,
+                          env=zfarm_env(state), timeout=90)
+
+
+def test_array_specs() -> None:
+    assert parse_array("1-5") == [1, 2, 3, 4, 5]
+    assert parse_array("1-9:4") == [1, 5, 9]
+    assert parse_array("1,5,7") == [1, 5, 7]
+    assert parse_array("3,1-3") == [3, 1, 2]
+    for bad in ("", "5-1", "1-5:0", "a", "1-", "-3"):
+        with pytest.raises(ConfigError):
+            parse_array(bad)
+
+
+def test_an_array_with_mixed_exit_codes(procs: Procs, state: dict[str, str]) -> None:
+    endpoint, _ = procs.farm(*FAST, procs=2)
+    submitted = zf(state, "submit", "--connect", endpoint, "--array", "1-150", "--name", "demo",
+                   "--", "sh", "-c", MIXED)
+    assert submitted.returncode == 0, submitted.stderr
+    assert submitted.stdout == "demo\n"
+    waited = zf(state, "wait", "demo")
+    assert waited.returncode == 1, waited.stderr
+    assert "147 succeeded, 3 failed" in waited.stdout and "failed: 50,100,150" in waited.stdout
+    listed = json.loads(zf(state, "jobs", "demo", "--json").stdout)
+    assert listed["counts"] == {"ok": 147, "failed": 3}
+    failed = [(job["index"], job["exit_code"]) for job in listed["jobs"] if job["state"] == "failed"]
+    assert failed == [(50, 1), (100, 1), (150, 1)]
+    for index in (7, 50, 149):
+        assert zf(state, "logs", "demo", str(index)).stdout == f"out {index}\n"
+        assert zf(state, "logs", "demo", str(index), "--stderr").stdout == f"err {index}\n"
+    again = zf(state, "wait", "demo", "--json")
+    assert json.loads(again.stdout)["failed"] == [50, 100, 150] and again.returncode == 1
+    snap = require_status(endpoint)
+    (array,) = [c for c in snap["clients"] if c["id"] == "s-array-demo"]
+    assert array["submitted"] == 151  # the 150 jobs ran once each (and one barrier of `jobs`)
+    assert zf(state, "forget", "demo").returncode == 0
+    wait_for(lambda: not require_status(endpoint)["clients"], 20, message="the forgotten array gone")
+    assert zf(state, "wait", "demo").returncode == 2  # unknown now: a usage error
+
+
+def test_args_from_stdin_environment_and_a_missing_command(procs: Procs, state: dict[str, str]) -> None:
+    endpoint, _ = procs.farm(*FAST, procs=2)
+    lines = "alpha beta\n\ngamma\n"
+    script = 'echo "[$1] {i} $ZFARM_ARRAY_NAME $ZFARM_ARRAY_INDEX/$ZFARM_ARRAY_COUNT $ZFARM_JOB_ID"'
+    done = zf(state, "submit", "--connect", endpoint, "--name", "lines", "--args-file", "-", "--wait",
+              "--env", "X=1", "--", "sh", "-c", script, "sh", "{}", stdin=lines)
+    assert done.returncode == 0, done.stderr
+    assert zf(state, "logs", "lines", "1").stdout == "[alpha beta] 1 lines 1/2 s-array-lines:1\n"
+    assert zf(state, "logs", "lines", "2").stdout == "[gamma] 2 lines 2/2 s-array-lines:2\n"
+    missing = zf(state, "submit", "--connect", endpoint, "--name", "nothing", "--wait", "--",
+                 "no-such-program-zfarm", "{}")
+    assert missing.returncode == 1
+    (job,) = json.loads(zf(state, "jobs", "nothing", "--json").stdout)["jobs"]
+    assert job["state"] == "error" and "CommandNotFound" in job["error"]
+    assert "no-such-program-zfarm" in job["error"]
+    assert zf(state, "submit", "--connect", endpoint, "--array", "5-1", "--", "true").returncode == 2
+    taken = zf(state, "submit", "--connect", endpoint, "--name", "lines", "--", "true")
+    assert taken.returncode == 2 and "exists already" in taken.stderr
+
+
+def test_cancel_and_wait_timeout(procs: Procs, state: dict[str, str], tmp_path: Path) -> None:
+    endpoint, _ = procs.farm(*FAST, procs=1)
+    assert zf(state, "submit", "--connect", endpoint, "--name", "slow", "--array", "1-3", "--",
+              "sh", "-c", "touch " + str(tmp_path / "ran-{}") + "; sleep 60").returncode == 0
+    wait_for(lambda: (tmp_path / "ran-1").exists(), 30, message="job 1 running")
+    timed = zf(state, "wait", "slow", "--timeout", "0.5")
+    assert timed.returncode == 2 and "3 pending" in timed.stdout
+    cancelled = zf(state, "cancel", "slow")
+    assert "cancelled 3 unfinished jobs: 1,2,3" in cancelled.stdout, cancelled.stderr
+    waited = zf(state, "wait", "slow", "--timeout", "60")
+    assert waited.returncode == 0 and "3 cancelled" in waited.stdout, waited.stdout + waited.stderr
+    assert not (tmp_path / "ran-2").exists()  # never started: the single slot was freed and job 2 dropped
+
+
+def test_a_timed_out_job_is_killed_with_its_tree_and_keeps_its_output(procs: Procs, state: dict[str, str],
+                                                                       tmp_path: Path) -> None:
+    endpoint, _ = procs.farm(*FAST, procs=2)
+    pid_file = tmp_path / "pid-{}"
+    command = f"echo started {{}}; (setsid sleep 1000 & echo $! > {pid_file}); sleep 60"
+    waited = zf(state, "submit", "--connect", endpoint, "--name", "slow", "--array", "1-2", "--timeout", "3",
+                "--wait", "--", "sh", "-c", command)
+    assert waited.returncode == 1 and "2 timed out" in waited.stdout, waited.stdout + waited.stderr
+    assert zf(state, "logs", "slow", "2").stdout == "started 2\n"
+    jobs = json.loads(zf(state, "jobs", "slow", "--json").stdout)["jobs"]
+    assert [(j["state"], j["exit_code"]) for j in jobs] == [("timeout", -9)] * 2
+    assert not live_pids(int((tmp_path / f"pid-{i}").read_text()) for i in (1, 2))
+
+
+def test_max_running_caps_the_jobs_of_an_array_running_at_once(procs: Procs, state: dict[str, str],
+                                                                tmp_path: Path) -> None:
+    endpoint, _ = procs.farm(*FAST, procs=3)
+    running = tmp_path / "running"
+    running.mkdir()
+    count = f"touch {running}/{{}}; sleep 0.3; ls {running} | wc -l; rm {running}/{{}}"
+    done = zf(state, "submit", "--connect", endpoint, "--name", "one", "--array", "1-5", "--max-running", "1",
+              "--wait", "--", "sh", "-c", count)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert [zf(state, "logs", "one", str(i)).stdout.strip() for i in range(1, 6)] == ["1"] * 5
+
+
+@pytest.mark.slow
+def test_an_array_survives_its_submitter_and_a_broker_sigkill_on_its_journal(
+        procs: Procs, state: dict[str, str], tmp_path: Path) -> None:
+    journal = str(tmp_path / "journal.db")
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    broker, endpoint = procs.broker(None, *FAST, "--journal", journal)
+    procs.worker(endpoint, procs=2)
+    wait_for_workers(endpoint, 1)
+    command = f"touch {marks}/{{}}.$$; sleep 0.1; echo {{}}"
+    assert zf(state, "submit", "--connect", endpoint, "--name", "durable", "--array", "1-40", "--",
+              "sh", "-c", command).returncode == 0
+    wait_for(lambda: len(list(marks.iterdir())) >= 10, 30, message="some jobs run")
+    broker.kill()
+    broker.wait(10)
+    procs.broker(endpoint, *FAST, "--journal", journal)
+    waited = zf(state, "wait", "durable", "--json")
+    assert waited.returncode == 0, waited.stdout + waited.stderr
+    assert json.loads(waited.stdout)["counts"] == {"ok": 40}
+    runs = Counter(int(p.name.split(".")[0]) for p in marks.iterdir())
+    assert set(runs) == set(range(1, 41))
+    assert sum(n - 1 for n in runs.values()) <= 3, runs  # only jobs in flight at the kill may run twice
+    assert zf(state, "logs", "durable", "33").stdout == "33\n"
+    assert zf(state, "wait", "durable").returncode == 0
+
+
+def test_arrays_on_a_curve_farm_use_the_keys_they_were_submitted_with(procs: Procs, state: dict[str, str],
+                                                                     tmp_path: Path) -> None:
+    from zfarm.security import init_keys
+
+    keys = tmp_path / "keys"
+    init_keys(keys)
+    _, endpoint = procs.broker(None, *FAST, "--keys", str(keys))
+    procs.worker(endpoint, "--keys", str(keys))
+    submitted = zf(state, "submit", "--connect", endpoint, "--keys", str(keys), "--name", "secret", "--array",
+                   "1-3", "--wait", "--", "echo", "{}")
+    assert submitted.returncode == 0, submitted.stderr
+    assert zf(state, "wait", "secret").returncode == 0  # the record keeps the keys folder
+    assert zf(state, "logs", "secret", "2").stdout == "2\n"
+    assert zf(state, "forget", "secret").returncode == 0
+
+
+def test_a_worker_output_dir_keeps_whole_streams_named_like_slurm(procs: Procs, state: dict[str, str],
+                                                                  tmp_path: Path) -> None:
+    _, endpoint = procs.broker(None, *FAST)
+    out = tmp_path / "out"
+    procs.worker(endpoint, "--output-dir", str(out), procs=2)
+    wait_for_workers(endpoint, 1)
+    big = "head -c 3145728 /dev/zero | tr '\\0' x; echo; echo err {} >&2"
+    assert zf(state, "submit", "--connect", endpoint, "--name", "kept", "--array", "1-3", "--wait", "--",
+              "sh", "-c", big).returncode == 0
+    assert (out / "kept_2.out").stat().st_size == 3 * 2**20 + 1  # whole, where logs keeps the last MiB
+    assert (out / "kept_2.err").read_text() == "err 2\n"
+    assert len(zf(state, "logs", "kept", "2").stdout) == 2**20
+    with zfarm.Client(endpoint) as client:
+        future = client.submit(jobs.print_everywhere)
+        future.result(30)
+        quiet = client.submit(jobs.square, 2)
+        quiet.result(30)
+    assert (out / f"{client.id}_1.out").read_text() == "from python\nfrom fd 1\nfrom a child\n"
+    assert not (out / f"{client.id}_2.out").exists()  # a job that printed nothing leaves no file

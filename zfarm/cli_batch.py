@@ -1,0 +1,454 @@
+"""The batch subcommands of ``zfarm``: ``submit``, ``jobs``, ``wait``, ``logs``, ``cancel``, ``forget``.
+
+::
+
+    zfarm submit --array 1-200 --name demo -- CMD {}   ──► ArrayRecord saved, jobs at the broker, exit
+    zfarm wait demo      ──► rejoin the session, collect; exit 0 all ok, 1 any failed, 2 timeout
+    zfarm jobs demo      ──► rejoin, settle, print each job     zfarm logs demo 7 [--stderr]
+    zfarm cancel demo 7  ──► replace job 7 by a marker          zfarm forget demo ──► end the session
+
+How arrays live at the broker is in :mod:`zfarm.batch`. Registered from ``cli.py``
+by :func:`add_batch_commands`; exit codes as the rest of the CLI (2: bad usage).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from zfarm import batch
+from zfarm.batch import ArrayRecord, Attached, JobState, State
+from zfarm.config import DEFAULT_ADDRESS
+from zfarm.errors import ConfigError
+
+#: exit status of ``wait`` when jobs failed, and when it timed out
+EXIT_FAILED, EXIT_TIMEOUT = 1, 2
+
+Register = Callable[[Any, str, str, Any], argparse.ArgumentParser]
+
+
+def add_batch_commands(sub: Any, command: Register, keys_flag: Callable[..., None]) -> None:
+    """Add the batch subcommands to the ``zfarm`` parser (``command`` and ``keys_flag`` are cli.py's)."""
+    submit = command(
+        sub, "submit", "submit a command, or an array of commands, as jobs of the farm", _run_submit
+    )
+    _connect(submit)
+    submit.add_argument("--name", help="the array's name (default: the program's name and a random suffix)")
+    source = submit.add_mutually_exclusive_group()
+    source.add_argument(
+        "--array", metavar="SPEC", help="job indexes: 1-5000, 1-99:2, 1,5,7 ({} and {i}: the index)"
+    )
+    source.add_argument(
+        "--args-file",
+        metavar="FILE",
+        help="one job per line, '-' for stdin ({}: the line, {i}: its number; "
+        "without {} the line is added as the last argument)",
+    )
+    submit.add_argument(
+        "--timeout",
+        type=_positive,
+        dest="timeout_s",
+        metavar="S",
+        help="seconds each job may run before it is killed",
+    )
+    submit.add_argument(
+        "--mem",
+        type=_bytes,
+        dest="mem_limit",
+        metavar="BYTES",
+        help="resident memory each job (with its child processes) may reach: 500M, 2G ...",
+    )
+    submit.add_argument(
+        "--max-running",
+        type=int,
+        metavar="K",
+        help="run at most K of the array's jobs at once (the broker holds the others back)",
+    )
+    submit.add_argument(
+        "--retries",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run a job again, up to N times, while it exits non-zero (default 0)",
+    )
+    submit.add_argument(
+        "--cwd", metavar="DIR", help="folder the jobs run in, on the workers (default: the worker's)"
+    )
+    submit.add_argument(
+        "--env", action="append", default=[], metavar="K=V", help="set a variable (repeatable)"
+    )
+    submit.add_argument(
+        "--wait", action="store_true", help="then wait for the jobs, and exit as `zfarm wait`"
+    )
+    submit.add_argument("--json", action="store_true", help="with --wait: the summary as JSON")
+    keys_flag(submit)
+    submit.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARG...]")
+
+    wait = command(
+        sub,
+        "wait",
+        "wait for an array's jobs: exit 0 if all succeeded, 1 if any failed, 2 on timeout",
+        _run_wait,
+    )
+    _named(wait, keys_flag)
+    wait.add_argument(
+        "--timeout", type=_positive, dest="timeout_s", metavar="S", help="give up after S seconds"
+    )
+    wait.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    jobs = command(
+        sub, "jobs", "list an array's jobs (without NAME: the arrays submitted from here)", _run_jobs
+    )
+    _named(jobs, keys_flag, optional=True)
+    jobs.add_argument("--json", action="store_true", help="print the jobs and counts as JSON")
+
+    logs = command(sub, "logs", "print what one job of an array printed (its stdout, or --stderr)", _run_logs)
+    _named(logs, keys_flag)
+    logs.add_argument("index", type=int, help="the job's index in the array")
+    logs.add_argument("--stderr", action="store_true", help="its standard error instead")
+
+    cancel = command(
+        sub, "cancel", "cancel an array's unfinished jobs (all, or the given indexes)", _run_cancel
+    )
+    _named(cancel, keys_flag)
+    cancel.add_argument("indexes", type=int, nargs="*", metavar="INDEX", help="only these jobs")
+
+    forget = command(
+        sub, "forget", "drop an array: its unfinished jobs and every result kept for it", _run_forget
+    )
+    _named(forget, keys_flag)
+
+
+def _connect(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument(
+        "--connect", default=None, help=f"broker endpoint (default {DEFAULT_ADDRESS}; env ZFARM_ADDRESS)"
+    )
+
+
+def _named(cmd: argparse.ArgumentParser, keys_flag: Callable[..., None], optional: bool = False) -> None:
+    cmd.add_argument(
+        "name", nargs="?" if optional else None, help="the array's name, as `zfarm submit` printed it"
+    )
+    cmd.add_argument(
+        "--connect", default=None, help="broker endpoint (default: the one the array was submitted to)"
+    )
+    keys_flag(cmd)
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, not {text}")
+    return value
+
+
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def _bytes(text: str) -> int:
+    number, unit = text.rstrip("KMGTkmgtiIbB"), text[len(text.rstrip("KMGTkmgtiIbB")) :].upper()
+    unit = unit.replace("IB", "").replace("B", "")
+    try:
+        value = int(float(number) * _UNITS[unit])
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"not a size in bytes (as 500M or 2G): {text}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text}")
+    return value
+
+
+def _address(args: argparse.Namespace, record: ArrayRecord | None = None) -> str:
+    return str(
+        args.connect
+        or (record.address if record else "")
+        or os.environ.get("ZFARM_ADDRESS")
+        or DEFAULT_ADDRESS
+    )
+
+
+def _load(args: argparse.Namespace) -> ArrayRecord:
+    record = batch.load(args.name)
+    record.address = _address(args, record)
+    record.keys = args.keys or record.keys or os.environ.get("ZFARM_KEYS", "")
+    record.key_name = args.key_name or record.key_name
+    return record
+
+
+# ---- submit ----------------------------------------------------------------------------------------
+
+
+def _run_submit(args: argparse.Namespace) -> int:
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        raise ConfigError("zfarm submit needs a command: zfarm submit [OPTIONS] -- COMMAND [ARG...]")
+    if args.max_running is not None and args.max_running < 1:
+        raise ConfigError(f"--max-running must be at least 1, not {args.max_running}")
+    if args.retries < 0:
+        raise ConfigError(f"--retries must be at least 0, not {args.retries}")
+    append = False
+    if args.array:
+        indexes = batch.parse_array(args.array)
+        items = [str(i) for i in indexes]
+    elif args.args_file:
+        items = _read_args_file(args.args_file)
+        indexes = list(range(1, len(items) + 1))
+        append = not any("{}" in arg for arg in command)
+    else:
+        indexes, items = [1], ["1"]
+    if not indexes:
+        raise ConfigError(f"{args.args_file}: no jobs (the file has no lines)")
+    record = ArrayRecord(
+        name=args.name or batch.new_name(command),
+        address=_address(args),
+        command=command,
+        indexes=indexes,
+        items=items,
+        append_item=append,
+        keys=args.keys or os.environ.get("ZFARM_KEYS", ""),
+        key_name=args.key_name or "",
+        timeout_s=args.timeout_s,
+        mem_limit=args.mem_limit,
+        retries=args.retries,
+        max_running=args.max_running,
+        cwd=args.cwd,
+        env=_env(args.env),
+        created_at=time.time(),
+    )
+    batch.save(record, new=True)
+    try:
+        attached = Attached(record)
+    except BaseException:
+        batch.remove(record.name)  # nothing reached the broker
+        raise
+    print(record.name, flush=True)
+    print(
+        f"zfarm: submitted {len(indexes)} jobs to {record.address} as array {record.name}; "
+        f"`zfarm wait {record.name}` collects them",
+        file=sys.stderr,
+    )
+    if not args.wait:
+        attached.leave()
+        return 0
+    return _wait_and_report(attached, None, args.json)
+
+
+def _read_args_file(name: str) -> list[str]:
+    if name == "-":
+        return batch.read_args_file(iter(sys.stdin))
+    try:
+        with open(name, encoding="utf-8") as lines:
+            return batch.read_args_file(iter(lines))
+    except OSError as exc:
+        raise ConfigError(f"--args-file {name}: {exc.strerror or exc}") from None
+
+
+def _env(pairs: list[str]) -> dict[str, str]:
+    env = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--env {pair!r}: write it as NAME=VALUE")
+        env[key] = value
+    return env
+
+
+# ---- wait, jobs, logs --------------------------------------------------------------------------------
+
+
+def _run_wait(args: argparse.Namespace) -> int:
+    return _wait_and_report(Attached(_load(args)), args.timeout_s, args.json)
+
+
+def _wait_and_report(attached: Attached, timeout_s: float | None, as_json: bool) -> int:
+    try:
+        finished = attached.wait(timeout_s)
+        states = attached.states()
+    finally:
+        attached.leave()
+    counts = Counter(s.state.value for s in states)
+    failed = [s.index for s in states if s.failed]
+    name = attached.record.name
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "name": name,
+                    "total": len(states),
+                    "counts": dict(counts),
+                    "failed": failed,
+                    "timed_out": not finished,
+                }
+            )
+        )
+    else:
+        print(f"{name}: {_summary(states)}")
+        if failed:
+            print(f"failed: {_ranges(failed)}")
+    if not finished:
+        if not as_json:
+            print(f"zfarm: stopped waiting after {timeout_s:g} s; the jobs go on", file=sys.stderr)
+        return EXIT_TIMEOUT
+    return EXIT_FAILED if failed else 0
+
+
+def _summary(states: list[JobState]) -> str:
+    counts = Counter(s.state for s in states)
+    parts = [
+        f"{counts[k]} {label}"
+        for k, label in (
+            (State.OK, "succeeded"),
+            (State.FAILED, "failed"),
+            (State.TIMEOUT, "timed out"),
+            (State.ERROR, "did not run to an exit"),
+            (State.CANCELLED, "cancelled"),
+            (State.PENDING, "pending"),
+        )
+        if counts[k]
+    ]
+    return f"{len(states)} job{'s' if len(states) != 1 else ''}: " + ", ".join(parts)
+
+
+def _ranges(indexes: list[int]) -> str:
+    return ",".join(str(i) for i in indexes)
+
+
+def _run_jobs(args: argparse.Namespace) -> int:
+    if args.name is None:
+        return _list_arrays(args.json)
+    attached = Attached(_load(args))
+    try:
+        attached.settle()
+        states = attached.states()
+    finally:
+        attached.leave()
+    if args.json:
+        counts = Counter(s.state.value for s in states)
+        rows = [
+            {
+                "index": s.index,
+                "state": s.state.value,
+                "exit_code": s.exit_code,
+                "worker": s.worker,
+                "host": s.host,
+                "run_s": s.run_s,
+                "attempts": s.attempts,
+                "error": s.error,
+            }
+            for s in states
+        ]
+        print(json.dumps({"name": args.name, "total": len(states), "counts": dict(counts), "jobs": rows}))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(
+        "index", "state", "exit", "worker", "host", "run s", "attempts", "error", title=f"array {args.name}"
+    )
+    for s in states:
+        table.add_row(
+            str(s.index),
+            s.state.value,
+            "" if s.exit_code is None else str(s.exit_code),
+            s.worker,
+            s.host,
+            "" if s.run_s is None else f"{s.run_s:.2f}",
+            str(s.attempts or ""),
+            s.error[:80],
+        )
+    console = Console()
+    console.print(table)
+    console.print(_summary(states), markup=False)
+    return 0
+
+
+def _list_arrays(as_json: bool) -> int:
+    folder = batch.state_dir() / "arrays"
+    names = sorted(p.stem for p in folder.glob("*.json")) if folder.is_dir() else []
+    records = [batch.load(name) for name in names]
+    if as_json:
+        print(
+            json.dumps(
+                [
+                    {"name": r.name, "jobs": len(r.indexes), "address": r.address, "created_at": r.created_at}
+                    for r in records
+                ]
+            )
+        )
+    else:
+        for r in records:
+            print(f"{r.name}\t{len(r.indexes)} jobs\t{r.address}\t{' '.join(r.command)}")
+    return 0
+
+
+def _run_logs(args: argparse.Namespace) -> int:
+    record = _load(args)
+    if args.index not in record.indexes:
+        raise ConfigError(f"array {record.name} has no job {args.index}")
+    attached = Attached(record)
+    try:
+        attached.settle()
+        future = attached.futures[record.indexes.index(args.index)]
+        state = batch.describe(args.index, future)
+        result = batch.result_of(future)
+    finally:
+        attached.leave()
+    if result is None:
+        detail = f": {state.error}" if state.error else ""
+        print(
+            f"zfarm: job {args.index} of {record.name} is {state.state}{detail}; no output kept",
+            file=sys.stderr,
+        )
+        return 1
+    text, cut = (result.stderr, result.stderr_cut) if args.stderr else (result.stdout, result.stdout_cut)
+    if cut:
+        print(f"zfarm: the first {cut} bytes were cut; the last {len(text.encode())} follow", file=sys.stderr)
+    sys.stdout.write(text)
+    return 0
+
+
+# ---- cancel, forget ----------------------------------------------------------------------------------
+
+
+def _run_cancel(args: argparse.Namespace) -> int:
+    record = _load(args)
+    wanted = set(args.indexes or record.indexes)
+    if unknown := sorted(wanted - set(record.indexes)):
+        raise ConfigError(f"array {record.name} has no job {_ranges(unknown)}")
+    attached = Attached(record)
+    try:
+        attached.settle()
+        pending = [s.index for s in attached.states() if s.index in wanted and not s.finished]
+    finally:
+        attached.leave()
+    if pending:
+        record.cancelled = sorted(set(record.cancelled) | set(pending))
+        batch.save(record)
+        again = Attached(record)  # the markers replace the jobs at the broker
+        try:
+            again.settle()
+        finally:
+            again.leave()
+    print(
+        f"{record.name}: cancelled {len(pending)} unfinished jobs"
+        + (f": {_ranges(pending)}" if pending else "")
+    )
+    return 0
+
+
+def _run_forget(args: argparse.Namespace) -> int:
+    from zfarm.client import Client
+
+    record = _load(args)
+    client = Client(
+        record.address, session=record.session, keys=record.keys or None, key_name=record.key_name or None
+    )
+    client.shutdown(wait=False, cancel_futures=True)
+    batch.remove(record.name)
+    print(f"{record.name}: forgotten (its jobs and kept results dropped at {record.address})")
+    return 0

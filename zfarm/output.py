@@ -1,0 +1,160 @@
+"""A job's printed output: captured at the file-descriptor level in its slot, sent with its result.
+
+::
+
+    slot: fd 1, fd 2 ──dup2──► two scratch files ──job ends──► last 1 MiB of each ──► output frame
+                                                                                      │
+    client: future.output ◄── JobOutput ◄── the trailing frame of the job's result ◄──┘
+
+Redirecting the descriptors (not ``sys.stdout``) catches everything the job
+prints: Python code, C code writing to fd 1, and child processes, which inherit
+the descriptors. The scratch files are on disk, so a job printing gigabytes
+costs the worker disk space, not memory; only the tail of each stream
+(``TAIL_BYTES``) travels, and how much was cut is noted.
+
+The output travels as one extra frame after the result's own frames, marked by
+``MAGIC``: pickle ignores buffers it does not ask for, so a peer that does not
+look for the frame still reads the result unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from zfarm.protocol import as_bytes, buffer_of
+
+#: bytes of each stream kept per job (the end of it)
+TAIL_BYTES = 1024 * 1024
+#: the variable that names the running job in its slot (and its child processes)
+JOB_ID_VARIABLE = "ZFARM_JOB_ID"
+#: the first bytes of an output frame
+MAGIC = b"\x00zfarm-output-1\x00"
+
+
+@dataclass(frozen=True, slots=True)
+class JobOutput:
+    """What a job wrote to its standard output and error (the last ``TAIL_BYTES`` of each).
+
+    Attributes:
+        stdout, stderr: the text (UTF-8; undecodable bytes replaced).
+        stdout_cut, stderr_cut: bytes dropped from the start of each stream (0: complete).
+    """
+
+    stdout: str = ""
+    stderr: str = ""
+    stdout_cut: int = 0
+    stderr_cut: int = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.stdout or self.stderr or self.stdout_cut or self.stderr_cut)
+
+
+def pack(out: bytes, err: bytes, out_cut: int, err_cut: int) -> bytes:
+    return MAGIC + bytes(msgpack.packb([out, err, out_cut, err_cut]))
+
+
+def take(frames: list[Any]) -> JobOutput | None:
+    """The output carried by a result's frames, if its last frame is an output frame."""
+    if not frames:
+        return None
+    head = memoryview(buffer_of(frames[-1]))[:len(MAGIC)]  # no copy of a large result buffer
+    if head != MAGIC:
+        return None
+    last = as_bytes(frames[-1])
+    try:
+        out, err, out_cut, err_cut = msgpack.unpackb(last[len(MAGIC):])
+        return JobOutput(_text(out), _text(err), int(out_cut), int(err_cut))
+    except (ValueError, TypeError, msgpack.UnpackException):
+        return None
+
+
+def _text(data: Any) -> str:
+    return data.decode("utf-8", "replace") if isinstance(data, bytes) else ""
+
+
+def read_tail(fd: int, keep: int = TAIL_BYTES) -> tuple[bytes, int]:
+    """The last ``keep`` bytes of an open file, and how many bytes came before them."""
+    size = os.fstat(fd).st_size
+    start = max(0, size - keep)
+    return os.pread(fd, size - start, start), start
+
+
+class FdCapture:
+    """Sends this process's fd 1 and 2 to files while a job runs (one per slot).
+
+    By default the files are two scratch files with no name, reused job after job. With
+    ``output_dir`` (``zfarm worker --output-dir``) each job gets its own pair, kept whole:
+    ``DIR/CLIENT_SEQ.out`` and ``.err``, named as Slurm's ``%A_%a`` (empty ones are removed).
+    """
+
+    def __init__(self, output_dir: str = "") -> None:
+        global _output_dir
+        _output_dir = self.output_dir = output_dir
+        self._files = [] if output_dir else [_scratch_fd("zfarm-out-"), _scratch_fd("zfarm-err-")]
+        self._paths: list[str] = []
+        self._saved = [os.dup(1), os.dup(2)]  # where they pointed before: the worker's own
+        self._dirty = [False, False]  # a scratch file holds the previous job's output
+
+    def start(self, job: str = "") -> None:
+        _flush_python_streams()
+        if self.output_dir:
+            stem = os.path.join(self.output_dir, file_stem(job))
+            self._paths = [f"{stem}.out", f"{stem}.err"]
+            self._files = [os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644) for path in self._paths]
+        for fd, scratch, dirty in zip((1, 2), self._files, self._dirty, strict=True):
+            if dirty and not self.output_dir:
+                os.ftruncate(scratch, 0)
+                os.lseek(scratch, 0, os.SEEK_SET)
+            os.dup2(scratch, fd)
+
+    def stop(self) -> bytes:
+        """Put the descriptors back; return the output frame (empty bytes: the job printed nothing)."""
+        _flush_python_streams()
+        for fd, saved in zip((1, 2), self._saved, strict=True):
+            os.dup2(saved, fd)
+        (out, out_cut), (err, err_cut) = (read_tail(scratch) for scratch in self._files)
+        self._dirty = [bool(out), bool(err)]
+        if self.output_dir:
+            for fd, path, data in zip(self._files, self._paths, (out, err), strict=True):
+                os.close(fd)
+                if not data:
+                    with contextlib.suppress(OSError):
+                        os.unlink(path)
+            self._files = []
+        if not (out or err):
+            return b""
+        return pack(out, err, out_cut, err_cut)
+
+
+_output_dir = ""
+
+
+def output_dir() -> str:
+    """The folder where this slot keeps whole output streams ("" when it keeps none)."""
+    return _output_dir
+
+
+def file_stem(name: str) -> str:
+    """A job's name as a file name: ``client:seq`` becomes ``client_seq``."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "job"
+
+
+def _scratch_fd(prefix: str) -> int:
+    """An open file on disk with no name: it goes when the slot does."""
+    fd, path = tempfile.mkstemp(prefix=prefix)
+    os.unlink(path)
+    return fd
+
+
+def _flush_python_streams() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            with contextlib.suppress(Exception):
+                stream.flush()
