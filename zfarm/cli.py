@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import sys
 from collections.abc import Sequence
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from zfarm import __version__
+from zfarm.cli_args import command, connect_flag, count, keys_flag, some, timeout_flag
 from zfarm.config import (
     DEFAULT_ADDRESS,
     JOURNAL_SYNC_MODES,
@@ -60,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"zfarm {__version__}")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    broker = _command(sub, "broker", "run a broker: the one endpoint clients and workers connect to",
+    broker = command(sub, "broker", "run a broker: the one endpoint clients and workers connect to",
                       _run_broker)
     broker.add_argument("--bind", metavar="ENDPOINT",
                         help=f"endpoint to listen on; tcp://HOST:* picks a free port (env ZFARM_BIND; "
@@ -84,14 +84,14 @@ def _parser() -> argparse.ArgumentParser:
     broker.add_argument("--session-ttl", type=float, dest="session_ttl_s", metavar="SECONDS",
                         help="how long a session's jobs and results wait for its client (default "
                              f"{B.session_ttl_s:.0f}: a week)")
-    _keys_flag(broker, name=False)
+    keys_flag(broker, name=False)
     broker.add_argument("--insecure", action="store_true", default=None,
                         help="allow listening beyond loopback without keys (trusted networks only; "
                              "default off)")
 
-    worker = _command(sub, "worker", "run a worker: runs jobs from a broker in N slot processes",
+    worker = command(sub, "worker", "run a worker: runs jobs from a broker in N slot processes",
                       _run_worker)
-    _connect_flag(worker)
+    connect_flag(worker)
     worker.add_argument("--procs", type=int, metavar="N",
                         help="slots, i.e. jobs run at once (default 0: one per CPU)")
     worker.add_argument("--prefetch", type=int, metavar="N",
@@ -104,82 +104,61 @@ def _parser() -> argparse.ArgumentParser:
                              "%%A_%%a (env ZFARM_OUTPUT_DIR; default: none, only the last MiB of each "
                              "stream goes back with the result)")
     _liveness_flags(worker)
-    _keys_flag(worker)
+    keys_flag(worker)
 
-    status = _command(sub, "status", "show the workers, queue and clients of a broker", _run_status)
-    _connect_flag(status)
+    status = command(sub, "status", "show the workers, queue and clients of a broker", _run_status)
+    connect_flag(status)
     status.add_argument("--json", action="store_true", help="print the snapshot as JSON (default: tables)")
-    _timeout_flag(status, 5.0)
-    _keys_flag(status, name=False)
+    timeout_flag(status, 5.0)
+    keys_flag(status, name=False)
 
-    history = _command(sub, "history", "list the broker's records of finished jobs, oldest first",
+    history = command(sub, "history", "list the broker's records of finished jobs, oldest first",
                        _run_history)
-    _connect_flag(history)
+    connect_flag(history)
     out = history.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print a JSON array of records (default: a table)")
     out.add_argument("--csv", action="store_true", help="print CSV with a header line (default: a table)")
     shown = history.add_mutually_exclusive_group()
-    shown.add_argument("--limit", "--last", type=_count, default=HISTORY_SHOWN, metavar="N",
+    shown.add_argument("--limit", "--last", type=count, default=HISTORY_SHOWN, metavar="N",
                        help=f"only the newest N records (default {HISTORY_SHOWN})")
     shown.add_argument("--all", action="store_const", const=0, dest="limit",
                        help="every record the broker keeps (default: the newest 50)")
-    _timeout_flag(history, 10.0)
-    _keys_flag(history, name=False)
+    timeout_flag(history, 10.0)
+    keys_flag(history, name=False)
 
-    dashboard = _command(sub, "dashboard", "a live full-screen view of a broker: workers, queue, clients, "
+    dashboard = command(sub, "dashboard", "a live full-screen view of a broker: workers, queue, clients, "
                          "events (q quits)", _run_dashboard)
-    _connect_flag(dashboard)
+    connect_flag(dashboard)
     dashboard.add_argument("--refresh", type=float, default=4.0, metavar="HZ",
                            help="redraws per second (default 4)")
     dashboard.add_argument("--once", action="store_true",
                            help="print one view (not full screen) and exit (default: live until q)")
-    _timeout_flag(dashboard, 5.0, "seconds --once waits for the broker")
-    _keys_flag(dashboard, name=False)
+    timeout_flag(dashboard, 5.0, "seconds --once waits for the broker")
+    keys_flag(dashboard, name=False)
 
     keys = sub.add_parser("keys", help="create CURVE keys (see docs/security.md)",
                           description="Create the keys that let only key holders into a farm.")
     keys_sub = keys.add_subparsers(required=True, metavar="ACTION")
-    init = _command(keys_sub, "init", "create a keys folder: the broker's keys, a worker and a client key",
+    init = command(keys_sub, "init", "create a keys folder: the broker's keys, a worker and a client key",
                     _run_keys_init)
     init.add_argument("folder", help="folder to create (mode 0700)")
-    add = _command(keys_sub, "add", "add a worker or client keypair to a keys folder", _run_keys_add)
+    add = command(keys_sub, "add", "add a worker or client keypair to a keys folder", _run_keys_add)
     add.add_argument("folder", help="an existing keys folder")
     add.add_argument("name", help="name of the new key, e.g. the machine it is for")
     add.add_argument("--role", choices=["worker", "client"], default="worker",
                      help="what the key may connect as (default worker)")
 
-    demo = _command(sub, "demo", "run a demo map on an embedded farm, with a progress bar", _run_demo)
-    demo.add_argument("--jobs", type=_some, default=400, help="number of jobs (default 400)")
-    demo.add_argument("--workers", type=_some, default=None, help="workers to start (default: CPU count)")
+    demo = command(sub, "demo", "run a demo map on an embedded farm, with a progress bar", _run_demo)
+    demo.add_argument("--jobs", type=some, default=400, help="number of jobs (default 400)")
+    demo.add_argument("--workers", type=some, default=None, help="workers to start (default: CPU count)")
     demo.add_argument("--connect", default=None, metavar="ENDPOINT",
                       help="use the broker at this endpoint instead of an embedded farm (env ZFARM_ADDRESS; "
                            "default: an embedded farm)")
-    _keys_flag(demo)
+    keys_flag(demo)
     from zfarm.cli_batch import add_batch_commands  # submit, jobs, wait, logs, cancel, forget
 
-    add_batch_commands(sub, _command, _keys_flag)
+    add_batch_commands(sub)
     return parser
-
-
-def _command(sub: Any, name: str, text: str, run: Any) -> argparse.ArgumentParser:
-    cmd: argparse.ArgumentParser = sub.add_parser(name, help=text, description=text)
-    cmd.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
-                     help="how much to log (default info)")
-    cmd.add_argument("--log-json", action="store_true",
-                     help="log one JSON object per line, for collectors (default: text)")
-    cmd.set_defaults(run=run)
-    return cmd
-
-
-def _connect_flag(cmd: argparse.ArgumentParser) -> None:
-    cmd.add_argument("--connect", metavar="ENDPOINT",
-                     help=f"the broker's endpoint (env ZFARM_ADDRESS; default {DEFAULT_ADDRESS})")
-
-
-def _timeout_flag(cmd: argparse.ArgumentParser, default_s: float,
-                  text: str = "seconds to wait for the broker") -> None:
-    cmd.add_argument("--timeout", type=_seconds, default=default_s, metavar="SECONDS",
-                     help=f"{text} (default {default_s:g})")
 
 
 def _liveness_flags(cmd: argparse.ArgumentParser) -> None:
@@ -188,44 +167,6 @@ def _liveness_flags(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--liveness", type=int, metavar="N",
                      help=f"silent intervals before a peer is dead (default {B.liveness})")
     cmd.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)  # embedded use: exit with the parent
-
-
-def _seconds(text: str) -> float:
-    """argparse type: a positive, finite number of seconds (its message names the value)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
-    return value
-
-
-def _count(text: str) -> int:
-    """argparse type: a whole number, 0 or more."""
-    return _whole(text, 0)
-
-
-def _some(text: str) -> int:
-    """argparse type: a whole number, 1 or more."""
-    return _whole(text, 1)
-
-
-def _whole(text: str, least: int) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = least - 1
-    if value < least:
-        raise argparse.ArgumentTypeError(f"expected a whole number, {least} or more, got {text!r}")
-    return value
-
-
-def _keys_flag(cmd: argparse.ArgumentParser, name: bool = True) -> None:
-    cmd.add_argument("--keys", metavar="FOLDER",
-                     help="keys folder: CURVE authentication and encryption (env ZFARM_KEYS; default: none)")
-    if name:
-        cmd.add_argument("--key-name", help="which key of the folder's list to use (default: the only one)")
 
 
 class JsonFormatter(logging.Formatter):

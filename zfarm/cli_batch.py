@@ -19,148 +19,87 @@ import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
 from typing import Any
 
 from zfarm import batch
 from zfarm.batch import ArrayRecord, Attached, JobState, State
+from zfarm.cli_args import command, connect_flag, count, keys_flag, seconds, size_bytes, some
 from zfarm.config import DEFAULT_ADDRESS
 from zfarm.errors import ConfigError
 
 #: exit status of ``wait`` when jobs failed, and when it timed out
 EXIT_FAILED, EXIT_TIMEOUT = 1, 2
 
-Register = Callable[[Any, str, str, Any], argparse.ArgumentParser]
 
 
-def add_batch_commands(sub: Any, command: Register, keys_flag: Callable[..., None]) -> None:
-    """Add the batch subcommands to the ``zfarm`` parser (``command`` and ``keys_flag`` are cli.py's)."""
-    submit = command(
-        sub, "submit", "submit a command, or an array of commands, as jobs of the farm", _run_submit
-    )
-    _connect(submit)
+def add_batch_commands(sub: Any) -> None:
+    """Add the batch subcommands to the ``zfarm`` parser."""
+    submit = command(sub, "submit", "submit a command, or an array of commands, as jobs of the farm",
+                     _run_submit)
+    connect_flag(submit)
     submit.add_argument("--name", help="the array's name (default: the program's name and a random suffix)")
     source = submit.add_mutually_exclusive_group()
-    source.add_argument(
-        "--array", metavar="SPEC", help="job indexes: 1-5000, 1-99:2, 1,5,7 ({} and {i}: the index)"
-    )
-    source.add_argument(
-        "--args-file",
-        metavar="FILE",
-        help="one job per line, '-' for stdin ({}: the line, {i}: its number; "
-        "without {} the line is added as the last argument)",
-    )
-    submit.add_argument(
-        "--timeout",
-        type=_positive,
-        dest="timeout_s",
-        metavar="S",
-        help="seconds each job may run before it is killed",
-    )
-    submit.add_argument(
-        "--mem",
-        type=_bytes,
-        dest="mem_limit",
-        metavar="BYTES",
-        help="resident memory each job (with its child processes) may reach: 500M, 2G ...",
-    )
-    submit.add_argument(
-        "--max-running",
-        type=int,
-        metavar="K",
-        help="run at most K of the array's jobs at once (the broker holds the others back)",
-    )
-    submit.add_argument(
-        "--retries",
-        type=int,
-        default=0,
-        metavar="N",
-        help="run a job again, up to N times, while it exits non-zero (default 0)",
-    )
-    submit.add_argument(
-        "--cwd", metavar="DIR", help="folder the jobs run in, on the workers (default: the worker's)"
-    )
-    submit.add_argument(
-        "--env", action="append", default=[], metavar="K=V", help="set a variable (repeatable)"
-    )
-    submit.add_argument(
-        "--wait", action="store_true", help="then wait for the jobs, and exit as `zfarm wait`"
-    )
-    submit.add_argument("--json", action="store_true", help="with --wait: the summary as JSON")
+    source.add_argument("--array", metavar="SPEC",
+                        help="job indexes: 1-5000, 1-99:2, 1,5,7 ({} and {i}: the index) (default: one job)")
+    source.add_argument("--args-file", metavar="FILE",
+                        help="one job per line, '-' for stdin ({}: the line, {i}: its number; without {} the "
+                             "line is added as the last argument) (default: none)")
+    submit.add_argument("--timeout", type=seconds, dest="timeout_s", metavar="SECONDS",
+                        help="seconds each job may run before it is killed (default: no limit)")
+    submit.add_argument("--mem", type=size_bytes, dest="mem_limit", metavar="BYTES",
+                        help="resident memory each job (with its child processes) may reach: 500M, 2G ... "
+                             "(default: no limit)")
+    submit.add_argument("--max-running", type=some, metavar="K",
+                        help="run at most K of the array's jobs at once, the broker holds the others back "
+                             "(default: no limit)")
+    submit.add_argument("--retries", type=count, default=0, metavar="N",
+                        help="run a job again, up to N times, while it exits non-zero (default 0)")
+    submit.add_argument("--cwd", metavar="DIR",
+                        help="folder the jobs run in, on the workers (default: the worker's)")
+    submit.add_argument("--env", action="append", default=[], metavar="K=V",
+                        help="set a variable, repeatable (default: the worker's environment)")
+    submit.add_argument("--wait", action="store_true",
+                        help="then wait for the jobs, and exit as `zfarm wait` (default: return at once)")
+    submit.add_argument("--json", action="store_true",
+                        help="with --wait: the summary as JSON (default: text)")
     keys_flag(submit)
     submit.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARG...]")
 
-    wait = command(
-        sub,
-        "wait",
-        "wait for an array's jobs: exit 0 if all succeeded, 1 if any failed, 2 on timeout",
-        _run_wait,
-    )
-    _named(wait, keys_flag)
-    wait.add_argument(
-        "--timeout", type=_positive, dest="timeout_s", metavar="S", help="give up after S seconds"
-    )
-    wait.add_argument("--json", action="store_true", help="print the summary as JSON")
+    wait = command(sub, "wait", "wait for an array's jobs: exit 0 if all succeeded, 1 if any failed, 2 on "
+                   "timeout", _run_wait)
+    _named(wait)
+    wait.add_argument("--timeout", type=seconds, dest="timeout_s", metavar="SECONDS",
+                      help="give up after this many seconds (default: wait as long as it takes)")
+    wait.add_argument("--json", action="store_true", help="print the summary as JSON (default: text)")
 
-    jobs = command(
-        sub, "jobs", "list an array's jobs (without NAME: the arrays submitted from here)", _run_jobs
-    )
-    _named(jobs, keys_flag, optional=True)
-    jobs.add_argument("--json", action="store_true", help="print the jobs and counts as JSON")
+    jobs = command(sub, "jobs", "list an array's jobs (without NAME: the arrays submitted from here)",
+                   _run_jobs)
+    _named(jobs, optional=True)
+    jobs.add_argument("--json", action="store_true",
+                      help="print the jobs and counts as JSON (default: a table)")
 
     logs = command(sub, "logs", "print what one job of an array printed (its stdout, or --stderr)", _run_logs)
-    _named(logs, keys_flag)
+    _named(logs)
     logs.add_argument("index", type=int, help="the job's index in the array")
-    logs.add_argument("--stderr", action="store_true", help="its standard error instead")
+    logs.add_argument("--stderr", action="store_true", help="its standard error instead (default: stdout)")
 
-    cancel = command(
-        sub, "cancel", "cancel an array's unfinished jobs (all, or the given indexes)", _run_cancel
-    )
-    _named(cancel, keys_flag)
+    cancel = command(sub, "cancel", "cancel an array's unfinished jobs (all, or the given indexes)",
+                     _run_cancel)
+    _named(cancel)
     cancel.add_argument("indexes", type=int, nargs="*", metavar="INDEX", help="only these jobs")
 
-    forget = command(
-        sub, "forget", "drop an array: its unfinished jobs and every result kept for it", _run_forget
-    )
-    _named(forget, keys_flag)
+    forget = command(sub, "forget", "drop an array: its unfinished jobs and every result kept for it",
+                     _run_forget)
+    _named(forget)
 
 
-def _connect(cmd: argparse.ArgumentParser) -> None:
-    cmd.add_argument(
-        "--connect", default=None, help=f"broker endpoint (default {DEFAULT_ADDRESS}; env ZFARM_ADDRESS)"
-    )
-
-
-def _named(cmd: argparse.ArgumentParser, keys_flag: Callable[..., None], optional: bool = False) -> None:
-    cmd.add_argument(
-        "name", nargs="?" if optional else None, help="the array's name, as `zfarm submit` printed it"
-    )
-    cmd.add_argument(
-        "--connect", default=None, help="broker endpoint (default: the one the array was submitted to)"
-    )
+def _named(cmd: argparse.ArgumentParser, optional: bool = False) -> None:
+    cmd.add_argument("name", nargs="?" if optional else None,
+                     help="the array's name, as `zfarm submit` printed it")
+    cmd.add_argument("--connect", metavar="ENDPOINT", default=None,
+                     help="the broker's endpoint (env ZFARM_ADDRESS; default: the one the array was "
+                          "submitted to)")
     keys_flag(cmd)
-
-
-def _positive(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, not {text}")
-    return value
-
-
-_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-
-
-def _bytes(text: str) -> int:
-    number, unit = text.rstrip("KMGTkmgtiIbB"), text[len(text.rstrip("KMGTkmgtiIbB")) :].upper()
-    unit = unit.replace("IB", "").replace("B", "")
-    try:
-        value = int(float(number) * _UNITS[unit])
-    except (ValueError, KeyError):
-        raise argparse.ArgumentTypeError(f"not a size in bytes (as 500M or 2G): {text}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {text}")
-    return value
 
 
 def _address(args: argparse.Namespace, record: ArrayRecord | None = None) -> str:

@@ -1,0 +1,87 @@
+"""Argument types and flags shared by the ``zfarm`` subcommands (cli.py and cli_batch.py).
+
+Every type's error names the value and what was expected; every flag's help names its default
+and the ``ZFARM_*`` variable that also sets it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Any
+
+from zfarm.config import DEFAULT_ADDRESS
+
+
+def command(sub: Any, name: str, text: str, run: Any) -> argparse.ArgumentParser:
+    cmd: argparse.ArgumentParser = sub.add_parser(name, help=text, description=text)
+    cmd.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                     help="how much to log (default info)")
+    cmd.add_argument("--log-json", action="store_true",
+                     help="log one JSON object per line, for collectors (default: text)")
+    cmd.set_defaults(run=run)
+    return cmd
+
+
+def connect_flag(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("--connect", metavar="ENDPOINT",
+                     help=f"the broker's endpoint (env ZFARM_ADDRESS; default {DEFAULT_ADDRESS})")
+
+
+def timeout_flag(cmd: argparse.ArgumentParser, default_s: float,
+                  text: str = "seconds to wait for the broker") -> None:
+    cmd.add_argument("--timeout", type=seconds, default=default_s, metavar="SECONDS",
+                     help=f"{text} (default {default_s:g})")
+
+
+def seconds(text: str) -> float:
+    """argparse type: a positive, finite number of seconds (its message names the value)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def count(text: str) -> int:
+    """argparse type: a whole number, 0 or more."""
+    return whole(text, 0)
+
+
+def some(text: str) -> int:
+    """argparse type: a whole number, 1 or more."""
+    return whole(text, 1)
+
+
+def whole(text: str, least: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = least - 1
+    if value < least:
+        raise argparse.ArgumentTypeError(f"expected a whole number, {least} or more, got {text!r}")
+    return value
+
+
+def keys_flag(cmd: argparse.ArgumentParser, name: bool = True) -> None:
+    cmd.add_argument("--keys", metavar="FOLDER",
+                     help="keys folder: CURVE authentication and encryption (env ZFARM_KEYS; default: none)")
+    if name:
+        cmd.add_argument("--key-name", help="which key of the folder's list to use (default: the only one)")
+
+
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def size_bytes(text: str) -> int:
+    number, unit = text.rstrip("KMGTkmgtiIbB"), text[len(text.rstrip("KMGTkmgtiIbB")) :].upper()
+    unit = unit.replace("IB", "").replace("B", "")
+    try:
+        value = int(float(number) * _UNITS[unit])
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"not a size in bytes (as 500M or 2G): {text}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text}")
+    return value
