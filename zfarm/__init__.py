@@ -17,6 +17,8 @@ from zfarm.errors import (
     JobCrashed,
     JobError,
     JobTimeout,
+    JournalCorrupted,
+    JournalFull,
     MemoryLimitExceeded,
     PayloadTooLarge,
     ProtocolError,
@@ -46,7 +48,7 @@ def __getattr__(name: str) -> Any:
 logging.getLogger("zfarm").addHandler(logging.NullHandler())
 
 __all__ = [
-    "BrokerUnavailable", "Client", "ConfigError", "JobCrashed", "JobError", "JobTimeout",
-    "MemoryLimitExceeded", "PayloadTooLarge", "ProtocolError", "Refused", "SecurityError", "WorkerLost",
-    "ZfarmError", "__version__", "as_completed",
+    "BrokerUnavailable", "Client", "ConfigError", "JobCrashed", "JobError", "JobTimeout", "JournalCorrupted",
+    "JournalFull", "MemoryLimitExceeded", "PayloadTooLarge", "ProtocolError", "Refused", "SecurityError",
+    "WorkerLost", "ZfarmError", "__version__", "as_completed",
 ]

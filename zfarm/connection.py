@@ -33,7 +33,15 @@ import zmq
 from zfarm import protocol as p
 from zfarm import serialization as ser
 from zfarm.config import ClientSettings
-from zfarm.errors import BrokerUnavailable, JobCrashed, ProtocolError, Refused, WorkerLost
+from zfarm.errors import (
+    BrokerUnavailable,
+    JobCrashed,
+    JournalCorrupted,
+    JournalFull,
+    ProtocolError,
+    Refused,
+    WorkerLost,
+)
 from zfarm.security import HandshakeWatch, PeerKeys, dealer_to_broker
 from zfarm.stats import JobRecord, record_of
 
@@ -693,6 +701,10 @@ def _resolve(job: PendingJob, outcome: int, frames: list[Any], info: str, client
         job.future.cancel()
     elif outcome == p.Outcome.LOST:
         _set(job.future, error=WorkerLost(f"{client_id}:{job.seq}", info))
+    elif outcome == p.Outcome.CORRUPTED:
+        _set(job.future, error=JournalCorrupted(f"{client_id}:{job.seq}", "", info))
+    elif outcome == p.Outcome.JOURNAL_FULL:
+        _set(job.future, error=JournalFull(f"{client_id}:{job.seq}", info))
     else:
         _set(job.future, error=JobCrashed(f"{client_id}:{job.seq}", None))
 
