@@ -153,6 +153,7 @@ class Journal:
         self._retry_at = 0.0
         try:
             lost = self._check_wal() if os.path.exists(path) else ""
+            had_wal = wal_exists(path)  # before SQLite makes an empty one
         except OSError as exc:
             raise ZfarmError(f"cannot open the journal {path}: {exc}") from None
         try:
@@ -170,7 +171,7 @@ class Journal:
             self._check_schema()
             if self._db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
                 raise sqlite3.DatabaseError("database disk image is malformed")
-            lost = lost or self._missing_wal()
+            lost = lost or ("" if had_wal else self._missing_wal())
             self._db.execute("COMMIT")
             self._saved = self._load()
         except sqlite3.Error as exc:
@@ -192,8 +193,9 @@ class Journal:
             return ""
         aside = f"{wal_path(self.path)}.damaged-{time.strftime('%Y%m%dT%H%M%S')}"
         shutil.copyfile(wal_path(self.path), aside)
-        count = ("an unknown number of transactions" if damage.transactions_lost < 0 else
-                 f"{damage.transactions_lost} whole transactions")
+        lost = damage.transactions_lost
+        count = ("an unknown number of transactions" if lost < 0 else
+                 f"{lost} whole transaction{'' if lost == 1 else 's'} after the damaged one")
         return (f"its write-ahead log {wal_path(self.path)} is damaged: {damage.problem}. SQLite drops the "
                 f"last {damage.bytes_lost} bytes ({count}): jobs and results written there are lost (or, "
                 f"if it ends mid-transaction, the broker died while writing one it had not yet promised). "
@@ -202,7 +204,7 @@ class Journal:
     def _missing_wal(self) -> str:
         """Whether the last broker stopped without closing while its write-ahead log is now gone."""
         row = self._db.execute("SELECT value FROM meta WHERE key='open'").fetchone()
-        if row is None or row[0] != "1" or wal_exists(self.path):
+        if row is None or row[0] != "1":
             return ""
         return (f"its write-ahead log {wal_path(self.path)} is missing, but the broker that used it last did "
                 "not stop cleanly: everything it wrote since its last checkpoint (jobs, results) is lost. "
@@ -382,10 +384,10 @@ class Journal:
         except sqlite3.Error:
             pass  # nothing more to undo
         if not self.problem:
-            log.error("cannot write the journal %s: %s; refusing new jobs until it can be written (free "
-                      "space, or stop the broker and move the journal); trying again every %g s", self.path,
-                      exc, RETRY_S)
-        self.problem = str(exc)
+            log.error("cannot write the journal %s: %s (%s); refusing new jobs until it can be written "
+                      "(free space, or stop the broker and move the journal); trying again every %g s",
+                      self.path, exc, getattr(exc, "sqlite_errorname", "?"), RETRY_S)
+        self.problem = f"{exc} ({exc.sqlite_errorname})" if getattr(exc, "sqlite_errorname", "") else str(exc)
         self._retry_at = time.monotonic() + RETRY_S
 
     def close(self) -> None:
