@@ -383,11 +383,13 @@ class Journal:
                 self._db.execute("ROLLBACK")
         except sqlite3.Error:
             pass  # nothing more to undo
+        name = getattr(exc, "sqlite_errorname", "")  # SQLITE_FULL, SQLITE_IOERR_WRITE …
+        problem = f"{exc} ({name})" if name else str(exc)
         if not self.problem:
-            log.error("cannot write the journal %s: %s (%s); refusing new jobs until it can be written "
-                      "(free space, or stop the broker and move the journal); trying again every %g s",
-                      self.path, exc, getattr(exc, "sqlite_errorname", "?"), RETRY_S)
-        self.problem = f"{exc} ({exc.sqlite_errorname})" if getattr(exc, "sqlite_errorname", "") else str(exc)
+            log.error("cannot write the journal %s: %s; refusing new jobs until it can be written (free "
+                      "space, or stop the broker and move the journal); trying again every %g s", self.path,
+                      problem, RETRY_S)
+        self.problem = problem
         self._retry_at = time.monotonic() + RETRY_S
 
     def close(self) -> None:
