@@ -5,10 +5,11 @@
     a job ends ──keep──► under held_memory_bytes ──► Held.frames in memory (counted in memory_bytes)
                          past it, or a session's   ──► on disk only: the journal (it has the row
                          result with a journal          already) or, without one, the spill file
-    a rerun asks again ──frames──► memory, or read back from disk and checked against its seal
+    a rerun asks again ──read──► memory, or read back from disk and checked against its seal
 
-The bound counts payload bytes; each held result also keeps its small record (outcome, info,
-timing) in memory. What cannot be written to disk stays in memory: nothing held is dropped.
+The bound counts payload bytes. A result on disk leaves in memory only its outcome and digest
+(what a rerun is compared with); its payload, message and timings are read back with it. What
+cannot be written to disk stays in memory: nothing held is dropped.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from zfarm.journal import Journal
 from zfarm.protocol import buffer_of
 from zfarm.spill import Spill
 from zfarm.state import Held
+
+#: the timings of a result whose record is on disk (shared: a held result on disk costs little memory)
+ON_DISK: list[Any] = []
 
 
 def payload_bytes(frames: Iterable[Any]) -> int:
@@ -44,29 +48,29 @@ class HeldResults:
         frames = held.frames or []
         size = payload_bytes(frames)
         over = size and self.memory_bytes + size > self.limit_bytes
-        if disk_only or (over and self._to_disk(client_id, seq, frames)):
-            held.frames, held.size = None, 0
+        if disk_only or (over and self._to_disk(client_id, seq, held)):
+            held.frames, held.size, held.info, held.stats = None, 0, "", ON_DISK
             self.on_disk += 1
             return
         held.size = size
         self.memory_bytes += size
 
-    def _to_disk(self, client_id: str, seq: int, frames: list[Any]) -> bool:
+    def _to_disk(self, client_id: str, seq: int, held: Held) -> bool:
         if self.journal is not None:
             return True  # the journal has the row already (written with the result)
-        return self.spill is not None and self.spill.put(client_id, seq, frames)
+        return self.spill is not None and self.spill.put(client_id, seq, held)
 
-    def frames(self, client_id: str, seq: int, held: Held) -> list[Any] | None:
-        """A held result's payload, from memory or from disk (None: it is gone).
+    def read(self, client_id: str, seq: int, held: Held) -> Held | None:
+        """A held result whole (payload, message, timings), from memory or from disk (None: it is gone).
 
         Raises:
-            JournalCorrupted: the payload on disk no longer matches its seal.
+            JournalCorrupted: the row on disk no longer matches its seal.
         """
         if held.frames is not None:
-            return held.frames
+            return held
         if self.journal is not None:
-            return self.journal.result_frames(client_id, seq)
-        return self.spill.get(client_id, seq) if self.spill is not None else None
+            return self.journal.held_result(client_id, seq)
+        return self.spill.get(client_id, seq, held) if self.spill is not None else None
 
     def forget(self, client_id: str, seq: int, held: Held) -> None:
         """A held result is dropped (the caller drops its journal row)."""
@@ -93,3 +97,8 @@ class HeldResults:
     def recovered(self, count: int) -> None:
         """Results read back from the journal: on disk only."""
         self.on_disk += count
+
+    @staticmethod
+    def on_disk_record(outcome: int, digest: bytes) -> Held:
+        """What memory keeps of a result whose record is on disk."""
+        return Held(outcome, None, "", ON_DISK, digest)

@@ -311,16 +311,16 @@ class Journal:
     def drop_job(self, client_id: str, seq: int) -> None:
         self._write("DELETE FROM jobs WHERE client=? AND seq=?", (client_id, seq))
 
-    def result(self, client_id: str, seq: int, held: Held, frames: Iterable[Any] = ()) -> None:
+    def result(self, client_id: str, seq: int, held: Held) -> None:
         """The job ended: its result replaces it until the client has it."""
         self.drop_job(client_id, seq)
-        row = (client_id, seq, held.outcome, _frames(held.frames or frames), held.info, _pack(held.stats),
+        row = (client_id, seq, held.outcome, _frames(held.frames or ()), held.info, _pack(held.stats),
                held.digest)
         self._write("INSERT OR REPLACE INTO results VALUES(?, ?, ?, ?, ?, ?, ?, ?)",
                     (*row, seal("results", *row)))
 
-    def result_frames(self, client_id: str, seq: int) -> list[bytes] | None:
-        """A held result's payload, read back to send it again (None if the journal has none).
+    def held_result(self, client_id: str, seq: int) -> Held | None:
+        """A held result, payload included, read back to send it again (None if the journal has none).
 
         Raises:
             JournalCorrupted: the row no longer matches its seal.
@@ -331,16 +331,22 @@ class Journal:
         except sqlite3.Error as exc:
             raise JournalCorrupted(f"{client_id}:{seq}", self.path, f"reading it failed: {exc}") from None
         if row is None:
-            return self._unwritten_frames(client_id, seq)
-        if not _sound("results", row[7], *row[:7]):
+            row = self._unwritten_result(client_id, seq)
+            if row is None:
+                return None
+        elif not _sound("results", row[7], *row[:7]):
             raise JournalCorrupted(f"{client_id}:{seq}", self.path, "its held result fails its seal")
-        return list(_unpack(row[3]))
+        try:
+            return Held(row[2], list(_unpack(row[3])), row[4], _unpack(row[5]), row[6])
+        except (ValueError, TypeError, msgpack.UnpackException):
+            detail = "its held result cannot be read"
+            raise JournalCorrupted(f"{client_id}:{seq}", self.path, detail) from None
 
-    def _unwritten_frames(self, client_id: str, seq: int) -> list[bytes] | None:
-        """A result that waits to be written (the journal cannot be written now)."""
+    def _unwritten_result(self, client_id: str, seq: int) -> tuple[Any, ...] | None:
+        """A result row that waits to be written (the journal cannot be written now)."""
         for sql, args in reversed(self._pending):
             if args[:2] == (client_id, seq) and "results" in sql:
-                return list(_unpack(args[3])) if sql.startswith("INSERT") else None
+                return args if sql.startswith("INSERT") else None
         return None
 
     def drop_result(self, client_id: str, seq: int) -> None:

@@ -123,7 +123,7 @@ class Scheduler:
         jobs = self._recover_jobs(saved, now)
         for client_id, seq, held in saved.results:
             if (client := self.clients.get(client_id)) is not None:
-                client.held[seq] = held
+                client.held[seq] = self.held_results.on_disk_record(held.outcome, held.digest)
                 self.held_results.recovered(1)
         self._recover_damaged(saved.damaged, now)
         for client in self.clients.values():
@@ -587,11 +587,11 @@ class Scheduler:
         if held is not None and held.outcome == p.Outcome.CORRUPTED:
             digest = held.digest  # what the job was is unknown: whatever asks for it hears it is damaged
         same = held is not None and held.digest == digest
-        frames = self._held_frames(client, seq, held, now) if held is not None and same else None
-        if held is not None and frames is not None:
+        whole = self._held_result(client, seq, held, now) if held is not None and same else None
+        if whole is not None and whole.frames is not None:
             if client.session:
                 client.accepted.append(seq)
-            _to_client(client, seq, held.outcome, frames, held.info, held.stats)
+            _to_client(client, seq, whole.outcome, whole.frames, whole.info, whole.stats)
             return True
         if job is not None or held is not None:
             if held is not None and held.digest == digest:  # the same job, but its result is gone
@@ -612,16 +612,14 @@ class Scheduler:
             if self.journal is not None:
                 self.journal.drop_result(client.id, seq)
 
-    def _held_frames(self, client: ClientRecord, seq: int, held: Held, now: float) -> list[Any] | None:
-        """A held result's payload, from memory or from disk (None: it is gone; a damaged one turns
-        ``held`` into a JournalCorrupted failure)."""
+    def _held_result(self, client: ClientRecord, seq: int, held: Held, now: float) -> Held | None:
+        """A held result whole, from memory or from disk (None: it is gone; a damaged one is now a
+        JournalCorrupted failure)."""
         try:
-            return self.held_results.frames(client.id, seq, held)
+            return self.held_results.read(client.id, seq, held)
         except JournalCorrupted as exc:
             self._damaged(client, seq, exc.detail, now)
-            damaged = client.held[seq]
-            held.outcome, held.info, held.stats = damaged.outcome, damaged.info, damaged.stats
-            return []
+            return client.held[seq]
 
     def _retire(self, client: ClientRecord, job: Job, now: float) -> None:
         """Cancel a client's unfinished job. A session may send its number again with other content:

@@ -12,7 +12,6 @@ import logging
 import os
 import sqlite3
 import tempfile
-from collections.abc import Iterable
 from typing import Any
 
 import msgpack
@@ -20,6 +19,7 @@ import msgpack
 from zfarm.errors import JournalCorrupted
 from zfarm.journal import seal
 from zfarm.protocol import as_bytes
+from zfarm.state import Held
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +49,11 @@ class Spill:
             self._db = db
         return self._db
 
-    def put(self, client_id: str, seq: int, frames: Iterable[Any]) -> bool:
-        """Write a result's payload; False if it cannot be written (it stays in memory then)."""
-        blob = msgpack.packb([as_bytes(f) for f in frames], use_bin_type=True)
+    def put(self, client_id: str, seq: int, held: Held) -> bool:
+        """Write a result's payload, message and timings; False if it cannot be written (it stays in
+        memory then)."""
+        payload = [as_bytes(f) for f in held.frames or ()]
+        blob = msgpack.packb([payload, held.info, held.stats], use_bin_type=True)
         try:
             self._open().execute("INSERT OR REPLACE INTO results VALUES(?, ?, ?, ?)",
                                  (client_id, seq, blob, seal("spill", client_id, seq, blob)))
@@ -64,8 +66,8 @@ class Spill:
         self.problem = ""
         return True
 
-    def get(self, client_id: str, seq: int) -> list[bytes] | None:
-        """A result's payload (None if none was written).
+    def get(self, client_id: str, seq: int, held: Held) -> Held | None:
+        """A result whole, ``held`` filled in from disk (None if none was written).
 
         Raises:
             JournalCorrupted: the row no longer matches its seal.
@@ -82,7 +84,8 @@ class Spill:
             return None
         if row[1] != seal("spill", client_id, seq, row[0]):
             raise JournalCorrupted(f"{client_id}:{seq}", where, "its held result fails its seal")
-        return list(msgpack.unpackb(row[0], raw=False))
+        frames, info, stats = msgpack.unpackb(row[0], raw=False)
+        return Held(held.outcome, frames, info, stats, held.digest)
 
     def drop(self, client_id: str, seq: int) -> None:
         self._execute("DELETE FROM results WHERE client=? AND seq=?", (client_id, seq))
