@@ -264,7 +264,8 @@ def _print_status(snap: dict[str, Any]) -> None:
                   f"failed {snap['failed']}  requeued {snap['requeued']}  "
                   f"workers lost {snap['workers_lost']}")
     if snap.get("journal"):
-        console.print(f"journal {snap['journal']}  jobs recovered at start {snap['recovered']}")
+        console.print(f"journal {snap['journal']}  jobs recovered at start {snap['recovered']}  damaged rows "
+                      f"{snap.get('corrupted', 0)}  {snap.get('journal_problem') or ''}")
     workers = Table("worker", "host", "pid", "slots", "busy", "done", "failed", "heartbeat age",
                     title="workers")
     for w in snap["workers"]:
