@@ -151,17 +151,15 @@ class Journal:
         self.problem = ""
         self._pending: list[tuple[str, tuple[Any, ...]]] = []  # this turn's changes, or all unwritten ones
         self._retry_at = 0.0
-        try:
-            lost = self._check_wal() if os.path.exists(path) else ""
-            had_wal = wal_exists(path)  # before SQLite makes an empty one
-        except OSError as exc:
-            raise ZfarmError(f"cannot open the journal {path}: {exc}") from None
+        had_wal = wal_exists(path)  # before SQLite makes an empty one
         try:
             self._db = sqlite3.connect(path, timeout=0, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA locking_mode=EXCLUSIVE")  # a second broker on this file fails
             mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             self._db.execute(f"PRAGMA synchronous={sync.upper()}")
             self._db.execute("BEGIN IMMEDIATE")  # takes the lock now, not at the first job
+            # Ours alone now, and SQLite has only read the log: what it will drop is still there.
+            lost = self._check_wal() if had_wal else ""
             tables = {row[0] for row in self._db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
             if tables and "meta" not in tables:  # another program's database: not ours to change
                 raise sqlite3.DatabaseError(f"it holds other tables ({', '.join(sorted(tables)[:5])})")
@@ -174,7 +172,7 @@ class Journal:
             lost = lost or ("" if had_wal else self._missing_wal())
             self._db.execute("COMMIT")
             self._saved = self._load()
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             if hasattr(self, "_db"):
                 self._db.close()  # and its lock with it
             raise ZfarmError(f"cannot open the journal {path}: {exc} (is another broker using it? "
