@@ -190,14 +190,18 @@ class Journal:
         if not damage.problem:
             return ""
         aside = f"{wal_path(self.path)}.damaged-{time.strftime('%Y%m%dT%H%M%S')}"
-        shutil.copyfile(wal_path(self.path), aside)
+        try:
+            shutil.copyfile(wal_path(self.path), aside)
+            kept = f"A copy is kept as {aside}"
+        except OSError as exc:  # a full disk, most likely: say so and go on
+            kept = f"No copy could be kept ({exc})"
         lost = damage.transactions_lost
         count = ("an unknown number of transactions" if lost < 0 else
                  f"{lost} whole transaction{'' if lost == 1 else 's'} after the damaged one")
         return (f"its write-ahead log {wal_path(self.path)} is damaged: {damage.problem}. SQLite drops the "
                 f"last {damage.bytes_lost} bytes ({count}): jobs and results written there are lost (or, "
                 f"if it ends mid-transaction, the broker died while writing one it had not yet promised). "
-                f"A copy is kept as {aside}")
+                f"{kept}")
 
     def _missing_wal(self) -> str:
         """Whether the last broker stopped without closing while its write-ahead log is now gone."""

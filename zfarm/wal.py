@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import struct
 from dataclasses import dataclass
+from typing import BinaryIO
 
 HEADER_BYTES = 32
 FRAME_HEADER_BYTES = 24
@@ -34,52 +35,57 @@ class WalDamage:
 
 
 def inspect_wal(path: str) -> WalDamage:
-    """Check the write-ahead log at ``path`` (a missing or empty file is a clean one)."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
+    """Check the write-ahead log at ``path`` (a missing or empty file is a clean one).
+
+    Reads it a frame at a time: a log can be large (a turn's transaction holds its jobs' payloads).
+    """
+    if not os.path.exists(path):
         return WalDamage()
-    if not data:
-        return WalDamage()
-    if len(data) < HEADER_BYTES:
-        return WalDamage(f"its header is cut short ({len(data)} bytes of {HEADER_BYTES})", -1, len(data))
-    magic, _version, page_size, _ckpt, salt1, salt2, sum1, sum2 = struct.unpack(">8I", data[:HEADER_BYTES])
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        return _inspect(f, size) if size else WalDamage()
+
+
+def _inspect(f: BinaryIO, size: int) -> WalDamage:
+    header = f.read(HEADER_BYTES)
+    if len(header) < HEADER_BYTES:
+        return WalDamage(f"its header is cut short ({size} bytes of {HEADER_BYTES})", -1, size)
+    magic, _version, page_size, _ckpt, salt1, salt2, sum1, sum2 = struct.unpack(">8I", header)
     if magic not in _MAGIC or page_size < 512 or page_size & (page_size - 1):
-        return WalDamage("its header is not a write-ahead log header", -1, len(data))
+        return WalDamage("its header is not a write-ahead log header", -1, size)
     big_endian = bool(magic & 1)
-    if _checksum(data[:24], (0, 0), big_endian) != (sum1, sum2):
-        return WalDamage("its header fails its checksum", -1, len(data))
+    if _checksum(header[:24], (0, 0), big_endian) != (sum1, sum2):
+        return WalDamage("its header fails its checksum", -1, size)
     frame_bytes = FRAME_HEADER_BYTES + page_size
     seed = (sum1, sum2)
-    good_end = HEADER_BYTES  # the end of the last whole transaction
-    offset = HEADER_BYTES
-    while offset + frame_bytes <= len(data):
-        head = struct.unpack(">6I", data[offset:offset + FRAME_HEADER_BYTES])
+    good_end = offset = HEADER_BYTES  # good_end: the end of the last whole transaction
+    while offset + frame_bytes <= size:
+        frame = f.read(frame_bytes)
+        head = struct.unpack(">6I", frame[:FRAME_HEADER_BYTES])
         if (head[2], head[3]) != (salt1, salt2):
             return WalDamage()  # a frame of an earlier pass over the file: the log ends here, as written
-        seed = _checksum(data[offset + FRAME_HEADER_BYTES:offset + frame_bytes],
-                         _checksum(data[offset:offset + 8], seed, big_endian), big_endian)
+        seed = _checksum(frame[FRAME_HEADER_BYTES:], _checksum(frame[:8], seed, big_endian), big_endian)
         if seed != (head[4], head[5]):
             return WalDamage(f"the frame at byte {offset} fails its checksum",
-                             _later_commits(data, offset + frame_bytes, frame_bytes, salt1, salt2),
-                             len(data) - good_end)
+                             _later_commits(f, size, frame_bytes, salt1, salt2), size - good_end)
         offset += frame_bytes
         if head[1]:  # this frame ends a transaction
             good_end = offset
-    if offset < len(data):
-        return WalDamage(f"it ends in the middle of a frame ({len(data) - offset} bytes of {frame_bytes})",
-                         -1, len(data) - good_end)
-    if good_end < len(data):
-        return WalDamage("it ends in the middle of a transaction", -1, len(data) - good_end)
+    if offset < size:
+        return WalDamage(f"it ends in the middle of a frame ({size - offset} bytes of {frame_bytes})",
+                         -1, size - good_end)
+    if good_end < size:
+        return WalDamage("it ends in the middle of a transaction", -1, size - good_end)
     return WalDamage()
 
 
-def _later_commits(data: bytes, offset: int, frame_bytes: int, salt1: int, salt2: int) -> int:
-    """Transactions whose last frame lies after ``offset`` in this pass over the file (all lost)."""
+def _later_commits(f: BinaryIO, size: int, frame_bytes: int, salt1: int, salt2: int) -> int:
+    """Transactions whose last frame lies after the file's position in this pass over it (all lost)."""
     count = 0
-    while offset + frame_bytes <= len(data):
-        _page, commit, s1, s2 = struct.unpack(">4I", data[offset:offset + 16])
+    offset = f.tell()
+    while offset + frame_bytes <= size:
+        f.seek(offset)
+        _page, commit, s1, s2 = struct.unpack(">4I", f.read(16))
         if (s1, s2) != (salt1, salt2):
             break
         count += commit != 0
