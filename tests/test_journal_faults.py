@@ -16,7 +16,8 @@ from __future__ import annotations
 import os
 import resource
 import signal
-from collections.abc import Callable
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -176,3 +177,62 @@ def test_a_journal_that_cannot_be_written_refuses_new_jobs_serves_the_rest_and_r
     assert broker.alive
     broker.signal(signal.SIGTERM)
     assert broker.wait(10) == 0
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB tmpfs (needs root and mount; skipped elsewhere), unmounted after the test."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)],
+                             capture_output=True, timeout=10)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield disk
+    finally:  # lazily: a process of the test may still hold a file there until its teardown
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True, timeout=10)
+
+
+def fill(disk: Path) -> Path:
+    """Leave the disk no room: one file takes what is free."""
+    filler = disk / "filler"
+    stats = os.statvfs(disk)
+    with open(filler, "wb") as f:
+        f.write(b"\0" * (stats.f_bavail * stats.f_frsize))
+    return filler
+
+
+@pytest.mark.slow
+def test_a_full_disk_restarted_broker_serves_what_it_holds_and_takes_work_when_space_returns(
+        procs: Procs, small_disk: Path, ctx: zmq.Context[Any]) -> None:
+    journal = small_disk / "journal.db"
+    broker, endpoint = procs.broker(None, *FAST, "--journal", str(journal))
+    leave_jobs(endpoint, "kept", ["k1", "k2"], ctx)  # held in the journal, for after the restart
+    filler = fill(small_disk)
+    with zfarm.Client(endpoint, broker_timeout_s=60) as client:
+        probe = client.submit(jobs.echo, b"x" * 50_000)  # its turn's commit fails: run later, or refused
+        wait_for(lambda: snapshot(ctx, endpoint)["journal_problem"], 20, message="the journal full")
+        assert "SQLITE_FULL" in snapshot(ctx, endpoint)["journal_problem"]
+        with pytest.raises(zfarm.JournalFull):
+            client.submit(jobs.echo, "more").result(30)
+        client.shutdown(cancel_futures=True)
+    del probe
+    stop(broker)  # what could not be written is lost, and said so
+    assert "could not be written" in broker.log()
+
+    broker, _ = procs.broker(endpoint, *FAST, "--journal", str(journal))  # on the still-full disk
+    procs.worker(endpoint, procs=2)
+    wait_for_workers(endpoint, 1)
+    with zfarm.Client(endpoint, session="kept") as kept:  # what it held is served
+        assert [kept.submit(jobs.echo, v).result(30) for v in ("k1", "k2")] == ["k1", "k2"]
+    wait_for(lambda: snapshot(ctx, endpoint)["journal_problem"], 20, message="the journal still full")
+    with zfarm.Client(endpoint, broker_timeout_s=60) as client:
+        with pytest.raises(zfarm.JournalFull):
+            client.submit(jobs.echo, b"y" * 50_000).result(30)
+        filler.unlink()  # space returns
+        broker.wait_for_log("can be written again", 20)
+        assert client.submit(jobs.echo, "back").result(30) == "back"
+    assert broker.alive
