@@ -174,12 +174,15 @@ class Scheduler:
                 log.error("journal %s: a row of %s (client %s, job %d) fails its seal: dropped",
                           self.journal_path, row.table, row.client, row.seq)
 
-    def _damaged(self, client: ClientRecord, seq: int, why: str, now: float) -> None:
-        """A job whose payload on disk changed: never run or delivered, it fails with JournalCorrupted."""
-        info = f"the broker's journal {self.journal_path}: {why}"
-        log.error("job %s:%d is damaged in %s: it fails with JournalCorrupted instead of running (%s)",
-                  client.id, seq, self.journal_path, why)
-        self.records.event(now, "job-damaged", f"job {client.id}:{seq} damaged in the journal ({why})")
+    def _damaged(self, client: ClientRecord, seq: int, why: str, now: float, where: str = "") -> None:
+        """A job whose payload on disk changed: never run or delivered, it fails with JournalCorrupted.
+
+        ``where``: the file, if not the journal (the spill file)."""
+        where = where or f"the broker's journal {self.journal_path}"
+        info = f"{where}: {why}"
+        log.error("job %s:%d is damaged in %s: it fails with JournalCorrupted instead of running or being "
+                  "delivered (%s)", client.id, seq, where, why)
+        self.records.event(now, "job-damaged", f"job {client.id}:{seq} damaged in {where} ({why})")
         self.counters.corrupted += 1
         if (old := client.held.pop(seq, None)) is not None:
             self.held_results.forget(client.id, seq, old)
@@ -618,7 +621,7 @@ class Scheduler:
         try:
             return self.held_results.read(client.id, seq, held)
         except JournalCorrupted as exc:
-            self._damaged(client, seq, exc.detail, now)
+            self._damaged(client, seq, exc.detail, now, where=exc.journal if self.journal is None else "")
             return client.held[seq]
 
     def _retire(self, client: ClientRecord, job: Job, now: float) -> None:

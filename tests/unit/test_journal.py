@@ -14,9 +14,10 @@ import pytest
 from tests.unit.test_scheduler import CA, CB, FN, W1, W2, Farm, job_rows, job_seqs, result_rows, to
 from zfarm import protocol as p
 from zfarm.config import BrokerSettings
-from zfarm.errors import ZfarmError
+from zfarm.errors import JournalCorrupted, ZfarmError
 from zfarm.journal import Journal
 from zfarm.spill import Spill
+from zfarm.state import Held
 
 
 def restart(farm: Farm, path: Path, now: float = 100.0) -> Farm:
@@ -442,4 +443,16 @@ def test_results_past_the_memory_bound_go_to_the_spill_file_and_come_back_whole(
     farm.send(CA, p.Received([1, 2, 3]), 1.1)
     snap = farm.snap(1.1)
     assert (snap["held_memory_bytes"], snap["held_on_disk"]) == (0, 0)
+    spill.close()
+
+
+def test_a_spilled_result_changed_on_disk_fails_its_seal() -> None:
+    spill = Spill()
+    held = Held(int(p.Outcome.OK), [b"value-000123"], "", [], b"")
+    assert spill.put("c", 1, held)
+    assert spill.get("c", 1, held) == held
+    assert spill._db is not None
+    spill._db.execute("UPDATE results SET frames=CAST(replace(frames, X'33', X'39') AS BLOB)")
+    with pytest.raises(JournalCorrupted):
+        spill.get("c", 1, held)
     spill.close()
