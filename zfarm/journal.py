@@ -21,7 +21,7 @@ One broker at a time: the file is locked.
 Nothing read back is trusted: every row carries a seal (a hash of its columns) checked
 when the journal is opened and whenever a payload is read again. A row that fails it is
 reported as :class:`Damaged`, never run or delivered. The write-ahead log is checked
-before SQLite opens it (:mod:`zfarm.wal`), and a marker in the main file tells a broker
+before SQLite writes to it (:mod:`zfarm.wal`), and a marker in the main file tells a broker
 that stopped cleanly from one whose log is gone.
 
 When a write fails (a full disk), the changes stay in memory and are written again

@@ -456,3 +456,34 @@ def test_a_spilled_result_changed_on_disk_fails_its_seal() -> None:
     with pytest.raises(JournalCorrupted):
         spill.get("c", 1, held)
     spill.close()
+
+
+def test_a_journal_written_before_seals_is_upgraded_and_read(tmp_path: Path) -> None:
+    path = tmp_path / "journal.db"
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        INSERT INTO meta VALUES('schema', '1');
+        CREATE TABLE clients(id TEXT PRIMARY KEY, session TEXT NOT NULL, key TEXT NOT NULL);
+        CREATE TABLE functions(client TEXT, fn BLOB, blob BLOB NOT NULL, PRIMARY KEY(client, fn));
+        CREATE TABLE jobs(client TEXT, seq INTEGER, fn BLOB NOT NULL, frames BLOB NOT NULL,
+            options BLOB NOT NULL, queued_at REAL NOT NULL, digest BLOB NOT NULL, losses BLOB NOT NULL,
+            attempts_before INTEGER NOT NULL, PRIMARY KEY(client, seq));
+        CREATE TABLE results(client TEXT, seq INTEGER, outcome INTEGER NOT NULL,
+            frames BLOB NOT NULL, info TEXT NOT NULL, stats BLOB NOT NULL, digest BLOB NOT NULL,
+            PRIMARY KEY(client, seq));
+        INSERT INTO clients VALUES('ca', '', '');
+        INSERT INTO functions VALUES('ca', X'f1', X'00');
+        INSERT INTO jobs VALUES('ca', 1, X'f1', X'91c403617267', X'80', 0.0, X'', X'90', 0);
+    """)
+    db.commit()
+    db.close()
+    journal = Journal(str(path))
+    saved = journal.load()
+    assert [(j.client, j.seq, j.frames) for j in saved.jobs] == [("ca", 1, [b"arg"])] and not saved.damaged
+    journal.client("cb", "", "")  # new rows are sealed
+    assert journal.commit()
+    journal.close()
+    again = Journal(str(path))
+    assert [c[0] for c in again.load().clients] == ["ca", "cb"]
+    again.close()
