@@ -58,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     broker.add_argument("--journal-sync", choices=JOURNAL_SYNC_MODES,
                         help="full (default): every journal commit reaches the disk, surviving a power cut; "
                              "normal: faster, survives the broker's death but not the machine's")
+    broker.add_argument("--held-memory-bytes", type=int, help="result payloads held in memory at most; past "
+                        "it they wait on disk (default 256 MiB; env ZFARM_HELD_MEMORY_BYTES)")
     broker.add_argument("--session-ttl", type=float, dest="session_ttl_s", metavar="SECONDS",
                         help="how long a session's jobs and results wait for its client (default 604800: "
                              "a week)")
@@ -183,7 +185,7 @@ def _run_broker(args: argparse.Namespace) -> int:
     settings = resolve(BrokerSettings, _flags(args, ["bind", "heartbeat_interval_s", "liveness",
                                                      "max_message_bytes", "parent_pid", "keys", "insecure",
                                                      "history", "max_losses", "max_queued", "journal",
-                                                     "journal_sync", "session_ttl_s"]))
+                                                     "journal_sync", "session_ttl_s", "held_memory_bytes"]))
     run_broker(settings)
     return 0
 
