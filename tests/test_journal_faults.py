@@ -98,11 +98,23 @@ def flip_a_byte(wal: Path) -> None:
     wal.write_bytes(bytes(data))
 
 
+def cut_at_a_transaction_end(wal: Path) -> None:
+    """Cut the log where a transaction ends, half-way through them: it reads as a log that ended there."""
+    data = wal.read_bytes()
+    frame_bytes = 24 + int.from_bytes(data[8:12], "big")
+    ends = [end for end in range(32 + frame_bytes, len(data) + 1, frame_bytes)
+            if int.from_bytes(data[end - frame_bytes + 4:end - frame_bytes + 8], "big")]  # commit frames
+    earlier = [end for end in ends if end < len(data)]
+    assert earlier, f"the log holds one transaction only ({len(data)} bytes)"
+    os.truncate(wal, earlier[len(earlier) // 2])
+
+
 @pytest.mark.parametrize("damage, said", [
     (truncate_half, "ends in the middle"),
+    (cut_at_a_transaction_end, "shorter than when the broker last committed"),
     (Path.unlink, "is missing"),
     (flip_a_byte, "fails its checksum"),
-], ids=["truncated", "deleted", "byte-flipped"])
+], ids=["truncated", "cut-at-a-transaction-end", "deleted", "byte-flipped"])
 def test_a_damaged_write_ahead_log_is_reported_loudly(procs: Procs, tmp_path: Path, ctx: zmq.Context[Any],
                                                       damage: Callable[[Path], None], said: str) -> None:
     journal = tmp_path / "journal.db"

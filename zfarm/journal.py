@@ -21,8 +21,9 @@ One broker at a time: the file is locked.
 Nothing read back is trusted: every row carries a seal (a hash of its columns) checked
 when the journal is opened and whenever a payload is read again. A row that fails it is
 reported as :class:`Damaged`, never run or delivered. The write-ahead log is checked
-before SQLite writes to it (:mod:`zfarm.wal`), and a marker in the main file tells a broker
-that stopped cleanly from one whose log is gone.
+before SQLite writes to it (:mod:`zfarm.wal`), against its frames' checksums and against the
+mark of where it ended at the last commit; a marker in the main file tells a broker that
+stopped cleanly from one whose log is gone.
 
 When a write fails (a full disk), the changes stay in memory and are written again
 later, one try a second: :attr:`Journal.problem` says why until then.
@@ -45,7 +46,7 @@ import msgpack
 from zfarm.errors import JournalCorrupted, ZfarmError
 from zfarm.protocol import as_bytes
 from zfarm.state import Held, Job
-from zfarm.wal import inspect_wal, wal_exists, wal_path
+from zfarm.wal import WalMark, inspect_wal, wal_exists, wal_path
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +152,7 @@ class Journal:
         self.problem = ""
         self._pending: list[tuple[str, tuple[Any, ...]]] = []  # this turn's changes, or all unwritten ones
         self._retry_at = 0.0
+        self._mark = WalMark(path)
         had_wal = wal_exists(path)  # before SQLite makes an empty one
         try:
             self._db = sqlite3.connect(path, timeout=0, isolation_level=None, check_same_thread=False)
@@ -159,7 +161,7 @@ class Journal:
             self._db.execute(f"PRAGMA synchronous={sync.upper()}")
             self._db.execute("BEGIN IMMEDIATE")  # takes the lock now, not at the first job
             # Ours alone now, and SQLite has only read the log: what it will drop is still there.
-            lost = self._check_wal() if had_wal else ""
+            lost = (self._check_wal() or self._mark.check()) if had_wal else ""
             tables = {row[0] for row in self._db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
             if tables and "meta" not in tables:  # another program's database: not ours to change
                 raise sqlite3.DatabaseError(f"it holds other tables ({', '.join(sorted(tables)[:5])})")
@@ -180,7 +182,9 @@ class Journal:
                              ) from None
         self._saved.lost = lost
         self._mark_open()
-        if mode.lower() != "wal":
+        if mode.lower() == "wal":
+            self._mark.start()
+        else:
             log.warning("journal %s: SQLite refused WAL mode (%s); it still works, more slowly", path, mode)
 
     def _check_wal(self) -> str:
@@ -377,6 +381,7 @@ class Journal:
         except sqlite3.Error as exc:
             self._failed(exc)
             return False
+        self._mark.note()
         if self.problem:
             log.warning("journal %s can be written again: %d waiting changes written", self.path,
                         len(self._pending))
@@ -409,6 +414,7 @@ class Journal:
                           len(self._pending), self.problem)
         finally:
             self._db.close()
+            self._mark.close(clean=True)
 
     def abandon(self) -> None:
         """Close without writing the changes made since the last commit (the turn did not finish)."""
@@ -419,6 +425,7 @@ class Journal:
             pass
         finally:
             self._db.close()
+            self._mark.close(clean=False)
 
 
 def _losses(raw: bytes) -> tuple[str, ...]:

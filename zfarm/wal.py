@@ -109,3 +109,75 @@ def wal_path(journal: str) -> str:
 
 def wal_exists(journal: str) -> bool:
     return os.path.exists(wal_path(journal))
+
+
+class WalMark:
+    """Where the log ended at the last commit, in a small file beside the journal (``PATH-mark``).
+
+    A log cut exactly at the end of a transaction reads as a log that ended there; only a record
+    kept outside it tells. After each commit the broker writes the log's salts and size (16 bytes,
+    not synced: a few microseconds); at the next start a log of the same pass (same salts) that is
+    shorter than its mark was cut, or, with ``--journal-sync normal``, lost its tail to a power cut.
+    SQLite itself never shortens the log while the broker runs (it only does at the checkpoint the
+    broker asks for at start, after this check).
+    """
+
+    _FORMAT = ">IIQ"  # salt-1, salt-2, size in bytes
+
+    def __init__(self, journal: str) -> None:
+        self.path = journal + "-mark"
+        self.wal = wal_path(journal)
+        self._wal_fd = -1
+        self._fd = -1
+
+    def check(self) -> str:
+        """What the log lost since the mark ("" if nothing or no mark)."""
+        try:
+            with open(self.path, "rb") as f:
+                mark = f.read(struct.calcsize(self._FORMAT))
+            with open(self.wal, "rb") as f:
+                header = f.read(HEADER_BYTES)
+                size = os.fstat(f.fileno()).st_size
+        except FileNotFoundError:
+            return ""
+        if len(mark) != struct.calcsize(self._FORMAT) or len(header) < HEADER_BYTES:
+            return ""
+        salt1, salt2, marked = struct.unpack(self._FORMAT, mark)
+        if struct.unpack(">II", header[16:24]) != (salt1, salt2) or size >= marked:
+            return ""  # another pass over the log (or the same one, whole)
+        return (f"its write-ahead log {self.wal} is {marked - size} bytes shorter than when the broker last "
+                f"committed to it ({size} of {marked}): the transactions in those bytes are lost. The file "
+                "was cut, or, with --journal-sync normal, the machine lost power before writing it")
+
+    def start(self) -> None:
+        """Keep the mark from now on (after the start's checkpoint)."""
+        try:
+            self._wal_fd = os.open(self.wal, os.O_RDONLY)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600)
+        except OSError:
+            self.close(clean=False)  # no mark kept: only a cut at a transaction's end goes unnoticed
+            return
+        self.note()
+
+    def note(self) -> None:
+        """A commit succeeded: the log ends where it is now."""
+        if self._fd < 0:
+            return
+        try:
+            size = os.fstat(self._wal_fd).st_size
+            salts = os.pread(self._wal_fd, 8, 16) if size >= HEADER_BYTES else b"\0" * 8
+            os.pwrite(self._fd, salts + size.to_bytes(8, "big"), 0)
+        except OSError:
+            pass  # a full disk: the next commit tries again
+
+    def close(self, clean: bool) -> None:
+        """Stop keeping the mark; after a clean stop (the log is gone) the mark goes too."""
+        for fd in (self._wal_fd, self._fd):
+            if fd >= 0:
+                os.close(fd)
+        self._wal_fd = self._fd = -1
+        if clean and not os.path.exists(self.wal):
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass

@@ -7,7 +7,9 @@ import shutil
 import sqlite3
 from pathlib import Path
 
-from zfarm.wal import inspect_wal
+from zfarm.journal import Journal
+from zfarm.state import Job
+from zfarm.wal import WalMark, inspect_wal
 
 
 def crashed_log(tmp_path: Path, transactions: int = 6, restart: bool = False) -> Path:
@@ -55,3 +57,22 @@ def test_a_cut_log_is_found(tmp_path: Path) -> None:
     assert "middle of a frame" in damage.problem and damage.bytes_lost > 0
     os.truncate(log, 20)
     assert "header is cut short" in inspect_wal(str(log)).problem
+
+
+def test_the_mark_tells_a_log_cut_at_a_transactions_end_and_goes_with_a_clean_stop(tmp_path: Path) -> None:
+    path = tmp_path / "journal.db"
+    journal = Journal(str(path))
+    for seq in range(1, 4):  # three transactions
+        journal.job(Job("c", seq, b"fn", (os.urandom(3000),), {}, 0.0), 0.0)
+        assert journal.commit()
+    wal = Path(str(path) + "-wal")
+    mark = WalMark(str(path))
+    assert Path(mark.path).exists() and mark.check() == ""  # whole
+    shutil.copyfile(wal, tmp_path / "saved-wal")
+    journal.close()
+    assert not wal.exists() and not Path(mark.path).exists()  # a clean stop: log and mark gone
+
+    shutil.copyfile(tmp_path / "saved-wal", wal)  # as after a crash, then cut by a whole frame
+    Path(mark.path).write_bytes(wal.read_bytes()[16:24] + wal.stat().st_size.to_bytes(8, "big"))
+    os.truncate(wal, wal.stat().st_size - 4120)
+    assert "bytes shorter than when the broker last committed" in mark.check()
