@@ -237,8 +237,10 @@ class Journal:
             raise sqlite3.DatabaseError(f"journal schema {row[0]}, this zfarm reads {SCHEMA_VERSION}")
 
     def load(self) -> Recovered:
-        """What the journal held when it was opened (read and checked once, at open)."""
-        return self._saved
+        """What the journal held when it was opened (read and checked once, at open), handed over once:
+        the journal keeps no copy of it (a second call returns nothing)."""
+        saved, self._saved = self._saved, Recovered()
+        return saved
 
     def _load(self) -> Recovered:
         db = self._db
