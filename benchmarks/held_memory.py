@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -71,6 +72,7 @@ def main() -> int:
         for proc in (worker, broker):
             proc.terminate()
             proc.wait(10)
+        shutil.rmtree(folder, ignore_errors=True)
     return 0
 
 
