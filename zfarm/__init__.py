@@ -19,6 +19,8 @@ from zfarm.errors import (
     JobCrashed,
     JobError,
     JobTimeout,
+    JournalCorrupted,
+    JournalFull,
     MemoryLimitExceeded,
     PayloadTooLarge,
     ProtocolError,
@@ -60,7 +62,7 @@ logging.getLogger("zfarm").addHandler(logging.NullHandler())
 
 __all__ = [
     "BrokerUnavailable", "Client", "CommandFailed", "CommandNotFound", "CommandResult", "ConfigError",
-    "JobCrashed", "JobError", "JobOutput", "JobTimeout", "MemoryLimitExceeded", "PayloadTooLarge",
-    "ProtocolError", "Refused", "RemoteTraceback", "SecurityError", "WorkerLost", "ZfarmError",
-    "__version__", "as_completed",
+    "JobCrashed", "JobError", "JobOutput", "JobTimeout", "JournalCorrupted", "JournalFull",
+    "MemoryLimitExceeded", "PayloadTooLarge", "ProtocolError", "Refused", "RemoteTraceback", "SecurityError",
+    "WorkerLost", "ZfarmError", "__version__", "as_completed",
 ]

@@ -31,8 +31,9 @@ from zfarm import protocol as p
 from zfarm.config import BrokerSettings
 from zfarm.errors import ZfarmError
 from zfarm.journal import Journal
-from zfarm.scheduler import Scheduler
+from zfarm.scheduler import Outbound, Scheduler
 from zfarm.security import BrokerKeys, check_bind_is_safe, identity_of
+from zfarm.spill import Spill
 from zfarm.state import Auth
 
 log = logging.getLogger(__name__)
@@ -71,14 +72,17 @@ class Broker:
                     if exc.errno == errno.EADDRINUSE else "check the endpoint given to --bind")
             raise ZfarmError(f"cannot listen on {settings.bind}: {exc.strerror}; {hint}") from None
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.spill = None if settings.journal else Spill()
         try:
             self.journal = Journal(settings.journal, settings.journal_sync) if settings.journal else None
         except ZfarmError:
             self.close()
             raise
         self.scheduler = Scheduler(settings, time.monotonic(), wall_offset_s=time.time() - time.monotonic(),
-                                   journal=self.journal)
+                                   journal=self.journal, spill=self.spill)
         self._stopping = threading.Event()
+        #: ACCEPTED messages waiting for the journal to be written: a session may leave once it has one
+        self._withheld: list[Outbound] = []
 
     def serve(self) -> None:
         """Run until :meth:`stop` is called (or the parent process named in settings is gone)."""
@@ -103,14 +107,15 @@ class Broker:
                 sched.tick(now)
                 outbound = sched.flush(now)
                 if self.journal is not None:
-                    self.journal.commit()  # what we are about to say has happened must be on disk first
+                    # What we are about to say has happened must be on disk first.
+                    outbound = self._written(outbound, self.journal.commit())
                 self._send(outbound)
                 if self.settings.parent_pid and os.getppid() != self.settings.parent_pid:
                     log.info("parent process %d is gone: stopping", self.settings.parent_pid)
                     break
             clean = True
-        except sqlite3.Error as exc:
-            raise ZfarmError(f"cannot write the journal {self.settings.journal}: {exc}; stopping, so that "
+        except sqlite3.Error as exc:  # a read that failed: writes wait in memory instead (see Journal)
+            raise ZfarmError(f"cannot use the journal {self.settings.journal}: {exc}; stopping, so that "
                              "nothing is promised that is not on disk (free space, or move the journal, "
                              "and start the broker again on it)") from None
         finally:
@@ -120,6 +125,16 @@ class Broker:
                 self.journal.abandon()  # half a turn is not written: the journal stays as of the last turn
                 self.journal = None
             self.close(linger_ms=500)
+
+    def _written(self, outbound: list[Outbound], on_disk: bool) -> list[Outbound]:
+        """What may be sent after a commit: while the journal cannot be written (a full disk), ACCEPTED
+        waits (it promises the job is on disk); results, jobs for workers and refusals go on."""
+        if on_disk:
+            if self._withheld:
+                outbound, self._withheld = self._withheld + outbound, []
+            return outbound
+        self._withheld.extend(m for m in outbound if isinstance(m[1], p.Accepted))
+        return [m for m in outbound if not isinstance(m[1], p.Accepted)]
 
     def _drain(self) -> None:
         sched = self.scheduler
@@ -159,6 +174,8 @@ class Broker:
         if getattr(self, "journal", None) is not None:
             self.journal.close()  # type: ignore[union-attr]
             self.journal = None
+        if getattr(self, "spill", None) is not None:
+            self.spill.close()  # type: ignore[union-attr]
         self.socket.close(linger=linger_ms)
         if self.keys is not None:
             self.keys.close()

@@ -81,6 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     broker.add_argument("--journal-sync", choices=JOURNAL_SYNC_MODES,
                         help="full: every journal commit reaches the disk, surviving a power cut; normal: "
                              "faster, survives the broker's death but not the machine's (default full)")
+    broker.add_argument("--held-memory-bytes", type=int, metavar="BYTES",
+                        help="result payloads held in memory at most; past it they wait on disk "
+                             "(env ZFARM_HELD_MEMORY_BYTES; default 256 MiB)")
     broker.add_argument("--session-ttl", type=float, dest="session_ttl_s", metavar="SECONDS",
                         help="how long a session's jobs and results wait for its client (default "
                              f"{B.session_ttl_s:.0f}: a week)")
@@ -205,7 +208,7 @@ def _run_broker(args: argparse.Namespace) -> int:
     settings = resolve(BrokerSettings, _flags(args, ["bind", "heartbeat_interval_s", "liveness",
                                                      "max_message_bytes", "parent_pid", "keys", "insecure",
                                                      "history", "max_losses", "max_queued", "journal",
-                                                     "journal_sync", "session_ttl_s"]))
+                                                     "journal_sync", "session_ttl_s", "held_memory_bytes"]))
     check_endpoint(settings.bind, bind=True)  # inproc: only code in this process could reach it
     run_broker(settings)
     return 0
@@ -319,7 +322,8 @@ def _print_status(snap: dict[str, Any]) -> None:
                   f"failed {snap['failed']}  requeued {snap['requeued']}  "
                   f"workers lost {snap['workers_lost']}")
     if snap.get("journal"):
-        console.print(f"journal {snap['journal']}  jobs recovered at start {snap['recovered']}")
+        console.print(f"journal {snap['journal']}  jobs recovered at start {snap['recovered']}  damaged rows "
+                      f"{snap.get('corrupted', 0)}  {snap.get('journal_problem') or ''}")
     workers = Table("worker", "host", "pid", "slots", "busy", "done", "failed", "heartbeat age",
                     title="workers")
     for w in snap["workers"]:

@@ -54,6 +54,9 @@ class BrokerSettings:
     journal_sync: str = "full"
     #: how long a session's jobs and results wait for a client that went away
     session_ttl_s: float = 7 * 24 * 3600.0
+    #: result payloads held in memory at most; past it they wait on disk (the journal, or a temporary
+    #: spill file without one) until their client asks for them
+    held_memory_bytes: int = 256 * 1024**2
 
     def __post_init__(self) -> None:
         check_endpoint(self.bind, bind=True, inproc=True)
@@ -71,6 +74,8 @@ class BrokerSettings:
             raise ConfigError(f"max_losses must be at least 1, got {self.max_losses}")
         if self.history < 0:
             raise ConfigError(f"history must not be negative, got {self.history}")
+        if self.held_memory_bytes < 0:
+            raise ConfigError(f"held_memory_bytes must not be negative, got {self.held_memory_bytes}")
 
 
 @dataclass(frozen=True)

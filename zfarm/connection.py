@@ -34,7 +34,15 @@ import zmq
 from zfarm import protocol as p
 from zfarm import serialization as ser
 from zfarm.config import ClientSettings
-from zfarm.errors import BrokerUnavailable, JobCrashed, ProtocolError, Refused, WorkerLost
+from zfarm.errors import (
+    BrokerUnavailable,
+    JobCrashed,
+    JournalCorrupted,
+    JournalFull,
+    ProtocolError,
+    Refused,
+    WorkerLost,
+)
 from zfarm.output import JobOutput
 from zfarm.output import take as take_output
 from zfarm.security import HandshakeWatch, PeerKeys, dealer_to_broker
@@ -762,6 +770,10 @@ def _resolve(job: PendingJob, outcome: int, frames: list[Any], info: str, client
         cancel_future(job.future, force=True)
     elif outcome == p.Outcome.LOST:
         _set(job.future, error=WorkerLost(f"{client_id}:{job.seq}", info))
+    elif outcome == p.Outcome.CORRUPTED:
+        _set(job.future, error=JournalCorrupted(f"{client_id}:{job.seq}", "", info))
+    elif outcome == p.Outcome.JOURNAL_FULL:
+        _set(job.future, error=JournalFull(f"{client_id}:{job.seq}", info))
     else:
         _set(job.future, error=JobCrashed(f"{client_id}:{job.seq}", None))
 

@@ -268,3 +268,36 @@ def _signal_name(number: int) -> str:
         return signal.Signals(number).name
     except ValueError:
         return f"signal {number}"
+
+
+class JournalCorrupted(ZfarmError):
+    """A job's payload in the broker's journal no longer matches its seal: it is not run or delivered.
+
+    The file changed on disk after the broker wrote it (a damaged disk, an edit by hand). The job
+    is failed rather than run with arguments, or answered with a result, that may not be its own.
+    """
+
+    def __init__(self, job: str, journal: str, detail: str = "") -> None:
+        self.job = job
+        self.journal = journal
+        self.detail = detail
+        where = f" in the broker's journal {journal}" if journal else ""
+        super().__init__(f"job {job} was damaged{where}{': ' + detail if detail else ''}; it was neither run "
+                         "nor delivered: submit it again (as a new job or in a new session)")
+
+    def __reduce__(self) -> tuple[type, tuple[str, str, str]]:
+        return (type(self), (self.job, self.journal, self.detail))
+
+
+class JournalFull(ZfarmError):
+    """The broker cannot write its journal (a full disk): it takes no new jobs until it can."""
+
+    def __init__(self, job: str, detail: str = "") -> None:
+        self.job = job
+        self.detail = detail
+        super().__init__(f"the broker refused job {job}: {detail or 'it cannot write its journal'}. It "
+                         "still finishes the jobs it holds and takes new ones once its journal can be "
+                         "written again (free space on its disk); submit this one again later")
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        return (type(self), (self.job, self.detail))

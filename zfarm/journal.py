@@ -17,37 +17,57 @@ SQLite in WAL mode. With ``sync="full"`` (the default) a commit is on disk when 
 returns, so a power cut loses nothing either; ``sync="normal"`` leaves the flush to
 the operating system: the journal survives the broker's death, not the machine's.
 One broker at a time: the file is locked.
+
+Nothing read back is trusted: every row carries a seal (a hash of its columns) checked
+when the journal is opened and whenever a payload is read again. A row that fails it is
+reported as :class:`Damaged`, never run or delivered. The write-ahead log is checked
+before SQLite writes to it (:mod:`zfarm.wal`), against its frames' checksums and against the
+mark of where it ended at the last commit; a marker in the main file tells a broker that
+stopped cleanly from one whose log is gone.
+
+When a write fails (a full disk), the changes stay in memory and are written again
+later, one try a second: :attr:`Journal.problem` says why until then.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import shutil
 import sqlite3
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
 
-from zfarm.errors import ZfarmError
+from zfarm.errors import JournalCorrupted, ZfarmError
 from zfarm.protocol import as_bytes
 from zfarm.state import Held, Job
+from zfarm.wal import WalMark, inspect_wal, wal_exists, wal_path
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: every row sealed (1 had no seals: its rows are read unchecked)
 _TABLES = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS clients(id TEXT PRIMARY KEY, session TEXT NOT NULL, key TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS functions(client TEXT, fn BLOB, blob BLOB NOT NULL, PRIMARY KEY(client, fn));
+CREATE TABLE IF NOT EXISTS clients(id TEXT PRIMARY KEY, session TEXT NOT NULL, key TEXT NOT NULL,
+    seal BLOB NOT NULL DEFAULT x'');
+CREATE TABLE IF NOT EXISTS functions(client TEXT, fn BLOB, blob BLOB NOT NULL, seal BLOB NOT NULL DEFAULT x'',
+    PRIMARY KEY(client, fn));
 CREATE TABLE IF NOT EXISTS jobs(client TEXT, seq INTEGER, fn BLOB NOT NULL, frames BLOB NOT NULL,
     options BLOB NOT NULL, queued_at REAL NOT NULL, digest BLOB NOT NULL, losses BLOB NOT NULL,
-    attempts_before INTEGER NOT NULL, PRIMARY KEY(client, seq));
+    attempts_before INTEGER NOT NULL, seal BLOB NOT NULL DEFAULT x'', PRIMARY KEY(client, seq));
 CREATE TABLE IF NOT EXISTS results(client TEXT, seq INTEGER, outcome INTEGER NOT NULL,
     frames BLOB NOT NULL, info TEXT NOT NULL, stats BLOB NOT NULL, digest BLOB NOT NULL,
-    PRIMARY KEY(client, seq));
+    seal BLOB NOT NULL DEFAULT x'', PRIMARY KEY(client, seq));
 """
+_SEALED = ("clients", "functions", "jobs", "results")
+_RESULT_COLUMNS = "client, seq, outcome, frames, info, stats, digest, seal"
+#: a journal that cannot be written is tried again this often (each try writes every waiting change)
+RETRY_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +83,20 @@ class JournalJob:
     attempts_before: int  # attempts of jobs it replaced under the same number (their results are void)
 
 
+@dataclass(frozen=True, slots=True)
+class Damaged:
+    """A row that failed its seal: it is never run or delivered."""
+
+    table: str  # clients, functions, jobs or results
+    client: str  # as read: it may itself be what changed
+    seq: int  # the job's number (-1 for a client or function row)
+    fn_id: bytes = b""  # a function row's id
+
+    @property
+    def job(self) -> str:
+        return f"{self.client}:{self.seq}"
+
+
 @dataclass(slots=True)
 class Recovered:
     """What a journal held when it was opened, oldest first."""
@@ -71,6 +105,9 @@ class Recovered:
     functions: list[tuple[str, bytes, bytes]] = field(default_factory=list)  # client, fn_id, blob
     jobs: list[JournalJob] = field(default_factory=list)
     results: list[tuple[str, int, Held]] = field(default_factory=list)  # client, seq, result
+    damaged: list[Damaged] = field(default_factory=list)
+    #: what the journal's write-ahead log lost before it was opened ("" if nothing)
+    lost: str = ""
 
 
 def _pack(value: Any) -> bytes:
@@ -86,6 +123,22 @@ def _frames(frames: Iterable[Any]) -> bytes:
     return _pack([as_bytes(f) for f in frames])
 
 
+def seal(table: str, *columns: Any) -> bytes:
+    """A row's seal: a hash of its table and columns (bytes, text, numbers), checked when read back."""
+    h = hashlib.blake2b(table.encode(), digest_size=16)
+    for column in columns:
+        text = column if isinstance(column, str) else repr(column)
+        raw = column if isinstance(column, bytes) else text.encode()
+        h.update(len(raw).to_bytes(8, "little"))
+        h.update(raw)
+    return h.digest()
+
+
+def _sound(table: str, stored: bytes, *columns: Any) -> bool:
+    """Whether a row matches its seal (a row written before seals existed is taken as it is)."""
+    return not stored or stored == seal(table, *columns)
+
+
 class Journal:
     """Record changes as they happen; :meth:`commit` makes them durable."""
 
@@ -95,12 +148,20 @@ class Journal:
         if not os.path.isdir(folder):
             raise ZfarmError(f"cannot open the journal {path}: the folder {folder} does not exist")
         self.path = path
+        #: why the journal cannot be written now ("" when it can); the changes wait in memory meanwhile
+        self.problem = ""
+        self._pending: list[tuple[str, tuple[Any, ...]]] = []  # this turn's changes, or all unwritten ones
+        self._retry_at = 0.0
+        self._mark = WalMark(path)
+        had_wal = wal_exists(path)  # before SQLite makes an empty one
         try:
             self._db = sqlite3.connect(path, timeout=0, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA locking_mode=EXCLUSIVE")  # a second broker on this file fails
             mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             self._db.execute(f"PRAGMA synchronous={sync.upper()}")
             self._db.execute("BEGIN IMMEDIATE")  # takes the lock now, not at the first job
+            # Ours alone now, and SQLite has only read the log: what it will drop is still there.
+            lost = (self._check_wal() or self._mark.check()) if had_wal else ""
             tables = {row[0] for row in self._db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
             if tables and "meta" not in tables:  # another program's database: not ours to change
                 raise sqlite3.DatabaseError(f"it holds other tables ({', '.join(sorted(tables)[:5])})")
@@ -108,48 +169,129 @@ class Journal:
                 if statement.strip():
                     self._db.execute(statement)
             self._check_schema()
+            if self._db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+                raise sqlite3.DatabaseError("database disk image is malformed")
+            lost = lost or ("" if had_wal else self._missing_wal())
             self._db.execute("COMMIT")
-        except sqlite3.Error as exc:
+            self._saved = self._load()
+        except (sqlite3.Error, OSError) as exc:
             if hasattr(self, "_db"):
                 self._db.close()  # and its lock with it
             raise ZfarmError(f"cannot open the journal {path}: {exc} (is another broker using it? "
-                             "is it a zfarm journal?)") from None
-        if mode.lower() != "wal":
+                             "is it a zfarm journal? a damaged one can be moved aside to start afresh)"
+                             ) from None
+        self._saved.lost = lost
+        self._mark_open()
+        if mode.lower() == "wal":
+            self._mark.start()
+        else:
             log.warning("journal %s: SQLite refused WAL mode (%s); it still works, more slowly", path, mode)
-        self._dirty = False
+
+    def _check_wal(self) -> str:
+        """What the write-ahead log lost, checked before SQLite drops it ("" if nothing); a damaged log
+        is copied aside first, for whoever wants to look at it."""
+        damage = inspect_wal(wal_path(self.path))
+        if not damage.problem:
+            return ""
+        aside = f"{wal_path(self.path)}.damaged-{time.strftime('%Y%m%dT%H%M%S')}"
+        try:
+            shutil.copyfile(wal_path(self.path), aside)
+            kept = f"A copy is kept as {aside}"
+        except OSError as exc:  # a full disk, most likely: say so and go on
+            kept = f"No copy could be kept ({exc})"
+        lost = damage.transactions_lost
+        count = ("an unknown number of transactions" if lost < 0 else
+                 f"{lost} whole transaction{'' if lost == 1 else 's'} after the damaged one")
+        return (f"its write-ahead log {wal_path(self.path)} is damaged: {damage.problem}. SQLite drops the "
+                f"last {damage.bytes_lost} bytes ({count}): jobs and results written there are lost (or, "
+                f"if it ends mid-transaction, the broker died while writing one it had not yet promised). "
+                f"{kept}")
+
+    def _missing_wal(self) -> str:
+        """Whether the last broker stopped without closing while its write-ahead log is now gone."""
+        row = self._db.execute("SELECT value FROM meta WHERE key='open'").fetchone()
+        if row is None or row[0] != "1":
+            return ""
+        return (f"its write-ahead log {wal_path(self.path)} is missing, but the broker that used it last did "
+                "not stop cleanly: everything it wrote since its last checkpoint (jobs, results) is lost. "
+                "If the file was copied without it, stop this broker and put the -wal file back")
+
+    def _mark_open(self) -> None:
+        """Note in the main file (not only in the log) that a broker has it open; a clean close clears it."""
+        self._write("INSERT OR REPLACE INTO meta VALUES('open', '1')", ())
+        if self.commit():
+            try:
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error as exc:
+                log.warning("journal %s: checkpoint failed: %s", self.path, exc)
 
     def _check_schema(self) -> None:
         row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
         if row is None:
             self._db.execute("INSERT INTO meta VALUES('schema', ?)", (str(SCHEMA_VERSION),))
+        elif row[0] == "1":  # written before seals: add the column; its rows are read unchecked
+            for table in _SEALED:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN seal BLOB NOT NULL DEFAULT x''")
+            self._db.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),))
         elif row[0] != str(SCHEMA_VERSION):
             raise sqlite3.DatabaseError(f"journal schema {row[0]}, this zfarm reads {SCHEMA_VERSION}")
 
     def load(self) -> Recovered:
+        """What the journal held when it was opened (read and checked once, at open), handed over once:
+        the journal keeps no copy of it (a second call returns nothing)."""
+        saved, self._saved = self._saved, Recovered()
+        return saved
+
+    def _load(self) -> Recovered:
         db = self._db
         out = Recovered()
-        out.clients = [tuple(row) for row in db.execute("SELECT id, session, key FROM clients")]
-        out.functions = [tuple(row) for row in db.execute("SELECT client, fn, blob FROM functions")]
-        for c, seq, fn, frames, options, queued_at, digest, losses, before in db.execute(
-                "SELECT client, seq, fn, frames, options, queued_at, digest, losses, attempts_before "
+        for cid, session, key, stored in db.execute("SELECT id, session, key, seal FROM clients"):
+            if _sound("clients", stored, cid, session, key):
+                out.clients.append((cid, session, key))
+            else:
+                out.damaged.append(Damaged("clients", cid, -1))
+        for cid, fn, blob, stored in db.execute("SELECT client, fn, blob, seal FROM functions"):
+            if _sound("functions", stored, cid, fn, blob):
+                out.functions.append((cid, fn, blob))
+            else:
+                out.damaged.append(Damaged("functions", cid, -1, fn))
+        for c, seq, fn, frames, options, queued_at, digest, losses, before, stored in db.execute(
+                "SELECT client, seq, fn, frames, options, queued_at, digest, losses, attempts_before, seal "
                 "FROM jobs ORDER BY queued_at, client, seq"):
-            out.jobs.append(JournalJob(c, seq, fn, _unpack(frames), _unpack(options), queued_at, digest,
-                                       tuple(_unpack(losses)), before))
-        for c, seq, outcome, info, stats, digest in db.execute(
-                "SELECT client, seq, outcome, info, stats, digest FROM results ORDER BY client, seq"):
-            out.results.append((c, seq, Held(outcome, None, info, _unpack(stats), digest)))  # frames: lazily
+            try:
+                if not _sound("jobs", stored, c, seq, fn, frames, options, queued_at, digest, before):
+                    raise ValueError("seal")
+                out.jobs.append(JournalJob(c, seq, fn, _unpack(frames), _unpack(options), queued_at, digest,
+                                           _losses(losses), before))
+            except (ValueError, TypeError, msgpack.UnpackException):
+                out.damaged.append(Damaged("jobs", c, seq))
+        for c, seq, outcome, frames, info, stats, digest, stored in db.execute(
+                f"SELECT {_RESULT_COLUMNS} FROM results ORDER BY client, seq"):
+            try:
+                if not _sound("results", stored, c, seq, outcome, frames, info, stats, digest):
+                    raise ValueError("seal")
+                # the payload is read again (and checked again) when it is sent
+                out.results.append((c, seq, Held(outcome, None, info, _unpack(stats), digest)))
+            except (ValueError, TypeError, msgpack.UnpackException):
+                out.damaged.append(Damaged("results", c, seq))
         return out
 
     # ---- changes (one transaction per turn of the broker's loop) ----------------------------------
 
     def _write(self, sql: str, args: tuple[Any, ...]) -> None:
-        if not self._dirty:
-            self._db.execute("BEGIN")
-            self._dirty = True
-        self._db.execute(sql, args)
+        self._pending.append((sql, args))
+        if self.problem:
+            return  # written with the others once the journal can be written again
+        try:
+            if not self._db.in_transaction:
+                self._db.execute("BEGIN")
+            self._db.execute(sql, args)
+        except sqlite3.Error as exc:
+            self._failed(exc)
 
     def client(self, client_id: str, session: str, key: str) -> None:
-        self._write("INSERT OR REPLACE INTO clients VALUES(?, ?, ?)", (client_id, session, key))
+        self._write("INSERT OR REPLACE INTO clients VALUES(?, ?, ?, ?)",
+                    (client_id, session, key, seal("clients", client_id, session, key)))
 
     def drop_client(self, client_id: str) -> None:
         for table, column in (("clients", "id"), ("functions", "client"), ("jobs", "client"),
@@ -157,16 +299,18 @@ class Journal:
             self._write(f"DELETE FROM {table} WHERE {column}=?", (client_id,))
 
     def function(self, client_id: str, fn_id: bytes, blob: Any) -> None:
-        self._write("INSERT OR REPLACE INTO functions VALUES(?, ?, ?)",
-                    (client_id, fn_id, as_bytes(blob)))
+        raw = as_bytes(blob)
+        self._write("INSERT OR REPLACE INTO functions VALUES(?, ?, ?, ?)",
+                    (client_id, fn_id, raw, seal("functions", client_id, fn_id, raw)))
 
     def drop_function(self, client_id: str, fn_id: bytes) -> None:
         self._write("DELETE FROM functions WHERE client=? AND fn=?", (client_id, fn_id))
 
     def job(self, job: Job, queued_at: float) -> None:
-        self._write("INSERT OR REPLACE INTO jobs VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (job.client_id, job.seq, job.fn_id, _frames(job.frames), _pack(job.options), queued_at,
-                     job.digest, _pack(list(job.losses)), len(job.history)))
+        row = (job.client_id, job.seq, job.fn_id, _frames(job.frames), _pack(job.options), queued_at,
+               job.digest, _pack(list(job.losses)), len(job.history))
+        sealed = seal("jobs", *row[:7], row[8])
+        self._write("INSERT OR REPLACE INTO jobs VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", (*row, sealed))
 
     def losses(self, job: Job) -> None:
         self._write("UPDATE jobs SET losses=? WHERE client=? AND seq=?",
@@ -178,35 +322,118 @@ class Journal:
     def result(self, client_id: str, seq: int, held: Held) -> None:
         """The job ended: its result replaces it until the client has it."""
         self.drop_job(client_id, seq)
-        self._write("INSERT OR REPLACE INTO results VALUES(?, ?, ?, ?, ?, ?, ?)",
-                    (client_id, seq, held.outcome, _frames(held.frames or ()), held.info, _pack(held.stats),
-                     held.digest))
+        row = (client_id, seq, held.outcome, _frames(held.frames or ()), held.info, _pack(held.stats),
+               held.digest)
+        self._write("INSERT OR REPLACE INTO results VALUES(?, ?, ?, ?, ?, ?, ?, ?)",
+                    (*row, seal("results", *row)))
 
-    def result_frames(self, client_id: str, seq: int) -> list[bytes] | None:
-        """A held result's payload, read back to send it again (None if the journal has none)."""
-        query = "SELECT frames FROM results WHERE client=? AND seq=?"
-        row = self._db.execute(query, (client_id, seq)).fetchone()
-        return None if row is None else list(_unpack(row[0]))
+    def held_result(self, client_id: str, seq: int) -> Held | None:
+        """A held result, payload included, read back to send it again (None if the journal has none).
+
+        Raises:
+            JournalCorrupted: the row no longer matches its seal.
+        """
+        query = f"SELECT {_RESULT_COLUMNS} FROM results WHERE client=? AND seq=?"
+        try:
+            row = self._db.execute(query, (client_id, seq)).fetchone()
+        except sqlite3.Error as exc:
+            raise JournalCorrupted(f"{client_id}:{seq}", self.path, f"reading it failed: {exc}") from None
+        if row is None:
+            row = self._unwritten_result(client_id, seq)
+            if row is None:
+                return None
+        elif not _sound("results", row[7], *row[:7]):
+            raise JournalCorrupted(f"{client_id}:{seq}", self.path, "its held result fails its seal")
+        try:
+            return Held(row[2], list(_unpack(row[3])), row[4], _unpack(row[5]), row[6])
+        except (ValueError, TypeError, msgpack.UnpackException):
+            detail = "its held result cannot be read"
+            raise JournalCorrupted(f"{client_id}:{seq}", self.path, detail) from None
+
+    def _unwritten_result(self, client_id: str, seq: int) -> tuple[Any, ...] | None:
+        """A result row that waits to be written (the journal cannot be written now)."""
+        for sql, args in reversed(self._pending):
+            if args[:2] == (client_id, seq) and "results" in sql:
+                return args if sql.startswith("INSERT") else None
+        return None
 
     def drop_result(self, client_id: str, seq: int) -> None:
         self._write("DELETE FROM results WHERE client=? AND seq=?", (client_id, seq))
 
-    def commit(self) -> None:
-        """Make every change since the last commit durable (a no-op when there was none)."""
-        if self._dirty:
+    def commit(self) -> bool:
+        """Make every change since the last commit durable (a no-op when there was none).
+
+        Returns whether everything is on disk. When it is not (the disk is full…), the changes
+        wait in memory and are written with the next ones; :attr:`problem` says why.
+        """
+        if not self._pending:
+            return True
+        if self.problem:
+            if time.monotonic() < self._retry_at:
+                return False
+            try:
+                self._db.execute("BEGIN")
+                for sql, args in self._pending:
+                    self._db.execute(sql, args)
+            except sqlite3.Error as exc:
+                self._failed(exc)
+                return False
+        try:
             self._db.execute("COMMIT")
-            self._dirty = False
+        except sqlite3.Error as exc:
+            self._failed(exc)
+            return False
+        self._mark.note()
+        if self.problem:
+            log.warning("journal %s can be written again: %d waiting changes written", self.path,
+                        len(self._pending))
+            self.problem = ""
+        self._pending.clear()
+        return True
+
+    def _failed(self, exc: sqlite3.Error) -> None:
+        """A write failed: undo the open transaction (SQLite may have already) and keep the changes."""
+        try:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass  # nothing more to undo
+        name = getattr(exc, "sqlite_errorname", "")  # SQLITE_FULL, SQLITE_IOERR_WRITE …
+        problem = f"{exc} ({name})" if name else str(exc)
+        if not self.problem:
+            log.error("cannot write the journal %s: %s; refusing new jobs until it can be written (free "
+                      "space, or stop the broker and move the journal); trying again every %g s", self.path,
+                      problem, RETRY_S)
+        self.problem = problem
+        self._retry_at = time.monotonic() + RETRY_S
 
     def close(self) -> None:
         try:
-            self.commit()
+            self._write("INSERT OR REPLACE INTO meta VALUES('open', '0')", ())  # a clean stop
+            self._retry_at = 0.0
+            if not self.commit():
+                log.error("journal %s closed with %d changes that could not be written: %s", self.path,
+                          len(self._pending), self.problem)
         finally:
             self._db.close()
+            self._mark.close(clean=True)
 
     def abandon(self) -> None:
         """Close without writing the changes made since the last commit (the turn did not finish)."""
         try:
-            if self._dirty:
+            if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
         finally:
             self._db.close()
+            self._mark.close(clean=False)
+
+
+def _losses(raw: bytes) -> tuple[str, ...]:
+    """A job's poison record (kept outside its seal: it changes): unreadable counts as none."""
+    try:
+        losses = _unpack(raw)
+    except (ValueError, msgpack.UnpackException):
+        return ()
+    return tuple(str(x) for x in losses) if isinstance(losses, list) else ()

@@ -87,6 +87,8 @@ class Outcome(enum.IntEnum):
     CANCELLED = 4  # no payload; the job was cancelled before it finished
     RETURNED = 5  # no payload; worker → broker only: given back unrun (the worker is leaving)
     BUSY = 6  # no payload; broker → client only: the queue is full, send this job again later
+    CORRUPTED = 7  # no payload; broker → client only: the journal's copy failed its seal (info says where)
+    JOURNAL_FULL = 8  # no payload; broker → client only: refused, the journal cannot be written (info: why)
 
 
 # Row layouts of the batched messages (msgpack arrays inside the envelope).

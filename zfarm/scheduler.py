@@ -37,9 +37,11 @@ from typing import Any
 from zfarm import __version__
 from zfarm import protocol as p
 from zfarm.config import BrokerSettings
-from zfarm.errors import FieldTooLarge, ProtocolError, VersionMismatch
-from zfarm.journal import Journal, Recovered
+from zfarm.errors import FieldTooLarge, JournalCorrupted, ProtocolError, VersionMismatch
+from zfarm.held import HeldResults
+from zfarm.journal import Damaged, Journal, Recovered
 from zfarm.records import JOB_COLUMNS, Records
+from zfarm.spill import Spill
 from zfarm.state import (
     NO_OPTIONS,
     Auth,
@@ -78,10 +80,12 @@ class Scheduler:
     """Feed it ``handle``/``tick``/``peer_unreachable``; send what ``flush`` returns."""
 
     def __init__(self, settings: BrokerSettings, now: float, broker_id: str | None = None,
-                 wall_offset_s: float = 0.0, journal: Journal | None = None) -> None:
+                 wall_offset_s: float = 0.0, journal: Journal | None = None,
+                 spill: Spill | None = None) -> None:
         """``wall_offset_s``: add it to a time on the caller's clock to get epoch seconds.
 
         ``journal``: record what clients are owed there, and start from what it holds.
+        ``spill``: without a journal, where held results past ``settings.held_memory_bytes`` go.
         """
         self.settings = settings
         self.records = Records(now, wall_offset_s, settings.history)
@@ -99,12 +103,12 @@ class Scheduler:
         self._next_scan = now
         self.deadline_s = settings.heartbeat_interval_s * settings.liveness
         self.journal = journal
+        self.held_results = HeldResults(settings.held_memory_bytes, journal, spill)
         if journal is not None:
             self._recover(journal.load(), now)
 
     def _recover(self, saved: Recovered, now: float) -> None:
         """Start from a journal: its clients are away until they say HELLO; their jobs queue now."""
-        offset = self.records.wall_offset_s
         for client_id, session, key in saved.clients:
             # Away from now: a client connected when the broker died gets its full time to come back.
             self.clients[client_id] = ClientRecord(
@@ -113,33 +117,81 @@ class Scheduler:
         for client_id, fn_id, blob in saved.functions:
             if (client := self.clients.get(client_id)) is not None:
                 client.fns[fn_id] = blob
+        if saved.lost:
+            log.error("journal %s: %s", self.journal_path, saved.lost)
+            self.records.event(now, "journal-damaged", saved.lost)
+        jobs = self._recover_jobs(saved, now)
+        for client_id, seq, held in saved.results:
+            if (client := self.clients.get(client_id)) is not None:
+                client.held[seq] = self.held_results.on_disk_record(held.outcome, held.digest)
+                self.held_results.recovered(1)
+        self._recover_damaged(saved.damaged, now)
+        for client in self.clients.values():
+            for fn_id in client.fns:
+                if not client.fn_users.get(fn_id):
+                    client.fn_idle[fn_id] = now
+        log.log(logging.ERROR if saved.damaged or saved.lost else logging.INFO,
+                "journal %s: recovered %d jobs and %d results for %d clients%s", self.journal_path, jobs,
+                len(saved.results), len(saved.clients),
+                f"; {len(saved.damaged)} damaged rows failed their seal (not run or delivered)"
+                if saved.damaged else "; SOME WERE LOST (above)" if saved.lost else "")
+        if saved.clients:
+            self.records.event(now, "recovered", f"from the journal: {jobs} jobs, {len(saved.results)} "
+                               f"results for {len(saved.clients)} clients")
+        self.counters.recovered = jobs
+
+    def _recover_jobs(self, saved: Recovered, now: float) -> int:
+        """Queue the journal's jobs again; those whose function is damaged fail. Returns how many queue."""
+        offset = self.records.wall_offset_s
+        bad_fns = {(d.client, d.fn_id) for d in saved.damaged if d.table == "functions"}
         jobs = 0
         for row in saved.jobs:
             client = self.clients.get(row.client)
+            if client is not None and (row.client, row.fn_id) in bad_fns:
+                self._damaged(client, row.seq, "the function it runs fails its seal", now)
+                continue
             if client is None or row.fn_id not in client.fns:
                 log.warning("journal: job %s:%d has no client or function recorded: dropped", row.client,
                             row.seq)
-                assert self.journal is not None
-                self.journal.drop_job(row.client, row.seq)
+                if self.journal is not None:
+                    self.journal.drop_job(row.client, row.seq)
                 continue
             job = Job(row.client, row.seq, row.fn_id, tuple(row.frames), row.options or NO_OPTIONS,
                       row.queued_at - offset, losses=row.losses, digest=row.digest,
                       history=("",) * row.attempts_before, recovered_after=row.attempts_before)
             self._enqueue(client, job)
             jobs += 1
-        for client_id, seq, held in saved.results:
-            if (client := self.clients.get(client_id)) is not None:
-                client.held[seq] = held
-        for client in self.clients.values():
-            for fn_id in client.fns:
-                if not client.fn_users.get(fn_id):
-                    client.fn_idle[fn_id] = now
-        log.info("journal %s: recovered %d jobs and %d results for %d clients", self.journal_path, jobs,
-                 len(saved.results), len(saved.clients))
-        if saved.clients:
-            self.records.event(now, "recovered", f"from the journal: {jobs} jobs, {len(saved.results)} "
-                               f"results for {len(saved.clients)} clients")
-        self.counters.recovered = jobs
+        return jobs
+
+    def _recover_damaged(self, damaged: list[Damaged], now: float) -> None:
+        """Rows that fail their seal: a job or result of a known client fails with JournalCorrupted."""
+        for row in damaged:
+            client = self.clients.get(row.client)
+            if row.table in ("jobs", "results") and client is not None:
+                self._damaged(client, row.seq, f"its {row.table[:-1]} fails its seal", now)
+            elif row.table != "functions":  # a function's jobs fail with it (above)
+                self.counters.corrupted += 1
+                log.error("journal %s: a row of %s (client %s, job %d) fails its seal: dropped",
+                          self.journal_path, row.table, row.client, row.seq)
+
+    def _damaged(self, client: ClientRecord, seq: int, why: str, now: float, where: str = "") -> None:
+        """A job whose payload on disk changed: never run or delivered, it fails with JournalCorrupted.
+
+        ``where``: the file, if not the journal (the spill file)."""
+        where = where or f"the broker's journal {self.journal_path}"
+        info = f"{where}: {why}"
+        log.error("job %s:%d is damaged in %s: it fails with JournalCorrupted instead of running or being "
+                  "delivered (%s)", client.id, seq, where, why)
+        self.records.event(now, "job-damaged", f"job {client.id}:{seq} damaged in {where} ({why})")
+        self.counters.corrupted += 1
+        if (old := client.held.pop(seq, None)) is not None:
+            self.held_results.forget(client.id, seq, old)
+        at = self.records.wall(now)
+        held = Held(int(p.Outcome.CORRUPTED), [], info, ["", "", 0, at, at, at, 0.0, 0])
+        client.held[seq] = held
+        self.held_results.keep(client.id, seq, held)
+        if self.journal is not None:
+            self.journal.result(client.id, seq, held)  # replaces the damaged row, sealed afresh
 
     @property
     def journal_path(self) -> str:
@@ -429,6 +481,7 @@ class Scheduler:
             self._cancel(job, client)
         client.jobs.clear()
         client.fns.clear()
+        self.held_results.forget_client(client.id, client.held.values())
         client.held.clear()
         if self.journal is not None:
             self.journal.drop_client(client.id)
@@ -514,6 +567,10 @@ class Scheduler:
             if self.settings.max_queued and self.queued >= self.settings.max_queued:
                 self._bounce(client, seq, p.Outcome.BUSY, "the broker's queue is full", now)
                 continue
+            if self.journal is not None and self.journal.problem:  # it could promise nothing
+                self._bounce(client, seq, p.Outcome.JOURNAL_FULL, f"the broker cannot write its journal "
+                             f"{self.journal.path} ({self.journal.problem})", now)
+                continue
             payload = tuple(compact(f) for f in job_frames)
             job = Job(client.id, seq, msg.fn_id, payload, options or NO_OPTIONS, now, digest=digest)
             if client.attempts_used:
@@ -551,11 +608,14 @@ class Scheduler:
             if client.session:
                 client.accepted.append(seq)
             return True
-        frames = self._held_frames(client, seq, held) if held is not None and held.digest == digest else None
-        if held is not None and frames is not None:
+        if held is not None and held.outcome == p.Outcome.CORRUPTED:
+            digest = held.digest  # what the job was is unknown: whatever asks for it hears it is damaged
+        same = held is not None and held.digest == digest
+        whole = self._held_result(client, seq, held, now) if held is not None and same else None
+        if whole is not None and whole.frames is not None:
             if client.session:
                 client.accepted.append(seq)
-            _to_client(client, seq, held.outcome, frames, held.info, held.stats)
+            _to_client(client, seq, whole.outcome, whole.frames, whole.info, whole.stats)
             return True
         if job is not None or held is not None:
             if held is not None and held.digest == digest:  # the same job, but its result is gone
@@ -570,14 +630,20 @@ class Scheduler:
         return False
 
     def _drop_held(self, client: ClientRecord, seq: int) -> None:
-        if client.held.pop(seq, None) is not None and self.journal is not None:
-            self.journal.drop_result(client.id, seq)
+        held = client.held.pop(seq, None)
+        if held is not None:
+            self.held_results.forget(client.id, seq, held)
+            if self.journal is not None:
+                self.journal.drop_result(client.id, seq)
 
-    def _held_frames(self, client: ClientRecord, seq: int, held: Held) -> list[Any] | None:
-        """A held result's payload, from memory or else from the journal (None: it is gone)."""
-        if held.frames is not None:
-            return held.frames
-        return self.journal.result_frames(client.id, seq) if self.journal is not None else None
+    def _held_result(self, client: ClientRecord, seq: int, held: Held, now: float) -> Held | None:
+        """A held result whole, from memory or from disk (None: it is gone; a damaged one is now a
+        JournalCorrupted failure)."""
+        try:
+            return self.held_results.read(client.id, seq, held)
+        except JournalCorrupted as exc:
+            self._damaged(client, seq, exc.detail, now, where=exc.journal if self.journal is None else "")
+            return client.held[seq]
 
     def _retire(self, client: ClientRecord, job: Job, now: float) -> None:
         """Cancel a client's unfinished job. A session may send its number again with other content:
@@ -682,7 +748,8 @@ class Scheduler:
             if job.worker == worker.id and attempt < len(job.history):
                 # a resent result of an earlier attempt: the later copy this worker holds is not needed
                 worker.cancels.append([client_id, seq])
-            self._finish_job(worker, client, job, p.Outcome(outcome), frames, info, run, now)
+            self._finish_job(worker, client, job, p.Outcome(outcome), [compact(f) for f in frames], info, run,
+                             now)
 
     def _finish_job(self, worker: WorkerRecord, client: ClientRecord, job: Job, outcome: p.Outcome,
                     frames: list[Any], info: str, run: list[Any], now: float) -> None:
@@ -773,8 +840,8 @@ class Scheduler:
         client.held[job.seq] = held
         if self.journal is not None:
             self.journal.result(client.id, job.seq, held)
-            if client.session:  # kept until the session ends: on disk, not in memory
-                held.frames = None
+        # A session's are kept until the session ends: with a journal, on disk, not in memory.
+        self.held_results.keep(client.id, job.seq, held, disk_only=bool(client.session and self.journal))
         if client.present:  # else it is sent when the client asks for the job again
             _to_client(client, job.seq, outcome, frames, info, stats)
 
@@ -804,6 +871,9 @@ class Scheduler:
             "workers": [self._worker_view(w, now) for w in self.workers.values()],
             "lost_workers": list(self.records.lost_workers),
             "journal": self.journal_path,
+            "journal_problem": self.journal.problem if self.journal is not None else "",
+            "held_memory_bytes": self.held_results.memory_bytes,
+            "held_on_disk": self.held_results.on_disk,
             "clients": [
                 {"id": c.id, "host": c.host, "pid": c.pid, "submitted": c.submitted, "queued": c.queued,
                  "in_flight": len(c.jobs) - c.queued, "done": c.done, "failed": c.failed,

@@ -89,10 +89,11 @@ class Held:
     """A result the client has not yet said it received: sent again when it asks for the job again."""
 
     outcome: int
-    frames: list[Any] | None  # None: only in the journal (read back when the result is sent again)
+    frames: list[Any] | None  # None: only on disk (read back when the result is sent again)
     info: str
     stats: list[Any]
     digest: bytes = b""
+    size: int = 0  # payload bytes while ``frames`` is in memory
 
 
 @dataclass(slots=True, eq=False)
@@ -139,6 +140,7 @@ class Counters:
     malformed: int = 0
     bounced: int = 0  # jobs handed back unaccepted (queue full, function let go): clients resend them
     recovered: int = 0  # jobs read back from the journal at start
+    corrupted: int = 0  # journal rows that failed their seal (their jobs fail with JournalCorrupted)
 
 
 def role_of(peer: Peer) -> str:
@@ -151,8 +153,10 @@ def role_of(peer: Peer) -> str:
 
 MAX_PEER_ID_CHARS = 128
 NO_OPTIONS: dict[str, Any] = {}  # shared by every job without options; never changed
-#: payload frames up to this size are kept as bytes: a zmq.Frame object costs more than the copy
-COMPACT_FRAME_BYTES = 4096
+#: payload frames up to this size are kept as bytes: a zmq.Frame object costs more than the copy, and
+#: a frame this small points into ZeroMQ's shared receive buffer (ZMQ_IN_BATCH_SIZE, 8 KiB), which
+#: one kept frame would keep alive whole
+COMPACT_FRAME_BYTES = 8192
 
 
 def compact(frame: Any) -> Any:

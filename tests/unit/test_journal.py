@@ -6,6 +6,7 @@ commit, as the broker's loop does before it sends anything), with the old one th
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,10 @@ import pytest
 from tests.unit.test_scheduler import CA, CB, FN, W1, W2, Farm, job_rows, job_seqs, result_rows, to
 from zfarm import protocol as p
 from zfarm.config import BrokerSettings
-from zfarm.errors import ZfarmError
+from zfarm.errors import JournalCorrupted, ZfarmError
 from zfarm.journal import Journal
+from zfarm.spill import Spill
+from zfarm.state import Held
 
 
 def restart(farm: Farm, path: Path, now: float = 100.0) -> Farm:
@@ -341,3 +344,146 @@ def test_a_second_process_under_a_session_name_takes_it_over_and_the_first_is_to
     farm.send(CA, p.Hello("client", "s-x", "laptop", 100, 0, {"session": "x"}), 0.2)  # the first again
     farm.send(CA, p.Hello("client", "s-x", "laptop", 100, 0, {"session": "x"}), 0.3)  # a repeated HELLO
     assert [type(m).__name__ for m in to(farm.out(0.3), CB)] == ["Refused"]  # told once
+
+
+# ---- damage, a journal that cannot be written, held results on disk ----------------------------------
+
+
+def session_with_one_result_held(farm: Farm) -> None:
+    """Session s-x leaves job 1 with the broker; it runs and its result ("result:s-x:1") is held."""
+    farm.worker(W1, "w1", credit=1)
+    farm.client(CA, "s-x", session="x")
+    farm.submit(CA, [1], 0.1)
+    rows = job_rows(farm.out(0.1), W1)
+    farm.send(CA, p.Disconnect("client closed"), 0.2)
+    farm.result(W1, rows[0], 0.3)
+    farm.out(0.3)
+
+
+def test_a_held_result_changed_on_disk_is_never_delivered(tmp_path: Path) -> None:
+    path = tmp_path / "journal.db"
+    farm = Farm(journal=Journal(str(path)))
+    session_with_one_result_held(farm)
+    journal = farm.sched.journal
+    assert journal is not None
+    journal.commit()
+    # The disk changes one byte of the payload, ":1" to ":9", under the broker (the journal is locked: the
+    # same connection).
+    journal._db.execute("UPDATE results SET frames=CAST(replace(frames, X'3a31', X'3a39') AS BLOB)")
+    farm.client(CA, "s-x", 1.0, session="x")
+    farm.submit(CA, [1], 1.0)
+    [(row, frames)] = result_rows(farm.out(1.0), CA)
+    assert row[1] == p.Outcome.CORRUPTED and frames == [] and str(path) in row[3]
+    assert farm.counter("corrupted") == 1 and farm.snap(1.0)["done"] == 1  # it ran once, never again
+
+
+def test_a_job_changed_in_the_journal_fails_after_a_restart_and_its_neighbours_run(tmp_path: Path) -> None:
+    path = tmp_path / "journal.db"
+    farm = Farm(journal=Journal(str(path)))
+    farm.client(CA, "ca")
+    farm.submit(CA, [1, 2], 0.1)
+    assert farm.sched.journal is not None
+    farm.sched.journal.commit()
+    farm.sched.journal.close()
+    db = sqlite3.connect(path)
+    # arg1 → arg9
+    db.execute("UPDATE jobs SET frames=CAST(replace(frames, X'61726731', X'61726739') AS BLOB) WHERE seq=1")
+    db.commit()
+    db.close()
+    farm = Farm(100.0, journal=Journal(str(path)))
+    assert farm.counter("recovered") == 1 and farm.counter("corrupted") == 1
+    farm.worker(W1, "w1", 100.0, credit=2)
+    assert job_seqs(farm.out(100.0), W1) == [2]  # the damaged job is not run
+    farm.client(CA, "ca", 100.1)
+    farm.submit(CA, [1, 2], 100.1)
+    [(row, _)] = result_rows(farm.out(100.1), CA)
+    assert row[:2] == [1, p.Outcome.CORRUPTED]
+
+
+def test_a_full_journal_refuses_new_jobs_keeps_its_changes_and_writes_them_once_it_has_room(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("zfarm.journal.RETRY_S", 0.0)
+    path = tmp_path / "journal.db"
+    farm = Farm(journal=Journal(str(path)))
+    journal = farm.sched.journal
+    assert journal is not None
+    farm.client(CA, "s-x", session="x")
+    farm.submit(CA, [1], 0.1)
+    assert journal.commit()
+    pages = journal._db.execute("PRAGMA page_count").fetchone()[0]
+    journal._db.execute(f"PRAGMA max_page_count={pages}")  # SQLite's own "database or disk is full"
+    farm.submit(CA, [2], 0.2, payloads={2: [b"x" * 20_000]})  # accepted before the write fails
+    assert not journal.commit() and "SQLITE_FULL" in journal.problem
+    farm.submit(CA, [3], 0.3)
+    out = farm.out(0.3)
+    assert [(row[0], row[1]) for row, _ in result_rows(out, CA)] == [(3, p.Outcome.JOURNAL_FULL)]
+    assert farm.snap(0.3)["journal_problem"] == journal.problem
+    journal._db.execute("PRAGMA max_page_count=1073741823")
+    assert journal.commit() and journal.problem == ""
+    farm = restart(farm, path)
+    assert farm.counter("recovered") == 2  # job 2, accepted while the journal was full, is on disk now
+
+
+def test_results_past_the_memory_bound_go_to_the_spill_file_and_come_back_whole() -> None:
+    spill = Spill()
+    farm = Farm(settings=BrokerSettings(held_memory_bytes=40), spill=spill)
+    farm.worker(W1, "w1", credit=3)
+    farm.client(CA, "s-x", session="x")
+    farm.submit(CA, [1, 2, 3], 0.1)
+    for row in job_rows(farm.out(0.1), W1):
+        farm.result(W1, row, 0.2, frames=[bytes([row[1]]) * 30])  # 30 bytes each: one fits in 40
+    farm.out(0.2)
+    snap = farm.snap(0.2)
+    assert (snap["held_memory_bytes"], snap["held_on_disk"]) == (30, 2)
+    farm.send(CA, p.Disconnect("client closed"), 0.3)
+    farm.client(CA, "s-x", 1.0, session="x")
+    farm.submit(CA, [1, 2, 3], 1.0)
+    got = {row[0]: (row[1], frames) for row, frames in result_rows(farm.out(1.0), CA)}
+    assert got == {seq: (p.Outcome.OK, [bytes([seq]) * 30]) for seq in (1, 2, 3)}
+    farm.send(CA, p.Received([1, 2, 3]), 1.1)
+    snap = farm.snap(1.1)
+    assert (snap["held_memory_bytes"], snap["held_on_disk"]) == (0, 0)
+    spill.close()
+
+
+def test_a_spilled_result_changed_on_disk_fails_its_seal() -> None:
+    spill = Spill()
+    held = Held(int(p.Outcome.OK), [b"value-000123"], "", [], b"")
+    assert spill.put("c", 1, held)
+    assert spill.get("c", 1, held) == held
+    assert spill._db is not None
+    spill._db.execute("UPDATE results SET frames=CAST(replace(frames, X'33', X'39') AS BLOB)")
+    with pytest.raises(JournalCorrupted):
+        spill.get("c", 1, held)
+    spill.close()
+
+
+def test_a_journal_written_before_seals_is_upgraded_and_read(tmp_path: Path) -> None:
+    path = tmp_path / "journal.db"
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        INSERT INTO meta VALUES('schema', '1');
+        CREATE TABLE clients(id TEXT PRIMARY KEY, session TEXT NOT NULL, key TEXT NOT NULL);
+        CREATE TABLE functions(client TEXT, fn BLOB, blob BLOB NOT NULL, PRIMARY KEY(client, fn));
+        CREATE TABLE jobs(client TEXT, seq INTEGER, fn BLOB NOT NULL, frames BLOB NOT NULL,
+            options BLOB NOT NULL, queued_at REAL NOT NULL, digest BLOB NOT NULL, losses BLOB NOT NULL,
+            attempts_before INTEGER NOT NULL, PRIMARY KEY(client, seq));
+        CREATE TABLE results(client TEXT, seq INTEGER, outcome INTEGER NOT NULL,
+            frames BLOB NOT NULL, info TEXT NOT NULL, stats BLOB NOT NULL, digest BLOB NOT NULL,
+            PRIMARY KEY(client, seq));
+        INSERT INTO clients VALUES('ca', '', '');
+        INSERT INTO functions VALUES('ca', X'f1', X'00');
+        INSERT INTO jobs VALUES('ca', 1, X'f1', X'91c403617267', X'80', 0.0, X'', X'90', 0);
+    """)
+    db.commit()
+    db.close()
+    journal = Journal(str(path))
+    saved = journal.load()
+    assert [(j.client, j.seq, j.frames) for j in saved.jobs] == [("ca", 1, [b"arg"])] and not saved.damaged
+    journal.client("cb", "", "")  # new rows are sealed
+    assert journal.commit()
+    journal.close()
+    again = Journal(str(path))
+    assert [c[0] for c in again.load().clients] == ["ca", "cb"]
+    again.close()

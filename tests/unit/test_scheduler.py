@@ -15,6 +15,7 @@ from zfarm import scheduler
 from zfarm.config import BrokerSettings
 from zfarm.journal import Journal
 from zfarm.scheduler import Scheduler
+from zfarm.spill import Spill
 from zfarm.state import Auth
 
 SETTINGS = BrokerSettings(heartbeat_interval_s=1.0, liveness=3)
@@ -32,8 +33,8 @@ class Farm:
     """A scheduler plus helpers that speak to it as peers would: encoded frames in, messages out."""
 
     def __init__(self, now: float = 0.0, journal: Journal | None = None,
-                 settings: BrokerSettings = SETTINGS) -> None:
-        self.sched = Scheduler(settings, now, broker_id="b-test", journal=journal)
+                 settings: BrokerSettings = SETTINGS, spill: Spill | None = None) -> None:
+        self.sched = Scheduler(settings, now, broker_id="b-test", journal=journal, spill=spill)
 
     def send(self, route: bytes, msg: p.Message, now: float) -> None:
         self.sched.handle(route, p.encode(msg), now)
