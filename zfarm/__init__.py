@@ -31,6 +31,7 @@ __version__ = "0.2.0"
 
 if TYPE_CHECKING:
     from zfarm.client import Client, as_completed
+    from zfarm.cluster import LocalCluster, SlurmCluster, SSHCluster
 
 
 def __getattr__(name: str) -> Any:
@@ -40,6 +41,10 @@ def __getattr__(name: str) -> Any:
         from zfarm import client
 
         return getattr(client, name)
+    if name in ("LocalCluster", "SSHCluster", "SlurmCluster"):
+        from zfarm import cluster
+
+        return getattr(cluster, name)
     raise AttributeError(f"module 'zfarm' has no attribute {name!r}")
 
 
@@ -47,7 +52,7 @@ def __getattr__(name: str) -> Any:
 logging.getLogger("zfarm").addHandler(logging.NullHandler())
 
 __all__ = [
-    "BrokerUnavailable", "Client", "ConfigError", "JobCrashed", "JobError", "JobTimeout",
-    "MemoryLimitExceeded", "PayloadTooLarge", "ProtocolError", "Refused", "RemoteTraceback", "SecurityError",
-    "WorkerLost", "ZfarmError", "__version__", "as_completed",
+    "BrokerUnavailable", "Client", "ConfigError", "JobCrashed", "JobError", "JobTimeout", "LocalCluster",
+    "MemoryLimitExceeded", "PayloadTooLarge", "ProtocolError", "Refused", "RemoteTraceback", "SSHCluster",
+    "SecurityError", "SlurmCluster", "WorkerLost", "ZfarmError", "__version__", "as_completed",
 ]

@@ -86,11 +86,13 @@ class WorkerSettings:
     parent_pid: int = 0
     keys: str = ""  # keys folder: connect with CURVE using workers/KEY_NAME.key_secret
     key_name: str = ""
+    #: epoch seconds: stop gracefully then (as on SIGTERM), e.g. before a batch job's walltime; 0: never
+    drain_at: float = 0.0
 
     def __post_init__(self) -> None:
         _check_endpoint(self.address)
-        if self.procs < 0 or self.prefetch < 0 or self.grace_s < 0:
-            raise ConfigError("procs, prefetch and grace_s must not be negative")
+        if self.procs < 0 or self.prefetch < 0 or self.grace_s < 0 or self.drain_at < 0:
+            raise ConfigError("procs, prefetch, grace_s and drain_at must not be negative")
         check_positive(heartbeat_interval_s=self.heartbeat_interval_s, liveness=self.liveness,
                         reconnect_min_s=self.reconnect_min_s, reconnect_max_s=self.reconnect_max_s)
 
