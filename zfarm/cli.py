@@ -115,6 +115,10 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--workers", type=int, default=None, help="workers to start (default: CPU count)")
     demo.add_argument("--connect", default=None, help="use this broker instead of an embedded farm")
     _keys_flag(demo)
+
+    from zfarm.up import register as register_up  # `zfarm up PROFILE` (run profiles, docs/clusters.md)
+
+    register_up(sub, _command)
     return parser
 
 

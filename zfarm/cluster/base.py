@@ -152,6 +152,9 @@ class Cluster:
         with self._lock:
             self._adaptive = None
             self._target = n
+            for w in self._records:
+                if w.state is State.FAILED:  # given up on: try again
+                    w.state, w.quick_deaths, w.restart_at = State.WAITING, 0, 0.0
         self._wake.set()
 
     def adapt(self, minimum: int = 0, maximum: int = 8, *, target_duration_s: float = 10.0,
@@ -248,7 +251,8 @@ class Cluster:
         args += ["--journal", journal] if journal else []
         if self.heartbeat_interval_s is not None:
             args += ["--heartbeat-interval", str(self.heartbeat_interval_s)]
-        self._broker = subprocess.Popen(args, stdin=subprocess.DEVNULL, env=child_env())
+        self._broker = subprocess.Popen(args, stdin=subprocess.DEVNULL, env=child_env(),
+                                        start_new_session=True)  # a Ctrl-C meant for us is not for it
         return public_address(bind)
 
     def _stop_broker(self) -> None:
@@ -354,8 +358,7 @@ class Cluster:
         to_launch: list[Launched] = []
         to_retire: list[Launched] = []
         with self._lock:
-            gone = (State.RETIRING, State.STOPPED, State.FAILED)
-            wanted = [w for w in self._records if w.state not in gone]
+            wanted = [w for w in self._records if w.state not in (State.RETIRING, State.STOPPED)]
             missing = self._target - len(wanted)
             for _ in range(max(0, missing)):
                 name, where = self._place(len(self._records))
@@ -373,7 +376,7 @@ class Cluster:
     def _excess(self, wanted: list[Launched], count: int) -> list[Launched]:
         """Which ``count`` workers go: not started first, then idle ones; busy ones only on scale()."""
         busy = {w["id"] for w in self._snapshot.get("workers", []) if w.get("busy")}
-        order = {State.WAITING: 0, State.PENDING: 1, State.STARTING: 2, State.RUNNING: 3}
+        order = {State.FAILED: 0, State.WAITING: 0, State.PENDING: 1, State.STARTING: 2, State.RUNNING: 3}
         ranked = sorted(wanted, key=lambda w: (order.get(w.state, 9), w.worker_id in busy, -w.started_at))
         if self._adaptive is not None:  # adapt never sends a busy worker away
             ranked = [w for w in ranked if not (w.state is State.RUNNING and w.worker_id in busy)]
