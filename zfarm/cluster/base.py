@@ -436,7 +436,10 @@ def public_address(bind: str) -> str:
     scheme, _, rest = bind.partition("://")
     host, sep, port = rest.rpartition(":")
     if scheme == "tcp" and sep and host in ("*", "0.0.0.0", "[::]", "::"):
-        return f"tcp://{socket.getfqdn()}:{port}"
+        name = socket.getfqdn()
+        if name.startswith("localhost"):  # /etc/hosts names this machine so: others need its name
+            name = socket.gethostname()
+        return f"tcp://{name}:{port}"
     return bind
 
 
