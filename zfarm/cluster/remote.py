@@ -64,10 +64,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     worker = _worker(blob, args.worker_id, args.procs, drain_at=_drain_at(float(blob["grace_s"])))
     _watch_signals(worker)
-    if not args.settings:
-        threading.Thread(target=_watch_stdin, args=(worker,), daemon=True, name="launcher-channel").start()
+    if args.settings:
+        worker.serve()
+        return 0
+    threading.Thread(target=_watch_stdin, args=(worker,), daemon=True, name="launcher-channel").start()
     worker.serve()
-    return 0
+    # the channel's reader may still wait in a read of stdin, which the interpreter's shutdown would
+    # wait for: leave at once (the worker has stopped its slots and closed its socket)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _worker(blob: dict[str, Any], worker_id: str, procs: int, drain_at: float) -> Any:

@@ -17,6 +17,7 @@ the remote end of their channel closes, and the remote worker stops at once.
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import json
 import logging
@@ -73,6 +74,10 @@ class SSHHandle:
         if code is None:
             return None
         self._reader.join(2.0)  # its last words say why
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
         said = " / ".join(self.last_lines) or "nothing"
         if code == SSH_FAILED:
             return f"ssh to {self.host} failed (it said: {said})"
