@@ -14,7 +14,7 @@ import pytest
 
 import zfarm
 from tests import jobs
-from tests.helpers import require_status, wait_for, zfarm_env
+from tests.helpers import Procs, require_status, wait_for, zfarm_env
 from zfarm.cluster.profile import ProfileError, load_profile
 
 
@@ -143,3 +143,18 @@ def test_client_profile_starts_and_stops_the_profile_cluster(tmp_path: Path,
         assert cluster is not None and cluster.kind == "local"
     assert cluster.status()["launched"] == 0
 
+
+
+def test_a_worker_drains_at_its_drain_time_and_hands_back_its_queue(procs: Procs) -> None:
+    """What a Slurm worker does before its walltime (ZFARM_DRAIN_AT), on a plain worker."""
+    endpoint, _ = procs.farm(workers=0)
+    with zfarm.Client(endpoint) as client:
+        futures = [client.submit(jobs.sleep_then, i, 0.5) for i in range(6)]
+        worker = procs.spawn("worker", "--connect", endpoint, "--procs", "1", "--prefetch", "3",
+                             "--log-level", "info", env=zfarm_env({"ZFARM_DRAIN_AT": str(time.time() + 1.5)}))
+        worker.wait_for_log("draining", 30)
+        assert worker.wait(30) == 0
+        log = worker.log()
+        assert "handed back" in log and "stopped after" in log, log
+        procs.worker(endpoint)
+        assert [f.result(timeout=60) for f in futures] == list(range(6))
