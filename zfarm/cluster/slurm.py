@@ -3,7 +3,7 @@
 ::
 
     scale(n) ─► sbatch job.sh (#SBATCH lines from the arguments + job_extra) ─► job id
-    every tick: one ``squeue --jobs=...`` ─► PENDING (coming) / RUNNING / gone (ended)
+    every 3 s: one ``squeue --me`` ─► PENDING (coming) / RUNNING / gone (ended)
     retire: ``scancel --batch --signal=TERM`` (the worker drains) · pending or close: ``scancel``
 
 The job runs ``python -m zfarm.cluster.remote --settings FILE``: the broker's address and the
@@ -20,6 +20,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -35,6 +36,8 @@ COMMAND_TIMEOUT_S = 60.0
 PENDING_STATES = {"PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "RESIZING", "SUSPENDED"}
 #: squeue runs that must miss a job before it counts as ended (squeue may lag just after sbatch)
 MISSES_BEFORE_ENDED = 2
+#: how often squeue runs (controllers on shared clusters do not like being polled faster)
+SQUEUE_EVERY_S = 3.0
 
 
 class SlurmError(ZfarmError):
@@ -139,6 +142,7 @@ class SlurmCluster(Cluster):
             json.dump(settings_blob(self.address, self.keys, self.heartbeat_interval_s, self.worker_grace_s,
                                     self.log_level), f)
         self._jobs: dict[str, SlurmJob] = {}
+        self._next_squeue = 0.0
         self._begin(jobs)
 
     def _default_bind(self) -> str:
@@ -169,8 +173,10 @@ class SlurmCluster(Cluster):
     def _refresh(self) -> None:
         """One ``squeue`` for all our jobs; a job it no longer lists has ended."""
         live = [j for j in self._jobs.values() if j.misses < MISSES_BEFORE_ENDED]
-        if not live:
+        now = time.monotonic()
+        if not live or now < self._next_squeue:
             return
+        self._next_squeue = now + SQUEUE_EVERY_S
         try:  # all of this user's jobs: asking for ours by id fails once none of them is left
             out = run_slurm(["squeue", "--me", "--noheader", "--format=%i %T"])
         except SlurmError as exc:
