@@ -118,7 +118,7 @@ class Cluster:
         self._closing = False
         self._closed = False
         self._thread: threading.Thread | None = None
-        self._broker: subprocess.Popen[bytes] | None = None
+        self.broker: subprocess.Popen[bytes] | None = None
         if address:
             self.address = address
         else:
@@ -251,15 +251,15 @@ class Cluster:
         args += ["--journal", journal] if journal else []
         if self.heartbeat_interval_s is not None:
             args += ["--heartbeat-interval", str(self.heartbeat_interval_s)]
-        self._broker = subprocess.Popen(args, stdin=subprocess.DEVNULL, env=child_env(),
+        self.broker = subprocess.Popen(args, stdin=subprocess.DEVNULL, env=child_env(),
                                         start_new_session=True)  # a Ctrl-C meant for us is not for it
         return public_address(bind)
 
     def _stop_broker(self) -> None:
         from zfarm.local import stop_processes
 
-        if self._broker is not None:
-            stop_processes([self._broker], time.monotonic() + 5.0)
+        if self.broker is not None:
+            stop_processes([self.broker], time.monotonic() + 5.0)
 
     def _begin(self, n: int) -> None:
         """Start supervising with ``n`` workers wanted (the last line of a subclass's ``__init__``)."""
