@@ -148,7 +148,8 @@ class SSHCluster(Cluster):
         return " ".join(a if "=" in a else shlex.quote(a) for a in argv)
 
     def _launch(self, worker: Launched) -> SSHHandle:
-        argv = ["ssh", *SSH_OPTIONS, *self.ssh_options, worker.where, self.remote_command(worker.worker_id)]
+        # the user's options first: for each option ssh keeps the first value it is given
+        argv = ["ssh", *self.ssh_options, *SSH_OPTIONS, worker.where, self.remote_command(worker.worker_id)]
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 start_new_session=True, preexec_fn=die_with_parent)
         handle = SSHHandle(proc, worker.where)
