@@ -40,9 +40,13 @@ def test_slurm_cluster_scales_to_two_runs_a_map_and_leaves_the_queue_empty(tmp_p
         with zfarm.Client(cluster) as client:
             assert sum(client.map(abs, range(-1000, 0))) == 500500
         assert len(queue().splitlines()) == 2
+        cluster.scale(3)  # this node has 2 CPUs: the third job waits in the queue, and counts as coming
+        wait_for(lambda: [w["state"] for w in cluster.workers] == ["running", "running", "pending"], 60,
+                 interval_s=0.2, message="a pending third job")
+        assert cluster.status()["coming"] == 1
         cluster.scale(0)
         wait_for(lambda: cluster.status()["launched"] == 0, 60, interval_s=0.5, message="jobs ended")
-        assert [w["state"] for w in cluster.workers] == ["stopped", "stopped"]
+        assert [w["state"] for w in cluster.workers] == ["stopped", "stopped", "stopped"]
     assert queue() == ""
     assert list(tmp_path.iterdir()) == []  # the settings file (with the worker key) is gone
 

@@ -119,10 +119,15 @@ class Cluster:
         self._closed = False
         self._thread: threading.Thread | None = None
         self.broker: subprocess.Popen[bytes] | None = None
+        self._broker_said = False
         if address:
             self.address = address
         else:
-            self.address = self._start_broker(bind or self._default_bind(), insecure, journal)
+            try:
+                self.address = self._start_broker(bind or self._default_bind(), insecure, journal)
+            except BaseException:
+                shutil.rmtree(self._tmpdir, ignore_errors=True)
+                raise
 
     # ---- what subclasses provide -------------------------------------------------------------
 
@@ -276,6 +281,7 @@ class Cluster:
         while True:
             now = time.monotonic()
             try:
+                self._check_broker()
                 self._refresh()
                 self._reap(now)
                 self._read_broker(now)
@@ -302,6 +308,15 @@ class Cluster:
             self._cleanup()
         except Exception:
             log.exception("%s cluster: cleanup failed", self.kind)
+
+    def _check_broker(self) -> None:
+        if self.broker is None or self._broker_said or self._closing:
+            return
+        code = self.broker.poll()
+        if code is not None:
+            self._broker_said = True
+            log.error("the broker this %s cluster started exited (code %s; its log says why): workers "
+                      "will wait for it in vain; close the cluster", self.kind, code)
 
     def _reap(self, now: float) -> None:
         with self._lock:
