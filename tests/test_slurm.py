@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -52,15 +51,14 @@ def test_slurm_cluster_scales_to_two_runs_a_map_and_leaves_the_queue_empty(tmp_p
 
 
 def test_a_slurm_worker_drains_before_its_walltime_and_no_job_is_lost(tmp_path: Path) -> None:
-    """The worker reads its allocation's end (1 minute) and leaves early; the cluster replaces it."""
+    """The worker reads its allocation's end (1 minute) and has drained 45 s before (so the test is
+    short); the cluster replaces it, and the map goes on."""
     with zfarm.SlurmCluster(jobs=1, cpus=1, walltime="1", shared_dir=str(tmp_path), worker_grace_s=2,
-                            log_level="info") as cluster:
+                            walltime_margin_s=45, log_level="info") as cluster:
         cluster.wait_for_workers(1, timeout_s=90)
-        started = time.monotonic()
         with zfarm.Client(cluster) as client:
-            results = list(client.map(jobs.sleep_then, range(130), [0.5] * 130, timeout=240))
-            assert results == list(range(130))
-            assert time.monotonic() - started > 60  # ran past the first job's walltime
+            results = list(client.map(jobs.sleep_then, range(40), [0.5] * 40, timeout=240))
+            assert results == list(range(40))
         first = cluster.workers[0]
         assert first["launches"] >= 2, cluster.workers
         assert "CANCELLED" not in first["last_exit"] and "TIMEOUT" not in first["last_exit"], first

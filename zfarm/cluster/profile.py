@@ -64,7 +64,8 @@ LAUNCHERS: dict[str, dict[str, tuple[Any, str]]] = {
               "account": (str, 'an account name, "proj42"'),
               "job_extra": (list, 'a list of #SBATCH options, ["--qos=short"]'),
               "python": (str, 'the python on the nodes, "/opt/venv/bin/python"'),
-              "shared_dir": (str, 'a folder the nodes see, "~/.cache/zfarm/slurm"')},
+              "shared_dir": (str, 'a folder the nodes see, "~/.cache/zfarm/slurm"'),
+              "walltime_margin_s": ((int, float), "seconds between a drained worker and its walltime, 15")},
 }
 ADAPT_KEYS: dict[str, Any] = {"minimum": int, "maximum": int, "target_duration_s": (int, float),
                                "interval_s": (int, float), "wait_count": int, "max_step": int}

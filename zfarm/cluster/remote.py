@@ -62,7 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         blob = json.loads(sys.stdin.buffer.readline() or b"{}")
     logging.basicConfig(level=str(blob.get("log_level", "info")).upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    worker = _worker(blob, args.worker_id, args.procs, drain_at=_drain_at(float(blob["grace_s"])))
+    margin_s = float(blob.get("walltime_margin_s", WALLTIME_MARGIN_S))
+    worker = _worker(blob, args.worker_id, args.procs, drain_at=_drain_at(float(blob["grace_s"]) + margin_s))
     _watch_signals(worker)
     if args.settings:
         worker.serve()
@@ -131,11 +132,11 @@ def allocation_end(environ: dict[str, str] | None = None) -> float:
         return 0.0  # no limit ("NONE", "UNLIMITED") or no answer: nothing to drain before
 
 
-def _drain_at(grace_s: float) -> float:
+def _drain_at(before_end_s: float) -> float:
     end = allocation_end()
     if not end:
         return 0.0
-    drain_at = max(time.time(), end - grace_s - WALLTIME_MARGIN_S)
+    drain_at = max(time.time(), end - before_end_s)
     log.info("allocation ends at %s: draining at %s", time.ctime(end), time.ctime(drain_at))
     return drain_at
 

@@ -106,6 +106,8 @@ class SlurmCluster(Cluster):
         job_extra: more ``#SBATCH`` options, e.g. ``("--qos=short", "--constraint=avx2")``.
         python: the python with zfarm installed on the nodes (default: this one).
         shared_dir: a folder the nodes see too (default ``~/.cache/zfarm/slurm``).
+        walltime_margin_s: a worker has drained (``worker_grace_s`` included) this long before
+            its allocation ends.
         bind: where the broker listens (default ``tcp://*:PORT``, a free port, with keys: the given
             folder or a fresh one). Other arguments as :class:`Cluster`.
     """
@@ -115,7 +117,8 @@ class SlurmCluster(Cluster):
 
     def __init__(self, jobs: int = 0, cpus: int = 1, mem: str | None = None, walltime: str | None = None,
                  partition: str | None = None, account: str | None = None, job_extra: Sequence[str] = (),
-                 python: str | None = None, *, shared_dir: str | None = None, **common: object) -> None:
+                 python: str | None = None, *, shared_dir: str | None = None, walltime_margin_s: float = 15.0,
+                 **common: object) -> None:
         if cpus < 1 or jobs < 0:
             raise ConfigError(f"SlurmCluster needs cpus >= 1 and jobs >= 0, got cpus={cpus} jobs={jobs}")
         if isinstance(job_extra, str):
@@ -139,8 +142,9 @@ class SlurmCluster(Cluster):
         self.settings_file = self.folder / "worker.json"
         fd = os.open(self.settings_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(settings_blob(self.address, self.keys, self.heartbeat_interval_s, self.worker_grace_s,
-                                    self.log_level), f)
+            blob = settings_blob(self.address, self.keys, self.heartbeat_interval_s, self.worker_grace_s,
+                                 self.log_level)
+            json.dump({**blob, "walltime_margin_s": walltime_margin_s}, f)
         self._jobs: dict[str, SlurmJob] = {}
         self._next_squeue = 0.0
         self._begin(jobs)
