@@ -217,7 +217,8 @@ def big_map(args: argparse.Namespace) -> dict[str, Any]:
         cpu0 = cpu_s(farm.broker.pid)
         with zfarm.Client(farm.address) as client:
             started = time.perf_counter()
-            total = sum(client.map(abs, range(-args.jobs, 0), timeout=3600))
+            # chunksize 1: every item its own job (map's adaptive chunks would make ~100 jobs of them)
+            total = sum(client.map(abs, range(-args.jobs, 0), timeout=3600, chunksize=args.chunksize))
             elapsed = time.perf_counter() - started
             per_worker = client.stats().summary.jobs_per_worker
         cpu = cpu_s(farm.broker.pid) - cpu0
@@ -225,7 +226,8 @@ def big_map(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         totals = farm.stop()
     assert total == args.jobs * (args.jobs + 1) // 2, total
-    return {"benchmark": "map", "workers": args.workers, "jobs": args.jobs, "seconds": round(elapsed, 1),
+    return {"benchmark": "map", "workers": args.workers, "jobs": args.jobs, "chunksize": args.chunksize,
+            "seconds": round(elapsed, 1),
             "jobs_per_s": round(args.jobs / elapsed), "workers_used": len(per_worker),
             "fewest_jobs_on_a_worker": min(per_worker.values()),
             "most_jobs_on_a_worker": max(per_worker.values()),
@@ -243,6 +245,7 @@ def main() -> None:
         cmd.add_argument("--interval", type=float, default=1.0, help="heartbeat interval (s)")
         cmd.add_argument("--seconds", type=float, default=300.0)
         cmd.add_argument("--jobs", type=int, default=100_000)
+        cmd.add_argument("--chunksize", type=int, default=1, help="items per job in the map (default 1)")
     shell = sub.add_parser("shell")
     shell.add_argument("--address", required=True)
     shell.add_argument("--count", type=int, required=True)
