@@ -44,8 +44,18 @@ start() {
         runuser -u munge -- munged || munged --force || { echo "services: munged did not start" >&2; exit 3; }
         touch "$state/munged"
     fi
-    node=$(slurmd -C | head -1)
     host=$(hostname -s)
+    if [[ -e /etc/slurm/slurm.conf ]] && ! grep -q "written by zfarm" /etc/slurm/slurm.conf; then
+        echo "services: /etc/slurm/slurm.conf is not ours: using that Slurm as it is"
+    else
+        write_slurm_conf "$host"
+    fi
+    start_slurm "$host"
+}
+
+write_slurm_conf() {
+    local host=$1 node
+    node=$(slurmd -C | head -1)
     cat >/etc/slurm/slurm.conf <<EOF
 # written by zfarm's .ci/services.sh for the test suite: one node, this machine
 ClusterName=zfarmci
@@ -73,6 +83,10 @@ $node State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
     rm -f /etc/slurm/cgroup.conf
+}
+
+start_slurm() {
+    local host=$1
     pgrep -x slurmctld >/dev/null || { slurmctld -i && touch "$state/slurmctld"; }
     pgrep -x slurmd >/dev/null || { slurmd && touch "$state/slurmd"; }
     for _ in $(seq 60); do
