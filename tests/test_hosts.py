@@ -156,3 +156,20 @@ def test_zfarm_up_of_an_ssh_profile_stops_everything_on_ctrl_c(
     assert up.wait(60) == 0, up.log_tail()
     for host in network.hosts:
         assert not left_on(host, procs), f"left on {host.name}"
+
+
+@pytest.mark.slow
+def test_a_killed_launcher_leaves_nothing_on_its_hosts(procs: Procs, ssh_hosts: tuple[Network, Path],
+                                                       tmp_path: Path) -> None:
+    network, ssh_config = ssh_hosts
+    (tmp_path / "zfarm.toml").write_text(
+        f'[profiles.lab]\nlauncher = "ssh"\nhosts = ["zfh0", "zfh1"]\nprocs_per_worker = 1\n'
+        f'python = "{sys.executable}"\nssh_options = ["-F", "{ssh_config}"]\n'
+        f'bind = "{port_on(network.gateway)}"\n')
+    up = procs.spawn("up", "lab", "--refresh", "0.5", name="up")
+    up.wait_for_log("running 2,", 60)
+    assert all(left_on(host, procs) for host in network.hosts)
+    up.signal(signal.SIGKILL)  # no goodbye: its ssh processes die with it, the channels close
+    for host in network.hosts:
+        wait_for(lambda host=host: not left_on(host, procs), 30, interval_s=0.2,
+                 message=f"nothing left on {host.name}")
