@@ -143,14 +143,20 @@ def rss_bytes(pid: int) -> int:
 
 
 class Farm:
-    def __init__(self, workers: int, per_process: int, interval_s: float) -> None:
+    def __init__(self, workers: int, per_process: int, interval_s: float, real: bool = False) -> None:
         self.address = free_tcp_endpoint()
         self.broker = subprocess.Popen([sys.executable, "-m", "zfarm", "broker", "--bind", self.address,
                                         "--heartbeat-interval", str(interval_s), "--log-level", "warning"])
         self.wait(lambda s: True, 30, "the broker")
         self.idle_rss = rss_bytes(self.broker.pid)
         self.shells: list[subprocess.Popen[str]] = []
-        for n, start in enumerate(range(0, workers, per_process)):
+        self.real: list[subprocess.Popen[bytes]] = []
+        if real:  # real `zfarm worker --procs 1` processes (each with its forkserver and slot)
+            self.real = [subprocess.Popen([sys.executable, "-m", "zfarm", "worker", "--connect", self.address,
+                                           "--procs", "1", "--worker-id", f"r{i}", "--log-level", "warning",
+                                           "--heartbeat-interval", str(interval_s)])
+                         for i in range(workers)]
+        for n, start in enumerate(range(0, 0 if real else workers, per_process)):
             count = min(per_process, workers - start)
             self.shells.append(subprocess.Popen(
                 [sys.executable, __file__, "shell", "--address", self.address, "--count", str(count),
@@ -176,6 +182,7 @@ class Farm:
         for shell in self.shells:
             shell.send_signal(signal.SIGTERM)
         totals = {"reconnects": 0, "jobs": 0}
+        stop_processes(self.real, time.monotonic() + 60)
         for shell in self.shells:
             out, _ = shell.communicate(timeout=120)
             for key, value in json.loads(out.strip().splitlines()[-1]).items():
@@ -212,7 +219,7 @@ def heartbeats(args: argparse.Namespace) -> dict[str, Any]:
 def big_map(args: argparse.Namespace) -> dict[str, Any]:
     import zfarm
 
-    farm = Farm(args.workers, args.per_process, args.interval)
+    farm = Farm(args.workers, args.per_process, args.interval, args.real)
     try:
         cpu0 = cpu_s(farm.broker.pid)
         with zfarm.Client(farm.address) as client:
@@ -226,7 +233,8 @@ def big_map(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         totals = farm.stop()
     assert total == args.jobs * (args.jobs + 1) // 2, total
-    return {"benchmark": "map", "workers": args.workers, "jobs": args.jobs, "chunksize": args.chunksize,
+    return {"benchmark": "map", "workers": args.workers, "real_workers": args.real, "jobs": args.jobs,
+            "chunksize": args.chunksize,
             "seconds": round(elapsed, 1),
             "jobs_per_s": round(args.jobs / elapsed), "workers_used": len(per_worker),
             "fewest_jobs_on_a_worker": min(per_worker.values()),
@@ -246,6 +254,7 @@ def main() -> None:
         cmd.add_argument("--seconds", type=float, default=300.0)
         cmd.add_argument("--jobs", type=int, default=100_000)
         cmd.add_argument("--chunksize", type=int, default=1, help="items per job in the map (default 1)")
+        cmd.add_argument("--real", action="store_true", help="map: real zfarm worker processes, not shells")
     shell = sub.add_parser("shell")
     shell.add_argument("--address", required=True)
     shell.add_argument("--count", type=int, required=True)
