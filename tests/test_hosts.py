@@ -115,7 +115,7 @@ def test_ssh_cluster_runs_workers_on_two_hosts_and_leaves_none(
     for host in network.hosts:
         wait_for(lambda host=host: not left_on(host, procs), 30, interval_s=0.2,
                  message=f"nothing left on {host.name}")
-    assert any(re.match(r"zfh[01]: .*worker ssh-zfh[01]-0.1 registered", r.getMessage())
+    assert any(re.match(r"zfh[01]: .*worker ssh-zfh[01]-[01]\.1 registered", r.getMessage())
                for r in caplog.records), "remote output is logged with its host"
 
 

@@ -139,7 +139,7 @@ class SSHCluster(Cluster):
 
     def _place(self, index: int) -> tuple[str, str]:
         host = self.hosts[index % len(self.hosts)]
-        return f"ssh-{host}-{index // len(self.hosts)}", host
+        return f"ssh-{host}-{index}", host  # the index keeps names apart when a host is listed twice
 
     def remote_command(self, worker_id: str) -> str:
         env = [f"{k}={shlex.quote(v)}" for k, v in self.remote_env.items()]
