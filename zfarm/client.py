@@ -93,7 +93,7 @@ class Client(concurrent.futures.Executor):
         if cluster is None and address is None and not os.environ.get("ZFARM_ADDRESS"):
             from zfarm.cluster.local import LocalCluster
 
-            cluster = LocalCluster(n_workers=n_workers, heartbeat_interval_s=heartbeat_interval_s,
+            cluster = LocalCluster(n_workers=n_workers or None, heartbeat_interval_s=heartbeat_interval_s,
                                    keys=self.settings.keys, worker_grace_s=2.0)
             self.settings = dataclasses.replace(self.settings, address=cluster.address)
         self._res = _Resources.open(self.settings, self.id, cluster)
