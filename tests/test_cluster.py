@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -14,7 +12,7 @@ import pytest
 
 import zfarm
 from tests import jobs
-from tests.helpers import Procs, require_status, wait_for, zfarm_env
+from tests.helpers import Procs, ipc_endpoint, require_status, wait_for, zfarm_env
 from zfarm.cluster.profile import ProfileError, load_profile
 
 
@@ -104,33 +102,20 @@ def test_profile_errors_name_the_file_the_key_and_the_fix(tmp_path: Path) -> Non
 
 
 @pytest.mark.slow
-def test_zfarm_up_runs_a_local_profile_until_ctrl_c(tmp_path: Path) -> None:
-    (tmp_path / "zfarm.toml").write_text('[profiles.here]\nlauncher = "local"\nn_workers = 2\n'
-                                         f'bind = "ipc://{tmp_path}/up.sock"\n')
-    proc = subprocess.Popen([sys.executable, "-m", "zfarm", "up", "here", "--refresh", "0.5"], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=zfarm_env(), text=True,
-                            start_new_session=True)
-    try:
-        assert proc.stdout is not None
-        seen = ""
-        deadline = time.monotonic() + 60
-        while "running 2" not in seen and time.monotonic() < deadline:
-            seen += proc.stdout.readline()
-        assert f'zfarm.Client("ipc://{tmp_path}/up.sock")' in seen, seen
-        assert "running 2" in seen, seen
-        with zfarm.Client(f"ipc://{tmp_path}/up.sock") as client:
-            assert sum(client.map(abs, range(-10, 0))) == 55
-        pids = [w["pid"] for w in require_status(f"ipc://{tmp_path}/up.sock")["workers"]]
-        os.killpg(proc.pid, signal.SIGINT)
-        assert proc.wait(60) == 0
-        for pid in pids:
-            wait_for(lambda pid=pid: not os.path.exists(f"/proc/{pid}"), 10, message=f"worker {pid} gone")
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
+def test_zfarm_up_runs_a_local_profile_until_ctrl_c(procs: Procs, tmp_path: Path) -> None:
+    endpoint = ipc_endpoint(tmp_path, "up")
+    (tmp_path / "zfarm.toml").write_text(f'[profiles.here]\nlauncher = "local"\nn_workers = 2\n'
+                                         f'bind = "{endpoint}"\n')
+    up = procs.spawn("up", "here", "--refresh", "0.5", name="up")  # runs in tmp_path
+    out = up.wait_for_log("running 2,", 60)
+    assert f'zfarm.Client("{endpoint}")' in out, out
+    with zfarm.Client(endpoint) as client:
+        assert sum(client.map(abs, range(-10, 0))) == 55
+    pids = [w["pid"] for w in require_status(endpoint)["workers"]]
+    up.signal(signal.SIGINT)
+    assert up.wait(60) == 0, up.log_tail()
+    for pid in pids:
+        wait_for(lambda pid=pid: not os.path.exists(f"/proc/{pid}"), 10, message=f"worker {pid} gone")
 
 
 def test_client_profile_starts_and_stops_the_profile_cluster(tmp_path: Path,
