@@ -90,6 +90,9 @@ def test_profile_errors_name_the_file_the_key_and_the_fix(tmp_path: Path) -> Non
         n_wrokers = 2
         [profiles.nowhere]
         launcher = "pbs"
+        [profiles.upside]
+        launcher = "local"
+        adapt = { minimum = 5, maximum = 2 }
     """))
     with pytest.raises(ProfileError, match=r"zfarm.toml: \[profiles.lab\] procs_per_worker: is 'four'; "):
         load_profile("lab", [toml])
@@ -97,6 +100,8 @@ def test_profile_errors_name_the_file_the_key_and_the_fix(tmp_path: Path) -> Non
         load_profile("typo", [toml])
     with pytest.raises(ProfileError, match=r"launcher: is 'pbs'; write launcher = \"local\""):
         load_profile("nowhere", [toml])
+    with pytest.raises(ProfileError, match=r"\[profiles.upside\] adapt: adapt needs 0 <= minimum <= maximum"):
+        load_profile("upside", [toml])
     with pytest.raises(ProfileError, match=r"no such profile; known: lab .*typo"):
         load_profile("missing", [toml])
 
