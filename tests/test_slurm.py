@@ -23,8 +23,8 @@ def slurm_unavailable() -> str:
     return ""
 
 
-pytestmark = [pytest.mark.skipif(bool(slurm_unavailable()), reason=slurm_unavailable() or "ok"),
-              pytest.mark.slow]
+WHY_NOT = slurm_unavailable()  # once: squeue may take its time to say no
+pytestmark = [pytest.mark.skipif(bool(WHY_NOT), reason=WHY_NOT or "ok"), pytest.mark.slow]
 
 
 def queue() -> str:
