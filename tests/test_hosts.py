@@ -18,7 +18,7 @@ import pytest
 
 import zfarm
 from tests import jobs
-from tests.helpers import Procs, free_tcp_endpoint, require_status, wait_for
+from tests.helpers import Procs, free_tcp_endpoint, require_status, wait_for, zfarm_env
 from tests.netns import Host, Network, keygen, sshd_setup, unavailable
 
 pytestmark = pytest.mark.skipif(bool(unavailable()), reason=unavailable() or "ok")
@@ -166,7 +166,8 @@ def test_a_killed_launcher_leaves_nothing_on_its_hosts(procs: Procs, ssh_hosts: 
         f'[profiles.lab]\nlauncher = "ssh"\nhosts = ["zfh0", "zfh1"]\nprocs_per_worker = 1\n'
         f'python = "{sys.executable}"\nssh_options = ["-F", "{ssh_config}"]\n'
         f'bind = "{port_on(network.gateway)}"\n')
-    up = procs.spawn("up", "lab", "--refresh", "0.5", name="up")
+    # its private folder (keys included), which a killed launcher cannot remove, under tmp_path
+    up = procs.spawn("up", "lab", "--refresh", "0.5", name="up", env=zfarm_env({"TMPDIR": str(tmp_path)}))
     up.wait_for_log("running 2,", 60)
     assert all(left_on(host, procs) for host in network.hosts)
     up.signal(signal.SIGKILL)  # no goodbye: its ssh processes die with it, the channels close
