@@ -35,6 +35,7 @@ __version__ = "0.2.0"
 
 if TYPE_CHECKING:
     from zfarm.client import Client, as_completed
+    from zfarm.cluster import LocalCluster, SlurmCluster, SSHCluster
     from zfarm.commands import CommandResult
     from zfarm.output import JobOutput
 
@@ -54,6 +55,10 @@ def __getattr__(name: str) -> Any:
         from zfarm.output import JobOutput
 
         return JobOutput
+    if name in ("LocalCluster", "SSHCluster", "SlurmCluster"):
+        from zfarm import cluster
+
+        return getattr(cluster, name)
     raise AttributeError(f"module 'zfarm' has no attribute {name!r}")
 
 
@@ -62,7 +67,7 @@ logging.getLogger("zfarm").addHandler(logging.NullHandler())
 
 __all__ = [
     "BrokerUnavailable", "Client", "CommandFailed", "CommandNotFound", "CommandResult", "ConfigError",
-    "JobCrashed", "JobError", "JobOutput", "JobTimeout", "JournalCorrupted", "JournalFull",
-    "MemoryLimitExceeded", "PayloadTooLarge", "ProtocolError", "Refused", "RemoteTraceback", "SecurityError",
-    "WorkerLost", "ZfarmError", "__version__", "as_completed",
+    "JobCrashed", "JobError", "JobOutput", "JobTimeout", "JournalCorrupted", "JournalFull", "LocalCluster",
+    "MemoryLimitExceeded", "PayloadTooLarge", "ProtocolError", "Refused", "RemoteTraceback", "SSHCluster",
+    "SecurityError", "SlurmCluster", "WorkerLost", "ZfarmError", "__version__", "as_completed",
 ]

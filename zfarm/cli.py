@@ -161,6 +161,10 @@ def _parser() -> argparse.ArgumentParser:
     from zfarm.cli_batch import add_batch_commands  # submit, jobs, wait, logs, cancel, forget
 
     add_batch_commands(sub)
+
+    from zfarm.up import register as register_up  # `zfarm up PROFILE` (run profiles, docs/clusters.md)
+
+    register_up(sub, command)
     return parser
 
 

@@ -7,7 +7,8 @@
           └──────────── futures resolve as RESULT messages arrive ◄┘
 
 ``Client()`` with no address starts an embedded broker and workers on this
-machine (see :mod:`zfarm.local`); ``Client("tcp://host:5555")`` uses a farm.
+machine (a :class:`zfarm.cluster.LocalCluster`); ``Client("tcp://host:5555")`` uses a farm,
+``Client(cluster)`` a cluster's, ``Client(profile="NAME")`` a run profile's (docs/clusters.md).
 The same code runs on both.
 """
 
@@ -31,11 +32,11 @@ from typing import Any, Literal
 import zmq
 
 from zfarm import serialization as ser
+from zfarm.cluster.base import Cluster
 from zfarm.commands import CommandResult, CommandSpec, echo_output, run_command
 from zfarm.config import ClientSettings, check_positive, resolve
 from zfarm.connection import Connection, JobFuture, PendingJob, cancel_future
 from zfarm.errors import BrokerUnavailable, ConfigError, PayloadTooLarge
-from zfarm.local import LocalCluster
 from zfarm.mapping import MapRun, Submitted
 from zfarm.progress import known_length, track
 from zfarm.stats import Stats, summarize
@@ -47,7 +48,8 @@ class Client(concurrent.futures.Executor):
     """Run Python functions on a zfarm broker's workers.
 
     Args:
-        address: the broker's endpoint (``tcp://host:5555``). None: ``ZFARM_ADDRESS`` if set,
+        address: the broker's endpoint (``tcp://host:5555``), or a cluster (``zfarm.SSHCluster``...:
+            its broker and keys; the cluster stays yours to close). None: ``ZFARM_ADDRESS`` if set,
             else a local broker and ``n_workers`` workers that stop with this client.
         n_workers: workers of the embedded farm (default: one per CPU).
         connect_timeout_s: how long to wait for the broker's first answer.
@@ -66,18 +68,21 @@ class Client(concurrent.futures.Executor):
             running them again (docs/reliability.md). One process per session at a time.
         echo_output: print what each job printed (its stdout and stderr, captured on the
             worker) here as its result arrives, each line prefixed with the job's id.
+        profile: a run profile's name in ``zfarm.toml``: start its broker and workers, which stop
+            with this client (docs/clusters.md).
 
     Raises:
         BrokerUnavailable: the broker did not answer within ``connect_timeout_s``.
     """
 
-    def __init__(self, address: str | None = None, *, n_workers: int | None = None,
+    def __init__(self, address: str | Cluster | None = None, *, n_workers: int | None = None,
                  connect_timeout_s: float | None = None, broker_timeout_s: float | None = None,
                  window: int | None = None, heartbeat_interval_s: float | None = None,
                  keys: str | None = None, key_name: str | None = None, job_timeout_s: float | None = None,
                  mem_limit: int | None = None, retries: int | None = None,
                  retry_backoff_s: float | None = None, session: str | None = None,
-                 echo_output: bool = False) -> None:
+                 echo_output: bool = False, profile: str | None = None) -> None:
+        cluster, address, keys = _farm(address, profile, keys)
         self.settings = resolve(ClientSettings, {
             "address": address, "connect_timeout_s": connect_timeout_s, "broker_timeout_s": broker_timeout_s,
             "window": window, "keys": keys, "key_name": key_name, "retry_backoff_s": retry_backoff_s,
@@ -90,10 +95,11 @@ class Client(concurrent.futures.Executor):
         self._seq = itertools.count(1)
         self._shutdown = False
         self._shutdown_lock = threading.Lock()
-        cluster = None
-        if address is None and not os.environ.get("ZFARM_ADDRESS"):
-            cluster = LocalCluster(n_workers=n_workers, heartbeat_interval_s=heartbeat_interval_s,
-                                   keys=self.settings.keys)
+        if cluster is None and address is None and not os.environ.get("ZFARM_ADDRESS"):
+            from zfarm.cluster.local import LocalCluster
+
+            cluster = LocalCluster(n_workers=n_workers or None, heartbeat_interval_s=heartbeat_interval_s,
+                                   keys=self.settings.keys, worker_grace_s=2.0)
             self.settings = dataclasses.replace(self.settings, address=cluster.address)
         self._res = _Resources.open(self.settings, self.id, cluster)
         self._connection = self._res.connection
@@ -417,6 +423,23 @@ class JobLimits:
         return self._client._run(args, shell, cwd, env, check, input, self._options)
 
 
+def _farm(address: str | Cluster | None, profile: str | None,
+          keys: str | None) -> tuple[Cluster | None, str | None, str | None]:
+    """``(cluster this client owns, address, keys)`` from ``Client``'s first arguments."""
+    if isinstance(address, Cluster):
+        if profile:
+            raise ConfigError("pass a cluster or a profile, not both")
+        return None, address.address, keys or address.keys or None  # the caller owns the cluster
+    if profile:
+        if address:
+            raise ConfigError("pass an address or a profile, not both")
+        from zfarm.cluster.profile import start_profile
+
+        cluster = start_profile(profile)
+        return cluster, cluster.address, keys or cluster.keys or None
+    return None, address, keys
+
+
 class _Resources:
     """What a client owns (context, I/O thread, embedded farm), apart from the client itself.
 
@@ -425,7 +448,7 @@ class _Resources:
     """
 
     def __init__(self, context: zmq.Context[Any], connection: Connection,
-                 cluster: LocalCluster | None) -> None:
+                 cluster: Cluster | None) -> None:
         self.context = context
         self.connection = connection
         self.cluster = cluster
@@ -437,7 +460,7 @@ class _Resources:
         self.end_session = False  # on close, tell the broker to forget the session
 
     @classmethod
-    def open(cls, settings: ClientSettings, client_id: str, cluster: LocalCluster | None) -> _Resources:
+    def open(cls, settings: ClientSettings, client_id: str, cluster: Cluster | None) -> _Resources:
         context: zmq.Context[Any] = zmq.Context()
         try:
             connection = Connection(settings, client_id, context)

@@ -96,11 +96,13 @@ class WorkerSettings:
     key_name: str = ""
     #: keep every job's whole stdout and stderr as files here ("": only the last 1 MiB, with the result)
     output_dir: str = ""
+    #: epoch seconds: stop gracefully then (as on SIGTERM), e.g. before a batch job's walltime; 0: never
+    drain_at: float = 0.0
 
     def __post_init__(self) -> None:
         check_endpoint(self.address, inproc=True)  # inproc: a worker embedded with the broker's context
-        if self.procs < 0 or self.prefetch < 0 or self.grace_s < 0:
-            raise ConfigError("procs, prefetch and grace_s must not be negative")
+        if self.procs < 0 or self.prefetch < 0 or self.grace_s < 0 or self.drain_at < 0:
+            raise ConfigError("procs, prefetch, grace_s and drain_at must not be negative")
         check_positive(heartbeat_interval_s=self.heartbeat_interval_s, liveness=self.liveness,
                         reconnect_min_s=self.reconnect_min_s, reconnect_max_s=self.reconnect_max_s)
 

@@ -347,6 +347,7 @@ class Worker:
                     self._open_socket()
                     self._apply(core.connect(now))
                 self._poll_once()
+                self._drain_if_due()
                 self._handle_stop_requests()
                 self._apply(core.tick(time.monotonic()))
                 if self._should_exit():
@@ -454,6 +455,12 @@ class Worker:
         Only counts the request, so it is safe in a signal handler; the loop acts on it.
         """
         self._signals += 1
+
+    def _drain_if_due(self) -> None:
+        """At ``drain_at`` (a batch job's end, less its grace), stop as on a first SIGTERM."""
+        if self.settings.drain_at and not self._signals and time.time() >= self.settings.drain_at:
+            log.info("worker %s: its allocation ends soon: draining", self.core.id)
+            self.request_stop()
 
     def _handle_stop_requests(self) -> None:
         if self._signals and not self._signals_seen:

@@ -1,0 +1,150 @@
+"""Clusters on this machine: the embedded farm's supervision, LocalCluster's scale/adapt, profiles."""
+
+from __future__ import annotations
+
+import os
+import signal
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+import zfarm
+from tests import jobs
+from tests.helpers import Procs, ipc_endpoint, require_status, wait_for, zfarm_env
+from zfarm.cluster.profile import ProfileError, load_profile
+
+
+def worker_pids(address: str, count: int) -> list[int]:
+    def listed() -> list[int]:
+        pids = [w["pid"] for w in require_status(address)["workers"]]
+        return pids if len(pids) == count else []
+
+    return wait_for(listed, 30, interval_s=0.1, message=f"{count} workers registered")
+
+
+@pytest.mark.slow
+def test_embedded_farm_finishes_its_map_when_all_its_workers_are_killed() -> None:
+    with zfarm.Client(n_workers=2, heartbeat_interval_s=0.3) as client:
+        first = worker_pids(client.address, 2)
+        results = client.map(jobs.sleep_then, range(40), [0.1] * 40, timeout=90)
+        assert next(results) == 0
+        for pid in first:
+            os.kill(pid, signal.SIGKILL)
+        assert list(results) == list(range(1, 40))
+        workers = client._res.cluster.workers  # type: ignore[union-attr]
+        assert all(w["launches"] >= 2 for w in workers), workers
+        assert "SIGKILL" in workers[0]["last_exit"]
+
+
+def test_local_cluster_scales_up_and_down_and_client_uses_it() -> None:
+    with zfarm.LocalCluster(n_workers=1, heartbeat_interval_s=0.5) as cluster:
+        cluster.wait_for_workers(1)
+        cluster.scale(3)
+        cluster.wait_for_workers(3)
+        with zfarm.Client(cluster) as client:
+            assert sum(client.map(abs, range(-100, 0))) == 5050
+        cluster.scale(1)
+        wait_for(lambda: sorted(w["state"] for w in cluster.workers) == ["running", "stopped", "stopped"],
+                 30, interval_s=0.2, message="two workers retired")
+        wait_for(lambda: len(require_status(cluster.address)["workers"]) == 1, 30, interval_s=0.2)
+
+
+def test_a_worker_that_dies_at_start_backs_off_and_is_given_up() -> None:
+    with zfarm.LocalCluster(n_workers=0) as cluster:
+        cluster.log_level = "no-such-level"  # the worker exits at once: its command line is wrong
+        cluster.restarts.first_backoff_s = 0.05
+        cluster.restarts.max_quick_deaths = 3
+        started = time.monotonic()
+        cluster.scale(1)
+        wait_for(lambda: cluster.workers and cluster.workers[0]["state"] == "failed", 60, interval_s=0.1)
+        (worker,) = cluster.workers
+        assert worker["launches"] == 3
+        assert "exited with code" in worker["last_exit"]
+        assert time.monotonic() - started > 0.05 + 0.1  # it waited between launches
+        assert cluster.status()["failed"] == 1
+
+
+@pytest.mark.slow
+def test_adapt_grows_with_the_queue_and_shrinks_when_idle() -> None:
+    with zfarm.LocalCluster(n_workers=0, heartbeat_interval_s=0.5) as cluster:
+        cluster.adapt(minimum=0, maximum=3, interval_s=0.5, wait_count=2)
+        with zfarm.Client(cluster) as client:
+            futures = [client.submit(jobs.sleep_then, i, 0.5) for i in range(30)]
+            wait_for(lambda: cluster.status()["requested"] == 3, 60, interval_s=0.2)
+            assert [f.result(timeout=90) for f in futures] == list(range(30))
+        wait_for(lambda: cluster.status()["requested"] == 0 and cluster.status()["launched"] == 0, 60,
+                 interval_s=0.2, message="the idle cluster shrank to 0")
+
+
+def test_profile_errors_name_the_file_the_key_and_the_fix(tmp_path: Path) -> None:
+    toml = tmp_path / "zfarm.toml"
+    toml.write_text(textwrap.dedent("""
+        [profiles.lab]
+        launcher = "ssh"
+        hosts = ["a", "b"]
+        procs_per_worker = "four"
+        [profiles.typo]
+        launcher = "local"
+        n_wrokers = 2
+        [profiles.nowhere]
+        launcher = "pbs"
+        [profiles.upside]
+        launcher = "local"
+        adapt = { minimum = 5, maximum = 2 }
+    """))
+    with pytest.raises(ProfileError, match=r"zfarm.toml: \[profiles.lab\] procs_per_worker: is 'four'; "):
+        load_profile("lab", [toml])
+    with pytest.raises(ProfileError, match=r"n_wrokers: is not a setting of the local launcher; .*n_workers"):
+        load_profile("typo", [toml])
+    with pytest.raises(ProfileError, match=r"launcher: is 'pbs'; write launcher = \"local\""):
+        load_profile("nowhere", [toml])
+    with pytest.raises(ProfileError, match=r"\[profiles.upside\] adapt: adapt needs 0 <= minimum <= maximum"):
+        load_profile("upside", [toml])
+    with pytest.raises(ProfileError, match=r"no such profile; known: lab .*typo"):
+        load_profile("missing", [toml])
+
+
+@pytest.mark.slow
+def test_zfarm_up_runs_a_local_profile_until_ctrl_c(procs: Procs, tmp_path: Path) -> None:
+    endpoint = ipc_endpoint(tmp_path, "up")
+    (tmp_path / "zfarm.toml").write_text(f'[profiles.here]\nlauncher = "local"\nn_workers = 2\n'
+                                         f'bind = "{endpoint}"\n')
+    up = procs.spawn("up", "here", "--refresh", "0.5", name="up")  # runs in tmp_path
+    out = up.wait_for_log("running 2,", 60)
+    assert f'zfarm.Client("{endpoint}")' in out, out
+    with zfarm.Client(endpoint) as client:
+        assert sum(client.map(abs, range(-10, 0))) == 55
+    pids = [w["pid"] for w in require_status(endpoint)["workers"]]
+    up.signal(signal.SIGINT)
+    assert up.wait(60) == 0, up.log_tail()
+    for pid in pids:
+        wait_for(lambda pid=pid: not os.path.exists(f"/proc/{pid}"), 10, message=f"worker {pid} gone")
+
+
+def test_client_profile_starts_and_stops_the_profile_cluster(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "zfarm.toml").write_text('[profiles.two]\nlauncher = "local"\nn_workers = 1\n')
+    monkeypatch.chdir(tmp_path)
+    with zfarm.Client(profile="two") as client:
+        assert list(client.map(abs, [-1, -2])) == [1, 2]
+        cluster = client._res.cluster
+        assert cluster is not None and cluster.kind == "local"
+    assert cluster.status()["launched"] == 0
+
+
+
+def test_a_worker_drains_at_its_drain_time_and_hands_back_its_queue(procs: Procs) -> None:
+    """What a Slurm worker does before its walltime (ZFARM_DRAIN_AT), on a plain worker."""
+    endpoint, _ = procs.farm(workers=0)
+    with zfarm.Client(endpoint) as client:
+        futures = [client.submit(jobs.sleep_then, i, 0.5) for i in range(6)]
+        worker = procs.spawn("worker", "--connect", endpoint, "--procs", "1", "--prefetch", "3",
+                             "--log-level", "info", env=zfarm_env({"ZFARM_DRAIN_AT": str(time.time() + 1.5)}))
+        worker.wait_for_log("draining", 30)
+        assert worker.wait(30) == 0
+        log = worker.log()
+        assert "handed back" in log and "stopped after" in log, log
+        procs.worker(endpoint)
+        assert [f.result(timeout=60) for f in futures] == list(range(6))

@@ -1,0 +1,467 @@
+"""``Cluster``: a broker, the workers launched for it, and the thread that keeps them alive.
+
+::
+
+    scale(n) / adapt(min, max) ──► target ──┐
+                                            ▼
+    supervisor thread (every 0.5 s): poll each launched worker ─ ended while wanted? ─► Restarts
+        │  every 2 s: the broker's snapshot ─► which workers registered, which are idle, demand
+        └─ launch the missing, retire the excess (idle first; SIGTERM drains: no job is lost)
+
+Subclasses say how to launch one worker (:meth:`Cluster._launch`, returning a :class:`Handle`)
+and where the n-th one goes; everything else (supervision, back-off, adapt, close) is here.
+All launches and stops happen on the supervisor thread, so a launcher's child processes have
+one parent thread for their whole life.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import weakref
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any, Protocol
+
+from zfarm.cluster.adaptive import Adaptive
+from zfarm.cluster.supervision import Launched, Restarts, State
+from zfarm.errors import BrokerUnavailable, ZfarmError
+
+log = logging.getLogger("zfarm.cluster")
+
+TICK_S = 0.5
+STATUS_EVERY_S = 2.0
+BROKER_START_S = 30.0
+
+#: settings that name one process or one shared farm, which a cluster's own broker and workers
+#: must not take from the environment: another broker's journal (two brokers would fight over
+#: it), an endpoint, a worker's id, and the client's key name
+NOT_INHERITED = ("ZFARM_JOURNAL", "ZFARM_JOURNAL_SYNC", "ZFARM_SESSION_TTL_S", "ZFARM_BIND",
+                 "ZFARM_WORKER_ID", "ZFARM_KEY_NAME", "ZFARM_ADDRESS", "ZFARM_DRAIN_AT")
+
+
+class Handle(Protocol):
+    """One launched worker as its launcher sees it."""
+
+    def ended(self) -> str | None:
+        """None while it runs or waits for resources; else how it ended, in words."""
+
+    def pending(self) -> bool:
+        """Still waiting for resources (a queued batch job)."""
+
+    def retire(self) -> None:
+        """Ask it to finish its running jobs, hand back the rest and leave."""
+
+    def kill(self) -> None:
+        """End it now."""
+
+
+def child_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in NOT_INHERITED}
+
+
+def zfarm_command(python: str | None = None) -> list[str]:
+    return [python or sys.executable, "-m", "zfarm"]
+
+
+class Cluster:
+    """Workers launched and kept alive for one broker (started here, or given by ``address``).
+
+    Args (shared by every launcher):
+        address: use this running broker instead of starting one.
+        bind: where the started broker listens (default: the launcher's choice).
+        keys: a keys folder (CURVE): the broker, the workers and clients of this cluster use it.
+        insecure: let the started broker listen beyond loopback without keys.
+        journal: the started broker's journal file (docs/reliability.md).
+        heartbeat_interval_s: the started broker's heartbeat interval.
+        worker_grace_s: how long a retiring worker's running jobs may take before they are
+            handed back.
+        log_level: of the started broker and workers.
+    """
+
+    kind = "cluster"
+    #: workers connect over the network: without keys (or insecure), make keys for this cluster
+    networked = False
+
+    def __init__(self, *, address: str | None = None, bind: str | None = None, keys: str = "",
+                 insecure: bool = False, journal: str = "", heartbeat_interval_s: float | None = None,
+                 worker_grace_s: float = 30.0, log_level: str = "warning") -> None:
+        self._tmpdir = tempfile.mkdtemp(prefix=f"zfarm-{self.kind}-")
+        if not keys and self.networked and not insecure and not address:
+            from zfarm.security import init_keys
+
+            keys = os.path.join(self._tmpdir, "keys")
+            init_keys(keys)
+            log.info("made keys for this cluster in %s: CURVE, only its workers and clients get in", keys)
+        self.keys = os.path.abspath(keys) if keys else ""
+        self.worker_grace_s = worker_grace_s
+        self.log_level = log_level
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.slots_per_worker = 1
+        self.restarts = Restarts()
+        self._records: list[Launched] = []
+        self._target = 0
+        self._adaptive: Adaptive | None = None
+        self._next_adapt = 0.0
+        self._snapshot: dict[str, Any] = {}
+        self._next_status = 0.0
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closing = False
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self.broker: subprocess.Popen[bytes] | None = None
+        self._broker_said = False
+        if address:
+            self.address = address
+        else:
+            try:
+                self.address = self._start_broker(bind or self._default_bind(), insecure, journal)
+            except BaseException:
+                shutil.rmtree(self._tmpdir, ignore_errors=True)
+                raise
+
+    # ---- what subclasses provide -------------------------------------------------------------
+
+    def _default_bind(self) -> str:
+        raise NotImplementedError
+
+    def _place(self, index: int) -> tuple[str, str]:
+        """``(name, where)`` of the ``index``-th worker slot (0-based, never reused)."""
+        raise NotImplementedError
+
+    def _launch(self, worker: Launched) -> Handle:
+        """Start ``worker`` (its ``worker_id`` is set); raise ZfarmError/OSError if it cannot start."""
+        raise NotImplementedError
+
+    def _refresh(self) -> None:
+        """Once per supervisor tick, before handles are asked (e.g. one ``squeue`` for all jobs)."""
+
+    def _cleanup(self) -> None:
+        """After every worker ended: remove what the launcher left (files, connections)."""
+
+    # ---- public interface ---------------------------------------------------------------------
+
+    def scale(self, n: int) -> None:
+        """Keep ``n`` workers: launch the missing, retire the excess (their jobs are handed back)."""
+        if n < 0:
+            raise ValueError(f"cannot scale to {n} workers")
+        with self._lock:
+            self._adaptive = None
+            self._target = n
+            for w in self._records:
+                if w.state is State.FAILED:  # given up on: try again
+                    w.state, w.quick_deaths, w.restart_at = State.WAITING, 0, 0.0
+        self._wake.set()
+
+    def adapt(self, minimum: int = 0, maximum: int = 8, *, target_duration_s: float = 10.0,
+              interval_s: float = 2.0, wait_count: int = 3, max_step: int = 16) -> Adaptive:
+        """Follow the queue's demand between ``minimum`` and ``maximum`` workers (``scale`` stops it).
+
+        Grows at once toward the work queued and running (cleared in ``target_duration_s`` at the
+        measured run time), by at most ``max_step`` workers every ``interval_s``; shrinks after
+        ``wait_count`` decisions in a row wanted fewer, retiring idle workers only.
+        """
+        policy = Adaptive(minimum, maximum, target_duration_s, interval_s, wait_count, max_step)
+        with self._lock:
+            self._adaptive = policy
+            self._target = max(minimum, min(maximum, self._target))
+            self._next_adapt = 0.0
+        self._wake.set()
+        return policy
+
+    @property
+    def workers(self) -> list[dict[str, Any]]:
+        """What was launched: name, worker id, where, state, launches, how it ended last."""
+        with self._lock:
+            return [w.view() for w in self._records]
+
+    def status(self) -> dict[str, Any]:
+        """The cluster's own view: requested, launched, running and coming workers."""
+        with self._lock:
+            live = [w for w in self._records if not w.state.ended]
+            return {"launcher": self.kind, "address": self.address, "requested": self._target,
+                    "adaptive": self._adaptive is not None,
+                    "launched": sum(w.handle is not None for w in live),
+                    "running": sum(w.state is State.RUNNING for w in live),
+                    "coming": sum(w.state.coming for w in live),
+                    "retiring": sum(w.state is State.RETIRING for w in live),
+                    "failed": sum(w.state is State.FAILED for w in self._records),
+                    "workers": [w.view() for w in self._records]}
+
+    def wait_for_workers(self, n: int, timeout_s: float = 60.0) -> None:
+        """Block until ``n`` workers registered with the broker.
+
+        Raises:
+            BrokerUnavailable: they did not within ``timeout_s``.
+        """
+        deadline = time.monotonic() + timeout_s
+        while self.status()["running"] < n:
+            if time.monotonic() >= deadline:
+                raise BrokerUnavailable(self.address, timeout_s, f"fewer than {n} workers registered: "
+                                        f"{self.workers}")
+            self._next_status = 0.0
+            self._wake.set()
+            time.sleep(0.2)
+
+    def close(self, timeout_s: float | None = None) -> None:
+        """Retire every worker (jobs handed back), stop the broker this cluster started."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._adaptive = None
+            self._target = 0
+            self._closing = True
+        self._wake.set()
+        grace = self.worker_grace_s + 10.0 if timeout_s is None else timeout_s
+        if self._thread is not None:
+            self._thread.join(grace + 15.0)
+        self._stop_broker()
+        shutil.rmtree(self._tmpdir, ignore_errors=True)
+        log.info("%s cluster at %s closed", self.kind, self.address)
+
+    stop = close  # the name the embedded farm's owner uses
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        s = self.status()
+        return (f"<{type(self).__name__} {self.address}: {s['running']} running, {s['coming']} coming, "
+                f"{s['requested']} requested>")
+
+    # ---- the broker -----------------------------------------------------------------------------
+
+    def _start_broker(self, bind: str, insecure: bool, journal: str) -> str:
+        from zfarm.security import check_bind_is_safe
+
+        check_bind_is_safe(bind, self.keys, insecure)  # here, not as the broker's exit code
+        args = [*zfarm_command(), "broker", "--bind", bind, "--parent-pid", str(os.getpid()),
+                "--log-level", self.log_level]
+        args += ["--keys", self.keys] if self.keys else []
+        args += ["--insecure"] if insecure else []
+        args += ["--journal", journal] if journal else []
+        if self.heartbeat_interval_s is not None:
+            args += ["--heartbeat-interval", str(self.heartbeat_interval_s)]
+        self.broker = subprocess.Popen(args, stdin=subprocess.DEVNULL, env=child_env(),
+                                        start_new_session=True)  # a Ctrl-C meant for us is not for it
+        return public_address(bind)
+
+    def _stop_broker(self) -> None:
+        from zfarm.local import stop_processes
+
+        if self.broker is not None:
+            stop_processes([self.broker], time.monotonic() + 5.0)
+
+    def _begin(self, n: int) -> None:
+        """Start supervising with ``n`` workers wanted (the last line of a subclass's ``__init__``)."""
+        self._target = n
+        self._thread = threading.Thread(target=self._supervise, name=f"zfarm-{self.kind}-cluster",
+                                        daemon=True)
+        self._thread.start()
+        _OPEN.add(self)
+
+    # ---- the supervisor thread --------------------------------------------------------------------
+
+    def _supervise(self) -> None:
+        give_up_at = 0.0
+        while True:
+            now = time.monotonic()
+            try:
+                self._check_broker()
+                self._refresh()
+                self._reap(now)
+                self._read_broker(now)
+                self._reconcile(now)
+            except Exception:  # the supervisor must outlive any one launcher's surprise
+                log.exception("%s cluster: supervision step failed", self.kind)
+            with self._lock:
+                closing = self._closing
+                live = [w for w in self._records if w.handle is not None]
+            if closing:
+                if not give_up_at:
+                    give_up_at = now + self.worker_grace_s + 5.0
+                if not live:
+                    break
+                if now >= give_up_at:
+                    for w in live:
+                        log.warning("%s did not leave in time: killing it", w.name)
+                        with contextlib.suppress(Exception):
+                            w.handle.kill()
+                    give_up_at = now + 5.0  # then once more, in case a kill itself was lost
+            self._wake.wait(TICK_S)
+            self._wake.clear()
+        try:
+            self._cleanup()
+        except Exception:
+            log.exception("%s cluster: cleanup failed", self.kind)
+
+    def _check_broker(self) -> None:
+        if self.broker is None or self._broker_said or self._closing:
+            return
+        code = self.broker.poll()
+        if code is not None:
+            self._broker_said = True
+            log.error("the broker this %s cluster started exited (code %s; its log says why): workers "
+                      "will wait for it in vain; close the cluster", self.kind, code)
+
+    def _reap(self, now: float) -> None:
+        with self._lock:
+            for w in self._records:
+                if w.handle is None:
+                    continue
+                how = w.handle.ended()
+                if how is None:
+                    if w.state is State.PENDING and not w.handle.pending():
+                        w.state = State.STARTING
+                    continue
+                wanted = w.state is not State.RETIRING and not self._closing
+                self.restarts.ended(w, how, now, wanted)
+                if w.state is State.FAILED:
+                    log.error("%s (%s) died at start %d times in a row, last: %s; giving up on it "
+                              "(scale again to retry)", w.name, w.where, w.quick_deaths, how)
+                elif w.state is State.WAITING:
+                    log.warning("%s (%s) ended (%s): starting it again in %.0f s", w.name, w.where, how,
+                                w.restart_at - now)
+                else:
+                    log.info("%s (%s) left: %s", w.name, w.where, how)
+
+    def _read_broker(self, now: float) -> None:
+        """Every few seconds: which launched workers registered, which are idle, and the demand."""
+        with self._lock:
+            starting = any(w.state is State.STARTING for w in self._records)
+            adapting = self._adaptive is not None
+        if now < self._next_status or not (starting or adapting):
+            return
+        self._next_status = now + STATUS_EVERY_S
+        from zfarm.monitor import fetch_status
+
+        try:
+            snapshot = fetch_status(self.address, timeout_s=5.0, keys=self.keys)
+        except ZfarmError as exc:
+            log.debug("%s cluster: no status from %s: %s", self.kind, self.address, exc)
+            return
+        registered = {w["id"] for w in snapshot.get("workers", [])}
+        with self._lock:
+            self._snapshot = snapshot
+            for w in self._records:
+                if w.state is State.STARTING and w.worker_id in registered:
+                    w.state = State.RUNNING
+                    w.quick_deaths = 0
+            if self._adaptive is not None and now >= self._next_adapt:
+                self._next_adapt = now + self._adaptive.interval_s
+                target = self._adaptive.decide(snapshot, self.slots_per_worker, self._target)
+                if target != self._target:
+                    log.info("%s cluster adapts: %d -> %d workers (queued %s, in flight %s)", self.kind,
+                             self._target, target, snapshot.get("queued"), snapshot.get("in_flight"))
+                    self._target = target
+
+    def _reconcile(self, now: float) -> None:
+        to_launch: list[Launched] = []
+        to_retire: list[Launched] = []
+        with self._lock:
+            wanted = [w for w in self._records if w.state not in (State.RETIRING, State.STOPPED)]
+            missing = self._target - len(wanted)
+            for _ in range(max(0, missing)):
+                name, where = self._place(len(self._records))
+                w = Launched(name, where, State.WAITING)
+                self._records.append(w)
+                wanted.append(w)
+            if missing < 0:
+                to_retire = self._excess(wanted, -missing)
+            to_launch = [w for w in wanted if w not in to_retire and self.restarts.due(w, now)]
+        for w in to_retire:
+            self._retire(w)
+        for w in to_launch:
+            self._start(w, now)
+
+    def _excess(self, wanted: list[Launched], count: int) -> list[Launched]:
+        """Which ``count`` workers go: not started first, then idle ones; busy ones only on scale()."""
+        busy = {w["id"] for w in self._snapshot.get("workers", []) if w.get("busy")}
+        order = {State.FAILED: 0, State.WAITING: 0, State.PENDING: 1, State.STARTING: 2, State.RUNNING: 3}
+        ranked = sorted(wanted, key=lambda w: (order.get(w.state, 9), w.worker_id in busy, -w.started_at))
+        if self._adaptive is not None:  # adapt never sends a busy worker away
+            ranked = [w for w in ranked if not (w.state is State.RUNNING and w.worker_id in busy)]
+        return ranked[:count]
+
+    def _retire(self, w: Launched) -> None:
+        with self._lock:
+            if w.handle is None:
+                w.state = State.STOPPED
+                return
+            w.state = State.RETIRING
+        log.info("retiring %s (%s)", w.name, w.where)
+        try:
+            w.handle.retire()
+        except Exception as exc:
+            log.warning("could not retire %s gracefully (%s): killing it", w.name, exc)
+            with contextlib.suppress(Exception):
+                w.handle.kill()
+
+    def _start(self, w: Launched, now: float) -> None:
+        with self._lock:
+            if self._closing:
+                return
+            w.launches += 1
+            w.worker_id = f"{w.name}.{w.launches}"
+            w.started_at = now
+            w.state = State.STARTING
+        try:
+            handle = self._launch(w)
+        except (ZfarmError, OSError, subprocess.SubprocessError) as exc:
+            with self._lock:
+                self.restarts.ended(w, f"could not launch: {exc}", now, wanted=True)
+            log.warning("%s (%s) could not launch: %s", w.name, w.where, exc)
+            return
+        with self._lock:
+            w.handle = handle
+            if handle.pending():
+                w.state = State.PENDING
+        log.info("launched %s (%s) as worker %s", w.name, w.where, w.worker_id)
+
+
+_OPEN: weakref.WeakSet[Cluster] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    """Close clusters the program left open, so no worker outlives it (nor a batch job stays queued)."""
+    for cluster in list(_OPEN):
+        with contextlib.suppress(Exception):
+            cluster.close(timeout_s=10.0)
+
+
+def public_address(bind: str) -> str:
+    """The address others connect to for a broker bound at ``bind`` (a wildcard becomes this host)."""
+    import socket
+
+    scheme, _, rest = bind.partition("://")
+    host, sep, port = rest.rpartition(":")
+    if scheme == "tcp" and sep and host in ("*", "0.0.0.0", "[::]", "::"):
+        name = socket.getfqdn()
+        if name.startswith("localhost"):  # /etc/hosts names this machine so: others need its name
+            name = socket.gethostname()
+        return f"tcp://{name}:{port}"
+    return bind
+
+
+def flag_args(values: Sequence[tuple[str, object]]) -> list[str]:
+    """``--flag value`` pairs for the values that are set."""
+    out: list[str] = []
+    for flag, value in values:
+        if value is not None and value != "":
+            out += [flag, str(value)]
+    return out
