@@ -18,6 +18,7 @@ import time
 from types import FrameType
 from typing import Any
 
+from zfarm.cli_args import seconds
 from zfarm.errors import ZfarmError
 
 
@@ -26,7 +27,8 @@ def register(sub: Any, command: Any) -> None:
     up = command(sub, "up", "start a run profile's broker and workers (zfarm.toml), show them, stop all "
                  "on Ctrl-C", run_up)
     up.add_argument("profile", help="a [profiles.NAME] of ./zfarm.toml or ~/.config/zfarm/zfarm.toml")
-    up.add_argument("--refresh", type=float, default=2.0, help="seconds between status checks (default 2)")
+    up.add_argument("--refresh", type=seconds, default=2.0, metavar="SECONDS",
+                    help="seconds between status checks (default 2)")
 
 
 def client_line(cluster: Any) -> str:
