@@ -85,8 +85,10 @@ def _worker(blob: dict[str, Any], worker_id: str, procs: int, drain_at: float) -
     from zfarm.security import PeerKeys
     from zfarm.worker import Worker
 
+    # parent_pid: ssh's session process; if it goes without closing our stdin, we go too (no orphan)
     flags = {"address": blob["address"], "worker_id": worker_id, "procs": procs, "grace_s": blob["grace_s"],
-             "heartbeat_interval_s": blob.get("heartbeat_interval_s"), "drain_at": drain_at or None}
+             "heartbeat_interval_s": blob.get("heartbeat_interval_s"), "drain_at": drain_at or None,
+             "parent_pid": os.getppid()}
     worker = Worker(resolve(WorkerSettings, flags))
     if blob.get("keys"):
         keys = blob["keys"]
@@ -106,13 +108,17 @@ def _watch_signals(worker: Any) -> None:
 
 def _watch_stdin(worker: Any) -> None:
     """The launcher's channel: ``retire`` drains; end of input means the launcher is gone: stop now."""
-    for line in sys.stdin.buffer:
-        if line.strip() == b"retire":
-            log.info("the launcher retires this worker: finishing running jobs, then stopping")
-            worker.request_stop()
-    log.info("the launcher's channel closed: stopping now")
-    worker.request_stop()
-    worker.request_stop()
+    try:
+        for line in sys.stdin.buffer:
+            if line.strip() == b"retire":
+                log.info("the launcher retires this worker: finishing running jobs, then stopping")
+                worker.request_stop()
+        log.info("the launcher's channel closed: stopping now")
+    except Exception:  # a channel that fails is as gone as one that closed
+        log.exception("the launcher's channel failed: stopping now")
+    finally:
+        worker.request_stop()
+        worker.request_stop()
 
 
 def allocation_end(environ: dict[str, str] | None = None) -> float:
