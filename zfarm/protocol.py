@@ -41,6 +41,9 @@ MAX_TEXT_CHARS = 1024  # a reason (REFUSED, RECONNECT, DISCONNECT), a result's i
 MAX_INFO_COST = 4096  # a HELLO's or WELCOME's info map, measured by ``map_cost``
 MAX_OPTIONS_COST = 65536  # a job's options map, measured by ``map_cost``
 MAX_FN_ID_BYTES = 64  # a function id (a 16-byte digest)
+#: room left for the envelope and other jobs' results beside one job's payload (client and worker
+#: both check a payload against the broker's message limit less this)
+ENVELOPE_ALLOWANCE = 64 * 1024
 #: peer text in a log line is clipped to this many characters (see ``clip``)
 LOG_TEXT_CHARS = 200
 

@@ -294,7 +294,7 @@ class SlotPool:
         methods = multiprocessing.get_all_start_methods()
         self.ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
         if "forkserver" in methods:
-            self.ctx.set_forkserver_preload(["zfarm.chaperone"])
+            self.ctx.set_forkserver_preload(["zfarm.worker.chaperone"])
         self.host = host
         self.slots = [Slot(self.ctx, i, output_dir) for i in range(size)]
         self._next_memory_check = 0.0
