@@ -29,6 +29,9 @@ from zfarm.security import HandshakeWatch, PeerKeys, dealer_to_broker
 
 log = logging.getLogger(__name__)
 
+_NOBLOCK = int(zmq.NOBLOCK)
+_MORE_NOBLOCK = int(zmq.SNDMORE) | _NOBLOCK
+
 
 class LinkState(str, enum.Enum):
     DOWN = "down"  # no socket: waiting out the reconnect backoff
@@ -185,10 +188,15 @@ class Link:
     def receive(self) -> Iterator[p.Message]:
         """Every message that has arrived, decoded; malformed ones are logged and dropped."""
         while self.socket is not None:
+            recv = self.socket.recv
             try:
-                frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+                frame = recv(_NOBLOCK, copy=False)
             except zmq.Again:
                 return
+            frames = [frame]
+            while frame.more:  # the rest of a multipart message is there already
+                frame = recv(0, copy=False)
+                frames.append(frame)
             try:
                 yield p.decode(frames)
             except ProtocolError as exc:
@@ -204,9 +212,13 @@ class Link:
         carried goes again once the core has reconnected (unfinished jobs, kept results)."""
         if self.socket is None:
             return
+        send = self.socket.send
         for msg in msgs:
+            frames = p.encode(msg)
             try:
-                self.socket.send_multipart(p.encode(msg), zmq.NOBLOCK, copy=False)
+                for frame in frames[:-1]:  # plain ints: pyzmq's flag enums cost more than the send
+                    send(frame, _MORE_NOBLOCK, copy=False)
+                send(frames[-1], _NOBLOCK, copy=False)
             except zmq.Again:
                 log.debug("%s %s: no connection to the broker; dropped a %s", self.role, self.name,
                           type(msg).__name__)

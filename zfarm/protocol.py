@@ -427,16 +427,33 @@ def _is(value: Any, kind: type | tuple[type, ...]) -> bool:
 def check_rows(rows: list[Any], layout: tuple[Any, ...], what: str,
                limits: tuple[tuple[int, int], ...] = ()) -> None:
     """Validate batched rows (each an array laid out as ``layout``; ``limits``: (column, bound) pairs)."""
+    usual = _usual_types(layout)
     for row in rows:
-        if not isinstance(row, list) or len(row) != len(layout):
-            raise ProtocolError(f"{what} row must be an array of {len(layout)} fields")
-        for value, kind in zip(row, layout, strict=True):
-            if type(value) is not kind and not _is(value, kind):  # the exact type: no call (hot path)
-                raise ProtocolError(f"{what} row field has the wrong type {type(value).__name__}")
+        if type(row) is not list or list(map(type, row)) != usual:  # the hot path: one comparison
+            _check_row_types(row, layout, what)
         for column, limit in limits:  # the common case inline: a short text, an empty map
             value = row[column]
             if len(value) > limit or (isinstance(value, dict) and value and map_cost(value, limit) > limit):
                 check_size(value, limit, f"{what} row field {column}")
+
+
+_USUAL_TYPES: dict[tuple[Any, ...], list[type]] = {}
+
+
+def _usual_types(layout: tuple[Any, ...]) -> list[type]:
+    """The exact types a row of ``layout`` usually has (the last of a choice: float for a number)."""
+    usual = _USUAL_TYPES.get(layout)
+    if usual is None:
+        usual = _USUAL_TYPES[layout] = [kind if isinstance(kind, type) else kind[-1] for kind in layout]
+    return usual
+
+
+def _check_row_types(row: Any, layout: tuple[Any, ...], what: str) -> None:
+    if not isinstance(row, list) or len(row) != len(layout):
+        raise ProtocolError(f"{what} row must be an array of {len(layout)} fields")
+    for value, kind in zip(row, layout, strict=True):
+        if type(value) is not kind and not _is(value, kind):
+            raise ProtocolError(f"{what} row field has the wrong type {type(value).__name__}")
 
 
 def check_size(value: Any, limit: int, what: str) -> None:

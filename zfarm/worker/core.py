@@ -211,6 +211,8 @@ class WorkerCore:
 
     def finished(self, outcomes: list[SlotOutcome], now: float, from_slots: int = 0) -> Actions:
         """Jobs left our hands (the first ``from_slots`` outcomes came from slots); report them."""
+        if not outcomes:
+            return Actions()
         ended = set()
         for o in outcomes[:from_slots]:
             self.running_keys.discard(o.key)

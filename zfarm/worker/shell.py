@@ -103,6 +103,8 @@ class Worker:
         self._apply(core.report_started(time.monotonic()))
 
     def _apply(self, actions: Actions) -> None:
+        if not (actions.send or actions.kill or actions.reconnect):
+            return
         if actions.kill and self.pool is not None:
             cancelled = [o for key in actions.kill if (o := self.pool.cancel(key)) is not None]
             self._apply(self.core.finished(cancelled, time.monotonic(), from_slots=len(cancelled)))
