@@ -18,5 +18,9 @@ def sleep_10ms(x: Any = None) -> None:
     time.sleep(0.01)
 
 
+def sleep_1s(x: Any = None) -> None:
+    time.sleep(1.0)
+
+
 def echo(x: Any) -> Any:
     return x
