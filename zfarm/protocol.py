@@ -72,6 +72,7 @@ class Command(enum.IntEnum):
     ACCEPTED = 19  # broker → session client: these jobs are held (in the journal, if any)
     STARTED = 20  # worker → broker: these jobs went into a slot (only those that run a while)
     RUNNING = 21  # broker → client: these jobs of yours started on a worker
+    RECLAIM = 22  # broker → worker: give these jobs back if no slot has started them (RETURNED)
 
 
 class Role(str, enum.Enum):
@@ -305,12 +306,22 @@ class Running(Message):
     seqs: list[int]
 
 
+@dataclass(frozen=True, slots=True)
+class Reclaim(Message):
+    """Prefetched jobs the broker wants back (a slot is free elsewhere): those a slot has not started
+    come back as RETURNED, with their credit; started ones run on and report as usual."""
+
+    command = Command.RECLAIM
+    schema = (list,)
+    keys: list[list[Any]]  # KEY_ROW
+
+
 MESSAGE_TYPES: dict[Command, type[Message]] = {
     cls.command: cls
     for cls in (
         Hello, Welcome, Refused, Reconnect, Heartbeat, Disconnect, Ready, Jobs, Results,
         CancelJobs, Submit, Result, Cancel, Status, StatusReply, History, HistoryReply, Received,
-        Accepted, Started, Running,
+        Accepted, Started, Running, Reclaim,
     )
 }
 _ENVELOPE_FIELDS: dict[type[Message], tuple[str, ...]] = {
@@ -563,7 +574,7 @@ def _sum_frames(rows: list[list[Any]], column: int) -> int:
 
 
 def _check_plain_rows(msg: Message) -> None:
-    if isinstance(msg, (CancelJobs, Started)):
+    if isinstance(msg, (CancelJobs, Started, Reclaim)):
         check_rows(msg.keys, KEY_ROW, msg.command.name, KEY_ROW_LIMITS)
     elif isinstance(msg, (Cancel, Received, Accepted, Running)):
         _check_seqs(msg.seqs, msg.command.name)

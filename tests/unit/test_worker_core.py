@@ -143,6 +143,19 @@ def test_cancel_of_a_pending_job_answers_cancelled_and_of_a_running_one_asks_for
     assert [t.key for t in core.take_tasks(5)] == [("c", 1)]
 
 
+def test_reclaim_gives_back_waiting_jobs_with_their_credit_and_lets_running_ones_run() -> None:
+    core = ready_core()
+    core.on_message(wire(jobs([0, 1, 2])), 0.1)
+    core.take_tasks(1)  # job 0 runs; 1 and 2 wait
+    actions = core.on_message(wire(p.Reclaim([["c", 0], ["c", 2]])), 0.2)
+    results = only(actions, p.Results)
+    assert results.results == [["c", 2, 1, int(p.Outcome.RETURNED), 0, ""]]
+    assert results.credit == 1  # the broker may use it again, where no slot is free elsewhere
+    assert actions.kill == []  # job 0 runs on: its result comes as usual
+    assert [t.key for t in core.take_tasks(5)] == [("c", 1)]
+    assert core.on_message(wire(p.Reclaim([["c", 1]])), 0.3).send == []  # started: nothing to give back
+
+
 def test_cancel_of_unknown_jobs_sends_nothing() -> None:
     core = ready_core()
     actions = core.on_message(wire(p.CancelJobs([["c", 9]])), 0.2)

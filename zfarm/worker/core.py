@@ -113,6 +113,8 @@ class WorkerCore:
             return self._jobs(msg, now)
         if isinstance(msg, p.CancelJobs):
             return self._cancel({(k[0], k[1]) for k in msg.keys}, now)
+        if isinstance(msg, p.Reclaim):
+            return self._reclaim({(k[0], k[1]) for k in msg.keys}, now)
         if isinstance(msg, p.Reconnect):
             if self.live.state is Link.CONNECTING:
                 return Actions()  # our HELLO is on its way already
@@ -170,6 +172,15 @@ class WorkerCore:
         actions = self.finished(cancelled, now)
         actions.kill = sorted(keys - {t.key for t in dropped})
         return actions
+
+    def _reclaim(self, keys: set[Key], now: float) -> Actions:
+        """Give back the jobs still waiting here (RETURNED, with their credit); running ones run on."""
+        given = [t for t in self.pending if t.key in keys]
+        if not given:
+            return Actions()
+        self.pending = deque(t for t in self.pending if t.key not in keys)
+        log.debug("worker %s gave back %d prefetched jobs", self.id, len(given))
+        return self.finished([SlotOutcome(t.key, t.attempt, p.Outcome.RETURNED, []) for t in given], now)
 
     def take_tasks(self, free_slots: int, now: float = 0.0) -> list[SlotTask]:
         """Tasks to start now on ``free_slots`` idle slots.
