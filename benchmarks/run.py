@@ -69,8 +69,8 @@ MiB = 1024 * 1024
 #: the reference row: what pyzmq and pickle alone cost (benchmarks/bare.py)
 BARE = "bare pyzmq broker (reference: 1 job a message)"
 RESULT_TIMEOUT_S = 120.0  # a run taking longer is reported as a hang, not waited for
-WORKLOADS = ("throughput", "submit", "latency", "efficiency", "long", "payloads", "start", "memory",
-             "endless", "growth", "journal")
+WORKLOADS = ("throughput", "submit", "latency", "efficiency", "long", "payloads", "scatter", "start",
+             "memory", "endless", "growth", "journal")
 TITLES = {
     "throughput": "1. no-op map throughput",
     "submit": "2. submit(): one future per job",
@@ -78,6 +78,7 @@ TITLES = {
     "efficiency": "4. efficiency: 400 x 10 ms jobs on 2 slots (ideal 2.0 s / measured)",
     "long": "4b. efficiency: 100 x 1 s jobs on 3 slots (ideal: 34 rounds of 1 s / measured)",
     "payloads": "5. payloads: 50 x 1 MiB in and out (in+out MiB / s)",
+    "scatter": "5b. one 20 MiB input shared by 100 jobs: seconds for all (scattered once vs sent with each)",
     "start": "6. start to first result, from no process started",
     "memory": "7. broker memory per queued job (no workers; VmRSS after - before)",
     "endless": "8. map over an endless generator (default chunking): RSS growth",
@@ -727,6 +728,45 @@ def bench_payloads(ctx: Ctx) -> None:
     for system, setup, run, extra in cases:
         warm, once = runner(run)
         measure(ctx, "payloads", system, metric, setup, once, warm, **extra)
+
+
+def bench_scatter(ctx: Ctx) -> None:
+    size, jobs = (10 * MiB, 50) if ctx.quick else (20 * MiB, 100)
+    template = bytes(range(256)) * (size // 256)
+    runs = itertools.count()
+    metric: list[Metric] = [("s", "s", False)]
+
+    def runner(run: Callable[[Any, bytes], list[int]]) -> tuple[Callable, Callable]:
+        def once(res: Any, _state: Any) -> dict[str, float]:
+            data = next(runs).to_bytes(8, "little") + template[8:]  # new content: no cache helps
+            started = time.perf_counter()
+            if run(res, data) != [len(data)] * jobs:
+                raise RuntimeError("the jobs did not see the whole input")
+            return {"s": time.perf_counter() - started}
+        return (lambda res: run(res, template)), once
+
+    def zf_scattered(client: zfarm.Client, data: bytes) -> list[int]:
+        handle = client.scatter(data)
+        return [f.result(RESULT_TIMEOUT_S) for f in [client.submit(wl.length, handle) for _ in range(jobs)]]
+
+    def with_each(pool: Any, data: bytes) -> list[int]:
+        return [f.result(RESULT_TIMEOUT_S) for f in [pool.submit(wl.length, data) for _ in range(jobs)]]
+
+    def dask_scattered(client: Any, data: bytes) -> list[int]:
+        [handle] = client.scatter([data], broadcast=True)
+        return list(client.gather([client.submit(wl.length, handle, pure=False) for _ in range(jobs)]))
+
+    cases: list[tuple[str, Callable[[], Any], Callable[[Any, bytes], list[int]], dict[str, Any]]] = [
+        ("zfarm: broker + 2 workers, client.scatter()", lambda: farm_client(ctx.procs), zf_scattered,
+         {"headline": True, "zfarm_row": True}),
+        ("zfarm: broker + 2 workers, sent with each job", lambda: farm_client(ctx.procs), with_each,
+         {"zfarm_row": True}),
+        ("ProcessPoolExecutor, sent with each job", ppe, with_each, {}),
+        ("Dask distributed, client.scatter()", dask_client, dask_scattered, {"needs": "distributed"}),
+    ]
+    for system, setup, run, extra in cases:
+        warm, once = runner(run)
+        measure(ctx, "scatter", system, metric, setup, once, warm, **extra)
 
 
 # ---- 6. start --------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 import zmq
 
+from zfarm import scatter
 from zfarm import serialization as ser
 from zfarm.client.core import PendingJob
 from zfarm.client.futures import JobFuture, cancel_future
@@ -39,9 +40,13 @@ from zfarm.errors import BrokerUnavailable, ConfigError, PayloadTooLarge
 from zfarm.local import LocalCluster
 from zfarm.progress import known_length, track
 from zfarm.protocol import ENVELOPE_ALLOWANCE
+from zfarm.scatter import Scattered
 from zfarm.stats import Stats, summarize
 
 log = logging.getLogger(__name__)
+
+#: functions bundled with scattered objects kept ready to send (each holds the objects' bytes)
+BUNDLES_KEPT = 8
 
 class Client(concurrent.futures.Executor):
     """Run Python functions on a zfarm broker's workers.
@@ -88,6 +93,9 @@ class Client(concurrent.futures.Executor):
         self._options = job_options(job_timeout_s, mem_limit, retries)
         self._echo_output = echo_output
         self._seq = itertools.count(1)
+        #: functions bundled with scattered objects, by function and objects (built once, newest last)
+        self._bundles: dict[tuple[bytes, ...], tuple[bytes, bytes]] = {}
+        self._bundles_lock = threading.Lock()
         self._shutdown = False
         self._shutdown_lock = threading.Lock()
         cluster = None
@@ -146,9 +154,37 @@ class Client(concurrent.futures.Executor):
     def _submit(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
                 options: dict[str, Any]) -> concurrent.futures.Future[Any]:
         fn_id, blob = ser.dump_function(fn)
-        job = self._job(fn_id, ser.dump_call(args, kwargs), len(blob), options)
+        with scatter.collecting() as used:
+            frames = ser.dump_call(args, kwargs)
+        fn_id, blob = self._with_scattered(fn_id, blob, used)
+        job = self._job(fn_id, frames, len(blob), options)
         self._connection.submit(fn_id, blob, [job])
         return job.future
+
+    def scatter(self, obj: Any) -> Scattered:
+        """Send ``obj`` to the workers once; return a handle to pass to jobs in its place.
+
+        The handle works as an argument of ``submit``, ``map`` and ``with_options`` jobs, and inside
+        lists, dicts or other objects they get; in the job it is ``obj``. Its bytes go with the
+        job's function, which the broker and every worker cache: a 200 MB array used by 1,000 jobs
+        crosses the network once per worker, not 1,000 times (docs/performance.md).
+
+        Raises:
+            PayloadTooLarge: (at submit) the object and the function are over the broker's limit.
+        """
+        return Scattered(obj)
+
+    def _with_scattered(self, fn_id: bytes, blob: bytes, used: dict[bytes, Scattered]) -> tuple[bytes, bytes]:
+        """The function to send with jobs that use scattered objects: it carries their bytes."""
+        if not used:
+            return fn_id, blob
+        key = (fn_id, *sorted(used))
+        with self._bundles_lock:
+            if (made := self._bundles.get(key)) is None:
+                made = self._bundles[key] = scatter.bundle(fn_id, blob, used)
+                while len(self._bundles) > BUNDLES_KEPT:
+                    del self._bundles[next(iter(self._bundles))]
+        return made
 
     def run(self, args: str | Sequence[str | os.PathLike[str]], *, shell: bool = False,
             cwd: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None,
@@ -242,9 +278,13 @@ class Client(concurrent.futures.Executor):
             jobs: list[PendingJob] = []
             error: BaseException | None = None
             try:
-                for chunk in chunks:
-                    limits = _per_chunk(options, len(chunk))
-                    jobs.append(self._job(fn_id, ser.dump_chunk(chunk), len(blob), limits, in_map=True))
+                payloads: list[tuple[list[Any], int]] = []
+                with scatter.collecting() as used:
+                    for chunk in chunks:
+                        payloads.append((ser.dump_chunk(chunk), len(chunk)))
+                fn_id, blob = self._with_scattered(fn_id, blob, used)
+                for frames, items in payloads:
+                    jobs.append(self._job(fn_id, frames, len(blob), _per_chunk(options, items), in_map=True))
             except Exception as exc:  # an item that cannot be pickled: it raises in its place
                 error = exc
             except BaseException:  # Ctrl-C while pickling: none of these go

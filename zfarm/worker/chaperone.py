@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
-from zfarm import proctree
+from zfarm import proctree, scatter
 from zfarm import serialization as ser
 from zfarm.errors import ConfigError, JobCrashed, JobTimeout, MemoryLimitExceeded
 from zfarm.output import JOB_ID_VARIABLE, FdCapture
@@ -94,7 +94,7 @@ def _slot_main(conn: Connection, lifeline: Connection, output_dir: str = "") -> 
         except (EOFError, OSError):
             os._exit(0)  # the worker closed the pipe: a normal end
         if with_fn:
-            remember_fn(functions, fn_id, _load(bytes(frames.pop(0))))
+            remember_fn(functions, fn_id, _load(frames.pop(0)))
         os.environ[JOB_ID_VARIABLE] = job_name
         capture.start(job_name)
         started_at, started = time.time(), time.perf_counter()
@@ -137,9 +137,9 @@ class _Unloadable:
         self.exc = exc
 
 
-def _load(blob: bytes) -> Any:
+def _load(blob: Any) -> Any:
     try:
-        return ser.load_function(blob)
+        return scatter.load(blob)
     except Exception as exc:  # the function's module is missing here, most often
         return _Unloadable(exc)
 
@@ -155,8 +155,12 @@ def _run(fn: Any, frames: list[Any]) -> tuple[Outcome, list[Any], str]:
                 "cloudpickle.register_pickle_by_value")
         problem = ImportError(f"{ser.error_line(exc)}; {note}")
         return Outcome.ERROR, ser.dump_exception(problem), ser.error_line(problem)
+    objects: dict[bytes, Any] = {}
+    if isinstance(fn, scatter.Bundled):
+        fn, objects = fn.fn, fn.objects
     try:
-        mode, args, kwargs = ser.loads(frames)
+        with scatter.resolving(objects):  # handles of scattered objects unpickle as the objects
+            mode, args, kwargs = ser.loads(frames)
     except BaseException as exc:
         info = "arguments could not be unpickled: " + ser.error_line(exc)
         return Outcome.ERROR, ser.dump_exception(exc), info
