@@ -18,5 +18,13 @@ def sleep_10ms(x: Any = None) -> None:
     time.sleep(0.01)
 
 
+def sleep_1s(x: Any = None) -> None:
+    time.sleep(1.0)
+
+
+def length(x: Any) -> int:
+    return len(x)
+
+
 def echo(x: Any) -> Any:
     return x

@@ -33,7 +33,7 @@ from zfarm import protocol as p
 from zfarm.config import WorkerSettings
 from zfarm.local import free_tcp_endpoint, stop_processes
 from zfarm.monitor import fetch_status
-from zfarm.worker import Actions, Link, WorkerCore
+from zfarm.worker.core import Actions, Link, WorkerCore
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 

@@ -58,6 +58,7 @@ import zmq  # noqa: E402
 
 import zfarm  # noqa: E402
 from benchmarks import _workloads as wl  # noqa: E402
+from benchmarks.bare import BareClient  # noqa: E402
 from zfarm import protocol as p  # noqa: E402
 from zfarm import serialization as ser  # noqa: E402
 from zfarm.errors import BrokerUnavailable  # noqa: E402
@@ -65,15 +66,19 @@ from zfarm.local import free_tcp_endpoint  # noqa: E402
 from zfarm.monitor import fetch_status  # noqa: E402
 
 MiB = 1024 * 1024
+#: the reference row: what pyzmq and pickle alone cost (benchmarks/bare.py)
+BARE = "bare pyzmq broker (reference: 1 job a message)"
 RESULT_TIMEOUT_S = 120.0  # a run taking longer is reported as a hang, not waited for
-WORKLOADS = ("throughput", "submit", "latency", "efficiency", "payloads", "start", "memory", "endless",
-             "growth", "journal")
+WORKLOADS = ("throughput", "submit", "latency", "efficiency", "long", "payloads", "scatter", "start",
+             "memory", "endless", "growth", "journal")
 TITLES = {
     "throughput": "1. no-op map throughput",
     "submit": "2. submit(): one future per job",
     "latency": "3. one job's round trip (sequential submit(noop).result())",
     "efficiency": "4. efficiency: 400 x 10 ms jobs on 2 slots (ideal 2.0 s / measured)",
+    "long": "4b. efficiency: 100 x 1 s jobs on 3 slots (ideal: 34 rounds of 1 s / measured)",
     "payloads": "5. payloads: 50 x 1 MiB in and out (in+out MiB / s)",
+    "scatter": "5b. one 20 MiB input shared by 100 jobs: seconds for all (scattered once vs sent with each)",
     "start": "6. start to first result, from no process started",
     "memory": "7. broker memory per queued job (no workers; VmRSS after - before)",
     "endless": "8. map over an endless generator (default chunking): RSS growth",
@@ -89,11 +94,23 @@ GOALS = [
     ("latency", "p50 us", "<=", 250),
     ("latency", "p99 us", "<=", 500),
     ("efficiency", "efficiency", ">=", 0.97),
+    ("long", "efficiency", ">=", 0.97),
+    ("submit", "CPU us/job", "<=", 150),
     ("payloads", "MiB/s", ">=", 600),
     ("start", "s", "<=", 0.3),
     ("memory", "bytes/job", "<=", 200),
     ("endless", "client MB", "<", 100),
     ("endless", "broker MB", "<", 100),
+]
+#: (workload, metric, zfarm row, peer row, comparison, factor): zfarm's median / the peer's, same run
+RATIO_GOALS = [
+    ("throughput", "jobs/s", "zfarm: broker + 2 workers, chunksize=64", "ProcessPoolExecutor, chunksize=64",
+     ">=", 1.0),
+    ("submit", "jobs/s", "zfarm: broker + 2 workers, submit()", "ProcessPoolExecutor, submit()", ">=", 1.8),
+    ("latency", "p50 us", "zfarm: broker + 2 workers (tcp)", "ProcessPoolExecutor (no broker hop)",
+     "<=", 1.6),
+    ("payloads", "MiB/s", "zfarm: broker + 2 workers, default chunking", "ProcessPoolExecutor, chunksize=1",
+     ">=", 1.0),
 ]
 #: growth: each case's jobs/s and broker CPU per job within this factor of the base case counts as flat
 FLAT_WITHIN = 1.25
@@ -230,6 +247,15 @@ class Procs:
         self.live.append(proc)
         return proc
 
+    def module(self, module: str, *args: str) -> subprocess.Popen[bytes]:
+        """``python -m module args`` (the bare pyzmq reference's broker and workers)."""
+        log = (self.logdir / f"{module}-{next(self._count)}.log").open("wb")
+        proc = subprocess.Popen([sys.executable, "-m", module, *args], stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, cwd=REPO_ROOT)
+        log.close()
+        self.live.append(proc)
+        return proc
+
     def stop(self, proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
         if proc.poll() is None:
             proc.terminate()
@@ -352,6 +378,51 @@ def cpu_s(pid: int) -> float:
 # ---- 1. throughput ---------------------------------------------------------------------------------
 
 
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (from /proc; empty where there is none)."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*/children"):
+            try:
+                kids = [int(k) for k in task.read_text().split()]
+            except OSError:
+                continue
+            found += kids
+            todo += kids
+    return found
+
+
+def cpu_all_s() -> float:
+    """CPU seconds used so far by this process and every process below it: the whole system under test."""
+    total = 0.0
+    for pid in [os.getpid(), *descendants(os.getpid())]:
+        try:
+            total += cpu_s(pid)
+        except (OSError, IndexError, ValueError):
+            pass  # ended meanwhile
+    return total
+
+
+@contextlib.contextmanager
+def bare_farm(procs: Procs, workers: int = 2) -> Iterator[BareClient]:
+    """The bare pyzmq reference: its broker and ``workers`` workers as processes, and a client."""
+    address = free_tcp_endpoint()
+    started = [procs.module("benchmarks.bare", "broker", address)]
+    context: zmq.Context[Any] = zmq.Context()
+    client = BareClient(context, address)
+    try:
+        started += [procs.module("benchmarks.bare", "worker", address) for _ in range(workers)]
+        client.submit(wl.noop, 0)
+        client.result(60)
+        yield client
+    finally:
+        client.close()
+        context.term()
+        for proc in reversed(started):
+            procs.stop(proc)
+
+
 def map_rate(mapper: Callable[[int], int], target_s: float, n0: int, n_max: int) -> tuple[Callable, Callable]:
     """warm and once for a map of ``n`` no-op items: jobs/s."""
     def run_n(n: int) -> float:
@@ -418,9 +489,19 @@ def bench_throughput(ctx: Ctx) -> None:
 # ---- 2. submit -------------------------------------------------------------------------------------
 
 
+def bare_submit(res: BareClient, n: int) -> list[Any]:
+    for i in range(n):
+        res.submit(wl.noop, i)
+    return list(range(n))
+
+
+def bare_wait(res: BareClient, jobs: list[Any]) -> int:
+    return consume(res.result(RESULT_TIMEOUT_S) for _ in jobs)
+
+
 def bench_submit(ctx: Ctx) -> None:
     target = 0.5 if ctx.quick else 0.6
-    rate: list[Metric] = [("jobs/s", "jobs/s", True)]
+    rate: list[Metric] = [("jobs/s", "jobs/s", True), ("CPU us/job", "us", False)]
 
     def futures_rate(submit_all: Callable[[Any, int], list[Any]], wait: Callable[[Any, list[Any]], int],
                      n0: int, n_max: int) -> tuple[Callable, Callable]:
@@ -432,7 +513,12 @@ def bench_submit(ctx: Ctx) -> None:
         def warm(res: Any) -> int:
             return calibrate(lambda n: run_n(res, n), target, n0, n_max)
 
-        return warm, lambda res, n: {"jobs/s": n / run_n(res, n)}
+        def once(res: Any, n: int) -> dict[str, float]:
+            cpu = cpu_all_s()
+            elapsed = run_n(res, n)
+            return {"jobs/s": n / elapsed, "CPU us/job": (cpu_all_s() - cpu) / n * 1e6}
+
+        return warm, once
 
     def executor_submit(res: Any, n: int) -> list[Any]:
         return [res.submit(wl.noop, i) for i in range(n)]
@@ -449,6 +535,10 @@ def bench_submit(ctx: Ctx) -> None:
     cases: list[tuple[str, Callable[[], Any], tuple[Callable, Callable], dict[str, Any]]] = [
         ("zfarm: broker + 2 workers, submit()", lambda: farm_client(ctx.procs),
          futures_rate(executor_submit, executor_wait, 500, 500_000), {"headline": True, "zfarm_row": True}),
+        ("zfarm: embedded Client(), submit()", embedded_client,
+         futures_rate(executor_submit, executor_wait, 500, 500_000), {"zfarm_row": True}),
+        (BARE, lambda: bare_farm(ctx.procs), futures_rate(bare_submit, bare_wait, 500, 500_000),
+         {"zfarm_row": True}),
         ("ProcessPoolExecutor, submit()", ppe, futures_rate(executor_submit, executor_wait, 500, 500_000),
          {}),
         ("loky, submit()", loky_pool, futures_rate(executor_submit, executor_wait, 500, 500_000),
@@ -492,6 +582,10 @@ def bench_latency(ctx: Ctx) -> None:
     def dask_one(res: Any) -> Any:
         return res.submit(wl.noop, 0, pure=False).result(RESULT_TIMEOUT_S)
 
+    def bare_one(res: BareClient) -> Any:
+        res.submit(wl.noop, 0)
+        return res.result(RESULT_TIMEOUT_S)
+
     n = 300 if ctx.quick else 500
     cases: list[tuple[str, Callable[[], Any], tuple[Callable, Callable], dict[str, Any]]] = [
         ("zfarm: broker + 2 workers (tcp)", lambda: farm_client(ctx.procs), round_trips(n, 50, executor_one),
@@ -502,6 +596,7 @@ def bench_latency(ctx: Ctx) -> None:
         ("loky", loky_pool, round_trips(n, 50, executor_one), {"needs": "loky"}),
         ("Dask distributed", dask_client, round_trips(100 if ctx.quick else 200, 10, dask_one),
          {"needs": "distributed", "note": "fewer samples a run"}),
+        (BARE, lambda: bare_farm(ctx.procs), round_trips(n, 50, bare_one), {"zfarm_row": True}),
     ]
     for system, setup, (warm, once), extra in cases:
         measure(ctx, "latency", system, metrics, setup, once, warm, **extra)
@@ -553,6 +648,39 @@ def bench_efficiency(ctx: Ctx) -> None:
         measure(ctx, "efficiency", system, metric, setup, once, warm, **extra)
 
 
+def bench_long(ctx: Ctx) -> None:
+    jobs, slots = (30, 3) if ctx.quick else (100, 3)
+    ideal_s = -(-jobs // slots) * 1.0  # whole rounds of 1 s on each slot: the best any scheduler can do
+    metric: list[Metric] = [("efficiency", "ideal/measured", True)]
+
+    def runner(run: Callable[[Any], int]) -> Callable[[Any, Any], dict[str, float]]:
+        def once(res: Any, _state: Any) -> dict[str, float]:
+            started = time.perf_counter()
+            check_count(run(res), jobs)
+            return {"efficiency": ideal_s / (time.perf_counter() - started)}
+        return once
+
+    @contextlib.contextmanager
+    def farm3() -> Iterator[zfarm.Client]:
+        with real_farm(ctx.procs, slots) as farm, zfarm.Client(farm.address) as client:
+            yield client
+
+    @contextlib.contextmanager
+    def ppe3() -> Iterator[concurrent.futures.ProcessPoolExecutor]:
+        with concurrent.futures.ProcessPoolExecutor(slots) as pool:
+            yield pool
+
+    cases: list[tuple[str, Callable[[], Any], Callable[[Any], int], dict[str, Any]]] = [
+        ("zfarm: broker + 3 workers, default chunking", farm3,
+         lambda c: consume(c.map(wl.sleep_1s, range(jobs), timeout=RESULT_TIMEOUT_S)),
+         {"headline": True, "zfarm_row": True}),
+        ("ProcessPoolExecutor(3), chunksize=1", ppe3,
+         lambda e: consume(e.map(wl.sleep_1s, range(jobs), timeout=RESULT_TIMEOUT_S)), {}),
+    ]
+    for system, setup, run, extra in cases:
+        measure(ctx, "long", system, metric, setup, runner(run), None, **extra)
+
+
 def bench_payloads(ctx: Ctx) -> None:
     blobs = [bytes([i]) * MiB for i in range(50)]
     total_mib = 2 * len(blobs)  # in and out
@@ -583,6 +711,9 @@ def bench_payloads(ctx: Ctx) -> None:
     def dask(client: Any) -> Iterable[Any]:
         return client.gather(client.map(wl.echo, blobs, pure=False))
 
+    def bare(client: BareClient) -> Iterable[Any]:  # results come in any order: put them back in order
+        return sorted(client.map(wl.echo, blobs, RESULT_TIMEOUT_S), key=lambda blob: blob[:1])
+
     cases: list[tuple[str, Callable[[], Any], Callable[[Any], Iterable[Any]], dict[str, Any]]] = [
         ("zfarm: broker + 2 workers, default chunking", lambda: farm_client(ctx.procs), zf(None),
          {"headline": True, "zfarm_row": True}),
@@ -592,10 +723,50 @@ def bench_payloads(ctx: Ctx) -> None:
         ("ProcessPoolExecutor, chunksize=1", ppe, pool, {}),
         ("loky, chunksize=1", loky_pool, pool, {"needs": "loky"}),
         ("Dask distributed", dask_client, dask, {"needs": "distributed"}),
+        (BARE, lambda: bare_farm(ctx.procs), bare, {"zfarm_row": True}),
     ]
     for system, setup, run, extra in cases:
         warm, once = runner(run)
         measure(ctx, "payloads", system, metric, setup, once, warm, **extra)
+
+
+def bench_scatter(ctx: Ctx) -> None:
+    size, jobs = (10 * MiB, 50) if ctx.quick else (20 * MiB, 100)
+    template = bytes(range(256)) * (size // 256)
+    runs = itertools.count()
+    metric: list[Metric] = [("s", "s", False)]
+
+    def runner(run: Callable[[Any, bytes], list[int]]) -> tuple[Callable, Callable]:
+        def once(res: Any, _state: Any) -> dict[str, float]:
+            data = next(runs).to_bytes(8, "little") + template[8:]  # new content: no cache helps
+            started = time.perf_counter()
+            if run(res, data) != [len(data)] * jobs:
+                raise RuntimeError("the jobs did not see the whole input")
+            return {"s": time.perf_counter() - started}
+        return (lambda res: run(res, template)), once
+
+    def zf_scattered(client: zfarm.Client, data: bytes) -> list[int]:
+        handle = client.scatter(data)
+        return [f.result(RESULT_TIMEOUT_S) for f in [client.submit(wl.length, handle) for _ in range(jobs)]]
+
+    def with_each(pool: Any, data: bytes) -> list[int]:
+        return [f.result(RESULT_TIMEOUT_S) for f in [pool.submit(wl.length, data) for _ in range(jobs)]]
+
+    def dask_scattered(client: Any, data: bytes) -> list[int]:
+        [handle] = client.scatter([data], broadcast=True)
+        return list(client.gather([client.submit(wl.length, handle, pure=False) for _ in range(jobs)]))
+
+    cases: list[tuple[str, Callable[[], Any], Callable[[Any, bytes], list[int]], dict[str, Any]]] = [
+        ("zfarm: broker + 2 workers, client.scatter()", lambda: farm_client(ctx.procs), zf_scattered,
+         {"headline": True, "zfarm_row": True}),
+        ("zfarm: broker + 2 workers, sent with each job", lambda: farm_client(ctx.procs), with_each,
+         {"zfarm_row": True}),
+        ("ProcessPoolExecutor, sent with each job", ppe, with_each, {}),
+        ("Dask distributed, client.scatter()", dask_client, dask_scattered, {"needs": "distributed"}),
+    ]
+    for system, setup, run, extra in cases:
+        warm, once = runner(run)
+        measure(ctx, "scatter", system, metric, setup, once, warm, **extra)
 
 
 # ---- 6. start --------------------------------------------------------------------------------------
@@ -655,8 +826,14 @@ def bench_start(ctx: Ctx) -> None:
         finally:
             cluster.close()
 
+    def start_bare() -> float:
+        started = time.perf_counter()
+        with bare_farm(ctx.procs):
+            return time.perf_counter() - started
+
     cases: list[tuple[str, Callable[[], float], dict[str, Any]]] = [
         ("zfarm: embedded Client(n_workers=2)", start_embedded, {"headline": True, "zfarm_row": True}),
+        (BARE, start_bare, {"zfarm_row": True}),
         ("zfarm: broker + 2 worker processes + Client", start_processes, {"zfarm_row": True}),
         ("ProcessPoolExecutor (fork)", start_pool(lambda: concurrent.futures.ProcessPoolExecutor(2)), {}),
         ("loky", start_pool(make_loky), {"needs": "loky"}),
@@ -1116,6 +1293,17 @@ def report_goals(workload: str, figs: list[Figure]) -> list[dict[str, Any]]:
                                      "<": value < threshold}[op]
         say(f"  goal: {metric} {op} {threshold:,}: {'met' if met else 'NOT met'} ({fmt(value)})")
         out.append({"workload": workload, "goal": f"{metric} {op} {threshold}", "value": value, "met": met})
+    for goal_workload, metric, ours, peer, op, factor in RATIO_GOALS:
+        if goal_workload != workload:
+            continue
+        mine = next((f.median for f in figs if f.system == ours and f.metric == metric), None)
+        theirs = next((f.median for f in figs if f.system == peer and f.metric == metric), None)
+        ratio = mine / theirs if mine is not None and theirs else None
+        met = ratio is not None and (ratio >= factor if op == ">=" else ratio <= factor)
+        say(f"  goal: {metric} {op} {factor} x {peer}: {'met' if met else 'NOT met'} "
+            f"({'-' if ratio is None else f'x{ratio:.2f}'})")
+        out.append({"workload": workload, "goal": f"{metric} {op} {factor} x {peer}", "value": ratio,
+                    "met": met})
     return out
 
 

@@ -213,3 +213,11 @@ def print_everywhere(n_bytes: int = 0) -> str:
     for _ in range(n_bytes // len(block)):
         os.write(1, block)
     return "done"
+
+
+def identify(obj: Any, x: int = 0) -> tuple[int, int, int, int]:
+    """Which slot ran this, which object it got (its id), and its length and checksum."""
+    import zlib
+
+    data = obj["inside"][0] if isinstance(obj, dict) else obj
+    return os.getpid(), id(data), len(data), zlib.crc32(data)

@@ -15,6 +15,7 @@ import itertools
 import os
 import sys
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -481,3 +482,18 @@ def test_client_without_broker_raises_broker_unavailable() -> None:
     elapsed = time.monotonic() - started
     assert 0.9 <= elapsed < 5
     assert endpoint in str(info.value)
+
+
+def test_a_scattered_object_is_unpickled_once_a_slot_and_stands_for_itself_in_jobs(farm: str) -> None:
+    data = bytes(range(256)) * 4096  # 1 MiB
+    with zfarm.Client(farm) as client:
+        handle = client.scatter(data)
+        seen = [client.submit(jobs.identify, handle, i).result(RESULT_TIMEOUT_S) for i in range(12)]
+        seen.append(client.submit(jobs.identify, {"inside": [handle]}).result(RESULT_TIMEOUT_S))
+        seen += client.map(jobs.identify, itertools.repeat(handle, 8), range(8), chunksize=1,
+                           timeout=RESULT_TIMEOUT_S)
+    assert {(size, crc) for _, _, size, crc in seen} == {(len(data), zlib.crc32(data))}
+    per_slot: dict[int, set[int]] = {}
+    for slot_pid, object_id, _, _ in seen:
+        per_slot.setdefault(slot_pid, set()).add(object_id)
+    assert all(len(ids) == 1 for ids in per_slot.values()), per_slot  # one copy a slot, not one a job

@@ -40,8 +40,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from zfarm.client.futures import JobFuture
 from zfarm.commands import CommandResult, CommandSpec, run_command
-from zfarm.connection import JobFuture
 from zfarm.errors import CommandFailed, ConfigError, Refused, ZfarmError
 
 #: the most jobs one array may hold
@@ -257,7 +257,7 @@ class Attached:
     """
 
     def __init__(self, record: ArrayRecord, connect_timeout_s: float = 10.0) -> None:
-        from zfarm.client import Client, JobLimits, job_options
+        from zfarm.client.executor import Client, JobLimits, job_options
 
         self.record = record
         self.client = Client(record.address, session=record.session, keys=record.keys or None,

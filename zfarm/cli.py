@@ -219,7 +219,7 @@ def _run_broker(args: argparse.Namespace) -> int:
 
 
 def _run_worker(args: argparse.Namespace) -> int:
-    from zfarm.worker import run_worker
+    from zfarm.worker.shell import run_worker
 
     flags = _flags(args, ["procs", "prefetch", "worker_id", "grace_s", "heartbeat_interval_s", "liveness",
                           "parent_pid", "keys", "key_name", "output_dir"])

@@ -381,7 +381,7 @@ def _run_cancel(args: argparse.Namespace) -> int:
 
 
 def _run_forget(args: argparse.Namespace) -> int:
-    from zfarm.client import Client
+    from zfarm.client.executor import Client
 
     record = _load(args)
     client = Client(

@@ -33,10 +33,9 @@ from rich.table import Table
 from rich.text import Text
 
 from zfarm import protocol as p
-from zfarm.errors import ProtocolError, Refused
+from zfarm.errors import Refused
 from zfarm.monitor import fetch_status, monitor_hello, open_monitor
 from zfarm.records import THROUGHPUT_WINDOW_S
-from zfarm.security import HandshakeWatch
 
 SPARK = "▁▂▃▄▅▆▇█"
 RATE_WINDOW_S = 3  # "throughput now": the mean of the last few complete seconds
@@ -259,57 +258,49 @@ def _duration(seconds: float) -> str:
 
 
 class _Link:
-    """One monitor DEALER kept open across refreshes; replaced when the broker stops answering."""
+    """One monitor link kept open across refreshes; replaced when the broker stops answering."""
 
     def __init__(self, address: str, keys: str = "") -> None:
         self.address, self.keys = address, keys
         self.hello = monitor_hello("dash")
-        self.sock = open_monitor(address, self.hello, keys)
-        self.watch = HandshakeWatch(self.sock, "monitor", bool(keys))
+        self.link = open_monitor(address, self.hello, keys)
         self.asked_at: float | None = None  # monotonic time of the outstanding STATUS
+
+    @property
+    def sock(self) -> zmq.Socket[Any]:
+        assert self.link.socket is not None  # open from the constructor until close()
+        return self.link.socket
 
     def ask(self, now: float) -> None:
         """Send STATUS unless one is outstanding."""
         if self.asked_at is None:
-            self.sock.send_multipart(p.encode(p.Status()))
+            self.link.send(p.Status())
             self.asked_at = now
 
     def reset(self) -> None:
         """Lazy pirate: drop the socket (and whatever is queued on it) and start over."""
-        self.watch.close()
-        self.sock.close(linger=0)
-        self.sock = open_monitor(self.address, self.hello, self.keys)
-        self.watch = HandshakeWatch(self.sock, "monitor", bool(self.keys))
+        self.link.close()
+        self.link = open_monitor(self.address, self.hello, self.keys)
         self.asked_at = None
 
     def problem(self) -> str:
         """Why the broker does not let us in (it needs keys, refused ours), or "" if we do not know."""
-        return self.watch.read()
+        return self.link.read_problem()
 
     def receive(self) -> dict[str, Any] | None:
         """Read what has arrived; return the newest snapshot, if any."""
         snapshot = None
-        while self.sock.poll(0):
-            try:
-                msg = p.decode(self.sock.recv_multipart())
-            except ProtocolError:
-                continue
+        for msg in self.link.receive():
             if isinstance(msg, p.StatusReply):
                 snapshot, self.asked_at = msg.snapshot, None
             elif isinstance(msg, p.Reconnect):  # the broker forgot us (restart, or we were too quiet)
-                self.sock.send_multipart(p.encode(self.hello))
-                self.sock.send_multipart(p.encode(p.Status()))
+                self.link.send_all([self.hello, p.Status()])
             elif isinstance(msg, p.Refused):
                 raise Refused(f"the broker at {self.address} refused us: {msg.reason}")
         return snapshot
 
     def close(self) -> None:
-        try:
-            self.sock.send_multipart(p.encode(p.Disconnect("dashboard closed")), zmq.NOBLOCK)
-        except zmq.ZMQError:
-            pass
-        self.watch.close()
-        self.sock.close(linger=200)
+        self.link.goodbye("dashboard closed", linger_ms=200)
 
 
 @contextmanager

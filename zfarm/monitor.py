@@ -13,8 +13,9 @@ import zmq
 
 from zfarm import protocol as p
 from zfarm.config import check_endpoint
-from zfarm.errors import BrokerUnavailable, ProtocolError, Refused, SecurityError
-from zfarm.security import HandshakeWatch, PeerKeys
+from zfarm.errors import BrokerUnavailable, Refused, SecurityError
+from zfarm.link import Link
+from zfarm.security import PeerKeys
 
 M = TypeVar("M", bound=p.Message)
 
@@ -31,20 +32,18 @@ def monitor_hello(prefix: str) -> p.Hello:
 
 
 def open_monitor(address: str, hello: p.Hello, keys: str = "",
-                 context: zmq.Context[Any] | None = None) -> zmq.Socket[Any]:
-    """A DEALER to the broker that has said ``hello`` (with the folder's keys, if any).
+                 context: zmq.Context[Any] | None = None) -> Link:
+    """A link to the broker that has said ``hello`` (with the folder's keys, if any).
 
     Raises:
         ConfigError: ``address`` is not an endpoint a monitor can connect to.
     """
     check_endpoint(address)
-    sock: zmq.Socket[Any] = (context or zmq.Context.instance()).socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    if keys:
-        monitor_keys(keys).apply(sock)
-    sock.connect(address)
-    sock.send_multipart(p.encode(hello))
-    return sock
+    link = Link(context or zmq.Context.instance(), address, monitor_keys(keys) if keys else None, "monitor",
+                hello.peer_id, log_problems=False)
+    link.open()
+    link.send(hello)
+    return link
 
 
 def fetch_status(address: str, timeout_s: float = 5.0, context: zmq.Context[Any] | None = None,
@@ -73,34 +72,25 @@ def fetch_history(address: str, last: int = 0, timeout_s: float = 10.0,
 def ask(address: str, request: p.Message, reply_type: type[M], timeout_s: float,
         context: zmq.Context[Any] | None = None, keys: str = "") -> M:
     """Introduce ourselves as a monitor, send ``request``, return the first ``reply_type`` answer."""
-    sock = open_monitor(address, monitor_hello("m"), keys, context)
-    watch = HandshakeWatch(sock, "monitor", bool(keys))
+    link = open_monitor(address, monitor_hello("m"), keys, context)
     deadline = time.monotonic() + timeout_s
-    poller = zmq.Poller()
-    poller.register(sock, zmq.POLLIN)
-    poller.register(watch.monitor, zmq.POLLIN)
     try:
-        sock.send_multipart(p.encode(request))
+        link.send(request)
         while True:
             remaining_ms = (deadline - time.monotonic()) * 1000
-            ready = dict(poller.poll(max(1, int(remaining_ms)))) if remaining_ms > 0 else {}
-            if ready.get(watch.monitor) and (problem := watch.read()):
-                raise SecurityError(f"the broker at {address} did not let us in: {problem}")
-            if not ready.get(sock):
+            ready = dict(link.poller().poll(max(1, int(remaining_ms)))) if remaining_ms > 0 else {}
+            readable = link.readable(ready)
+            if link.problem:
+                raise SecurityError(f"the broker at {address} did not let us in: {link.problem}")
+            if not readable:
                 if time.monotonic() >= deadline:
                     raise BrokerUnavailable(address, timeout_s)
                 continue
-            try:
-                msg = p.decode(sock.recv_multipart())
-            except ProtocolError:
-                continue
-            if isinstance(msg, p.Refused):
-                raise Refused(f"the broker at {address} refused us: {msg.reason}")
-            if isinstance(msg, reply_type):
-                sock.send_multipart(p.encode(p.Disconnect("monitor done")))
-                watch.close()
-                sock.close(linger=500)  # let the goodbye out, so the broker logs no lost peer
-                return msg
+            for msg in link.receive():
+                if isinstance(msg, p.Refused):
+                    raise Refused(f"the broker at {address} refused us: {msg.reason}")
+                if isinstance(msg, reply_type):
+                    link.goodbye("monitor done", linger_ms=500)  # so the broker logs no lost peer
+                    return msg
     finally:
-        watch.close()
-        sock.close(linger=0)
+        link.close()

@@ -41,6 +41,9 @@ MAX_TEXT_CHARS = 1024  # a reason (REFUSED, RECONNECT, DISCONNECT), a result's i
 MAX_INFO_COST = 4096  # a HELLO's or WELCOME's info map, measured by ``map_cost``
 MAX_OPTIONS_COST = 65536  # a job's options map, measured by ``map_cost``
 MAX_FN_ID_BYTES = 64  # a function id (a 16-byte digest)
+#: room left for the envelope and other jobs' results beside one job's payload (client and worker
+#: both check a payload against the broker's message limit less this)
+ENVELOPE_ALLOWANCE = 64 * 1024
 #: peer text in a log line is clipped to this many characters (see ``clip``)
 LOG_TEXT_CHARS = 200
 
@@ -69,6 +72,7 @@ class Command(enum.IntEnum):
     ACCEPTED = 19  # broker → session client: these jobs are held (in the journal, if any)
     STARTED = 20  # worker → broker: these jobs went into a slot (only those that run a while)
     RUNNING = 21  # broker → client: these jobs of yours started on a worker
+    RECLAIM = 22  # broker → worker: give these jobs back if no slot has started them (RETURNED)
 
 
 class Role(str, enum.Enum):
@@ -302,12 +306,22 @@ class Running(Message):
     seqs: list[int]
 
 
+@dataclass(frozen=True, slots=True)
+class Reclaim(Message):
+    """Prefetched jobs the broker wants back (a slot is free elsewhere): those a slot has not started
+    come back as RETURNED, with their credit; started ones run on and report as usual."""
+
+    command = Command.RECLAIM
+    schema = (list,)
+    keys: list[list[Any]]  # KEY_ROW
+
+
 MESSAGE_TYPES: dict[Command, type[Message]] = {
     cls.command: cls
     for cls in (
         Hello, Welcome, Refused, Reconnect, Heartbeat, Disconnect, Ready, Jobs, Results,
         CancelJobs, Submit, Result, Cancel, Status, StatusReply, History, HistoryReply, Received,
-        Accepted, Started, Running,
+        Accepted, Started, Running, Reclaim,
     )
 }
 _ENVELOPE_FIELDS: dict[type[Message], tuple[str, ...]] = {
@@ -424,16 +438,33 @@ def _is(value: Any, kind: type | tuple[type, ...]) -> bool:
 def check_rows(rows: list[Any], layout: tuple[Any, ...], what: str,
                limits: tuple[tuple[int, int], ...] = ()) -> None:
     """Validate batched rows (each an array laid out as ``layout``; ``limits``: (column, bound) pairs)."""
+    usual = _usual_types(layout)
     for row in rows:
-        if not isinstance(row, list) or len(row) != len(layout):
-            raise ProtocolError(f"{what} row must be an array of {len(layout)} fields")
-        for value, kind in zip(row, layout, strict=True):
-            if type(value) is not kind and not _is(value, kind):  # the exact type: no call (hot path)
-                raise ProtocolError(f"{what} row field has the wrong type {type(value).__name__}")
+        if type(row) is not list or list(map(type, row)) != usual:  # the hot path: one comparison
+            _check_row_types(row, layout, what)
         for column, limit in limits:  # the common case inline: a short text, an empty map
             value = row[column]
             if len(value) > limit or (isinstance(value, dict) and value and map_cost(value, limit) > limit):
                 check_size(value, limit, f"{what} row field {column}")
+
+
+_USUAL_TYPES: dict[tuple[Any, ...], list[type]] = {}
+
+
+def _usual_types(layout: tuple[Any, ...]) -> list[type]:
+    """The exact types a row of ``layout`` usually has (the last of a choice: float for a number)."""
+    usual = _USUAL_TYPES.get(layout)
+    if usual is None:
+        usual = _USUAL_TYPES[layout] = [kind if isinstance(kind, type) else kind[-1] for kind in layout]
+    return usual
+
+
+def _check_row_types(row: Any, layout: tuple[Any, ...], what: str) -> None:
+    if not isinstance(row, list) or len(row) != len(layout):
+        raise ProtocolError(f"{what} row must be an array of {len(layout)} fields")
+    for value, kind in zip(row, layout, strict=True):
+        if type(value) is not kind and not _is(value, kind):
+            raise ProtocolError(f"{what} row field has the wrong type {type(value).__name__}")
 
 
 def check_size(value: Any, limit: int, what: str) -> None:
@@ -543,7 +574,7 @@ def _sum_frames(rows: list[list[Any]], column: int) -> int:
 
 
 def _check_plain_rows(msg: Message) -> None:
-    if isinstance(msg, (CancelJobs, Started)):
+    if isinstance(msg, (CancelJobs, Started, Reclaim)):
         check_rows(msg.keys, KEY_ROW, msg.command.name, KEY_ROW_LIMITS)
     elif isinstance(msg, (Cancel, Received, Accepted, Running)):
         _check_seqs(msg.seqs, msg.command.name)

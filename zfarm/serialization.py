@@ -110,12 +110,18 @@ class _Big:
         return type(self.data), (pickle.PickleBuffer(self.data),)
 
 
+#: types that hold no bytes to box (most arguments): returned as they are, at once
+_ATOMS = frozenset({int, float, str, bool, type(None), complex})
+
+
 def _box(obj: Any, depth: int = 3) -> Any:
     kind = type(obj)
-    if kind in (bytes, bytearray):
+    if kind in _ATOMS:
+        return obj
+    if kind is bytes or kind is bytearray:
         return _Big(obj) if len(obj) >= OUT_OF_BAND_MIN_BYTES else obj
-    if depth and kind in (tuple, list):
-        return kind(_box(item, depth - 1) for item in obj)
+    if depth and (kind is tuple or kind is list):
+        return kind([_box(item, depth - 1) for item in obj])
     if depth and kind is dict:
         return {key: _box(value, depth - 1) for key, value in obj.items()}
     return obj

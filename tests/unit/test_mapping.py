@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from zfarm.mapping import MAX_CHUNK, PROBES, TARGET_CHUNK_S, ChunkSizer, MapRun
+from zfarm.client.mapping import MAX_CHUNK, PROBES, TARGET_CHUNK_S, ChunkSizer, MapRun
 
 
 class FakeJob:

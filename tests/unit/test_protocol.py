@@ -46,6 +46,7 @@ SAMPLES: list[p.Message] = [
     p.Received([4, 5], 3),
     p.Accepted([1]),
     p.Started([["c-1", 3], ["c-2", 4]]),
+    p.Reclaim([["c-1", 5]]),
     p.Running([3]),
 ]
 

@@ -206,3 +206,22 @@ def test_error_line_names_the_type_and_first_line() -> None:
     assert ser.error_line(ValueError("bad\nsecond line")) == "ValueError: bad"
     assert ser.error_line(jobs.CustomError(1, "x")) == "tests.jobs.CustomError: custom error 1: x"
     assert ser.error_line(KeyError()) == "KeyError"
+
+
+def test_a_bundle_carries_its_function_and_objects_and_handles_resolve_inside_containers() -> None:
+    from zfarm import scatter
+
+    big = scatter.Scattered(list(range(1000)))
+    with scatter.collecting() as used:
+        frames = ser.dump_call(({"deep": [big]},), {})
+    assert list(used) == [big.key]
+    fn_id, blob = ser.dump_function(len)
+    bundle_id, bundle = scatter.bundle(fn_id, blob, used)
+    assert bundle_id != fn_id and scatter.bundle(fn_id, blob, used)[0] == bundle_id  # named by both
+    loaded = scatter.load(bundle)
+    assert isinstance(loaded, scatter.Bundled) and loaded.fn is len
+    with scatter.resolving(loaded.objects):
+        _mode, args, _kwargs = ser.loads(frames)
+    assert args[0]["deep"][0] == list(range(1000))
+    with pytest.raises(LookupError, match="scatter"):
+        ser.loads(frames)  # outside a job of its bundle, a handle is only a key

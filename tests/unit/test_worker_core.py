@@ -10,11 +10,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from zfarm import protocol as p
-from zfarm.chaperone import SlotOutcome
 from zfarm.config import BrokerSettings, WorkerSettings
 from zfarm.errors import Refused
 from zfarm.scheduler import Scheduler
-from zfarm.worker import Actions, Link, WorkerCore
+from zfarm.worker.chaperone import SlotOutcome
+from zfarm.worker.core import Actions, Link, WorkerCore
 
 FN = b"\xf1" * 16
 OK = p.Outcome.OK
@@ -66,7 +66,7 @@ def test_connect_says_hello() -> None:
     hello = only(core.connect(0.0), p.Hello)
     assert (hello.role, hello.peer_id, hello.host, hello.pid, hello.slots) == ("worker", "w-test", "h", 1, 2)
     assert hello.info.get("prefetch") == 1
-    assert core.link is Link.CONNECTING
+    assert core.live.state is Link.CONNECTING
 
 
 def test_generated_worker_id_is_stable_and_distinct() -> None:
@@ -80,8 +80,8 @@ def test_welcome_gets_ready_with_slots_plus_prefetch_and_adopts_the_broker_setti
     core.connect(0.0)
     ready = only(core.on_message(wire(welcome(interval_s=0.25, liveness=5)), 0.1), p.Ready)
     assert ready.credit == 3
-    assert core.link is Link.READY
-    assert (core.interval_s, core.liveness, core.broker_id) == (0.25, 5, "b-1")
+    assert core.live.state is Link.READY
+    assert (core.live.interval_s, core.live.liveness, core.broker_id) == (0.25, 5, "b-1")
 
 
 def test_refused_raises() -> None:
@@ -143,6 +143,19 @@ def test_cancel_of_a_pending_job_answers_cancelled_and_of_a_running_one_asks_for
     assert [t.key for t in core.take_tasks(5)] == [("c", 1)]
 
 
+def test_reclaim_gives_back_waiting_jobs_with_their_credit_and_lets_running_ones_run() -> None:
+    core = ready_core()
+    core.on_message(wire(jobs([0, 1, 2])), 0.1)
+    core.take_tasks(1)  # job 0 runs; 1 and 2 wait
+    actions = core.on_message(wire(p.Reclaim([["c", 0], ["c", 2]])), 0.2)
+    results = only(actions, p.Results)
+    assert results.results == [["c", 2, 1, int(p.Outcome.RETURNED), 0, ""]]
+    assert results.credit == 1  # the broker may use it again, where no slot is free elsewhere
+    assert actions.kill == []  # job 0 runs on: its result comes as usual
+    assert [t.key for t in core.take_tasks(5)] == [("c", 1)]
+    assert core.on_message(wire(p.Reclaim([["c", 1]])), 0.3).send == []  # started: nothing to give back
+
+
 def test_cancel_of_unknown_jobs_sends_nothing() -> None:
     core = ready_core()
     actions = core.on_message(wire(p.CancelJobs([["c", 9]])), 0.2)
@@ -188,10 +201,10 @@ def test_silent_broker_means_reconnect_with_doubling_backoff_capped() -> None:
     for _ in range(8):
         actions = core.tick(now)
         assert actions.reconnect is True and actions.send == []
-        assert core.link is Link.DOWN
-        delays.append(core.reconnect_at - now)
+        assert core.live.state is Link.DOWN
+        delays.append(core.live.reconnect_at - now)
         assert core.tick(now + 0.1).reconnect is False  # down: nothing to do until reconnect_at
-        now = core.reconnect_at
+        now = core.live.reconnect_at
         only(core.connect(now), p.Hello)  # no WELCOME comes back
         now += 3.5
     assert delays == pytest.approx([1, 2, 4, 8, 16, 32, 32, 32])
@@ -202,23 +215,23 @@ def test_welcome_resets_the_backoff() -> None:
     now = 3.5
     for _ in range(3):
         assert core.tick(now).reconnect
-        now = core.reconnect_at
+        now = core.live.reconnect_at
         core.connect(now)
         now += 3.5
     assert core.tick(now).reconnect
-    assert core.reconnect_at - now == pytest.approx(8)
-    core.connect(core.reconnect_at)
-    core.on_message(wire(welcome()), core.reconnect_at + 0.1)
-    now = core.reconnect_at + 5.0
+    assert core.live.reconnect_at - now == pytest.approx(8)
+    core.connect(core.live.reconnect_at)
+    core.on_message(wire(welcome()), core.live.reconnect_at + 0.1)
+    now = core.live.reconnect_at + 5.0
     assert core.tick(now).reconnect
-    assert core.reconnect_at - now == pytest.approx(1)
+    assert core.live.reconnect_at - now == pytest.approx(1)
 
 
 def test_reconnect_message_says_hello_again() -> None:
     core = ready_core()
     hello = only(core.on_message(wire(p.Reconnect("broker restarted")), 1.0), p.Hello)
     assert hello.peer_id == "w-test" and hello.slots == 2
-    assert core.link is Link.CONNECTING
+    assert core.live.state is Link.CONNECTING
     ready = only(core.on_message(wire(welcome()), 1.1), p.Ready)
     assert ready.credit == 3
 
@@ -227,7 +240,7 @@ def test_broker_disconnect_drops_the_link() -> None:
     core = ready_core()
     actions = core.on_message(wire(p.Disconnect("broker stopping")), 1.0)
     assert actions.reconnect is True
-    assert core.link is Link.DOWN and core.reconnect_at == pytest.approx(2.0)
+    assert core.live.state is Link.DOWN and core.live.reconnect_at == pytest.approx(2.0)
 
 
 # ---- stopping and results across reconnects -------------------------------------------------------
@@ -373,7 +386,7 @@ def test_several_reconnect_replies_do_not_inflate_the_workers_credit() -> None:
 
 
 def test_a_job_still_running_after_the_report_delay_is_reported_started() -> None:
-    from zfarm.worker import STARTED_REPORT_S
+    from zfarm.worker.core import STARTED_REPORT_S
 
     core = ready_core()
     core.on_message(wire(jobs([1, 2])), 0.0)
@@ -391,7 +404,7 @@ def test_nothing_is_reported_started_while_the_broker_is_away() -> None:
     core.on_message(wire(jobs([1])), 0.0)
     core.take_tasks(1, now=0.0)
     core.tick(100.0)  # the broker went silent: link down
-    assert core.link is Link.DOWN
+    assert core.live.state is Link.DOWN
     assert core.next_report_at() is None
     assert core.report_started(100.0).send == []
 
@@ -568,7 +581,7 @@ class PausedAndCut:
         link = self.link
         for _ in range(100):
             self.now += 0.3
-            if self.core.link is Link.DOWN:
+            if self.core.live.state is Link.DOWN:
                 self.cut()
             self.start()
             while self.running:

@@ -2,7 +2,7 @@
 
 It takes its settings, and its CURVE keys, from the first line of its standard input (ssh) or
 from a file only the user can read (Slurm), so no key ever appears on a command line or stays
-on the remote disk. Then it runs an ordinary :class:`zfarm.worker.Worker`, plus:
+on the remote disk. Then it runs an ordinary :class:`zfarm.worker.shell.Worker`, plus:
 
 - ssh: its standard input stays the launcher's channel: a line ``retire`` drains it (as
   SIGTERM); end of input (the launcher or its ssh went away) stops it at once, so nothing is
@@ -83,7 +83,7 @@ def _worker(blob: dict[str, Any], worker_id: str, procs: int, drain_at: float) -
 
     from zfarm.config import WorkerSettings, resolve
     from zfarm.security import PeerKeys
-    from zfarm.worker import Worker
+    from zfarm.worker.shell import Worker
 
     # parent_pid: ssh's session process; if it goes without closing our stdin, we go too (no orphan)
     flags = {"address": blob["address"], "worker_id": worker_id, "procs": procs, "grace_s": blob["grace_s"],

@@ -32,13 +32,12 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
-import msgpack
-
-from zfarm import proctree
+from zfarm import proctree, scatter
 from zfarm import serialization as ser
 from zfarm.errors import ConfigError, JobCrashed, JobTimeout, MemoryLimitExceeded
 from zfarm.output import JOB_ID_VARIABLE, FdCapture
-from zfarm.protocol import Outcome, buffer_of, remember_fn
+from zfarm.protocol import Outcome, remember_fn
+from zfarm.worker import pipe
 
 log = logging.getLogger(__name__)
 
@@ -91,12 +90,11 @@ def _slot_main(conn: Connection, lifeline: Connection, output_dir: str = "") -> 
     functions: dict[bytes, Any] = {}
     while True:
         try:
-            fn_id, with_fn, nframes, job_name = msgpack.unpackb(conn.recv_bytes())
-            if with_fn:
-                remember_fn(functions, fn_id, _load(conn.recv_bytes()))
-            frames = [conn.recv_bytes() for _ in range(nframes)]
+            (fn_id, with_fn, job_name), frames = pipe.receive(conn)
         except (EOFError, OSError):
             os._exit(0)  # the worker closed the pipe: a normal end
+        if with_fn:
+            remember_fn(functions, fn_id, _load(frames.pop(0)))
         os.environ[JOB_ID_VARIABLE] = job_name
         capture.start(job_name)
         started_at, started = time.time(), time.perf_counter()
@@ -108,12 +106,9 @@ def _slot_main(conn: Connection, lifeline: Connection, output_dir: str = "") -> 
             output = capture.stop()
         if output:
             out = [*out, output]
-        header = msgpack.packb([int(outcome), len(out), info, run_s, started_at, started_at + run_s,
-                                _peak_rss_bytes()])
+        header = [int(outcome), info, run_s, started_at, started_at + run_s, _peak_rss_bytes()]
         try:
-            conn.send_bytes(header)
-            for frame in out:
-                conn.send_bytes(frame)
+            pipe.send(conn, header, out)
         except OSError:
             os._exit(ORPHANED_EXIT)  # the worker died while we reported
 
@@ -142,14 +137,14 @@ class _Unloadable:
         self.exc = exc
 
 
-def _load(blob: bytes) -> Any:
+def _load(blob: Any) -> Any:
     try:
-        return ser.load_function(blob)
+        return scatter.load(blob)
     except Exception as exc:  # the function's module is missing here, most often
         return _Unloadable(exc)
 
 
-def _run(fn: Any, frames: list[bytes]) -> tuple[Outcome, list[Any], str]:
+def _run(fn: Any, frames: list[Any]) -> tuple[Outcome, list[Any], str]:
     if fn is None:
         exc: BaseException = RuntimeError("the slot never received this job's function")
         return Outcome.ERROR, ser.dump_exception(exc), ser.error_line(exc)
@@ -160,8 +155,12 @@ def _run(fn: Any, frames: list[bytes]) -> tuple[Outcome, list[Any], str]:
                 "cloudpickle.register_pickle_by_value")
         problem = ImportError(f"{ser.error_line(exc)}; {note}")
         return Outcome.ERROR, ser.dump_exception(problem), ser.error_line(problem)
+    objects: dict[bytes, Any] = {}
+    if isinstance(fn, scatter.Bundled):
+        fn, objects = fn.fn, fn.objects
     try:
-        mode, args, kwargs = ser.loads(frames)
+        with scatter.resolving(objects):  # handles of scattered objects unpickle as the objects
+            mode, args, kwargs = ser.loads(frames)
     except BaseException as exc:
         info = "arguments could not be unpickled: " + ser.error_line(exc)
         return Outcome.ERROR, ser.dump_exception(exc), info
@@ -235,12 +234,10 @@ class Slot:
 
     def send(self, task: SlotTask) -> None:
         with_fn = task.fn_id not in self.fns and task.fn_blob is not None
-        self.conn.send_bytes(msgpack.packb([task.fn_id, with_fn, len(task.frames), task.name]))
+        frames = [task.fn_blob, *task.frames] if with_fn else task.frames
+        pipe.send(self.conn, [task.fn_id, with_fn, task.name], frames)
         if with_fn:
-            self.conn.send_bytes(buffer_of(task.fn_blob))
             remember_fn(self.fns, task.fn_id, None)
-        for frame in task.frames:
-            self.conn.send_bytes(buffer_of(frame))
         self.task = task
         self.started_at = time.time()
         self.started_mono = time.monotonic()
@@ -257,8 +254,7 @@ class Slot:
 
     def receive(self) -> SlotOutcome:
         """Read the finished task's outcome (raises EOFError/OSError if the slot died)."""
-        outcome, nframes, info, run_s, started_at, finished_at, rss = msgpack.unpackb(self.conn.recv_bytes())
-        frames = [self.conn.recv_bytes() for _ in range(nframes)]
+        (outcome, info, run_s, started_at, finished_at, rss), frames = pipe.receive(self.conn)
         task, self.task = self.task, None
         assert task is not None  # only busy slots are read
         return SlotOutcome(task.key, task.attempt, Outcome(outcome), frames, info, run_s, started_at,
@@ -294,7 +290,7 @@ class SlotPool:
         methods = multiprocessing.get_all_start_methods()
         self.ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
         if "forkserver" in methods:
-            self.ctx.set_forkserver_preload(["zfarm.chaperone"])
+            self.ctx.set_forkserver_preload(["zfarm.worker.chaperone"])
         self.host = host
         self.slots = [Slot(self.ctx, i, output_dir) for i in range(size)]
         self._next_memory_check = 0.0

@@ -2,7 +2,7 @@
 
 ::
 
-    Client.submit / map ──pickle in the caller's thread──► Connection (I/O thread) ──SUBMIT──► broker
+    Client.submit / map ──pickle in the caller's thread──► IOThread (I/O thread) ──SUBMIT──► broker
           ▲                                                        │
           └──────────── futures resolve as RESULT messages arrive ◄┘
 
@@ -14,14 +14,12 @@ The same code runs on both.
 
 from __future__ import annotations
 
-import atexit
 import concurrent.futures
 import dataclasses
 import functools
 import itertools
 import logging
 import os
-import sys
 import threading
 import time
 import uuid
@@ -31,18 +29,25 @@ from typing import Any, Literal
 
 import zmq
 
+from zfarm import scatter
 from zfarm import serialization as ser
+from zfarm.client.core import PendingJob
+from zfarm.client.futures import JobFuture, cancel_future
+from zfarm.client.mapping import MapRun, Submitted
+from zfarm.client.resources import Resources
 from zfarm.cluster.base import Cluster
 from zfarm.commands import CommandResult, CommandSpec, echo_output, run_command
 from zfarm.config import ClientSettings, check_positive, resolve
-from zfarm.connection import Connection, JobFuture, PendingJob, cancel_future
 from zfarm.errors import BrokerUnavailable, ConfigError, PayloadTooLarge
-from zfarm.mapping import MapRun, Submitted
 from zfarm.progress import known_length, track
+from zfarm.protocol import ENVELOPE_ALLOWANCE
+from zfarm.scatter import Scattered
 from zfarm.stats import Stats, summarize
-from zfarm.worker import ENVELOPE_ALLOWANCE
 
 log = logging.getLogger(__name__)
+
+#: functions bundled with scattered objects kept ready to send (each holds the objects' bytes)
+BUNDLES_KEPT = 8
 
 class Client(concurrent.futures.Executor):
     """Run Python functions on a zfarm broker's workers.
@@ -93,6 +98,9 @@ class Client(concurrent.futures.Executor):
         self._options = job_options(job_timeout_s, mem_limit, retries)
         self._echo_output = echo_output
         self._seq = itertools.count(1)
+        #: functions bundled with scattered objects, by function and objects (built once, newest last)
+        self._bundles: dict[tuple[bytes, ...], tuple[bytes, bytes]] = {}
+        self._bundles_lock = threading.Lock()
         self._shutdown = False
         self._shutdown_lock = threading.Lock()
         if cluster is None and address is None and not os.environ.get("ZFARM_ADDRESS"):
@@ -101,7 +109,7 @@ class Client(concurrent.futures.Executor):
             cluster = LocalCluster(n_workers=n_workers or None, heartbeat_interval_s=heartbeat_interval_s,
                                    keys=self.settings.keys, worker_grace_s=2.0)
             self.settings = dataclasses.replace(self.settings, address=cluster.address)
-        self._res = _Resources.open(self.settings, self.id, cluster)
+        self._res = Resources.open(self.settings, self.id, cluster)
         self._connection = self._res.connection
         # A client dropped without shutdown() closes once its jobs are done; at exit, at once.
         weakref.finalize(self, self._res.close_when_done).atexit = False
@@ -125,7 +133,7 @@ class Client(concurrent.futures.Executor):
     @property
     def duplicates_dropped(self) -> int:
         """Results that arrived for jobs already resolved (their jobs ran twice)."""
-        return self._connection.duplicates
+        return self._connection.core.duplicates
 
     def stats(self) -> Stats:
         """Records of this client's finished jobs (the newest 100,000) and their summary.
@@ -152,9 +160,37 @@ class Client(concurrent.futures.Executor):
     def _submit(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
                 options: dict[str, Any]) -> concurrent.futures.Future[Any]:
         fn_id, blob = ser.dump_function(fn)
-        job = self._job(fn_id, ser.dump_call(args, kwargs), len(blob), options)
+        with scatter.collecting() as used:
+            frames = ser.dump_call(args, kwargs)
+        fn_id, blob = self._with_scattered(fn_id, blob, used)
+        job = self._job(fn_id, frames, len(blob), options)
         self._connection.submit(fn_id, blob, [job])
         return job.future
+
+    def scatter(self, obj: Any) -> Scattered:
+        """Send ``obj`` to the workers once; return a handle to pass to jobs in its place.
+
+        The handle works as an argument of ``submit``, ``map`` and ``with_options`` jobs, and inside
+        lists, dicts or other objects they get; in the job it is ``obj``. Its bytes go with the
+        job's function, which the broker and every worker cache: a 200 MB array used by 1,000 jobs
+        crosses the network once per worker, not 1,000 times (docs/performance.md).
+
+        Raises:
+            PayloadTooLarge: (at submit) the object and the function are over the broker's limit.
+        """
+        return Scattered(obj)
+
+    def _with_scattered(self, fn_id: bytes, blob: bytes, used: dict[bytes, Scattered]) -> tuple[bytes, bytes]:
+        """The function to send with jobs that use scattered objects: it carries their bytes."""
+        if not used:
+            return fn_id, blob
+        key = (fn_id, *sorted(used))
+        with self._bundles_lock:
+            if (made := self._bundles.get(key)) is None:
+                made = self._bundles[key] = scatter.bundle(fn_id, blob, used)
+                while len(self._bundles) > BUNDLES_KEPT:
+                    del self._bundles[next(iter(self._bundles))]
+        return made
 
     def run(self, args: str | Sequence[str | os.PathLike[str]], *, shell: bool = False,
             cwd: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None,
@@ -248,9 +284,13 @@ class Client(concurrent.futures.Executor):
             jobs: list[PendingJob] = []
             error: BaseException | None = None
             try:
-                for chunk in chunks:
-                    limits = _per_chunk(options, len(chunk))
-                    jobs.append(self._job(fn_id, ser.dump_chunk(chunk), len(blob), limits, in_map=True))
+                payloads: list[tuple[list[Any], int]] = []
+                with scatter.collecting() as used:
+                    for chunk in chunks:
+                        payloads.append((ser.dump_chunk(chunk), len(chunk)))
+                fn_id, blob = self._with_scattered(fn_id, blob, used)
+                for frames, items in payloads:
+                    jobs.append(self._job(fn_id, frames, len(blob), _per_chunk(options, items), in_map=True))
             except Exception as exc:  # an item that cannot be pickled: it raises in its place
                 error = exc
             except BaseException:  # Ctrl-C while pickling: none of these go
@@ -351,8 +391,8 @@ class Client(concurrent.futures.Executor):
         if self._connection.fatal is not None:
             raise self._connection.fatal
         size = sum(memoryview(f).nbytes for f in frames)
-        limit = self._connection.max_message_bytes - ENVELOPE_ALLOWANCE
-        if self._connection.max_message_bytes and size + fn_size > limit:
+        limit = self._connection.core.max_message_bytes - ENVELOPE_ALLOWANCE
+        if self._connection.core.max_message_bytes and size + fn_size > limit:
             raise PayloadTooLarge(size + fn_size, limit, "this job's function and arguments")
         seq = next(self._seq)
         future = JobFuture(self._connection, seq)
@@ -438,201 +478,3 @@ def _farm(address: str | Cluster | None, profile: str | None,
         cluster = start_profile(profile)
         return cluster, cluster.address, keys or cluster.keys or None
     return None, address, keys
-
-
-class _Resources:
-    """What a client owns (context, I/O thread, embedded farm), apart from the client itself.
-
-    Kept in ``_OPEN`` until closed, so that a client the program dropped is still
-    closed: when its jobs are done (from the client's finalizer), or at exit.
-    """
-
-    def __init__(self, context: zmq.Context[Any], connection: Connection,
-                 cluster: Cluster | None) -> None:
-        self.context = context
-        self.connection = connection
-        self.cluster = cluster
-        self._futures: weakref.WeakSet[JobFuture] = weakref.WeakSet()  # pending ones stay referenced
-        self._maps: weakref.WeakSet[MapRun] = weakref.WeakSet()  # maps the program may still read
-        self._lock = threading.Lock()
-        self._closed = False
-        self._released = threading.Event()  # set once closed: the context ended and the farm stopped
-        self.end_session = False  # on close, tell the broker to forget the session
-
-    @classmethod
-    def open(cls, settings: ClientSettings, client_id: str, cluster: Cluster | None) -> _Resources:
-        context: zmq.Context[Any] = zmq.Context()
-        try:
-            connection = Connection(settings, client_id, context)
-        except BaseException:
-            _term(context)
-            if cluster is not None:
-                cluster.stop()
-            raise
-        res = cls(context, connection, cluster)
-        _OPEN.add(res)
-        connection.start()
-        return res
-
-    @property
-    def closed(self) -> bool:
-        return self._closed or self.connection.closed
-
-    def track(self, future: JobFuture) -> None:
-        with self._lock:
-            self._futures.add(future)
-
-    def track_map(self, run: MapRun) -> None:
-        with self._lock:
-            self._maps.add(run)
-
-    def unfinished(self) -> list[JobFuture]:
-        with self._lock:
-            return [f for f in self._futures if not f.done()]
-
-    def _live_maps(self) -> list[MapRun]:
-        with self._lock:
-            return [run for run in self._maps if not run.finished]
-
-    def complete_maps(self) -> None:
-        """Submit what maps still being read have left, so they can be read to the end after close."""
-        for run in self._live_maps():
-            run.complete()
-
-    def detach(self) -> None:
-        """Leave a session once the broker holds every job (DETACH_TIMEOUT_S at most)."""
-        with self._lock:
-            closing = self._closed
-            self._closed = True
-        if closing:
-            self._released.wait(RELEASE_WAIT_S)
-            return
-        self.connection.detach(DETACH_TIMEOUT_S)
-        self._release()
-
-    def close_when_done(self, block: bool = False, interrupted: bool = False) -> None:
-        """Close once every job is done and no map is being read (in a thread of its own, or ``block``)."""
-        if block:
-            self.wait_for_jobs(interrupted)
-            self.close()
-        elif not self.unfinished() and not self._live_maps():
-            self.close()
-        else:
-            name = f"zfarm-close-{self.connection.client_id}"
-            closer = threading.Thread(target=self._close_later, name=name, daemon=True)
-            closer.start()
-
-    def _close_later(self) -> None:
-        while not self._closed and (self.unfinished() or self._live_maps()):
-            concurrent.futures.wait(self.unfinished(), timeout=CLOSER_POLL_S)
-        self.close()
-
-    def wait_for_jobs(self, interrupted: bool = False) -> None:
-        """Wait until every job is done. Ctrl-C says what we wait for; a second one kills the jobs.
-
-        ``interrupted``: Ctrl-C was pressed already (it is why we are here).
-        Raises:
-            KeyboardInterrupt: the second Ctrl-C, once the jobs are killed and the client closed.
-        """
-        warned = False
-        if interrupted:
-            warned = self._say_waiting()
-        stop = False
-        while unfinished := self.unfinished():
-            try:
-                concurrent.futures.wait(unfinished, timeout=CLOSER_POLL_S)
-            except KeyboardInterrupt:
-                if warned:
-                    stop = True
-                    break
-                warned = self._say_waiting()
-        if stop:  # raised here, outside the handler: one traceback, not two
-            for future in self.unfinished():
-                future.kill()
-            self.close()
-            raise KeyboardInterrupt
-
-    def _say_waiting(self) -> bool:
-        unfinished = len(self.unfinished())
-        if unfinished:
-            sys.stderr.write(f"zfarm: waiting for {_jobs(unfinished)} (press Ctrl-C again to cancel them)\n")
-            sys.stderr.flush()
-        return True
-
-    def close(self) -> None:
-        """Close (once); a second caller waits until the first has stopped everything."""
-        with self._lock:
-            closing = self._closed
-            self._closed = True
-        if closing:
-            self._released.wait(RELEASE_WAIT_S)
-            return
-        self.connection.close(end_session=self.end_session)
-        self._release()
-
-    def _release(self) -> None:
-        try:
-            _term(self.context)
-            if self.cluster is not None:
-                self.cluster.stop()
-        finally:
-            _OPEN.discard(self)
-            self._released.set()
-
-
-def _jobs(n: int) -> str:
-    return f"{n} unfinished job{'' if n == 1 else 's'}"
-
-
-def _term(context: zmq.Context[Any]) -> None:
-    """Terminate a context within TERM_TIMEOUT_S: ``term`` blocks while any socket is open."""
-    closer = threading.Thread(target=context.term, name="zfarm-context-term", daemon=True)
-    closer.start()
-    closer.join(TERM_TIMEOUT_S)
-    if closer.is_alive():
-        log.warning("a zfarm client's ZeroMQ context did not close within %.0f s: left to the exit",
-                    TERM_TIMEOUT_S)
-
-
-_OPEN: set[_Resources] = set()
-#: how long a session's client leaving waits for the broker to hold every job it submitted
-DETACH_TIMEOUT_S = 10.0
-#: how long closing the client's ZeroMQ context may take
-TERM_TIMEOUT_S = 10.0
-#: how long a second close waits for the first (closing the socket, the context, stopping the farm)
-RELEASE_WAIT_S = DETACH_TIMEOUT_S + TERM_TIMEOUT_S + 15.0
-#: how often a background close looks again for maps that finished
-CLOSER_POLL_S = 0.5
-#: at exit, say that we wait for unfinished jobs once they have taken this long
-EXIT_NOTICE_S = 1.0
-
-
-@atexit.register
-def _close_all_clients() -> None:
-    """At exit, as ``concurrent.futures`` does: wait for every submitted job; Ctrl-C kills them.
-
-    A session's client leaves instead: its jobs go on at the broker, for a later run.
-    """
-    try:
-        for res in list(_OPEN):
-            try:
-                if res.connection.settings.session:
-                    res.detach()
-                    continue
-                if res.unfinished():
-                    concurrent.futures.wait(res.unfinished(), timeout=EXIT_NOTICE_S)
-                    if left := len(res.unfinished()):
-                        sys.stderr.write(f"zfarm: waiting for {_jobs(left)} before exiting "
-                                         "(Ctrl-C cancels them)\n")
-                    while unfinished := res.unfinished():
-                        concurrent.futures.wait(unfinished, timeout=CLOSER_POLL_S)
-                res.close()
-            except KeyboardInterrupt:
-                raise
-            except Exception:  # at exit, one client's failure must not keep others' processes alive
-                log.exception("could not close a zfarm client at exit")
-    except KeyboardInterrupt:  # Ctrl-C at exit: stop at once
-        for res in list(_OPEN):
-            for future in res.unfinished():
-                future.kill()
-            res.close()

@@ -26,7 +26,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from zfarm import serialization as ser
-from zfarm.connection import JobFuture, PendingJob
+from zfarm.client.core import PendingJob
+from zfarm.client.futures import JobFuture
 
 #: how long one chunk should run once job durations are known
 TARGET_CHUNK_S = 0.005

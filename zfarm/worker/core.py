@@ -1,4 +1,4 @@
-"""The worker agent: one DEALER to the broker, a pool of slot processes for the jobs.
+"""The worker's pure core: handshake, credit, heartbeats, backoff, results kept until read.
 
 ::
 
@@ -7,7 +7,7 @@
                             ▼       │
                           SlotPool (chaperone): one process per slot
 
-The core never reads a clock or touches a socket; :class:`Worker` is the
+The core never reads a clock or touches a socket; :class:`zfarm.worker.shell.Worker` is the
 shell that polls the socket and the slots' pipes and feeds the core. Because
 jobs run in other processes, the loop keeps heartbeating however long a job
 runs. Credit is the worker's to give: READY says how many more jobs it can
@@ -24,31 +24,24 @@ so bounded by the credit offered (slots + prefetch).
 
 from __future__ import annotations
 
-import enum
 import logging
 import os
-import signal
 import socket
-import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
-from types import FrameType
 from typing import Any
-
-import zmq
 
 from zfarm import protocol as p
 from zfarm import serialization as ser
-from zfarm.chaperone import Key, SlotOutcome, SlotPool, SlotTask
 from zfarm.config import WorkerSettings
-from zfarm.errors import PayloadTooLarge, ProtocolError, Refused
-from zfarm.security import HandshakeWatch, PeerKeys, dealer_to_broker
+from zfarm.errors import PayloadTooLarge, Refused
+from zfarm.link import LinkState, Liveness
+from zfarm.protocol import ENVELOPE_ALLOWANCE
+from zfarm.worker.chaperone import Key, SlotOutcome, SlotTask
 
 log = logging.getLogger(__name__)
 
-#: room left for the envelope and other jobs' results beside one job's payload
-ENVELOPE_ALLOWANCE = 64 * 1024
 #: a job still in its slot this long after it started is reported as started (STARTED, so its
 #: client's future says ``running()``); a quicker one reports only its result: no extra message
 STARTED_REPORT_S = 0.01
@@ -56,10 +49,8 @@ STARTED_REPORT_S = 0.01
 ENDS_JOB = frozenset({p.Outcome.OK, p.Outcome.ERROR, p.Outcome.CRASHED})
 
 
-class Link(str, enum.Enum):
-    DOWN = "down"  # no socket: waiting out the reconnect backoff
-    CONNECTING = "connecting"  # HELLO sent, no WELCOME yet
-    READY = "ready"
+#: the link's states (kept under this name for the worker's callers)
+Link = LinkState
 
 
 @dataclass
@@ -68,7 +59,7 @@ class Actions:
 
     send: list[p.Message] = field(default_factory=list)
     kill: list[Key] = field(default_factory=list)  # running jobs to cancel
-    reconnect: bool = False  # close the socket; open a new one at ``core.reconnect_at``
+    reconnect: bool = False  # close the socket; open a new one at ``core.live.reconnect_at``
 
 
 class WorkerCore:
@@ -80,15 +71,10 @@ class WorkerCore:
         self.pid = os.getpid() if pid is None else pid
         self.slots = settings.slots
         self.capacity = self.slots + settings.prefetch
-        self.interval_s = settings.heartbeat_interval_s
-        self.liveness = settings.liveness
-        self.link = Link.DOWN
+        self.live = Liveness(settings.heartbeat_interval_s, settings.liveness, settings.reconnect_min_s,
+                             settings.reconnect_max_s, now)
         self.broker_id = ""
         self.max_message_bytes = 0  # the broker's, from WELCOME
-        self.last_heard = now
-        self.last_sent = now
-        self.backoff_s = settings.reconnect_min_s
-        self.reconnect_at = now
         self.pending: deque[SlotTask] = deque()  # received, not yet in a slot
         self.running_keys: set[Key] = set()  # in a slot now; never two copies of one job at once
         self.fns: dict[bytes, Any] = {}
@@ -112,8 +98,7 @@ class WorkerCore:
 
     def connect(self, now: float) -> Actions:
         """A new socket is open: introduce ourselves."""
-        self.link = Link.CONNECTING
-        self.last_heard = now
+        self.live.connecting(now)
         return self._out(now, [self._hello()])
 
     def _hello(self) -> p.Hello:
@@ -121,15 +106,17 @@ class WorkerCore:
                        {"prefetch": self.settings.prefetch})
 
     def on_message(self, msg: p.Message, now: float) -> Actions:
-        self.last_heard = now
+        self.live.heard(now)
         if isinstance(msg, p.Welcome):
             return self._welcome(msg, now)
         if isinstance(msg, p.Jobs):
             return self._jobs(msg, now)
         if isinstance(msg, p.CancelJobs):
             return self._cancel({(k[0], k[1]) for k in msg.keys}, now)
+        if isinstance(msg, p.Reclaim):
+            return self._reclaim({(k[0], k[1]) for k in msg.keys}, now)
         if isinstance(msg, p.Reconnect):
-            if self.link is Link.CONNECTING:
+            if self.live.state is Link.CONNECTING:
                 return Actions()  # our HELLO is on its way already
             log.info("broker does not know us (%s): introducing ourselves again", p.clip(msg.reason))
             return self.connect(now)
@@ -143,15 +130,13 @@ class WorkerCore:
         return Actions()
 
     def _welcome(self, msg: p.Welcome, now: float) -> Actions:
-        if self.link is not Link.READY:
+        if self.live.state is not Link.READY:
             log.info("worker %s registered with broker %s (%d %s)", self.id, msg.broker_id, self.slots,
                      "slot" if self.slots == 1 else "slots")
-        self.link = Link.READY
+        self.live.welcomed(msg.heartbeat_interval_s, msg.liveness)
         self.fns.clear()  # the broker's mirror of our cache starts empty with each registration
         self.broker_id = msg.broker_id
         self.max_message_bytes = msg.max_message_bytes
-        self.interval_s, self.liveness = msg.heartbeat_interval_s, msg.liveness
-        self.backoff_s = self.settings.reconnect_min_s
         # What the broker may not have read goes first, so that it finishes those jobs before it
         # could hand them out again; then READY offers the free slots (those results' credit included).
         resend = [o for _offered, batch in self.unacked for o in batch] + self.unsent
@@ -188,6 +173,15 @@ class WorkerCore:
         actions.kill = sorted(keys - {t.key for t in dropped})
         return actions
 
+    def _reclaim(self, keys: set[Key], now: float) -> Actions:
+        """Give back the jobs still waiting here (RETURNED, with their credit); running ones run on."""
+        given = [t for t in self.pending if t.key in keys]
+        if not given:
+            return Actions()
+        self.pending = deque(t for t in self.pending if t.key not in keys)
+        log.debug("worker %s gave back %d prefetched jobs", self.id, len(given))
+        return self.finished([SlotOutcome(t.key, t.attempt, p.Outcome.RETURNED, []) for t in given], now)
+
     def take_tasks(self, free_slots: int, now: float = 0.0) -> list[SlotTask]:
         """Tasks to start now on ``free_slots`` idle slots.
 
@@ -209,7 +203,7 @@ class WorkerCore:
 
     def report_started(self, now: float) -> Actions:
         """STARTED for the jobs that have run for ``STARTED_REPORT_S`` (and have not finished)."""
-        if self.link is not Link.READY or not self.unreported:
+        if self.live.state is not Link.READY or not self.unreported:
             return Actions()
         due = [key for key, since in self.unreported.items() if now - since >= STARTED_REPORT_S]
         if not due:
@@ -220,7 +214,7 @@ class WorkerCore:
 
     def next_report_at(self) -> float | None:
         """When :meth:`report_started` next has something to send (the oldest start comes first)."""
-        if self.link is not Link.READY:
+        if self.live.state is not Link.READY:
             return None
         for since in self.unreported.values():
             return since + STARTED_REPORT_S
@@ -228,6 +222,8 @@ class WorkerCore:
 
     def finished(self, outcomes: list[SlotOutcome], now: float, from_slots: int = 0) -> Actions:
         """Jobs left our hands (the first ``from_slots`` outcomes came from slots); report them."""
+        if not outcomes:
+            return Actions()
         ended = set()
         for o in outcomes[:from_slots]:
             self.running_keys.discard(o.key)
@@ -243,7 +239,7 @@ class WorkerCore:
         self.done += sum(o.outcome == p.Outcome.OK for o in outcomes)
         if not outcomes:
             return Actions()
-        if self.link is not Link.READY:
+        if self.live.state is not Link.READY:
             self.unsent.extend(outcomes)
             return Actions()
         return self._out(now, [self._send_results(outcomes, credit=0 if self.stopping else len(outcomes))])
@@ -272,24 +268,21 @@ class WorkerCore:
 
     def tick(self, now: float) -> Actions:
         """Heartbeat when quiet; give up on a silent broker and schedule a reconnect."""
-        if self.link is Link.DOWN:
-            return Actions()
-        silent_s = now - self.last_heard
-        if silent_s > self.interval_s * self.liveness:
-            if self.link is Link.CONNECTING:  # said at every try, so a worker never waits in silence
+        live = self.live
+        if live.expired(now):
+            silent_s = live.silent_s(now)
+            if live.state is Link.CONNECTING:  # said at every try, so a worker never waits in silence
                 log.warning("no answer from a broker at %s for %.0f s (is `zfarm broker` running there?): "
-                            "trying again in %.0f s", self.settings.address, silent_s, self.backoff_s)
+                            "trying again in %.0f s", self.settings.address, silent_s, live.backoff_s)
             else:
-                log.warning("broker silent for %.1f s: reconnecting in %.0f s", silent_s, self.backoff_s)
+                log.warning("broker silent for %.1f s: reconnecting in %.0f s", silent_s, live.backoff_s)
             return self._drop_link(now)
-        if self.link is Link.READY and now - self.last_sent >= self.interval_s:
+        if live.heartbeat_due(now):
             return self._out(now, [p.Heartbeat()])
         return Actions()
 
     def _drop_link(self, now: float) -> Actions:
-        self.link = Link.DOWN
-        self.reconnect_at = now + self.backoff_s
-        self.backoff_s = min(self.backoff_s * 2, self.settings.reconnect_max_s)
+        self.live.drop(now)
         return Actions(reconnect=True)
 
     def stop(self, now: float) -> Actions:
@@ -304,210 +297,8 @@ class WorkerCore:
         return self.finished(returned, now)
 
     def goodbye(self, now: float) -> Actions:
-        return self._out(now, [p.Disconnect("worker stopping")] if self.link is Link.READY else [])
+        return self._out(now, [p.Disconnect("worker stopping")] if self.live.state is Link.READY else [])
 
     def _out(self, now: float, msgs: list[p.Message]) -> Actions:
-        self.last_sent = now
+        self.live.sent(now)
         return Actions(send=msgs)
-
-
-class Worker:
-    """The shell: sockets, slots, signals and the clock around a :class:`WorkerCore`."""
-
-    def __init__(self, settings: WorkerSettings, context: zmq.Context[Any] | None = None) -> None:
-        self.settings = settings
-        # first, so that unusable keys stop us before any socket or process exists
-        self.keys = PeerKeys.load(settings.keys, "worker", settings.key_name) if settings.keys else None
-        self._own_context = context is None
-        self.context = context or zmq.Context()
-        self.core = WorkerCore(settings, time.monotonic())
-        self.pool: SlotPool | None = None
-        self.socket: zmq.Socket[Any] | None = None
-        self._watch: HandshakeWatch | None = None
-        self._handshake_problem = ""  # logged once, not at every reconnect
-        self._poller_key: tuple[int, tuple[int, ...]] = (-1, ())
-        self._socket_generation = 0  # counts sockets opened: the poller's key
-        self._cached_poller = zmq.Poller()
-        self._signals = 0  # stop requests so far (set from signal handlers: only counted there)
-        self._signals_seen = 0
-        self._grace_until = 0.0
-
-    def serve(self) -> None:
-        """Run until stopped by :meth:`request_stop` (twice: at once), or the parent is gone."""
-        core = self.core
-        os.environ["ZFARM_WORKER_PID"] = str(os.getpid())  # jobs may read it; set before slots start
-        os.environ["ZFARM_WORKER_ID"] = core.id
-        self.pool = SlotPool(core.slots, core.host, self.settings.output_dir)
-        log.info("worker %s on %s pid %d: %d %s, connecting to %s", core.id, core.host, core.pid,
-                 core.slots, "slot" if core.slots == 1 else "slots", self.settings.address)
-        try:
-            while True:
-                now = time.monotonic()
-                if core.link is Link.DOWN and now >= core.reconnect_at and not core.stopping:
-                    self._open_socket()
-                    self._apply(core.connect(now))
-                self._poll_once()
-                self._drain_if_due()
-                self._handle_stop_requests()
-                self._apply(core.tick(time.monotonic()))
-                if self._should_exit():
-                    break
-        finally:
-            self._shutdown()
-
-    def _poll_once(self) -> None:
-        assert self.pool is not None
-        core, pool = self.core, self.pool
-        slot_fds = pool.fds()
-        poller = self._poller(slot_fds)
-        timeout_s = core.interval_s / 4
-        if core.link is Link.DOWN:
-            timeout_s = max(0.0, min(timeout_s, core.reconnect_at - time.monotonic()))
-        deadline = pool.next_deadline()
-        if deadline is not None:  # wake up in time to stop a job at its limit
-            timeout_s = max(0.0, min(timeout_s, deadline - time.monotonic() + 0.001))
-        report_at = core.next_report_at()
-        if report_at is not None:  # and to say that a job runs
-            timeout_s = max(0.0, min(timeout_s, report_at - time.monotonic() + 0.001))
-        ready = dict(poller.poll(int(timeout_s * 1000)))
-        if self._watch is not None and ready.get(self._watch.monitor):
-            self._read_handshake_events()
-        if self.socket is not None and ready.get(self.socket):
-            self._drain_socket()
-        outcomes: list[SlotOutcome] = []
-        for fd, slot in slot_fds.items():
-            if ready.get(fd) and (outcome := pool.collect(slot)) is not None:
-                outcomes.append(outcome)
-        now = time.monotonic()
-        outcomes += pool.enforce_limits(now)
-        self._apply(core.finished(outcomes, now, from_slots=len(outcomes)))
-        started_dead = []
-        for task in core.take_tasks(pool.free, now):
-            if (outcome := pool.run(task)) is not None:
-                started_dead.append(outcome)
-        if started_dead:
-            self._apply(core.finished(started_dead, now, from_slots=len(started_dead)))
-        self._apply(core.report_started(time.monotonic()))
-
-    def _poller(self, slot_fds: dict[int, Any]) -> zmq.Poller:
-        """The poller for the socket and the slots' pipes, rebuilt only when one of them changed."""
-        key = (self._socket_generation, tuple(slot_fds))
-        if key != self._poller_key:
-            self._poller_key, self._cached_poller = key, zmq.Poller()
-            if self.socket is not None:
-                self._cached_poller.register(self.socket, zmq.POLLIN)
-            if self._watch is not None:
-                self._cached_poller.register(self._watch.monitor, zmq.POLLIN)
-            for fd in slot_fds:
-                self._cached_poller.register(fd, zmq.POLLIN)
-        return self._cached_poller
-
-    def _drain_socket(self) -> None:
-        assert self.socket is not None
-        while self.socket is not None:
-            try:
-                frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            try:
-                msg = p.decode(frames)
-            except ProtocolError as exc:
-                log.warning("dropped a malformed message from the broker: %s", p.clip(str(exc)))
-                continue
-            self._apply(self.core.on_message(msg, time.monotonic()))
-
-    def _apply(self, actions: Actions) -> None:
-        if actions.kill and self.pool is not None:
-            cancelled = [o for key in actions.kill if (o := self.pool.cancel(key)) is not None]
-            self._apply(self.core.finished(cancelled, time.monotonic(), from_slots=len(cancelled)))
-        if self.socket is not None:
-            for msg in actions.send:
-                self.socket.send_multipart(p.encode(msg), copy=False)
-        if actions.reconnect:
-            self._close_socket()
-
-    def _read_handshake_events(self) -> None:
-        assert self._watch is not None
-        problem = self._watch.read()
-        if problem and problem != self._handshake_problem:
-            log.warning("worker %s: %s", self.core.id, problem)
-        self._handshake_problem = problem
-
-    def _open_socket(self) -> None:
-        sock = dealer_to_broker(self.context, self.settings.address, self.keys)
-        self._watch = HandshakeWatch(sock, "worker", self.keys is not None)
-        sock.connect(self.settings.address)
-        self.socket = sock
-        self._socket_generation += 1
-
-    def _close_socket(self) -> None:
-        if self._watch is not None:
-            self._watch.close()
-            self._watch = None
-        if self.socket is not None:
-            self.socket.close(linger=0)
-            self.socket = None
-            self._socket_generation += 1
-
-    def request_stop(self) -> None:
-        """First call: drain gracefully within the grace period. Second call: stop now.
-
-        Only counts the request, so it is safe in a signal handler; the loop acts on it.
-        """
-        self._signals += 1
-
-    def _drain_if_due(self) -> None:
-        """At ``drain_at`` (a batch job's end, less its grace), stop as on a first SIGTERM."""
-        if self.settings.drain_at and not self._signals and time.time() >= self.settings.drain_at:
-            log.info("worker %s: its allocation ends soon: draining", self.core.id)
-            self.request_stop()
-
-    def _handle_stop_requests(self) -> None:
-        if self._signals and not self._signals_seen:
-            self._grace_until = time.monotonic() + self.settings.grace_s
-            self._apply(self.core.stop(time.monotonic()))
-        self._signals_seen = self._signals
-
-    def _should_exit(self) -> bool:
-        if self.settings.parent_pid and os.getppid() != self.settings.parent_pid:
-            log.info("parent process %d is gone: stopping", self.settings.parent_pid)
-            return True
-        if not self.core.stopping:
-            return False
-        assert self.pool is not None
-        if self.core.running == 0:
-            return True
-        if self._signals > 1 or time.monotonic() >= self._grace_until:
-            keys = self.pool.running()
-            log.warning("handing back %d running jobs unfinished", len(keys))
-            outcomes = []
-            for key in keys:
-                outcome = self.pool.cancel(key)
-                if outcome is not None:
-                    outcomes.append(SlotOutcome(key, outcome.attempt, p.Outcome.RETURNED, []))
-            self._apply(self.core.finished(outcomes, time.monotonic(), from_slots=len(outcomes)))
-            return True
-        return False
-
-    def _shutdown(self) -> None:
-        self._apply(self.core.goodbye(time.monotonic()))
-        if self.pool is not None:
-            self.pool.close()
-        self._close_socket()
-        if self._own_context:
-            self.context.term()
-        log.info("worker %s stopped after %d jobs", self.core.id, self.core.done)
-
-
-def run_worker(settings: WorkerSettings) -> None:
-    """The ``zfarm worker`` command: serve until SIGINT/SIGTERM (twice: at once)."""
-    worker = Worker(settings)
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        log.info("received %s: %s", signal.Signals(signum).name,
-                 "stopping now" if worker._signals else "finishing running jobs, then stopping")
-        worker.request_stop()
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    worker.serve()
