@@ -163,7 +163,8 @@ def _map_in_processes(farm: Farm, args: argparse.Namespace, received: list[int],
              "--session", args.session, "--jobs", str(args.jobs), "--work-s", str(args.work_s),
              "--chunksize", str(args.chunksize), "--time-limit", str(args.time_limit)],
             stdin=subprocess.DEVNULL, stdout=farm.log, stderr=farm.log)
-        kill_at = args.jobs * (run + 1) // (args.client_kills + 1) if run < args.client_kills else None
+        last = run == args.client_kills
+        kill_at = None if last else args.jobs * (run + 1) // (args.client_kills + 1)
         received[0] = 0
         with open(out, "rb") as progress:  # read on from where we were: only the new lines are counted
             while proc.poll() is None:
@@ -172,10 +173,11 @@ def _map_in_processes(farm: Farm, args: argparse.Namespace, received: list[int],
                     proc.kill()
                     tally.failure = f"time limit of {args.time_limit:.0f} s reached"
                 elif kill_at is not None and received[0] >= kill_at:
-                    proc.kill()
+                    proc.kill()  # once: a loaded machine may take a while to reap it
                     events.append("client-kill")
+                    kill_at = None
                 time.sleep(0.02)
-        if proc.wait() != 0 and (tally.failure or kill_at is None):
+        if proc.wait() != 0 and (tally.failure or last):
             tally.failure = tally.failure or f"the last client exited with {proc.returncode}"
             break
     lines = out.read_text().splitlines()
