@@ -303,3 +303,50 @@ def test_a_remote_traceback_names_the_script_and_its_lines_not_zfarm(procs: Proc
     assert f'File "{script}", line 6, in helper\n    return 1 / x' in output, output
     assert f'File "{script}", line 9, in job\n    return helper(x)' in output, output
     assert "<dynamic-code>" not in output and "chaperone" not in output, output
+
+
+# --- maps and closing, from a review -----------------------------------------------------------------
+
+
+def counting(n: int, pulled: list[int]) -> Iterator[int]:
+    for i in range(n):
+        pulled[0] += 1
+        yield i
+
+
+def test_a_map_dropped_unread_runs_only_its_first_window_at_shutdown(farm: str) -> None:
+    pulled = [0]
+    client = zfarm.Client(farm, window=8)
+    client.map(jobs.square, counting(3000, pulled))  # for its side effects; the results are dropped
+    client.shutdown()
+    assert pulled[0] <= 8
+
+
+def test_shutdown_cancelling_reads_no_more_of_a_map(farm: str) -> None:
+    pulled = [0]
+    client = zfarm.Client(farm, window=8)
+    results = client.map(jobs.square, counting(2000, pulled), chunksize=1)
+    assert next(results) == 0
+    started = time.monotonic()
+    client.shutdown(cancel_futures=True)
+    assert time.monotonic() - started < 20
+    assert pulled[0] <= 8 + 1, pulled
+    results.close()
+
+
+def test_a_done_callback_may_shut_the_client_down(farm: str) -> None:
+    client = zfarm.Client(farm)
+    called = threading.Event()
+    took: list[float] = []
+
+    def leave(_: concurrent.futures.Future[Any]) -> None:
+        started = time.monotonic()
+        client.shutdown(wait=False)
+        took.append(time.monotonic() - started)
+        called.set()
+
+    client.submit(jobs.square, 2).add_done_callback(leave)
+    assert called.wait(RESULT_TIMEOUT_S)
+    assert took[0] < 1.0  # it did not wait for its own thread to stop
+    wait_for(lambda: not any(t.name.startswith("zfarm-client") for t in threading.enumerate()), 20,
+             message="the client's I/O thread to end")

@@ -80,11 +80,12 @@ def _restore_sources(tb: str) -> str:
 
     def frame(match: re.Match[str]) -> str:
         line, name = int(match.group(2)), match.group(3)
-        for filename in _SOURCES.get(name.rsplit(".", 1)[-1], []):
-            source = linecache.getline(filename, line).strip()
-            if source:
-                return f'{match.group(1)}"{filename}", line {line}, in {name}\n    {source}'
-        return match.group(0)
+        found = [(filename, source) for filename in _SOURCES.get(name.rsplit(".", 1)[-1], [])
+                 if (source := linecache.getline(filename, line).strip())]
+        if len(found) != 1:  # unknown, or two files could hold it: say nothing rather than guess
+            return match.group(0)
+        filename, source = found[0]
+        return f'{match.group(1)}"{filename}", line {line}, in {name}\n    {source}'
 
     return _DYNAMIC_FRAME.sub(frame, tb) if "<dynamic-code>" in tb else tb
 

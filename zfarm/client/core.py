@@ -310,6 +310,9 @@ class ClientCore:
         self.max_message_bytes = msg.max_message_bytes
         for job in self.jobs.values():  # this broker may not be the one that accepted them
             job.accepted = False
+            # a re-run's RECEIVED may have died with the old connection: say it again, or the broker
+            # answers the re-run with the failed result it still holds
+            job.drop_held = job.drop_held or job.attempt > 0
         waiting = self._retrying | set(self._bounced)  # these go when their backoff is over
         self._to_send = sorted(set(self.jobs) - waiting)  # all unfinished: the broker drops what it has
         if not first:

@@ -87,15 +87,20 @@ class Client(concurrent.futures.Executor):
                  mem_limit: int | None = None, retries: int | None = None,
                  retry_backoff_s: float | None = None, session: str | None = None,
                  echo_output: bool = False, profile: str | None = None) -> None:
+        self._options = job_options(job_timeout_s, mem_limit, retries)  # checked before any farm starts
         cluster, address, keys = _farm(address, profile, keys)
-        self.settings = resolve(ClientSettings, {
-            "address": address, "connect_timeout_s": connect_timeout_s, "broker_timeout_s": broker_timeout_s,
-            "window": window, "keys": keys, "key_name": key_name, "retry_backoff_s": retry_backoff_s,
-            "session": session})
+        try:
+            self.settings = resolve(ClientSettings, {
+                "address": address, "connect_timeout_s": connect_timeout_s,
+                "broker_timeout_s": broker_timeout_s, "window": window, "keys": keys, "key_name": key_name,
+                "retry_backoff_s": retry_backoff_s, "session": session})
+        except BaseException:
+            if cluster is not None:  # the profile's farm started for this client: stop it again
+                cluster.close()
+            raise
         self.session = self.settings.session
         # A session's id is its name, so the broker knows it again; job numbers then repeat in a rerun.
         self.id = f"s-{self.session}" if self.session else f"c-{uuid.uuid4().hex[:12]}"
-        self._options = job_options(job_timeout_s, mem_limit, retries)
         self._echo_output = echo_output
         self._seq = itertools.count(1)
         #: functions bundled with scattered objects, by function and objects (built once, newest last)
@@ -287,7 +292,11 @@ class Client(concurrent.futures.Executor):
                 payloads: list[tuple[list[Any], int]] = []
                 with scatter.collecting() as used:
                     for chunk in chunks:
-                        payloads.append((ser.dump_chunk(chunk), len(chunk)))
+                        try:
+                            payloads.append((ser.dump_chunk(chunk), len(chunk)))
+                        except Exception as exc:  # this chunk raises in its place; those before it go
+                            error = exc
+                            break
                 fn_id, blob = self._with_scattered(fn_id, blob, used)
                 for frames, items in payloads:
                     jobs.append(self._job(fn_id, frames, len(blob), _per_chunk(options, items), in_map=True))
@@ -312,6 +321,7 @@ class Client(concurrent.futures.Executor):
         self._res.track_map(run)
         run.start()  # work starts now, not at the first next(): the first window runs, read or not
         results = run.results(deadline)
+        weakref.finalize(results, run.drop_reader)  # dropped unread: its first window still runs
         return track(results, total, f"map {getattr(fn, '__name__', 'fn')}") if progress else results
 
     def _abandon(self, jobs: list[PendingJob]) -> None:
@@ -353,14 +363,19 @@ class Client(concurrent.futures.Executor):
         chosen = self._res.unfinished() if futures is None else list(futures)
         return sum(f.kill() if force and isinstance(f, JobFuture) else f.cancel() for f in chosen)
 
-    def _finish(self, wait: bool, cancel_futures: bool, interrupted: bool = False) -> None:
+    def _finish(self, wait: bool, cancel_futures: bool, interrupted: bool = False,
+                failed: bool = False) -> None:
+        """``failed``: leaving a ``with`` block by an exception: maps read no more input."""
+        if cancel_futures or failed or interrupted:
+            self._res.abandon_maps()
         if cancel_futures:
             self.cancel(force=bool(self.session))
             self._res.end_session = bool(self.session)
         if self.session and not wait and not cancel_futures:
             self._res.detach()
         elif wait:
-            self._res.complete_maps()
+            if not (cancel_futures or failed or interrupted):
+                self._res.complete_maps()
             self._res.close_when_done(block=True, interrupted=interrupted)
         else:  # jobs (and maps being read) go on; the connection closes when they are done
             self._res.close_when_done()
@@ -378,7 +393,7 @@ class Client(concurrent.futures.Executor):
         interrupted = exc_type is not None and issubclass(exc_type, KeyboardInterrupt)
         try:
             self._finish(wait=not (self.session and exc_type is not None), cancel_futures=False,
-                         interrupted=interrupted)
+                         interrupted=interrupted, failed=exc_type is not None)
         except KeyboardInterrupt:
             if not interrupted:
                 raise

@@ -7,7 +7,7 @@ exception here, in the client's process: the broker never unpickles user data.
 from __future__ import annotations
 
 from concurrent.futures import Future, InvalidStateError
-from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, PENDING, RUNNING
+from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, PENDING, RUNNING
 from typing import Any, Protocol
 
 from zfarm import protocol as p
@@ -122,17 +122,22 @@ def cancel_future(future: Future[Any], force: bool = False) -> bool:
     """Cancel a future and wake whoever waits on it (``wait``, ``as_completed``).
 
     ``Future.cancel`` alone leaves those waiters asleep until an executor's thread calls
-    ``set_running_or_notify_cancel``; zfarm has no such thread, so this does it at once.
-    ``force``: cancel a running future too (the standard one refuses).
+    ``set_running_or_notify_cancel``; zfarm has no such thread, so this does both steps at once.
+    The done-callbacks run after the future's lock is let go, as ``Future.cancel`` runs them, so a
+    callback that takes other locks cannot deadlock with a thread that holds one of those and then
+    looks at this future. ``force``: cancel a running future too (the standard one refuses).
     """
-    with future._condition:  # a re-entrant lock: the calls below take it again
-        if future._state in (CANCELLED, CANCELLED_AND_NOTIFIED):
+    with future._condition:
+        state = future._state
+        if state in (CANCELLED, CANCELLED_AND_NOTIFIED):
             return True
-        if force and future._state == RUNNING:
-            future._state = PENDING
-        if not Future.cancel(future):
+        if state == FINISHED or (state == RUNNING and not force):
             return False
-        future.set_running_or_notify_cancel()  # CANCELLED → CANCELLED_AND_NOTIFIED: waiters wake
+        future._state = CANCELLED_AND_NOTIFIED
+        for waiter in future._waiters:
+            waiter.add_cancelled(future)
+        future._condition.notify_all()
+    future._invoke_callbacks()  # type: ignore[attr-defined]
     return True
 
 

@@ -98,8 +98,30 @@ class MapRun:
         self._input_error: BaseException | None = None
         self._lock = threading.RLock()
         self._filling = False
-        #: the caller is done with this map (read to its end, stopped early, or dropped)
+        self._refill = False  # a fill was asked for while one ran in this thread: run another after it
+        #: the caller is done reading this map (read to its end, or stopped early)
         self.finished = False
+        #: the caller dropped the results unread: only what was read at call time still goes
+        self.reader_gone = False
+        #: no more input goes (the client cancels, or is left by an exception)
+        self.stopped = False
+
+    @property
+    def live(self) -> bool:
+        """Whether this map may still submit jobs, so the client must stay open for it."""
+        with self._lock:
+            return not (self.finished or self.stopped) and (not self.reader_gone or bool(self._read_ahead))
+
+    def drop_reader(self) -> None:
+        """The caller dropped the results without reading them (their generator was collected)."""
+        with self._lock:
+            self.reader_gone = True
+
+    def stop(self) -> None:
+        """Read and submit nothing more (what is submitted runs on)."""
+        with self._lock:
+            self.stopped = True
+            self._read_ahead.clear()
 
     def start(self) -> None:
         """At call time: take this map's first window of input and start it."""
@@ -134,15 +156,22 @@ class MapRun:
         not run the caller's generator). ``unbounded``: submit everything that is left.
         """
         with self._lock:
-            if self._filling:  # a job finished inside our own submit (its callback): we go on anyway
+            if self._filling:  # a job finished inside our own submit (its callback): fill again after
+                self._refill = True
                 return
             self._filling = True
             try:
                 self._fill(read_input, unbounded)
+                while self._refill:
+                    self._refill = False
+                    self._fill(read_input, unbounded)
             finally:
                 self._filling = False
 
     def _fill(self, read_input: bool, unbounded: bool) -> None:
+        if self.finished or self.stopped:
+            return
+        read_input = read_input and not self.reader_gone
         size = self.sizer.size()
         item_cap = max(self._window, 32 * size)
         chunk_cap = self._window if self.sizer.measured else PROBES
@@ -170,7 +199,7 @@ class MapRun:
     def _job_done(self, items: int, future: Any) -> None:
         """A chunk finished (in the I/O thread): learn its run time, send what was read ahead."""
         self.sizer.observe(items, future.run_s)
-        if self._read_ahead and not self.finished:
+        if self._read_ahead and not (self.finished or self.stopped):
             try:
                 self.fill(read_input=False)
             except Exception as exc:  # the client closed meanwhile: the caller hears of it in order
@@ -179,9 +208,9 @@ class MapRun:
                     self._read_ahead.clear()
 
     def complete(self) -> None:
-        """Submit every item left, so the results can be read after the client closes."""
-        if not self.finished:
-            self.fill(unbounded=True)
+        """Submit every item left, so the results can be read after the client closes (only what was
+        read ahead, if nobody will read them)."""
+        self.fill(read_input=not self.reader_gone, unbounded=True)
 
     def results(self, deadline: float | None) -> Iterator[Any]:
         """Yield results in input order; cancel what is left when the caller stops early (if asked)."""
@@ -207,7 +236,9 @@ class MapRun:
             if self._input_error is not None:
                 raise self._input_error
         finally:
-            self.finished = True
+            with self._lock:
+                self.finished = True
+                left = [future for future, _ in self._pending]
             if self._cancel_left:  # the caller stopped early: its jobs are of no use, even running
-                for future, _ in self._pending:
+                for future in left:
                     future.kill()

@@ -78,12 +78,20 @@ class Resources:
 
     def _live_maps(self) -> list[MapRun]:
         with self._lock:
-            return [run for run in self._maps if not run.finished]
+            return [run for run in self._maps if run.live]
 
     def complete_maps(self) -> None:
         """Submit what maps still being read have left, so they can be read to the end after close."""
         for run in self._live_maps():
             run.complete()
+
+    def abandon_maps(self) -> None:
+        """Maps still being read read no more input (a shutdown that cancels, or an exception)."""
+        for run in self._live_maps():
+            run.stop()
+
+    def _on_io_thread(self) -> bool:
+        return threading.current_thread() is self.connection
 
     def detach(self) -> None:
         """Leave a session once the broker holds every job (DETACH_TIMEOUT_S at most)."""
@@ -101,9 +109,9 @@ class Resources:
         if block:
             self.wait_for_jobs(interrupted)
             self.close()
-        elif not self.unfinished() and not self._live_maps():
+        elif not self.unfinished() and not self._live_maps() and not self._on_io_thread():
             self.close()
-        else:
+        else:  # also from a done-callback: the I/O thread cannot close (join) itself
             name = f"zfarm-close-{self.connection.client_id}"
             closer = threading.Thread(target=self._close_later, name=name, daemon=True)
             closer.start()
@@ -120,6 +128,9 @@ class Resources:
         Raises:
             KeyboardInterrupt: the second Ctrl-C, once the jobs are killed and the client closed.
         """
+        if self._on_io_thread():
+            raise RuntimeError("a done-callback cannot wait for jobs: it runs on the client's I/O thread, "
+                               "which settles them; use shutdown(wait=False) there")
         warned = False
         if interrupted:
             warned = self._say_waiting()
@@ -151,8 +162,16 @@ class Resources:
             closing = self._closed
             self._closed = True
         if closing:
-            self._released.wait(RELEASE_WAIT_S)
+            if not self._on_io_thread():
+                self._released.wait(RELEASE_WAIT_S)
             return
+        if self._on_io_thread():  # a done-callback closing the client: done beside it, not by it
+            threading.Thread(target=self._close_now, name=f"zfarm-close-{self.connection.client_id}",
+                             daemon=True).start()
+            return
+        self._close_now()
+
+    def _close_now(self) -> None:
         self.connection.close(end_session=self.end_session)
         self._release()
 

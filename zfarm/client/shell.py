@@ -24,7 +24,7 @@ from typing import Any
 
 import zmq
 
-from zfarm.client.core import Actions, ClientCore, PendingJob
+from zfarm.client.core import END_SESSION_WAIT_S, Actions, ClientCore, PendingJob
 from zfarm.client.futures import cancel_future, mark_running, set_future, settle
 from zfarm.config import ClientSettings
 from zfarm.link import Link
@@ -107,9 +107,9 @@ class IOThread(threading.Thread):
         """
         self._post("stop", end_session)
         if self.is_alive() and threading.current_thread() is not self:
-            self.join(timeout_s)
-        self._wake_r.close()
-        self._wake_w.close()
+            # a session's goodbye may wait END_SESSION_WAIT_S for an unreachable broker
+            self.join(max(timeout_s, END_SESSION_WAIT_S + 2.0))
+        # the wake-up pair is the thread's: it closes it when it ends (see run), never under it
 
     def _post(self, what: str, payload: Any) -> bool:
         """Queue work for the I/O thread; False if it has stopped taking any."""
@@ -120,10 +120,11 @@ class IOThread(threading.Thread):
             if self._woken:
                 return True
             self._woken = True
-        try:
-            self._wake_w.send(b"\0")
-        except OSError:
-            pass  # closed: the thread is gone
+            try:
+                # under the lock: the thread closes the pair only after refusing posts under it
+                self._wake_w.send(b"\0")
+            except OSError:
+                pass
         return True
 
     # ---- the I/O thread ---------------------------------------------------------------------------
@@ -144,6 +145,8 @@ class IOThread(threading.Thread):
             finally:
                 self.link.close()
                 self._refuse_posts()
+                self._wake_r.close()
+                self._wake_w.close()
 
     def _step(self) -> None:
         core, link = self.core, self.link
