@@ -159,6 +159,9 @@ class Journal:
             self._db.execute("PRAGMA locking_mode=EXCLUSIVE")  # a second broker on this file fails
             mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             self._db.execute(f"PRAGMA synchronous={sync.upper()}")
+            # A log that starts a new pass is cut to nothing, so its size is always the end of the
+            # current pass: the mark (wal.py) then tells a lost tail also after a checkpoint.
+            self._db.execute("PRAGMA journal_size_limit=0")
             self._db.execute("BEGIN IMMEDIATE")  # takes the lock now, not at the first job
             # Ours alone now, and SQLite has only read the log: what it will drop is still there.
             lost = (self._check_wal() or self._mark.check()) if had_wal else ""
