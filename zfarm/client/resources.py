@@ -77,8 +77,9 @@ class Resources:
             return [f for f in self._futures if not f.done()]
 
     def _live_maps(self) -> list[MapRun]:
-        with self._lock:
-            return [run for run in self._maps if run.live]
+        with self._lock:  # a map's own lock is taken outside ours: a filling map holds its, then takes ours
+            maps = list(self._maps)
+        return [run for run in maps if run.live]
 
     def complete_maps(self) -> None:
         """Submit what maps still being read have left, so they can be read to the end after close."""

@@ -19,13 +19,11 @@ import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Sequence
-from types import FrameType
 from typing import Any
 
 log = logging.getLogger("zfarm.cluster.remote")
@@ -64,7 +62,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     margin_s = float(blob.get("walltime_margin_s", WALLTIME_MARGIN_S))
     worker = _worker(blob, args.worker_id, args.procs, drain_at=_drain_at(float(blob["grace_s"]) + margin_s))
-    _watch_signals(worker)
+    from zfarm.worker.shell import stop_on_signals
+
+    stop_on_signals(worker)
     if args.settings:
         worker.serve()
         return 0
@@ -89,21 +89,12 @@ def _worker(blob: dict[str, Any], worker_id: str, procs: int, drain_at: float) -
     flags = {"address": blob["address"], "worker_id": worker_id, "procs": procs, "grace_s": blob["grace_s"],
              "heartbeat_interval_s": blob.get("heartbeat_interval_s"), "drain_at": drain_at or None,
              "parent_pid": os.getppid()}
-    worker = Worker(resolve(WorkerSettings, flags))
-    if blob.get("keys"):
-        keys = blob["keys"]
-        worker.keys = PeerKeys(*(z85.decode(keys[k].encode()) for k in ("public", "secret", "server")))
+    keys = blob.get("keys")
+    peer_keys = None
+    if keys:  # they came over ssh's stdin: never on a command line or the remote disk
+        peer_keys = PeerKeys(*(z85.decode(keys[k].encode()) for k in ("public", "secret", "server")))
+    worker = Worker(resolve(WorkerSettings, flags), keys=peer_keys)
     return worker
-
-
-def _watch_signals(worker: Any) -> None:
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        log.info("received %s: %s", signal.Signals(signum).name,
-                 "stopping now" if worker._signals else "finishing running jobs, then stopping")
-        worker.request_stop()
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
 
 
 def _watch_stdin(worker: Any) -> None:

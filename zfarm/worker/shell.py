@@ -34,10 +34,14 @@ log = logging.getLogger(__name__)
 class Worker:
     """The shell: sockets, slots, signals and the clock around a :class:`WorkerCore`."""
 
-    def __init__(self, settings: WorkerSettings, context: zmq.Context[Any] | None = None) -> None:
+    def __init__(self, settings: WorkerSettings, context: zmq.Context[Any] | None = None,
+                 keys: PeerKeys | None = None) -> None:
+        """``keys``: this worker's keys as given (a launcher's, never on disk), instead of a keys folder."""
         self.settings = settings
         # first, so that unusable keys stop us before any socket or process exists
-        self.keys = PeerKeys.load(settings.keys, "worker", settings.key_name) if settings.keys else None
+        if keys is None and settings.keys:
+            keys = PeerKeys.load(settings.keys, "worker", settings.key_name)
+        self.keys = keys
         self._own_context = context is None
         self.context = context or zmq.Context()
         self.core = WorkerCore(settings, time.monotonic())
@@ -163,9 +167,8 @@ class Worker:
         log.info("worker %s stopped after %d jobs", self.core.id, self.core.done)
 
 
-def run_worker(settings: WorkerSettings) -> None:
-    """The ``zfarm worker`` command: serve until SIGINT/SIGTERM (twice: at once)."""
-    worker = Worker(settings)
+def stop_on_signals(worker: Worker) -> None:
+    """SIGINT and SIGTERM stop ``worker``: the first gracefully, the second at once."""
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         log.info("received %s: %s", signal.Signals(signum).name,
@@ -174,4 +177,10 @@ def run_worker(settings: WorkerSettings) -> None:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+
+
+def run_worker(settings: WorkerSettings) -> None:
+    """The ``zfarm worker`` command: serve until SIGINT/SIGTERM (twice: at once)."""
+    worker = Worker(settings)
+    stop_on_signals(worker)
     worker.serve()
