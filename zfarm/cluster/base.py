@@ -266,6 +266,12 @@ class Cluster:
         if self.broker is not None:
             stop_processes([self.broker], time.monotonic() + 5.0)
 
+    def _abandon(self) -> None:
+        """Undo a subclass's ``__init__`` that failed after the broker started: stop it, remove the
+        folder (no one will call :meth:`close` on an object that was never made)."""
+        self._stop_broker()
+        shutil.rmtree(self._tmpdir, ignore_errors=True)
+
     def _begin(self, n: int) -> None:
         """Start supervising with ``n`` workers wanted (the last line of a subclass's ``__init__``)."""
         self._target = n

@@ -136,18 +136,25 @@ class SlurmCluster(Cluster):
         self.python = python or _this_python()
         super().__init__(**common)  # type: ignore[arg-type]
         self.slots_per_worker = cpus
-        base = Path(shared_dir or Path.home() / ".cache" / "zfarm" / "slurm")
-        base.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.folder = Path(tempfile.mkdtemp(prefix="cluster-", dir=base))  # 0700
-        self.settings_file = self.folder / "worker.json"
-        fd = os.open(self.settings_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            blob = settings_blob(self.address, self.keys, self.heartbeat_interval_s, self.worker_grace_s,
-                                 self.log_level)
-            json.dump({**blob, "walltime_margin_s": walltime_margin_s}, f)
         self._jobs: dict[str, SlurmJob] = {}
         self._next_squeue = 0.0
-        self._begin(jobs)
+        folder: Path | None = None
+        try:  # a folder that cannot be made or written: the broker started must not outlive us
+            base = Path(shared_dir or Path.home() / ".cache" / "zfarm" / "slurm")
+            base.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.folder = folder = Path(tempfile.mkdtemp(prefix="cluster-", dir=base))  # 0700
+            self.settings_file = self.folder / "worker.json"
+            fd = os.open(self.settings_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                blob = settings_blob(self.address, self.keys, self.heartbeat_interval_s, self.worker_grace_s,
+                                     self.log_level)
+                json.dump({**blob, "walltime_margin_s": walltime_margin_s}, f)
+            self._begin(jobs)
+        except BaseException:
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
+            self._abandon()
+            raise
 
     def _default_bind(self) -> str:
         return wildcard_bind()

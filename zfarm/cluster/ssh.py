@@ -128,11 +128,15 @@ class SSHCluster(Cluster):
         self.remote_env = dict(remote_env or {})
         self.ssh_options = list(ssh_options)
         super().__init__(**common)  # type: ignore[arg-type]
-        self.slots_per_worker = self.procs_per_worker or 1
-        self.restarts.max_quick_deaths = 20  # a host that is down may come back: retry for ~15 min
-        self._blob = json.dumps(settings_blob(self.address, self.keys, self.heartbeat_interval_s,
-                                              self.worker_grace_s, self.log_level)).encode() + b"\n"
-        self._begin(len(self.hosts) if n_workers is None else n_workers)
+        try:  # e.g. a keys folder with two worker keys: the broker started must not outlive us
+            self.slots_per_worker = self.procs_per_worker or 1
+            self.restarts.max_quick_deaths = 20  # a host that is down may come back: retry for ~15 min
+            self._blob = json.dumps(settings_blob(self.address, self.keys, self.heartbeat_interval_s,
+                                                  self.worker_grace_s, self.log_level)).encode() + b"\n"
+            self._begin(len(self.hosts) if n_workers is None else n_workers)
+        except BaseException:
+            self._abandon()
+            raise
 
     def _default_bind(self) -> str:
         return wildcard_bind()
