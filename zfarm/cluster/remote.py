@@ -93,6 +93,7 @@ def _worker(blob: dict[str, Any], worker_id: str, procs: int, drain_at: float) -
     if blob.get("keys"):
         keys = blob["keys"]
         worker.keys = PeerKeys(*(z85.decode(keys[k].encode()) for k in ("public", "secret", "server")))
+        worker.link.keys = worker.keys  # the link was made with none; it opens its socket in serve()
     return worker
 
 
