@@ -51,6 +51,9 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 TIMEOUT_BACKSTOP_S = 10.0
 #: how long a watcher waits for the broker to accept the array's jobs again
 ACCEPT_TIMEOUT_S = 60.0
+#: how long ``submit`` waits for the broker to accept the array's jobs: this, plus ACCEPT_PER_JOB_S each
+SUBMIT_ACCEPT_BASE_S = 30.0
+ACCEPT_PER_JOB_S = 0.002
 
 
 def parse_array(spec: str) -> list[int]:
@@ -307,6 +310,16 @@ class Attached:
                 raise ZfarmError(f"the broker at {self.record.address} did not take array "
                                  f"{self.record.name}'s jobs back in time; try again")
             time.sleep(0.01)
+
+    def wait_accepted(self, timeout_s: float) -> int:
+        """Wait until the broker accepted every job; return how many it had not by ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        waiting = list(self.futures)
+        while True:
+            waiting = [f for f in waiting if not (f.accepted() if isinstance(f, JobFuture) else f.done())]
+            if not waiting or time.monotonic() >= deadline:
+                return len(waiting)
+            time.sleep(0.05)
 
     def wait(self, timeout_s: float | None) -> bool:
         """Wait for every job; False if ``timeout_s`` passed first."""
