@@ -53,6 +53,9 @@ def test_array_specs() -> None:
     for bad in ("", "5-1", "1-5:0", "a", "1-", "-3"):
         with pytest.raises(ConfigError):
             parse_array(bad)
+    assert len(parse_array("1-500000")) == 500_000
+    with pytest.raises(ConfigError, match="split it into several arrays"):
+        parse_array("1-500001")  # a watcher holds every job in memory: about 3 KB each
 
 
 def test_an_array_with_mixed_exit_codes(procs: Procs, state: dict[str, str]) -> None:

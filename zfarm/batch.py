@@ -44,8 +44,11 @@ from zfarm.client.futures import JobFuture
 from zfarm.commands import CommandResult, CommandSpec, run_command
 from zfarm.errors import CommandFailed, ConfigError, Refused, ZfarmError
 
-#: the most jobs one array may hold
-MAX_ARRAY_JOBS = 10_000_000
+#: the most jobs one array may hold: every watcher (wait, jobs, logs, cancel) rebuilds each job's
+#: spec and future, about 2.8 KB a job measured (100,000 jobs: 280 MB), so ~1.4 GB here, results apart
+MAX_ARRAY_JOBS = 500_000
+TOO_MANY = (f"more than {MAX_ARRAY_JOBS:,} jobs: each `zfarm wait`, `jobs`, `logs` and `cancel` holds "
+            "every job of an array in memory (about 3 KB each); split it into several arrays")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 #: how much longer than its --timeout the slot lets a command job run before killing the slot
 TIMEOUT_BACKSTOP_S = 10.0
@@ -73,7 +76,7 @@ def parse_array(spec: str) -> list[int]:
         if last < first or step < 1:
             raise ConfigError(f"--array {spec!r}: {part!r} is an empty range")
         if len(indexes) + (last - first) // step + 1 > MAX_ARRAY_JOBS:
-            raise ConfigError(f"--array {spec!r}: more than {MAX_ARRAY_JOBS} jobs")
+            raise ConfigError(f"--array {spec!r}: {TOO_MANY}")
         indexes.update(dict.fromkeys(range(first, last + 1, step)))
     return list(indexes)
 
@@ -340,5 +343,5 @@ def read_args_file(lines: Iterator[str]) -> list[str]:
     items = [line.rstrip("\r\n") for line in lines]
     items = [item for item in items if item.strip()]
     if len(items) > MAX_ARRAY_JOBS:
-        raise ConfigError(f"--args-file: more than {MAX_ARRAY_JOBS} lines")
+        raise ConfigError(f"--args-file: {TOO_MANY}")
     return items
