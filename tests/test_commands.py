@@ -198,3 +198,15 @@ def test_function_jobs_output_files_are_put_in_place_when_the_job_ends(tmp_path:
     subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
     assert (tmp_path / "c_1.out").read_text() == "complete\n"
     assert [p.read_text() for p in tmp_path.glob("c_1.out.*.part")] == ["partial\n"]
+
+
+@LINUX
+def test_a_jobs_peak_memory_is_not_an_earlier_jobs_child(procs: Procs) -> None:
+    address, _ = procs.farm(*FAST)  # one slot: both jobs run in it, one after the other
+    hog = "b = bytearray(200 * 2**20)\nfor i in range(0, len(b), 4096): b[i] = 1\n"
+    with zfarm.Client(address) as client:
+        client.run([sys.executable, "-c", hog]).result(60)
+        client.run(["true"]).result(30)
+        big, small = sorted(client.stats().records, key=lambda r: r.started_at)
+    assert big.peak_rss_bytes > 200 * 2**20, big
+    assert small.peak_rss_bytes < 100 * 2**20, small
