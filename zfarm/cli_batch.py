@@ -384,9 +384,15 @@ def _run_cancel(args: argparse.Namespace) -> int:
     try:
         attached.settle()
         pending = [s.index for s in attached.states() if s.index in wanted and not s.finished]
+        if pending:  # right before replacing them: one more round trip takes in what finished since
+            attached.settle()
+            pending = [s.index for s in attached.states() if s.index in wanted and not s.finished]
     finally:
         attached.leave()
     if pending:
+        # A job that finishes between that check and its marker reaching the broker (leaving,
+        # connecting again, resubmitting the array up to it) is replaced all the same: its result
+        # is dropped and it counts as cancelled (docs/batch.md).
         record.cancelled = sorted(set(record.cancelled) | set(pending))
         batch.save(record)
         again = Attached(record)  # the markers replace the jobs at the broker
