@@ -99,7 +99,11 @@ class Cluster:
             from zfarm.security import init_keys
 
             keys = os.path.join(self._tmpdir, "keys")
-            init_keys(keys)
+            try:
+                init_keys(keys)
+            except BaseException:
+                shutil.rmtree(self._tmpdir, ignore_errors=True)
+                raise
             log.info("made keys for this cluster in %s: CURVE, only its workers and clients get in", keys)
         self.keys = os.path.abspath(keys) if keys else ""
         self.worker_grace_s = worker_grace_s
