@@ -53,6 +53,9 @@ def test_array_specs() -> None:
     for bad in ("", "5-1", "1-5:0", "a", "1-", "-3"):
         with pytest.raises(ConfigError):
             parse_array(bad)
+    assert len(parse_array("1-500000")) == 500_000
+    with pytest.raises(ConfigError, match="split it into several arrays"):
+        parse_array("1-500001")  # a watcher holds every job in memory: about 3 KB each
 
 
 def test_an_array_with_mixed_exit_codes(procs: Procs, state: dict[str, str]) -> None:
@@ -99,6 +102,16 @@ def test_args_from_stdin_environment_and_a_missing_command(procs: Procs, state: 
     assert zf(state, "submit", "--connect", endpoint, "--array", "5-1", "--", "true").returncode == 2
     taken = zf(state, "submit", "--connect", endpoint, "--name", "lines", "--", "true")
     assert taken.returncode == 2 and "exists already" in taken.stderr
+
+
+@pytest.mark.slow  # leaving waits 10 s for the jobs the broker did not take
+def test_submit_fails_naming_the_jobs_the_broker_did_not_accept(procs: Procs, state: dict[str, str]) -> None:
+    _, endpoint = procs.broker(None, *FAST, "--max-queued", "5")  # no worker: 5 queued, then BUSY
+    taken = zf(state, "submit", "--connect", endpoint, "--name", "full", "--array", "1-20",
+               "--accept-timeout", "3", "--", "true")
+    assert taken.returncode == 1, taken.stderr
+    assert "did not accept 15 of the 20 jobs" in taken.stderr and "zfarm wait full" in taken.stderr
+    assert "submitted" not in taken.stderr
 
 
 def test_cancel_and_wait_timeout(procs: Procs, state: dict[str, str], tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -12,8 +13,19 @@ import pytest
 
 import zfarm
 from tests import jobs
-from tests.helpers import Procs, ipc_endpoint, require_status, wait_for, zfarm_env
+from tests.helpers import (
+    Procs,
+    cmdline,
+    describe_pid,
+    family,
+    ipc_endpoint,
+    kill_pids,
+    require_status,
+    wait_for,
+    zfarm_env,
+)
 from zfarm.cluster.profile import ProfileError, load_profile
+from zfarm.security import SecurityError, add_key, init_keys
 
 
 def worker_pids(address: str, count: int) -> list[int]:
@@ -148,3 +160,34 @@ def test_a_worker_drains_at_its_drain_time_and_hands_back_its_queue(procs: Procs
         assert "handed back" in log and "stopped after" in log, log
         procs.worker(endpoint)
         assert [f.result(timeout=60) for f in futures] == list(range(6))
+
+
+def _brokers_of_this_process() -> set[int]:
+    return {pid for pid in family([os.getpid()]) if " broker " in cmdline(pid)}
+
+
+@pytest.mark.parametrize("launcher", ["ssh", "slurm"])
+def test_a_cluster_that_fails_after_its_broker_started_leaves_no_broker_and_no_folder(
+        launcher: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two worker keys (ssh: which one would the workers use?), a shared_dir that is a file (Slurm)."""
+    keys = tmp_path / "keys"
+    init_keys(keys)
+    add_key(keys, "second", "worker")
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # where the cluster's folder goes
+    bin_dir = tmp_path / "bin"  # SlurmCluster looks for sbatch on PATH; this one is never run
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text("#!/bin/sh\nexit 1\n")
+    (bin_dir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    (tmp_path / "a-file").write_text("")
+    before = _brokers_of_this_process()
+    with pytest.raises((SecurityError, OSError)):
+        if launcher == "ssh":
+            zfarm.SSHCluster(["nohost"], keys=str(keys))
+        else:
+            zfarm.SlurmCluster(shared_dir=str(tmp_path / "a-file"), bind=ipc_endpoint(tmp_path))
+    left = _brokers_of_this_process() - before
+    kill_pids(left)
+    assert not left, [describe_pid(pid) for pid in left]
+    assert list((tmp_path / "tmp").iterdir()) == []

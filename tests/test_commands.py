@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -164,3 +165,48 @@ def test_memory_limit_counts_child_processes(endpoint: str) -> None:
         assert info.value.reached > 150 * 2**20
         assert os.getpid()  # the client lives on; the worker too:
         assert client.run(["true"]).result(30).returncode == 0
+
+
+def test_a_copy_of_a_job_killed_half_way_leaves_the_finished_copys_output_files(procs: Procs,
+                                                                                tmp_path: Path) -> None:
+    """Two runs that write the same files (as two copies of one job do): the second, killed half-way,
+    must not have truncated the first one's complete output."""
+    _, address = procs.broker(None, *FAST)
+    out = tmp_path / "out"
+    procs.worker(address, "--output-dir", str(out))
+    same = {"ZFARM_ARRAY_NAME": "twice", "ZFARM_ARRAY_INDEX": "1"}  # both write twice_1.out
+    with zfarm.Client(address) as client:
+        client.run(["sh", "-c", "echo complete"], env=same).result(30)
+        assert (out / "twice_1.out").read_text() == "complete\n"
+        second = client.run(["sh", "-c", "echo partial; sleep 60"], env=same)
+        wait_for(lambda: any("partial" in p.read_text() for p in out.iterdir()), 30,
+                 message="the second copy printed")
+        assert second.kill()
+        assert client.run(["true"]).result(30).returncode == 0  # the slot was replaced
+    assert (out / "twice_1.out").read_text() == "complete\n"
+
+
+def test_function_jobs_output_files_are_put_in_place_when_the_job_ends(tmp_path: Path) -> None:
+    """FdCapture in a real process: a second copy of job c:1 that never ends keeps off c_1.out."""
+    script = (
+        "import os, sys\n"
+        "from zfarm.output import FdCapture\n"
+        f"first, second = FdCapture({str(tmp_path)!r}), FdCapture({str(tmp_path)!r})\n"
+        "first.start('c:1'); print('complete'); first.stop()\n"
+        "second.start('c:1'); print('partial'); sys.stdout.flush(); os._exit(0)\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
+    assert (tmp_path / "c_1.out").read_text() == "complete\n"
+    assert [p.read_text() for p in tmp_path.glob("c_1.out.*.part")] == ["partial\n"]
+
+
+@LINUX
+def test_a_jobs_peak_memory_is_not_an_earlier_jobs_child(procs: Procs) -> None:
+    address, _ = procs.farm(*FAST)  # one slot: both jobs run in it, one after the other
+    hog = "b = bytearray(200 * 2**20)\nfor i in range(0, len(b), 4096): b[i] = 1\n"
+    with zfarm.Client(address) as client:
+        client.run([sys.executable, "-c", hog]).result(60)
+        client.run(["true"]).result(30)
+        big, small = sorted(client.stats().records, key=lambda r: r.started_at)
+    assert big.peak_rss_bytes > 200 * 2**20, big
+    assert small.peak_rss_bytes < 100 * 2**20, small

@@ -18,7 +18,15 @@ import pytest
 
 import zfarm
 from tests import jobs
-from tests.helpers import Procs, free_tcp_endpoint, require_status, wait_for, zfarm_env
+from tests.helpers import (
+    Procs,
+    cmdline,
+    free_tcp_endpoint,
+    process_table,
+    require_status,
+    wait_for,
+    zfarm_env,
+)
 from tests.netns import Host, Network, keygen, sshd_setup, unavailable
 
 pytestmark = pytest.mark.skipif(bool(unavailable()), reason=unavailable() or "ok")
@@ -170,7 +178,12 @@ def test_a_killed_launcher_leaves_nothing_on_its_hosts(procs: Procs, ssh_hosts: 
     up = procs.spawn("up", "lab", "--refresh", "0.5", name="up", env=zfarm_env({"TMPDIR": str(tmp_path)}))
     up.wait_for_log("running 2,", 60)
     assert all(left_on(host, procs) for host in network.hosts)
-    up.signal(signal.SIGKILL)  # no goodbye: its ssh processes die with it, the channels close
+    up.signal(signal.SIGKILL)  # no goodbye: the ssh processes' standard input closes with it
     for host in network.hosts:
         wait_for(lambda host=host: not left_on(host, procs), 30, interval_s=0.2,
                  message=f"nothing left on {host.name}")
+
+    def local_ssh() -> set[int]:
+        return {p.pid for p in process_table() if p.live and str(ssh_config) in cmdline(p.pid)}
+
+    wait_for(lambda: not local_ssh(), 30, interval_s=0.2, message="its ssh processes gone here too")

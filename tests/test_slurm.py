@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -64,3 +65,30 @@ def test_a_slurm_worker_drains_before_its_walltime_and_no_job_is_lost(tmp_path: 
         assert "CANCELLED" not in first["last_exit"] and "TIMEOUT" not in first["last_exit"], first
         logs = "".join(p.read_text() for p in tmp_path.glob("*/slurm-0.1.*.out"))
         assert "allocation ends at" in logs and "draining" in logs, logs
+
+
+def test_a_job_sbatch_queued_though_it_failed_is_cancelled(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first sbatch queues its job and then fails (as a timeout would): that job is cancelled by
+    its name, and the worker's next launch is the only job left."""
+    real = shutil.which("sbatch")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    once = tmp_path / "failed-once"
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\n"{real}" "$@" || exit\n'
+                                    f'[ -e {once} ] || {{ touch {once}; exit 1; }}\n')
+    (bin_dir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    shared = tmp_path / "shared"
+    with zfarm.SlurmCluster(jobs=1, cpus=1, shared_dir=str(shared), worker_grace_s=5) as cluster:
+        cluster.wait_for_workers(1, timeout_s=120)
+        assert cluster.workers[0]["launches"] == 2, cluster.workers
+
+        def names() -> list[str]:
+            done = subprocess.run(["squeue", "-h", "--me", "-o", "%j"], check=True, capture_output=True,
+                                  text=True, timeout=30)
+            return done.stdout.split()
+
+        wait_for(lambda: len(names()) == 1, 30, interval_s=0.5, message="only the second launch queued")
+        assert names()[0].endswith("slurm-0.2"), names()
+    assert queue() == ""

@@ -44,13 +44,19 @@ from zfarm.client.futures import JobFuture
 from zfarm.commands import CommandResult, CommandSpec, run_command
 from zfarm.errors import CommandFailed, ConfigError, Refused, ZfarmError
 
-#: the most jobs one array may hold
-MAX_ARRAY_JOBS = 10_000_000
+#: the most jobs one array may hold: every watcher (wait, jobs, logs, cancel) rebuilds each job's
+#: spec and future, about 2.8 KB a job measured (100,000 jobs: 280 MB), so ~1.4 GB here, results apart
+MAX_ARRAY_JOBS = 500_000
+TOO_MANY = (f"more than {MAX_ARRAY_JOBS:,} jobs: each `zfarm wait`, `jobs`, `logs` and `cancel` holds "
+            "every job of an array in memory (about 3 KB each); split it into several arrays")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 #: how much longer than its --timeout the slot lets a command job run before killing the slot
 TIMEOUT_BACKSTOP_S = 10.0
 #: how long a watcher waits for the broker to accept the array's jobs again
 ACCEPT_TIMEOUT_S = 60.0
+#: how long ``submit`` waits for the broker to accept the array's jobs: this, plus ACCEPT_PER_JOB_S each
+SUBMIT_ACCEPT_BASE_S = 30.0
+ACCEPT_PER_JOB_S = 0.002
 
 
 def parse_array(spec: str) -> list[int]:
@@ -70,7 +76,7 @@ def parse_array(spec: str) -> list[int]:
         if last < first or step < 1:
             raise ConfigError(f"--array {spec!r}: {part!r} is an empty range")
         if len(indexes) + (last - first) // step + 1 > MAX_ARRAY_JOBS:
-            raise ConfigError(f"--array {spec!r}: more than {MAX_ARRAY_JOBS} jobs")
+            raise ConfigError(f"--array {spec!r}: {TOO_MANY}")
         indexes.update(dict.fromkeys(range(first, last + 1, step)))
     return list(indexes)
 
@@ -308,6 +314,16 @@ class Attached:
                                  f"{self.record.name}'s jobs back in time; try again")
             time.sleep(0.01)
 
+    def wait_accepted(self, timeout_s: float) -> int:
+        """Wait until the broker accepted every job; return how many it had not by ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        waiting = list(self.futures)
+        while True:
+            waiting = [f for f in waiting if not (f.accepted() if isinstance(f, JobFuture) else f.done())]
+            if not waiting or time.monotonic() >= deadline:
+                return len(waiting)
+            time.sleep(0.05)
+
     def wait(self, timeout_s: float | None) -> bool:
         """Wait for every job; False if ``timeout_s`` passed first."""
         _, pending = concurrent.futures.wait(self.futures, timeout_s)
@@ -327,5 +343,5 @@ def read_args_file(lines: Iterator[str]) -> list[str]:
     items = [line.rstrip("\r\n") for line in lines]
     items = [item for item in items if item.strip()]
     if len(items) > MAX_ARRAY_JOBS:
-        raise ConfigError(f"--args-file: more than {MAX_ARRAY_JOBS} lines")
+        raise ConfigError(f"--args-file: {TOO_MANY}")
     return items

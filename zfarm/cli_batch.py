@@ -29,7 +29,8 @@ from zfarm.errors import ConfigError
 
 #: exit status of ``wait`` when jobs failed, and when it timed out
 EXIT_FAILED, EXIT_TIMEOUT = 1, 2
-
+#: exit status of ``submit`` when the broker did not accept every job in time
+EXIT_NOT_ACCEPTED = 1
 
 
 def add_batch_commands(sub: Any) -> None:
@@ -62,6 +63,10 @@ def add_batch_commands(sub: Any) -> None:
                         help="then wait for the jobs, and exit as `zfarm wait` (default: return at once)")
     submit.add_argument("--json", action="store_true",
                         help="with --wait: the summary as JSON (default: text)")
+    submit.add_argument("--accept-timeout", type=seconds, dest="accept_timeout_s", metavar="SECONDS",
+                        help="how long to wait for the broker to accept every job, else exit 1 (default: "
+                             f"{batch.SUBMIT_ACCEPT_BASE_S:g} s plus {batch.ACCEPT_PER_JOB_S * 1000:g} s per "
+                             "1000 jobs)")
     keys_flag(submit)
     submit.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARG...]")
 
@@ -166,13 +171,29 @@ def _run_submit(args: argparse.Namespace) -> int:
         batch.remove(record.name)  # nothing reached the broker
         raise
     print(record.name, flush=True)
+    if not args.wait:
+        try:
+            timeout_s = args.accept_timeout_s
+            if timeout_s is None:
+                timeout_s = batch.SUBMIT_ACCEPT_BASE_S + batch.ACCEPT_PER_JOB_S * len(indexes)
+            missing = attached.wait_accepted(timeout_s)
+        finally:
+            attached.leave()
+        if missing:
+            print(
+                f"zfarm: the broker at {record.address} did not accept {missing} of the {len(indexes)} jobs "
+                f"of array {record.name} within {timeout_s:g} s (a full queue, --max-queued? an "
+                f"overloaded broker?); the {len(indexes) - missing} accepted go on, and "
+                f"`zfarm wait {record.name}` submits the others again",
+                file=sys.stderr,
+            )
+            return EXIT_NOT_ACCEPTED
     print(
         f"zfarm: submitted {len(indexes)} jobs to {record.address} as array {record.name}; "
         f"`zfarm wait {record.name}` collects them",
         file=sys.stderr,
     )
     if not args.wait:
-        attached.leave()
         return 0
     return _wait_and_report(attached, None, args.json)
 
@@ -363,9 +384,15 @@ def _run_cancel(args: argparse.Namespace) -> int:
     try:
         attached.settle()
         pending = [s.index for s in attached.states() if s.index in wanted and not s.finished]
+        if pending:  # right before replacing them: one more round trip takes in what finished since
+            attached.settle()
+            pending = [s.index for s in attached.states() if s.index in wanted and not s.finished]
     finally:
         attached.leave()
     if pending:
+        # A job that finishes between that check and its marker reaching the broker (leaving,
+        # connecting again, resubmitting the array up to it) is replaced all the same: its result
+        # is dropped and it counts as cancelled (docs/batch.md).
         record.cancelled = sorted(set(record.cancelled) | set(pending))
         batch.save(record)
         again = Attached(record)  # the markers replace the jobs at the broker

@@ -36,7 +36,16 @@ from typing import IO, Any, TextIO
 
 from zfarm import proctree
 from zfarm.errors import CommandFailed, CommandNotFound, ConfigError
-from zfarm.output import JOB_ID_VARIABLE, TAIL_BYTES, JobOutput, file_stem, output_dir, read_tail
+from zfarm.output import (
+    JOB_ID_VARIABLE,
+    TAIL_BYTES,
+    JobOutput,
+    attempt_path,
+    file_stem,
+    keep,
+    output_dir,
+    read_tail,
+)
 
 #: lines of stderr quoted in a CommandFailed message
 STDERR_LINES_QUOTED = 10
@@ -177,11 +186,18 @@ def _stream_files(spec: CommandSpec) -> Iterator[tuple[IO[bytes], IO[bytes]]]:
     else:
         stem = file_stem(os.environ.get(JOB_ID_VARIABLE, "command")) + ".cmd"
     paths = [os.path.join(folder, f"{stem}.out"), os.path.join(folder, f"{stem}.err")]
-    with open(paths[0], "w+b") as out, open(paths[1], "w+b") as err:
-        yield out, err
-    for path in paths:
-        if os.path.getsize(path) == 0:
-            os.unlink(path)
+    parts = [attempt_path(path) for path in paths]  # another copy of this job may write the same names
+    with open(parts[0], "w+b") as out, open(parts[1], "w+b") as err:
+        try:
+            yield out, err
+        except BaseException:  # it never ran (not found): no output of its own
+            for part in parts:
+                with contextlib.suppress(OSError):
+                    os.unlink(part)
+            raise
+        printed = [os.fstat(f.fileno()).st_size > 0 for f in (out, err)]
+    for part, path, kept in zip(parts, paths, printed, strict=True):
+        keep(part, path, kept)
 
 
 def _kill_group(pgid: int) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -107,7 +108,8 @@ class FdCapture:
         if self.output_dir:
             stem = os.path.join(self.output_dir, file_stem(job))
             self._paths = [f"{stem}.out", f"{stem}.err"]
-            self._files = [os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644) for path in self._paths]
+            self._files = [os.open(attempt_path(path), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+                           for path in self._paths]
         for fd, scratch, dirty in zip((1, 2), self._files, self._dirty, strict=True):
             if dirty and not self.output_dir:
                 os.ftruncate(scratch, 0)
@@ -124,9 +126,7 @@ class FdCapture:
         if self.output_dir:
             for fd, path, data in zip(self._files, self._paths, (out, err), strict=True):
                 os.close(fd)
-                if not data:
-                    with contextlib.suppress(OSError):
-                        os.unlink(path)
+                keep(attempt_path(path), path, bool(data))
             self._files = []
         if not (out or err):
             return b""
@@ -139,6 +139,26 @@ _output_dir = ""
 def output_dir() -> str:
     """The folder where this slot keeps whole output streams ("" when it keeps none)."""
     return _output_dir
+
+
+def attempt_path(path: str) -> str:
+    """Where this process writes ``path`` while its job runs (``path.HOST-PID.part``).
+
+    Two copies of one job (requeued, or retried elsewhere) never share a file: each writes its
+    own, and :func:`keep` renames it into place when it ends, so the copy that finished last wins
+    and a copy killed half-way leaves only its ``.part`` file.
+    """
+    return f"{path}.{file_stem(socket.gethostname())}-{os.getpid()}.part"
+
+
+def keep(part: str, path: str, printed: bool) -> None:
+    """Put a finished attempt's file in place (an empty stream: no file at all)."""
+    with contextlib.suppress(OSError):
+        if printed:
+            os.replace(part, path)
+        else:
+            os.unlink(part)
+            os.unlink(path)  # an earlier copy's file is not this run's output
 
 
 def file_stem(name: str) -> str:

@@ -99,7 +99,11 @@ class Cluster:
             from zfarm.security import init_keys
 
             keys = os.path.join(self._tmpdir, "keys")
-            init_keys(keys)
+            try:
+                init_keys(keys)
+            except BaseException:
+                shutil.rmtree(self._tmpdir, ignore_errors=True)
+                raise
             log.info("made keys for this cluster in %s: CURVE, only its workers and clients get in", keys)
         self.keys = os.path.abspath(keys) if keys else ""
         self.worker_grace_s = worker_grace_s
@@ -265,6 +269,12 @@ class Cluster:
 
         if self.broker is not None:
             stop_processes([self.broker], time.monotonic() + 5.0)
+
+    def _abandon(self) -> None:
+        """Undo a subclass's ``__init__`` that failed after the broker started: stop it, remove the
+        folder (no one will call :meth:`close` on an object that was never made)."""
+        self._stop_broker()
+        shutil.rmtree(self._tmpdir, ignore_errors=True)
 
     def _begin(self, n: int) -> None:
         """Start supervising with ``n`` workers wanted (the last line of a subclass's ``__init__``)."""

@@ -5,6 +5,7 @@
     scale(n) ─► sbatch job.sh (#SBATCH lines from the arguments + job_extra) ─► job id
     every 3 s: one ``squeue --me`` ─► PENDING (coming) / RUNNING / gone (ended)
     retire: ``scancel --batch --signal=TERM`` (the worker drains) · pending or close: ``scancel``
+    sbatch failed (it may have queued the job all the same): ``scancel --name`` at once and at close
 
 The job runs ``python -m zfarm.cluster.remote --settings FILE``: the broker's address and the
 worker's key are in FILE, mode 0600 in a 0700 folder under ``~/.cache/zfarm/slurm`` (a shared
@@ -136,18 +137,26 @@ class SlurmCluster(Cluster):
         self.python = python or _this_python()
         super().__init__(**common)  # type: ignore[arg-type]
         self.slots_per_worker = cpus
-        base = Path(shared_dir or Path.home() / ".cache" / "zfarm" / "slurm")
-        base.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.folder = Path(tempfile.mkdtemp(prefix="cluster-", dir=base))  # 0700
-        self.settings_file = self.folder / "worker.json"
-        fd = os.open(self.settings_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            blob = settings_blob(self.address, self.keys, self.heartbeat_interval_s, self.worker_grace_s,
-                                 self.log_level)
-            json.dump({**blob, "walltime_margin_s": walltime_margin_s}, f)
         self._jobs: dict[str, SlurmJob] = {}
+        self._unsure: set[str] = set()  # names of jobs sbatch may have queued though it failed
         self._next_squeue = 0.0
-        self._begin(jobs)
+        folder: Path | None = None
+        try:  # a folder that cannot be made or written: the broker started must not outlive us
+            base = Path(shared_dir or Path.home() / ".cache" / "zfarm" / "slurm")
+            base.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.folder = folder = Path(tempfile.mkdtemp(prefix="cluster-", dir=base))  # 0700
+            self.settings_file = self.folder / "worker.json"
+            fd = os.open(self.settings_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                blob = settings_blob(self.address, self.keys, self.heartbeat_interval_s, self.worker_grace_s,
+                                     self.log_level)
+                json.dump({**blob, "walltime_margin_s": walltime_margin_s}, f)
+            self._begin(jobs)
+        except BaseException:
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
+            self._abandon()
+            raise
 
     def _default_bind(self) -> str:
         return wildcard_bind()
@@ -155,8 +164,12 @@ class SlurmCluster(Cluster):
     def _place(self, index: int) -> tuple[str, str]:
         return f"slurm-{index}", "slurm"
 
+    def job_name(self, worker_id: str) -> str:
+        """Unique to this cluster and launch (its folder's random name): ``scancel --name`` finds it."""
+        return f"zfarm-{self.folder.name}-{worker_id}"
+
     def batch_script(self, worker_id: str) -> str:
-        lines = ["#!/bin/sh", f"#SBATCH --job-name=zfarm-{worker_id}",
+        lines = ["#!/bin/sh", f"#SBATCH --job-name={self.job_name(worker_id)}",
                  f"#SBATCH --output={self.folder}/{worker_id}.%j.out"]
         lines += [f"#SBATCH {d}" for d in self.directives]
         lines += ["", f"exec {self.python} -m zfarm.cluster.remote --settings {self.settings_file} "
@@ -166,9 +179,14 @@ class SlurmCluster(Cluster):
     def _launch(self, worker: Launched) -> SlurmJob:
         script = self.folder / f"{worker.worker_id}.sh"
         script.write_text(self.batch_script(worker.worker_id))
-        job_id = run_slurm(["sbatch", "--parsable", str(script)]).strip().split(";")[0]
-        if not job_id.isdigit():
-            raise SlurmError(["sbatch", "--parsable", str(script)], f"unexpected answer {job_id!r}")
+        try:
+            job_id = run_slurm(["sbatch", "--parsable", str(script)]).strip().split(";")[0]
+            if not job_id.isdigit():
+                raise SlurmError(["sbatch", "--parsable", str(script)], f"unexpected answer {job_id!r}")
+        except SlurmError:  # sbatch may have queued it all the same (a timeout, a lost answer)
+            self._unsure.add(self.job_name(worker.worker_id))
+            self._cancel_unsure()
+            raise
         worker.where = f"slurm job {job_id}"
         job = SlurmJob(job_id, self.folder / f"{worker.worker_id}.{job_id}.out")
         self._jobs[job_id] = job
@@ -193,6 +211,16 @@ class SlurmCluster(Cluster):
             else:
                 job.misses += 1
 
+    def _cancel_unsure(self) -> None:
+        """``scancel`` by name the jobs whose ``sbatch`` failed (forgotten once Slurm says yes)."""
+        for name in sorted(self._unsure):
+            try:
+                run_slurm(["scancel", f"--name={name}", f"--user={os.getuid()}"])
+            except SlurmError as exc:
+                log.warning("%s; trying again when the cluster closes", exc)
+            else:
+                self._unsure.discard(name)
+
     def _cleanup(self) -> None:
         left = [j.job_id for j in self._jobs.values() if j.misses < MISSES_BEFORE_ENDED]
         if left:
@@ -200,6 +228,7 @@ class SlurmCluster(Cluster):
                 run_slurm(["scancel", *left])
             except SlurmError as exc:
                 log.warning("%s", exc)
+        self._cancel_unsure()
         shutil.rmtree(self.folder, ignore_errors=True)
 
 

@@ -10,19 +10,19 @@
 The user's ``~/.ssh/config``, agent, ``ProxyJump`` and known hosts apply, because it is their
 ``ssh``. ``BatchMode`` keeps a host that asks for a password from hanging the launcher: it fails
 and is retried with a back-off, as is a host that cannot be reached; other hosts go on.
-When the launcher goes, its ``ssh`` processes go (they die with the thread that started them),
-the remote end of their channel closes, and the remote worker stops at once.
+When the launcher goes, the write end of each ``ssh``'s standard input closes with it: ``ssh``
+passes the end of input on, the remote worker stops at once, and its ``ssh`` exits (a host that
+no longer answers: after ``ServerAliveInterval`` times ``ServerAliveCountMax``). No ``preexec_fn``:
+Python code run between fork and exec in a multithreaded program may deadlock.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
-import ctypes
 import json
 import logging
 import shlex
-import signal
 import subprocess
 import threading
 from collections.abc import Mapping, Sequence
@@ -39,15 +39,6 @@ SSH_OPTIONS = ("-T", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "-o", "Se
                "-o", "ServerAliveCountMax=3")
 #: ssh's own exit code when the connection failed (cannot reach, refused, authentication)
 SSH_FAILED = 255
-PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent() -> None:
-    """In the child before exec: get SIGTERM when the thread that started it ends (Linux)."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
-    except (OSError, AttributeError):
-        pass  # elsewhere: the remote worker still stops when its channel closes
 
 
 class SSHHandle:
@@ -128,11 +119,15 @@ class SSHCluster(Cluster):
         self.remote_env = dict(remote_env or {})
         self.ssh_options = list(ssh_options)
         super().__init__(**common)  # type: ignore[arg-type]
-        self.slots_per_worker = self.procs_per_worker or 1
-        self.restarts.max_quick_deaths = 20  # a host that is down may come back: retry for ~15 min
-        self._blob = json.dumps(settings_blob(self.address, self.keys, self.heartbeat_interval_s,
-                                              self.worker_grace_s, self.log_level)).encode() + b"\n"
-        self._begin(len(self.hosts) if n_workers is None else n_workers)
+        try:  # e.g. a keys folder with two worker keys: the broker started must not outlive us
+            self.slots_per_worker = self.procs_per_worker or 1
+            self.restarts.max_quick_deaths = 20  # a host that is down may come back: retry for ~15 min
+            self._blob = json.dumps(settings_blob(self.address, self.keys, self.heartbeat_interval_s,
+                                                  self.worker_grace_s, self.log_level)).encode() + b"\n"
+            self._begin(len(self.hosts) if n_workers is None else n_workers)
+        except BaseException:
+            self._abandon()
+            raise
 
     def _default_bind(self) -> str:
         return wildcard_bind()
@@ -151,7 +146,7 @@ class SSHCluster(Cluster):
         # the user's options first: for each option ssh keeps the first value it is given
         argv = ["ssh", *self.ssh_options, *SSH_OPTIONS, worker.where, self.remote_command(worker.worker_id)]
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                start_new_session=True, preexec_fn=die_with_parent)
+                                start_new_session=True)
         handle = SSHHandle(proc, worker.where)
         try:
             assert proc.stdin is not None

@@ -70,7 +70,7 @@ class SlotOutcome:
     run_s: float = 0.0
     started_at: float = 0.0  # epoch seconds, as the slot saw them
     finished_at: float = 0.0
-    peak_rss: int = 0  # the slot process's peak resident memory so far, bytes
+    peak_rss: int = 0  # the slot's peak resident memory so far, or this job's largest child's, bytes
 
     def stats_row(self) -> list[Any]:
         return [self.started_at, self.finished_at, self.run_s, self.peak_rss]
@@ -96,6 +96,7 @@ def _slot_main(conn: Connection, lifeline: Connection, output_dir: str = "") -> 
         if with_fn:
             remember_fn(functions, fn_id, _load(frames.pop(0)))
         os.environ[JOB_ID_VARIABLE] = job_name
+        children_before = _children_peak_bytes()
         capture.start(job_name)
         started_at, started = time.time(), time.perf_counter()
         try:
@@ -106,21 +107,35 @@ def _slot_main(conn: Connection, lifeline: Connection, output_dir: str = "") -> 
             output = capture.stop()
         if output:
             out = [*out, output]
-        header = [int(outcome), info, run_s, started_at, started_at + run_s, _peak_rss_bytes()]
+        header = [int(outcome), info, run_s, started_at, started_at + run_s, _peak_rss_bytes(children_before)]
         try:
             pipe.send(conn, header, out)
         except OSError:
             os._exit(ORPHANED_EXIT)  # the worker died while we reported
 
 
-def _peak_rss_bytes() -> int:
-    """The largest resident memory of the slot or of any process its jobs started (so far)."""
+def _maxrss_bytes(who: str) -> int:
     try:
         import resource
     except ImportError:  # Windows
         return 0
-    peak = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    peak = resource.getrusage(getattr(resource, who)).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)  # macOS says bytes, Linux KiB
+
+
+def _children_peak_bytes() -> int:
+    return _maxrss_bytes("RUSAGE_CHILDREN")
+
+
+def _peak_rss_bytes(children_before: int) -> int:
+    """The slot's own peak so far, or the largest process this job started if that is larger.
+
+    ``RUSAGE_CHILDREN`` is the largest child the slot ever reaped, over all its jobs: it counts
+    for this job only when it grew during it (so one of this job's processes reached it). A job
+    whose processes stay below an earlier job's largest one reports the slot's own peak only.
+    """
+    children = _children_peak_bytes()
+    return max(_maxrss_bytes("RUSAGE_SELF"), children if children > children_before else 0)
 
 
 def _exit_with_worker(lifeline: Connection) -> None:
