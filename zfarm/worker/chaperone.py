@@ -292,7 +292,11 @@ class SlotPool:
         if "forkserver" in methods:
             self.ctx.set_forkserver_preload(["zfarm.worker.chaperone"])
         self.host = host
-        self.slots = [Slot(self.ctx, i, output_dir) for i in range(size)]
+        # The first slots fork from the worker itself while it is one thread (no ZeroMQ thread yet):
+        # a slot is ready in milliseconds, not after a forkserver's interpreter has started and
+        # imported zfarm. Slots started later (replacements) come from the forkserver.
+        first = multiprocessing.get_context("fork") if _single_threaded() else self.ctx
+        self.slots = [Slot(first, i, output_dir) for i in range(size)]
         self._next_memory_check = 0.0
 
     @property
@@ -385,6 +389,16 @@ class SlotPool:
             slot.task = None
             slot.kill()
         _stop_forkserver()
+
+
+def _single_threaded() -> bool:
+    """Whether this process has one thread, native ones included (False where that is unknown)."""
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return False
+    try:
+        return len(os.listdir("/proc/self/task")) == 1
+    except OSError:
+        return False
 
 
 def _stop_forkserver() -> None:
