@@ -173,6 +173,7 @@ def _map_in_processes(farm: Farm, args: argparse.Namespace, received: list[int],
                     tally.failure = f"time limit of {args.time_limit:.0f} s reached"
                 elif kill_at is not None and received[0] >= kill_at:
                     proc.kill()
+                    proc.wait()  # dead before the next look: a slow exit is not killed (and counted) twice
                     events.append("client-kill")
                 time.sleep(0.02)
         if proc.wait() != 0 and (tally.failure or kill_at is None):
