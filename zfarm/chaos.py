@@ -173,7 +173,8 @@ def _map_in_processes(farm: Farm, args: argparse.Namespace, received: list[int],
                     proc.kill()
                     tally.failure = f"time limit of {args.time_limit:.0f} s reached"
                 elif kill_at is not None and received[0] >= kill_at:
-                    proc.kill()  # once: a loaded machine may take a while to reap it
+                    proc.kill()
+                    proc.wait()  # dead before the next look: a slow exit is not killed (and counted) twice
                     events.append("client-kill")
                     kill_at = None
                 time.sleep(0.02)

@@ -37,6 +37,9 @@ def dump_function(fn: Any) -> tuple[bytes, bytes]:
     (lambdas, closures, local functions) goes by value through cloudpickle, since a
     worker's ``__main__`` is not the caller's.
     """
+    plain = type(fn) in _PLAIN_FUNCTIONS
+    if plain and (known := _BY_REFERENCE.get(fn)) is not None:
+        return known
     try:
         blob = pickle.dumps(fn, protocol=pickle.HIGHEST_PROTOCOL)
     except (pickle.PicklingError, AttributeError, TypeError):
@@ -44,7 +47,22 @@ def dump_function(fn: Any) -> tuple[bytes, bytes]:
     if not blob or b"__main__" in blob:
         blob = cloudpickle.dumps(fn, protocol=pickle.HIGHEST_PROTOCOL)
         _remember_sources(fn)
-    return hashlib.blake2b(blob, digest_size=16).digest(), blob
+        return hashlib.blake2b(blob, digest_size=16).digest(), blob
+    made = hashlib.blake2b(blob, digest_size=16).digest(), blob
+    if plain:  # by reference (module and name): the same bytes every time
+        if len(_BY_REFERENCE) >= FUNCTIONS_KEPT:
+            try:
+                _BY_REFERENCE.pop(next(iter(_BY_REFERENCE)))
+            except (RuntimeError, StopIteration, KeyError):
+                pass  # another thread made room meanwhile
+        _BY_REFERENCE[fn] = made
+    return made
+
+
+#: plain functions pickled by reference, by function: ``submit`` in a loop pickles one once
+_PLAIN_FUNCTIONS = (types.FunctionType, types.BuiltinFunctionType)
+_BY_REFERENCE: dict[Any, tuple[bytes, bytes]] = {}
+FUNCTIONS_KEPT = 256
 
 
 #: where functions sent by value were defined, by code name: cloudpickle calls their file

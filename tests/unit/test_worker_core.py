@@ -292,6 +292,30 @@ def test_ready_after_a_welcome_while_stopping_offers_no_credit() -> None:
     assert only(core.on_message(wire(welcome()), 0.3), p.Ready).credit == 0
 
 
+def test_tiny_jobs_widen_the_credit_and_a_long_one_gives_the_burst_back() -> None:
+    from zfarm.worker.core import BURST_HANDBACK_S, BURST_PREFETCH
+
+    core = ready_core(procs=1, prefetch=1)  # READY 2
+    offered, sent = 2, 0
+    for step in range(4):  # tiny jobs, one at a time
+        core.on_message(wire(jobs([sent], with_fn=sent == 0)), float(step))
+        sent += 1
+        (task,) = core.take_tasks(1, float(step))
+        done = SlotOutcome(task.key, task.attempt, OK, [b"r"], run_s=0.0001)
+        offered += only(core.finished([done], float(step), from_slots=1), p.Results).credit
+    burst = 1 + BURST_PREFETCH
+    assert core.capacity == burst and offered - sent == burst  # the broker may send a burst now
+    core.on_message(wire(jobs(list(range(sent, sent + burst)))), 10.0)
+    core.take_tasks(1, 10.0)  # the first runs, the others wait behind it
+    assert core.hand_back_burst(10.0 + BURST_HANDBACK_S / 2).send == []  # not long yet
+    only(core.report_started(10.0 + BURST_HANDBACK_S / 2), p.Started)
+    assert core.next_report_at() == pytest.approx(10.0 + BURST_HANDBACK_S)
+    back = only(core.hand_back_burst(10.0 + BURST_HANDBACK_S), p.Results)
+    assert [row[3] for row in back.results] == [int(p.Outcome.RETURNED)] * (burst - 2)
+    assert [row[1] for row in back.results] == list(range(sent + 2, sent + burst))  # the newest go back
+    assert back.credit == 0 and core.capacity == 2 and len(core.pending) == 1  # the usual prefetch stays
+
+
 def test_credit_outstanding_plus_jobs_in_hand_is_always_the_capacity() -> None:
     """However jobs arrive and finish, credit offered and not used plus jobs held equals slots + prefetch."""
     core = ready_core()

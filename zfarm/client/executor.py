@@ -288,21 +288,21 @@ class Client(concurrent.futures.Executor):
             # A map started before shutdown(wait=False) goes on submitting its input (in_map).
             jobs: list[PendingJob] = []
             error: BaseException | None = None
+            payloads: list[tuple[list[Any], int]] = []
+            with scatter.collecting() as used:  # Ctrl-C while pickling: none of these go
+                for chunk in chunks:
+                    try:
+                        payloads.append((ser.dump_chunk(chunk), len(chunk)))
+                    except Exception as exc:  # an item that cannot be pickled: it raises in its place
+                        error = exc
+                        break
             try:
-                payloads: list[tuple[list[Any], int]] = []
-                with scatter.collecting() as used:
-                    for chunk in chunks:
-                        try:
-                            payloads.append((ser.dump_chunk(chunk), len(chunk)))
-                        except Exception as exc:  # this chunk raises in its place; those before it go
-                            error = exc
-                            break
                 fn_id, blob = self._with_scattered(fn_id, blob, used)
                 for frames, items in payloads:
                     jobs.append(self._job(fn_id, frames, len(blob), _per_chunk(options, items), in_map=True))
-            except Exception as exc:  # an item that cannot be pickled: it raises in its place
+            except Exception as exc:  # too large, or the client closed: it raises in its place
                 error = exc
-            except BaseException:  # Ctrl-C while pickling: none of these go
+            except BaseException:
                 self._abandon(jobs)
                 raise
             if jobs:

@@ -79,7 +79,15 @@ class SlotOutcome:
 # ---- inside the slot process -----------------------------------------------------------------------
 
 
-def _slot_main(conn: Connection, lifeline: Connection, output_dir: str = "") -> None:
+def _slot_main(conn: Connection, lifeline: Connection, output_dir: str = "",
+               worker_fds: tuple[int, ...] = ()) -> None:
+    # A slot forked from the worker holds copies of the worker's ends of every slot's pipes: close
+    # them, or its own lifeline would never reach EOF when the worker dies.
+    for fd in worker_fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
     # Ctrl-C and a SIGTERM sent to the whole process group are the worker's to handle:
     # it lets running jobs finish, and kills slots itself with SIGKILL when it must.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -230,13 +238,20 @@ def _rss_bytes(pid: int | None) -> int:
 class Slot:
     """One slot process and the task it runs, as seen from the worker."""
 
-    def __init__(self, ctx: Any, index: int, output_dir: str = "") -> None:
+    def __init__(self, ctx: Any, index: int, output_dir: str = "",
+                 forked_beside: list[Slot] | None = None) -> None:
+        """``forked_beside``: the slot is forked from the worker (``ctx`` is "fork"), where these
+        slots' worker ends of their pipes are open too."""
         self.index = index
         self.conn, child_conn = ctx.Pipe(duplex=True)
         lifeline_r, self.lifeline = ctx.Pipe(duplex=False)
         self.output_dir = output_dir
-        self.process = ctx.Process(target=_slot_main, args=(child_conn, lifeline_r, output_dir), daemon=True,
-                                   name=f"zfarm-slot-{index}")
+        worker_fds: tuple[int, ...] = ()
+        if forked_beside is not None:
+            ends = [end for s in [*forked_beside, self] for end in (s.conn, s.lifeline)]
+            worker_fds = tuple(end.fileno() for end in ends)
+        self.process = ctx.Process(target=_slot_main, args=(child_conn, lifeline_r, output_dir, worker_fds),
+                                   daemon=True, name=f"zfarm-slot-{index}")
         self.process.start()
         child_conn.close()
         lifeline_r.close()
@@ -307,7 +322,16 @@ class SlotPool:
         if "forkserver" in methods:
             self.ctx.set_forkserver_preload(["zfarm.worker.chaperone"])
         self.host = host
-        self.slots = [Slot(self.ctx, i, output_dir) for i in range(size)]
+        # The first slots fork from the worker itself while it is one thread (no ZeroMQ thread yet):
+        # a slot is ready in milliseconds, not after a forkserver's interpreter has started and
+        # imported zfarm. Slots started later (replacements) come from the forkserver.
+        self.slots: list[Slot] = []
+        if _single_threaded():
+            fork = multiprocessing.get_context("fork")
+            for i in range(size):
+                self.slots.append(Slot(fork, i, output_dir, forked_beside=list(self.slots)))
+        else:
+            self.slots = [Slot(self.ctx, i, output_dir) for i in range(size)]
         self._next_memory_check = 0.0
 
     @property
@@ -400,6 +424,16 @@ class SlotPool:
             slot.task = None
             slot.kill()
         _stop_forkserver()
+
+
+def _single_threaded() -> bool:
+    """Whether this process has one thread, native ones included (False where that is unknown)."""
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return False
+    try:
+        return len(os.listdir("/proc/self/task")) == 1
+    except OSError:
+        return False
 
 
 def _stop_forkserver() -> None:

@@ -45,6 +45,16 @@ log = logging.getLogger(__name__)
 #: a job still in its slot this long after it started is reported as started (STARTED, so its
 #: client's future says ``running()``); a quicker one reports only its result: no extra message
 STARTED_REPORT_S = 0.01
+#: Tiny jobs (their run time in the slot, averaged, under TINY_JOB_S) make a worker ask for
+#: BURST_PREFETCH more jobs a slot: JOBS then carry several, every process wakes up once for
+#: several jobs, and no slot waits for a round trip to the broker between two jobs.
+TINY_JOB_S = 0.002
+BURST_PREFETCH = 8
+#: ... and once a job has run this long, the jobs asked for beyond the usual prefetch go back to the
+#: broker (RETURNED): a long job never keeps a burst of others waiting behind it
+BURST_HANDBACK_S = 0.05
+#: how fast the average run time follows new jobs (the weight of the newest)
+RUN_TIME_WEIGHT = 0.3
 #: outcomes that end a job: kept until the broker has them (the others only return credit)
 ENDS_JOB = frozenset({p.Outcome.OK, p.Outcome.ERROR, p.Outcome.CRASHED})
 
@@ -70,7 +80,7 @@ class WorkerCore:
         self.host = host or socket.gethostname()
         self.pid = os.getpid() if pid is None else pid
         self.slots = settings.slots
-        self.capacity = self.slots + settings.prefetch
+        self.run_s: float | None = None  # the average run time of recent jobs, once measured
         self.live = Liveness(settings.heartbeat_interval_s, settings.liveness, settings.reconnect_min_s,
                              settings.reconnect_max_s, now)
         self.broker_id = ""
@@ -80,6 +90,7 @@ class WorkerCore:
         self.fns: dict[bytes, Any] = {}
         self.unsent: list[SlotOutcome] = []  # finished while the broker did not know us
         self.unreported: dict[Key, float] = {}  # running jobs not yet reported started, and since when
+        self.started: dict[Key, float] = {}  # running jobs, and since when
         # This registration's credit offered and jobs received, and the results sent on it that the
         # broker may not have read yet, each batch with the credit offered before it.
         self.offered = 0
@@ -87,6 +98,14 @@ class WorkerCore:
         self.unacked: deque[tuple[int, list[SlotOutcome]]] = deque()
         self.stopping = False
         self.done = 0
+
+    @property
+    def capacity(self) -> int:
+        """Jobs we may hold: a job a slot plus the prefetch, a burst of them while jobs are tiny."""
+        prefetch = self.settings.prefetch
+        if prefetch and self.run_s is not None and self.run_s < TINY_JOB_S:
+            prefetch = max(prefetch, BURST_PREFETCH * self.slots)
+        return self.slots + prefetch
 
     @property
     def running(self) -> int:
@@ -198,6 +217,7 @@ class WorkerCore:
                 self.running_keys.add(task.key)
                 tasks.append(task)
                 self.unreported[task.key] = now
+                self.started[task.key] = now
         self.pending.extendleft(reversed(waiting))
         return tasks
 
@@ -213,12 +233,25 @@ class WorkerCore:
         return self._out(now, [p.Started([list(key) for key in due])])
 
     def next_report_at(self) -> float | None:
-        """When :meth:`report_started` next has something to send (the oldest start comes first)."""
+        """When :meth:`report_started` or :meth:`hand_back_burst` next has something to do."""
         if self.live.state is not Link.READY:
             return None
-        for since in self.unreported.values():
-            return since + STARTED_REPORT_S
-        return None
+        due = [since + STARTED_REPORT_S for since in self.unreported.values()][:1]
+        if len(self.pending) > self.settings.prefetch and self.started:
+            due.append(min(self.started.values()) + BURST_HANDBACK_S)
+        return min(due, default=None)
+
+    def hand_back_burst(self, now: float) -> Actions:
+        """A job runs long: give back the jobs held beyond the usual prefetch (RETURNED, no credit:
+        they go to slots that are free elsewhere, or back here after the long job)."""
+        extra = len(self.pending) - self.settings.prefetch
+        if extra <= 0 or not self.started or now - min(self.started.values()) < BURST_HANDBACK_S:
+            return Actions()
+        self.run_s = max(self.run_s or 0.0, BURST_HANDBACK_S)  # not tiny now: no burst until they are again
+        given = [self.pending.pop() for _ in range(extra)][::-1]  # the newest go back
+        log.debug("worker %s: a job runs long; gave back %d jobs held for a burst", self.id, extra)
+        # the capacity is the usual one again, so these return no credit
+        return self.finished([SlotOutcome(t.key, t.attempt, p.Outcome.RETURNED, []) for t in given], now)
 
     def finished(self, outcomes: list[SlotOutcome], now: float, from_slots: int = 0) -> Actions:
         """Jobs left our hands (the first ``from_slots`` outcomes came from slots); report them."""
@@ -227,8 +260,12 @@ class WorkerCore:
         ended = set()
         for o in outcomes[:from_slots]:
             self.running_keys.discard(o.key)
+            self.started.pop(o.key, None)
             if o.outcome in ENDS_JOB:
                 ended.add(o.key)
+                if o.run_s > 0:  # 0: not measured (a slot that died, a job killed)
+                    self.run_s = o.run_s if self.run_s is None else self.run_s + RUN_TIME_WEIGHT * (
+                        o.run_s - self.run_s)
         if ended and any(t.key in ended for t in self.pending):  # copies given again: not needed now
             outcomes = outcomes + [SlotOutcome(t.key, t.attempt, p.Outcome.CANCELLED, [])
                                    for t in self.pending if t.key in ended]
@@ -242,7 +279,10 @@ class WorkerCore:
         if self.live.state is not Link.READY:
             self.unsent.extend(outcomes)
             return Actions()
-        return self._out(now, [self._send_results(outcomes, credit=0 if self.stopping else len(outcomes))])
+        # Credit tops what the broker may still send plus what we hold up to the capacity (which grows
+        # and shrinks with the jobs' run time); with a steady capacity that is one a job reported.
+        credit = 0 if self.stopping else max(0, self.capacity - (self.offered - self.received) - self.in_hand)
+        return self._out(now, [self._send_results(outcomes, credit=credit)])
 
     def _fit(self, outcome: SlotOutcome) -> SlotOutcome:
         """Turn a result too large for the broker into an error (sent whole, it would cut us off)."""

@@ -105,7 +105,9 @@ class Worker:
                 started_dead.append(outcome)
         if started_dead:
             self._apply(core.finished(started_dead, now, from_slots=len(started_dead)))
-        self._apply(core.report_started(time.monotonic()))
+        now = time.monotonic()
+        self._apply(core.report_started(now))
+        self._apply(core.hand_back_burst(now))
 
     def _apply(self, actions: Actions) -> None:
         if not (actions.send or actions.kill or actions.reconnect):
