@@ -348,5 +348,6 @@ def test_a_done_callback_may_shut_the_client_down(farm: str) -> None:
     client.submit(jobs.square, 2).add_done_callback(leave)
     assert called.wait(RESULT_TIMEOUT_S)
     assert took[0] < 1.0  # it did not wait for its own thread to stop
-    wait_for(lambda: not any(t.name.startswith("zfarm-client") for t in threading.enumerate()), 20,
-             message="the client's I/O thread to end")
+    name = f"zfarm-client-{client.id}"
+    wait_for(lambda: all(t.name != name for t in threading.enumerate()), 20,
+             message="this client's I/O thread to end")
