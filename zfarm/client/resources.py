@@ -40,7 +40,9 @@ class Resources:
         self.cluster = cluster
         self._futures: weakref.WeakSet[JobFuture] = weakref.WeakSet()  # pending ones stay referenced
         self._maps: weakref.WeakSet[MapRun] = weakref.WeakSet()  # maps the program may still read
-        self._lock = threading.Lock()
+        # Re-entrant: the garbage collector may run the client's finalizer (close_when_done, which
+        # takes this lock) in a thread that holds it already, while it walks the weak sets below.
+        self._lock = threading.RLock()
         self._closed = False
         self._released = threading.Event()  # set once closed: the context ended and the farm stopped
         self.end_session = False  # on close, tell the broker to forget the session
