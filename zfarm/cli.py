@@ -203,7 +203,7 @@ def _flags(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
 
 
 def _run_broker(args: argparse.Namespace) -> int:
-    from zfarm.broker import run_broker
+    from zfarm.broker.broker import run_broker
 
     settings = resolve(BrokerSettings, _flags(args, ["bind", "heartbeat_interval_s", "liveness",
                                                      "max_message_bytes", "parent_pid", "keys", "insecure",

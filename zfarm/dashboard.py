@@ -35,7 +35,7 @@ from rich.text import Text
 from zfarm import protocol as p
 from zfarm.errors import ProtocolError, Refused
 from zfarm.monitor import fetch_status, monitor_hello, open_monitor
-from zfarm.records import THROUGHPUT_WINDOW_S
+from zfarm.broker.records import THROUGHPUT_WINDOW_S
 from zfarm.security import HandshakeWatch
 
 SPARK = "▁▂▃▄▅▆▇█"

@@ -11,12 +11,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from zfarm import protocol as p
-from zfarm import scheduler
+from zfarm.broker import scheduler
 from zfarm.config import BrokerSettings
-from zfarm.journal import Journal
-from zfarm.scheduler import Scheduler
-from zfarm.spill import Spill
-from zfarm.state import Auth
+from zfarm.broker.journal import Journal
+from zfarm.broker.scheduler import Scheduler
+from zfarm.broker.spill import Spill
+from zfarm.broker.state import Auth
 
 SETTINGS = BrokerSettings(heartbeat_interval_s=1.0, liveness=3)
 FN = b"\xf1" * 16

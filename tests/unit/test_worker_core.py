@@ -13,7 +13,7 @@ from zfarm import protocol as p
 from zfarm.chaperone import SlotOutcome
 from zfarm.config import BrokerSettings, WorkerSettings
 from zfarm.errors import Refused
-from zfarm.scheduler import Scheduler
+from zfarm.broker.scheduler import Scheduler
 from zfarm.worker import Actions, Link, WorkerCore
 
 FN = b"\xf1" * 16

@@ -21,7 +21,7 @@ One broker at a time: the file is locked.
 Nothing read back is trusted: every row carries a seal (a hash of its columns) checked
 when the journal is opened and whenever a payload is read again. A row that fails it is
 reported as :class:`Damaged`, never run or delivered. The write-ahead log is checked
-before SQLite writes to it (:mod:`zfarm.wal`), against its frames' checksums and against the
+before SQLite writes to it (:mod:`zfarm.broker.wal`), against its frames' checksums and against the
 mark of where it ended at the last commit; a marker in the main file tells a broker that
 stopped cleanly from one whose log is gone.
 
@@ -45,8 +45,8 @@ import msgpack
 
 from zfarm.errors import JournalCorrupted, ZfarmError
 from zfarm.protocol import as_bytes
-from zfarm.state import Held, Job
-from zfarm.wal import WalMark, inspect_wal, wal_exists, wal_path
+from zfarm.broker.state import Held, Job
+from zfarm.broker.wal import WalMark, inspect_wal, wal_exists, wal_path
 
 log = logging.getLogger(__name__)
 

@@ -17,10 +17,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from zfarm.journal import Journal
+from zfarm.broker.journal import Journal
 from zfarm.protocol import buffer_of
-from zfarm.spill import Spill
-from zfarm.state import Held
+from zfarm.broker.spill import Spill
+from zfarm.broker.state import Held
 
 #: the timings of a result whose record is on disk (shared: a held result on disk costs little memory)
 ON_DISK: list[Any] = []

@@ -17,9 +17,9 @@ from typing import Any
 import msgpack
 
 from zfarm.errors import JournalCorrupted
-from zfarm.journal import seal
+from zfarm.broker.journal import seal
 from zfarm.protocol import as_bytes
-from zfarm.state import Held
+from zfarm.broker.state import Held
 
 log = logging.getLogger(__name__)
 

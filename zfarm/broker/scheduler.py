@@ -13,7 +13,7 @@ Job life (one source of truth: ``Job.state`` and where the job is held)::
 A result is held until its client says it received it, and sent again if the
 client asks for the job again. A session client's jobs and results outlive its
 connection, and its client says RECEIVED only when it closes after its jobs, so a
-rerun finds every result. With a journal (see :mod:`zfarm.journal`) everything
+rerun finds every result. With a journal (see :mod:`zfarm.broker.journal`) everything
 held outlives the broker too.
 
 Queues are per client and served round-robin, so one client's million jobs
@@ -38,11 +38,11 @@ from zfarm import __version__
 from zfarm import protocol as p
 from zfarm.config import BrokerSettings
 from zfarm.errors import FieldTooLarge, JournalCorrupted, ProtocolError, VersionMismatch
-from zfarm.held import HeldResults
-from zfarm.journal import Damaged, Journal, Recovered
-from zfarm.records import JOB_COLUMNS, Records
-from zfarm.spill import Spill
-from zfarm.state import (
+from zfarm.broker.held import HeldResults
+from zfarm.broker.journal import Damaged, Journal, Recovered
+from zfarm.broker.records import JOB_COLUMNS, Records
+from zfarm.broker.spill import Spill
+from zfarm.broker.state import (
     NO_OPTIONS,
     Auth,
     ClientRecord,
