@@ -500,8 +500,10 @@ class Connection(threading.Thread):
         records = []
         received = []
         busy = False
-        for (seq, outcome, _n, info), frames, row in zip(msg.results, per_row, stats, strict=True):
-            if self._bounced_back(seq, outcome, info):
+        for wire_row, frames, row in zip(msg.results, per_row, stats, strict=True):
+            result = p.ResultRow.from_wire(wire_row)
+            seq, outcome, info = result.seq, result.outcome, result.info
+            if self._bounced_back(seq, outcome, result.kind):
                 busy = busy or outcome == p.Outcome.BUSY
                 continue
             if row is not None and outcome != p.Outcome.CANCELLED and seq in self._jobs:
@@ -538,9 +540,9 @@ class Connection(threading.Thread):
             self._posted_above.discard(self._posted_upto)
             self._posted_upto += 1
 
-    def _bounced_back(self, seq: int, outcome: int, info: str) -> bool:
+    def _bounced_back(self, seq: int, outcome: int, kind: int) -> bool:
         """Whether the broker handed this job back unaccepted; if so, it goes again later."""
-        if outcome == p.Outcome.LOST and info == p.FUNCTION_MISSING:
+        if kind == p.ResultKind.FUNCTION_MISSING:
             if (job := self._jobs.get(seq)) is not None:
                 job.accepted = False
                 self._fns_sent.discard(job.fn_id)  # the broker let it go: send it again

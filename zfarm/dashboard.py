@@ -33,9 +33,9 @@ from rich.table import Table
 from rich.text import Text
 
 from zfarm import protocol as p
+from zfarm.broker.records import THROUGHPUT_WINDOW_S
 from zfarm.errors import ProtocolError, Refused
 from zfarm.monitor import fetch_status, monitor_hello, open_monitor
-from zfarm.broker.records import THROUGHPUT_WINDOW_S
 from zfarm.security import HandshakeWatch
 
 SPARK = "▁▂▃▄▅▆▇█"

@@ -26,7 +26,8 @@ import msgpack
 
 from zfarm.errors import FieldTooLarge, ProtocolError, VersionMismatch
 
-PROTOCOL_VERSION = 3  # 2: results held until RECEIVED; sessions (ACCEPTED); 3: STARTED, RUNNING
+PROTOCOL_VERSION = 4  # 2: results held until RECEIVED; sessions (ACCEPTED); 3: STARTED, RUNNING;
+#                        4: RESULT rows carry a ResultKind
 MAGIC = b"ZF"
 HEADER = MAGIC + bytes([PROTOCOL_VERSION])
 #: job numbers are 0 … 2**63 - 1 (they are stored as SQLite integers)
@@ -91,6 +92,13 @@ class Outcome(enum.IntEnum):
     JOURNAL_FULL = 8  # no payload; broker → client only: refused, the journal cannot be written (info: why)
 
 
+class ResultKind(enum.IntEnum):
+    """What a client does with a RESULT row besides its outcome: behaviour never rests on ``info``."""
+
+    PLAIN = 0  # the job's result (or failure) as its outcome says
+    FUNCTION_MISSING = 1  # LOST, unaccepted: the broker let the function go; send it and the job again
+
+
 # Row layouts of the batched messages (msgpack arrays inside the envelope).
 # (Each layout's *_LIMITS: (column, bound) of its texts, bytes and maps; see MAX_* above.)
 # JOBS row:    [client_id, seq, attempt, fn_id, nframes, options]
@@ -102,8 +110,8 @@ RESULTS_ROW_LIMITS = ((0, MAX_ID_CHARS), (5, MAX_TEXT_CHARS))
 # SUBMIT row:  [seq, nframes, options]
 SUBMIT_ROW = (int, int, dict)
 SUBMIT_ROW_LIMITS = ((2, MAX_OPTIONS_COST),)
-# RESULT row:  [seq, outcome, nframes, info]
-RESULT_ROW = (int, int, int, str)
+# RESULT row:  [seq, outcome, nframes, info, kind]   (kind: a ResultKind)
+RESULT_ROW = (int, int, int, str, int)
 RESULT_ROW_LIMITS = ((3, MAX_TEXT_CHARS),)
 # job keys in CANCEL_JOBS: [client_id, seq]
 KEY_ROW = (str, int)
@@ -584,3 +592,121 @@ def split_frames(frames: Sequence[Frame], counts: Sequence[int]) -> list[list[Fr
         out.append(list(frames[pos : pos + n]))
         pos += n
     return out
+
+
+# ---- typed rows: each batched row as a small record, read by name, never by position -------------
+
+
+@dataclass(frozen=True, slots=True)
+class JobRow:
+    """A JOBS row: one job for a worker."""
+
+    client_id: str
+    seq: int
+    attempt: int
+    fn_id: bytes
+    nframes: int
+    options: dict[str, Any]
+
+    def to_wire(self) -> list[Any]:
+        return [self.client_id, self.seq, self.attempt, self.fn_id, self.nframes, self.options]
+
+    @classmethod
+    def from_wire(cls, row: list[Any]) -> JobRow:
+        """From a row :func:`decode` has checked against JOB_ROW."""
+        return cls(*row)
+
+
+@dataclass(frozen=True, slots=True)
+class ResultsRow:
+    """A RESULTS row: one finished job, from a worker."""
+
+    client_id: str
+    seq: int
+    attempt: int
+    outcome: int
+    nframes: int
+    info: str
+
+    def to_wire(self) -> list[Any]:
+        return [self.client_id, self.seq, self.attempt, self.outcome, self.nframes, self.info]
+
+    @classmethod
+    def from_wire(cls, row: list[Any]) -> ResultsRow:
+        """From a row :func:`decode` has checked against RESULTS_ROW."""
+        return cls(*row)
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitRow:
+    """A SUBMIT row: one job of the message's function."""
+
+    seq: int
+    nframes: int
+    options: dict[str, Any]
+
+    def to_wire(self) -> list[Any]:
+        return [self.seq, self.nframes, self.options]
+
+    @classmethod
+    def from_wire(cls, row: list[Any]) -> SubmitRow:
+        """From a row :func:`decode` has checked against SUBMIT_ROW."""
+        return cls(*row)
+
+
+@dataclass(frozen=True, slots=True)
+class ResultRow:
+    """A RESULT row: one job's end, for its client."""
+
+    seq: int
+    outcome: int
+    nframes: int
+    info: str
+    kind: int = ResultKind.PLAIN
+
+    def to_wire(self) -> list[Any]:
+        return [self.seq, self.outcome, self.nframes, self.info, int(self.kind)]
+
+    @classmethod
+    def from_wire(cls, row: list[Any]) -> ResultRow:
+        """From a row :func:`decode` has checked against RESULT_ROW."""
+        return cls(*row)
+
+
+@dataclass(frozen=True, slots=True)
+class RunStats:
+    """A RESULTS stats row: when and how long a job ran, and its peak memory."""
+
+    started_at: float  # epoch seconds
+    finished_at: float
+    run_s: float
+    peak_rss_bytes: int
+
+    @classmethod
+    def from_wire(cls, row: list[Any]) -> RunStats:
+        return cls(*row)
+
+
+NO_RUN_STATS = RunStats(0.0, 0.0, 0.0, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class JobStats:
+    """A RESULT stats row: where and when a job ran, for its client's records."""
+
+    worker_id: str
+    host: str
+    attempts: int
+    queued_at: float  # epoch seconds
+    started_at: float
+    finished_at: float
+    run_s: float
+    peak_rss_bytes: int
+
+    def to_wire(self) -> list[Any]:
+        return [self.worker_id, self.host, self.attempts, self.queued_at, self.started_at, self.finished_at,
+                self.run_s, self.peak_rss_bytes]
+
+    @classmethod
+    def from_wire(cls, row: list[Any]) -> JobStats:
+        return cls(*row)

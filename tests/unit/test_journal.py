@@ -13,11 +13,11 @@ import pytest
 
 from tests.unit.test_scheduler import CA, CB, FN, W1, W2, Farm, job_rows, job_seqs, result_rows, to
 from zfarm import protocol as p
-from zfarm.config import BrokerSettings
-from zfarm.errors import JournalCorrupted, ZfarmError
 from zfarm.broker.journal import Journal
 from zfarm.broker.spill import Spill
 from zfarm.broker.state import Held
+from zfarm.config import BrokerSettings
+from zfarm.errors import JournalCorrupted, ZfarmError
 
 
 def restart(farm: Farm, path: Path, now: float = 100.0) -> Farm:

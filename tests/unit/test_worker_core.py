@@ -10,10 +10,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from zfarm import protocol as p
+from zfarm.broker.scheduler import Scheduler
 from zfarm.chaperone import SlotOutcome
 from zfarm.config import BrokerSettings, WorkerSettings
 from zfarm.errors import Refused
-from zfarm.broker.scheduler import Scheduler
 from zfarm.worker import Actions, Link, WorkerCore
 
 FN = b"\xf1" * 16

@@ -18,9 +18,9 @@ from collections.abc import Iterable
 from typing import Any
 
 from zfarm.broker.journal import Journal
-from zfarm.protocol import buffer_of
 from zfarm.broker.spill import Spill
 from zfarm.broker.state import Held
+from zfarm.protocol import buffer_of
 
 #: the timings of a result whose record is on disk (shared: a held result on disk costs little memory)
 ON_DISK: list[Any] = []

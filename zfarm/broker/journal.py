@@ -43,10 +43,10 @@ from typing import Any
 
 import msgpack
 
-from zfarm.errors import JournalCorrupted, ZfarmError
-from zfarm.protocol import as_bytes
 from zfarm.broker.state import Held, Job
 from zfarm.broker.wal import WalMark, inspect_wal, wal_exists, wal_path
+from zfarm.errors import JournalCorrupted, ZfarmError
+from zfarm.protocol import as_bytes
 
 log = logging.getLogger(__name__)
 

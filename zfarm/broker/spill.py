@@ -16,10 +16,10 @@ from typing import Any
 
 import msgpack
 
-from zfarm.errors import JournalCorrupted
 from zfarm.broker.journal import seal
-from zfarm.protocol import as_bytes
 from zfarm.broker.state import Held
+from zfarm.errors import JournalCorrupted
+from zfarm.protocol import as_bytes
 
 log = logging.getLogger(__name__)
 

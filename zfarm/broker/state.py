@@ -25,10 +25,30 @@ class Auth:
 
 
 class JobState(str, enum.Enum):
+    """Where a job is; it moves only through :func:`zfarm.broker.jobstate.JobMoves.move`."""
+
+    SUBMITTED = "submitted"  # accepted, not yet in a queue
     QUEUED = "queued"
     ASSIGNED = "assigned"
     FINISHED = "finished"
     CANCELLED = "cancelled"
+
+
+class Departure(str, enum.Enum):
+    """Why a peer's record ends. Behaviour depends on the member, never on its text."""
+
+    LEFT = "left"
+    RECONNECTED = "reconnected"
+    REPLACED = "replaced by a new HELLO on its connection"
+    ENDED_SESSION = "ended its session"
+    UNREACHABLE = "unreachable"
+    SILENT = "silent"
+    AWAY_TOO_LONG = "away too long"
+
+    @property
+    def alive(self) -> bool:
+        """Whether the peer's process may well be alive: a worker's jobs are not counted as lost."""
+        return self in (Departure.LEFT, Departure.RECONNECTED, Departure.REPLACED)
 
 
 @dataclass(slots=True, eq=False)
@@ -39,7 +59,7 @@ class Job:
     frames: tuple[Any, ...]  # opaque payload frames, never decoded here
     options: dict[str, Any]
     queued_at: float
-    state: JobState = JobState.QUEUED
+    state: JobState = JobState.SUBMITTED
     worker: str | None = None
     #: ids of the workers the job was given to, in order; its attempt number is the length
     history: tuple[str, ...] = ()  # a tuple: the empty one is shared, so a queued job carries none

@@ -1,0 +1,127 @@
+"""The one door through which a job changes state, checked against the allowed moves.
+
+::
+
+    SUBMITTED ──► QUEUED ──dispatch──► ASSIGNED(worker) ──result / poison──► FINISHED
+                    ▲  │ └──── result from before a broker restart ─────────────────┘
+                    │  │                  │
+                    │  │                  └── worker dead, left, gave it back ──► QUEUED
+                    │  └── cancel ──► CANCELLED ◄── cancel ──┘
+
+:meth:`JobMoves.move` is the only code that assigns ``job.state``. Along with the state it keeps
+what depends on it in step: the client's and the farm's queued counts, the client's queue and its
+place in the round-robin, the worker's jobs, credit and outbox, the client's unfinished jobs and
+their functions' users, the requeued and cancelled counters, and the journal's job rows (a
+finished job's row is replaced by its result row, written with the result).
+"""
+
+from __future__ import annotations
+
+from zfarm.broker.farm import Farm
+from zfarm.broker.functions import Functions
+from zfarm.broker.state import ClientRecord, Job, JobState, WorkerRecord
+
+S = JobState
+#: every (from, to) a job may take; anything else is a bug in the broker and raises
+ALLOWED: frozenset[tuple[JobState, JobState]] = frozenset({
+    (S.SUBMITTED, S.QUEUED),  # accepted from a client, or read back from the journal
+    (S.QUEUED, S.ASSIGNED),  # dispatched to a worker with credit
+    (S.ASSIGNED, S.QUEUED),  # its worker died, left or gave it back: it runs again
+    (S.ASSIGNED, S.FINISHED),  # a result came, or it was declared poison
+    (S.QUEUED, S.FINISHED),  # read back from a journal, it waited; the old broker's worker answered
+    (S.QUEUED, S.CANCELLED),  # its client cancelled it, replaced it or went away for good
+    (S.ASSIGNED, S.CANCELLED),
+})
+
+
+class IllegalMove(RuntimeError):
+    """A move the table does not allow: a bug in the broker, never caused by a peer."""
+
+    def __init__(self, job: str, start: JobState, finish: JobState) -> None:
+        super().__init__(f"job {job}: no move from {start.value} to {finish.value} (a bug in the broker)")
+        self.job, self.start, self.finish = job, start, finish
+
+
+class JobMoves:
+    def __init__(self, farm: Farm, functions: Functions) -> None:
+        self.farm = farm
+        self.functions = functions
+
+    def move(self, job: Job, to: JobState, client: ClientRecord, now: float, *,
+             worker: WorkerRecord | None = None, finisher: WorkerRecord | None = None,
+             front: bool = False) -> None:
+        """Move ``job`` of ``client`` to ``to``.
+
+        ``worker``: the worker it is assigned to (ASSIGNED). ``finisher``: the worker that answered
+        for it (it is not told to cancel it). ``front``: queue it first (a requeued job).
+
+        Raises:
+            IllegalMove: the table does not allow this move.
+        """
+        start = job.state
+        if (start, to) not in ALLOWED:
+            raise IllegalMove(job.name, start, to)
+        farm = self.farm
+        # leave the old state (a queued job leaves its client's queue lazily: dispatch skips it)
+        if start is S.QUEUED:
+            client.queued -= 1
+            farm.queued -= 1
+        elif start is S.ASSIGNED:
+            self._release(job, finisher)
+        else:  # SUBMITTED
+            client.jobs[job.seq] = job
+            self.functions.used(client, job.fn_id)
+            client.submitted += 1
+            if farm.journal is not None and job.recovered_after < 0:  # a recovered job's row is there
+                farm.journal.job(job, farm.records.wall(job.queued_at))
+        job.state = to
+        if to is S.QUEUED:
+            self._enqueue(client, job, front)
+            if start is S.ASSIGNED:
+                farm.counters.requeued += 1
+        elif to is S.ASSIGNED:
+            if worker is None:
+                raise IllegalMove(job.name, start, to)
+            job.worker = worker.id
+            job.history += (worker.id,)
+            worker.jobs[job.key] = job
+            worker.credit -= 1
+            worker.outbox.append(job)
+        else:  # FINISHED or CANCELLED: over for its client
+            self._forget(client, job, now)
+            if to is S.CANCELLED:
+                farm.counters.cancelled += 1
+                if farm.journal is not None and farm.clients.get(client.id) is client:
+                    farm.journal.drop_job(client.id, job.seq)  # (a dropped client's rows go with it)
+
+    def _enqueue(self, client: ClientRecord, job: Job, front: bool) -> None:
+        job.worker = None
+        if front:
+            client.queue.appendleft(job)
+        else:
+            client.queue.append(job)
+        client.queued += 1
+        self.farm.queued += 1
+        if not client.scheduled:
+            client.scheduled = True
+            if front:
+                self.farm.active.appendleft(client)
+            else:
+                self.farm.active.append(client)
+
+    def _release(self, job: Job, finisher: WorkerRecord | None) -> None:
+        """Take a job back from the worker holding it (telling that worker if it still runs it)."""
+        holder = self.farm.workers.get(job.worker or "")
+        if holder is not None and holder.jobs.pop(job.key, None) is not None and holder is not finisher:
+            if job in holder.outbox:
+                holder.outbox.remove(job)
+            else:
+                holder.cancels.append([job.client_id, job.seq])
+
+    def _forget(self, client: ClientRecord, job: Job, now: float) -> None:
+        """The job is over for its client; its function is kept a little while for the next jobs."""
+        client.jobs.pop(job.seq, None)
+        if client.queued and not client.scheduled and self.farm.clients.get(client.id) is client:
+            client.scheduled = True  # it was held back by its max_running
+            self.farm.active.append(client)
+        self.functions.unused(client, job.fn_id, now)
