@@ -38,7 +38,7 @@ from zfarm import proctree
 from zfarm import serialization as ser
 from zfarm.errors import ConfigError, JobCrashed, JobTimeout, MemoryLimitExceeded
 from zfarm.output import JOB_ID_VARIABLE, FdCapture
-from zfarm.protocol import Outcome, buffer_of, remember_fn
+from zfarm.protocol import Outcome, ResultKind, buffer_of, remember_fn
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,7 @@ class SlotOutcome:
     started_at: float = 0.0  # epoch seconds, as the slot saw them
     finished_at: float = 0.0
     peak_rss: int = 0  # the slot process's peak resident memory so far, bytes
+    kind: int = 0  # a protocol.ResultKind: LIMIT for a job killed by its time or memory limit
 
     def stats_row(self) -> list[Any]:
         return [self.started_at, self.finished_at, self.run_s, self.peak_rss]
@@ -347,7 +348,9 @@ class SlotPool:
                 log.warning("%s", error)
                 self._replace(slot)
                 info = ser.error_line(error)
-                outcomes.append(slot.outcome_without_report(task, Outcome.ERROR, error, info))
+                outcome = slot.outcome_without_report(task, Outcome.ERROR, error, info)
+                outcome.kind = ResultKind.LIMIT  # the client does not retry it
+                outcomes.append(outcome)
         return outcomes
 
     def collect(self, slot: Slot) -> SlotOutcome | None:

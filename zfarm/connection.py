@@ -57,7 +57,6 @@ RETRY_BACKOFF_MAX_S = 30.0
 BUSY_BATCH = 16
 BUSY_MIN_S = 0.05
 BUSY_MAX_S = 2.0
-_NOT_RETRIED = ("zfarm.errors.JobTimeout", "zfarm.errors.MemoryLimitExceeded", "zfarm.errors.PayloadTooLarge")
 #: job records kept for Client.stats(), newest last
 RECORDS_KEPT = 100_000
 
@@ -509,7 +508,7 @@ class Connection(threading.Thread):
             if row is not None and outcome != p.Outcome.CANCELLED and seq in self._jobs:
                 name = p.Outcome(outcome).name.lower() if outcome in _OUTCOME_VALUES else str(outcome)
                 records.append(record_of(f"{self.client_id}:{seq}", name, info, row))
-            if outcome == p.Outcome.ERROR and self._retry(seq, info):
+            if outcome == p.Outcome.ERROR and result.kind != p.ResultKind.LIMIT and self._retry(seq, info):
                 continue  # the re-run's SUBMIT tells the broker to forget this result
             job = self._forget(seq)
             if not self.session:
@@ -587,7 +586,7 @@ class Connection(threading.Thread):
     def _retry(self, seq: int, info: str) -> bool:
         """Run a job that raised again later, if it has retries left (backoff 1, 2, 4 … 30 s)."""
         job = self._jobs.get(seq)
-        if job is None or job.retries <= 0 or seq in self._retrying or info.startswith(_NOT_RETRIED):
+        if job is None or job.retries <= 0 or seq in self._retrying:
             return False
         job.retries -= 1
         job.attempt += 1

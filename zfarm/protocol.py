@@ -97,6 +97,7 @@ class ResultKind(enum.IntEnum):
 
     PLAIN = 0  # the job's result (or failure) as its outcome says
     FUNCTION_MISSING = 1  # LOST, unaccepted: the broker let the function go; send it and the job again
+    LIMIT = 2  # ERROR: the job outgrew a limit it was given (time, memory, result size): never retried
 
 
 # Row layouts of the batched messages (msgpack arrays inside the envelope).
@@ -204,11 +205,12 @@ class Results(Message):
     """Finished jobs from a worker, and the credit their slots free."""
 
     command = Command.RESULTS
-    schema = (int, list, list)
+    schema = (int, list, list, list)
     credit: int
     results: list[list[Any]]  # RESULTS_ROW
     frames: Sequence[Frame] = ()
     stats: list[list[Any]] = field(default_factory=list)  # RUN_STATS_ROW per result, or none
+    kinds: list[int] = field(default_factory=list)  # a ResultKind per result, or none (all PLAIN)
 
 
 @dataclass(frozen=True, slots=True)
@@ -518,6 +520,8 @@ def _check_frames(msg: Message, nframes: int) -> None:
     elif isinstance(msg, Results):
         check_rows(msg.results, RESULTS_ROW, "RESULTS", RESULTS_ROW_LIMITS)
         _check_stats(msg.stats, RUN_STATS_ROW, len(msg.results), "RESULTS")
+        if msg.kinds and (len(msg.kinds) != len(msg.results) or not all(k in _KINDS for k in msg.kinds)):
+            raise ProtocolError(f"RESULTS kinds must be one ResultKind per result, or none: {msg.kinds[:8]}")
         expected = _sum_frames(msg.results, 4)
     elif isinstance(msg, Submit):
         check_rows(msg.jobs, SUBMIT_ROW, "SUBMIT", SUBMIT_ROW_LIMITS)
@@ -531,6 +535,9 @@ def _check_frames(msg: Message, nframes: int) -> None:
         raise ProtocolError(f"no frame rule for {type(msg).__name__}")
     if expected != nframes:
         raise ProtocolError(f"{type(msg).__name__} announces {expected} payload frames, carries {nframes}")
+
+
+_KINDS = {int(k) for k in ResultKind}
 
 
 def _check_stats(stats: list[Any], layout: tuple[Any, ...], rows: int, what: str,

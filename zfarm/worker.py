@@ -257,7 +257,7 @@ class WorkerCore:
         error = PayloadTooLarge(size, limit, "this job's result")
         return SlotOutcome(outcome.key, outcome.attempt, p.Outcome.ERROR, ser.dump_exception(error),
                            ser.error_line(error), outcome.run_s, outcome.started_at, outcome.finished_at,
-                           outcome.peak_rss)
+                           outcome.peak_rss, p.ResultKind.LIMIT)
 
     def _send_results(self, outcomes: list[SlotOutcome], credit: int) -> p.Results:
         """RESULTS for these outcomes; those that end a job are kept until the broker has read them."""
@@ -268,7 +268,8 @@ class WorkerCore:
         rows = [[o.key[0], o.key[1], o.attempt, int(o.outcome), len(o.frames), o.info[:p.MAX_TEXT_CHARS]]
                 for o in outcomes]
         frames = [f for o in outcomes for f in o.frames]
-        return p.Results(credit, rows, frames, [o.stats_row() for o in outcomes])
+        kinds = [int(o.kind) for o in outcomes] if any(o.kind for o in outcomes) else []
+        return p.Results(credit, rows, frames, [o.stats_row() for o in outcomes], kinds)
 
     def tick(self, now: float) -> Actions:
         """Heartbeat when quiet; give up on a silent broker and schedule a reconnect."""

@@ -40,9 +40,10 @@ class Delivery:
         rows = [p.ResultsRow.from_wire(row) for row in msg.results]
         per_row = p.split_frames(msg.frames, [row.nframes for row in rows])
         stats = [p.RunStats.from_wire(s) for s in msg.stats] if msg.stats else [p.NO_RUN_STATS] * len(rows)
+        kinds = msg.kinds or [p.ResultKind.PLAIN] * len(rows)
         returned: list[Job] = []
         clients = self.farm.clients
-        for row, frames, run in zip(rows, per_row, stats, strict=True):
+        for row, frames, run, kind in zip(rows, per_row, stats, kinds, strict=True):
             client = clients.get(row.client_id)
             job = client.jobs.get(row.seq) if client else None
             outcome = row.outcome
@@ -61,11 +62,12 @@ class Delivery:
                 # a resent result of an earlier attempt: the later copy this worker holds is not needed
                 worker.cancels.append([row.client_id, row.seq])
             self.finish(worker, client, job, p.Outcome(outcome), [compact(f) for f in frames], row.info, run,
-                        now)
+                        now, kind)
         return returned
 
     def finish(self, worker: WorkerRecord, client: ClientRecord, job: Job, outcome: p.Outcome,
-               frames: list[Any], info: str, run: p.RunStats, now: float) -> None:
+               frames: list[Any], info: str, run: p.RunStats, now: float,
+               kind: int = p.ResultKind.PLAIN) -> None:
         self.moves.move(job, JobState.FINISHED, client, now, finisher=worker)
         ok = outcome == p.Outcome.OK
         worker.done += ok
@@ -73,10 +75,11 @@ class Delivery:
         if not ok:
             log.info("job %s failed on worker %s: %s", job.name, worker.id, p.clip(info))
             self.farm.records.event(now, "job-failed", f"job {job.name} failed on {worker.id}: {info}")
-        self.deliver(client, job, worker, outcome, frames, info, run, now)
+        self.deliver(client, job, worker, outcome, frames, info, run, now, kind)
 
     def deliver(self, client: ClientRecord, job: Job, worker: WorkerRecord, outcome: p.Outcome,
-                frames: list[Any], info: str, run: p.RunStats, now: float) -> None:
+                frames: list[Any], info: str, run: p.RunStats, now: float,
+                kind: int = p.ResultKind.PLAIN) -> None:
         """Keep the finished job's record in the history and send its result to its client."""
         records = self.farm.records
         queued_at = records.wall(job.queued_at)
@@ -85,10 +88,10 @@ class Delivery:
                           run.peak_rss_bytes, info))
         stats = p.JobStats(worker.id, worker.host, len(job.history), queued_at, run.started_at,
                            run.finished_at, run.run_s, run.peak_rss_bytes)
-        self._hold(client, job, outcome, frames, info, stats.to_wire())
+        self._hold(client, job, outcome, frames, info, stats.to_wire(), kind)
 
     def _hold(self, client: ClientRecord, job: Job, outcome: p.Outcome, frames: list[Any], info: str,
-              stats: list[Any]) -> None:
+              stats: list[Any], kind: int) -> None:
         """Hold the result until the client says it has it, and send it if the client is here."""
         farm = self.farm
         ok = outcome == p.Outcome.OK
@@ -96,14 +99,14 @@ class Delivery:
         client.failed += not ok
         farm.counters.done += ok
         farm.counters.failed += not ok
-        held = Held(int(outcome), frames, info, stats, job.digest)
+        held = Held(int(outcome), frames, info, stats, job.digest, kind=kind)
         client.held[job.seq] = held
         if farm.journal is not None:
             farm.journal.result(client.id, job.seq, held)  # it replaces the job's row
         # A session's are kept until the session ends: with a journal, on disk, not in memory.
         farm.held_results.keep(client.id, job.seq, held, disk_only=bool(client.session and farm.journal))
         if client.present:  # else it is sent when the client asks for the job again
-            to_client(client, p.ResultRow(job.seq, int(outcome), len(frames), info), frames, stats)
+            to_client(client, p.ResultRow(job.seq, int(outcome), len(frames), info, kind), frames, stats)
 
     def started(self, worker: WorkerRecord, msg: p.Started) -> None:
         """Tell clients which of their jobs run now (their futures' ``running()``)."""
@@ -140,7 +143,8 @@ class Delivery:
     def resend(self, client: ClientRecord, seq: int, whole: Held) -> None:
         """Send a held result again (its client asked for the job again)."""
         frames = whole.frames or []
-        to_client(client, p.ResultRow(seq, whole.outcome, len(frames), whole.info), frames, whole.stats)
+        to_client(client, p.ResultRow(seq, whole.outcome, len(frames), whole.info, whole.kind), frames,
+                  whole.stats)
 
     def damaged(self, client: ClientRecord, seq: int, why: str, now: float, where: str = "") -> None:
         """A job whose payload on disk changed: never run or delivered, it fails with JournalCorrupted.

@@ -114,6 +114,7 @@ class Held:
     stats: list[Any]
     digest: bytes = b""
     size: int = 0  # payload bytes while ``frames`` is in memory
+    kind: int = 0  # its ResultKind (kept in memory only: read back from a journal it is PLAIN)
 
 
 @dataclass(slots=True, eq=False)
