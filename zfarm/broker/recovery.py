@@ -11,7 +11,7 @@ from zfarm.broker.delivery import Delivery
 from zfarm.broker.farm import Farm
 from zfarm.broker.functions import Functions
 from zfarm.broker.jobstate import JobMoves
-from zfarm.broker.journal import Damaged, Recovered
+from zfarm.broker.journal_rows import Damaged, Recovered
 from zfarm.broker.state import NO_OPTIONS, ClientRecord, Job, JobState
 
 log = logging.getLogger("zfarm.broker.scheduler")

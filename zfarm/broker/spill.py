@@ -16,7 +16,7 @@ from typing import Any
 
 import msgpack
 
-from zfarm.broker.journal import seal
+from zfarm.broker.journal_rows import seal
 from zfarm.broker.state import Held
 from zfarm.errors import JournalCorrupted
 from zfarm.protocol import as_bytes
