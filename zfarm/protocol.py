@@ -27,7 +27,7 @@ import msgpack
 from zfarm.errors import FieldTooLarge, ProtocolError, VersionMismatch
 
 PROTOCOL_VERSION = 4  # 2: results held until RECEIVED; sessions (ACCEPTED); 3: STARTED, RUNNING;
-#                        4: RESULT rows carry a ResultKind
+#                        4: RESULT rows carry a ResultKind; PROJECT, PROJECT_REPLY, NOTICE
 MAGIC = b"ZF"
 HEADER = MAGIC + bytes([PROTOCOL_VERSION])
 #: job numbers are 0 … 2**63 - 1 (they are stored as SQLite integers)
@@ -70,6 +70,9 @@ class Command(enum.IntEnum):
     ACCEPTED = 19  # broker → session client: these jobs are held (in the journal, if any)
     STARTED = 20  # worker → broker: these jobs went into a slot (only those that run a while)
     RUNNING = 21  # broker → client: these jobs of yours started on a worker
+    PROJECT = 22  # client or monitor → broker: list, change, suspend, resume or cancel projects
+    PROJECT_REPLY = 23  # broker → peer: the projects (after the change), or why it was refused
+    NOTICE = 24  # broker → client: something about these jobs of yours worth a warning
 
 
 class Role(str, enum.Enum):
@@ -98,6 +101,20 @@ class ResultKind(enum.IntEnum):
     PLAIN = 0  # the job's result (or failure) as its outcome says
     FUNCTION_MISSING = 1  # LOST, unaccepted: the broker let the function go; send it and the job again
     LIMIT = 2  # ERROR: the job outgrew a limit it was given (time, memory, result size): never retried
+    PROJECT_SUSPENDED = 3  # a failure that suspended its project (on_error="suspend")
+    REFUSED = 4  # LOST, unaccepted: the job's options cannot be taken (info: why); not sent again
+
+
+class NoticeKind(enum.IntEnum):
+    UNSCHEDULABLE = 1  # no connected worker could ever hold these jobs (text: why)
+
+
+class ProjectAction(str, enum.Enum):
+    LIST = "list"
+    SET = "set"  # settings: priority, share
+    SUSPEND = "suspend"
+    RESUME = "resume"
+    CANCEL = "cancel"
 
 
 # Row layouts of the batched messages (msgpack arrays inside the envelope).
@@ -312,12 +329,42 @@ class Running(Message):
     seqs: list[int]
 
 
+@dataclass(frozen=True, slots=True)
+class Project(Message):
+    """Act on a project by name (``action``: a ProjectAction; LIST takes no name)."""
+
+    command = Command.PROJECT
+    schema = (str, str, dict)
+    action: str
+    name: str = ""
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ProjectReply(Message):
+    """Every project's view after the action, or ``error`` saying why it was refused."""
+
+    command = Command.PROJECT_REPLY
+    schema = (list, str)
+    projects: list[dict[str, Any]]
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Notice(Message):
+    command = Command.NOTICE
+    schema = (int, list, str)
+    kind: int  # a NoticeKind
+    seqs: list[int]
+    text: str
+
+
 MESSAGE_TYPES: dict[Command, type[Message]] = {
     cls.command: cls
     for cls in (
         Hello, Welcome, Refused, Reconnect, Heartbeat, Disconnect, Ready, Jobs, Results,
         CancelJobs, Submit, Result, Cancel, Status, StatusReply, History, HistoryReply, Received,
-        Accepted, Started, Running,
+        Accepted, Started, Running, Project, ProjectReply, Notice,
     )
 }
 _ENVELOPE_FIELDS: dict[type[Message], tuple[str, ...]] = {
@@ -332,6 +379,8 @@ _FIELD_LIMITS: dict[type[Message], dict[str, int]] = {
     Reconnect: {"reason": MAX_TEXT_CHARS},
     Disconnect: {"reason": MAX_TEXT_CHARS},
     Submit: {"fn_id": MAX_FN_ID_BYTES},
+    Project: {"action": MAX_ID_CHARS, "name": MAX_ID_CHARS, "settings": MAX_INFO_COST},
+    Notice: {"text": MAX_TEXT_CHARS},
 }
 #: the same, as (position in the envelope, bound, name for a refusal) per message type
 _ENVELOPE_LIMITS: dict[type[Message], tuple[tuple[int, int, str], ...]] = {
@@ -560,7 +609,7 @@ def _sum_frames(rows: list[list[Any]], column: int) -> int:
 def _check_plain_rows(msg: Message) -> None:
     if isinstance(msg, (CancelJobs, Started)):
         check_rows(msg.keys, KEY_ROW, msg.command.name, KEY_ROW_LIMITS)
-    elif isinstance(msg, (Cancel, Received, Accepted, Running)):
+    elif isinstance(msg, (Cancel, Received, Accepted, Running, Notice)):
         _check_seqs(msg.seqs, msg.command.name)
         if isinstance(msg, Received):
             _check_seqs([msg.below], "RECEIVED below")

@@ -37,7 +37,7 @@ def job_in(state: JobState, moves: JobMoves, client: ClientRecord, worker: Worke
             S.FINISHED: [S.QUEUED, S.ASSIGNED, S.FINISHED], S.CANCELLED: [S.QUEUED, S.CANCELLED]}[state]
     for to in path:
         if to is S.ASSIGNED:
-            client.queue.remove(job)  # as dispatch pops it
+            client.own.jobs.remove(job)  # as dispatch pops it
         moves.move(job, to, client, 0.0, worker=worker if to is S.ASSIGNED else None,
                    finisher=worker if to is S.FINISHED else None)
     return job
@@ -48,14 +48,14 @@ def test_every_allowed_move_keeps_counts_queues_and_holders(start: JobState, fin
     farm, moves, client, worker = farm_with_peers()
     job = job_in(start, moves, client, worker)
     if start is S.QUEUED and finish is S.ASSIGNED:
-        client.queue.remove(job)
+        client.own.jobs.remove(job)
     moves.move(job, finish, client, 1.0, worker=worker if finish is S.ASSIGNED else None,
                finisher=worker if finish is S.FINISHED else None)
     assert job.state is finish
     queued = 1 if finish is S.QUEUED else 0
     assert (client.queued, farm.queued) == (queued, queued)
     if finish is S.QUEUED:  # (one that leaves QUEUED leaves the queue lazily: dispatch skips it)
-        assert job in client.queue
+        assert job in client.own.jobs
     assert (job.key in worker.jobs) == (finish is S.ASSIGNED)
     assert (job.seq in client.jobs) == (finish in (S.QUEUED, S.ASSIGNED))
     assert client.fn_users[FN] == (1 if finish in (S.QUEUED, S.ASSIGNED) else 0)

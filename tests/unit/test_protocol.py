@@ -47,7 +47,19 @@ SAMPLES: list[p.Message] = [
     p.Accepted([1]),
     p.Started([["c-1", 3], ["c-2", 4]]),
     p.Running([3]),
+    p.Results(1, [["c-1", 0, 1, int(p.Outcome.ERROR), 1, "JobTimeout"]], [b"e"], [], [p.ResultKind.LIMIT]),
+    p.Project("suspend", "nightly", {}),
+    p.Project("set", "nightly", {"priority": 5, "share": 2.0}),
+    p.ProjectReply([{"name": "nightly", "state": "suspended"}], ""),
+    p.Notice(int(p.NoticeKind.UNSCHEDULABLE), [3, 4], "it asks for gpus=2"),
 ]
+
+
+def test_results_kinds_are_one_known_kind_per_row_or_none() -> None:
+    row = ["c-1", 0, 1, int(p.Outcome.ERROR), 0, ""]
+    for kinds in ([0, 0], [99]):
+        with pytest.raises(ProtocolError, match="kinds"):
+            p.decode(p.encode(p.Results(1, [row], [], [], kinds)))
 
 
 def test_every_message_type_is_sampled() -> None:

@@ -15,6 +15,7 @@ broker too. Where a held result's payload lives (memory, journal, spill file) is
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from zfarm import protocol as p
@@ -32,6 +33,8 @@ class Delivery:
     def __init__(self, farm: Farm, moves: JobMoves) -> None:
         self.farm = farm
         self.moves = moves
+        #: told of each failed job (its project's on_error); returns the kind its result row carries
+        self.on_failure: Callable[[Job, float], int] = lambda _job, _now: p.ResultKind.PLAIN
 
     # ---- from workers ----------------------------------------------------------------------------
 
@@ -75,6 +78,8 @@ class Delivery:
         if not ok:
             log.info("job %s failed on worker %s: %s", job.name, worker.id, p.clip(info))
             self.farm.records.event(now, "job-failed", f"job {job.name} failed on {worker.id}: {info}")
+            if kind == p.ResultKind.PLAIN:
+                kind = self.on_failure(job, now)
         self.deliver(client, job, worker, outcome, frames, info, run, now, kind)
 
     def deliver(self, client: ClientRecord, job: Job, worker: WorkerRecord, outcome: p.Outcome,
@@ -88,13 +93,20 @@ class Delivery:
                           run.peak_rss_bytes, info))
         stats = p.JobStats(worker.id, worker.host, len(job.history), queued_at, run.started_at,
                            run.finished_at, run.run_s, run.peak_rss_bytes)
-        self._hold(client, job, outcome, frames, info, stats.to_wire(), kind)
+        self._hold(client, job, outcome, frames, info, stats.to_wire(), kind, now)
 
     def _hold(self, client: ClientRecord, job: Job, outcome: p.Outcome, frames: list[Any], info: str,
-              stats: list[Any], kind: int) -> None:
+              stats: list[Any], kind: int, now: float) -> None:
         """Hold the result until the client says it has it, and send it if the client is here."""
         farm = self.farm
         ok = outcome == p.Outcome.OK
+        queue = job.queue or client.own
+        if outcome == p.Outcome.CANCELLED:
+            queue.cancelled += 1
+        else:
+            queue.done += ok
+            queue.failed += not ok
+        queue.finished_at.append(now)
         client.done += ok
         client.failed += not ok
         farm.counters.done += ok

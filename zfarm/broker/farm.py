@@ -7,7 +7,6 @@ intake, delivery, functions, recovery) holds it and changes only the facts it ow
 from __future__ import annotations
 
 import logging
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,7 +14,7 @@ from zfarm import protocol as p
 from zfarm.broker.held import HeldResults
 from zfarm.broker.journal import Journal
 from zfarm.broker.records import Records
-from zfarm.broker.state import ClientRecord, Counters, Peer, Route, WorkerRecord
+from zfarm.broker.state import ClientRecord, Counters, Peer, Queue, Route, WorkerRecord
 from zfarm.config import BrokerSettings
 
 log = logging.getLogger("zfarm.broker.scheduler")
@@ -36,8 +35,12 @@ class Farm:
     counters: Counters = field(default_factory=Counters)
     #: jobs waiting in every client's queue
     queued: int = 0
-    #: clients with queued jobs, served round-robin
-    active: deque[ClientRecord] = field(default_factory=deque)
+    #: queues with queued jobs (projects', clients' own), chosen by priority then share
+    active: list[Queue] = field(default_factory=list)
+    #: projects by name
+    projects: dict[str, Queue] = field(default_factory=dict)
+    #: the pass of the last queue dispatched from: a queue that was idle starts there (no banked turns)
+    vtime: float = 0.0
     out: list[Outbound] = field(default_factory=list)
     _log_second: int = 0
     _logged: int = 0
@@ -67,3 +70,10 @@ class Farm:
             log.warning(text, *args)
         else:
             self._unlogged += 1
+
+    def schedule(self, queue: Queue) -> None:
+        """A queue with queued jobs joins the dispatch list (its pass no further back than now)."""
+        if not queue.scheduled:
+            queue.scheduled = True
+            queue.pass_ = max(queue.pass_, self.vtime)
+            self.active.append(queue)

@@ -17,13 +17,26 @@ from zfarm.broker.delivery import Delivery
 from zfarm.broker.farm import Farm
 from zfarm.broker.functions import Functions
 from zfarm.broker.jobstate import JobMoves
-from zfarm.broker.state import NO_OPTIONS, ClientRecord, Job, JobState, compact
+from zfarm.broker.projects import BadProject, Projects
+from zfarm.broker.state import (
+    NO_OPTIONS,
+    ClientRecord,
+    Job,
+    JobState,
+    Queue,
+    Request,
+    compact,
+    valid_amounts,
+    valid_tags,
+)
 
 log = logging.getLogger("zfarm.broker.scheduler")
 
 
 class Intake:
-    def __init__(self, farm: Farm, moves: JobMoves, delivery: Delivery, functions: Functions) -> None:
+    def __init__(self, farm: Farm, moves: JobMoves, delivery: Delivery, functions: Functions,
+                 projects: Projects) -> None:
+        self.projects = projects
         self.farm = farm
         self.moves = moves
         self.delivery = delivery
@@ -54,8 +67,15 @@ class Intake:
                 self.delivery.bounce(client, seq, p.Outcome.JOURNAL_FULL, f"the broker cannot write its "
                                      f"journal {farm.journal.path} ({farm.journal.problem})", now)
                 continue
+            options = row.options or NO_OPTIONS
+            try:
+                queue, phase, request = self._placement_of(client, options, now)
+            except BadProject as exc:
+                self.delivery.bounce(client, seq, p.Outcome.LOST, str(exc), now, p.ResultKind.REFUSED)
+                continue
             payload = tuple(compact(f) for f in job_frames)
-            job = Job(client.id, seq, msg.fn_id, payload, row.options or NO_OPTIONS, now, digest=digest)
+            job = Job(client.id, seq, msg.fn_id, payload, options, now, digest=digest, queue=queue,
+                      phase=phase, request=request)
             if client.attempts_used:
                 job.history = ("",) * client.attempts_used.pop(seq, 0)  # attempts of a retired job
             if client.session:
@@ -63,6 +83,21 @@ class Intake:
             self.moves.move(job, JobState.QUEUED, client, now)
         if known_fn:
             self.functions.idle_since(client, msg.fn_id, now)
+
+    def _placement_of(self, client: ClientRecord, options: dict[str, Any],
+                      now: float) -> tuple[Queue | None, int, Request | None]:
+        """A job's queue, phase and resource request, from its options.
+
+        Raises:
+            BadProject: an option of the wrong type or range.
+        """
+        if options is NO_OPTIONS:
+            return None, 0, None
+        queue = self.projects.queue_for(client, options, now)
+        phase = options.get("phase", 0)
+        if not isinstance(phase, int) or isinstance(phase, bool) or not 0 <= phase <= 1_000_000:
+            raise BadProject(f"a job's phase is an integer from 0 to 1000000, not {phase!r}")
+        return (None if queue is client.own else queue), phase, request_of(options)
 
     def cancel(self, client: ClientRecord, msg: p.Cancel, now: float) -> None:
         for seq in msg.seqs:
@@ -118,3 +153,22 @@ def _digest(fn_id: bytes, frames: Sequence[Any]) -> bytes:
     for frame in frames:
         h.update(p.buffer_of(frame))
     return h.digest()
+
+
+def request_of(options: dict[str, Any]) -> Request | None:
+    """A job's request from its options ``resources`` ({name: amount}, mem in bytes) and ``tags``.
+
+    Raises:
+        BadProject: amounts that are not numbers of 0 or more, names or tags that are not short texts.
+    """
+    amounts, tags = options.get("resources"), options.get("tags")
+    if amounts is None and tags is None:
+        return None
+    amounts = amounts if amounts is not None else {}
+    tags = tags if tags is not None else []
+    if not valid_amounts(amounts):
+        raise BadProject(f"resources are up to 32 names with amounts of 0 or more (mem in bytes), not "
+                         f"{str(amounts)[:200]}")
+    if not valid_tags(tags):
+        raise BadProject(f"tags are up to 32 short texts, not {str(tags)[:200]}")
+    return Request({k: float(v) for k, v in amounts.items() if v}, frozenset(tags))

@@ -9,8 +9,9 @@
                     │  └── cancel ──► CANCELLED ◄── cancel ──┘
 
 :meth:`JobMoves.move` is the only code that assigns ``job.state``. Along with the state it keeps
-what depends on it in step: the client's and the farm's queued counts, the client's queue and its
-place in the round-robin, the worker's jobs, credit and outbox, the client's unfinished jobs and
+what depends on it in step: the queued and running counts (client, queue, farm), the job's queue
+(its project's or its client's own) and that queue's place in the dispatch list and phases, the
+worker's jobs, credit, outbox and free resources, the client's unfinished jobs and
 their functions' users, the requeued and cancelled counters, and the journal's job rows (a
 finished job's row is replaced by its result row, written with the result).
 """
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 from zfarm.broker.farm import Farm
 from zfarm.broker.functions import Functions
-from zfarm.broker.state import ClientRecord, Job, JobState, WorkerRecord
+from zfarm.broker.state import ClientRecord, Job, JobState, Queue, WorkerRecord
 
 S = JobState
 #: every (from, to) a job may take; anything else is a bug in the broker and raises
@@ -62,21 +63,26 @@ class JobMoves:
         if (start, to) not in ALLOWED:
             raise IllegalMove(job.name, start, to)
         farm = self.farm
-        # leave the old state (a queued job leaves its client's queue lazily: dispatch skips it)
+        queue = job.queue or client.own
+        # leave the old state (a queued job leaves its queue lazily: dispatch skips it)
         if start is S.QUEUED:
             client.queued -= 1
+            queue.queued -= 1
             farm.queued -= 1
         elif start is S.ASSIGNED:
+            queue.running -= 1
             self._release(job, finisher)
         else:  # SUBMITTED
             client.jobs[job.seq] = job
             self.functions.used(client, job.fn_id)
             client.submitted += 1
+            queue.submitted += 1
+            queue.phases[job.phase] = queue.phases.get(job.phase, 0) + 1
             if farm.journal is not None and job.recovered_after < 0:  # a recovered job's row is there
                 farm.journal.job(job, farm.records.wall(job.queued_at))
         job.state = to
         if to is S.QUEUED:
-            self._enqueue(client, job, front)
+            self._enqueue(client, queue, job, front)
             if start is S.ASSIGNED:
                 farm.counters.requeued += 1
         elif to is S.ASSIGNED:
@@ -87,41 +93,64 @@ class JobMoves:
             worker.jobs[job.key] = job
             worker.credit -= 1
             worker.outbox.append(job)
+            queue.running += 1
+            take(worker, job)
         else:  # FINISHED or CANCELLED: over for its client
-            self._forget(client, job, now)
+            queue.phases[job.phase] -= 1
             if to is S.CANCELLED:
+                queue.cancelled += 1
                 farm.counters.cancelled += 1
                 if farm.journal is not None and farm.clients.get(client.id) is client:
                     farm.journal.drop_job(client.id, job.seq)  # (a dropped client's rows go with it)
+            self._forget(client, queue, job, now)
 
-    def _enqueue(self, client: ClientRecord, job: Job, front: bool) -> None:
+    def _enqueue(self, client: ClientRecord, queue: Queue, job: Job, front: bool) -> None:
         job.worker = None
         if front:
-            client.queue.appendleft(job)
+            queue.jobs.appendleft(job)
         else:
-            client.queue.append(job)
+            queue.jobs.append(job)
         client.queued += 1
+        queue.queued += 1
         self.farm.queued += 1
-        if not client.scheduled:
-            client.scheduled = True
-            if front:
-                self.farm.active.appendleft(client)
-            else:
-                self.farm.active.append(client)
+        self.farm.schedule(queue)
 
     def _release(self, job: Job, finisher: WorkerRecord | None) -> None:
         """Take a job back from the worker holding it (telling that worker if it still runs it)."""
         holder = self.farm.workers.get(job.worker or "")
-        if holder is not None and holder.jobs.pop(job.key, None) is not None and holder is not finisher:
+        if holder is not None and holder.jobs.pop(job.key, None) is not None:
+            if job.request is not None:
+                give_back(holder, job)
+            if holder is finisher:
+                return
             if job in holder.outbox:
                 holder.outbox.remove(job)
             else:
                 holder.cancels.append([job.client_id, job.seq])
 
-    def _forget(self, client: ClientRecord, job: Job, now: float) -> None:
+    def _forget(self, client: ClientRecord, queue: Queue, job: Job, now: float) -> None:
         """The job is over for its client; its function is kept a little while for the next jobs."""
         client.jobs.pop(job.seq, None)
-        if client.queued and not client.scheduled and self.farm.clients.get(client.id) is client:
-            client.scheduled = True  # it was held back by its max_running
-            self.farm.active.append(client)
+        if queue.queued and self.farm.clients.get(client.id) is client:
+            self.farm.schedule(queue)  # it may have been held back by its max_running or phase
         self.functions.unused(client, job.fn_id, now)
+
+
+def take(worker: WorkerRecord, job: Job) -> None:
+    """A job's request is taken from what its worker has free (GPU ids too)."""
+    if job.request is None:
+        return
+    for name, amount in job.request.amounts.items():
+        worker.free[name] = worker.free.get(name, 0.0) - amount
+    gpus = int(job.request.amounts.get("gpus", 0))
+    if gpus:
+        job.devices, worker.gpu_ids = tuple(worker.gpu_ids[:gpus]), worker.gpu_ids[gpus:]
+
+
+def give_back(worker: WorkerRecord, job: Job) -> None:
+    if job.request is None:
+        return
+    for name, amount in job.request.amounts.items():
+        worker.free[name] = worker.free.get(name, 0.0) + amount
+    worker.gpu_ids.extend(job.devices)
+    job.devices = ()

@@ -32,6 +32,8 @@ from zfarm.broker.state import (
     WorkerRecord,
     check_hello,
     role_of,
+    valid_amounts,
+    valid_tags,
 )
 
 log = logging.getLogger("zfarm.broker.scheduler")
@@ -63,7 +65,7 @@ class Peers:
 
     def hello(self, route: Route, msg: p.Hello, now: float, key: str = "") -> None:
         farm = self.farm
-        problem = check_hello(msg)
+        problem = check_hello(msg) or (check_resources(msg.info) if msg.role == p.Role.WORKER else "")
         if problem:
             log.warning("refused peer %s: %s", route.hex(), problem)
             farm.send_to(route, p.Refused(problem))
@@ -91,8 +93,16 @@ class Peers:
             if old is not None:
                 self.remove(old, now, Departure.RECONNECTED)
             worker = WorkerRecord(**common, slots=msg.slots)  # type: ignore[arg-type]
+            announced = msg.info.get("resources", {})
+            resources = {"cpus": float(msg.slots), **{k: float(v) for k, v in announced.items()}}
+            worker.resources, worker.free = resources, dict(resources)
+            worker.tags = frozenset(msg.info.get("tags", ()))
+            worker.gpu_ids = [str(g) for g in msg.info.get("gpu_ids", ())][:int(resources.get("gpus", 0))]
             farm.workers[worker.id] = worker
             slots = f"{worker.slots} slot{'' if worker.slots == 1 else 's'}"
+            if len(resources) > 1 or worker.tags:
+                slots += f" ({', '.join(f'{k}={v:g}' for k, v in sorted(resources.items()))}" + (
+                    f"; tags {','.join(sorted(worker.tags))})" if worker.tags else ")")
             log.info("worker %s joined from %s pid %d with %s", worker.id, p.clip(worker.host), worker.pid,
                      slots)
             farm.records.event(now, "worker-joined",
@@ -202,6 +212,20 @@ class Peers:
 
 def worker_view(w: WorkerRecord, now: float) -> dict[str, object]:
     return {"id": w.id, "host": w.host, "pid": w.pid, "slots": w.slots, "busy": len(w.jobs),
+            "resources": w.resources, "free": w.free, "tags": sorted(w.tags),
             "credit": w.credit, "done": w.done, "failed": w.failed,
             "state": "busy" if w.jobs else "idle",
             "heartbeat_age_s": round(now - w.last_seen, 3), "uptime_s": round(now - w.joined_at, 3)}
+
+
+def check_resources(info: dict[str, object]) -> str:
+    """Why a worker's HELLO resources, tags or GPU ids cannot be taken ("" if they can)."""
+    gpu_ids = info.get("gpu_ids", [])
+    if not valid_amounts(info.get("resources", {})):
+        return "a worker's resources are up to 32 names with amounts of 0 or more (mem in bytes)"
+    if not valid_tags(info.get("tags", [])):
+        return "a worker's tags are up to 32 short texts"
+    if not isinstance(gpu_ids, list) or len(gpu_ids) > 1024 or not all(isinstance(g, (str, int))
+                                                                       for g in gpu_ids):
+        return "a worker's GPU ids are a list of texts or numbers"
+    return ""

@@ -21,7 +21,7 @@ from zfarm import protocol as p
 from zfarm.broker.delivery import Delivery
 from zfarm.broker.farm import Farm
 from zfarm.broker.jobstate import JobMoves
-from zfarm.broker.state import ClientRecord, Departure, Job, JobState, WorkerRecord
+from zfarm.broker.state import ClientRecord, Departure, Job, JobState, Queue, Request, WorkerRecord
 from zfarm.errors import ProtocolError
 
 log = logging.getLogger("zfarm.broker.scheduler")
@@ -60,35 +60,72 @@ class Placement:
                 if not room:
                     break
                 share = max(1, math.ceil(farm.queued / len(room)))
+                placed = 0
                 for worker, n in room.items():
                     for _ in range(min(n, share)):
-                        found = self._next_queued()
+                        found = self._next_for(worker, now)
                         if found is None:
-                            return
+                            break
                         self.moves.move(found[1], JobState.ASSIGNED, found[0], now, worker=worker)
+                        placed += 1
                     if worker.credit <= 0:
                         del self.hungry[worker.id]
+                if not placed:
+                    break
 
-    def _next_queued(self) -> tuple[ClientRecord, Job] | None:
+    def _next_for(self, worker: WorkerRecord, now: float) -> tuple[ClientRecord, Job] | None:
+        """The next job for ``worker``: from the queue of highest priority, then lowest pass, whose
+        first job may run now and fits what the worker has free."""
+        best: Queue | None = None
+        best_job: Job | None = None
         active = self.farm.active
-        while active:
-            client = active[0]
-            if _at_max_running(client):  # scheduled again when one of its jobs is over (JobMoves)
-                active.popleft()
-                client.scheduled = False
+        for queue in list(active) if len(active) > 1 else active[:1]:
+            job = _first_queued(queue)
+            if job is None or queue.suspended or _held_back(queue, job):
+                queue.scheduled = False  # scheduled again by resume, or when one of its jobs is over
+                active.remove(queue)
                 continue
-            while client.queue:
-                job = client.queue.popleft()
-                if job.state is JobState.QUEUED:
-                    if client.queued > 1:
-                        active.rotate(-1)
-                    else:
-                        active.popleft()
-                        client.scheduled = False
-                    return client, job
-            active.popleft()
-            client.scheduled = False
-        return None
+            if job.request is not None and not self._fits(job, worker, now):
+                continue
+            if best is None or queue.priority > best.priority or (
+                    queue.priority == best.priority and queue.pass_ < best.pass_):
+                best, best_job = queue, job
+        if best is None or best_job is None:
+            return None
+        best.jobs.popleft()
+        self.farm.vtime = best.pass_
+        best.pass_ += 1.0 / best.share
+        client = self.farm.clients[best_job.client_id]
+        return client, best_job
+
+    def _fits(self, job: Job, worker: WorkerRecord, now: float) -> bool:
+        request = job.request
+        if request is None:
+            return True
+        free = worker.free
+        if request.tags <= worker.tags and all(free.get(k, 0.0) >= v for k, v in request.amounts.items()):
+            return True
+        if not job.warned:
+            self._check_schedulable(job, now)
+        return False
+
+    def _check_schedulable(self, job: Job, now: float) -> None:
+        """A job no connected worker could ever hold is shown as unschedulable; its client is told once."""
+        request = job.request
+        if request is None or not self.farm.workers:
+            return
+        why = unschedulable(request, list(self.farm.workers.values()))
+        if not why:
+            return
+        job.warned = True
+        queue = job.queue
+        if queue is not None:
+            queue.unschedulable = why
+        client = self.farm.clients.get(job.client_id)
+        log.warning("job %s can run on no connected worker: %s", job.name, why)
+        self.farm.records.event(now, "job-unschedulable", f"job {job.name}: {why}")
+        if client is not None and client.present:
+            self.farm.send(client, p.Notice(p.NoticeKind.UNSCHEDULABLE, [job.seq], why), now)
 
     def jobs_message(self, worker: WorkerRecord) -> p.Jobs:
         fns: list[bytes] = []
@@ -101,8 +138,11 @@ class Placement:
                 fns.append(job.fn_id)
                 fn_frames.append(clients[job.client_id].fns[job.fn_id])
                 p.remember_fn(worker.fns, job.fn_id, None)
+            options = job.options
+            if job.devices:  # the slot sets CUDA_VISIBLE_DEVICES to these
+                options = {**options, "gpu_ids": list(job.devices)}
             rows.append(p.JobRow(job.client_id, job.seq, len(job.history), job.fn_id, len(job.frames),
-                                 job.options).to_wire())
+                                 options).to_wire())
             job_frames.extend(job.frames)
         worker.outbox = []
         return p.Jobs(fns, rows, fn_frames + job_frames)
@@ -155,9 +195,44 @@ class Placement:
         return True
 
 
-def _at_max_running(client: ClientRecord) -> bool:
-    """Whether a client runs as many jobs as its next one allows (option ``max_running``: job arrays)."""
-    cap = client.queue[0].options.get("max_running") if client.queue else None
+def _first_queued(queue: Queue) -> Job | None:
+    """The queue's first job still QUEUED (those that left the state are dropped here, lazily)."""
+    jobs = queue.jobs
+    while jobs:
+        job = jobs[0]
+        if job.state is JobState.QUEUED:
+            return job
+        jobs.popleft()
+    return None
+
+
+def _held_back(queue: Queue, job: Job) -> bool:
+    """Whether the queue's first job must wait: its phase has not begun, or its queue runs as many jobs
+    as it allows (option ``max_running``: job arrays)."""
+    if job.phase > queue.phase:
+        return True
+    cap = job.options.get("max_running")
     if not isinstance(cap, int) or isinstance(cap, bool) or cap < 1:
         return False
-    return len(client.jobs) - client.queued >= cap
+    return queue.running >= cap
+
+
+def unschedulable(request: Request, workers: list[WorkerRecord]) -> str:
+    """Why no worker of these could ever hold a job asking ``request`` ("" if one could)."""
+    if any(request.tags <= w.tags and all(w.resources.get(k, 0.0) >= v for k, v in request.amounts.items())
+           for w in workers):
+        return ""
+    wanted = ", ".join([f"{k}={_amount(k, v)}" for k, v in sorted(request.amounts.items())]
+                       + [f"tag {t}" for t in sorted(request.tags)])
+    most = {k: max(w.resources.get(k, 0.0) for w in workers) for k in request.amounts}
+    have = ", ".join(f"{k}={_amount(k, v)}" for k, v in sorted(most.items()))
+    tags = sorted({t for w in workers for t in w.tags})
+    return (f"it asks for {wanted}; the {len(workers)} connected workers have at most {have or 'nothing'}"
+            f"{' and tags ' + ','.join(tags) if tags else ' and no tags'}: start a worker with "
+            f"--resources/--tags that fit, or ask for less")
+
+
+def _amount(name: str, value: float) -> str:
+    if name == "mem":
+        return f"{value / 2**30:.3g}G"
+    return f"{value:g}"

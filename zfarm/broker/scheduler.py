@@ -38,10 +38,21 @@ from zfarm.broker.jobstate import JobMoves
 from zfarm.broker.journal import Journal
 from zfarm.broker.peers import Peers, worker_view
 from zfarm.broker.placement import Placement
+from zfarm.broker.projects import Projects
 from zfarm.broker.records import JOB_COLUMNS, Records
 from zfarm.broker.recovery import recover
 from zfarm.broker.spill import Spill
-from zfarm.broker.state import Auth, ClientRecord, Counters, Departure, Peer, Route, WorkerRecord, role_of
+from zfarm.broker.state import (
+    Auth,
+    ClientRecord,
+    Counters,
+    Departure,
+    MonitorRecord,
+    Peer,
+    Route,
+    WorkerRecord,
+    role_of,
+)
 from zfarm.config import BrokerSettings
 from zfarm.errors import FieldTooLarge, ProtocolError, VersionMismatch
 
@@ -73,7 +84,9 @@ class Scheduler:
         self.moves = JobMoves(farm, self.functions)
         self.delivery = Delivery(farm, self.moves)
         self.placement = Placement(farm, self.moves, self.delivery)
-        self.intake = Intake(farm, self.moves, self.delivery, self.functions)
+        self.projects = Projects(farm, self.moves, self.delivery)
+        self.delivery.on_failure = self.projects.failed
+        self.intake = Intake(farm, self.moves, self.delivery, self.functions, self.projects)
         self.peers_part = Peers(farm, self.moves, self.placement, self.delivery, self.broker_id)
         self._next_scan = now
         self.deadline_s = settings.heartbeat_interval_s * settings.liveness
@@ -139,6 +152,10 @@ class Scheduler:
             return
         try:
             self._dispatch_message(route, msg, now, auth.key if auth else "")
+            if isinstance(msg, p.Hello) and auth is not None and "client" not in auth.roles:
+                peer = farm.peers.get(route)
+                if isinstance(peer, MonitorRecord):
+                    peer.read_only = True
         except ProtocolError as exc:
             peer = farm.peers.get(route)
             who = f"{role_of(peer)} {peer.id}" if peer else route.hex()
@@ -165,6 +182,12 @@ class Scheduler:
             farm.send(peer, p.StatusReply(self.snapshot(now)), now)
         elif isinstance(msg, p.History):
             farm.send(peer, p.HistoryReply(JOB_COLUMNS, farm.records.history(msg.last)), now)
+        elif isinstance(msg, p.Project) and isinstance(peer, (ClientRecord, MonitorRecord)):
+            if isinstance(peer, MonitorRecord) and peer.read_only and msg.action != p.ProjectAction.LIST:
+                reply = p.ProjectReply([], "this key may only look: act on projects with a client's key")
+            else:
+                reply = self.projects.act(msg, now)
+            farm.send(peer, reply, now)
         elif isinstance(peer, WorkerRecord):
             self._worker_message(peer, msg, now)
         elif isinstance(peer, ClientRecord):
@@ -268,9 +291,11 @@ class Scheduler:
             "clients": [
                 {"id": c.id, "host": c.host, "pid": c.pid, "submitted": c.submitted, "queued": c.queued,
                  "in_flight": len(c.jobs) - c.queued, "done": c.done, "failed": c.failed,
-                 "session": c.session, "present": c.present, "held": len(c.held)}
+                 "session": c.session, "present": c.present, "held": len(c.held),
+                 "unschedulable": c.own.unschedulable}
                 for c in farm.clients.values()
             ],
+            "projects": [self.projects.view(q, now) for q in farm.projects.values()],
             **dataclasses.asdict(farm.counters),
             "throughput": farm.records.throughput(now),
             "events": farm.records.recent_events(now),

@@ -51,6 +51,57 @@ class Departure(str, enum.Enum):
         return self in (Departure.LEFT, Departure.RECONNECTED, Departure.REPLACED)
 
 
+class OnError(str, enum.Enum):
+    """What a project does when one of its jobs fails."""
+
+    CONTINUE = "continue"
+    SUSPEND = "suspend"  # stop dispatching its queued jobs; running ones finish
+    CANCEL = "cancel"  # cancel the rest
+
+
+@dataclass(slots=True)
+class Request:
+    """What a job needs of a worker: amounts of resources (cpus, mem in bytes, gpus, custom) and tags."""
+
+    amounts: dict[str, float]
+    tags: frozenset[str]
+
+
+@dataclass(slots=True, eq=False)
+class Queue:
+    """Jobs waiting to be dispatched, oldest first: one per project, and one per client for its jobs of no
+    project. Dispatch takes the highest ``priority`` first; among equals, the lowest ``pass_``, which
+    grows by ``1 / share`` at each dispatch (stride scheduling: dispatches in proportion to the shares)."""
+
+    name: str  # the project's name ("" for a client's own queue)
+    owner: str  # the client that made it
+    priority: int = 0
+    share: float = 1.0
+    on_error: OnError = OnError.CONTINUE
+    suspended: bool = False
+    why_suspended: str = ""
+    jobs: deque[Job] = field(default_factory=deque)  # QUEUED jobs (and ones that left it: skipped)
+    scheduled: bool = False  # in the farm's list of queues with queued jobs
+    pass_: float = 0.0
+    submitted: int = 0
+    queued: int = 0
+    running: int = 0  # ASSIGNED
+    done: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    #: unfinished jobs per phase (``Project.barrier``): a phase starts when every earlier one is over
+    phases: dict[int, int] = field(default_factory=dict)
+    #: why its first queued job can run on no connected worker ("" if it can)
+    unschedulable: str = ""
+    created_at: float = 0.0
+    finished_at: deque[float] = field(default_factory=lambda: deque(maxlen=512))
+
+    @property
+    def phase(self) -> int:
+        """The phase whose jobs may run now."""
+        return min((k for k, n in self.phases.items() if n > 0), default=0)
+
+
 @dataclass(slots=True, eq=False)
 class Job:
     client_id: str
@@ -70,6 +121,11 @@ class Job:
     #: read back from the journal: the broker that gave it out is gone, so any worker may answer an
     #: attempt after this one (earlier ones ran a job this one replaced); -1: not read back
     recovered_after: int = -1
+    queue: Queue | None = None  # its project's, or its client's own
+    phase: int = 0
+    request: Request | None = None
+    devices: tuple[str, ...] = ()  # GPU ids given to it while assigned
+    warned: bool = False  # its client was told it can run nowhere
 
     @property
     def key(self) -> tuple[str, int]:
@@ -96,6 +152,11 @@ class Peer:
 class WorkerRecord(Peer):
     slots: int = 0
     credit: int = 0
+    #: what it announced (cpus defaults to its slots) and what its assigned jobs leave free
+    resources: dict[str, float] = field(default_factory=dict)
+    free: dict[str, float] = field(default_factory=dict)
+    tags: frozenset[str] = frozenset()
+    gpu_ids: list[str] = field(default_factory=list)  # free GPU ids
     jobs: dict[tuple[str, int], Job] = field(default_factory=dict)
     fns: dict[bytes, None] = field(default_factory=dict)  # mirrors the worker's function cache
     done: int = 0
@@ -129,9 +190,8 @@ class ClientRecord(Peer):
     accepted: list[int] = field(default_factory=list)  # seqs to acknowledge (sessions only)
     #: a session's cancelled or replaced jobs: attempts used under each number, continued by the next
     attempts_used: dict[int, int] = field(default_factory=dict)
-    queue: deque[Job] = field(default_factory=deque)
+    own: Queue = field(default_factory=lambda: Queue("", ""))  # its jobs of no project
     queued: int = 0
-    scheduled: bool = False  # in the scheduler's round-robin of clients with queued jobs
     jobs: dict[int, Job] = field(default_factory=dict)
     fns: dict[bytes, Any] = field(default_factory=dict)
     fn_users: dict[bytes, int] = field(default_factory=dict)  # unfinished jobs per function
@@ -147,7 +207,8 @@ class ClientRecord(Peer):
 
 @dataclass(slots=True, eq=False)
 class MonitorRecord(Peer):
-    pass
+    #: with CURVE, a worker's key may look but not act on projects (only a client's key may)
+    read_only: bool = False
 
 
 @dataclass(slots=True)
@@ -197,3 +258,19 @@ def check_hello(msg: p.Hello) -> str:
     if msg.role == p.Role.WORKER and not 0 < msg.slots <= 100_000:
         return f"a worker must announce 1 to 100000 slots, not {msg.slots}"
     return ""
+
+
+MAX_RESOURCES = 32
+
+
+def valid_amounts(amounts: object) -> bool:
+    """Whether a map of resources is up to 32 short names with amounts of 0 or more (mem in bytes)."""
+    return isinstance(amounts, dict) and len(amounts) <= MAX_RESOURCES and all(
+        isinstance(k, str) and 0 < len(k) <= 64 and isinstance(v, (int, float)) and not isinstance(v, bool)
+        and 0 <= v < 1e18 for k, v in amounts.items())
+
+
+def valid_tags(tags: object) -> bool:
+    """Whether tags are a list of up to 32 short texts."""
+    return isinstance(tags, list) and len(tags) <= MAX_RESOURCES and all(
+        isinstance(t, str) and 0 < len(t) <= 64 for t in tags)
