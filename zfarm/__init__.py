@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from zfarm.client import Client, as_completed
     from zfarm.commands import CommandResult
     from zfarm.output import JobOutput
+    from zfarm.projects import Project, ProjectStatus
 
 
 def __getattr__(name: str) -> Any:
@@ -50,6 +51,10 @@ def __getattr__(name: str) -> Any:
         from zfarm.commands import CommandResult
 
         return CommandResult
+    if name in ("Project", "ProjectStatus"):
+        from zfarm import projects
+
+        return getattr(projects, name)
     if name == "JobOutput":
         from zfarm.output import JobOutput
 
@@ -63,6 +68,7 @@ logging.getLogger("zfarm").addHandler(logging.NullHandler())
 __all__ = [
     "BrokerUnavailable", "Client", "CommandFailed", "CommandNotFound", "CommandResult", "ConfigError",
     "JobCrashed", "JobError", "JobOutput", "JobTimeout", "JournalCorrupted", "JournalFull",
-    "MemoryLimitExceeded", "PayloadTooLarge", "ProtocolError", "Refused", "RemoteTraceback", "SecurityError",
+    "MemoryLimitExceeded", "PayloadTooLarge", "Project", "ProjectStatus", "ProtocolError", "Refused",
+    "RemoteTraceback", "SecurityError",
     "WorkerLost", "ZfarmError", "__version__", "as_completed",
 ]

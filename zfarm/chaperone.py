@@ -90,15 +90,17 @@ def _slot_main(conn: Connection, lifeline: Connection, output_dir: str = "") -> 
     proctree.become_subreaper()
     capture = FdCapture(output_dir)
     functions: dict[bytes, Any] = {}
+    own_devices = os.environ.get(CUDA_DEVICES)
     while True:
         try:
-            fn_id, with_fn, nframes, job_name = msgpack.unpackb(conn.recv_bytes())
+            fn_id, with_fn, nframes, job_name, devices = msgpack.unpackb(conn.recv_bytes())
             if with_fn:
                 remember_fn(functions, fn_id, _load(conn.recv_bytes()))
             frames = [conn.recv_bytes() for _ in range(nframes)]
         except (EOFError, OSError):
             os._exit(0)  # the worker closed the pipe: a normal end
         os.environ[JOB_ID_VARIABLE] = job_name
+        _set_env(CUDA_DEVICES, devices if devices is not None else own_devices)
         capture.start(job_name)
         started_at, started = time.time(), time.perf_counter()
         try:
@@ -117,6 +119,17 @@ def _slot_main(conn: Connection, lifeline: Connection, output_dir: str = "") -> 
                 conn.send_bytes(frame)
         except OSError:
             os._exit(ORPHANED_EXIT)  # the worker died while we reported
+
+
+#: the variable CUDA reads: a job given GPUs by the broker sees only those
+CUDA_DEVICES = "CUDA_VISIBLE_DEVICES"
+
+
+def _set_env(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
 
 
 def _peak_rss_bytes() -> int:
@@ -236,7 +249,9 @@ class Slot:
 
     def send(self, task: SlotTask) -> None:
         with_fn = task.fn_id not in self.fns and task.fn_blob is not None
-        self.conn.send_bytes(msgpack.packb([task.fn_id, with_fn, len(task.frames), task.name]))
+        gpu_ids = task.options.get("gpu_ids")  # the GPUs the broker gave this job
+        devices = ",".join(str(g) for g in gpu_ids) if isinstance(gpu_ids, list) else None
+        self.conn.send_bytes(msgpack.packb([task.fn_id, with_fn, len(task.frames), task.name, devices]))
         if with_fn:
             self.conn.send_bytes(buffer_of(task.fn_blob))
             remember_fn(self.fns, task.fn_id, None)

@@ -38,6 +38,7 @@ from zfarm.errors import BrokerUnavailable, ConfigError, PayloadTooLarge
 from zfarm.local import LocalCluster
 from zfarm.mapping import MapRun, Submitted
 from zfarm.progress import known_length, track
+from zfarm.projects import Project, request_options
 from zfarm.stats import Stats, summarize
 from zfarm.worker import ENVELOPE_ALLOWANCE
 
@@ -194,12 +195,28 @@ class Client(concurrent.futures.Executor):
         return self._map(run_command, (specs,), timeout, None, progress, self._options)
 
     def with_options(self, *, job_timeout_s: float | None = None, mem_limit: int | None = None,
-                     retries: int | None = None) -> JobLimits:
+                     retries: int | None = None, resources: Mapping[str, Any] | None = None,
+                     tags: Iterable[str] | None = None) -> JobLimits:
         """``submit`` and ``map`` with limits and retries for these jobs only (they override the client's).
+
+        ``resources`` ({"gpus": 1, "mem": "4G", "cpus": 2}) and ``tags`` ({"avx512"}): the broker places
+        these jobs only on a worker with that much free and those tags (see docs/projects.md).
 
         >>> client.with_options(job_timeout_s=60, mem_limit=2 * 2**30, retries=2).submit(simulate, params)
         """
-        return JobLimits(self, {**self._options, **job_options(job_timeout_s, mem_limit, retries)})
+        return JobLimits(self, {**self._options, **job_options(job_timeout_s, mem_limit, retries),
+                                **request_options(resources, tags)})
+
+    def project(self, name: str, *, priority: int = 0, share: float = 1.0, on_error: str = "continue",
+                resources: Mapping[str, Any] | None = None, tags: Iterable[str] | None = None) -> Project:
+        """A :class:`zfarm.Project`: an Executor whose jobs belong to project ``name`` at the broker.
+
+        ``priority``: higher goes first; ``share``: its part of the slots among equal priorities;
+        ``on_error``: "continue", "suspend" (at the first failed job) or "cancel" (the rest).
+        See docs/projects.md.
+        """
+        return Project(self, name, priority=priority, share=share, on_error=on_error, resources=resources,
+                       tags=tags)
 
     def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None,
             chunksize: int | None = None, progress: bool = False, job_timeout_s: float | None = None,

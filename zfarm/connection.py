@@ -214,6 +214,7 @@ class Connection(threading.Thread):
         #: only a close looks at them, so reading a result never wakes this thread
         self.read_seqs: list[int] = []
         self._unfinished_heap: list[int] = []  # seqs of _jobs, for the oldest one (stale ones popped late)
+        self._noticed: set[int] = set()  # NOTICE kinds already logged
         self._posted_upto = 1  # every seq below it has been posted to this thread
         self._posted_above: set[int] = set()
         self._cancels: list[int] = []  # to send once the broker listens
@@ -455,14 +456,8 @@ class Connection(threading.Thread):
     def _on_message(self, msg: p.Message, now: float) -> None:
         if isinstance(msg, p.Result):
             self._results(msg, now)
-        elif isinstance(msg, p.Accepted):
-            for seq in msg.seqs:
-                if (job := self._jobs.get(seq)) is not None:
-                    job.accepted = True
-        elif isinstance(msg, p.Running):
-            for seq in msg.seqs:
-                if (job := self._jobs.get(seq)) is not None:
-                    mark_running(job.future)
+        elif isinstance(msg, (p.Notice, p.Accepted, p.Running)):
+            self._about_jobs(msg)
         elif isinstance(msg, p.Welcome):
             self._welcome(msg)
         elif isinstance(msg, p.Reconnect):
@@ -477,6 +472,20 @@ class Connection(threading.Thread):
             self.welcomed.set()  # wake the constructor: it raises ``fatal``
         elif isinstance(msg, p.Disconnect):
             self._drop_link(now)
+
+    def _about_jobs(self, msg: p.Notice | p.Accepted | p.Running) -> None:
+        if isinstance(msg, p.Notice):
+            if msg.kind not in self._noticed:  # once per kind: the status says it for every job
+                self._noticed.add(msg.kind)
+                log.warning("client %s: jobs %s can run on no connected worker: %s", self.client_id,
+                            ", ".join(str(s) for s in msg.seqs[:10]), msg.text)
+            return
+        for seq in msg.seqs:
+            if (job := self._jobs.get(seq)) is not None:
+                if isinstance(msg, p.Accepted):
+                    job.accepted = True
+                else:
+                    mark_running(job.future)
 
     def _welcome(self, msg: p.Welcome) -> None:
         first = not self.welcomed.is_set()
@@ -508,7 +517,11 @@ class Connection(threading.Thread):
             if row is not None and outcome != p.Outcome.CANCELLED and seq in self._jobs:
                 name = p.Outcome(outcome).name.lower() if outcome in _OUTCOME_VALUES else str(outcome)
                 records.append(record_of(f"{self.client_id}:{seq}", name, info, row))
-            if outcome == p.Outcome.ERROR and result.kind != p.ResultKind.LIMIT and self._retry(seq, info):
+            if result.kind == p.ResultKind.PROJECT_SUSPENDED:
+                log.warning("client %s: job %d failed and suspended its project (on_error=suspend): %s; "
+                            "resume it with project.resume() or `zfarm project resume NAME`", self.client_id,
+                            seq, info)
+            if outcome == p.Outcome.ERROR and result.kind == p.ResultKind.PLAIN and self._retry(seq, info):
                 continue  # the re-run's SUBMIT tells the broker to forget this result
             job = self._forget(seq)
             if not self.session:

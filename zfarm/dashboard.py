@@ -206,6 +206,12 @@ def _clients(snap: dict[str, Any], width: int | None = None) -> RenderableType:
                       Text(f"{c['failed']:,}", "red" if c["failed"] else ""), f"{c.get('held', 0):,}")
     if not snap["clients"]:
         table.add_row(Text("(no clients)", "dim"), "", "", "", "", "", "")
+    for pr in snap.get("projects", []):  # a project: its state where a client has its host
+        state = pr["state"] + (" (unschedulable)" if pr.get("unschedulable") else "")
+        style = "yellow" if pr["state"] == "suspended" else "cyan"
+        table.add_row(f"project {pr['name']}", Text(state, style),
+                      f"{pr['submitted']:,}", f"{pr['done']:,}", f"{pr['running']:,}",
+                      Text(f"{pr['failed']:,}", "red" if pr["failed"] else ""), "")
     return _whole(table, width)
 
 

@@ -29,6 +29,7 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import time
 import uuid
 from collections import deque
@@ -41,7 +42,7 @@ import zmq
 from zfarm import protocol as p
 from zfarm import serialization as ser
 from zfarm.chaperone import Key, SlotOutcome, SlotPool, SlotTask
-from zfarm.config import WorkerSettings
+from zfarm.config import WorkerSettings, parse_resources, parse_tags
 from zfarm.errors import PayloadTooLarge, ProtocolError, Refused
 from zfarm.security import HandshakeWatch, PeerKeys, dealer_to_broker
 
@@ -79,6 +80,8 @@ class WorkerCore:
         self.host = host or socket.gethostname()
         self.pid = os.getpid() if pid is None else pid
         self.slots = settings.slots
+        #: what jobs may ask of it (HELLO info: resources, tags, gpu_ids)
+        self.offer = announced(settings)
         self.capacity = self.slots + settings.prefetch
         self.interval_s = settings.heartbeat_interval_s
         self.liveness = settings.liveness
@@ -118,7 +121,7 @@ class WorkerCore:
 
     def _hello(self) -> p.Hello:
         return p.Hello(p.Role.WORKER.value, self.id, self.host, self.pid, self.slots,
-                       {"prefetch": self.settings.prefetch})
+                       {"prefetch": self.settings.prefetch, **self.offer})
 
     def on_message(self, msg: p.Message, now: float) -> Actions:
         self.last_heard = now
@@ -491,6 +494,39 @@ class Worker:
         if self._own_context:
             self.context.term()
         log.info("worker %s stopped after %d jobs", self.core.id, self.core.done)
+
+
+def announced(settings: WorkerSettings) -> dict[str, Any]:
+    """The resources, tags and GPU ids a worker offers: its flags over what the machine has.
+
+    Defaults: cpus = its slots, mem = the machine's memory, gpus = those ``nvidia-smi -L`` lists or
+    ``CUDA_VISIBLE_DEVICES`` names. A job without a request takes one slot and asks for nothing.
+    """
+    gpu_ids = _gpu_ids()
+    resources = {"cpus": float(settings.slots), "mem": float(_memory_bytes()), "gpus": float(len(gpu_ids)),
+                 **parse_resources(settings.resources)}
+    count = int(resources["gpus"])
+    gpu_ids = (gpu_ids + [str(i) for i in range(len(gpu_ids), count)])[:count]
+    return {"resources": resources, "tags": parse_tags(settings.tags), "gpu_ids": gpu_ids}
+
+
+def _memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 0
+
+
+def _gpu_ids() -> list[str]:
+    """GPU ids from ``CUDA_VISIBLE_DEVICES``, else from ``nvidia-smi -L`` (none if neither answers)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [g.strip() for g in visible.split(",") if g.strip() and g.strip() != "-1"]
+    try:
+        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=5, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [str(i) for i, line in enumerate(listed.stdout.splitlines()) if line.startswith("GPU ")]
 
 
 def run_worker(settings: WorkerSettings) -> None:
