@@ -99,6 +99,7 @@ class Peers:
             worker.tags = frozenset(msg.info.get("tags", ()))
             worker.gpu_ids = [str(g) for g in msg.info.get("gpu_ids", ())][:int(resources.get("gpus", 0))]
             farm.workers[worker.id] = worker
+            self.placement.unpark()
             slots = f"{worker.slots} slot{'' if worker.slots == 1 else 's'}"
             if len(resources) > 1 or worker.tags:
                 slots += f" ({', '.join(f'{k}={v:g}' for k, v in sorted(resources.items()))}" + (

@@ -118,14 +118,29 @@ class Placement:
         if not why:
             return
         job.warned = True
-        queue = job.queue
-        if queue is not None:
-            queue.unschedulable = why
         client = self.farm.clients.get(job.client_id)
+        queue = job.queue or (client.own if client is not None else None)
+        if queue is not None:  # set aside: the jobs behind it go on
+            queue.unschedulable = why
+            if queue.jobs and queue.jobs[0] is job:
+                queue.parked.append(queue.jobs.popleft())
         log.warning("job %s can run on no connected worker: %s", job.name, why)
         self.farm.records.event(now, "job-unschedulable", f"job {job.name}: {why}")
         if client is not None and client.present:
             self.farm.send(client, p.Notice(p.NoticeKind.UNSCHEDULABLE, [job.seq], why), now)
+
+    def unpark(self) -> None:
+        """A worker joined: jobs set aside as unschedulable are tried again, first in their queues."""
+        for queue in [*self.farm.projects.values(), *(c.own for c in self.farm.clients.values())]:
+            if queue.parked:
+                for job in reversed(queue.parked):
+                    if job.state is JobState.QUEUED:
+                        job.warned = False
+                        queue.jobs.appendleft(job)
+                queue.parked.clear()
+                queue.unschedulable = ""
+                if queue.queued:
+                    self.farm.schedule(queue)
 
     def jobs_message(self, worker: WorkerRecord) -> p.Jobs:
         fns: list[bytes] = []

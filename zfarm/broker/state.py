@@ -93,6 +93,8 @@ class Queue:
     phases: dict[int, int] = field(default_factory=dict)
     #: why its first queued job can run on no connected worker ("" if it can)
     unschedulable: str = ""
+    #: queued jobs no connected worker could ever hold, set aside until another worker joins
+    parked: list[Job] = field(default_factory=list)
     created_at: float = 0.0
     finished_at: deque[float] = field(default_factory=lambda: deque(maxlen=512))
 
