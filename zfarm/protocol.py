@@ -20,7 +20,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import msgpack
 
@@ -651,10 +651,10 @@ def split_frames(frames: Sequence[Frame], counts: Sequence[int]) -> list[list[Fr
 
 
 # ---- typed rows: each batched row as a small record, read by name, never by position -------------
+# NamedTuples: made from a decoded row (already checked against its layout) at the cost of a tuple.
 
 
-@dataclass(frozen=True, slots=True)
-class JobRow:
+class JobRow(NamedTuple):
     """A JOBS row: one job for a worker."""
 
     client_id: str
@@ -665,16 +665,15 @@ class JobRow:
     options: dict[str, Any]
 
     def to_wire(self) -> list[Any]:
-        return [self.client_id, self.seq, self.attempt, self.fn_id, self.nframes, self.options]
+        return list(self)
 
     @classmethod
     def from_wire(cls, row: list[Any]) -> JobRow:
         """From a row :func:`decode` has checked against JOB_ROW."""
-        return cls(*row)
+        return cls._make(row)
 
 
-@dataclass(frozen=True, slots=True)
-class ResultsRow:
+class ResultsRow(NamedTuple):
     """A RESULTS row: one finished job, from a worker."""
 
     client_id: str
@@ -685,16 +684,15 @@ class ResultsRow:
     info: str
 
     def to_wire(self) -> list[Any]:
-        return [self.client_id, self.seq, self.attempt, self.outcome, self.nframes, self.info]
+        return list(self)
 
     @classmethod
     def from_wire(cls, row: list[Any]) -> ResultsRow:
         """From a row :func:`decode` has checked against RESULTS_ROW."""
-        return cls(*row)
+        return cls._make(row)
 
 
-@dataclass(frozen=True, slots=True)
-class SubmitRow:
+class SubmitRow(NamedTuple):
     """A SUBMIT row: one job of the message's function."""
 
     seq: int
@@ -702,16 +700,15 @@ class SubmitRow:
     options: dict[str, Any]
 
     def to_wire(self) -> list[Any]:
-        return [self.seq, self.nframes, self.options]
+        return list(self)
 
     @classmethod
     def from_wire(cls, row: list[Any]) -> SubmitRow:
         """From a row :func:`decode` has checked against SUBMIT_ROW."""
-        return cls(*row)
+        return cls._make(row)
 
 
-@dataclass(frozen=True, slots=True)
-class ResultRow:
+class ResultRow(NamedTuple):
     """A RESULT row: one job's end, for its client."""
 
     seq: int
@@ -721,16 +718,15 @@ class ResultRow:
     kind: int = ResultKind.PLAIN
 
     def to_wire(self) -> list[Any]:
-        return [self.seq, self.outcome, self.nframes, self.info, int(self.kind)]
+        return list(self)
 
     @classmethod
     def from_wire(cls, row: list[Any]) -> ResultRow:
         """From a row :func:`decode` has checked against RESULT_ROW."""
-        return cls(*row)
+        return cls._make(row)
 
 
-@dataclass(frozen=True, slots=True)
-class RunStats:
+class RunStats(NamedTuple):
     """A RESULTS stats row: when and how long a job ran, and its peak memory."""
 
     started_at: float  # epoch seconds
@@ -740,14 +736,13 @@ class RunStats:
 
     @classmethod
     def from_wire(cls, row: list[Any]) -> RunStats:
-        return cls(*row)
+        return cls._make(row)
 
 
 NO_RUN_STATS = RunStats(0.0, 0.0, 0.0, 0)
 
 
-@dataclass(frozen=True, slots=True)
-class JobStats:
+class JobStats(NamedTuple):
     """A RESULT stats row: where and when a job ran, for its client's records."""
 
     worker_id: str
@@ -760,9 +755,8 @@ class JobStats:
     peak_rss_bytes: int
 
     def to_wire(self) -> list[Any]:
-        return [self.worker_id, self.host, self.attempts, self.queued_at, self.started_at, self.finished_at,
-                self.run_s, self.peak_rss_bytes]
+        return list(self)
 
     @classmethod
     def from_wire(cls, row: list[Any]) -> JobStats:
-        return cls(*row)
+        return cls._make(row)

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from zfarm.broker.farm import Farm
-from zfarm.broker.functions import Functions
 from zfarm.broker.held import HeldResults
 from zfarm.broker.jobstate import ALLOWED, IllegalMove, JobMoves
 from zfarm.broker.records import Records
@@ -22,7 +21,7 @@ FN = b"\xf1" * 16
 
 def farm_with_peers() -> tuple[Farm, JobMoves, ClientRecord, WorkerRecord]:
     farm = Farm(BrokerSettings(), Records(0.0), HeldResults(1 << 20, None, None))
-    moves = JobMoves(farm, Functions(farm))
+    moves = JobMoves(farm)
     client = ClientRecord(id="c", route=b"c", host="h", pid=1, joined_at=0.0, last_seen=0.0, last_sent=0.0)
     worker = WorkerRecord(id="w", route=b"w", host="h", pid=2, joined_at=0.0, last_seen=0.0, last_sent=0.0,
                           slots=2, credit=2)

@@ -27,6 +27,11 @@ from zfarm.errors import JournalCorrupted, ProtocolError
 log = logging.getLogger("zfarm.broker.scheduler")
 
 _OUTCOMES = {int(o) for o in p.Outcome}
+OK, CANCELLED, RETURNED = p.Outcome.OK, p.Outcome.CANCELLED, p.Outcome.RETURNED
+PLAIN = p.ResultKind.PLAIN
+FINISHED = JobState.FINISHED
+MAX_TEXT = p.MAX_TEXT_CHARS  # the client's bound on an info line
+_results_row, _run_stats = p.ResultsRow._make, p.RunStats._make
 
 
 class Delivery:
@@ -40,10 +45,10 @@ class Delivery:
 
     def results(self, worker: WorkerRecord, msg: p.Results, now: float) -> list[Job]:
         """Take a worker's results; returns the jobs it gave back unrun (RETURNED), to queue again."""
-        rows = [p.ResultsRow.from_wire(row) for row in msg.results]
+        rows = [_results_row(row) for row in msg.results]
         per_row = p.split_frames(msg.frames, [row.nframes for row in rows])
-        stats = [p.RunStats.from_wire(s) for s in msg.stats] if msg.stats else [p.NO_RUN_STATS] * len(rows)
-        kinds = msg.kinds or [p.ResultKind.PLAIN] * len(rows)
+        stats = [_run_stats(s) for s in msg.stats] if msg.stats else [p.NO_RUN_STATS] * len(rows)
+        kinds = msg.kinds or [PLAIN] * len(rows)
         returned: list[Job] = []
         clients = self.farm.clients
         for row, frames, run, kind in zip(rows, per_row, stats, kinds, strict=True):
@@ -51,12 +56,12 @@ class Delivery:
             job = client.jobs.get(row.seq) if client else None
             outcome = row.outcome
             if job is None or client is None or not _ran(job, worker, row.attempt):
-                if outcome != p.Outcome.CANCELLED:
+                if outcome != CANCELLED:
                     self.farm.counters.late_results += 1
                 continue
-            if outcome == p.Outcome.CANCELLED:
+            if outcome == CANCELLED:
                 continue  # only a client's CANCEL ends a job; this acknowledges one
-            if outcome == p.Outcome.RETURNED:
+            if outcome == RETURNED:
                 returned.append(job)
                 continue
             if outcome not in _OUTCOMES:
@@ -71,14 +76,14 @@ class Delivery:
     def finish(self, worker: WorkerRecord, client: ClientRecord, job: Job, outcome: p.Outcome,
                frames: list[Any], info: str, run: p.RunStats, now: float,
                kind: int = p.ResultKind.PLAIN) -> None:
-        self.moves.move(job, JobState.FINISHED, client, now, finisher=worker)
-        ok = outcome == p.Outcome.OK
+        self.moves.move(job, FINISHED, client, now, finisher=worker)
+        ok = outcome == OK
         worker.done += ok
         worker.failed += not ok
         if not ok:
             log.info("job %s failed on worker %s: %s", job.name, worker.id, p.clip(info))
             self.farm.records.event(now, "job-failed", f"job {job.name} failed on {worker.id}: {info}")
-            if kind == p.ResultKind.PLAIN:
+            if kind == PLAIN:
                 kind = self.on_failure(job, now)
         self.deliver(client, job, worker, outcome, frames, info, run, now, kind)
 
@@ -91,22 +96,23 @@ class Delivery:
         records.job(now, (job.name, job.client_id, worker.id, worker.host, queued_at, run.started_at,
                           run.finished_at, round(run.run_s, 6), len(job.history), outcome.name.lower(),
                           run.peak_rss_bytes, info))
-        stats = p.JobStats(worker.id, worker.host, len(job.history), queued_at, run.started_at,
-                           run.finished_at, run.run_s, run.peak_rss_bytes)
-        self._hold(client, job, outcome, frames, info, stats.to_wire(), kind, now)
+        stats = list(p.JobStats(worker.id, worker.host, len(job.history), queued_at, run.started_at,
+                                run.finished_at, run.run_s, run.peak_rss_bytes))
+        self._hold(client, job, outcome, frames, info, stats, kind, now)
 
     def _hold(self, client: ClientRecord, job: Job, outcome: p.Outcome, frames: list[Any], info: str,
               stats: list[Any], kind: int, now: float) -> None:
         """Hold the result until the client says it has it, and send it if the client is here."""
         farm = self.farm
-        ok = outcome == p.Outcome.OK
-        queue = job.queue or client.own
-        if outcome == p.Outcome.CANCELLED:
-            queue.cancelled += 1
-        else:
-            queue.done += ok
-            queue.failed += not ok
-        queue.finished_at.append(now)
+        ok = outcome == OK
+        queue = job.queue
+        if queue is not None:  # a project's (a client's own queue counts with the client)
+            if outcome == CANCELLED:
+                queue.cancelled += 1
+            else:
+                queue.done += ok
+                queue.failed += not ok
+            queue.finished_at.append(now)
         client.done += ok
         client.failed += not ok
         farm.counters.done += ok
@@ -118,7 +124,10 @@ class Delivery:
         # A session's are kept until the session ends: with a journal, on disk, not in memory.
         farm.held_results.keep(client.id, job.seq, held, disk_only=bool(client.session and farm.journal))
         if client.present:  # else it is sent when the client asks for the job again
-            to_client(client, p.ResultRow(job.seq, int(outcome), len(frames), info, kind), frames, stats)
+            row = p.ResultRow(job.seq, int(outcome), len(frames), info[:MAX_TEXT], kind)
+            client.out_rows.append(list(row))
+            client.out_frames.extend(frames)
+            client.out_stats.append(stats)
 
     def started(self, worker: WorkerRecord, msg: p.Started) -> None:
         """Tell clients which of their jobs run now (their futures' ``running()``)."""

@@ -1,7 +1,8 @@
 """The functions clients send: kept while jobs use them, and a little after (more may come).
 
 A client sends a function once with its first jobs; the broker keeps it (and journals it) while
-any of that client's unfinished jobs runs it, then ``FN_KEEP_S`` longer. A job that arrives for a
+any of that client's unfinished jobs runs it (``fn_users``, kept by the job moves), then
+``FN_KEEP_S`` longer. A job that arrives for a
 function let go is bounced with ``ResultKind.FUNCTION_MISSING``, and the client sends it again.
 """
 
@@ -24,18 +25,6 @@ class Functions:
         client.fns[fn_id] = blob
         if self.farm.journal is not None:
             self.farm.journal.function(client.id, fn_id, blob)
-
-    def used(self, client: ClientRecord, fn_id: bytes) -> None:
-        """One more unfinished job runs it."""
-        client.fn_users[fn_id] = client.fn_users.get(fn_id, 0) + 1
-        client.fn_idle.pop(fn_id, None)
-
-    def unused(self, client: ClientRecord, fn_id: bytes, now: float) -> None:
-        """One job that ran it is over; with none left it is let go ``FN_KEEP_S`` from now."""
-        users = client.fn_users.get(fn_id, 0) - 1
-        client.fn_users[fn_id] = users
-        if users <= 0:
-            client.fn_idle[fn_id] = now
 
     def idle_since(self, client: ClientRecord, fn_id: bytes, now: float) -> None:
         """A function no accepted job uses: let it go in time."""

@@ -19,7 +19,6 @@ finished job's row is replaced by its result row, written with the result).
 from __future__ import annotations
 
 from zfarm.broker.farm import Farm
-from zfarm.broker.functions import Functions
 from zfarm.broker.state import ClientRecord, Job, JobState, Queue, WorkerRecord
 
 S = JobState
@@ -35,6 +34,9 @@ ALLOWED: frozenset[tuple[JobState, JobState]] = frozenset({
 })
 
 
+QUEUED, ASSIGNED, CANCELLED = S.QUEUED, S.ASSIGNED, S.CANCELLED  # (module names: quicker to read)
+
+
 class IllegalMove(RuntimeError):
     """A move the table does not allow: a bug in the broker, never caused by a peer."""
 
@@ -44,9 +46,8 @@ class IllegalMove(RuntimeError):
 
 
 class JobMoves:
-    def __init__(self, farm: Farm, functions: Functions) -> None:
+    def __init__(self, farm: Farm) -> None:
         self.farm = farm
-        self.functions = functions
 
     def move(self, job: Job, to: JobState, client: ClientRecord, now: float, *,
              worker: WorkerRecord | None = None, finisher: WorkerRecord | None = None,
@@ -60,65 +61,69 @@ class JobMoves:
             IllegalMove: the table does not allow this move.
         """
         start = job.state
-        if (start, to) not in ALLOWED:
+        if (start, to) not in ALLOWED or (to is ASSIGNED and worker is None):
             raise IllegalMove(job.name, start, to)
         farm = self.farm
         queue = job.queue or client.own
         # leave the old state (a queued job leaves its queue lazily: dispatch skips it)
-        if start is S.QUEUED:
+        if start is QUEUED:
             client.queued -= 1
             queue.queued -= 1
             farm.queued -= 1
-        elif start is S.ASSIGNED:
+        elif start is ASSIGNED:
             queue.running -= 1
             self._release(job, finisher)
         else:  # SUBMITTED
-            client.jobs[job.seq] = job
-            self.functions.used(client, job.fn_id)
-            client.submitted += 1
-            queue.submitted += 1
-            queue.phases[job.phase] = queue.phases.get(job.phase, 0) + 1
-            if farm.journal is not None and job.recovered_after < 0:  # a recovered job's row is there
-                farm.journal.job(job, farm.records.wall(job.queued_at))
+            self._accept(client, queue, job)
         job.state = to
-        if to is S.QUEUED:
-            self._enqueue(client, queue, job, front)
-            if start is S.ASSIGNED:
+        if to is QUEUED:
+            job.worker = None
+            if front:
+                queue.jobs.appendleft(job)
+            else:
+                queue.jobs.append(job)
+            client.queued += 1
+            queue.queued += 1
+            farm.queued += 1
+            if not queue.scheduled:
+                farm.schedule(queue)
+            if start is ASSIGNED:
                 farm.counters.requeued += 1
-        elif to is S.ASSIGNED:
-            if worker is None:
-                raise IllegalMove(job.name, start, to)
+        elif to is ASSIGNED and worker is not None:  # (checked above: a move there names its worker)
             job.worker = worker.id
             job.history += (worker.id,)
-            worker.jobs[job.key] = job
+            worker.jobs[(job.client_id, job.seq)] = job
             worker.credit -= 1
             worker.outbox.append(job)
             queue.running += 1
-            take(worker, job)
+            if job.request is not None:
+                take(worker, job)
         else:  # FINISHED or CANCELLED: over for its client
-            queue.phases[job.phase] -= 1
-            if to is S.CANCELLED:
+            if to is CANCELLED:
                 queue.cancelled += 1
                 farm.counters.cancelled += 1
                 if farm.journal is not None and farm.clients.get(client.id) is client:
                     farm.journal.drop_job(client.id, job.seq)  # (a dropped client's rows go with it)
             self._forget(client, queue, job, now)
 
-    def _enqueue(self, client: ClientRecord, queue: Queue, job: Job, front: bool) -> None:
-        job.worker = None
-        if front:
-            queue.jobs.appendleft(job)
-        else:
-            queue.jobs.append(job)
-        client.queued += 1
-        queue.queued += 1
-        self.farm.queued += 1
-        self.farm.schedule(queue)
+    def _accept(self, client: ClientRecord, queue: Queue, job: Job) -> None:
+        """A new job: one of the client's unfinished jobs, a user of its function, journaled."""
+        client.jobs[job.seq] = job
+        fn_id = job.fn_id
+        client.fn_users[fn_id] = client.fn_users.get(fn_id, 0) + 1
+        if client.fn_idle:
+            client.fn_idle.pop(fn_id, None)
+        client.submitted += 1
+        queue.submitted += 1
+        queue.phases[job.phase] = queue.phases.get(job.phase, 0) + 1
+        journal = self.farm.journal
+        if journal is not None and job.recovered_after < 0:  # a recovered job's row is there already
+            journal.job(job, self.farm.records.wall(job.queued_at))
 
     def _release(self, job: Job, finisher: WorkerRecord | None) -> None:
         """Take a job back from the worker holding it (telling that worker if it still runs it)."""
         holder = self.farm.workers.get(job.worker or "")
-        if holder is not None and holder.jobs.pop(job.key, None) is not None:
+        if holder is not None and holder.jobs.pop((job.client_id, job.seq), None) is not None:
             if job.request is not None:
                 give_back(holder, job)
             if holder is finisher:
@@ -131,9 +136,13 @@ class JobMoves:
     def _forget(self, client: ClientRecord, queue: Queue, job: Job, now: float) -> None:
         """The job is over for its client; its function is kept a little while for the next jobs."""
         client.jobs.pop(job.seq, None)
-        if queue.queued and self.farm.clients.get(client.id) is client:
-            self.farm.schedule(queue)  # it may have been held back by its max_running or phase
-        self.functions.unused(client, job.fn_id, now)
+        queue.phases[job.phase] -= 1
+        if queue.queued and not queue.scheduled and self.farm.clients.get(client.id) is client:
+            self.farm.schedule(queue)  # it was held back by its max_running or phase
+        users = client.fn_users.get(job.fn_id, 0) - 1
+        client.fn_users[job.fn_id] = users
+        if users <= 0:
+            client.fn_idle[job.fn_id] = now  # let go FN_KEEP_S from now (see Functions)
 
 
 def take(worker: WorkerRecord, job: Job) -> None:

@@ -21,7 +21,16 @@ from zfarm import protocol as p
 from zfarm.broker.delivery import Delivery
 from zfarm.broker.farm import Farm
 from zfarm.broker.jobstate import JobMoves
-from zfarm.broker.state import ClientRecord, Departure, Job, JobState, Queue, Request, WorkerRecord
+from zfarm.broker.state import (
+    NO_OPTIONS,
+    ClientRecord,
+    Departure,
+    Job,
+    JobState,
+    Queue,
+    Request,
+    WorkerRecord,
+)
 from zfarm.errors import ProtocolError
 
 log = logging.getLogger("zfarm.broker.scheduler")
@@ -81,7 +90,8 @@ class Placement:
         active = self.farm.active
         for queue in list(active) if len(active) > 1 else active[:1]:
             job = _first_queued(queue)
-            if job is None or queue.suspended or _held_back(queue, job):
+            if job is None or queue.suspended or (
+                    (job.phase or job.options is not NO_OPTIONS) and _held_back(queue, job)):
                 queue.scheduled = False  # scheduled again by resume, or when one of its jobs is over
                 active.remove(queue)
                 continue

@@ -81,7 +81,7 @@ class Scheduler:
         self.farm = farm = Farm(settings, Records(now, wall_offset_s, settings.history),
                                 HeldResults(settings.held_memory_bytes, journal, spill), journal)
         self.functions = Functions(farm)
-        self.moves = JobMoves(farm, self.functions)
+        self.moves = JobMoves(farm)
         self.delivery = Delivery(farm, self.moves)
         self.placement = Placement(farm, self.moves, self.delivery)
         self.projects = Projects(farm, self.moves, self.delivery)
