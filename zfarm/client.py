@@ -208,15 +208,17 @@ class Client(concurrent.futures.Executor):
                                 **request_options(resources, tags)})
 
     def project(self, name: str, *, priority: int = 0, share: float = 1.0, on_error: str = "continue",
-                resources: Mapping[str, Any] | None = None, tags: Iterable[str] | None = None) -> Project:
+                resources: Mapping[str, Any] | None = None, tags: Iterable[str] | None = None,
+                max_running: int | None = None) -> Project:
         """A :class:`zfarm.Project`: an Executor whose jobs belong to project ``name`` at the broker.
 
         ``priority``: higher goes first; ``share``: its part of the slots among equal priorities;
-        ``on_error``: "continue", "suspend" (at the first failed job) or "cancel" (the rest).
-        See docs/projects.md.
+        ``on_error``: "continue", "suspend" (at the first failed job) or "cancel" (the rest);
+        ``resources``/``tags``: what each of its jobs asks of a worker; ``max_running``: at most this
+        many of its jobs run at once. See docs/projects.md.
         """
         return Project(self, name, priority=priority, share=share, on_error=on_error, resources=resources,
-                       tags=tags)
+                       tags=tags, max_running=max_running)
 
     def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None,
             chunksize: int | None = None, progress: bool = False, job_timeout_s: float | None = None,

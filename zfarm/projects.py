@@ -67,7 +67,7 @@ class Project(concurrent.futures.Executor):
 
     def __init__(self, client: Client, name: str, *, priority: int = 0, share: float = 1.0,
                  on_error: str = "continue", resources: Mapping[str, Any] | None = None,
-                 tags: Iterable[str] | None = None) -> None:
+                 tags: Iterable[str] | None = None, max_running: int | None = None) -> None:
         if not isinstance(name, str) or not 0 < len(name) <= 128 or not name.isprintable():
             raise ConfigError(f"a project's name is 1 to 128 printable characters, not {name!r}")
         if on_error not in ON_ERROR:
@@ -83,6 +83,10 @@ class Project(concurrent.futures.Executor):
         self.on_error = on_error
         self.phase = 0
         self._request = request_options(resources, tags)
+        if max_running is not None:
+            if not isinstance(max_running, int) or isinstance(max_running, bool) or max_running < 1:
+                raise ConfigError(f"max_running is a whole number of 1 or more, not {max_running!r}")
+            self._request["max_running"] = max_running  # the broker runs at most this many at once
 
     def _options(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         options = {**self.client._options, **self._request, **(extra or {}), "project": self.name,

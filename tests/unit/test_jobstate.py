@@ -32,7 +32,7 @@ def farm_with_peers() -> tuple[Farm, JobMoves, ClientRecord, WorkerRecord]:
 def job_in(state: JobState, moves: JobMoves, client: ClientRecord, worker: WorkerRecord, seq: int = 1) -> Job:
     """A job brought to ``state`` through allowed moves only."""
     job = Job("c", seq, FN, (b"arg",), {}, 0.0)
-    path = {S.SUBMITTED: [], S.QUEUED: [S.QUEUED], S.ASSIGNED: [S.QUEUED, S.ASSIGNED],
+    path = {S.SUBMITTED: [], S.WAITING: [S.WAITING], S.QUEUED: [S.QUEUED], S.ASSIGNED: [S.QUEUED, S.ASSIGNED],
             S.FINISHED: [S.QUEUED, S.ASSIGNED, S.FINISHED], S.CANCELLED: [S.QUEUED, S.CANCELLED]}[state]
     for to in path:
         if to is S.ASSIGNED:
@@ -56,8 +56,12 @@ def test_every_allowed_move_keeps_counts_queues_and_holders(start: JobState, fin
     if finish is S.QUEUED:  # (one that leaves QUEUED leaves the queue lazily: dispatch skips it)
         assert job in client.own.jobs
     assert (job.key in worker.jobs) == (finish is S.ASSIGNED)
-    assert (job.seq in client.jobs) == (finish in (S.QUEUED, S.ASSIGNED))
-    assert client.fn_users[FN] == (1 if finish in (S.QUEUED, S.ASSIGNED) else 0)
+    unfinished = (S.WAITING, S.QUEUED, S.ASSIGNED)
+    assert (job.seq in client.jobs) == (finish in unfinished)
+    assert client.fn_users[FN] == (1 if finish in unfinished else 0)
+    if finish is S.WAITING:  # (one that leaves WAITING leaves its list lazily, as a queue)
+        assert job in client.own.waiting[("c", 0)]
+    assert client.own.waiting_jobs == (1 if finish is S.WAITING else 0)
     assert farm.counters.requeued == (1 if (start, finish) == (S.ASSIGNED, S.QUEUED) else 0)
     assert farm.counters.cancelled == (1 if finish is S.CANCELLED else 0)
     if finish is S.ASSIGNED:

@@ -96,8 +96,9 @@ class Delivery:
         records.job(now, (job.name, job.client_id, worker.id, worker.host, queued_at, run.started_at,
                           run.finished_at, round(run.run_s, 6), len(job.history), outcome.name.lower(),
                           run.peak_rss_bytes, info))
-        stats = list(p.JobStats(worker.id, worker.host, len(job.history), queued_at, run.started_at,
-                                run.finished_at, run.run_s, run.peak_rss_bytes))
+        # p.JobStats(...).to_wire(), spelt out: this runs once per job
+        stats = [worker.id, worker.host, len(job.history), queued_at, run.started_at, run.finished_at,
+                 run.run_s, run.peak_rss_bytes]
         self._hold(client, job, outcome, frames, info, stats, kind, now)
 
     def _hold(self, client: ClientRecord, job: Job, outcome: p.Outcome, frames: list[Any], info: str,
@@ -124,8 +125,8 @@ class Delivery:
         # A session's are kept until the session ends: with a journal, on disk, not in memory.
         farm.held_results.keep(client.id, job.seq, held, disk_only=bool(client.session and farm.journal))
         if client.present:  # else it is sent when the client asks for the job again
-            row = p.ResultRow(job.seq, int(outcome), len(frames), info[:MAX_TEXT], kind)
-            client.out_rows.append(list(row))
+            # p.ResultRow(...).to_wire(), spelt out: this runs once per job
+            client.out_rows.append([job.seq, int(outcome), len(frames), info[:MAX_TEXT], kind])
             client.out_frames.extend(frames)
             client.out_stats.append(stats)
 

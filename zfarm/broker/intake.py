@@ -69,7 +69,7 @@ class Intake:
                 continue
             options = row.options or NO_OPTIONS
             try:
-                queue, phase, request = self._placement_of(client, options, now)
+                queue, phase, request = self.placement_of(client, options, now)
             except BadProject as exc:
                 self.delivery.bounce(client, seq, p.Outcome.LOST, str(exc), now, p.ResultKind.REFUSED)
                 continue
@@ -80,11 +80,11 @@ class Intake:
                 job.history = ("",) * client.attempts_used.pop(seq, 0)  # attempts of a retired job
             if client.session:
                 client.accepted.append(seq)
-            self.moves.move(job, JobState.QUEUED, client, now)
+            self.moves.admit(job, client, now)
         if known_fn:
             self.functions.idle_since(client, msg.fn_id, now)
 
-    def _placement_of(self, client: ClientRecord, options: dict[str, Any],
+    def placement_of(self, client: ClientRecord, options: dict[str, Any],
                       now: float) -> tuple[Queue | None, int, Request | None]:
         """A job's queue, phase and resource request, from its options.
 

@@ -25,6 +25,10 @@ S = JobState
 #: every (from, to) a job may take; anything else is a bug in the broker and raises
 ALLOWED: frozenset[tuple[JobState, JobState]] = frozenset({
     (S.SUBMITTED, S.QUEUED),  # accepted from a client, or read back from the journal
+    (S.SUBMITTED, S.WAITING),  # the same, while earlier phases of its project are unfinished
+    (S.WAITING, S.QUEUED),  # its phase began
+    (S.WAITING, S.CANCELLED),  # cancelled before its phase began
+    (S.WAITING, S.FINISHED),  # its project was cancelled
     (S.QUEUED, S.ASSIGNED),  # dispatched to a worker with credit
     (S.ASSIGNED, S.QUEUED),  # its worker died, left or gave it back: it runs again
     (S.ASSIGNED, S.FINISHED),  # a result came, or it was declared poison
@@ -34,7 +38,7 @@ ALLOWED: frozenset[tuple[JobState, JobState]] = frozenset({
 })
 
 
-QUEUED, ASSIGNED, CANCELLED = S.QUEUED, S.ASSIGNED, S.CANCELLED  # (module names: quicker to read)
+QUEUED, ASSIGNED, CANCELLED, WAITING = S.QUEUED, S.ASSIGNED, S.CANCELLED, S.WAITING  # (quicker to read)
 
 
 class IllegalMove(RuntimeError):
@@ -73,10 +77,14 @@ class JobMoves:
         elif start is ASSIGNED:
             queue.running -= 1
             self._release(job, finisher)
-        else:  # SUBMITTED
-            self._accept(client, queue, job)
+        else:  # SUBMITTED or WAITING
+            self._arrive(start, client, queue, job)
         job.state = to
-        if to is QUEUED:
+        if to is WAITING:
+            queue.waiting.setdefault((client.id, job.phase), []).append(job)
+            queue.waiting_jobs += 1
+            client.waiting += 1
+        elif to is QUEUED:
             job.worker = None
             if front:
                 queue.jobs.appendleft(job)
@@ -99,15 +107,21 @@ class JobMoves:
             if job.request is not None:
                 take(worker, job)
         else:  # FINISHED or CANCELLED: over for its client
-            if to is CANCELLED:
-                queue.cancelled += 1
-                farm.counters.cancelled += 1
-                if farm.journal is not None and farm.clients.get(client.id) is client:
-                    farm.journal.drop_job(client.id, job.seq)  # (a dropped client's rows go with it)
-            self._forget(client, queue, job, now)
+            self._forget(client, queue, job, now, to is CANCELLED)
 
-    def _accept(self, client: ClientRecord, queue: Queue, job: Job) -> None:
-        """A new job: one of the client's unfinished jobs, a user of its function, journaled."""
+    def admit(self, job: Job, client: ClientRecord, now: float) -> None:
+        """A new job queues, or waits if an earlier phase of its client's jobs in its queue is unfinished."""
+        queue = job.queue or client.own
+        first = queue.first_phase(client.id) if job.phase else None
+        self.move(job, WAITING if first is not None and first < job.phase else QUEUED, client, now)
+
+    def _arrive(self, start: JobState, client: ClientRecord, queue: Queue, job: Job) -> None:
+        """Out of SUBMITTED (a new job: one of the client's unfinished jobs, a user of its function,
+        journaled) or of WAITING (it leaves its waiting list when its phase begins, or lazily)."""
+        if start is WAITING:
+            queue.waiting_jobs -= 1
+            client.waiting -= 1
+            return
         client.jobs[job.seq] = job
         fn_id = job.fn_id
         client.fn_users[fn_id] = client.fn_users.get(fn_id, 0) + 1
@@ -115,10 +129,16 @@ class JobMoves:
             client.fn_idle.pop(fn_id, None)
         client.submitted += 1
         queue.submitted += 1
-        queue.phases[job.phase] = queue.phases.get(job.phase, 0) + 1
+        key = (client.id, job.phase)
+        queue.phases[key] = queue.phases.get(key, 0) + 1
         journal = self.farm.journal
         if journal is not None and job.recovered_after < 0:  # a recovered job's row is there already
             journal.job(job, self.farm.records.wall(job.queued_at))
+
+    def _next_phase(self, client: ClientRecord, queue: Queue, now: float) -> None:
+        """A phase of ``client``'s jobs here is over: the jobs of the next one queue."""
+        for job in _begun(queue, client):
+            self.move(job, QUEUED, client, now)
 
     def _release(self, job: Job, finisher: WorkerRecord | None) -> None:
         """Take a job back from the worker holding it (telling that worker if it still runs it)."""
@@ -133,12 +153,23 @@ class JobMoves:
             else:
                 holder.cancels.append([job.client_id, job.seq])
 
-    def _forget(self, client: ClientRecord, queue: Queue, job: Job, now: float) -> None:
+    def _forget(self, client: ClientRecord, queue: Queue, job: Job, now: float, cancelled: bool) -> None:
         """The job is over for its client; its function is kept a little while for the next jobs."""
+        if cancelled:
+            queue.cancelled += 1
+            self.farm.counters.cancelled += 1
+            journal = self.farm.journal
+            if journal is not None and self.farm.clients.get(client.id) is client:
+                journal.drop_job(client.id, job.seq)  # (a dropped client's rows go with it)
         client.jobs.pop(job.seq, None)
-        queue.phases[job.phase] -= 1
+        key = (client.id, job.phase)
+        left = queue.phases[key] = queue.phases[key] - 1
+        if not left:
+            del queue.phases[key]
+            if queue.waiting_jobs:
+                self._next_phase(client, queue, now)
         if queue.queued and not queue.scheduled and self.farm.clients.get(client.id) is client:
-            self.farm.schedule(queue)  # it was held back by its max_running or phase
+            self.farm.schedule(queue)  # it was held back by its max_running
         users = client.fn_users.get(job.fn_id, 0) - 1
         client.fn_users[job.fn_id] = users
         if users <= 0:
@@ -163,3 +194,14 @@ def give_back(worker: WorkerRecord, job: Job) -> None:
         worker.free[name] = worker.free.get(name, 0.0) + amount
     worker.gpu_ids.extend(job.devices)
     job.devices = ()
+
+
+def _begun(queue: Queue, client: ClientRecord) -> list[Job]:
+    """The waiting jobs of ``client`` in ``queue`` whose phase has begun, taken out of waiting."""
+    first = queue.first_phase(client.id)
+    begun: list[Job] = []
+    for key in sorted(k for k in queue.waiting if k[0] == client.id):
+        if first is not None and key[1] > first:
+            break
+        begun.extend(j for j in queue.waiting.pop(key) if j.state is WAITING)
+    return begun

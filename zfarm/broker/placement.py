@@ -90,8 +90,7 @@ class Placement:
         active = self.farm.active
         for queue in list(active) if len(active) > 1 else active[:1]:
             job = _first_queued(queue)
-            if job is None or queue.suspended or (
-                    (job.phase or job.options is not NO_OPTIONS) and _held_back(queue, job)):
+            if job is None or queue.suspended or (job.options is not NO_OPTIONS and _held_back(queue, job)):
                 queue.scheduled = False  # scheduled again by resume, or when one of its jobs is over
                 active.remove(queue)
                 continue
@@ -232,10 +231,8 @@ def _first_queued(queue: Queue) -> Job | None:
 
 
 def _held_back(queue: Queue, job: Job) -> bool:
-    """Whether the queue's first job must wait: its phase has not begun, or its queue runs as many jobs
-    as it allows (option ``max_running``: job arrays)."""
-    if job.phase > queue.phase:
-        return True
+    """Whether the queue's first job must wait: its queue runs as many jobs as it allows (option
+    ``max_running``: job arrays, projects)."""
     cap = job.options.get("max_running")
     if not isinstance(cap, int) or isinstance(cap, bool) or cap < 1:
         return False

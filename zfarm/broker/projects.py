@@ -151,14 +151,14 @@ class Projects:
         recent = [t for t in queue.finished_at if now - t <= RATE_WINDOW_S]
         span = min(RATE_WINDOW_S, now - queue.created_at)
         rate = len(recent) / span if recent and span > 0 else 0.0
-        left = queue.queued + queue.running
+        left = queue.queued + queue.running + queue.waiting_jobs
         state = ("suspended" if queue.suspended else "done" if not left
                  else "running" if queue.running else "queued")
         return {"name": queue.name, "owner": queue.owner, "state": state, "priority": queue.priority,
                 "share": queue.share, "on_error": queue.on_error.value, "why_suspended": queue.why_suspended,
                 "submitted": queue.submitted, "queued": queue.queued, "running": queue.running,
                 "done": queue.done, "failed": queue.failed, "cancelled": queue.cancelled,
-                "phase": queue.phase, "unschedulable": queue.unschedulable,
+                "waiting": queue.waiting_jobs, "unschedulable": queue.unschedulable,
                 "jobs_per_s": round(rate, 3),
                 "eta_s": round(left / rate, 1) if rate > 0 and left else (0.0 if not left else None)}
 

@@ -91,7 +91,8 @@ class Scheduler:
         self._next_scan = now
         self.deadline_s = settings.heartbeat_interval_s * settings.liveness
         if journal is not None:
-            recover(farm, self.moves, self.delivery, self.functions, journal.load(), now)
+            recover(farm, self.moves, self.delivery, self.functions, journal.load(), now,
+                    self.intake.placement_of)
 
     # the farm's facts, as the shell and the tests read them
     @property
@@ -290,7 +291,8 @@ class Scheduler:
             "held_on_disk": farm.held_results.on_disk,
             "clients": [
                 {"id": c.id, "host": c.host, "pid": c.pid, "submitted": c.submitted, "queued": c.queued,
-                 "in_flight": len(c.jobs) - c.queued, "done": c.done, "failed": c.failed,
+                 "in_flight": len(c.jobs) - c.queued - c.waiting, "waiting": c.waiting, "done": c.done,
+                 "failed": c.failed,
                  "session": c.session, "present": c.present, "held": len(c.held),
                  "unschedulable": c.own.unschedulable}
                 for c in farm.clients.values()

@@ -28,6 +28,7 @@ class JobState(str, enum.Enum):
     """Where a job is; it moves only through :func:`zfarm.broker.jobstate.JobMoves.move`."""
 
     SUBMITTED = "submitted"  # accepted, not yet in a queue
+    WAITING = "waiting"  # its phase has not begun: earlier jobs of its client's project are unfinished
     QUEUED = "queued"
     ASSIGNED = "assigned"
     FINISHED = "finished"
@@ -89,8 +90,11 @@ class Queue:
     done: int = 0
     failed: int = 0
     cancelled: int = 0
-    #: unfinished jobs per phase (``Project.barrier``): a phase starts when every earlier one is over
-    phases: dict[int, int] = field(default_factory=dict)
+    #: unfinished jobs per (client, phase) (``Project.barrier``): a client's phase starts when every
+    #: earlier one of its jobs here is over; its jobs wait (WAITING) in ``waiting`` until then
+    phases: dict[tuple[str, int], int] = field(default_factory=dict)
+    waiting: dict[tuple[str, int], list[Job]] = field(default_factory=dict)
+    waiting_jobs: int = 0
     #: why its first queued job can run on no connected worker ("" if it can)
     unschedulable: str = ""
     #: queued jobs no connected worker could ever hold, set aside until another worker joins
@@ -98,10 +102,9 @@ class Queue:
     created_at: float = 0.0
     finished_at: deque[float] = field(default_factory=lambda: deque(maxlen=512))
 
-    @property
-    def phase(self) -> int:
-        """The phase whose jobs may run now."""
-        return min((k for k, n in self.phases.items() if n > 0), default=0)
+    def first_phase(self, client_id: str) -> int | None:
+        """The lowest phase with unfinished jobs of this client here (None: none)."""
+        return min((k for (c, k), n in self.phases.items() if c == client_id and n > 0), default=None)
 
 
 @dataclass(slots=True, eq=False)
@@ -194,6 +197,7 @@ class ClientRecord(Peer):
     attempts_used: dict[int, int] = field(default_factory=dict)
     own: Queue = field(default_factory=lambda: Queue("", ""))  # its jobs of no project
     queued: int = 0
+    waiting: int = 0  # jobs WAITING for their phase
     jobs: dict[int, Job] = field(default_factory=dict)
     fns: dict[bytes, Any] = field(default_factory=dict)
     fn_users: dict[bytes, int] = field(default_factory=dict)  # unfinished jobs per function
