@@ -27,6 +27,7 @@ from zfarm.errors import JournalCorrupted, ProtocolError
 log = logging.getLogger("zfarm.broker.scheduler")
 
 _OUTCOMES = {int(o) for o in p.Outcome}
+_NAMES = {o: o.name.lower() for o in p.Outcome}  # as the history shows them
 OK, CANCELLED, RETURNED = p.Outcome.OK, p.Outcome.CANCELLED, p.Outcome.RETURNED
 PLAIN = p.ResultKind.PLAIN
 FINISHED = JobState.FINISHED
@@ -94,7 +95,7 @@ class Delivery:
         records = self.farm.records
         queued_at = records.wall(job.queued_at)
         records.job(now, (job.name, job.client_id, worker.id, worker.host, queued_at, run.started_at,
-                          run.finished_at, round(run.run_s, 6), len(job.history), outcome.name.lower(),
+                          run.finished_at, round(run.run_s, 6), len(job.history), _NAMES[outcome],
                           run.peak_rss_bytes, info))
         # p.JobStats(...).to_wire(), spelt out: this runs once per job
         stats = [worker.id, worker.host, len(job.history), queued_at, run.started_at, run.finished_at,

@@ -80,7 +80,10 @@ class Intake:
                 job.history = ("",) * client.attempts_used.pop(seq, 0)  # attempts of a retired job
             if client.session:
                 client.accepted.append(seq)
-            self.moves.admit(job, client, now)
+            if job.phase:  # it may have to wait for its phase
+                self.moves.admit(job, client, now)
+            else:
+                self.moves.move(job, JobState.QUEUED, client, now)
         if known_fn:
             self.functions.idle_since(client, msg.fn_id, now)
 
