@@ -128,3 +128,45 @@ def test_a_job_asking_for_gpus_no_worker_has_is_reported_unschedulable(
         assert not future.done()
         assert client.submit(jobs.square, 4).result(30) == 16  # the rest of the farm serves on
         future.cancel()
+
+
+@pytest.mark.slow
+def test_a_chain_runs_while_its_session_client_is_away_and_a_rerun_collects_it(procs: Procs,
+                                                                               tmp_path: Path) -> None:
+    """a → b → c, futures passed as arguments (inside lists too): the broker routes each result to the
+    next job's slot, so the chain finishes with its client gone; a rerun of the session collects it."""
+    endpoint, _ = procs.farm(*FAST, workers=1, procs=2)
+    markers = tmp_path / "markers"
+    markers.mkdir()
+
+    def chain(client: zfarm.Client) -> object:
+        a = client.submit(jobs.record_run, str(markers), 2, 1.0)  # 20, after a second
+        b = client.submit(jobs.add, a, 1)  # 21
+        return client.submit(jobs.add, [b], [a])  # [21, 20]
+
+    first = zfarm.Client(endpoint, session="chain")
+    chain(first)
+    first.shutdown(wait=False)  # the session's client leaves before a has finished
+    assert not runs(markers, "finished")
+
+    def away_with_three_results() -> bool:
+        return [(c["present"], c["held"]) for c in fetch_status(endpoint)["clients"]] == [(False, 3)]
+
+    wait_for(away_with_three_results, 30, message="the chain to finish while its client is away")
+    with zfarm.Client(endpoint, session="chain") as again:
+        assert chain(again).result(30) == [21, 20]  # type: ignore[attr-defined]
+    assert len(runs(markers, "started")) == 1  # collected, not run again
+
+
+def test_a_failed_upstream_fails_its_dependents_naming_it(procs: Procs) -> None:
+    endpoint, _ = procs.farm(*FAST, workers=1, procs=1)
+    with zfarm.Client(endpoint) as client:
+        upstream = client.submit(jobs.boom, 1)
+        middle = client.submit(jobs.add, upstream, 1)
+        last = client.submit(jobs.square, middle)
+        for future, named in ((middle, upstream), (last, middle)):
+            with pytest.raises(zfarm.DependencyFailed) as info:
+                future.result(30)
+            assert info.value.upstream == f"{client.id}:{named.seq}"  # type: ignore[attr-defined]
+        with zfarm.Client(endpoint) as other, pytest.raises(zfarm.ConfigError, match="another client"):
+            other.submit(jobs.square, middle)

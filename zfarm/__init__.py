@@ -16,6 +16,7 @@ from zfarm.errors import (
     CommandFailed,
     CommandNotFound,
     ConfigError,
+    DependencyFailed,
     JobCrashed,
     JobError,
     JobTimeout,
@@ -67,6 +68,7 @@ logging.getLogger("zfarm").addHandler(logging.NullHandler())
 
 __all__ = [
     "BrokerUnavailable", "Client", "CommandFailed", "CommandNotFound", "CommandResult", "ConfigError",
+    "DependencyFailed",
     "JobCrashed", "JobError", "JobOutput", "JobTimeout", "JournalCorrupted", "JournalFull",
     "MemoryLimitExceeded", "PayloadTooLarge", "Project", "ProjectStatus", "ProtocolError", "Refused",
     "RemoteTraceback", "SecurityError",

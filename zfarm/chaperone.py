@@ -93,7 +93,7 @@ def _slot_main(conn: Connection, lifeline: Connection, output_dir: str = "") -> 
     own_devices = os.environ.get(CUDA_DEVICES)
     while True:
         try:
-            fn_id, with_fn, nframes, job_name, devices = msgpack.unpackb(conn.recv_bytes())
+            fn_id, with_fn, nframes, job_name, devices, upstream = msgpack.unpackb(conn.recv_bytes())
             if with_fn:
                 remember_fn(functions, fn_id, _load(conn.recv_bytes()))
             frames = [conn.recv_bytes() for _ in range(nframes)]
@@ -104,8 +104,9 @@ def _slot_main(conn: Connection, lifeline: Connection, output_dir: str = "") -> 
         capture.start(job_name)
         started_at, started = time.time(), time.perf_counter()
         try:
-            outcome, out, info = _run(functions.get(fn_id), frames)
+            outcome, out, info = _run(functions.get(fn_id), frames, upstream)
         finally:
+            ser.upstream_values.clear()
             run_s = time.perf_counter() - started
             proctree.end_own_descendants()  # nothing the job started outlives it
             output = capture.stop()
@@ -163,7 +164,20 @@ def _load(blob: bytes) -> Any:
         return _Unloadable(exc)
 
 
-def _run(fn: Any, frames: list[bytes]) -> tuple[Outcome, list[Any], str]:
+def _take_upstream(frames: list[bytes], counts: list[int]) -> list[bytes]:
+    """Unpickle the upstream results the broker appended to a job's frames into
+    ``ser.upstream_values`` (its ``Upstream`` arguments read them); return the job's own frames."""
+    if not counts:
+        return frames
+    own = len(frames) - sum(counts)
+    pos = own
+    for n in counts:
+        ser.upstream_values.append(ser.loads(frames[pos:pos + n]))  # (an output frame after it is unread)
+        pos += n
+    return frames[:own]
+
+
+def _run(fn: Any, frames: list[bytes], upstream: list[int] | None = None) -> tuple[Outcome, list[Any], str]:
     if fn is None:
         exc: BaseException = RuntimeError("the slot never received this job's function")
         return Outcome.ERROR, ser.dump_exception(exc), ser.error_line(exc)
@@ -175,7 +189,7 @@ def _run(fn: Any, frames: list[bytes]) -> tuple[Outcome, list[Any], str]:
         problem = ImportError(f"{ser.error_line(exc)}; {note}")
         return Outcome.ERROR, ser.dump_exception(problem), ser.error_line(problem)
     try:
-        mode, args, kwargs = ser.loads(frames)
+        mode, args, kwargs = ser.loads(_take_upstream(frames, upstream or []))
     except BaseException as exc:
         info = "arguments could not be unpickled: " + ser.error_line(exc)
         return Outcome.ERROR, ser.dump_exception(exc), info
@@ -251,7 +265,9 @@ class Slot:
         with_fn = task.fn_id not in self.fns and task.fn_blob is not None
         gpu_ids = task.options.get("gpu_ids")  # the GPUs the broker gave this job
         devices = ",".join(str(g) for g in gpu_ids) if isinstance(gpu_ids, list) else None
-        self.conn.send_bytes(msgpack.packb([task.fn_id, with_fn, len(task.frames), task.name, devices]))
+        upstream = task.options.get("upstream") or []  # frames of each upstream result, after the job's
+        self.conn.send_bytes(msgpack.packb([task.fn_id, with_fn, len(task.frames), task.name, devices,
+                                            upstream]))
         if with_fn:
             self.conn.send_bytes(buffer_of(task.fn_blob))
             remember_fn(self.fns, task.fn_id, None)

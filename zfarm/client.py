@@ -38,7 +38,7 @@ from zfarm.errors import BrokerUnavailable, ConfigError, PayloadTooLarge
 from zfarm.local import LocalCluster
 from zfarm.mapping import MapRun, Submitted
 from zfarm.progress import known_length, track
-from zfarm.projects import Project, request_options
+from zfarm.projects import Project, request_options, upstream_arguments
 from zfarm.stats import Stats, summarize
 from zfarm.worker import ENVELOPE_ALLOWANCE
 
@@ -147,6 +147,9 @@ class Client(concurrent.futures.Executor):
     def _submit(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
                 options: dict[str, Any]) -> concurrent.futures.Future[Any]:
         fn_id, blob = ser.dump_function(fn)
+        args, kwargs, after = upstream_arguments(args, kwargs, self._connection)
+        if after:  # it runs when these jobs have succeeded, with their results in their futures' places
+            options = {**options, "after": after}
         job = self._job(fn_id, ser.dump_call(args, kwargs), len(blob), options)
         self._connection.submit(fn_id, blob, [job])
         return job.future

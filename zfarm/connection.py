@@ -24,6 +24,7 @@ import socket
 import threading
 import time
 from collections import deque
+from collections.abc import Iterable
 from concurrent.futures import Future, InvalidStateError
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, PENDING, RUNNING
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from zfarm import serialization as ser
 from zfarm.config import ClientSettings
 from zfarm.errors import (
     BrokerUnavailable,
+    DependencyFailed,
     JobCrashed,
     JournalCorrupted,
     JournalFull,
@@ -215,6 +217,8 @@ class Connection(threading.Thread):
         self.read_seqs: list[int] = []
         self._unfinished_heap: list[int] = []  # seqs of _jobs, for the oldest one (stale ones popped late)
         self._noticed: set[int] = set()  # NOTICE kinds already logged
+        self._pinned: dict[int, int] = {}  # results kept held for dependent jobs: seq → how many
+        self._pin_lock = threading.Lock()
         self._posted_upto = 1  # every seq below it has been posted to this thread
         self._posted_above: set[int] = set()
         self._cancels: list[int] = []  # to send once the broker listens
@@ -505,7 +509,7 @@ class Connection(threading.Thread):
     def _results(self, msg: p.Result, now: float) -> None:
         per_row = p.split_frames(msg.frames, [row[2] for row in msg.results])
         stats: list[list[Any] | None] = [*msg.stats] or [None] * len(msg.results)
-        records = []
+        records: list[Any] = []
         received = []
         busy = False
         for wire_row, frames, row in zip(msg.results, per_row, stats, strict=True):
@@ -514,16 +518,12 @@ class Connection(threading.Thread):
             if self._bounced_back(seq, outcome, result.kind):
                 busy = busy or outcome == p.Outcome.BUSY
                 continue
-            if row is not None and outcome != p.Outcome.CANCELLED and seq in self._jobs:
-                name = p.Outcome(outcome).name.lower() if outcome in _OUTCOME_VALUES else str(outcome)
-                records.append(record_of(f"{self.client_id}:{seq}", name, info, row))
-            if result.kind == p.ResultKind.PROJECT_SUSPENDED:
-                log.warning("client %s: job %d failed and suspended its project (on_error=suspend): %s; "
-                            "resume it with project.resume() or `zfarm project resume NAME`", self.client_id,
-                            seq, info)
+            self._record(result, row, records)
             if outcome == p.Outcome.ERROR and result.kind == p.ResultKind.PLAIN and self._retry(seq, info):
                 continue  # the re-run's SUBMIT tells the broker to forget this result
             job = self._forget(seq)
+            if job is not None and "after" in job.options:
+                self.unpin(job.options["after"])  # its upstream results may go now
             if not self.session:
                 received.append(seq)  # the broker holds each result until we say we have it
             elif job is not None and outcome != p.Outcome.CANCELLED:
@@ -532,13 +532,31 @@ class Connection(threading.Thread):
                 self.duplicates += 1
                 continue
             if row is not None:
-                job.future.run_s = row[6]
-            _resolve(job, outcome, frames, info, self.client_id)
+                job.future.run_s = p.JobStats.from_wire(row).run_s
+            self._settle(job, result, frames)
         if records:
             with self.records_lock:
                 self.records.extend(records)
         self._note_received(received, now)
         self._note_room(busy)
+
+    def _record(self, result: p.ResultRow, row: list[Any] | None, records: list[Any]) -> None:
+        """The job's record for ``stats()``; a warning if its failure suspended its project."""
+        seq, outcome = result.seq, result.outcome
+        if row is not None and outcome != p.Outcome.CANCELLED and seq in self._jobs:
+            name = p.Outcome(outcome).name.lower() if outcome in _OUTCOME_VALUES else str(outcome)
+            records.append(record_of(f"{self.client_id}:{seq}", name, result.info, row))
+        if result.kind == p.ResultKind.PROJECT_SUSPENDED:
+            log.warning("client %s: job %d failed and suspended its project (on_error=suspend): %s; "
+                        "resume it with project.resume() or `zfarm project resume NAME`", self.client_id,
+                        seq, result.info)
+
+    def _settle(self, job: PendingJob, result: p.ResultRow, frames: list[Any]) -> None:
+        if result.kind == p.ResultKind.DEPENDENCY_FAILED:  # info: "UPSTREAM: why"
+            upstream, _, why = result.info.partition(": ")
+            _set(job.future, error=DependencyFailed(f"{self.client_id}:{job.seq}", upstream, why))
+        else:
+            _resolve(job, result.outcome, frames, result.info, self.client_id)
 
     def _note_received(self, seqs: list[int], now: float) -> None:
         if seqs:
@@ -567,12 +585,36 @@ class Connection(threading.Thread):
             return True
         return False
 
+    def pin(self, seq: int) -> None:
+        """Keep job ``seq``'s result held at the broker (no RECEIVED) until ``unpin``: a job submitted
+        now depends on it. From any thread."""
+        with self._pin_lock:
+            self._pinned[seq] = self._pinned.get(seq, 0) + 1
+
+    def unpin(self, seqs: Iterable[int]) -> None:
+        with self._pin_lock:
+            for seq in seqs:
+                left = self._pinned.get(seq, 0) - 1
+                if left > 0:
+                    self._pinned[seq] = left
+                else:
+                    self._pinned.pop(seq, None)
+
     def _acknowledge(self, now: float, force: bool = False) -> None:
-        """Tell the broker which results arrived, in batches: it holds each result until then."""
+        """Tell the broker which results arrived, in batches: it holds each result until then (and
+        while a job that depends on it is unfinished: it is pinned)."""
         due = force or len(self._received) >= RECEIVED_BATCH or now - self._received_since >= RECEIVED_DELAY_S
         if self._received and self._link is Link.READY and due:
-            self._send(p.Received(self._received, self._oldest_unfinished()), now)
-            self._received = []
+            with self._pin_lock:
+                pinned = set(self._pinned)
+            below = min(self._oldest_unfinished(), min(pinned, default=self._oldest_unfinished()))
+            if pinned:
+                received = [s for s in self._received if s not in pinned]
+                self._received = [s for s in self._received if s in pinned]
+            else:
+                received, self._received = self._received, []
+            if received:
+                self._send(p.Received(received, below), now)
 
     def _oldest_unfinished(self) -> int:
         """Every result of a job numbered below this one has arrived (0 in a session: keep them all).

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 from zfarm import protocol as p
 from zfarm.config import parse_amount
-from zfarm.errors import ConfigError, ZfarmError
+from zfarm.errors import ConfigError, DependencyFailed, ZfarmError
+from zfarm.serialization import Upstream
 
 if TYPE_CHECKING:
     from zfarm.client import Client
@@ -199,3 +200,51 @@ def request_options(resources: Mapping[str, Any] | None, tags: Iterable[str] | N
     if tags:
         options["tags"] = sorted({str(t) for t in tags})
     return options
+
+
+def upstream_arguments(args: tuple[Any, ...], kwargs: dict[str, Any],
+                       connection: Any) -> tuple[tuple[Any, ...], dict[str, Any], list[int]]:
+    """Arguments with every future of this client's jobs (at top level, in lists, tuples and dicts)
+    replaced: by its value if it is done, else by an ``Upstream`` placeholder the slot fills with
+    the job's result. Returns them and the upstream job numbers, in placeholder order.
+
+    Raises:
+        ConfigError: a future of another client (the broker could not route its result).
+        DependencyFailed: a future that is done but did not succeed.
+    """
+    from zfarm.connection import JobFuture
+
+    after: list[int] = []
+
+    def walk(value: Any, depth: int) -> Any:
+        if isinstance(value, JobFuture):
+            return upstream(value)
+        if depth > 8:
+            return value
+        if type(value) in (list, tuple):
+            items = [walk(v, depth + 1) for v in value]
+            return value if all(a is b for a, b in zip(items, value, strict=True)) else type(value)(items)
+        if type(value) is dict:
+            return {k: walk(v, depth + 1) for k, v in value.items()}
+        return value
+
+    def upstream(future: JobFuture) -> Any:
+        if future._connection is not connection:
+            raise ConfigError(f"job {future.seq} belongs to another client: a job may depend only on "
+                              "futures of its own client (pass the value, future.result(), instead)")
+        connection.pin(future.seq)  # first: its result must stay held at the broker for this job
+        if future.done():
+            connection.unpin([future.seq])
+            if future.cancelled() or future.exception() is not None:
+                raise DependencyFailed("(not submitted)", f"{connection.client_id}:{future.seq}",
+                                       "it failed or was cancelled before this job was submitted")
+            return future.result()
+        if future.seq not in after:
+            after.append(future.seq)
+        else:
+            connection.unpin([future.seq])  # pinned once per dependent job
+        return Upstream(after.index(future.seq))
+
+    new_args = tuple(walk(a, 0) for a in args)
+    new_kwargs = {k: walk(v, 0) for k, v in kwargs.items()}
+    return new_args, new_kwargs, after

@@ -103,6 +103,7 @@ class ResultKind(enum.IntEnum):
     LIMIT = 2  # ERROR: the job outgrew a limit it was given (time, memory, result size): never retried
     PROJECT_SUSPENDED = 3  # a failure that suspended its project (on_error="suspend")
     REFUSED = 4  # LOST, unaccepted: the job's options cannot be taken (info: why); not sent again
+    DEPENDENCY_FAILED = 5  # LOST: an upstream job (option "after") did not succeed (info names it)
 
 
 class NoticeKind(enum.IntEnum):

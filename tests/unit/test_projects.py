@@ -200,6 +200,32 @@ def test_a_job_no_worker_can_hold_is_unschedulable_and_does_not_block_the_others
     assert [r[1] for r in job_rows(farm.out(1.0), W2)] == [1]
 
 
+def test_a_dependent_waits_for_its_upstream_and_gets_its_result_frames_or_fails_naming_it() -> None:
+    farm = farm_with_one_slot()
+    submit(farm, [1])
+    submit(farm, [2], with_fn=False, after=[1])
+    (row,) = job_rows(farm.out(0.0), W1)
+    assert row[1] == 1  # 2 waits though nothing else is queued
+    assert farm.snap()["clients"][0]["waiting"] == 1
+    farm.result(W1, row, 1.0)
+    (jobs_msg,) = to(farm.out(1.0), W1, p.Jobs)
+    ((_, seq, _, _, nframes, options),) = jobs_msg.jobs
+    assert (seq, nframes, options["upstream"]) == (2, 2, [1])
+    assert list(jobs_msg.frames) == [b"arg2", b"result:ca:1"]  # its own frames, then the upstream result
+    submit(farm, [3], 2.0, with_fn=False)
+    submit(farm, [4], 2.0, with_fn=False, after=[3])
+    submit(farm, [5], 2.0, with_fn=False, after=[4])
+    farm.result(W1, jobs_msg.jobs[0], 3.0)
+    (row,) = job_rows(farm.out(3.0), W1)
+    farm.result(W1, row, 4.0, outcome=ERROR, frames=[b"exc"])
+    rows = {r[0][0]: r[0] for r in result_rows(farm.out(4.0), CA)}
+    assert rows[4][4] == rows[5][4] == p.ResultKind.DEPENDENCY_FAILED
+    assert rows[4][3].startswith("ca:3: ") and rows[5][3].startswith("ca:4: ")  # each names its upstream
+    submit(farm, [6], 5.0, with_fn=False, after=[3])  # an upstream that already failed
+    ((late, _),) = result_rows(farm.out(5.0), CA)
+    assert (late[0], late[4]) == (6, p.ResultKind.DEPENDENCY_FAILED)
+
+
 def test_bad_project_options_are_refused_with_the_reason() -> None:
     farm = farm_with_one_slot()
     submit(farm, [1], project="x", share=-1)
@@ -243,8 +269,23 @@ class ProjectConversation(Conversation):
                            "phase": seq // 7 % 3}
             if seq % 5 == 0:
                 options["resources"] = {"cpus": 2}
+            if seq % 6 == 5:  # it depends on the job before it
+                options["after"] = [seq - 1]
             frames = [b"fn", f"{cid}:{seq}".encode()]
             self.farm.send(self.client_route[cid], p.Submit(FN, True, [[seq, 1, options]], frames), self.now)
+
+    def _got_jobs(self, route: bytes, msg: p.Jobs) -> None:
+        """As the base class checks, once each job's upstream result frames are set apart."""
+        own: list[Any] = []
+        frames = list(msg.frames[len(msg.fns):])
+        for row in msg.jobs:
+            extra = sum(row[5].get("upstream", []))
+            own.extend(frames[:row[4] - extra])
+            upstream = [f"done:{row[0]}:{s}".encode() for s in row[5].get("after", [])]
+            assert frames[row[4] - extra:row[4]] == upstream
+            frames = frames[row[4]:]
+        rows = [[*r[:4], r[4] - sum(r[5].get("upstream", [])), r[5]] for r in msg.jobs]
+        super()._got_jobs(route, p.Jobs(msg.fns, rows, [*msg.frames[:len(msg.fns)], *own]))
 
     def run(self, op: tuple[str, int, int, float]) -> None:
         kind, a, _b, _dt = op

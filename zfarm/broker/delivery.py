@@ -41,6 +41,8 @@ class Delivery:
         self.moves = moves
         #: told of each failed job (its project's on_error); returns the kind its result row carries
         self.on_failure: Callable[[Job, float], int] = lambda _job, _now: p.ResultKind.PLAIN
+        #: told of each finished job (whether it succeeded): its dependents go on or fail
+        self.on_ended: Callable[[ClientRecord, Job, bool, float], None] = lambda _c, _j, _ok, _now: None
 
     # ---- from workers ----------------------------------------------------------------------------
 
@@ -125,6 +127,8 @@ class Delivery:
             farm.journal.result(client.id, job.seq, held)  # it replaces the job's row
         # A session's are kept until the session ends: with a journal, on disk, not in memory.
         farm.held_results.keep(client.id, job.seq, held, disk_only=bool(client.session and farm.journal))
+        if client.dependents:
+            self.on_ended(client, job, ok, now)
         if client.present:  # else it is sent when the client asks for the job again
             # p.ResultRow(...).to_wire(), spelt out: this runs once per job
             client.out_rows.append([job.seq, int(outcome), len(frames), info[:MAX_TEXT], kind])

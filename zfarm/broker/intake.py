@@ -14,6 +14,7 @@ from typing import Any
 
 from zfarm import protocol as p
 from zfarm.broker.delivery import Delivery
+from zfarm.broker.dependencies import Dependencies, upstream_of
 from zfarm.broker.farm import Farm
 from zfarm.broker.functions import Functions
 from zfarm.broker.jobstate import JobMoves
@@ -35,8 +36,9 @@ log = logging.getLogger("zfarm.broker.scheduler")
 
 class Intake:
     def __init__(self, farm: Farm, moves: JobMoves, delivery: Delivery, functions: Functions,
-                 projects: Projects) -> None:
+                 projects: Projects, dependencies: Dependencies) -> None:
         self.projects = projects
+        self.dependencies = dependencies
         self.farm = farm
         self.moves = moves
         self.delivery = delivery
@@ -70,22 +72,29 @@ class Intake:
             options = row.options or NO_OPTIONS
             try:
                 queue, phase, request = self.placement_of(client, options, now)
+                after = upstream_of(options, seq) if options is not NO_OPTIONS else ()
             except BadProject as exc:
                 self.delivery.bounce(client, seq, p.Outcome.LOST, str(exc), now, p.ResultKind.REFUSED)
                 continue
             payload = tuple(compact(f) for f in job_frames)
             job = Job(client.id, seq, msg.fn_id, payload, options, now, digest=digest, queue=queue,
-                      phase=phase, request=request)
+                      phase=phase, request=request, after=after)
             if client.attempts_used:
                 job.history = ("",) * client.attempts_used.pop(seq, 0)  # attempts of a retired job
             if client.session:
                 client.accepted.append(seq)
-            if job.phase:  # it may have to wait for its phase
-                self.moves.admit(job, client, now)
-            else:
-                self.moves.move(job, JobState.QUEUED, client, now)
+            self.admit(client, job, now)
         if known_fn:
             self.functions.idle_since(client, msg.fn_id, now)
+
+    def admit(self, client: ClientRecord, job: Job, now: float) -> None:
+        """A new job queues, or waits for its upstream jobs or its phase."""
+        if job.after:
+            self.dependencies.admit(client, job, now)
+        elif job.phase:
+            self.moves.admit(job, client, now)
+        else:
+            self.moves.move(job, JobState.QUEUED, client, now)
 
     def placement_of(self, client: ClientRecord, options: dict[str, Any],
                       now: float) -> tuple[Queue | None, int, Request | None]:
@@ -112,6 +121,8 @@ class Intake:
         """Cancel a client's unfinished job. A session may send its number again with other content:
         the next job under that number goes on counting attempts, so the old run's result is refused."""
         self.moves.move(job, JobState.CANCELLED, client, now)
+        if client.dependents:
+            self.dependencies.ended(client, job, False, now)
         if client.session and job.history:
             client.attempts_used[job.seq] = len(job.history)
 

@@ -115,6 +115,15 @@ class JobMoves:
         first = queue.first_phase(client.id) if job.phase else None
         self.move(job, WAITING if first is not None and first < job.phase else QUEUED, client, now)
 
+    def ready(self, job: Job, client: ClientRecord, now: float) -> None:
+        """A WAITING job's upstream jobs succeeded: it queues, or waits on for its phase."""
+        queue = job.queue or client.own
+        first = queue.first_phase(client.id) if job.phase else None
+        if first is not None and first < job.phase:
+            queue.waiting.setdefault((client.id, job.phase), []).append(job)  # (still WAITING)
+        else:
+            self.move(job, QUEUED, client, now)
+
     def _arrive(self, start: JobState, client: ClientRecord, queue: Queue, job: Job) -> None:
         """Out of SUBMITTED (a new job: one of the client's unfinished jobs, a user of its function,
         journaled) or of WAITING (it leaves its waiting list when its phase begins, or lazily)."""
@@ -203,5 +212,5 @@ def _begun(queue: Queue, client: ClientRecord) -> list[Job]:
     for key in sorted(k for k in queue.waiting if k[0] == client.id):
         if first is not None and key[1] > first:
             break
-        begun.extend(j for j in queue.waiting.pop(key) if j.state is WAITING)
+        begun.extend(j for j in queue.waiting.pop(key) if j.state is WAITING and not j.waiting_for)
     return begun

@@ -19,6 +19,7 @@ from typing import Any
 
 from zfarm import protocol as p
 from zfarm.broker.delivery import Delivery
+from zfarm.broker.dependencies import Dependencies
 from zfarm.broker.farm import Farm
 from zfarm.broker.jobstate import JobMoves
 from zfarm.broker.state import (
@@ -39,7 +40,8 @@ MAX_CREDIT = 1_000_000
 
 
 class Placement:
-    def __init__(self, farm: Farm, moves: JobMoves, delivery: Delivery) -> None:
+    def __init__(self, farm: Farm, moves: JobMoves, delivery: Delivery, dependencies: Dependencies) -> None:
+        self.dependencies = dependencies
         self.farm = farm
         self.moves = moves
         self.delivery = delivery
@@ -151,7 +153,7 @@ class Placement:
                 if queue.queued:
                     self.farm.schedule(queue)
 
-    def jobs_message(self, worker: WorkerRecord) -> p.Jobs:
+    def jobs_message(self, worker: WorkerRecord, now: float) -> p.Jobs:
         fns: list[bytes] = []
         fn_frames: list[Any] = []
         rows: list[list[Any]] = []
@@ -165,9 +167,15 @@ class Placement:
             options = job.options
             if job.devices:  # the slot sets CUDA_VISIBLE_DEVICES to these
                 options = {**options, "gpu_ids": list(job.devices)}
-            rows.append(p.JobRow(job.client_id, job.seq, len(job.history), job.fn_id, len(job.frames),
-                                 options).to_wire())
             job_frames.extend(job.frames)
+            nframes = len(job.frames)
+            if job.after:  # the upstream results follow its own frames; the slot puts them in place
+                upstream, counts = self.dependencies.frames(clients[job.client_id], job, now)
+                options = {**options, "upstream": counts}
+                job_frames.extend(upstream)
+                nframes += len(upstream)
+            rows.append(p.JobRow(job.client_id, job.seq, len(job.history), job.fn_id, nframes,
+                                 options).to_wire())
         worker.outbox = []
         return p.Jobs(fns, rows, fn_frames + job_frames)
 

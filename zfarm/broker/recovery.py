@@ -6,25 +6,22 @@ Rows that fail their seal are never run or delivered: their jobs fail with Journ
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import Any
 
 from zfarm.broker.delivery import Delivery
+from zfarm.broker.dependencies import upstream_of
 from zfarm.broker.farm import Farm
 from zfarm.broker.functions import Functions
-from zfarm.broker.jobstate import JobMoves
+from zfarm.broker.intake import Intake
 from zfarm.broker.journal_rows import Damaged, Recovered
 from zfarm.broker.projects import BadProject
-from zfarm.broker.state import NO_OPTIONS, ClientRecord, Job, Queue, Request
+from zfarm.broker.state import NO_OPTIONS, ClientRecord, Job
 
 log = logging.getLogger("zfarm.broker.scheduler")
 
-#: a job's queue, phase and request from its options (``Intake.placement_of``)
-PlacementOf = Callable[[ClientRecord, dict[str, Any], float], tuple[Queue | None, int, Request | None]]
 
 
-def recover(farm: Farm, moves: JobMoves, delivery: Delivery, functions: Functions, saved: Recovered,
-            now: float, placement_of: PlacementOf) -> None:
+def recover(farm: Farm, delivery: Delivery, functions: Functions, saved: Recovered,
+            now: float, intake: Intake) -> None:
     """Load what the journal held into ``farm``."""
     for client_id, session, key in saved.clients:
         # Away from now: a client connected when the broker died gets its full time to come back.
@@ -37,11 +34,14 @@ def recover(farm: Farm, moves: JobMoves, delivery: Delivery, functions: Function
     if saved.lost:
         log.error("journal %s: %s", farm.journal_path, saved.lost)
         farm.records.event(now, "journal-damaged", saved.lost)
-    jobs = _recover_jobs(farm, moves, delivery, saved, now, placement_of)
+    waiting = _recover_jobs(farm, delivery, saved, now, intake)
     for client_id, seq, held in saved.results:
         if (client := farm.clients.get(client_id)) is not None:
             client.held[seq] = farm.held_results.on_disk_record(held.outcome, held.digest)
             farm.held_results.recovered(1)
+    for client, job in waiting:  # with every job and result known, each queues or waits again
+        intake.admit(client, job, now)
+    jobs = len(waiting)
     _recover_damaged(farm, delivery, saved.damaged, now)
     functions.idle_all(now)
     log.log(logging.ERROR if saved.damaged or saved.lost else logging.INFO,
@@ -55,13 +55,14 @@ def recover(farm: Farm, moves: JobMoves, delivery: Delivery, functions: Function
     farm.counters.recovered = jobs
 
 
-def _recover_jobs(farm: Farm, moves: JobMoves, delivery: Delivery, saved: Recovered, now: float,
-                  placement_of: PlacementOf) -> int:
-    """Queue the journal's jobs again; those whose function is damaged fail. Returns how many queue."""
+def _recover_jobs(farm: Farm, delivery: Delivery, saved: Recovered, now: float,
+                  intake: Intake) -> list[tuple[ClientRecord, Job]]:
+    """The journal's jobs to queue again (those whose function is damaged fail), by phase."""
     offset = farm.records.wall_offset_s
     bad_fns = {(d.client, d.fn_id) for d in saved.damaged if d.table == "functions"}
-    jobs = 0
-    for row in sorted(saved.jobs, key=lambda r: int((r.options or {}).get("phase", 0) or 0)):  # stable
+    jobs: list[tuple[ClientRecord, Job]] = []
+    # by phase then number: an upstream job (an earlier number) is known before its dependents
+    for row in sorted(saved.jobs, key=lambda r: (int((r.options or {}).get("phase", 0) or 0), r.seq)):
         client = farm.clients.get(row.client)
         if client is not None and (row.client, row.fn_id) in bad_fns:
             delivery.damaged(client, row.seq, "the function it runs fails its seal", now)
@@ -73,15 +74,15 @@ def _recover_jobs(farm: Farm, moves: JobMoves, delivery: Delivery, saved: Recove
             continue
         options = row.options or NO_OPTIONS
         try:
-            queue, phase, request = placement_of(client, options, now)
+            queue, phase, request = intake.placement_of(client, options, now)
+            after = upstream_of(options, row.seq)
         except BadProject as exc:
             delivery.damaged(client, row.seq, f"its options cannot be taken: {exc}", now)
             continue
         job = Job(row.client, row.seq, row.fn_id, tuple(row.frames), options, row.queued_at - offset,
                   losses=row.losses, digest=row.digest, history=("",) * row.attempts_before,
-                  recovered_after=row.attempts_before, queue=queue, phase=phase, request=request)
-        moves.admit(job, client, now)
-        jobs += 1
+                  recovered_after=row.attempts_before, queue=queue, phase=phase, request=request, after=after)
+        jobs.append((client, job))
     return jobs
 
 

@@ -30,6 +30,7 @@ from typing import Any
 from zfarm import __version__
 from zfarm import protocol as p
 from zfarm.broker.delivery import Delivery
+from zfarm.broker.dependencies import Dependencies
 from zfarm.broker.farm import Farm, Outbound
 from zfarm.broker.functions import FN_KEEP_S, Functions
 from zfarm.broker.held import HeldResults
@@ -83,16 +84,18 @@ class Scheduler:
         self.functions = Functions(farm)
         self.moves = JobMoves(farm)
         self.delivery = Delivery(farm, self.moves)
-        self.placement = Placement(farm, self.moves, self.delivery)
+        self.dependencies = Dependencies(farm, self.moves, self.delivery)
+        self.delivery.on_ended = self.dependencies.ended
+        self.placement = Placement(farm, self.moves, self.delivery, self.dependencies)
         self.projects = Projects(farm, self.moves, self.delivery)
         self.delivery.on_failure = self.projects.failed
-        self.intake = Intake(farm, self.moves, self.delivery, self.functions, self.projects)
+        self.intake = Intake(farm, self.moves, self.delivery, self.functions, self.projects,
+                             self.dependencies)
         self.peers_part = Peers(farm, self.moves, self.placement, self.delivery, self.broker_id)
         self._next_scan = now
         self.deadline_s = settings.heartbeat_interval_s * settings.liveness
         if journal is not None:
-            recover(farm, self.moves, self.delivery, self.functions, journal.load(), now,
-                    self.intake.placement_of)
+            recover(farm, self.delivery, self.functions, journal.load(), now, self.intake)
 
     # the farm's facts, as the shell and the tests read them
     @property
@@ -251,7 +254,7 @@ class Scheduler:
                 farm.send(worker, p.CancelJobs(worker.cancels), now)
                 worker.cancels = []
             if worker.outbox:
-                farm.send(worker, self.placement.jobs_message(worker), now)
+                farm.send(worker, self.placement.jobs_message(worker, now), now)
         for client in farm.clients.values():
             # (an absent client has none: they are cleared when it leaves, and none are added meanwhile)
             if client.accepted:

@@ -131,6 +131,10 @@ class Job:
     request: Request | None = None
     devices: tuple[str, ...] = ()  # GPU ids given to it while assigned
     warned: bool = False  # its client was told it can run nowhere
+    #: its upstream jobs (option ``after``: seqs of its client), whose results go with it to its slot
+    after: tuple[int, ...] = ()
+    #: those of them still unfinished (it is WAITING until this is empty)
+    waiting_for: set[int] | None = None
 
     @property
     def key(self) -> tuple[str, int]:
@@ -197,7 +201,9 @@ class ClientRecord(Peer):
     attempts_used: dict[int, int] = field(default_factory=dict)
     own: Queue = field(default_factory=lambda: Queue("", ""))  # its jobs of no project
     queued: int = 0
-    waiting: int = 0  # jobs WAITING for their phase
+    waiting: int = 0  # jobs WAITING for their phase or upstream jobs
+    #: WAITING jobs by the unfinished upstream job they wait for
+    dependents: dict[int, list[Job]] = field(default_factory=dict)
     jobs: dict[int, Job] = field(default_factory=dict)
     fns: dict[bytes, Any] = field(default_factory=dict)
     fn_users: dict[bytes, int] = field(default_factory=dict)  # unfinished jobs per function
