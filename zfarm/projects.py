@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from zfarm import protocol as p
 from zfarm.config import parse_amount
+from zfarm.connection import JobFuture
 from zfarm.errors import ConfigError, DependencyFailed, ZfarmError
 from zfarm.serialization import Upstream
 
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
     from zfarm.commands import CommandResult
 
 ON_ERROR = ("continue", "suspend", "cancel")
+#: argument types that hold no future: not walked
+_PLAIN = frozenset({int, float, str, bytes, bool, type(None)})
 #: how long a project action waits for the broker's answer
 ACTION_TIMEOUT_S = 10.0
 
@@ -212,8 +215,8 @@ def upstream_arguments(args: tuple[Any, ...], kwargs: dict[str, Any],
         ConfigError: a future of another client (the broker could not route its result).
         DependencyFailed: a future that is done but did not succeed.
     """
-    from zfarm.connection import JobFuture
-
+    if all(type(a) in _PLAIN for a in args) and all(type(v) in _PLAIN for v in kwargs.values()):
+        return args, kwargs, []  # (the common case, at no cost)
     after: list[int] = []
 
     def walk(value: Any, depth: int) -> Any:
