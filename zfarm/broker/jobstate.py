@@ -81,7 +81,8 @@ class JobMoves:
             self._arrive(start, client, queue, job)
         job.state = to
         if to is WAITING:
-            queue.waiting.setdefault((client.id, job.phase), []).append(job)
+            if not job.waiting_for:  # (one waiting for upstream jobs joins it when they are done: ready)
+                queue.waiting.setdefault((client.id, job.phase), []).append(job)
             queue.waiting_jobs += 1
             client.waiting += 1
         elif to is QUEUED:
@@ -147,7 +148,8 @@ class JobMoves:
     def _next_phase(self, client: ClientRecord, queue: Queue, now: float) -> None:
         """A phase of ``client``'s jobs here is over: the jobs of the next one queue."""
         for job in _begun(queue, client):
-            self.move(job, QUEUED, client, now)
+            if job.state is WAITING:  # (listed once; checked again all the same)
+                self.move(job, QUEUED, client, now)
 
     def _release(self, job: Job, finisher: WorkerRecord | None) -> None:
         """Take a job back from the worker holding it (telling that worker if it still runs it)."""
