@@ -9,6 +9,7 @@ unschedulable requests.
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -170,3 +171,14 @@ def test_a_failed_upstream_fails_its_dependents_naming_it(procs: Procs) -> None:
             assert info.value.upstream == f"{client.id}:{named.seq}"  # type: ignore[attr-defined]
         with zfarm.Client(endpoint) as other, pytest.raises(zfarm.ConfigError, match="another client"):
             other.submit(jobs.square, middle)
+
+
+def test_a_dependent_job_that_cannot_be_submitted_leaves_its_upstream_result_unpinned(procs: Procs) -> None:
+    endpoint, _ = procs.farm(*FAST, workers=1, procs=1)
+    with zfarm.Client(endpoint) as client:
+        upstream = client.submit(jobs.sleep_then, 3, 0.5)
+        with pytest.raises(Exception):  # noqa: B017 (a lock cannot be pickled: whatever pickle raises)
+            client.submit(jobs.add, upstream, threading.Lock())
+        assert upstream.result(30) == 3
+        # else the broker would hold the upstream result until the client closes
+        assert client._connection.core.receipts.pins.snapshot() == frozenset()

@@ -245,7 +245,8 @@ def test_the_kind_decides_not_the_text() -> None:
     assert 2 in core.jobs  # a PLAIN error is retried whatever its text says
 
 
-def test_a_failure_that_suspended_its_project_is_not_retried_and_warns(caplog: pytest.LogCaptureFixture) -> None:
+def test_a_failure_that_suspended_its_project_is_not_retried_and_warns(
+        caplog: pytest.LogCaptureFixture) -> None:
     core = ready_core()
     core.submit(FN, b"fn", jobs(1, retries=3), now=0.0)
     core.flush(0.0)
@@ -268,7 +269,8 @@ def test_a_dependency_failed_row_fails_the_future_with_dependency_failed() -> No
     core = ready_core()
     core.submit(FN, b"fn", jobs(1), now=0.0)
     core.flush(0.0)
-    core.on_message(wire(result((1, p.Outcome.LOST, "c-1:7: it raised", p.ResultKind.DEPENDENCY_FAILED))), 0.1)
+    failed = (1, p.Outcome.LOST, "c-1:7: it raised", p.ResultKind.DEPENDENCY_FAILED)
+    core.on_message(wire(result(failed)), 0.1)
     actions = core.flush(0.1)
     ((job, error),) = actions.fail
     assert actions.settle == [] and job.seq == 1

@@ -169,11 +169,16 @@ class Client(concurrent.futures.Executor):
         args, kwargs, after = upstream_arguments(args, kwargs, self._connection)
         if after:  # it runs when these jobs have succeeded, with their results in their futures' places
             options = {**options, "after": after}
-        with scatter.collecting() as used:
-            frames = ser.dump_call(args, kwargs)
-        fn_id, blob = self._with_scattered(fn_id, blob, used)
-        job = self._job(fn_id, frames, len(blob), options)
-        self._connection.submit(fn_id, blob, [job])
+        try:
+            with scatter.collecting() as used:
+                frames = ser.dump_call(args, kwargs)
+            fn_id, blob = self._with_scattered(fn_id, blob, used)
+            job = self._job(fn_id, frames, len(blob), options)
+            self._connection.submit(fn_id, blob, [job])
+        except BaseException:
+            if after:  # never submitted: its upstream results need not stay held for it
+                self._connection.unpin(after)
+            raise
         return job.future
 
     def scatter(self, obj: Any) -> Scattered:
