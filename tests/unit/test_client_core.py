@@ -12,7 +12,7 @@ from zfarm.client.core import BUSY_BATCH, BUSY_MIN_S, Actions, ClientCore, Pendi
 from zfarm.client.futures import JobFuture
 from zfarm.client.receipts import RECEIVED_DELAY_S
 from zfarm.config import ClientSettings
-from zfarm.errors import BrokerUnavailable, DependencyFailed, Refused
+from zfarm.errors import BrokerUnavailable, ConfigError, DependencyFailed, Refused
 from zfarm.link import LinkState
 
 FN = b"\xf1" * 16
@@ -295,3 +295,12 @@ def test_a_pinned_result_is_not_acknowledged_until_its_dependent_job_is_over() -
     core.flush(0.3)
     (received,) = sent(core.flush(0.3 + 2 * RECEIVED_DELAY_S), p.Received)
     assert sorted(received.seqs) == [1, 3] and received.below == 4
+
+
+def test_a_job_refused_for_its_options_fails_with_a_config_error_not_a_lost_worker() -> None:
+    core = ready_core()
+    core.submit(FN, b"fn", jobs(1), now=0.0)
+    core.flush(0.0)
+    core.on_message(wire(result((1, p.Outcome.LOST, "bad priority", p.ResultKind.REFUSED))), 0.1)
+    ((job, error),) = core.flush(0.1).fail
+    assert job.seq == 1 and isinstance(error, ConfigError) and "bad priority" in str(error)

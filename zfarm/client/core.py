@@ -33,7 +33,7 @@ from zfarm import protocol as p
 from zfarm.client.futures import JobFuture
 from zfarm.client.receipts import Receipts
 from zfarm.config import ClientSettings
-from zfarm.errors import BrokerUnavailable, DependencyFailed, Refused
+from zfarm.errors import BrokerUnavailable, ConfigError, DependencyFailed, Refused
 from zfarm.link import LinkState, Liveness
 from zfarm.stats import JobRecord, record_of
 
@@ -355,6 +355,10 @@ class ClientCore:
             if result.kind == p.ResultKind.DEPENDENCY_FAILED:  # info: "UPSTREAM: why"
                 upstream, _, why = info.partition(": ")
                 out.fail.append((job, DependencyFailed(f"{self.client_id}:{seq}", upstream, why)))
+            elif result.kind == p.ResultKind.REFUSED:  # its options, not a worker: say so
+                out.fail.append((job, ConfigError(f"the broker refused job {self.client_id}:{seq}: {info}; "
+                                                  "fix its options (project, resources, tags) and submit it "
+                                                  "again")))
             else:
                 out.settle.append((job, outcome, frames, info))
         self.receipts.note(received, now)
