@@ -67,6 +67,10 @@ def test_an_array_with_mixed_exit_codes(procs: Procs, state: dict[str, str]) -> 
     waited = zf(state, "wait", "demo")
     assert waited.returncode == 1, waited.stderr
     assert "147 succeeded, 3 failed" in waited.stdout and "failed: 50,100,150" in waited.stdout
+    shown = zf(state, "project", "show", "demo", "--connect", endpoint, "--json")  # an array is a project
+    assert shown.returncode == 0, shown.stderr
+    project = json.loads(shown.stdout)
+    assert (project["done"], project["failed"], project["state"]) == (147, 3, "done")
     listed = json.loads(zf(state, "jobs", "demo", "--json").stdout)
     assert listed["counts"] == {"ok": 147, "failed": 3}
     failed = [(job["index"], job["exit_code"]) for job in listed["jobs"] if job["state"] == "failed"]

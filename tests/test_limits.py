@@ -119,3 +119,15 @@ def test_a_full_broker_holds_submitters_back_and_loses_nothing(procs: Procs) -> 
         assert list(results) == [x * x for x in range(400)]
     snap = fetch_status(endpoint)
     assert snap["done"] == 400 and snap["failed"] == 0 and snap["queued"] == 0
+
+
+def test_a_job_killed_by_its_time_limit_is_not_retried(farm: tuple[str, int], tmp_path: Path) -> None:
+    """The worker marks a limit's kill (ResultKind.LIMIT): the client does not spend its retries on it."""
+    endpoint, _ = farm
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    with zfarm.Client(endpoint, retry_backoff_s=0) as client:
+        future = client.with_options(retries=2, job_timeout_s=0.5).submit(jobs.record_run, str(runs), 1, 30.0)
+        with pytest.raises(zfarm.JobTimeout):
+            future.result(30)
+    assert len(list(runs.iterdir())) == 1  # one run: not retried

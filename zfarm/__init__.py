@@ -16,6 +16,7 @@ from zfarm.errors import (
     CommandFailed,
     CommandNotFound,
     ConfigError,
+    DependencyFailed,
     JobCrashed,
     JobError,
     JobTimeout,
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
     from zfarm.cluster import LocalCluster, SlurmCluster, SSHCluster
     from zfarm.commands import CommandResult
     from zfarm.output import JobOutput
+    from zfarm.projects import Project, ProjectStatus
 
 
 def __getattr__(name: str) -> Any:
@@ -51,6 +53,10 @@ def __getattr__(name: str) -> Any:
         from zfarm.commands import CommandResult
 
         return CommandResult
+    if name in ("Project", "ProjectStatus"):
+        from zfarm import projects
+
+        return getattr(projects, name)
     if name == "JobOutput":
         from zfarm.output import JobOutput
 
@@ -67,7 +73,8 @@ logging.getLogger("zfarm").addHandler(logging.NullHandler())
 
 __all__ = [
     "BrokerUnavailable", "Client", "CommandFailed", "CommandNotFound", "CommandResult", "ConfigError",
-    "JobCrashed", "JobError", "JobOutput", "JobTimeout", "JournalCorrupted", "JournalFull", "LocalCluster",
-    "MemoryLimitExceeded", "PayloadTooLarge", "ProtocolError", "Refused", "RemoteTraceback", "SSHCluster",
-    "SecurityError", "SlurmCluster", "WorkerLost", "ZfarmError", "__version__", "as_completed",
+    "DependencyFailed", "JobCrashed", "JobError", "JobOutput", "JobTimeout", "JournalCorrupted",
+    "JournalFull", "LocalCluster", "MemoryLimitExceeded", "PayloadTooLarge", "Project", "ProjectStatus",
+    "ProtocolError", "Refused", "RemoteTraceback", "SSHCluster", "SecurityError", "SlurmCluster",
+    "WorkerLost", "ZfarmError", "__version__", "as_completed",
 ]

@@ -103,6 +103,10 @@ class ArrayRecord:
     mem_limit: int | None = None
     retries: int = 0
     max_running: int | None = None  # jobs of the array run at once, at most (the broker holds the rest)
+    #: the array is a project of its name: its priority, and what each job asks of a worker
+    priority: int = 0
+    resources: dict[str, float] = field(default_factory=dict)
+    tags: list[str] = field(default_factory=list)
     cwd: str | None = None
     env: dict[str, str] = field(default_factory=dict)
     cancelled: list[int] = field(default_factory=list)
@@ -274,6 +278,12 @@ class Attached:
             options = job_options(backstop, record.mem_limit)
             if record.max_running:
                 options["max_running"] = record.max_running  # read by the broker's scheduler
+            # an array is a project: `zfarm project suspend NAME` and the status show it
+            options.update(project=record.name, priority=record.priority)
+            if record.resources:
+                options["resources"] = record.resources
+            if record.tags:
+                options["tags"] = record.tags
             limited = JobLimits(self.client, options)
             cancelled = set(record.cancelled)
             self.futures: list[concurrent.futures.Future[Any]] = []

@@ -106,6 +106,11 @@ def _parser() -> argparse.ArgumentParser:
                         help="keep each job's whole stdout and stderr as files in DIR, named like Slurm's "
                              "%%A_%%a (env ZFARM_OUTPUT_DIR; default: none, only the last MiB of each "
                              "stream goes back with the result)")
+    worker.add_argument("--resources", metavar="LIST",
+                        help="what jobs may ask of it: cpus=8,mem=32G,gpus=2,NAME=N (env ZFARM_RESOURCES; "
+                             "default: its slots, the machine's memory, the GPUs nvidia-smi -L lists)")
+    worker.add_argument("--tags", metavar="LIST",
+                        help="tags jobs may ask for: bigmem,avx512 (env ZFARM_TAGS; default: none)")
     _liveness_flags(worker)
     keys_flag(worker)
 
@@ -159,6 +164,9 @@ def _parser() -> argparse.ArgumentParser:
                            "default: an embedded farm)")
     keys_flag(demo)
     from zfarm.cli_batch import add_batch_commands  # submit, jobs, wait, logs, cancel, forget
+    from zfarm.cli_projects import add_project_commands  # project list|show|suspend|resume|cancel|set
+
+    add_project_commands(sub)
 
     add_batch_commands(sub)
 
@@ -207,7 +215,7 @@ def _flags(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
 
 
 def _run_broker(args: argparse.Namespace) -> int:
-    from zfarm.broker import run_broker
+    from zfarm.broker.broker import run_broker
 
     settings = resolve(BrokerSettings, _flags(args, ["bind", "heartbeat_interval_s", "liveness",
                                                      "max_message_bytes", "parent_pid", "keys", "insecure",
@@ -222,7 +230,7 @@ def _run_worker(args: argparse.Namespace) -> int:
     from zfarm.worker.shell import run_worker
 
     flags = _flags(args, ["procs", "prefetch", "worker_id", "grace_s", "heartbeat_interval_s", "liveness",
-                          "parent_pid", "keys", "key_name", "output_dir"])
+                          "parent_pid", "keys", "key_name", "output_dir", "resources", "tags"])
     settings = resolve(WorkerSettings, {**flags, "address": args.connect})
     check_endpoint(settings.address)  # inproc: no broker in this process
     run_worker(settings)
@@ -343,6 +351,22 @@ def _print_status(snap: dict[str, Any]) -> None:
                         str(c["queued"]), str(c["in_flight"]), str(c["done"]), str(c["failed"]),
                         str(c["held"]))
     console.print(clients)
+    if snap.get("projects"):
+        projects = Table("project", "state", "priority", "share", "done", "queued", "running", "failed",
+                         "jobs/s", "ETA", title="projects")
+        projects.columns[0].overflow = "fold"
+        for pr in snap["projects"]:
+            eta = "-" if pr.get("eta_s") is None else f"{pr['eta_s']:.0f} s"
+            projects.add_row(pr["name"], pr["state"], str(pr["priority"]), f"{pr['share']:g}",
+                             f"{pr['done']}/{pr['submitted']}", str(pr["queued"]), str(pr["running"]),
+                             str(pr["failed"]), f"{pr['jobs_per_s']:g}", eta)
+        console.print(projects)
+        for pr in snap["projects"]:
+            if pr.get("unschedulable"):
+                console.print(f"[red]project {pr['name']}: unschedulable: {pr['unschedulable']}[/]")
+    for c in snap["clients"]:
+        if c.get("unschedulable"):
+            console.print(f"[red]client {c['id']}: unschedulable: {c['unschedulable']}[/]")
 
 
 def _run_demo(args: argparse.Namespace) -> int:

@@ -48,8 +48,16 @@ def add_batch_commands(sub: Any) -> None:
     submit.add_argument("--timeout", type=seconds, dest="timeout_s", metavar="SECONDS",
                         help="seconds each job may run before it is killed (default: no limit)")
     submit.add_argument("--mem", type=size_bytes, dest="mem_limit", metavar="BYTES",
-                        help="resident memory each job (with its child processes) may reach: 500M, 2G ... "
-                             "(default: no limit)")
+                        help="resident memory each job (with its child processes) may reach, and needs "
+                             "free on its worker: 500M, 2G ... (default: no limit)")
+    submit.add_argument("--cpus", type=some, metavar="N",
+                        help="CPUs each job needs free on its worker (default: one slot)")
+    submit.add_argument("--gpus", type=count, metavar="N",
+                        help="GPUs each job needs; it sees them in CUDA_VISIBLE_DEVICES (default 0)")
+    submit.add_argument("--tag", action="append", default=[], metavar="TAG",
+                        help="run only on workers with this tag, repeatable (default: any worker)")
+    submit.add_argument("--priority", type=int, default=0, metavar="N",
+                        help="the array's priority as a project: higher goes first (default 0)")
     submit.add_argument("--max-running", type=some, metavar="K",
                         help="run at most K of the array's jobs at once, the broker holds the others back "
                              "(default: no limit)")
@@ -160,6 +168,10 @@ def _run_submit(args: argparse.Namespace) -> int:
         mem_limit=args.mem_limit,
         retries=args.retries,
         max_running=args.max_running,
+        priority=args.priority,
+        resources={k: float(v) for k, v in (("cpus", args.cpus), ("gpus", args.gpus), ("mem", args.mem_limit))
+                   if v},
+        tags=sorted(set(args.tag)),
         cwd=args.cwd,
         env=_env(args.env),
         created_at=time.time(),

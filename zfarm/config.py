@@ -98,9 +98,15 @@ class WorkerSettings:
     output_dir: str = ""
     #: epoch seconds: stop gracefully then (as on SIGTERM), e.g. before a batch job's walltime; 0: never
     drain_at: float = 0.0
+    #: what jobs may ask of it, "cpus=8,mem=32G,gpus=2,licenses=4" ("": its slots, the machine's memory,
+    #: the GPUs it finds); and its tags, "bigmem,avx512"
+    resources: str = ""
+    tags: str = ""
 
     def __post_init__(self) -> None:
         check_endpoint(self.address, inproc=True)  # inproc: a worker embedded with the broker's context
+        parse_resources(self.resources)
+        parse_tags(self.tags)
         if self.procs < 0 or self.prefetch < 0 or self.grace_s < 0 or self.drain_at < 0:
             raise ConfigError("procs, prefetch, grace_s and drain_at must not be negative")
         check_positive(heartbeat_interval_s=self.heartbeat_interval_s, liveness=self.liveness,
@@ -276,3 +282,51 @@ def check_positive(**values: float) -> None:
     for name, value in values.items():
         if not math.isfinite(value) or value <= 0:
             raise ConfigError(f"{name} must be positive, got {value}")
+
+
+_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40, "p": 2**50}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)i?b?\s*$", re.IGNORECASE)
+_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
+
+
+def parse_amount(name: str, value: Any) -> float:
+    """An amount of a resource: a number of 0 or more, or for ``mem`` a size such as 512M or 4G (bytes).
+
+    Raises:
+        ConfigError: anything else, saying what to give.
+    """
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    match = _SIZE.match(str(value))
+    if match is None or (match.group(2) and name != "mem"):
+        raise ConfigError(f"resource {name}={value!r}: give a number of 0 or more"
+                          f"{' or a size such as 512M or 4G' if name == 'mem' else ''}")
+    return float(match.group(1)) * _UNITS[match.group(2).lower()]
+
+
+def parse_resources(text: str) -> dict[str, float]:
+    """``"cpus=8,mem=32G,gpus=2"`` as {name: amount} (mem in bytes).
+
+    Raises:
+        ConfigError: an entry that is not NAME=AMOUNT.
+    """
+    out: dict[str, float] = {}
+    for entry in filter(None, (e.strip() for e in text.split(","))):
+        name, eq, value = entry.partition("=")
+        if not eq or not _NAME.match(name.strip()):
+            raise ConfigError(f"--resources entry {entry!r}: write NAME=AMOUNT, e.g. cpus=8,mem=32G,gpus=2")
+        out[name.strip()] = parse_amount(name.strip(), value.strip())
+    return out
+
+
+def parse_tags(text: str) -> list[str]:
+    """``"bigmem,avx512"`` as a list of tags.
+
+    Raises:
+        ConfigError: a tag that is not a short name.
+    """
+    tags = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in tags if not _NAME.match(t)]
+    if bad:
+        raise ConfigError(f"--tags {', '.join(bad)}: a tag is a letter then up to 63 letters, digits, _ . -")
+    return tags

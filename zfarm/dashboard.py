@@ -33,9 +33,9 @@ from rich.table import Table
 from rich.text import Text
 
 from zfarm import protocol as p
+from zfarm.broker.records import THROUGHPUT_WINDOW_S
 from zfarm.errors import Refused
 from zfarm.monitor import fetch_status, monitor_hello, open_monitor
-from zfarm.records import THROUGHPUT_WINDOW_S
 
 SPARK = "▁▂▃▄▅▆▇█"
 RATE_WINDOW_S = 3  # "throughput now": the mean of the last few complete seconds
@@ -205,6 +205,12 @@ def _clients(snap: dict[str, Any], width: int | None = None) -> RenderableType:
                       Text(f"{c['failed']:,}", "red" if c["failed"] else ""), f"{c.get('held', 0):,}")
     if not snap["clients"]:
         table.add_row(Text("(no clients)", "dim"), "", "", "", "", "", "")
+    for pr in snap.get("projects", []):  # a project: its state where a client has its host
+        state = pr["state"] + (" (unschedulable)" if pr.get("unschedulable") else "")
+        style = "yellow" if pr["state"] == "suspended" else "cyan"
+        table.add_row(f"project {pr['name']}", Text(state, style),
+                      f"{pr['submitted']:,}", f"{pr['done']:,}", f"{pr['running']:,}",
+                      Text(f"{pr['failed']:,}", "red" if pr["failed"] else ""), "")
     return _whole(table, width)
 
 

@@ -154,6 +154,21 @@ class WorkerLost(ZfarmError):
         return (type(self), (self.job, self.detail))
 
 
+class DependencyFailed(ZfarmError):
+    """A job whose argument was another job's future did not run: that upstream job failed, was
+    cancelled, or its result is no longer held."""
+
+    def __init__(self, job: str, upstream: str, detail: str = "") -> None:
+        self.job = job
+        self.upstream = upstream
+        self.detail = detail
+        super().__init__(f"job {job} did not run: its upstream job {upstream} did not succeed"
+                         f"{': ' + detail if detail else ''}; fix or rerun {upstream} first")
+
+    def __reduce__(self) -> tuple[type, tuple[str, str, str]]:
+        return (type(self), (self.job, self.upstream, self.detail))
+
+
 class RemoteTraceback(Exception):
     """Carries a remote traceback; set as ``__cause__`` of a re-raised job error."""
 

@@ -20,13 +20,14 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import msgpack
 
 from zfarm.errors import FieldTooLarge, ProtocolError, VersionMismatch
 
-PROTOCOL_VERSION = 3  # 2: results held until RECEIVED; sessions (ACCEPTED); 3: STARTED, RUNNING
+PROTOCOL_VERSION = 4  # 2: results held until RECEIVED; sessions (ACCEPTED); 3: STARTED, RUNNING;
+#                        4: RESULT rows carry a ResultKind; RECLAIM, PROJECT, PROJECT_REPLY, NOTICE
 MAGIC = b"ZF"
 HEADER = MAGIC + bytes([PROTOCOL_VERSION])
 #: job numbers are 0 … 2**63 - 1 (they are stored as SQLite integers)
@@ -73,6 +74,9 @@ class Command(enum.IntEnum):
     STARTED = 20  # worker → broker: these jobs went into a slot (only those that run a while)
     RUNNING = 21  # broker → client: these jobs of yours started on a worker
     RECLAIM = 22  # broker → worker: give these jobs back if no slot has started them (RETURNED)
+    PROJECT = 23  # client or monitor → broker: list, change, suspend, resume or cancel projects
+    PROJECT_REPLY = 24  # broker → peer: the projects (after the change), or why it was refused
+    NOTICE = 25  # broker → client: something about these jobs of yours worth a warning
 
 
 class Role(str, enum.Enum):
@@ -95,6 +99,29 @@ class Outcome(enum.IntEnum):
     JOURNAL_FULL = 8  # no payload; broker → client only: refused, the journal cannot be written (info: why)
 
 
+class ResultKind(enum.IntEnum):
+    """What a client does with a RESULT row besides its outcome: behaviour never rests on ``info``."""
+
+    PLAIN = 0  # the job's result (or failure) as its outcome says
+    FUNCTION_MISSING = 1  # LOST, unaccepted: the broker let the function go; send it and the job again
+    LIMIT = 2  # ERROR: the job outgrew a limit it was given (time, memory, result size): never retried
+    PROJECT_SUSPENDED = 3  # a failure that suspended its project (on_error="suspend")
+    REFUSED = 4  # LOST, unaccepted: the job's options cannot be taken (info: why); not sent again
+    DEPENDENCY_FAILED = 5  # LOST: an upstream job (option "after") did not succeed (info names it)
+
+
+class NoticeKind(enum.IntEnum):
+    UNSCHEDULABLE = 1  # no connected worker could ever hold these jobs (text: why)
+
+
+class ProjectAction(str, enum.Enum):
+    LIST = "list"
+    SET = "set"  # settings: priority, share
+    SUSPEND = "suspend"
+    RESUME = "resume"
+    CANCEL = "cancel"
+
+
 # Row layouts of the batched messages (msgpack arrays inside the envelope).
 # (Each layout's *_LIMITS: (column, bound) of its texts, bytes and maps; see MAX_* above.)
 # JOBS row:    [client_id, seq, attempt, fn_id, nframes, options]
@@ -106,8 +133,8 @@ RESULTS_ROW_LIMITS = ((0, MAX_ID_CHARS), (5, MAX_TEXT_CHARS))
 # SUBMIT row:  [seq, nframes, options]
 SUBMIT_ROW = (int, int, dict)
 SUBMIT_ROW_LIMITS = ((2, MAX_OPTIONS_COST),)
-# RESULT row:  [seq, outcome, nframes, info]
-RESULT_ROW = (int, int, int, str)
+# RESULT row:  [seq, outcome, nframes, info, kind]   (kind: a ResultKind)
+RESULT_ROW = (int, int, int, str, int)
 RESULT_ROW_LIMITS = ((3, MAX_TEXT_CHARS),)
 # job keys in CANCEL_JOBS: [client_id, seq]
 KEY_ROW = (str, int)
@@ -200,11 +227,12 @@ class Results(Message):
     """Finished jobs from a worker, and the credit their slots free."""
 
     command = Command.RESULTS
-    schema = (int, list, list)
+    schema = (int, list, list, list)
     credit: int
     results: list[list[Any]]  # RESULTS_ROW
     frames: Sequence[Frame] = ()
     stats: list[list[Any]] = field(default_factory=list)  # RUN_STATS_ROW per result, or none
+    kinds: list[int] = field(default_factory=list)  # a ResultKind per result, or none (all PLAIN)
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,12 +344,42 @@ class Reclaim(Message):
     keys: list[list[Any]]  # KEY_ROW
 
 
+@dataclass(frozen=True, slots=True)
+class Project(Message):
+    """Act on a project by name (``action``: a ProjectAction; LIST takes no name)."""
+
+    command = Command.PROJECT
+    schema = (str, str, dict)
+    action: str
+    name: str = ""
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ProjectReply(Message):
+    """Every project's view after the action, or ``error`` saying why it was refused."""
+
+    command = Command.PROJECT_REPLY
+    schema = (list, str)
+    projects: list[dict[str, Any]]
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Notice(Message):
+    command = Command.NOTICE
+    schema = (int, list, str)
+    kind: int  # a NoticeKind
+    seqs: list[int]
+    text: str
+
+
 MESSAGE_TYPES: dict[Command, type[Message]] = {
     cls.command: cls
     for cls in (
         Hello, Welcome, Refused, Reconnect, Heartbeat, Disconnect, Ready, Jobs, Results,
         CancelJobs, Submit, Result, Cancel, Status, StatusReply, History, HistoryReply, Received,
-        Accepted, Started, Running, Reclaim,
+        Accepted, Started, Running, Reclaim, Project, ProjectReply, Notice,
     )
 }
 _ENVELOPE_FIELDS: dict[type[Message], tuple[str, ...]] = {
@@ -336,6 +394,8 @@ _FIELD_LIMITS: dict[type[Message], dict[str, int]] = {
     Reconnect: {"reason": MAX_TEXT_CHARS},
     Disconnect: {"reason": MAX_TEXT_CHARS},
     Submit: {"fn_id": MAX_FN_ID_BYTES},
+    Project: {"action": MAX_ID_CHARS, "name": MAX_ID_CHARS, "settings": MAX_INFO_COST},
+    Notice: {"text": MAX_TEXT_CHARS},
 }
 #: the same, as (position in the envelope, bound, name for a refusal) per message type
 _ENVELOPE_LIMITS: dict[type[Message], tuple[tuple[int, int, str], ...]] = {
@@ -541,6 +601,8 @@ def _check_frames(msg: Message, nframes: int) -> None:
     elif isinstance(msg, Results):
         check_rows(msg.results, RESULTS_ROW, "RESULTS", RESULTS_ROW_LIMITS)
         _check_stats(msg.stats, RUN_STATS_ROW, len(msg.results), "RESULTS")
+        if msg.kinds and (len(msg.kinds) != len(msg.results) or not all(k in _KINDS for k in msg.kinds)):
+            raise ProtocolError(f"RESULTS kinds must be one ResultKind per result, or none: {msg.kinds[:8]}")
         expected = _sum_frames(msg.results, 4)
     elif isinstance(msg, Submit):
         check_rows(msg.jobs, SUBMIT_ROW, "SUBMIT", SUBMIT_ROW_LIMITS)
@@ -554,6 +616,9 @@ def _check_frames(msg: Message, nframes: int) -> None:
         raise ProtocolError(f"no frame rule for {type(msg).__name__}")
     if expected != nframes:
         raise ProtocolError(f"{type(msg).__name__} announces {expected} payload frames, carries {nframes}")
+
+
+_KINDS = {int(k) for k in ResultKind}
 
 
 def _check_stats(stats: list[Any], layout: tuple[Any, ...], rows: int, what: str,
@@ -576,7 +641,7 @@ def _sum_frames(rows: list[list[Any]], column: int) -> int:
 def _check_plain_rows(msg: Message) -> None:
     if isinstance(msg, (CancelJobs, Started, Reclaim)):
         check_rows(msg.keys, KEY_ROW, msg.command.name, KEY_ROW_LIMITS)
-    elif isinstance(msg, (Cancel, Received, Accepted, Running)):
+    elif isinstance(msg, (Cancel, Received, Accepted, Running, Notice)):
         _check_seqs(msg.seqs, msg.command.name)
         if isinstance(msg, Received):
             _check_seqs([msg.below], "RECEIVED below")
@@ -615,3 +680,115 @@ def split_frames(frames: Sequence[Frame], counts: Sequence[int]) -> list[list[Fr
         out.append(list(frames[pos : pos + n]))
         pos += n
     return out
+
+
+# ---- typed rows: each batched row as a small record, read by name, never by position -------------
+# NamedTuples: made from a decoded row (already checked against its layout) at the cost of a tuple.
+
+
+class JobRow(NamedTuple):
+    """A JOBS row: one job for a worker."""
+
+    client_id: str
+    seq: int
+    attempt: int
+    fn_id: bytes
+    nframes: int
+    options: dict[str, Any]
+
+    def to_wire(self) -> list[Any]:
+        return list(self)
+
+    @classmethod
+    def from_wire(cls, row: list[Any]) -> JobRow:
+        """From a row :func:`decode` has checked against JOB_ROW."""
+        return cls._make(row)
+
+
+class ResultsRow(NamedTuple):
+    """A RESULTS row: one finished job, from a worker."""
+
+    client_id: str
+    seq: int
+    attempt: int
+    outcome: int
+    nframes: int
+    info: str
+
+    def to_wire(self) -> list[Any]:
+        return list(self)
+
+    @classmethod
+    def from_wire(cls, row: list[Any]) -> ResultsRow:
+        """From a row :func:`decode` has checked against RESULTS_ROW."""
+        return cls._make(row)
+
+
+class SubmitRow(NamedTuple):
+    """A SUBMIT row: one job of the message's function."""
+
+    seq: int
+    nframes: int
+    options: dict[str, Any]
+
+    def to_wire(self) -> list[Any]:
+        return list(self)
+
+    @classmethod
+    def from_wire(cls, row: list[Any]) -> SubmitRow:
+        """From a row :func:`decode` has checked against SUBMIT_ROW."""
+        return cls._make(row)
+
+
+class ResultRow(NamedTuple):
+    """A RESULT row: one job's end, for its client."""
+
+    seq: int
+    outcome: int
+    nframes: int
+    info: str
+    kind: int = ResultKind.PLAIN
+
+    def to_wire(self) -> list[Any]:
+        return list(self)
+
+    @classmethod
+    def from_wire(cls, row: list[Any]) -> ResultRow:
+        """From a row :func:`decode` has checked against RESULT_ROW."""
+        return cls._make(row)
+
+
+class RunStats(NamedTuple):
+    """A RESULTS stats row: when and how long a job ran, and its peak memory."""
+
+    started_at: float  # epoch seconds
+    finished_at: float
+    run_s: float
+    peak_rss_bytes: int
+
+    @classmethod
+    def from_wire(cls, row: list[Any]) -> RunStats:
+        return cls._make(row)
+
+
+NO_RUN_STATS = RunStats(0.0, 0.0, 0.0, 0)
+
+
+class JobStats(NamedTuple):
+    """A RESULT stats row: where and when a job ran, for its client's records."""
+
+    worker_id: str
+    host: str
+    attempts: int
+    queued_at: float  # epoch seconds
+    started_at: float
+    finished_at: float
+    run_s: float
+    peak_rss_bytes: int
+
+    def to_wire(self) -> list[Any]:
+        return list(self)
+
+    @classmethod
+    def from_wire(cls, row: list[Any]) -> JobStats:
+        return cls._make(row)

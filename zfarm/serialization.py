@@ -171,6 +171,29 @@ def loads(frames: Sequence[Any]) -> Any:
     return pickle.loads(buffer_of(frames[0]), buffers=[buffer_of(f) for f in frames[1:]])
 
 
+class Upstream:
+    """Another job's result in a job's arguments: pickled as a reference that the slot running the
+    job resolves to that result, which the broker routes to it (option ``after``)."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def __reduce__(self) -> tuple[Any, tuple[int]]:
+        return (upstream_value, (self.index,))
+
+
+#: the results of the job being unpickled now, by ``Upstream.index`` (set by the slot)
+upstream_values: list[Any] = []
+
+
+def upstream_value(index: int) -> Any:
+    if index >= len(upstream_values):
+        raise LookupError(f"upstream result {index} was not sent with this job")
+    return upstream_values[index]
+
+
 def dump_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
     """Frames for one call ``fn(*args, **kwargs)``."""
     return dumps((CALL, args, kwargs))

@@ -12,7 +12,7 @@ from zfarm.client.core import BUSY_BATCH, BUSY_MIN_S, Actions, ClientCore, Pendi
 from zfarm.client.futures import JobFuture
 from zfarm.client.receipts import RECEIVED_DELAY_S
 from zfarm.config import ClientSettings
-from zfarm.errors import BrokerUnavailable, Refused
+from zfarm.errors import BrokerUnavailable, ConfigError, DependencyFailed, Refused
 from zfarm.link import LinkState
 
 FN = b"\xf1" * 16
@@ -61,10 +61,12 @@ def jobs(*seqs: int, retries: int = 0) -> list[PendingJob]:
             for seq in seqs]
 
 
-def result(*rows: tuple[int, int, str]) -> p.Result:
-    frames = [b"r%d" % seq for seq, outcome, _ in rows if outcome in (OK, ERROR)]
-    return p.Result([[seq, int(outcome), int(outcome in (OK, ERROR)), info] for seq, outcome, info in rows],
-                    frames)
+def result(*rows: tuple[Any, ...]) -> p.Result:
+    """RESULT rows from (seq, outcome, info) or (seq, outcome, info, kind)."""
+    full = [(*row, p.ResultKind.PLAIN) if len(row) == 3 else row for row in rows]
+    frames = [b"r%d" % seq for seq, outcome, *_ in full if outcome in (OK, ERROR)]
+    return p.Result([p.ResultRow(seq, int(outcome), int(outcome in (OK, ERROR)), info, int(kind)).to_wire()
+                     for seq, outcome, info, kind in full], frames)
 
 
 def test_a_burst_of_jobs_waits_for_the_welcome_then_leaves_as_one_submit_with_its_function() -> None:
@@ -138,9 +140,9 @@ def test_a_job_that_raised_runs_again_after_its_backoff_and_the_broker_drops_the
     core.submit(FN, b"fn", jobs(2, retries=1), now=0.0)
     core.flush(0.0)
     core.on_message(wire(result((1, ERROR, "ValueError: bad luck"),
-                                (2, ERROR, "zfarm.errors.JobTimeout: ran 2 s"))), 0.1)
+                                (2, ERROR, "zfarm.errors.JobTimeout: ran 2 s", p.ResultKind.LIMIT))), 0.1)
     actions = core.flush(0.1)
-    assert [job.seq for job, *_ in actions.settle] == [2]  # a time-out is not retried
+    assert [job.seq for job, *_ in actions.settle] == [2]  # a time-out (a LIMIT) is not retried
     assert sent(core.flush(1.05), p.Submit) == []
     actions = core.flush(1.1)
     (drop,) = [m for m in sent(actions, p.Received) if m.seqs == [1]]
@@ -155,7 +157,7 @@ def test_a_function_the_broker_let_go_is_sent_again_with_its_job() -> None:
     core = ready_core()
     core.submit(FN, b"fn", jobs(1), now=0.0)
     core.flush(0.0)
-    core.on_message(wire(result((1, p.Outcome.LOST, p.FUNCTION_MISSING))), 0.1)
+    core.on_message(wire(result((1, p.Outcome.LOST, "", p.ResultKind.FUNCTION_MISSING))), 0.1)
     (submit,) = sent(core.flush(0.1), p.Submit)
     assert submit.with_fn and [row[0] for row in submit.jobs] == [1]
 
@@ -230,3 +232,75 @@ def test_cancels_leave_as_one_message() -> None:
     core.cancel(3)
     (cancel,) = sent(core.flush(0.1), p.Cancel)
     assert cancel.seqs == [1, 3] and set(core.jobs) == {2}
+
+
+def test_the_kind_decides_not_the_text() -> None:
+    core = ready_core(retry_backoff_s=1.0)
+    core.submit(FN, b"fn", jobs(1, 2, retries=1), now=0.0)
+    core.flush(0.0)
+    core.on_message(wire(result((1, p.Outcome.LOST, p.FUNCTION_MISSING),  # a job's own text, PLAIN: it ended
+                                (2, ERROR, "zfarm.errors.JobTimeout: said by the job itself"))), 0.1)
+    actions = core.flush(0.1)
+    assert [job.seq for job, *_ in actions.settle] == [1]  # not sent again as if its function were missing
+    assert 2 in core.jobs  # a PLAIN error is retried whatever its text says
+
+
+def test_a_failure_that_suspended_its_project_is_not_retried_and_warns(
+        caplog: pytest.LogCaptureFixture) -> None:
+    core = ready_core()
+    core.submit(FN, b"fn", jobs(1, retries=3), now=0.0)
+    core.flush(0.0)
+    core.on_message(wire(result((1, ERROR, "ValueError: bad", p.ResultKind.PROJECT_SUSPENDED))), 0.1)
+    assert [job.seq for job, *_ in core.flush(0.1).settle] == [1]
+    assert "suspended its project" in caplog.text
+
+
+def test_a_notice_is_logged_once_per_kind(caplog: pytest.LogCaptureFixture) -> None:
+    core = ready_core()
+    core.submit(FN, b"fn", jobs(1, 2), now=0.0)
+    core.flush(0.0)
+    for seq in (1, 2):
+        core.on_message(wire(p.Notice(p.NoticeKind.UNSCHEDULABLE, [seq], "no worker has gpus=4")), 0.1)
+    assert caplog.text.count("can run on no connected worker") == 1 and "gpus=4" in caplog.text
+    assert set(core.jobs) == {1, 2}  # a warning only: the jobs wait on
+
+
+def test_a_dependency_failed_row_fails_the_future_with_dependency_failed() -> None:
+    core = ready_core()
+    core.submit(FN, b"fn", jobs(1), now=0.0)
+    core.flush(0.0)
+    failed = (1, p.Outcome.LOST, "c-1:7: it raised", p.ResultKind.DEPENDENCY_FAILED)
+    core.on_message(wire(result(failed)), 0.1)
+    actions = core.flush(0.1)
+    ((job, error),) = actions.fail
+    assert actions.settle == [] and job.seq == 1
+    assert isinstance(error, DependencyFailed) and error.upstream == "c-1:7" and error.detail == "it raised"
+
+
+def test_a_pinned_result_is_not_acknowledged_until_its_dependent_job_is_over() -> None:
+    core = ready_core()
+    core.submit(FN, b"fn", jobs(1, 2), now=0.0)
+    core.flush(0.0)
+    core.pin(1)  # job 3 takes job 1's future as an argument
+    (dependent,) = jobs(3)
+    dependent.options = {"after": [1]}
+    core.submit(FN, b"fn", [dependent], now=0.0)
+    core.flush(0.0)
+    core.on_message(wire(result((1, OK, ""), (2, OK, ""))), 0.1)
+    assert len(core.take_ended().settle) == 2  # settled before the flush that may acknowledge them
+    (received,) = sent(core.flush(0.1 + RECEIVED_DELAY_S), p.Received)
+    assert received.seqs == [2] and received.below == 1  # job 1's result stays held for job 3
+    assert core.wait_s(0.2) > 0  # a pinned result is not a RECEIVED always due (no busy loop)
+    core.on_message(wire(result((3, OK, ""))), 0.3)
+    core.flush(0.3)
+    (received,) = sent(core.flush(0.3 + 2 * RECEIVED_DELAY_S), p.Received)
+    assert sorted(received.seqs) == [1, 3] and received.below == 4
+
+
+def test_a_job_refused_for_its_options_fails_with_a_config_error_not_a_lost_worker() -> None:
+    core = ready_core()
+    core.submit(FN, b"fn", jobs(1), now=0.0)
+    core.flush(0.0)
+    core.on_message(wire(result((1, p.Outcome.LOST, "bad priority", p.ResultKind.REFUSED))), 0.1)
+    ((job, error),) = core.flush(0.1).fail
+    assert job.seq == 1 and isinstance(error, ConfigError) and "bad priority" in str(error)

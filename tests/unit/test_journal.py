@@ -13,11 +13,11 @@ import pytest
 
 from tests.unit.test_scheduler import CA, CB, FN, W1, W2, Farm, job_rows, job_seqs, result_rows, to
 from zfarm import protocol as p
+from zfarm.broker.journal import Journal
+from zfarm.broker.spill import Spill
+from zfarm.broker.state import Held
 from zfarm.config import BrokerSettings
 from zfarm.errors import JournalCorrupted, ZfarmError
-from zfarm.journal import Journal
-from zfarm.spill import Spill
-from zfarm.state import Held
 
 
 def restart(farm: Farm, path: Path, now: float = 100.0) -> Farm:
@@ -402,7 +402,7 @@ def test_a_job_changed_in_the_journal_fails_after_a_restart_and_its_neighbours_r
 
 def test_a_full_journal_refuses_new_jobs_keeps_its_changes_and_writes_them_once_it_has_room(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("zfarm.journal.RETRY_S", 0.0)
+    monkeypatch.setattr("zfarm.broker.journal.RETRY_S", 0.0)
     path = tmp_path / "journal.db"
     farm = Farm(journal=Journal(str(path)))
     journal = farm.sched.journal

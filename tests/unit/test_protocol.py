@@ -34,13 +34,13 @@ SAMPLES: list[p.Message] = [
     p.CancelJobs([["c-1", 0], ["c-2", 7]]),
     p.Submit(FN_ID, True, [[0, 1, {}], [1, 2, {"k": "v"}], [2, 0, {}]], [b"fn", b"a", b"b1", b"b2"]),
     p.Submit(FN_ID, False, [[5, 1, {}]], [b"a"]),
-    p.Result([[0, int(p.Outcome.OK), 2, ""], [1, int(p.Outcome.ERROR), 1, "ValueError: x"]],
+    p.Result([[0, int(p.Outcome.OK), 2, "", 0], [1, int(p.Outcome.ERROR), 1, "ValueError: x", 0]],
              [b"r0", b"r0-buffer", b"e1"]),
     p.Cancel([1, 2, 3]),
     p.Status(),
     p.StatusReply({"queued": 3, "workers": [{"id": "w-1", "busy": 2}]}),
     p.Results(1, [["c-1", 0, 1, int(p.Outcome.OK), 1, ""]], [b"r"], [[1.5, 2.5, 1.0, 4096]]),
-    p.Result([[0, int(p.Outcome.OK), 1, ""]], [b"r"], [["w-1", "h", 1, 1.0, 1.5, 2.5, 1.0, 4096]]),
+    p.Result([[0, int(p.Outcome.OK), 1, "", 0]], [b"r"], [["w-1", "h", 1, 1.0, 1.5, 2.5, 1.0, 4096]]),
     p.History(10),
     p.HistoryReply(["id", "run_s"], [["c-1:0", 0.5]]),
     p.Received([4, 5], 3),
@@ -48,7 +48,19 @@ SAMPLES: list[p.Message] = [
     p.Started([["c-1", 3], ["c-2", 4]]),
     p.Reclaim([["c-1", 5]]),
     p.Running([3]),
+    p.Results(1, [["c-1", 0, 1, int(p.Outcome.ERROR), 1, "JobTimeout"]], [b"e"], [], [p.ResultKind.LIMIT]),
+    p.Project("suspend", "nightly", {}),
+    p.Project("set", "nightly", {"priority": 5, "share": 2.0}),
+    p.ProjectReply([{"name": "nightly", "state": "suspended"}], ""),
+    p.Notice(int(p.NoticeKind.UNSCHEDULABLE), [3, 4], "it asks for gpus=2"),
 ]
+
+
+def test_results_kinds_are_one_known_kind_per_row_or_none() -> None:
+    row = ["c-1", 0, 1, int(p.Outcome.ERROR), 0, ""]
+    for kinds in ([0, 0], [99]):
+        with pytest.raises(ProtocolError, match="kinds"):
+            p.decode(p.encode(p.Results(1, [row], [], [], kinds)))
 
 
 def test_every_message_type_is_sampled() -> None:
@@ -58,7 +70,7 @@ def test_every_message_type_is_sampled() -> None:
 @pytest.mark.parametrize("msg", SAMPLES, ids=lambda m: type(m).__name__)
 def test_round_trip(msg: p.Message) -> None:
     frames = p.encode(msg)
-    assert frames[0] == p.HEADER == b"ZF\x03"
+    assert frames[0] == p.HEADER == b"ZF\x04"
     assert frames[1] == bytes([msg.command])
     decoded = p.decode(frames)
     assert type(decoded) is type(msg)
@@ -79,7 +91,7 @@ def test_decode_accepts_memoryviews_and_frame_like_objects() -> None:
         def __init__(self, data: bytes) -> None:
             self.buffer = memoryview(data)
 
-    msg = p.Result([[3, 0, 1, ""]], [b"payload"])
+    msg = p.Result([[3, 0, 1, "", 0]], [b"payload"])
     header, cmd, env, payload = p.encode(msg)
     decoded = p.decode([memoryview(header), FakeFrame(cmd), memoryview(env), payload])
     assert decoded == msg
@@ -302,8 +314,8 @@ OVERSIZED: dict[str, p.Message] = {
     "jobs options": p.Jobs([], [["c-1", 0, 1, FN_ID, 0, BIG_OPTIONS]]),
     "results client id": p.Results(1, [[LONG_ID, 0, 1, 0, 0, ""]]),
     "results info": p.Results(1, [["c-1", 0, 1, 1, 0, LONG_TEXT]]),
-    "result info": p.Result([[0, 1, 0, LONG_TEXT]]),
-    "result stats host": p.Result([[0, 0, 0, ""]], [], [["w-1", "h" * 256, 1, 0.0, 0.0, 0.0, 0.0, 0]]),
+    "result info": p.Result([[0, 1, 0, LONG_TEXT, 0]]),
+    "result stats host": p.Result([[0, 0, 0, "", 0]], [], [["w-1", "h" * 256, 1, 0.0, 0.0, 0.0, 0.0, 0]]),
     "cancel jobs client id": p.CancelJobs([[LONG_ID, 1]]),
 }
 

@@ -11,12 +11,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from zfarm import protocol as p
-from zfarm import scheduler
+from zfarm.broker import scheduler
+from zfarm.broker.journal import Journal
+from zfarm.broker.scheduler import Scheduler
+from zfarm.broker.spill import Spill
+from zfarm.broker.state import Auth
 from zfarm.config import BrokerSettings
-from zfarm.journal import Journal
-from zfarm.scheduler import Scheduler
-from zfarm.spill import Spill
-from zfarm.state import Auth
 
 SETTINGS = BrokerSettings(heartbeat_interval_s=1.0, liveness=3)
 FN = b"\xf1" * 16
@@ -241,7 +241,7 @@ def test_results_return_credit_and_reach_the_client_with_payload_untouched() -> 
     farm.result(W1, jobs_msg.jobs[0], 0.5, credit=1, frames=[head, tail], info="")
     out = farm.out(0.5)
     ((row, frames),) = result_rows(out, CA)
-    assert row == [0, OK, 2, ""]
+    assert row == [0, OK, 2, "", p.ResultKind.PLAIN]
     assert frames[0] is head and frames[1] is tail
     assert job_seqs(out, W1) == [1]  # the returned credit took the next job at once
     snap = farm.snap(0.5)
@@ -252,7 +252,7 @@ def test_failed_outcome_is_delivered_and_counted() -> None:
     farm, row = one_job_on_w1(3)
     farm.result(W1, row, 0.1, outcome=ERROR, frames=[b"pickled exception"], info="ValueError: boom")
     ((result, frames),) = result_rows(farm.out(0.1), CA)
-    assert result == [3, ERROR, 1, "ValueError: boom"]
+    assert result == [3, ERROR, 1, "ValueError: boom", p.ResultKind.PLAIN]
     assert frames == [b"pickled exception"]
     snap = farm.snap()
     assert (snap["done"], snap["failed"]) == (0, 1)
@@ -378,7 +378,7 @@ def test_late_result_from_a_dead_worker_is_delivered_once() -> None:
     farm.out(4.0)
     farm.result(w1_again, ["ca", 0, 1], 4.1, credit=0, frames=[b"first"])
     out = farm.out(4.1)
-    assert [(row, frames) for row, frames in result_rows(out, CA)] == [([0, OK, 1, ""], [b"first"])]
+    assert [(row, frames) for row, frames in result_rows(out, CA)] == [([0, OK, 1, "", 0], [b"first"])]
     assert [m.keys for m in to(out, W2, p.CancelJobs)] == [[["ca", 0]]]  # w2 need not finish it
     # w2 finished it anyway: its result is dropped and counted
     farm.result(W2, ["ca", 0, 2], 4.2, frames=[b"second"])
@@ -1040,7 +1040,7 @@ def test_a_function_is_let_go_after_its_last_job_and_asked_for_again() -> None:
     farm.sched.tick(later)
     farm.submit(CA, [3], later, with_fn=False)  # the client still thinks the broker has it
     (lost, _frames), = [r for r in result_rows(farm.out(later), CA) if r[0][0] == 3]
-    assert lost[1] == int(p.Outcome.LOST) and lost[3] == p.FUNCTION_MISSING
+    assert lost[1] == int(p.Outcome.LOST) and lost[4] == p.ResultKind.FUNCTION_MISSING
     farm.submit(CA, [3], later, with_fn=True)  # the client's answer: send it again
     assert job_seqs(farm.out(later), W1) == [3]
 

@@ -8,9 +8,9 @@ import shutil
 import sqlite3
 from pathlib import Path
 
-from zfarm.journal import Journal
-from zfarm.state import Job
-from zfarm.wal import WalMark, inspect_wal
+from zfarm.broker.journal import Journal
+from zfarm.broker.state import Job
+from zfarm.broker.wal import WalMark, inspect_wal
 
 
 def crashed_log(tmp_path: Path, transactions: int = 6, restart: bool = False) -> Path:

@@ -10,9 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from zfarm import protocol as p
+from zfarm.broker.scheduler import Scheduler
 from zfarm.config import BrokerSettings, WorkerSettings
 from zfarm.errors import Refused
-from zfarm.scheduler import Scheduler
 from zfarm.worker.chaperone import SlotOutcome
 from zfarm.worker.core import Actions, Link, WorkerCore
 

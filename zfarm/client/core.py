@@ -20,7 +20,6 @@ here is dropped and counted, so every future resolves exactly once even when its
 
 from __future__ import annotations
 
-import enum
 import heapq
 import logging
 import os
@@ -34,7 +33,7 @@ from zfarm import protocol as p
 from zfarm.client.futures import JobFuture
 from zfarm.client.receipts import Receipts
 from zfarm.config import ClientSettings
-from zfarm.errors import BrokerUnavailable, Refused
+from zfarm.errors import BrokerUnavailable, ConfigError, DependencyFailed, Refused
 from zfarm.link import LinkState, Liveness
 from zfarm.stats import JobRecord, record_of
 
@@ -51,30 +50,17 @@ BUSY_MAX_S = 2.0
 END_SESSION_WAIT_S = 10.0
 #: SUBMIT messages are cut at this size so one message never holds up the broker for long
 SUBMIT_BATCH_BYTES = 16 * 1024 * 1024
-#: errors that a re-run cannot cure: the job's limits, not its luck
-_NOT_RETRIED = ("zfarm.errors.JobTimeout", "zfarm.errors.MemoryLimitExceeded", "zfarm.errors.PayloadTooLarge")
 
 
-class Kind(enum.Enum):
-    """What a RESULT row means for the client."""
-
-    RESULT = "result"  # the job ended (ok, error, crash, cancelled, lost, ...)
-    FUNCTION_MISSING = "function missing"  # the broker let the function go: send it again
-    BUSY = "busy"  # the broker's queue is full: offer the job again later
+def bounced(row: p.ResultRow) -> bool:
+    """Whether the broker handed the job back unaccepted (it goes again later), rather than ended it."""
+    return row.outcome == p.Outcome.BUSY or row.kind == p.ResultKind.FUNCTION_MISSING
 
 
-def kind_of(outcome: int, info: str) -> Kind:
-    """The one place where a RESULT row's text is read (the protocol has no kind field yet)."""
-    if outcome == p.Outcome.BUSY:
-        return Kind.BUSY
-    if outcome == p.Outcome.LOST and info == p.FUNCTION_MISSING:
-        return Kind.FUNCTION_MISSING
-    return Kind.RESULT
-
-
-def retryable(info: str) -> bool:
-    """Whether an ERROR may be cured by running the job again (its info line names the error)."""
-    return not info.startswith(_NOT_RETRIED)
+def retryable(row: p.ResultRow) -> bool:
+    """Whether a failure may be cured by running the job again: an ERROR the job raised, not one of
+    its limits (LIMIT), nor one that suspended its project."""
+    return row.outcome == p.Outcome.ERROR and row.kind == p.ResultKind.PLAIN
 
 
 @dataclass(slots=True, eq=False)
@@ -99,7 +85,8 @@ class Actions:
     send: list[p.Message] = field(default_factory=list)
     #: finished jobs to settle from their RESULT rows: (job, outcome, frames, info)
     settle: list[tuple[PendingJob, int, list[Any], str]] = field(default_factory=list)
-    fail: list[tuple[PendingJob, BaseException]] = field(default_factory=list)  # futures to fail
+    fail: list[tuple[PendingJob, BaseException]] = field(default_factory=list)  # futures to fail (also
+    #: jobs whose upstream job did not succeed: DependencyFailed)
     cancel: list[PendingJob] = field(default_factory=list)  # futures to cancel (even if running)
     started: list[PendingJob] = field(default_factory=list)  # futures whose job a worker runs
     records: list[JobRecord] = field(default_factory=list)  # for Client.stats()
@@ -146,6 +133,7 @@ class ClientCore:
         self._busy_retry_at = 0.0
         self.receipts = Receipts(self.session)
         self._cancels: list[int] = []  # to send once the broker listens
+        self._noticed: set[int] = set()  # NOTICE kinds already logged (once each: the status says it all)
         #: leaving a session: stop once the broker holds every job, or at this time (monotonic)
         self._detach_by: float | None = None
         self.end_session = False
@@ -171,6 +159,15 @@ class ClientCore:
     def cancel(self, seq: int) -> None:
         if self._forget(seq) is not None:
             self._cancels.append(seq)
+
+    def pin(self, seq: int) -> None:
+        """Keep job ``seq``'s result held at the broker (no RECEIVED) until :meth:`unpin`: a job being
+        submitted depends on it. From any thread (see :class:`zfarm.client.receipts.Pins`)."""
+        self.receipts.pins.add(seq)
+
+    def unpin(self, seqs: list[int]) -> None:
+        """A dependent job no longer needs these results held (from any thread)."""
+        self.receipts.pins.release(seqs)
 
     def skip(self, seqs: list[int]) -> None:
         """Seqs taken for jobs that were never posted."""
@@ -207,14 +204,8 @@ class ClientCore:
         self.live.heard(now)
         if isinstance(msg, p.Result):
             self._results(msg, now)
-        elif isinstance(msg, p.Accepted):
-            for seq in msg.seqs:
-                if (job := self.jobs.get(seq)) is not None:
-                    job.accepted = True
-        elif isinstance(msg, p.Running):
-            for seq in msg.seqs:
-                if (job := self.jobs.get(seq)) is not None:
-                    self._out.started.append(job)
+        elif isinstance(msg, (p.Accepted, p.Running, p.Notice)):
+            self._about_jobs(msg)
         elif isinstance(msg, p.Welcome):
             self._welcome(msg)
         elif isinstance(msg, p.Reconnect):
@@ -244,6 +235,14 @@ class ClientCore:
                                             or (self.live.ready and self._all_accepted())):
             self.stopping = True
         out, self._out = self._out, Actions()
+        return out
+
+    def take_ended(self) -> Actions:
+        """The futures to settle or fail so far, ahead of :meth:`flush`: the shell settles them before
+        the RECEIVED that flush may send, so a job that depends on one of them either pins it in time
+        or finds its future done (and takes its value)."""
+        out = Actions(settle=self._out.settle, fail=self._out.fail)
+        self._out.settle, self._out.fail = [], []
         return out
 
     def wait_s(self, now: float) -> float:
@@ -327,16 +326,21 @@ class ClientCore:
         received = []
         busy = False
         out = self._out
-        for (seq, outcome, _n, info), frames, row in zip(msg.results, per_row, stats, strict=True):
-            kind = kind_of(outcome, info)
-            if kind is not Kind.RESULT:
-                self._bounced_back(seq, kind)
-                busy = busy or kind is Kind.BUSY
+        for wire_row, frames, row in zip(msg.results, per_row, stats, strict=True):
+            result = p.ResultRow.from_wire(wire_row)
+            seq, outcome, info = result.seq, result.outcome, result.info
+            if bounced(result):
+                self._bounced_back(seq, result)
+                busy = busy or outcome == p.Outcome.BUSY
                 continue
             if row is not None and outcome != p.Outcome.CANCELLED and seq in self.jobs:
                 name = _OUTCOME_NAMES.get(outcome, str(outcome))
                 out.records.append(record_of(f"{self.client_id}:{seq}", name, info, row))
-            if outcome == p.Outcome.ERROR and self._retry(seq, info, now):
+            if result.kind == p.ResultKind.PROJECT_SUSPENDED:
+                log.warning("client %s: job %d failed and suspended its project (on_error=suspend): %s; "
+                            "resume it with project.resume() or `zfarm project resume NAME`", self.client_id,
+                            seq, p.clip(info))
+            if retryable(result) and self._retry(seq, info, now):
                 continue  # the re-run's SUBMIT tells the broker to forget this result
             job = self._forget(seq)
             if not self.session:
@@ -347,17 +351,39 @@ class ClientCore:
                 self.duplicates += 1
                 continue
             if row is not None:
-                job.future.run_s = row[6]
-            out.settle.append((job, outcome, frames, info))
+                job.future.run_s = p.JobStats.from_wire(row).run_s
+            if result.kind == p.ResultKind.DEPENDENCY_FAILED:  # info: "UPSTREAM: why"
+                upstream, _, why = info.partition(": ")
+                out.fail.append((job, DependencyFailed(f"{self.client_id}:{seq}", upstream, why)))
+            elif result.kind == p.ResultKind.REFUSED:  # its options, not a worker: say so
+                out.fail.append((job, ConfigError(f"the broker refused job {self.client_id}:{seq}: {info}; "
+                                                  "fix its options (project, resources, tags) and submit it "
+                                                  "again")))
+            else:
+                out.settle.append((job, outcome, frames, info))
         self.receipts.note(received, now)
         self._note_room(busy, now)
 
-    def _bounced_back(self, seq: int, kind: Kind) -> None:
+    def _about_jobs(self, msg: p.Accepted | p.Running | p.Notice) -> None:
+        if isinstance(msg, p.Notice):
+            if msg.kind not in self._noticed:  # once per kind: the project's status says it for every job
+                self._noticed.add(msg.kind)
+                log.warning("client %s: jobs %s can run on no connected worker: %s", self.client_id,
+                            ", ".join(str(s) for s in msg.seqs[:10]), p.clip(msg.text))
+            return
+        for seq in msg.seqs:
+            if (job := self.jobs.get(seq)) is not None:
+                if isinstance(msg, p.Accepted):
+                    job.accepted = True
+                else:
+                    self._out.started.append(job)
+
+    def _bounced_back(self, seq: int, row: p.ResultRow) -> None:
         """The broker handed this job back unaccepted: it goes again later."""
         if (job := self.jobs.get(seq)) is None:
             return
         job.accepted = False
-        if kind is Kind.FUNCTION_MISSING:
+        if row.kind == p.ResultKind.FUNCTION_MISSING:
             self._fns_sent.discard(job.fn_id)  # the broker let it go: send it again
             self._to_send.append(seq)
         else:  # back-pressure: send it later
@@ -375,7 +401,7 @@ class ClientCore:
     def _retry(self, seq: int, info: str, now: float) -> bool:
         """Run a job that raised again later, if it has retries left (backoff 1, 2, 4 … 30 s)."""
         job = self.jobs.get(seq)
-        if job is None or job.retries <= 0 or seq in self._retrying or not retryable(info):
+        if job is None or job.retries <= 0 or seq in self._retrying:
             return False
         job.retries -= 1
         job.attempt += 1
@@ -407,6 +433,8 @@ class ClientCore:
     def _forget(self, seq: int) -> PendingJob | None:
         job = self.jobs.pop(seq, None)
         if job is not None:
+            if "after" in job.options:  # its upstream results need not stay held for it now
+                self.receipts.pins.release(job.options["after"])
             users = self._fn_users[job.fn_id] - 1
             if users:
                 self._fn_users[job.fn_id] = users

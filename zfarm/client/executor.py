@@ -40,6 +40,7 @@ from zfarm.commands import CommandResult, CommandSpec, echo_output, run_command
 from zfarm.config import ClientSettings, check_positive, resolve
 from zfarm.errors import BrokerUnavailable, ConfigError, PayloadTooLarge
 from zfarm.progress import known_length, track
+from zfarm.projects import Project, request_options, upstream_arguments
 from zfarm.protocol import ENVELOPE_ALLOWANCE
 from zfarm.scatter import Scattered
 from zfarm.stats import Stats, summarize
@@ -165,11 +166,19 @@ class Client(concurrent.futures.Executor):
     def _submit(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
                 options: dict[str, Any]) -> concurrent.futures.Future[Any]:
         fn_id, blob = ser.dump_function(fn)
-        with scatter.collecting() as used:
-            frames = ser.dump_call(args, kwargs)
-        fn_id, blob = self._with_scattered(fn_id, blob, used)
-        job = self._job(fn_id, frames, len(blob), options)
-        self._connection.submit(fn_id, blob, [job])
+        args, kwargs, after = upstream_arguments(args, kwargs, self._connection)
+        if after:  # it runs when these jobs have succeeded, with their results in their futures' places
+            options = {**options, "after": after}
+        try:
+            with scatter.collecting() as used:
+                frames = ser.dump_call(args, kwargs)
+            fn_id, blob = self._with_scattered(fn_id, blob, used)
+            job = self._job(fn_id, frames, len(blob), options)
+            self._connection.submit(fn_id, blob, [job])
+        except BaseException:
+            if after:  # never submitted: its upstream results need not stay held for it
+                self._connection.unpin(after)
+            raise
         return job.future
 
     def scatter(self, obj: Any) -> Scattered:
@@ -241,12 +250,30 @@ class Client(concurrent.futures.Executor):
         return self._map(run_command, (specs,), timeout, None, progress, self._options)
 
     def with_options(self, *, job_timeout_s: float | None = None, mem_limit: int | None = None,
-                     retries: int | None = None) -> JobLimits:
+                     retries: int | None = None, resources: Mapping[str, Any] | None = None,
+                     tags: Iterable[str] | None = None) -> JobLimits:
         """``submit`` and ``map`` with limits and retries for these jobs only (they override the client's).
+
+        ``resources`` ({"gpus": 1, "mem": "4G", "cpus": 2}) and ``tags`` ({"avx512"}): the broker places
+        these jobs only on a worker with that much free and those tags (see docs/projects.md).
 
         >>> client.with_options(job_timeout_s=60, mem_limit=2 * 2**30, retries=2).submit(simulate, params)
         """
-        return JobLimits(self, {**self._options, **job_options(job_timeout_s, mem_limit, retries)})
+        return JobLimits(self, {**self._options, **job_options(job_timeout_s, mem_limit, retries),
+                                **request_options(resources, tags)})
+
+    def project(self, name: str, *, priority: int = 0, share: float = 1.0, on_error: str = "continue",
+                resources: Mapping[str, Any] | None = None, tags: Iterable[str] | None = None,
+                max_running: int | None = None) -> Project:
+        """A :class:`zfarm.Project`: an Executor whose jobs belong to project ``name`` at the broker.
+
+        ``priority``: higher goes first; ``share``: its part of the slots among equal priorities;
+        ``on_error``: "continue", "suspend" (at the first failed job) or "cancel" (the rest);
+        ``resources``/``tags``: what each of its jobs asks of a worker; ``max_running``: at most this
+        many of its jobs run at once. See docs/projects.md.
+        """
+        return Project(self, name, priority=priority, share=share, on_error=on_error, resources=resources,
+                       tags=tags, max_running=max_running)
 
     def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None,
             chunksize: int | None = None, progress: bool = False, job_timeout_s: float | None = None,

@@ -89,6 +89,13 @@ class IOThread(threading.Thread):
         """Whether the broker said ACCEPTED for unfinished job ``seq`` (a flag the I/O thread sets)."""
         return self.core.accepted(seq)
 
+    def pin(self, seq: int) -> None:
+        """Keep job ``seq``'s result held at the broker for a job being submitted (see ClientCore.pin)."""
+        self.core.pin(seq)
+
+    def unpin(self, seqs: list[int]) -> None:
+        self.core.unpin(seqs)
+
     def skip(self, seqs: list[int]) -> None:
         """Seqs taken for jobs that will never be submitted (their pickling failed)."""
         self._post("skip", seqs)
@@ -161,6 +168,7 @@ class IOThread(threading.Thread):
         if link.readable(ready):
             for msg in link.receive():
                 core.on_message(msg, time.monotonic())
+            self._apply(core.take_ended())  # before flush's RECEIVED (see ClientCore.take_ended)
         core.handshake_problem = link.problem
         self._apply(core.flush(time.monotonic()))
 

@@ -36,7 +36,7 @@ from zfarm import proctree, scatter
 from zfarm import serialization as ser
 from zfarm.errors import ConfigError, JobCrashed, JobTimeout, MemoryLimitExceeded
 from zfarm.output import JOB_ID_VARIABLE, FdCapture
-from zfarm.protocol import Outcome, remember_fn
+from zfarm.protocol import Outcome, ResultKind, remember_fn
 from zfarm.worker import pipe
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,7 @@ class SlotOutcome:
     started_at: float = 0.0  # epoch seconds, as the slot saw them
     finished_at: float = 0.0
     peak_rss: int = 0  # the slot's peak resident memory so far, or this job's largest child's, bytes
+    kind: int = 0  # a protocol.ResultKind: LIMIT for a job killed by its time or memory limit
 
     def stats_row(self) -> list[Any]:
         return [self.started_at, self.finished_at, self.run_s, self.peak_rss]
@@ -96,20 +97,23 @@ def _slot_main(conn: Connection, lifeline: Connection, output_dir: str = "",
     proctree.become_subreaper()
     capture = FdCapture(output_dir)
     functions: dict[bytes, Any] = {}
+    own_devices = os.environ.get(CUDA_DEVICES)
     while True:
         try:
-            (fn_id, with_fn, job_name), frames = pipe.receive(conn)
+            (fn_id, with_fn, job_name, devices, upstream), frames = pipe.receive(conn)
         except (EOFError, OSError):
             os._exit(0)  # the worker closed the pipe: a normal end
         if with_fn:
             remember_fn(functions, fn_id, _load(frames.pop(0)))
         os.environ[JOB_ID_VARIABLE] = job_name
+        _set_env(CUDA_DEVICES, devices if devices is not None else own_devices)
         children_before = _children_peak_bytes()
         capture.start(job_name)
         started_at, started = time.time(), time.perf_counter()
         try:
-            outcome, out, info = _run(functions.get(fn_id), frames)
+            outcome, out, info = _run(functions.get(fn_id), frames, upstream)
         finally:
+            ser.upstream_values.clear()
             run_s = time.perf_counter() - started
             proctree.end_own_descendants()  # nothing the job started outlives it
             output = capture.stop()
@@ -120,6 +124,17 @@ def _slot_main(conn: Connection, lifeline: Connection, output_dir: str = "",
             pipe.send(conn, header, out)
         except OSError:
             os._exit(ORPHANED_EXIT)  # the worker died while we reported
+
+
+#: the variable CUDA reads: a job given GPUs by the broker sees only those
+CUDA_DEVICES = "CUDA_VISIBLE_DEVICES"
+
+
+def _set_env(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
 
 
 def _maxrss_bytes(who: str) -> int:
@@ -167,7 +182,20 @@ def _load(blob: Any) -> Any:
         return _Unloadable(exc)
 
 
-def _run(fn: Any, frames: list[Any]) -> tuple[Outcome, list[Any], str]:
+def _take_upstream(frames: list[Any], counts: list[int]) -> list[Any]:
+    """Unpickle the upstream results the broker appended to a job's frames into
+    ``ser.upstream_values`` (its ``Upstream`` arguments read them); return the job's own frames."""
+    if not counts:
+        return frames
+    own = len(frames) - sum(counts)
+    pos = own
+    for n in counts:
+        ser.upstream_values.append(ser.loads(frames[pos:pos + n]))  # (an output frame after it is unread)
+        pos += n
+    return frames[:own]
+
+
+def _run(fn: Any, frames: list[Any], upstream: list[int] | None = None) -> tuple[Outcome, list[Any], str]:
     if fn is None:
         exc: BaseException = RuntimeError("the slot never received this job's function")
         return Outcome.ERROR, ser.dump_exception(exc), ser.error_line(exc)
@@ -183,7 +211,7 @@ def _run(fn: Any, frames: list[Any]) -> tuple[Outcome, list[Any], str]:
         fn, objects = fn.fn, fn.objects
     try:
         with scatter.resolving(objects):  # handles of scattered objects unpickle as the objects
-            mode, args, kwargs = ser.loads(frames)
+            mode, args, kwargs = ser.loads(_take_upstream(frames, upstream or []))
     except BaseException as exc:
         info = "arguments could not be unpickled: " + ser.error_line(exc)
         return Outcome.ERROR, ser.dump_exception(exc), info
@@ -264,8 +292,11 @@ class Slot:
 
     def send(self, task: SlotTask) -> None:
         with_fn = task.fn_id not in self.fns and task.fn_blob is not None
+        gpu_ids = task.options.get("gpu_ids")  # the GPUs the broker gave this job
+        devices = ",".join(str(g) for g in gpu_ids) if isinstance(gpu_ids, list) else None
+        upstream = task.options.get("upstream") or []  # frames of each upstream result, after the job's
         frames = [task.fn_blob, *task.frames] if with_fn else task.frames
-        pipe.send(self.conn, [task.fn_id, with_fn, task.name], frames)
+        pipe.send(self.conn, [task.fn_id, with_fn, task.name, devices, upstream], frames)
         if with_fn:
             remember_fn(self.fns, task.fn_id, None)
         self.task = task
@@ -382,7 +413,9 @@ class SlotPool:
                 log.warning("%s", error)
                 self._replace(slot)
                 info = ser.error_line(error)
-                outcomes.append(slot.outcome_without_report(task, Outcome.ERROR, error, info))
+                outcome = slot.outcome_without_report(task, Outcome.ERROR, error, info)
+                outcome.kind = ResultKind.LIMIT  # the client does not retry it
+                outcomes.append(outcome)
         return outcomes
 
     def collect(self, slot: Slot) -> SlotOutcome | None:

@@ -74,7 +74,7 @@ class Actions:
 
 class WorkerCore:
     def __init__(self, settings: WorkerSettings, now: float, host: str | None = None,
-                 pid: int | None = None) -> None:
+                 pid: int | None = None, offer: dict[str, Any] | None = None) -> None:
         self.settings = settings
         self.id = settings.worker_id or f"w-{uuid.uuid4().hex[:10]}"
         self.host = host or socket.gethostname()
@@ -83,6 +83,8 @@ class WorkerCore:
         self.run_s: float | None = None  # the average run time of recent jobs, once measured
         self.live = Liveness(settings.heartbeat_interval_s, settings.liveness, settings.reconnect_min_s,
                              settings.reconnect_max_s, now)
+        #: what jobs may ask of it (HELLO info: resources, tags, gpu_ids; see zfarm.worker.offer)
+        self.offer: dict[str, Any] = offer or {}
         self.broker_id = ""
         self.max_message_bytes = 0  # the broker's, from WELCOME
         self.pending: deque[SlotTask] = deque()  # received, not yet in a slot
@@ -122,7 +124,7 @@ class WorkerCore:
 
     def _hello(self) -> p.Hello:
         return p.Hello(p.Role.WORKER.value, self.id, self.host, self.pid, self.slots,
-                       {"prefetch": self.settings.prefetch})
+                       {"prefetch": self.settings.prefetch, **self.offer})
 
     def on_message(self, msg: p.Message, now: float) -> Actions:
         self.live.heard(now)
@@ -293,7 +295,7 @@ class WorkerCore:
         error = PayloadTooLarge(size, limit, "this job's result")
         return SlotOutcome(outcome.key, outcome.attempt, p.Outcome.ERROR, ser.dump_exception(error),
                            ser.error_line(error), outcome.run_s, outcome.started_at, outcome.finished_at,
-                           outcome.peak_rss)
+                           outcome.peak_rss, p.ResultKind.LIMIT)
 
     def _send_results(self, outcomes: list[SlotOutcome], credit: int) -> p.Results:
         """RESULTS for these outcomes; those that end a job are kept until the broker has read them."""
@@ -304,7 +306,8 @@ class WorkerCore:
         rows = [[o.key[0], o.key[1], o.attempt, int(o.outcome), len(o.frames), o.info[:p.MAX_TEXT_CHARS]]
                 for o in outcomes]
         frames = [f for o in outcomes for f in o.frames]
-        return p.Results(credit, rows, frames, [o.stats_row() for o in outcomes])
+        kinds = [int(o.kind) for o in outcomes] if any(o.kind for o in outcomes) else []
+        return p.Results(credit, rows, frames, [o.stats_row() for o in outcomes], kinds)
 
     def tick(self, now: float) -> Actions:
         """Heartbeat when quiet; give up on a silent broker and schedule a reconnect."""

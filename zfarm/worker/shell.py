@@ -27,6 +27,7 @@ from zfarm.link import Link, LinkState
 from zfarm.security import PeerKeys
 from zfarm.worker.chaperone import SlotOutcome, SlotPool
 from zfarm.worker.core import Actions, WorkerCore
+from zfarm.worker.offer import announced
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ class Worker:
         self.keys = keys
         self._own_context = context is None
         self.context = context or zmq.Context()
-        self.core = WorkerCore(settings, time.monotonic())
+        self.core = WorkerCore(settings, time.monotonic(), offer=announced(settings))
         self.pool: SlotPool | None = None
         self.link = Link(self.context, settings.address, self.keys, "worker", self.core.id)
         self._signals = 0  # stop requests so far (set from signal handlers: only counted there)

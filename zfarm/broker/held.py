@@ -17,10 +17,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from zfarm.journal import Journal
+from zfarm.broker.journal import Journal
+from zfarm.broker.spill import Spill
+from zfarm.broker.state import Held
 from zfarm.protocol import buffer_of
-from zfarm.spill import Spill
-from zfarm.state import Held
 
 #: the timings of a result whose record is on disk (shared: a held result on disk costs little memory)
 ON_DISK: list[Any] = []
@@ -68,9 +68,11 @@ class HeldResults:
         """
         if held.frames is not None:
             return held
-        if self.journal is not None:
-            return self.journal.held_result(client_id, seq)
-        return self.spill.get(client_id, seq, held) if self.spill is not None else None
+        whole = (self.journal.held_result(client_id, seq) if self.journal is not None
+                 else self.spill.get(client_id, seq, held) if self.spill is not None else None)
+        if whole is not None:
+            whole.kind = held.kind  # (the record in memory knows it; the row on disk does not)
+        return whole
 
     def forget(self, client_id: str, seq: int, held: Held) -> None:
         """A held result is dropped (the caller drops its journal row)."""

@@ -16,10 +16,10 @@ from typing import Any
 
 import msgpack
 
+from zfarm.broker.journal_rows import seal
+from zfarm.broker.state import Held
 from zfarm.errors import JournalCorrupted
-from zfarm.journal import seal
 from zfarm.protocol import as_bytes
-from zfarm.state import Held
 
 log = logging.getLogger(__name__)
 

@@ -25,10 +25,86 @@ class Auth:
 
 
 class JobState(str, enum.Enum):
+    """Where a job is; it moves only through :func:`zfarm.broker.jobstate.JobMoves.move`."""
+
+    SUBMITTED = "submitted"  # accepted, not yet in a queue
+    WAITING = "waiting"  # its phase has not begun: earlier jobs of its client's project are unfinished
     QUEUED = "queued"
     ASSIGNED = "assigned"
     FINISHED = "finished"
     CANCELLED = "cancelled"
+
+
+class Departure(str, enum.Enum):
+    """Why a peer's record ends. Behaviour depends on the member, never on its text."""
+
+    LEFT = "left"
+    RECONNECTED = "reconnected"
+    REPLACED = "replaced by a new HELLO on its connection"
+    ENDED_SESSION = "ended its session"
+    UNREACHABLE = "unreachable"
+    SILENT = "silent"
+    AWAY_TOO_LONG = "away too long"
+
+    @property
+    def alive(self) -> bool:
+        """Whether the peer's process may well be alive: a worker's jobs are not counted as lost."""
+        return self in (Departure.LEFT, Departure.RECONNECTED, Departure.REPLACED)
+
+
+class OnError(str, enum.Enum):
+    """What a project does when one of its jobs fails."""
+
+    CONTINUE = "continue"
+    SUSPEND = "suspend"  # stop dispatching its queued jobs; running ones finish
+    CANCEL = "cancel"  # cancel the rest
+
+
+@dataclass(slots=True)
+class Request:
+    """What a job needs of a worker: amounts of resources (cpus, mem in bytes, gpus, custom) and tags."""
+
+    amounts: dict[str, float]
+    tags: frozenset[str]
+
+
+@dataclass(slots=True, eq=False)
+class Queue:
+    """Jobs waiting to be dispatched, oldest first: one per project, and one per client for its jobs of no
+    project. Dispatch takes the highest ``priority`` first; among equals, the lowest ``pass_``, which
+    grows by ``1 / share`` at each dispatch (stride scheduling: dispatches in proportion to the shares)."""
+
+    name: str  # the project's name ("" for a client's own queue)
+    owner: str  # the client that made it
+    priority: int = 0
+    share: float = 1.0
+    on_error: OnError = OnError.CONTINUE
+    suspended: bool = False
+    why_suspended: str = ""
+    jobs: deque[Job] = field(default_factory=deque)  # QUEUED jobs (and ones that left it: skipped)
+    scheduled: bool = False  # in the farm's list of queues with queued jobs
+    pass_: float = 0.0
+    submitted: int = 0
+    queued: int = 0
+    running: int = 0  # ASSIGNED
+    done: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    #: unfinished jobs per (client, phase) (``Project.barrier``): a client's phase starts when every
+    #: earlier one of its jobs here is over; its jobs wait (WAITING) in ``waiting`` until then
+    phases: dict[tuple[str, int], int] = field(default_factory=dict)
+    waiting: dict[tuple[str, int], list[Job]] = field(default_factory=dict)
+    waiting_jobs: int = 0
+    #: why its first queued job can run on no connected worker ("" if it can)
+    unschedulable: str = ""
+    #: queued jobs no connected worker could ever hold, set aside until another worker joins
+    parked: list[Job] = field(default_factory=list)
+    created_at: float = 0.0
+    finished_at: deque[float] = field(default_factory=lambda: deque(maxlen=512))
+
+    def first_phase(self, client_id: str) -> int | None:
+        """The lowest phase with unfinished jobs of this client here (None: none)."""
+        return min((k for (c, k), n in self.phases.items() if c == client_id and n > 0), default=None)
 
 
 @dataclass(slots=True, eq=False)
@@ -39,7 +115,7 @@ class Job:
     frames: tuple[Any, ...]  # opaque payload frames, never decoded here
     options: dict[str, Any]
     queued_at: float
-    state: JobState = JobState.QUEUED
+    state: JobState = JobState.SUBMITTED
     worker: str | None = None
     #: ids of the workers the job was given to, in order; its attempt number is the length
     history: tuple[str, ...] = ()  # a tuple: the empty one is shared, so a queued job carries none
@@ -50,6 +126,15 @@ class Job:
     #: read back from the journal: the broker that gave it out is gone, so any worker may answer an
     #: attempt after this one (earlier ones ran a job this one replaced); -1: not read back
     recovered_after: int = -1
+    queue: Queue | None = None  # its project's, or its client's own
+    phase: int = 0
+    request: Request | None = None
+    devices: tuple[str, ...] = ()  # GPU ids given to it while assigned
+    warned: bool = False  # its client was told it can run nowhere
+    #: its upstream jobs (option ``after``: seqs of its client), whose results go with it to its slot
+    after: tuple[int, ...] = ()
+    #: those of them still unfinished (it is WAITING until this is empty)
+    waiting_for: set[int] | None = None
 
     @property
     def key(self) -> tuple[str, int]:
@@ -76,6 +161,11 @@ class Peer:
 class WorkerRecord(Peer):
     slots: int = 0
     credit: int = 0
+    #: what it announced (cpus defaults to its slots) and what its assigned jobs leave free
+    resources: dict[str, float] = field(default_factory=dict)
+    free: dict[str, float] = field(default_factory=dict)
+    tags: frozenset[str] = frozenset()
+    gpu_ids: list[str] = field(default_factory=list)  # free GPU ids
     jobs: dict[tuple[str, int], Job] = field(default_factory=dict)
     fns: dict[bytes, None] = field(default_factory=dict)  # mirrors the worker's function cache
     done: int = 0
@@ -94,6 +184,7 @@ class Held:
     stats: list[Any]
     digest: bytes = b""
     size: int = 0  # payload bytes while ``frames`` is in memory
+    kind: int = 0  # its ResultKind (kept in memory only: read back from a journal it is PLAIN)
 
 
 @dataclass(slots=True, eq=False)
@@ -108,9 +199,11 @@ class ClientRecord(Peer):
     accepted: list[int] = field(default_factory=list)  # seqs to acknowledge (sessions only)
     #: a session's cancelled or replaced jobs: attempts used under each number, continued by the next
     attempts_used: dict[int, int] = field(default_factory=dict)
-    queue: deque[Job] = field(default_factory=deque)
+    own: Queue = field(default_factory=lambda: Queue("", ""))  # its jobs of no project
     queued: int = 0
-    scheduled: bool = False  # in the scheduler's round-robin of clients with queued jobs
+    waiting: int = 0  # jobs WAITING for their phase or upstream jobs
+    #: WAITING jobs by the unfinished upstream job they wait for
+    dependents: dict[int, list[Job]] = field(default_factory=dict)
     jobs: dict[int, Job] = field(default_factory=dict)
     fns: dict[bytes, Any] = field(default_factory=dict)
     fn_users: dict[bytes, int] = field(default_factory=dict)  # unfinished jobs per function
@@ -126,7 +219,8 @@ class ClientRecord(Peer):
 
 @dataclass(slots=True, eq=False)
 class MonitorRecord(Peer):
-    pass
+    #: with CURVE, a worker's key may look but not act on projects (only a client's key may)
+    read_only: bool = False
 
 
 @dataclass(slots=True)
@@ -176,3 +270,19 @@ def check_hello(msg: p.Hello) -> str:
     if msg.role == p.Role.WORKER and not 0 < msg.slots <= 100_000:
         return f"a worker must announce 1 to 100000 slots, not {msg.slots}"
     return ""
+
+
+MAX_RESOURCES = 32
+
+
+def valid_amounts(amounts: object) -> bool:
+    """Whether a map of resources is up to 32 short names with amounts of 0 or more (mem in bytes)."""
+    return isinstance(amounts, dict) and len(amounts) <= MAX_RESOURCES and all(
+        isinstance(k, str) and 0 < len(k) <= 64 and isinstance(v, (int, float)) and not isinstance(v, bool)
+        and 0 <= v < 1e18 for k, v in amounts.items())
+
+
+def valid_tags(tags: object) -> bool:
+    """Whether tags are a list of up to 32 short texts."""
+    return isinstance(tags, list) and len(tags) <= MAX_RESOURCES and all(
+        isinstance(t, str) and 0 < len(t) <= 64 for t in tags)

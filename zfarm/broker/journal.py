@@ -21,7 +21,7 @@ One broker at a time: the file is locked.
 Nothing read back is trusted: every row carries a seal (a hash of its columns) checked
 when the journal is opened and whenever a payload is read again. A row that fails it is
 reported as :class:`Damaged`, never run or delivered. The write-ahead log is checked
-before SQLite writes to it (:mod:`zfarm.wal`), against its frames' checksums and against the
+before SQLite writes to it (:mod:`zfarm.broker.wal`), against its frames' checksums and against the
 mark of where it ended at the last commit; a marker in the main file tells a broker that
 stopped cleanly from one whose log is gone.
 
@@ -31,22 +31,30 @@ later, one try a second: :attr:`Journal.problem` says why until then.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
 import sqlite3
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
 
+from zfarm.broker.journal_rows import (
+    Damaged,
+    JournalJob,
+    Recovered,
+    losses_of,
+    pack,
+    pack_frames,
+    seal,
+    sound,
+    unpack,
+)
+from zfarm.broker.state import Held, Job
+from zfarm.broker.wal import WalMark, inspect_wal, wal_exists, wal_path
 from zfarm.errors import JournalCorrupted, ZfarmError
 from zfarm.protocol import as_bytes
-from zfarm.state import Held, Job
-from zfarm.wal import WalMark, inspect_wal, wal_exists, wal_path
 
 log = logging.getLogger(__name__)
 
@@ -68,75 +76,6 @@ _SEALED = ("clients", "functions", "jobs", "results")
 _RESULT_COLUMNS = "client, seq, outcome, frames, info, stats, digest, seal"
 #: a journal that cannot be written is tried again this often (each try writes every waiting change)
 RETRY_S = 1.0
-
-
-@dataclass(frozen=True, slots=True)
-class JournalJob:
-    client: str
-    seq: int
-    fn_id: bytes
-    frames: list[bytes]
-    options: dict[str, Any]
-    queued_at: float  # epoch seconds
-    digest: bytes
-    losses: tuple[str, ...]
-    attempts_before: int  # attempts of jobs it replaced under the same number (their results are void)
-
-
-@dataclass(frozen=True, slots=True)
-class Damaged:
-    """A row that failed its seal: it is never run or delivered."""
-
-    table: str  # clients, functions, jobs or results
-    client: str  # as read: it may itself be what changed
-    seq: int  # the job's number (-1 for a client or function row)
-    fn_id: bytes = b""  # a function row's id
-
-    @property
-    def job(self) -> str:
-        return f"{self.client}:{self.seq}"
-
-
-@dataclass(slots=True)
-class Recovered:
-    """What a journal held when it was opened, oldest first."""
-
-    clients: list[tuple[str, str, str]] = field(default_factory=list)  # id, session, CURVE key
-    functions: list[tuple[str, bytes, bytes]] = field(default_factory=list)  # client, fn_id, blob
-    jobs: list[JournalJob] = field(default_factory=list)
-    results: list[tuple[str, int, Held]] = field(default_factory=list)  # client, seq, result
-    damaged: list[Damaged] = field(default_factory=list)
-    #: what the journal's write-ahead log lost before it was opened ("" if nothing)
-    lost: str = ""
-
-
-def _pack(value: Any) -> bytes:
-    packed: bytes = msgpack.packb(value, use_bin_type=True)
-    return packed
-
-
-def _unpack(raw: bytes) -> Any:
-    return msgpack.unpackb(raw, raw=False)
-
-
-def _frames(frames: Iterable[Any]) -> bytes:
-    return _pack([as_bytes(f) for f in frames])
-
-
-def seal(table: str, *columns: Any) -> bytes:
-    """A row's seal: a hash of its table and columns (bytes, text, numbers), checked when read back."""
-    h = hashlib.blake2b(table.encode(), digest_size=16)
-    for column in columns:
-        text = column if isinstance(column, str) else repr(column)
-        raw = column if isinstance(column, bytes) else text.encode()
-        h.update(len(raw).to_bytes(8, "little"))
-        h.update(raw)
-    return h.digest()
-
-
-def _sound(table: str, stored: bytes, *columns: Any) -> bool:
-    """Whether a row matches its seal (a row written before seals existed is taken as it is)."""
-    return not stored or stored == seal(table, *columns)
 
 
 class Journal:
@@ -249,12 +188,12 @@ class Journal:
         db = self._db
         out = Recovered()
         for cid, session, key, stored in db.execute("SELECT id, session, key, seal FROM clients"):
-            if _sound("clients", stored, cid, session, key):
+            if sound("clients", stored, cid, session, key):
                 out.clients.append((cid, session, key))
             else:
                 out.damaged.append(Damaged("clients", cid, -1))
         for cid, fn, blob, stored in db.execute("SELECT client, fn, blob, seal FROM functions"):
-            if _sound("functions", stored, cid, fn, blob):
+            if sound("functions", stored, cid, fn, blob):
                 out.functions.append((cid, fn, blob))
             else:
                 out.damaged.append(Damaged("functions", cid, -1, fn))
@@ -262,19 +201,19 @@ class Journal:
                 "SELECT client, seq, fn, frames, options, queued_at, digest, losses, attempts_before, seal "
                 "FROM jobs ORDER BY queued_at, client, seq"):
             try:
-                if not _sound("jobs", stored, c, seq, fn, frames, options, queued_at, digest, before):
+                if not sound("jobs", stored, c, seq, fn, frames, options, queued_at, digest, before):
                     raise ValueError("seal")
-                out.jobs.append(JournalJob(c, seq, fn, _unpack(frames), _unpack(options), queued_at, digest,
-                                           _losses(losses), before))
+                out.jobs.append(JournalJob(c, seq, fn, unpack(frames), unpack(options), queued_at, digest,
+                                           losses_of(losses), before))
             except (ValueError, TypeError, msgpack.UnpackException):
                 out.damaged.append(Damaged("jobs", c, seq))
         for c, seq, outcome, frames, info, stats, digest, stored in db.execute(
                 f"SELECT {_RESULT_COLUMNS} FROM results ORDER BY client, seq"):
             try:
-                if not _sound("results", stored, c, seq, outcome, frames, info, stats, digest):
+                if not sound("results", stored, c, seq, outcome, frames, info, stats, digest):
                     raise ValueError("seal")
                 # the payload is read again (and checked again) when it is sent
-                out.results.append((c, seq, Held(outcome, None, info, _unpack(stats), digest)))
+                out.results.append((c, seq, Held(outcome, None, info, unpack(stats), digest)))
             except (ValueError, TypeError, msgpack.UnpackException):
                 out.damaged.append(Damaged("results", c, seq))
         return out
@@ -310,14 +249,14 @@ class Journal:
         self._write("DELETE FROM functions WHERE client=? AND fn=?", (client_id, fn_id))
 
     def job(self, job: Job, queued_at: float) -> None:
-        row = (job.client_id, job.seq, job.fn_id, _frames(job.frames), _pack(job.options), queued_at,
-               job.digest, _pack(list(job.losses)), len(job.history))
+        row = (job.client_id, job.seq, job.fn_id, pack_frames(job.frames), pack(job.options), queued_at,
+               job.digest, pack(list(job.losses)), len(job.history))
         sealed = seal("jobs", *row[:7], row[8])
         self._write("INSERT OR REPLACE INTO jobs VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", (*row, sealed))
 
     def losses(self, job: Job) -> None:
         self._write("UPDATE jobs SET losses=? WHERE client=? AND seq=?",
-                    (_pack(list(job.losses)), job.client_id, job.seq))
+                    (pack(list(job.losses)), job.client_id, job.seq))
 
     def drop_job(self, client_id: str, seq: int) -> None:
         self._write("DELETE FROM jobs WHERE client=? AND seq=?", (client_id, seq))
@@ -325,7 +264,7 @@ class Journal:
     def result(self, client_id: str, seq: int, held: Held) -> None:
         """The job ended: its result replaces it until the client has it."""
         self.drop_job(client_id, seq)
-        row = (client_id, seq, held.outcome, _frames(held.frames or ()), held.info, _pack(held.stats),
+        row = (client_id, seq, held.outcome, pack_frames(held.frames or ()), held.info, pack(held.stats),
                held.digest)
         self._write("INSERT OR REPLACE INTO results VALUES(?, ?, ?, ?, ?, ?, ?, ?)",
                     (*row, seal("results", *row)))
@@ -345,10 +284,10 @@ class Journal:
             row = self._unwritten_result(client_id, seq)
             if row is None:
                 return None
-        elif not _sound("results", row[7], *row[:7]):
+        elif not sound("results", row[7], *row[:7]):
             raise JournalCorrupted(f"{client_id}:{seq}", self.path, "its held result fails its seal")
         try:
-            return Held(row[2], list(_unpack(row[3])), row[4], _unpack(row[5]), row[6])
+            return Held(row[2], list(unpack(row[3])), row[4], unpack(row[5]), row[6])
         except (ValueError, TypeError, msgpack.UnpackException):
             detail = "its held result cannot be read"
             raise JournalCorrupted(f"{client_id}:{seq}", self.path, detail) from None
@@ -431,12 +370,3 @@ class Journal:
         finally:
             self._db.close()
             self._mark.close(clean=False)
-
-
-def _losses(raw: bytes) -> tuple[str, ...]:
-    """A job's poison record (kept outside its seal: it changes): unreadable counts as none."""
-    try:
-        losses = _unpack(raw)
-    except (ValueError, msgpack.UnpackException):
-        return ()
-    return tuple(str(x) for x in losses) if isinstance(losses, list) else ()

@@ -28,13 +28,13 @@ from typing import Any
 import zmq
 
 from zfarm import protocol as p
+from zfarm.broker.journal import Journal
+from zfarm.broker.scheduler import Outbound, Scheduler
+from zfarm.broker.spill import Spill
+from zfarm.broker.state import Auth
 from zfarm.config import BrokerSettings
 from zfarm.errors import ZfarmError
-from zfarm.journal import Journal
-from zfarm.scheduler import Outbound, Scheduler
 from zfarm.security import BrokerKeys, check_bind_is_safe, identity_of
-from zfarm.spill import Spill
-from zfarm.state import Auth
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,184 @@
+"""Projects with real processes: priorities, suspend and resume (from the CLI too), on_error, tags and
+unschedulable requests.
+
+::
+
+    test ── Client.project(...) ──► zfarm broker ◄── zfarm worker (1 slot; a second one tagged bigmem)
+         └─ zfarm project suspend|resume NAME (a monitor connection)
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import zfarm
+from tests import jobs
+from tests.helpers import Procs, run_zfarm, wait_for, wait_for_workers
+from zfarm.monitor import fetch_status
+
+pytestmark = pytest.mark.timeout(90)
+FAST = ("--heartbeat-interval", "0.2")
+
+
+def project_view(endpoint: str, name: str) -> dict[str, object]:
+    return next(p for p in fetch_status(endpoint)["projects"] if p["name"] == name)
+
+
+def runs(folder: Path, kind: str) -> dict[int, int]:
+    """``record_run`` markers: {x: monotonic ns} of each job's start (or finish)."""
+    out = {}
+    for path in folder.glob(f"{kind}-*"):
+        _, x, _pid, ns = path.name.split("-")
+        out[int(x)] = int(ns)
+    return out
+
+
+@pytest.mark.slow
+def test_a_high_priority_project_overtakes_the_queue_of_a_low_one(procs: Procs, tmp_path: Path) -> None:
+    endpoint, _ = procs.farm(*FAST, workers=1, procs=1)
+    low_dir, high_dir = tmp_path / "low", tmp_path / "high"
+    low_dir.mkdir()
+    high_dir.mkdir()
+    with zfarm.Client(endpoint) as client:
+        low = client.project("low", priority=0)
+        low_futures = [low.submit(jobs.record_run, str(low_dir), i, 0.1) for i in range(30)]
+        wait_for(lambda: runs(low_dir, "started"), 20, message="the low project to start")
+        high = client.project("high", priority=10)
+        high_futures = [high.submit(jobs.record_run, str(high_dir), i, 0.1) for i in range(5)]
+        assert [f.result(60) for f in high_futures] == [i * 10 for i in range(5)]
+        assert [f.result(60) for f in low_futures] == [i * 10 for i in range(30)]
+    high_done = max(runs(high_dir, "finished").values())
+    low_started = sorted(runs(low_dir, "started").values())
+    assert high_done < low_started[9], "the 5 high-priority jobs finish before the 10th low one starts"
+
+
+@pytest.mark.slow
+def test_suspend_stops_dispatch_and_resume_finishes_the_project(procs: Procs, tmp_path: Path) -> None:
+    endpoint, _ = procs.farm(*FAST, workers=1, procs=1)
+    with zfarm.Client(endpoint) as client:
+        project = client.project("pausable")
+        futures = [project.submit(jobs.sleep_then, i, 0.1) for i in range(20)]
+        wait_for(lambda: project_view(endpoint, "pausable")["done"] >= 2, 30, message="progress")
+        result = run_zfarm("project", "suspend", "pausable", "--connect", endpoint)
+        assert result.returncode == 0, result.stderr
+        assert "suspended" in result.stdout
+        wait_for(lambda: project_view(endpoint, "pausable")["running"] == 0, 30,
+                 message="the running jobs to finish")
+        done = project_view(endpoint, "pausable")["done"]
+        assert done < 20
+        until = time.monotonic() + 3.0
+        while time.monotonic() < until:  # no progress for 3 s: nothing is dispatched
+            view = project_view(endpoint, "pausable")
+            assert (view["done"], view["state"]) == (done, "suspended")
+            time.sleep(0.2)
+        assert "pausable" in run_zfarm("project", "list", "--connect", endpoint).stdout
+        assert project.resume().state in ("queued", "running")
+        assert [f.result(60) for f in futures] == list(range(20))
+    assert project_view(endpoint, "pausable")["state"] == "done"
+
+
+def test_on_error_suspend_stops_the_project_at_its_first_failure(procs: Procs) -> None:
+    endpoint, _ = procs.farm(*FAST, workers=1, procs=1)
+    with zfarm.Client(endpoint) as client:
+        project = client.project("careful", on_error="suspend")
+        failing = project.submit(jobs.boom, 1)
+        rest = [project.submit(jobs.sleep_then, i, 0.05) for i in range(10)]
+        with pytest.raises(ValueError):
+            failing.result(30)
+        status = wait_for(lambda: (s := project.status()).running == 0 and s, 30, message="running jobs over")
+        assert status.state == "suspended" and "failed" in status.why_suspended
+        assert status.queued > 0  # the rest waits
+        cancelled = project.cancel()
+        assert cancelled.queued == 0 and cancelled.cancelled >= status.queued
+        wait_for(lambda: all(f.done() for f in rest), 30, message="the rest to be cancelled")
+        assert any(f.cancelled() for f in rest)
+
+
+def test_a_tagged_job_runs_only_on_the_tagged_worker(procs: Procs) -> None:
+    _, endpoint = procs.broker(None, *FAST)
+    procs.worker(endpoint, procs=2)
+    tagged = procs.worker(endpoint, "--tags", "bigmem", "--resources", "mem=64G", procs=1)
+    wait_for_workers(endpoint, 2)
+    with zfarm.Client(endpoint) as client:
+        big = client.with_options(tags={"bigmem"}, resources={"mem": "32G"})
+        pids = {f.result(30) for f in [big.submit(jobs.pid) for _ in range(8)]}
+    slots = [p for p in fetch_status(endpoint)["workers"] if "bigmem" in p["tags"]]
+    assert len(slots) == 1 and slots[0]["pid"] == tagged.pid
+    assert all(pid != tagged.pid for pid in pids)  # slots are children of the worker
+    assert len(pids) == 1  # one slot: the same slot process ran them all
+
+
+def test_a_job_asking_for_gpus_no_worker_has_is_reported_unschedulable(
+        procs: Procs, caplog: pytest.LogCaptureFixture) -> None:
+    endpoint, _ = procs.farm(*FAST, workers=1, procs=1)
+    with zfarm.Client(endpoint) as client:
+        future = client.with_options(resources={"gpus": 2}).submit(jobs.square, 3)
+
+        def shown() -> dict[str, object] | None:
+            snap = fetch_status(endpoint)
+            return snap if any(c["unschedulable"] for c in snap["clients"]) else None
+
+        snap = wait_for(shown, 20, message="the job to be shown unschedulable")
+        (why,) = [c["unschedulable"] for c in snap["clients"] if c["unschedulable"]]
+        assert "gpus=2" in why and "gpus=0" in why
+        wait_for(lambda: "can run on no connected worker" in caplog.text, 10, message="the client's warning")
+        assert not future.done()
+        assert client.submit(jobs.square, 4).result(30) == 16  # the rest of the farm serves on
+        future.cancel()
+
+
+@pytest.mark.slow
+def test_a_chain_runs_while_its_session_client_is_away_and_a_rerun_collects_it(procs: Procs,
+                                                                               tmp_path: Path) -> None:
+    """a → b → c, futures passed as arguments (inside lists too): the broker routes each result to the
+    next job's slot, so the chain finishes with its client gone; a rerun of the session collects it."""
+    endpoint, _ = procs.farm(*FAST, workers=1, procs=2)
+    markers = tmp_path / "markers"
+    markers.mkdir()
+
+    def chain(client: zfarm.Client) -> object:
+        a = client.submit(jobs.record_run, str(markers), 2, 1.0)  # 20, after a second
+        b = client.submit(jobs.add, a, 1)  # 21
+        return client.submit(jobs.add, [b], [a])  # [21, 20]
+
+    first = zfarm.Client(endpoint, session="chain")
+    chain(first)
+    first.shutdown(wait=False)  # the session's client leaves before a has finished
+    assert not runs(markers, "finished")
+
+    def away_with_three_results() -> bool:
+        return [(c["present"], c["held"]) for c in fetch_status(endpoint)["clients"]] == [(False, 3)]
+
+    wait_for(away_with_three_results, 30, message="the chain to finish while its client is away")
+    with zfarm.Client(endpoint, session="chain") as again:
+        assert chain(again).result(30) == [21, 20]  # type: ignore[attr-defined]
+    assert len(runs(markers, "started")) == 1  # collected, not run again
+
+
+def test_a_failed_upstream_fails_its_dependents_naming_it(procs: Procs) -> None:
+    endpoint, _ = procs.farm(*FAST, workers=1, procs=1)
+    with zfarm.Client(endpoint) as client:
+        upstream = client.submit(jobs.boom, 1)
+        middle = client.submit(jobs.add, upstream, 1)
+        last = client.submit(jobs.square, middle)
+        for future, named in ((middle, upstream), (last, middle)):
+            with pytest.raises(zfarm.DependencyFailed) as info:
+                future.result(30)
+            assert info.value.upstream == f"{client.id}:{named.seq}"  # type: ignore[attr-defined]
+        with zfarm.Client(endpoint) as other, pytest.raises(zfarm.ConfigError, match="another client"):
+            other.submit(jobs.square, middle)
+
+
+def test_a_dependent_job_that_cannot_be_submitted_leaves_its_upstream_result_unpinned(procs: Procs) -> None:
+    endpoint, _ = procs.farm(*FAST, workers=1, procs=1)
+    with zfarm.Client(endpoint) as client:
+        upstream = client.submit(jobs.sleep_then, 3, 0.5)
+        with pytest.raises(Exception):  # noqa: B017 (a lock cannot be pickled: whatever pickle raises)
+            client.submit(jobs.add, upstream, threading.Lock())
+        assert upstream.result(30) == 3
+        # else the broker would hold the upstream result until the client closes
+        assert client._connection.core.receipts.pins.snapshot() == frozenset()

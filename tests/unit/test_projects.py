@@ -1,0 +1,331 @@
+"""Projects in the broker's core: fair share, priorities, phases, resources, suspend/resume/cancel,
+on_error, and a project read back from the journal. Plain data and a fake clock."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.unit.test_scheduler import (
+    CA,
+    FN,
+    MON,
+    OK,
+    W1,
+    W2,
+    Conversation,
+    Farm,
+    job_rows,
+    operation,
+    result_rows,
+    to,
+)
+from zfarm import protocol as p
+from zfarm.broker.journal import Journal
+from zfarm.broker.placement import MAX_CREDIT
+
+ERROR = int(p.Outcome.ERROR)
+
+
+def submit(farm: Farm, seqs: range | list[int], now: float = 0.0, with_fn: bool = True,
+           **options: Any) -> None:
+    rows = [[seq, 1, options] for seq in seqs]
+    frames = ([b"fn"] if with_fn else []) + [f"arg{s}".encode() for s in seqs]
+    farm.send(CA, p.Submit(FN, with_fn, rows, frames), now)
+
+
+SENT: list[tuple[bytes, p.Message]] = []  # what the last ``act`` flushed besides its reply
+
+
+def act(farm: Farm, action: str, name: str = "", now: float = 0.0, **settings: Any) -> p.ProjectReply:
+    farm.send(MON, p.Project(action, name, settings), now)
+    SENT[:] = farm.out(now)
+    (reply,) = to(SENT, MON, p.ProjectReply)
+    return reply
+
+
+def view(farm: Farm, name: str) -> dict[str, Any]:
+    return next(v for v in farm.snap()["projects"] if v["name"] == name)
+
+
+def finish(farm: Farm, rows: list[list[Any]], now: float, outcome: int = OK, credit: int = 1) -> None:
+    for row in rows:
+        farm.result(W1, row, now, credit=credit, outcome=outcome)
+
+
+def farm_with_one_slot() -> Farm:
+    farm = Farm()
+    farm.client(CA, "ca")
+    farm.send(MON, p.Hello("monitor", "m", "h", 3, 0, {}), 0.0)
+    farm.worker(W1, "w1", slots=1, credit=1)
+    return farm
+
+
+def test_fair_share_follows_the_shares_within_ten_percent_over_a_thousand_dispatches() -> None:
+    farm = farm_with_one_slot()
+    submit(farm, range(1, 2001), project="a", share=1.0)
+    submit(farm, range(2001, 4001), with_fn=False, project="b", share=3.0)
+    counts: Counter[str] = Counter()
+    for step in range(1000):
+        (row,) = job_rows(farm.out(step), W1)
+        counts["a" if row[1] <= 2000 else "b"] += 1
+        finish(farm, [row], step + 0.5)
+    assert abs(counts["a"] - 250) <= 25 and abs(counts["b"] - 750) <= 75, counts
+
+
+def test_a_project_that_was_idle_gets_no_banked_turns() -> None:
+    """Its pass starts where dispatch is: it shares from now on instead of taking every slot."""
+    farm = farm_with_one_slot()
+    submit(farm, range(1, 501), project="old")
+    for step in range(200):
+        (row,) = job_rows(farm.out(step), W1)
+        finish(farm, [row], step + 0.5)
+    submit(farm, range(1001, 1101), 300.0, with_fn=False, project="new")
+    taken: Counter[str] = Counter()
+    for step in range(300, 340):
+        (row,) = job_rows(farm.out(step), W1)
+        taken["new" if row[1] > 1000 else "old"] += 1
+        finish(farm, [row], step + 0.5)
+    assert taken == {"new": 20, "old": 20}
+
+
+def test_a_higher_priority_goes_first_without_stopping_running_jobs() -> None:
+    farm = farm_with_one_slot()
+    submit(farm, range(1, 11), project="low", priority=0)
+    (running,) = job_rows(farm.out(0.0), W1)
+    submit(farm, range(11, 14), 1.0, with_fn=False, project="high", priority=5)
+    out = farm.out(1.0)
+    assert not to(out, W1, p.CancelJobs)  # the running low job goes on
+    order = []
+    finish(farm, [running], 2.0)
+    for step in range(3, 7):
+        (row,) = job_rows(farm.out(step), W1)
+        order.append(row[1])
+        if step < 6:
+            finish(farm, [row], step + 0.5)
+    assert order == [11, 12, 13, 2]
+    assert act(farm, "set", "low", 8.0, priority=9).error == ""  # changed while it runs
+    submit(farm, range(20, 22), 8.0, with_fn=False, project="high", priority=5)
+    finish(farm, [row], 8.5)
+    (row,) = job_rows(farm.out(9.0), W1)
+    assert row[1] == 3  # low now outranks high
+
+
+def test_suspend_holds_queued_jobs_resume_releases_them_cancel_ends_them() -> None:
+    farm = farm_with_one_slot()
+    submit(farm, range(1, 6), project="p")
+    (running,) = job_rows(farm.out(0.0), W1)
+    assert act(farm, "suspend", "p", 1.0).projects[0]["state"] == "suspended"
+    finish(farm, [running], 2.0)  # the running job finishes
+    assert job_rows(farm.out(2.0), W1) == []
+    assert view(farm, "p")["done"] == 1 and view(farm, "p")["queued"] == 4
+    act(farm, "resume", "p", 3.0)
+    (row,) = job_rows(SENT, W1)
+    assert row[1] == 2
+    reply = act(farm, "cancel", "p", 4.0)
+    assert reply.projects[0]["cancelled"] == 4 and reply.projects[0]["queued"] == 0
+    out = SENT
+    assert [m.keys for m in to(out, W1, p.CancelJobs)] == [[["ca", 2]]]  # the running one is killed
+    assert sorted(r[0][0] for r in result_rows(out, CA)) == [2, 3, 4, 5]
+    assert {r[0][1] for r in result_rows(out, CA)} == {int(p.Outcome.CANCELLED)}
+
+
+def test_on_error_suspend_and_cancel() -> None:
+    farm = farm_with_one_slot()
+    submit(farm, range(1, 5), project="s", on_error="suspend")
+    (row,) = job_rows(farm.out(0.0), W1)
+    finish(farm, [row], 1.0, outcome=ERROR)
+    ((failed, _),) = result_rows(farm.out(1.0), CA)
+    assert failed[4] == p.ResultKind.PROJECT_SUSPENDED
+    assert view(farm, "s")["state"] == "suspended" and "failed" in view(farm, "s")["why_suspended"]
+    act(farm, "cancel", "s", 2.0)
+    submit(farm, range(10, 14), 3.0, with_fn=False, project="c", on_error="cancel")
+    (row,) = job_rows(farm.out(3.0), W1)
+    finish(farm, [row], 4.0, outcome=ERROR)
+    assert view(farm, "c")["cancelled"] == 3 and view(farm, "c")["failed"] == 1
+
+
+def test_a_phase_starts_when_every_job_before_it_is_over() -> None:
+    farm = Farm()
+    farm.client(CA, "ca")
+    farm.worker(W1, "w1", slots=4, credit=4)
+    submit(farm, range(1, 3), project="ph")
+    submit(farm, range(3, 5), 0.0, with_fn=False, project="ph", phase=1)
+    first = job_rows(farm.out(0.0), W1)
+    assert [r[1] for r in first] == [1, 2]  # phase 1 waits though slots are free
+    farm.result(W1, first[0], 1.0)
+    assert job_rows(farm.out(1.0), W1) == []
+    farm.result(W1, first[1], 2.0)
+    assert [r[1] for r in job_rows(farm.out(2.0), W1)] == [3, 4]
+
+
+def test_a_job_is_placed_only_where_its_request_fits() -> None:
+    farm = Farm()
+    farm.client(CA, "ca")
+    farm.send(W1, p.Hello("worker", "w1", "node", 100, 4, {"resources": {"mem": 8 * 2**30}}), 0.0)
+    farm.send(W1, p.Ready(4), 0.0)
+    info = {"resources": {"gpus": 2, "mem": 64 * 2**30}, "tags": ["bigmem"], "gpu_ids": ["3", "5"]}
+    farm.send(W2, p.Hello("worker", "w2", "node", 101, 4, info), 0.0)
+    farm.send(W2, p.Ready(4), 0.0)
+    submit(farm, range(1, 4), resources={"gpus": 1})
+    out = farm.out(0.0)
+    assert job_rows(out, W1) == []
+    rows = job_rows(out, W2)
+    assert [r[5]["gpu_ids"] for r in rows] == [["3"], ["5"]]  # the third waits for a GPU
+    farm.result(W2, rows[0], 1.0)
+    (third,) = job_rows(farm.out(1.0), W2)
+    assert third[1] == 3 and third[5]["gpu_ids"] == ["3"]
+    submit(farm, [9], 2.0, with_fn=False, tags=["bigmem"], resources={"mem": 32 * 2**30})
+    assert [r[1] for r in job_rows(farm.out(2.0), W2)] == [9]
+
+
+def test_a_job_no_worker_can_hold_is_unschedulable_and_does_not_block_the_others() -> None:
+    farm = farm_with_one_slot()
+    submit(farm, [1], resources={"gpus": 2})
+    submit(farm, [2], with_fn=False)
+    out = farm.out(0.0)
+    (notice,) = to(out, CA, p.Notice)
+    assert notice.seqs == [1] and "gpus=2" in notice.text
+    assert [r[1] for r in job_rows(out, W1)] == [2]
+    (client,) = farm.snap()["clients"]
+    assert "gpus=2" in client["unschedulable"]
+    info = {"resources": {"gpus": 2}}
+    farm.send(W2, p.Hello("worker", "w2", "node", 101, 1, info), 1.0)  # a worker that can: it runs there
+    farm.send(W2, p.Ready(1), 1.0)
+    assert [r[1] for r in job_rows(farm.out(1.0), W2)] == [1]
+
+
+def test_a_dependent_waits_for_its_upstream_and_gets_its_result_frames_or_fails_naming_it() -> None:
+    farm = farm_with_one_slot()
+    submit(farm, [1])
+    submit(farm, [2], with_fn=False, after=[1])
+    (row,) = job_rows(farm.out(0.0), W1)
+    assert row[1] == 1  # 2 waits though nothing else is queued
+    assert farm.snap()["clients"][0]["waiting"] == 1
+    farm.result(W1, row, 1.0)
+    (jobs_msg,) = to(farm.out(1.0), W1, p.Jobs)
+    ((_, seq, _, _, nframes, options),) = jobs_msg.jobs
+    assert (seq, nframes, options["upstream"]) == (2, 2, [1])
+    assert list(jobs_msg.frames) == [b"arg2", b"result:ca:1"]  # its own frames, then the upstream result
+    submit(farm, [3], 2.0, with_fn=False)
+    submit(farm, [4], 2.0, with_fn=False, after=[3])
+    submit(farm, [5], 2.0, with_fn=False, after=[4])
+    farm.result(W1, jobs_msg.jobs[0], 3.0)
+    (row,) = job_rows(farm.out(3.0), W1)
+    farm.result(W1, row, 4.0, outcome=ERROR, frames=[b"exc"])
+    rows = {r[0][0]: r[0] for r in result_rows(farm.out(4.0), CA)}
+    assert rows[4][4] == rows[5][4] == p.ResultKind.DEPENDENCY_FAILED
+    assert rows[4][3].startswith("ca:3: ") and rows[5][3].startswith("ca:4: ")  # each names its upstream
+    submit(farm, [6], 5.0, with_fn=False, after=[3])  # an upstream that already failed
+    ((late, _),) = result_rows(farm.out(5.0), CA)
+    assert (late[0], late[4]) == (6, p.ResultKind.DEPENDENCY_FAILED)
+
+
+def test_bad_project_options_are_refused_with_the_reason() -> None:
+    farm = farm_with_one_slot()
+    submit(farm, [1], project="x", share=-1)
+    ((row, _),) = result_rows(farm.out(0.0), CA)
+    assert row[1] == p.Outcome.LOST and row[4] == p.ResultKind.REFUSED and "share" in row[3]
+    assert act(farm, "suspend", "nope").error.startswith("no project")
+
+
+def test_a_project_is_known_again_after_a_restart_from_the_journal(tmp_path: Path) -> None:
+    path = str(tmp_path / "j.db")
+    farm = Farm(journal=Journal(path))
+    farm.client(CA, "ca", session="s")
+    submit(farm, range(1, 6), project="kept", priority=7, share=2.0)
+    farm.out(0.0)
+    farm.sched.journal.commit()  # type: ignore[union-attr]
+    farm.sched.journal.close()  # type: ignore[union-attr]
+    again = Farm(journal=Journal(path))
+    (kept,) = again.snap()["projects"]
+    assert (kept["name"], kept["priority"], kept["share"], kept["queued"]) == ("kept", 7, 2.0, 5)
+    again.worker(W1, "w1", credit=MAX_CREDIT)
+    assert len(job_rows(again.out(1.0), W1)) == 5
+
+
+# ---- random conversations, with projects --------------------------------------------------------------
+
+
+class ProjectConversation(Conversation):
+    """The scheduler's random conversations, with jobs in projects of several priorities, shares and
+    phases, projects suspended and resumed meanwhile, and some jobs asking for resources."""
+
+    def __init__(self, journal: str = "", sessions: bool = False) -> None:
+        super().__init__(journal, sessions)
+        self.farm.send(MON, p.Hello("monitor", "m", "h", 3, 0, {}), self.now)
+
+    def _submit(self, cid: str, seqs: list[int]) -> None:
+        self.cancelled[cid].difference_update(seqs)
+        for seq in seqs:  # each job its own options (one SUBMIT each: options are per row anyway)
+            options: dict[str, Any] = {}
+            if seq % 4:
+                options = {"project": f"p{seq % 3}", "priority": seq % 2, "share": 1.0 + seq % 3,
+                           "phase": seq // 7 % 3}
+            if seq % 5 == 0:
+                options["resources"] = {"cpus": 2}
+            if seq % 6 == 5:  # it depends on the job before it
+                options["after"] = [seq - 1]
+            frames = [b"fn", f"{cid}:{seq}".encode()]
+            self.farm.send(self.client_route[cid], p.Submit(FN, True, [[seq, 1, options]], frames), self.now)
+
+    def _got_jobs(self, route: bytes, msg: p.Jobs) -> None:
+        """As the base class checks, once each job's upstream result frames are set apart."""
+        own: list[Any] = []
+        frames = list(msg.frames[len(msg.fns):])
+        for row in msg.jobs:
+            extra = sum(row[5].get("upstream", []))
+            own.extend(frames[:row[4] - extra])
+            upstream = [f"done:{row[0]}:{s}".encode() for s in row[5].get("after", [])]
+            assert frames[row[4] - extra:row[4]] == upstream
+            frames = frames[row[4]:]
+        rows = [[*r[:4], r[4] - sum(r[5].get("upstream", [])), r[5]] for r in msg.jobs]
+        super()._got_jobs(route, p.Jobs(msg.fns, rows, [*msg.frames[:len(msg.fns)], *own]))
+
+    def run(self, op: tuple[str, int, int, float]) -> None:
+        kind, a, _b, _dt = op
+        if kind in ("suspend", "resume"):
+            self.farm.send(MON, p.Project(kind, f"p{a % 3}", {}), self.now)
+            self.flush()
+        else:
+            super().run(op)
+
+    def op_restart(self) -> None:
+        super().op_restart()
+        self.farm.send(MON, p.Hello("monitor", "m", "h", 3, 0, {}), self.now)
+
+    def drain(self) -> None:
+        for name in ("p0", "p1", "p2"):
+            self.farm.send(MON, p.Project("resume", name, {}), self.now)
+        super().drain()
+
+
+PROJECT_OPS = st.one_of(operation, st.tuples(st.sampled_from(["suspend", "resume"]), st.integers(0, 30),
+                                             st.integers(0, 30), st.floats(0.0, 2.0)))
+
+
+@settings(max_examples=100, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(PROJECT_OPS, min_size=5, max_size=60))
+def test_random_conversations_with_projects_keep_credit_and_deliver_once(
+        ops: list[tuple[str, int, int, float]]) -> None:
+    conversation = ProjectConversation()
+    for op in ops:
+        conversation.run(op)
+    conversation.drain()
+
+
+@settings(max_examples=50, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.one_of(PROJECT_OPS, st.just(("restart", 0, 0, 0.0))), min_size=5, max_size=60),
+       st.booleans())
+def test_random_conversations_with_projects_and_restarts_deliver_once(
+        tmp_path_factory: pytest.TempPathFactory, ops: list[tuple[str, int, int, float]],
+        sessions: bool) -> None:
+    conversation = ProjectConversation(str(tmp_path_factory.mktemp("journal") / "journal.db"), sessions)
+    for op in ops:
+        conversation.run(op)
+    conversation.drain()

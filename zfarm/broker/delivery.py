@@ -1,0 +1,222 @@
+"""Results: from the worker that ran a job to the client that owns it, held until it says RECEIVED.
+
+::
+
+    RESULTS(worker) ──► accept the first answer for the attempt ──► FINISHED ──► held ──► RESULT(client)
+                                                                                  │
+                           RECEIVED(client) ──► forgotten ◄───────────────────────┘
+
+A result is held until its client says it received it, and sent again if the client asks for the
+job again. A session client's results outlive its connection; with a journal they outlive the
+broker too. Where a held result's payload lives (memory, journal, spill file) is
+:class:`~zfarm.broker.held.HeldResults`'s business.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from zfarm import protocol as p
+from zfarm.broker.farm import Farm
+from zfarm.broker.jobstate import JobMoves
+from zfarm.broker.state import ClientRecord, Held, Job, JobState, WorkerRecord, compact
+from zfarm.errors import JournalCorrupted, ProtocolError
+
+log = logging.getLogger("zfarm.broker.scheduler")
+
+_OUTCOMES = {int(o) for o in p.Outcome}
+_NAMES = {o: o.name.lower() for o in p.Outcome}  # as the history shows them
+OK, CANCELLED, RETURNED = p.Outcome.OK, p.Outcome.CANCELLED, p.Outcome.RETURNED
+PLAIN = p.ResultKind.PLAIN
+FINISHED = JobState.FINISHED
+MAX_TEXT = p.MAX_TEXT_CHARS  # the client's bound on an info line
+_results_row, _run_stats = p.ResultsRow._make, p.RunStats._make
+
+
+class Delivery:
+    def __init__(self, farm: Farm, moves: JobMoves) -> None:
+        self.farm = farm
+        self.moves = moves
+        #: told of each failed job (its project's on_error); returns the kind its result row carries
+        self.on_failure: Callable[[Job, float], int] = lambda _job, _now: p.ResultKind.PLAIN
+        #: told of each finished job (whether it succeeded): its dependents go on or fail
+        self.on_ended: Callable[[ClientRecord, Job, bool, float], None] = lambda _c, _j, _ok, _now: None
+
+    # ---- from workers ----------------------------------------------------------------------------
+
+    def results(self, worker: WorkerRecord, msg: p.Results, now: float) -> list[Job]:
+        """Take a worker's results; returns the jobs it gave back unrun (RETURNED), to queue again."""
+        rows = [_results_row(row) for row in msg.results]
+        per_row = p.split_frames(msg.frames, [row.nframes for row in rows])
+        stats = [_run_stats(s) for s in msg.stats] if msg.stats else [p.NO_RUN_STATS] * len(rows)
+        kinds = msg.kinds or [PLAIN] * len(rows)
+        returned: list[Job] = []
+        clients = self.farm.clients
+        for row, frames, run, kind in zip(rows, per_row, stats, kinds, strict=True):
+            client = clients.get(row.client_id)
+            job = client.jobs.get(row.seq) if client else None
+            outcome = row.outcome
+            if job is None or client is None or not _ran(job, worker, row.attempt):
+                if outcome != CANCELLED:
+                    self.farm.counters.late_results += 1
+                continue
+            if outcome == CANCELLED:
+                continue  # only a client's CANCEL ends a job; this acknowledges one
+            if outcome == RETURNED:
+                returned.append(job)
+                continue
+            if outcome not in _OUTCOMES:
+                raise ProtocolError(f"unknown outcome {outcome}")
+            if job.worker == worker.id and row.attempt < len(job.history):
+                # a resent result of an earlier attempt: the later copy this worker holds is not needed
+                worker.cancels.append([row.client_id, row.seq])
+            self.finish(worker, client, job, p.Outcome(outcome), [compact(f) for f in frames], row.info, run,
+                        now, kind)
+        return returned
+
+    def finish(self, worker: WorkerRecord, client: ClientRecord, job: Job, outcome: p.Outcome,
+               frames: list[Any], info: str, run: p.RunStats, now: float,
+               kind: int = p.ResultKind.PLAIN) -> None:
+        self.moves.move(job, FINISHED, client, now, finisher=worker)
+        ok = outcome == OK
+        worker.done += ok
+        worker.failed += not ok
+        if not ok:
+            log.info("job %s failed on worker %s: %s", job.name, worker.id, p.clip(info))
+            self.farm.records.event(now, "job-failed", f"job {job.name} failed on {worker.id}: {info}")
+            if kind == PLAIN:
+                kind = self.on_failure(job, now)
+        self.deliver(client, job, worker, outcome, frames, info, run, now, kind)
+
+    def deliver(self, client: ClientRecord, job: Job, worker: WorkerRecord, outcome: p.Outcome,
+                frames: list[Any], info: str, run: p.RunStats, now: float,
+                kind: int = p.ResultKind.PLAIN) -> None:
+        """Keep the finished job's record in the history and send its result to its client."""
+        records = self.farm.records
+        queued_at = records.wall(job.queued_at)
+        records.job(now, (job.name, job.client_id, worker.id, worker.host, queued_at, run.started_at,
+                          run.finished_at, round(run.run_s, 6), len(job.history), _NAMES[outcome],
+                          run.peak_rss_bytes, info))
+        # p.JobStats(...).to_wire(), spelt out: this runs once per job
+        stats = [worker.id, worker.host, len(job.history), queued_at, run.started_at, run.finished_at,
+                 run.run_s, run.peak_rss_bytes]
+        self._hold(client, job, outcome, frames, info, stats, kind, now)
+
+    def _hold(self, client: ClientRecord, job: Job, outcome: p.Outcome, frames: list[Any], info: str,
+              stats: list[Any], kind: int, now: float) -> None:
+        """Hold the result until the client says it has it, and send it if the client is here."""
+        farm = self.farm
+        ok = outcome == OK
+        queue = job.queue
+        if queue is not None:  # a project's (a client's own queue counts with the client)
+            if outcome == CANCELLED:
+                queue.cancelled += 1
+            else:
+                queue.done += ok
+                queue.failed += not ok
+            queue.finished_at.append(now)
+        client.done += ok
+        client.failed += not ok
+        farm.counters.done += ok
+        farm.counters.failed += not ok
+        held = Held(int(outcome), frames, info, stats, job.digest, kind=kind)
+        client.held[job.seq] = held
+        if farm.journal is not None:
+            farm.journal.result(client.id, job.seq, held)  # it replaces the job's row
+        # A session's are kept until the session ends: with a journal, on disk, not in memory.
+        farm.held_results.keep(client.id, job.seq, held, disk_only=bool(client.session and farm.journal))
+        if client.dependents:
+            self.on_ended(client, job, ok, now)
+        if client.present:  # else it is sent when the client asks for the job again
+            # p.ResultRow(...).to_wire(), spelt out: this runs once per job
+            client.out_rows.append([job.seq, int(outcome), len(frames), info[:MAX_TEXT], kind])
+            client.out_frames.extend(frames)
+            client.out_stats.append(stats)
+
+    def started(self, worker: WorkerRecord, msg: p.Started) -> None:
+        """Tell clients which of their jobs run now (their futures' ``running()``)."""
+        for client_id, seq in msg.keys:
+            client = self.farm.clients.get(client_id)
+            job = client.jobs.get(seq) if client is not None else None
+            if client is not None and job is not None and client.present and job.worker == worker.id:
+                client.started.append(seq)
+
+    # ---- held results ----------------------------------------------------------------------------
+
+    def received(self, client: ClientRecord, msg: p.Received) -> None:
+        # ``below``: the client has every result under it (it covers RECEIVEDs that were lost)
+        below = [seq for seq in client.held if seq < msg.below] if msg.below else []
+        for seq in [*msg.seqs, *below]:
+            self.drop_held(client, seq)
+
+    def drop_held(self, client: ClientRecord, seq: int) -> None:
+        held = client.held.pop(seq, None)
+        if held is not None:
+            self.farm.held_results.forget(client.id, seq, held)
+            if self.farm.journal is not None:
+                self.farm.journal.drop_result(client.id, seq)
+
+    def held_result(self, client: ClientRecord, seq: int, held: Held, now: float) -> Held | None:
+        """A held result whole, from memory or from disk (None: it is gone; a damaged one is now a
+        JournalCorrupted failure)."""
+        try:
+            return self.farm.held_results.read(client.id, seq, held)
+        except JournalCorrupted as exc:
+            self.damaged(client, seq, exc.detail, now, where=exc.journal if self.farm.journal is None else "")
+            return client.held[seq]
+
+    def resend(self, client: ClientRecord, seq: int, whole: Held) -> None:
+        """Send a held result again (its client asked for the job again)."""
+        frames = whole.frames or []
+        to_client(client, p.ResultRow(seq, whole.outcome, len(frames), whole.info, whole.kind), frames,
+                  whole.stats)
+
+    def damaged(self, client: ClientRecord, seq: int, why: str, now: float, where: str = "") -> None:
+        """A job whose payload on disk changed: never run or delivered, it fails with JournalCorrupted.
+
+        ``where``: the file, if not the journal (the spill file)."""
+        farm = self.farm
+        where = where or f"the broker's journal {farm.journal_path}"
+        info = f"{where}: {why}"
+        log.error("job %s:%d is damaged in %s: it fails with JournalCorrupted instead of running or being "
+                  "delivered (%s)", client.id, seq, where, why)
+        farm.records.event(now, "job-damaged", f"job {client.id}:{seq} damaged in {where} ({why})")
+        farm.counters.corrupted += 1
+        if (old := client.held.pop(seq, None)) is not None:
+            farm.held_results.forget(client.id, seq, old)
+        at = farm.records.wall(now)
+        held = Held(int(p.Outcome.CORRUPTED), [], info, p.JobStats("", "", 0, at, at, at, 0.0, 0).to_wire())
+        client.held[seq] = held
+        farm.held_results.keep(client.id, seq, held)
+        if farm.journal is not None:
+            farm.journal.result(client.id, seq, held)  # replaces the damaged row, sealed afresh
+
+    def bounce(self, client: ClientRecord, seq: int, outcome: p.Outcome, info: str, now: float,
+               kind: p.ResultKind = p.ResultKind.PLAIN) -> None:
+        """Hand a job straight back, unaccepted: the client sends it again (counted nowhere)."""
+        at = self.farm.records.wall(now)
+        to_client(client, p.ResultRow(seq, int(outcome), 0, info, kind), [],
+                  p.JobStats("", "", 0, at, at, at, 0.0, 0).to_wire())
+        self.farm.counters.bounced += 1
+
+
+def to_client(client: ClientRecord, row: p.ResultRow, frames: list[Any], stats: list[Any]) -> None:
+    """Add a result to the RESULT message the client gets at the next flush."""
+    if len(row.info) > p.MAX_TEXT_CHARS:  # the client's bound
+        row = p.ResultRow(row.seq, row.outcome, row.nframes, row.info[:p.MAX_TEXT_CHARS], row.kind)
+    client.out_rows.append(row.to_wire())
+    client.out_frames.extend(frames)
+    client.out_stats.append(stats)
+
+
+def _ran(job: Job, worker: WorkerRecord, attempt: int) -> bool:
+    """Whether ``worker`` was given this very job as this attempt (a result for it is an answer).
+
+    A job read back from a journal takes a result from any worker: the broker that gave it out is gone.
+    Not of an attempt that ran the job it replaced, though.
+    """
+    if 0 <= job.recovered_after < attempt:
+        return True
+    return 0 < attempt <= len(job.history) and job.history[attempt - 1] == worker.id

@@ -1,0 +1,107 @@
+"""Dependencies: a job whose arguments hold other jobs' futures waits until those jobs succeed.
+
+::
+
+    SUBMIT row options {"after": [seq, …]}  (the client's ``Upstream`` placeholders, in order)
+        upstream unfinished ──► WAITING ── each upstream OK ──► QUEUED ──► JOBS: its frames, then each
+        upstream failed, cancelled or unknown ──► FINISHED (LOST, DEPENDENCY_FAILED)      upstream result's
+
+The broker never unpickles: it appends each upstream job's held result frames to the job's own
+(option ``upstream``: how many frames each), and the slot puts the values in place of the
+placeholders. The client keeps upstream results held (it does not say RECEIVED for them) until
+their dependents are over, so they are there to send. A chain runs while its client is away.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from zfarm import protocol as p
+from zfarm.broker.delivery import Delivery
+from zfarm.broker.farm import Farm
+from zfarm.broker.jobstate import JobMoves
+from zfarm.broker.projects import BadProject
+from zfarm.broker.state import ClientRecord, Job, JobState, WorkerRecord
+
+log = logging.getLogger("zfarm.broker.scheduler")
+
+MAX_UPSTREAM = 1024
+
+
+def upstream_of(options: dict[str, Any], seq: int) -> tuple[int, ...]:
+    """A job's upstream seqs from its options (``after``).
+
+    Raises:
+        BadProject: not a list of up to 1024 earlier job numbers.
+    """
+    after = options.get("after")
+    if after is None:
+        return ()
+    if (not isinstance(after, list) or len(after) > MAX_UPSTREAM
+            or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < seq for s in after)):
+        raise BadProject(f"a job's upstream jobs (after) are up to {MAX_UPSTREAM} numbers of earlier jobs, "
+                         f"not {str(after)[:200]}")
+    return tuple(after)
+
+
+class Dependencies:
+    def __init__(self, farm: Farm, moves: JobMoves, delivery: Delivery) -> None:
+        self.farm = farm
+        self.moves = moves
+        self.delivery = delivery
+
+    def admit(self, client: ClientRecord, job: Job, now: float) -> None:
+        """A new job with upstream jobs: it waits for the unfinished ones, fails if one failed."""
+        unfinished: set[int] = set()
+        for seq in job.after:
+            if seq in client.jobs:
+                unfinished.add(seq)
+                continue
+            held = client.held.get(seq)
+            if held is None or held.outcome != p.Outcome.OK:
+                why = "its result is no longer held" if held is None else "it did not succeed"
+                self.moves.move(job, JobState.WAITING, client, now)
+                self._fail(client, job, seq, why, now)
+                return
+        if not unfinished:
+            self.moves.admit(job, client, now)
+            return
+        job.waiting_for = unfinished
+        self.moves.move(job, JobState.WAITING, client, now)
+        for seq in unfinished:
+            client.dependents.setdefault(seq, []).append(job)
+
+    def ended(self, client: ClientRecord, upstream: Job, ok: bool, now: float) -> None:
+        """An upstream job is over: its dependents go on (ok) or fail."""
+        for job in client.dependents.pop(upstream.seq, ()):
+            if job.state is not JobState.WAITING or job.waiting_for is None:
+                continue
+            if not ok:
+                self._fail(client, job, upstream.seq, "it failed or was cancelled", now)
+                continue
+            job.waiting_for.discard(upstream.seq)
+            if not job.waiting_for:
+                job.waiting_for = None
+                self.moves.ready(job, client, now)
+
+    def _fail(self, client: ClientRecord, job: Job, upstream: int, why: str, now: float) -> None:
+        name = f"{client.id}:{upstream}"
+        log.info("job %s does not run: its upstream job %s %s", job.name, name, why)
+        self.moves.move(job, JobState.FINISHED, client, now)
+        at = self.farm.records.wall(now)
+        nobody = WorkerRecord(id="", route=b"", host="", pid=0, joined_at=now, last_seen=now, last_sent=now)
+        self.delivery.deliver(client, job, nobody, p.Outcome.LOST, [], f"{name}: {why}",
+                              p.RunStats(at, at, 0.0, 0), now, p.ResultKind.DEPENDENCY_FAILED)
+
+    def frames(self, client: ClientRecord, job: Job, now: float) -> tuple[list[Any], list[int]]:
+        """The held result frames of ``job``'s upstream jobs, and how many each (for its JOBS row)."""
+        frames: list[Any] = []
+        counts: list[int] = []
+        for seq in job.after:
+            held = client.held.get(seq)
+            whole = self.delivery.held_result(client, seq, held, now) if held is not None else None
+            result = list(whole.frames or []) if whole is not None else []
+            frames.extend(result)
+            counts.append(len(result))
+        return frames, counts

@@ -1,0 +1,95 @@
+"""The journal's rows as read back, and the seals that prove them unchanged.
+
+A seal is a hash of a row's table and columns, written with the row and checked when it is read
+back: a row that fails it is :class:`Damaged`, never run or delivered.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from zfarm.broker.state import Held
+from zfarm.protocol import as_bytes
+
+
+@dataclass(frozen=True, slots=True)
+class JournalJob:
+    client: str
+    seq: int
+    fn_id: bytes
+    frames: list[bytes]
+    options: dict[str, Any]
+    queued_at: float  # epoch seconds
+    digest: bytes
+    losses: tuple[str, ...]
+    attempts_before: int  # attempts of jobs it replaced under the same number (their results are void)
+
+
+@dataclass(frozen=True, slots=True)
+class Damaged:
+    """A row that failed its seal: it is never run or delivered."""
+
+    table: str  # clients, functions, jobs or results
+    client: str  # as read: it may itself be what changed
+    seq: int  # the job's number (-1 for a client or function row)
+    fn_id: bytes = b""  # a function row's id
+
+    @property
+    def job(self) -> str:
+        return f"{self.client}:{self.seq}"
+
+
+@dataclass(slots=True)
+class Recovered:
+    """What a journal held when it was opened, oldest first."""
+
+    clients: list[tuple[str, str, str]] = field(default_factory=list)  # id, session, CURVE key
+    functions: list[tuple[str, bytes, bytes]] = field(default_factory=list)  # client, fn_id, blob
+    jobs: list[JournalJob] = field(default_factory=list)
+    results: list[tuple[str, int, Held]] = field(default_factory=list)  # client, seq, result
+    damaged: list[Damaged] = field(default_factory=list)
+    #: what the journal's write-ahead log lost before it was opened ("" if nothing)
+    lost: str = ""
+
+
+def pack(value: Any) -> bytes:
+    packed: bytes = msgpack.packb(value, use_bin_type=True)
+    return packed
+
+
+def unpack(raw: bytes) -> Any:
+    return msgpack.unpackb(raw, raw=False)
+
+
+def pack_frames(frames: Iterable[Any]) -> bytes:
+    return pack([as_bytes(f) for f in frames])
+
+
+def seal(table: str, *columns: Any) -> bytes:
+    """A row's seal: a hash of its table and columns (bytes, text, numbers), checked when read back."""
+    h = hashlib.blake2b(table.encode(), digest_size=16)
+    for column in columns:
+        text = column if isinstance(column, str) else repr(column)
+        raw = column if isinstance(column, bytes) else text.encode()
+        h.update(len(raw).to_bytes(8, "little"))
+        h.update(raw)
+    return h.digest()
+
+
+def sound(table: str, stored: bytes, *columns: Any) -> bool:
+    """Whether a row matches its seal (a row written before seals existed is taken as it is)."""
+    return not stored or stored == seal(table, *columns)
+
+
+def losses_of(raw: bytes) -> tuple[str, ...]:
+    """A job's poison record (kept outside its seal: it changes): unreadable counts as none."""
+    try:
+        losses = unpack(raw)
+    except (ValueError, msgpack.UnpackException):
+        return ()
+    return tuple(str(x) for x in losses) if isinstance(losses, list) else ()

@@ -1,0 +1,268 @@
+"""Queues and placement: which queued job goes to which worker, within the credit it gave.
+
+::
+
+    clients' queues (round-robin) ──► idle slots first, spread evenly ──► prefetch credit ──► JOBS
+
+A worker's credit is what the worker said it can take (READY adds, RESULTS returns); the broker
+never sends it more. Queues are per client and served round-robin, so one client's million jobs
+cannot starve another's ten. A job whose worker is lost goes back to the front of its queue; one
+that has lost ``max_losses`` workers is declared poison and fails with LOST.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+from zfarm import protocol as p
+from zfarm.broker.delivery import Delivery
+from zfarm.broker.dependencies import Dependencies
+from zfarm.broker.farm import Farm
+from zfarm.broker.jobstate import JobMoves
+from zfarm.broker.state import (
+    NO_OPTIONS,
+    ClientRecord,
+    Departure,
+    Job,
+    JobState,
+    Queue,
+    Request,
+    WorkerRecord,
+)
+from zfarm.errors import ProtocolError
+
+log = logging.getLogger("zfarm.broker.scheduler")
+
+MAX_CREDIT = 1_000_000
+
+
+class Placement:
+    def __init__(self, farm: Farm, moves: JobMoves, delivery: Delivery, dependencies: Dependencies) -> None:
+        self.dependencies = dependencies
+        self.farm = farm
+        self.moves = moves
+        self.delivery = delivery
+        self.hungry: dict[str, WorkerRecord] = {}  # workers with credit, in arrival order
+
+    def add_credit(self, worker: WorkerRecord, credit: int) -> None:
+        if credit < 0:
+            raise ProtocolError(f"negative credit {credit}")
+        worker.credit = min(worker.credit + credit, MAX_CREDIT)
+        if worker.credit > 0:
+            self.hungry[worker.id] = worker
+
+    def reset_credit(self, worker: WorkerRecord) -> None:
+        """After every WELCOME a worker sends its full credit and starts its function cache afresh."""
+        worker.credit = 0
+        worker.fns.clear()
+        self.hungry.pop(worker.id, None)
+
+    def dispatch(self, now: float) -> None:
+        """Fill idle slots first, spreading jobs evenly; only then use prefetch credit."""
+        farm = self.farm
+        for prefetch in (False, True):
+            while farm.queued:
+                room = {w: (w.credit if prefetch else min(w.credit, w.slots - len(w.jobs)))
+                        for w in self.hungry.values()}
+                room = {w: n for w, n in room.items() if n > 0}
+                if not room:
+                    break
+                share = max(1, math.ceil(farm.queued / len(room)))
+                placed = 0
+                for worker, n in room.items():
+                    for _ in range(min(n, share)):
+                        found = self._next_for(worker, now)
+                        if found is None:
+                            break
+                        self.moves.move(found[1], JobState.ASSIGNED, found[0], now, worker=worker)
+                        placed += 1
+                    if worker.credit <= 0:
+                        del self.hungry[worker.id]
+                if not placed:
+                    break
+
+    def _next_for(self, worker: WorkerRecord, now: float) -> tuple[ClientRecord, Job] | None:
+        """The next job for ``worker``: from the queue of highest priority, then lowest pass, whose
+        first job may run now and fits what the worker has free."""
+        best: Queue | None = None
+        best_job: Job | None = None
+        active = self.farm.active
+        for queue in list(active) if len(active) > 1 else active[:1]:
+            job = _first_queued(queue)
+            if job is None or queue.suspended or (job.options is not NO_OPTIONS and _held_back(queue, job)):
+                queue.scheduled = False  # scheduled again by resume, or when one of its jobs is over
+                active.remove(queue)
+                continue
+            if job.request is not None and not self._fits(job, worker, now):
+                continue
+            if best is None or queue.priority > best.priority or (
+                    queue.priority == best.priority and queue.pass_ < best.pass_):
+                best, best_job = queue, job
+        if best is None or best_job is None:
+            return None
+        best.jobs.popleft()
+        self.farm.vtime = best.pass_
+        best.pass_ += 1.0 / best.share
+        client = self.farm.clients[best_job.client_id]
+        return client, best_job
+
+    def _fits(self, job: Job, worker: WorkerRecord, now: float) -> bool:
+        request = job.request
+        if request is None:
+            return True
+        free = worker.free
+        if request.tags <= worker.tags and all(free.get(k, 0.0) >= v for k, v in request.amounts.items()):
+            return True
+        if not job.warned:
+            self._check_schedulable(job, now)
+        return False
+
+    def _check_schedulable(self, job: Job, now: float) -> None:
+        """A job no connected worker could ever hold is shown as unschedulable; its client is told once."""
+        request = job.request
+        if request is None or not self.farm.workers:
+            return
+        why = unschedulable(request, list(self.farm.workers.values()))
+        if not why:
+            return
+        job.warned = True
+        client = self.farm.clients.get(job.client_id)
+        queue = job.queue or (client.own if client is not None else None)
+        if queue is not None:  # set aside: the jobs behind it go on
+            queue.unschedulable = why
+            if queue.jobs and queue.jobs[0] is job:
+                queue.parked.append(queue.jobs.popleft())
+        log.warning("job %s can run on no connected worker: %s", job.name, why)
+        self.farm.records.event(now, "job-unschedulable", f"job {job.name}: {why}")
+        if client is not None and client.present:
+            self.farm.send(client, p.Notice(p.NoticeKind.UNSCHEDULABLE, [job.seq], why), now)
+
+    def unpark(self) -> None:
+        """A worker joined: jobs set aside as unschedulable are tried again, first in their queues."""
+        for queue in [*self.farm.projects.values(), *(c.own for c in self.farm.clients.values())]:
+            if queue.parked:
+                for job in reversed(queue.parked):
+                    if job.state is JobState.QUEUED:
+                        job.warned = False
+                        queue.jobs.appendleft(job)
+                queue.parked.clear()
+                queue.unschedulable = ""
+                if queue.queued:
+                    self.farm.schedule(queue)
+
+    def jobs_message(self, worker: WorkerRecord, now: float) -> p.Jobs:
+        fns: list[bytes] = []
+        fn_frames: list[Any] = []
+        rows: list[list[Any]] = []
+        job_frames: list[Any] = []
+        clients = self.farm.clients
+        for job in worker.outbox:
+            if job.fn_id not in worker.fns:
+                fns.append(job.fn_id)
+                fn_frames.append(clients[job.client_id].fns[job.fn_id])
+                p.remember_fn(worker.fns, job.fn_id, None)
+            options = job.options
+            if job.devices:  # the slot sets CUDA_VISIBLE_DEVICES to these
+                options = {**options, "gpu_ids": list(job.devices)}
+            job_frames.extend(job.frames)
+            nframes = len(job.frames)
+            if job.after:  # the upstream results follow its own frames; the slot puts them in place
+                upstream, counts = self.dependencies.frames(clients[job.client_id], job, now)
+                options = {**options, "upstream": counts}
+                job_frames.extend(upstream)
+                nframes += len(upstream)
+            rows.append(p.JobRow(job.client_id, job.seq, len(job.history), job.fn_id, nframes,
+                                 options).to_wire())
+        worker.outbox = []
+        return p.Jobs(fns, rows, fn_frames + job_frames)
+
+    def give_back(self, worker: WorkerRecord, jobs: list[Job], now: float) -> None:
+        """Jobs a worker returned unrun (it is leaving): they queue again, first."""
+        for job in jobs:
+            client = self.farm.clients.get(job.client_id)
+            if job.state is JobState.ASSIGNED and worker.jobs.get(job.key) is job and client is not None:
+                self.moves.move(job, JobState.QUEUED, client, now, finisher=worker, front=True)
+
+    def requeue(self, worker: WorkerRecord, why: Departure, detail: str, now: float) -> None:
+        """A worker's record ended: its jobs queue again, first (those it died running count a loss)."""
+        jobs = list(worker.jobs.values())  # in the order they were given to it
+        received = [job for job in jobs if job not in worker.outbox]
+        if not why.alive:  # the worker died running some of these: count it against them
+            # The oldest `slots` jobs it had received are the ones running; the rest were prefetched.
+            running = received[:worker.slots]
+            jobs = [job for job in jobs if job not in running or not self._poisoned(job, worker, detail, now)]
+        if jobs:
+            log.warning("worker %s %s: requeued its %d jobs", worker.id, detail, len(jobs))
+        for job in reversed(jobs):  # each goes to the front: keep the original order
+            client = self.farm.clients.get(job.client_id)
+            if client is not None and job.state is JobState.ASSIGNED:
+                self.moves.move(job, JobState.QUEUED, client, now, front=True)
+        worker.jobs.clear()
+        worker.outbox.clear()
+
+    def _poisoned(self, job: Job, worker: WorkerRecord, why: str, now: float) -> bool:
+        """Record a worker lost while running ``job``; end the job once it has lost too many."""
+        farm = self.farm
+        at = time.strftime("%H:%M:%S", time.localtime(farm.records.wall(now)))
+        job.losses += (f"{worker.id} on {worker.host} ({why}, at {at})",)
+        if farm.journal is not None:
+            farm.journal.losses(job)
+        limit = job.options.get("max_losses")
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+            limit = farm.settings.max_losses
+        client = farm.clients.get(job.client_id)
+        if len(job.losses) < limit or client is None:
+            return False
+        info = (f"{len(job.losses)} workers died while running it, so it is not tried again (it may be "
+                f"what kills them): {'; '.join(job.losses)}")
+        log.warning("job %s declared poison: %s", job.name, p.clip(info))
+        farm.records.event(now, "job-failed", f"job {job.name} lost {len(job.losses)} workers: not retried")
+        self.moves.move(job, JobState.FINISHED, client, now)
+        ended_at = farm.records.wall(now)
+        self.delivery.deliver(client, job, worker, p.Outcome.LOST, [], info,
+                              p.RunStats(ended_at, ended_at, 0.0, 0), now)
+        return True
+
+
+def _first_queued(queue: Queue) -> Job | None:
+    """The queue's first job still QUEUED (those that left the state are dropped here, lazily)."""
+    jobs = queue.jobs
+    while jobs:
+        job = jobs[0]
+        if job.state is JobState.QUEUED:
+            return job
+        jobs.popleft()
+    return None
+
+
+def _held_back(queue: Queue, job: Job) -> bool:
+    """Whether the queue's first job must wait: its queue runs as many jobs as it allows (option
+    ``max_running``: job arrays, projects)."""
+    cap = job.options.get("max_running")
+    if not isinstance(cap, int) or isinstance(cap, bool) or cap < 1:
+        return False
+    return queue.running >= cap
+
+
+def unschedulable(request: Request, workers: list[WorkerRecord]) -> str:
+    """Why no worker of these could ever hold a job asking ``request`` ("" if one could)."""
+    if any(request.tags <= w.tags and all(w.resources.get(k, 0.0) >= v for k, v in request.amounts.items())
+           for w in workers):
+        return ""
+    wanted = ", ".join([f"{k}={_amount(k, v)}" for k, v in sorted(request.amounts.items())]
+                       + [f"tag {t}" for t in sorted(request.tags)])
+    most = {k: max(w.resources.get(k, 0.0) for w in workers) for k in request.amounts}
+    have = ", ".join(f"{k}={_amount(k, v)}" for k, v in sorted(most.items()))
+    tags = sorted({t for w in workers for t in w.tags})
+    return (f"it asks for {wanted}; the {len(workers)} connected workers have at most {have or 'nothing'}"
+            f"{' and tags ' + ','.join(tags) if tags else ' and no tags'}: start a worker with "
+            f"--resources/--tags that fit, or ask for less")
+
+
+def _amount(name: str, value: float) -> str:
+    if name == "mem":
+        return f"{value / 2**30:.3g}G"
+    return f"{value:g}"
