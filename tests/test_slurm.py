@@ -28,9 +28,12 @@ WHY_NOT = slurm_unavailable()  # once: squeue may take its time to say no
 pytestmark = [pytest.mark.skipif(bool(WHY_NOT), reason=WHY_NOT or "ok"), pytest.mark.slow]
 
 
-def queue() -> str:
-    done = subprocess.run(["squeue", "-h", "--me"], check=True, capture_output=True, text=True, timeout=30)
-    return done.stdout
+def queue(cluster: zfarm.SlurmCluster) -> list[str]:
+    """This cluster's jobs in Slurm's queue (names): another test run may share the queue."""
+    done = subprocess.run(["squeue", "-h", "--me", "-o", "%j"], check=True, capture_output=True, text=True,
+                          timeout=30)
+    prefix = cluster.job_name("")
+    return [name for name in done.stdout.split() if name.startswith(prefix)]
 
 
 def test_slurm_cluster_scales_to_two_runs_a_map_and_leaves_the_queue_empty(tmp_path: Path) -> None:
@@ -39,7 +42,7 @@ def test_slurm_cluster_scales_to_two_runs_a_map_and_leaves_the_queue_empty(tmp_p
         cluster.wait_for_workers(2, timeout_s=90)
         with zfarm.Client(cluster) as client:
             assert sum(client.map(abs, range(-1000, 0))) == 500500
-        assert len(queue().splitlines()) == 2
+        assert len(queue(cluster)) == 2
         cluster.scale(3)  # this node has 2 CPUs: the third job waits in the queue, and counts as coming
         wait_for(lambda: [w["state"] for w in cluster.workers] == ["running", "running", "pending"], 60,
                  interval_s=0.2, message="a pending third job")
@@ -47,7 +50,7 @@ def test_slurm_cluster_scales_to_two_runs_a_map_and_leaves_the_queue_empty(tmp_p
         cluster.scale(0)
         wait_for(lambda: cluster.status()["launched"] == 0, 60, interval_s=0.5, message="jobs ended")
         assert [w["state"] for w in cluster.workers] == ["stopped", "stopped", "stopped"]
-    assert queue() == ""
+    assert queue(cluster) == []
     assert list(tmp_path.iterdir()) == []  # the settings file (with the worker key) is gone
 
 
@@ -84,11 +87,7 @@ def test_a_job_sbatch_queued_though_it_failed_is_cancelled(tmp_path: Path,
         cluster.wait_for_workers(1, timeout_s=120)
         assert cluster.workers[0]["launches"] == 2, cluster.workers
 
-        def names() -> list[str]:
-            done = subprocess.run(["squeue", "-h", "--me", "-o", "%j"], check=True, capture_output=True,
-                                  text=True, timeout=30)
-            return done.stdout.split()
-
-        wait_for(lambda: len(names()) == 1, 30, interval_s=0.5, message="only the second launch queued")
-        assert names()[0].endswith("slurm-0.2"), names()
-    assert queue() == ""
+        wait_for(lambda: len(queue(cluster)) == 1, 30, interval_s=0.5,
+                 message="only the second launch queued")
+        assert queue(cluster)[0].endswith("slurm-0.2"), queue(cluster)
+    assert queue(cluster) == []
