@@ -27,11 +27,7 @@ log = logging.getLogger(__name__)
 
 
 class Resources:
-    """What a client owns (context, I/O thread, embedded farm), apart from the client itself.
-
-    Kept in ``_OPEN`` until closed, so that a client the program dropped is still
-    closed: when its jobs are done (from the client's finalizer), or at exit.
-    """
+    """What a client owns (context, I/O thread, embedded farm), apart from the client itself."""
 
     def __init__(self, context: zmq.Context[Any], connection: IOThread,
                  cluster: Cluster | None) -> None:
@@ -96,16 +92,21 @@ class Resources:
     def _on_io_thread(self) -> bool:
         return threading.current_thread() is self.connection
 
-    def detach(self) -> None:
-        """Leave a session once the broker holds every job (DETACH_TIMEOUT_S at most)."""
+    def _first_to_close(self) -> bool:
+        """Mark closed; True for the one caller that closes. Another waits until that one is done
+        (but not on the I/O thread, which the first caller may be waiting for)."""
         with self._lock:
             closing = self._closed
             self._closed = True
-        if closing:
+        if closing and not self._on_io_thread():
             self._released.wait(RELEASE_WAIT_S)
-            return
-        self.connection.detach(DETACH_TIMEOUT_S)
-        self._release()
+        return not closing
+
+    def detach(self) -> None:
+        """Leave a session once the broker holds every job (DETACH_TIMEOUT_S at most)."""
+        if self._first_to_close():
+            self.connection.detach(DETACH_TIMEOUT_S)
+            self._release()
 
     def close_when_done(self, block: bool = False, interrupted: bool = False) -> None:
         """Close once every job is done and no map is being read (in a thread of its own, or ``block``)."""
@@ -121,8 +122,12 @@ class Resources:
 
     def _close_later(self) -> None:
         while not self._closed and (self.unfinished() or self._live_maps()):
-            concurrent.futures.wait(self.unfinished(), timeout=CLOSER_POLL_S)
+            self.wait_a_while()
         self.close()
+
+    def wait_a_while(self) -> None:
+        """Wait for the unfinished jobs, at most CLOSER_POLL_S (so Ctrl-C and new maps are seen)."""
+        concurrent.futures.wait(self.unfinished(), timeout=CLOSER_POLL_S)
 
     def wait_for_jobs(self, interrupted: bool = False) -> None:
         """Wait until every job is done. Ctrl-C says what we wait for; a second one kills the jobs.
@@ -134,39 +139,33 @@ class Resources:
         if self._on_io_thread():
             raise RuntimeError("a done-callback cannot wait for jobs: it runs on the client's I/O thread, "
                                "which settles them; use shutdown(wait=False) there")
-        warned = False
+        warned = interrupted
         if interrupted:
-            warned = self._say_waiting()
+            self._say_waiting()
         stop = False
-        while unfinished := self.unfinished():
+        while self.unfinished():
             try:
-                concurrent.futures.wait(unfinished, timeout=CLOSER_POLL_S)
+                self.wait_a_while()
             except KeyboardInterrupt:
                 if warned:
                     stop = True
                     break
-                warned = self._say_waiting()
+                warned = True
+                self._say_waiting()
         if stop:  # raised here, outside the handler: one traceback, not two
             for future in self.unfinished():
                 future.kill()
             self.close()
             raise KeyboardInterrupt
 
-    def _say_waiting(self) -> bool:
-        unfinished = len(self.unfinished())
-        if unfinished:
+    def _say_waiting(self) -> None:
+        if unfinished := len(self.unfinished()):
             sys.stderr.write(f"zfarm: waiting for {_jobs(unfinished)} (press Ctrl-C again to cancel them)\n")
             sys.stderr.flush()
-        return True
 
     def close(self) -> None:
         """Close (once); a second caller waits until the first has stopped everything."""
-        with self._lock:
-            closing = self._closed
-            self._closed = True
-        if closing:
-            if not self._on_io_thread():
-                self._released.wait(RELEASE_WAIT_S)
+        if not self._first_to_close():
             return
         if self._on_io_thread():  # a done-callback closing the client: done beside it, not by it
             threading.Thread(target=self._close_now, name=f"zfarm-close-{self.connection.client_id}",
@@ -227,13 +226,12 @@ def _close_all_clients() -> None:
                 if res.connection.settings.session:
                     res.detach()
                     continue
-                if res.unfinished():
-                    concurrent.futures.wait(res.unfinished(), timeout=EXIT_NOTICE_S)
-                    if left := len(res.unfinished()):
-                        sys.stderr.write(f"zfarm: waiting for {_jobs(left)} before exiting "
-                                         "(Ctrl-C cancels them)\n")
-                    while unfinished := res.unfinished():
-                        concurrent.futures.wait(unfinished, timeout=CLOSER_POLL_S)
+                concurrent.futures.wait(res.unfinished(), timeout=EXIT_NOTICE_S)
+                if left := len(res.unfinished()):
+                    sys.stderr.write(f"zfarm: waiting for {_jobs(left)} before exiting "
+                                     "(Ctrl-C cancels them)\n")
+                while res.unfinished():
+                    res.wait_a_while()
                 res.close()
             except KeyboardInterrupt:
                 raise
