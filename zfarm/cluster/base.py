@@ -39,7 +39,8 @@ log = logging.getLogger("zfarm.cluster")
 
 TICK_S = 0.5
 STATUS_EVERY_S = 2.0
-BROKER_START_S = 30.0
+#: after the grace, how long a kill of the workers still there may take before close gives up
+KILL_WAIT_S = 5.0
 
 #: settings that name one process or one shared farm, which a cluster's own broker and workers
 #: must not take from the environment: another broker's journal (two brokers would fight over
@@ -120,7 +121,7 @@ class Cluster:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._closing = False
-        self._closed = False
+        self._give_up_at = 0.0  # closing: workers still there then are killed (monotonic)
         self._thread: threading.Thread | None = None
         self.broker: subprocess.Popen[bytes] | None = None
         self._broker_said = False
@@ -218,17 +219,19 @@ class Cluster:
 
     def close(self, timeout_s: float | None = None) -> None:
         """Retire every worker (jobs handed back), stop the broker this cluster started."""
+        grace = self.worker_grace_s + 5.0 if timeout_s is None else timeout_s
         with self._lock:
-            if self._closed:
+            if self._closing:
                 return
-            self._closed = True
             self._adaptive = None
             self._target = 0
             self._closing = True
+            # one deadline for the supervisor and for us: it kills what is left then, and cleans up
+            # (cancels batch jobs, removes key files) before we stop waiting for it
+            self._give_up_at = time.monotonic() + grace
         self._wake.set()
-        grace = self.worker_grace_s + 10.0 if timeout_s is None else timeout_s
         if self._thread is not None:
-            self._thread.join(grace + 15.0)
+            self._thread.join(grace + 2 * KILL_WAIT_S + 5.0)
         self._stop_broker()
         shutil.rmtree(self._tmpdir, ignore_errors=True)
         log.info("%s cluster at %s closed", self.kind, self.address)
@@ -287,7 +290,6 @@ class Cluster:
     # ---- the supervisor thread --------------------------------------------------------------------
 
     def _supervise(self) -> None:
-        give_up_at = 0.0
         while True:
             now = time.monotonic()
             try:
@@ -302,16 +304,14 @@ class Cluster:
                 closing = self._closing
                 live = [w for w in self._records if w.handle is not None]
             if closing:
-                if not give_up_at:
-                    give_up_at = now + self.worker_grace_s + 5.0
                 if not live:
                     break
-                if now >= give_up_at:
+                if now >= self._give_up_at:
                     for w in live:
                         log.warning("%s did not leave in time: killing it", w.name)
                         with contextlib.suppress(Exception):
                             w.handle.kill()
-                    give_up_at = now + 5.0  # then once more, in case a kill itself was lost
+                    self._give_up_at = now + KILL_WAIT_S  # then once more, in case a kill was lost
             self._wake.wait(TICK_S)
             self._wake.clear()
         try:
