@@ -32,7 +32,7 @@ OK, CANCELLED, RETURNED = p.Outcome.OK, p.Outcome.CANCELLED, p.Outcome.RETURNED
 PLAIN = p.ResultKind.PLAIN
 FINISHED = JobState.FINISHED
 MAX_TEXT = p.MAX_TEXT_CHARS  # the client's bound on an info line
-_results_row, _run_stats = p.ResultsRow._make, p.RunStats._make
+_results_row, _run_stats = p.ResultsRow.from_wire, p.RunStats.from_wire
 
 
 class Delivery:

@@ -39,10 +39,6 @@ class Damaged:
     seq: int  # the job's number (-1 for a client or function row)
     fn_id: bytes = b""  # a function row's id
 
-    @property
-    def job(self) -> str:
-        return f"{self.client}:{self.seq}"
-
 
 @dataclass(slots=True)
 class Recovered:

@@ -17,7 +17,6 @@ import logging
 
 from zfarm import __version__
 from zfarm import protocol as p
-from zfarm.broker.delivery import Delivery
 from zfarm.broker.farm import Farm
 from zfarm.broker.jobstate import JobMoves
 from zfarm.broker.placement import Placement
@@ -43,12 +42,10 @@ RECOVERY_GRACE_S = 120.0
 
 
 class Peers:
-    def __init__(self, farm: Farm, moves: JobMoves, placement: Placement, delivery: Delivery,
-                 broker_id: str) -> None:
+    def __init__(self, farm: Farm, moves: JobMoves, placement: Placement, broker_id: str) -> None:
         self.farm = farm
         self.moves = moves
         self.placement = placement
-        self.delivery = delivery
         self.broker_id = broker_id
 
     def refusal(self, msg: p.Hello, auth: Auth) -> str:
@@ -147,7 +144,7 @@ class Peers:
             del farm.peers[peer.route]
         if isinstance(peer, WorkerRecord) and farm.workers.get(peer.id) is peer:
             del farm.workers[peer.id]
-            self.placement.hungry.pop(peer.id, None)
+            self.placement.forget(peer)
             held = len(peer.jobs)
             if why is Departure.LEFT:
                 farm.records.event(now, "worker-left", f"worker {peer.id} left ({held} jobs handed back)")

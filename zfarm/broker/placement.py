@@ -60,6 +60,10 @@ class Placement:
         worker.fns.clear()
         self.hungry.pop(worker.id, None)
 
+    def forget(self, worker: WorkerRecord) -> None:
+        """A worker's record ended: it takes no more jobs."""
+        self.hungry.pop(worker.id, None)
+
     def dispatch(self, now: float) -> None:
         """Fill idle slots first, spreading jobs evenly; only then use prefetch credit."""
         farm = self.farm

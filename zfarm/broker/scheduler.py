@@ -91,7 +91,7 @@ class Scheduler:
         self.delivery.on_failure = self.projects.failed
         self.intake = Intake(farm, self.moves, self.delivery, self.functions, self.projects,
                              self.dependencies)
-        self.peers_part = Peers(farm, self.moves, self.placement, self.delivery, self.broker_id)
+        self.peers_part = Peers(farm, self.moves, self.placement, self.broker_id)
         self._next_scan = now
         self.deadline_s = settings.heartbeat_interval_s * settings.liveness
         if journal is not None:
