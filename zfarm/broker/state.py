@@ -245,7 +245,6 @@ def role_of(peer: Peer) -> str:
     return p.Role.MONITOR.value
 
 
-MAX_PEER_ID_CHARS = 128
 NO_OPTIONS: dict[str, Any] = {}  # shared by every job without options; never changed
 #: payload frames up to this size are kept as bytes: a zmq.Frame object costs more than the copy, and
 #: a frame this small points into ZeroMQ's shared receive buffer (ZMQ_IN_BATCH_SIZE, 8 KiB), which
@@ -265,8 +264,8 @@ def check_hello(msg: p.Hello) -> str:
     """Why a HELLO cannot be accepted ("" if it can)."""
     if msg.role not in {r.value for r in p.Role}:
         return f"unknown role {msg.role!r}: expected worker, client or monitor"
-    if not msg.peer_id or len(msg.peer_id) > MAX_PEER_ID_CHARS:
-        return f"peer id must be 1 to {MAX_PEER_ID_CHARS} characters"
+    if not msg.peer_id or len(msg.peer_id) > p.MAX_ID_CHARS:  # (decode refuses longer ones already)
+        return f"peer id must be 1 to {p.MAX_ID_CHARS} characters"
     if msg.role == p.Role.WORKER and not 0 < msg.slots <= 100_000:
         return f"a worker must announce 1 to 100000 slots, not {msg.slots}"
     return ""
