@@ -32,7 +32,7 @@ def farm_with_peers() -> tuple[Farm, JobMoves, ClientRecord, WorkerRecord]:
 
 def job_in(state: JobState, moves: JobMoves, client: ClientRecord, worker: WorkerRecord, seq: int = 1) -> Job:
     """A job brought to ``state`` through allowed moves only."""
-    job = Job("c", seq, FN, (b"arg",), {}, 0.0)
+    job = Job("c", seq, FN, (b"arg",), {}, 0.0, client.own)
     path = {S.SUBMITTED: [], S.WAITING: [S.WAITING], S.QUEUED: [S.QUEUED], S.ASSIGNED: [S.QUEUED, S.ASSIGNED],
             S.FINISHED: [S.QUEUED, S.ASSIGNED, S.FINISHED], S.CANCELLED: [S.QUEUED, S.CANCELLED]}[state]
     for to in path:

@@ -110,7 +110,7 @@ class Delivery:
         farm = self.farm
         ok = outcome == OK
         queue = job.queue
-        if queue is not None:  # a project's (a client's own queue counts with the client)
+        if queue.name:  # a project's (a client's own queue counts with the client)
             if outcome == CANCELLED:
                 queue.cancelled += 1
             else:

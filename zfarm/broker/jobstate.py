@@ -68,7 +68,7 @@ class JobMoves:
         if (start, to) not in ALLOWED or (to is ASSIGNED and worker is None):
             raise IllegalMove(job.name, start, to)
         farm = self.farm
-        queue = job.queue or client.own
+        queue = job.queue
         # leave the old state (a queued job leaves its queue lazily: dispatch skips it)
         if start is QUEUED:
             client.queued -= 1
@@ -112,13 +112,13 @@ class JobMoves:
 
     def admit(self, job: Job, client: ClientRecord, now: float) -> None:
         """A new job queues, or waits if an earlier phase of its client's jobs in its queue is unfinished."""
-        queue = job.queue or client.own
+        queue = job.queue
         first = queue.first_phase(client.id) if job.phase else None
         self.move(job, WAITING if first is not None and first < job.phase else QUEUED, client, now)
 
     def ready(self, job: Job, client: ClientRecord, now: float) -> None:
         """A WAITING job's upstream jobs succeeded: it queues, or waits on for its phase."""
-        queue = job.queue or client.own
+        queue = job.queue
         first = queue.first_phase(client.id) if job.phase else None
         if first is not None and first < job.phase:
             queue.waiting.setdefault((client.id, job.phase), []).append(job)  # (still WAITING)

@@ -134,11 +134,10 @@ class Placement:
             return
         job.warned = True
         client = self.farm.clients.get(job.client_id)
-        queue = job.queue or (client.own if client is not None else None)
-        if queue is not None:  # set aside: the jobs behind it go on
-            queue.unschedulable = why
-            if queue.jobs and queue.jobs[0] is job:
-                queue.parked.append(queue.jobs.popleft())
+        queue = job.queue  # set aside: the jobs behind it go on
+        queue.unschedulable = why
+        if queue.jobs and queue.jobs[0] is job:
+            queue.parked.append(queue.jobs.popleft())
         log.warning("job %s can run on no connected worker: %s", job.name, why)
         self.farm.records.event(now, "job-unschedulable", f"job {job.name}: {why}")
         if client is not None and client.present:

@@ -136,7 +136,7 @@ class Projects:
     def failed(self, job: Job, now: float) -> int:
         """A job of the project failed: apply its rule. Returns the kind its result row carries."""
         queue = job.queue
-        if queue is None or not queue.name or queue.on_error is OnError.CONTINUE:
+        if not queue.name or queue.on_error is OnError.CONTINUE:  # (a client's own queue has no rule)
             return p.ResultKind.PLAIN
         if queue.on_error is OnError.SUSPEND:
             was = queue.suspended

@@ -115,6 +115,7 @@ class Job:
     frames: tuple[Any, ...]  # opaque payload frames, never decoded here
     options: dict[str, Any]
     queued_at: float
+    queue: Queue  # its project's, or its client's own
     state: JobState = JobState.SUBMITTED
     worker: str | None = None
     #: ids of the workers the job was given to, in order; its attempt number is the length
@@ -126,7 +127,6 @@ class Job:
     #: read back from the journal: the broker that gave it out is gone, so any worker may answer an
     #: attempt after this one (earlier ones ran a job this one replaced); -1: not read back
     recovered_after: int = -1
-    queue: Queue | None = None  # its project's, or its client's own
     phase: int = 0
     request: Request | None = None
     devices: tuple[str, ...] = ()  # GPU ids given to it while assigned
