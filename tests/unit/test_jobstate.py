@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from zfarm import protocol as p
 from zfarm.broker.farm import Farm
 from zfarm.broker.held import HeldResults
 from zfarm.broker.jobstate import ALLOWED, IllegalMove, JobMoves
@@ -39,7 +40,7 @@ def job_in(state: JobState, moves: JobMoves, client: ClientRecord, worker: Worke
         if to is S.ASSIGNED:
             client.own.jobs.remove(job)  # as dispatch pops it
         moves.move(job, to, client, 0.0, worker=worker if to is S.ASSIGNED else None,
-                   finisher=worker if to is S.FINISHED else None)
+                   finisher=worker if to is S.FINISHED else None, outcome=p.Outcome.OK)
     return job
 
 
@@ -50,7 +51,7 @@ def test_every_allowed_move_keeps_counts_queues_and_holders(start: JobState, fin
     if start is S.QUEUED and finish is S.ASSIGNED:
         client.own.jobs.remove(job)
     moves.move(job, finish, client, 1.0, worker=worker if finish is S.ASSIGNED else None,
-               finisher=worker if finish is S.FINISHED else None)
+               finisher=worker if finish is S.FINISHED else None, outcome=p.Outcome.OK)
     assert job.state is finish
     queued = 1 if finish is S.QUEUED else 0
     assert (client.queued, farm.queued) == (queued, queued)
@@ -65,6 +66,7 @@ def test_every_allowed_move_keeps_counts_queues_and_holders(start: JobState, fin
     assert client.own.waiting_jobs == (1 if finish is S.WAITING else 0)
     assert farm.counters.requeued == (1 if (start, finish) == (S.ASSIGNED, S.QUEUED) else 0)
     assert farm.counters.cancelled == (1 if finish is S.CANCELLED else 0)
+    assert (farm.counters.done, client.done) == ((1, 1) if finish is S.FINISHED else (0, 0))
     if finish is S.ASSIGNED:
         assert job.worker == "w" and worker.credit == 1 and worker.outbox == [job]
     if (start, finish) == (S.ASSIGNED, S.CANCELLED):

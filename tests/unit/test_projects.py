@@ -150,6 +150,31 @@ def test_on_error_suspend_and_cancel() -> None:
     assert view(farm, "c")["cancelled"] == 3 and view(farm, "c")["failed"] == 1
 
 
+def test_a_project_cancel_counts_its_jobs_cancelled_not_failed_for_farm_client_and_project() -> None:
+    farm = farm_with_one_slot()
+    submit(farm, range(1, 5), project="c", on_error="cancel")
+    submit(farm, [5], with_fn=False, after=[2])  # a dependent of a job the cancel ends
+    (row,) = job_rows(farm.out(0.0), W1)
+    finish(farm, [row], 1.0, outcome=ERROR)
+    ends = {r[0]: (r[1], r[4]) for r, _ in result_rows(farm.out(1.0), CA)}
+    cancelled = (p.Outcome.CANCELLED, p.ResultKind.PLAIN)
+    assert ends == {1: (ERROR, p.ResultKind.PLAIN), 2: cancelled, 3: cancelled, 4: cancelled,
+                    5: (p.Outcome.LOST, p.ResultKind.DEPENDENCY_FAILED)}
+    snap = farm.snap(1.0)
+    (client,) = snap["clients"]
+    assert (snap["done"], snap["failed"], snap["cancelled"]) == (0, 2, 3)  # the job and its dependent
+    assert (client["done"], client["failed"], client["cancelled"]) == (0, 2, 3)
+    assert (view(farm, "c")["failed"], view(farm, "c")["cancelled"]) == (1, 3)
+    submit(farm, [6], 2.0, with_fn=False)
+    submit(farm, [7], 2.0, with_fn=False, after=[6])
+    farm.send(CA, p.Cancel([6]), 2.0)  # a client's cancel: its dependent fails, counted once
+    ((row, _),) = result_rows(farm.out(2.0), CA)
+    assert (row[0], row[4]) == (7, p.ResultKind.DEPENDENCY_FAILED)
+    snap = farm.snap(2.0)
+    assert (snap["done"], snap["failed"], snap["cancelled"]) == (0, 3, 4)
+    assert (snap["clients"][0]["failed"], snap["clients"][0]["cancelled"]) == (3, 4)
+
+
 def test_a_phase_starts_when_every_job_before_it_is_over() -> None:
     farm = Farm()
     farm.client(CA, "ca")

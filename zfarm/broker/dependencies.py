@@ -22,7 +22,7 @@ from zfarm.broker.delivery import Delivery
 from zfarm.broker.farm import Farm
 from zfarm.broker.jobstate import JobMoves
 from zfarm.broker.projects import BadProject
-from zfarm.broker.state import ClientRecord, Job, JobState, WorkerRecord
+from zfarm.broker.state import ClientRecord, Job, JobState
 
 log = logging.getLogger("zfarm.broker.scheduler")
 
@@ -88,11 +88,8 @@ class Dependencies:
     def _fail(self, client: ClientRecord, job: Job, upstream: int, why: str, now: float) -> None:
         name = f"{client.id}:{upstream}"
         log.info("job %s does not run: its upstream job %s %s", job.name, name, why)
-        self.moves.move(job, JobState.FINISHED, client, now)
-        at = self.farm.records.wall(now)
-        nobody = WorkerRecord(id="", route=b"", host="", pid=0, joined_at=now, last_seen=now, last_sent=now)
-        self.delivery.deliver(client, job, nobody, p.Outcome.LOST, [], f"{name}: {why}",
-                              p.RunStats(at, at, 0.0, 0), now, p.ResultKind.DEPENDENCY_FAILED)
+        self.delivery.end_unrun(client, job, p.Outcome.LOST, f"{name}: {why}", now,
+                                p.ResultKind.DEPENDENCY_FAILED)
 
     def frames(self, client: ClientRecord, job: Job, now: float) -> tuple[list[Any], list[int]]:
         """The held result frames of ``job``'s upstream jobs, and how many each (for its JOBS row)."""

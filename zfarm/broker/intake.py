@@ -120,9 +120,7 @@ class Intake:
     def retire(self, client: ClientRecord, job: Job, now: float) -> None:
         """Cancel a client's unfinished job. A session may send its number again with other content:
         the next job under that number goes on counting attempts, so the old run's result is refused."""
-        self.moves.move(job, JobState.CANCELLED, client, now)
-        if client.dependents:
-            self.dependencies.ended(client, job, False, now)
+        self.moves.move(job, JobState.CANCELLED, client, now)  # (its dependents fail)
         if client.session and job.history:
             client.attempts_used[job.seq] = len(job.history)
 

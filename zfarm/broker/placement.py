@@ -223,10 +223,7 @@ class Placement:
                 f"what kills them): {'; '.join(job.losses)}")
         log.warning("job %s declared poison: %s", job.name, p.clip(info))
         farm.records.event(now, "job-failed", f"job {job.name} lost {len(job.losses)} workers: not retried")
-        self.moves.move(job, JobState.FINISHED, client, now)
-        ended_at = farm.records.wall(now)
-        self.delivery.deliver(client, job, worker, p.Outcome.LOST, [], info,
-                              p.RunStats(ended_at, ended_at, 0.0, 0), now)
+        self.delivery.end_unrun(client, job, p.Outcome.LOST, info, now, worker=worker)
         return True
 
 

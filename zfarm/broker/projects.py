@@ -22,7 +22,7 @@ from zfarm import protocol as p
 from zfarm.broker.delivery import Delivery
 from zfarm.broker.farm import Farm
 from zfarm.broker.jobstate import JobMoves
-from zfarm.broker.state import ClientRecord, Job, JobState, OnError, Queue, WorkerRecord
+from zfarm.broker.state import ClientRecord, Job, OnError, Queue
 
 log = logging.getLogger("zfarm.broker.scheduler")
 
@@ -127,11 +127,7 @@ class Projects:
 
     def end(self, client: ClientRecord, job: Job, why: str, now: float) -> None:
         """One job ends CANCELLED, its client told (its future is cancelled)."""
-        self.moves.move(job, JobState.FINISHED, client, now)
-        at = self.farm.records.wall(now)
-        nobody = WorkerRecord(id="", route=b"", host="", pid=0, joined_at=now, last_seen=now, last_sent=now)
-        self.delivery.deliver(client, job, nobody, p.Outcome.CANCELLED, [], why, p.RunStats(at, at, 0.0, 0),
-                              now)
+        self.delivery.end_unrun(client, job, p.Outcome.CANCELLED, why, now)
 
     def failed(self, job: Job, now: float) -> int:
         """A job of the project failed: apply its rule. Returns the kind its result row carries."""

@@ -211,6 +211,7 @@ class ClientRecord(Peer):
     submitted: int = 0
     done: int = 0
     failed: int = 0
+    cancelled: int = 0
     out_rows: list[list[Any]] = field(default_factory=list)
     out_frames: list[Any] = field(default_factory=list)
     out_stats: list[list[Any]] = field(default_factory=list)
