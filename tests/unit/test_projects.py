@@ -175,6 +175,20 @@ def test_a_project_cancel_counts_its_jobs_cancelled_not_failed_for_farm_client_a
     assert (snap["clients"][0]["failed"], snap["clients"][0]["cancelled"]) == (3, 4)
 
 
+def test_a_project_reports_its_rate_and_eta_at_a_hundred_jobs_a_second() -> None:
+    """More jobs finish in the window than the project remembers: the rate is over the time they span."""
+    farm = Farm()
+    farm.client(CA, "ca")
+    farm.worker(W1, "w1", slots=10, credit=10)
+    submit(farm, range(1, 4001), project="r")
+    for step in range(300):  # 30 s, ten jobs every tenth of a second
+        now = step / 10
+        finish(farm, job_rows(farm.out(now), W1), now)
+    (status,) = farm.snap(now)["projects"]
+    assert status["done"] == 3000
+    assert 95 <= status["jobs_per_s"] <= 105 and 9.5 <= status["eta_s"] <= 10.5, status
+
+
 def test_a_phase_starts_when_every_job_before_it_is_over() -> None:
     farm = Farm()
     farm.client(CA, "ca")

@@ -195,7 +195,7 @@ class JobMoves:
             counters.failed += 1
         if job.state is FINISHED:
             if queue.name:  # a project's throughput
-                queue.finished_at.append(now)
+                queue.finished.add(now)
         elif farm.journal is not None and known:  # (a dropped client's rows go with it)
             farm.journal.drop_job(client.id, job.seq)  # (a finished job's is replaced by its result's)
         client.jobs.pop(job.seq, None)

@@ -27,8 +27,6 @@ from zfarm.broker.state import ClientRecord, Job, OnError, Queue
 log = logging.getLogger("zfarm.broker.scheduler")
 
 MAX_PROJECT_CHARS = 128
-#: finished jobs counted over this window for a project's throughput and ETA
-RATE_WINDOW_S = 60.0
 
 
 class BadProject(ValueError):
@@ -144,9 +142,7 @@ class Projects:
     # ---- views -------------------------------------------------------------------------------------
 
     def view(self, queue: Queue, now: float) -> dict[str, Any]:
-        recent = [t for t in queue.finished_at if now - t <= RATE_WINDOW_S]
-        span = min(RATE_WINDOW_S, now - queue.created_at)
-        rate = len(recent) / span if recent and span > 0 else 0.0
+        rate = queue.finished.rate(now, now - queue.created_at)
         left = queue.queued + queue.running + queue.waiting_jobs
         state = ("suspended" if queue.suspended else "done" if not left
                  else "running" if queue.running else "queued")

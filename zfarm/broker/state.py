@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from zfarm import protocol as p
+from zfarm.broker.records import PerSecond
 
 Route = bytes  # a ROUTER routing id
 
@@ -100,7 +101,8 @@ class Queue:
     #: queued jobs no connected worker could ever hold, set aside until another worker joins
     parked: list[Job] = field(default_factory=list)
     created_at: float = 0.0
-    finished_at: deque[float] = field(default_factory=lambda: deque(maxlen=512))
+    #: its jobs finished (or ended by its cancel) in each of the last 60 s: its rate and ETA
+    finished: PerSecond = field(default_factory=lambda: PerSecond(0.0))
 
     def first_phase(self, client_id: str) -> int | None:
         """The lowest phase with unfinished jobs of this client here (None: none)."""
