@@ -192,10 +192,10 @@ class Placement:
     def requeue(self, worker: WorkerRecord, why: Departure, detail: str, now: float) -> None:
         """A worker's record ended: its jobs queue again, first (those it died running count a loss)."""
         jobs = list(worker.jobs.values())  # in the order they were given to it
-        received = [job for job in jobs if job not in worker.outbox]
         if not why.alive:  # the worker died running some of these: count it against them
+            unsent = set(worker.outbox)  # (sets of jobs by identity: a list scan per job is quadratic)
             # The oldest `slots` jobs it had received are the ones running; the rest were prefetched.
-            running = received[:worker.slots]
+            running = set([job for job in jobs if job not in unsent][:worker.slots])
             jobs = [job for job in jobs if job not in running or not self._poisoned(job, worker, detail, now)]
         if jobs:
             log.warning("worker %s %s: requeued its %d jobs", worker.id, detail, len(jobs))
