@@ -18,6 +18,7 @@ from tests.unit.test_scheduler import (
     OK,
     W1,
     W2,
+    W3,
     Conversation,
     Farm,
     job_rows,
@@ -26,6 +27,7 @@ from tests.unit.test_scheduler import (
     to,
 )
 from zfarm import protocol as p
+from zfarm.broker import placement
 from zfarm.broker.journal import Journal
 from zfarm.broker.placement import MAX_CREDIT
 
@@ -237,6 +239,34 @@ def test_a_job_no_worker_can_hold_is_unschedulable_and_does_not_block_the_others
     farm.send(W2, p.Hello("worker", "w2", "node", 101, 1, info), 1.0)  # a worker that can: it runs there
     farm.send(W2, p.Ready(1), 1.0)
     assert [r[1] for r in job_rows(farm.out(1.0), W2)] == [1]
+
+
+def test_a_job_that_fits_a_busy_worker_is_checked_against_every_worker_once_per_set_of_workers(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    checks: list[int] = []
+
+    def counted(request: Any, workers: list[Any]) -> str:
+        checks.append(len(workers))
+        return real(request, workers)
+
+    real = placement.unschedulable
+    monkeypatch.setattr(placement, "unschedulable", counted)
+    farm = Farm()
+    farm.client(CA, "ca")
+    gpu = {"resources": {"gpus": 1}}
+    for route, wid in ((W1, "w1"), (W2, "w2")):
+        farm.send(route, p.Hello("worker", wid, "node", 100, 2, gpu), 0.0)
+        farm.send(route, p.Ready(2), 0.0)
+    submit(farm, range(1, 5), resources={"gpus": 1})
+    out = farm.out(0.0)
+    assert sorted(r[1] for route in (W1, W2) for r in job_rows(out, route)) == [1, 2]
+    for turn in range(1, 11):  # jobs 3 and 4 fit a worker, not now: the answer cannot change
+        out = farm.out(turn)
+        assert not to(out, W1, p.Jobs) and not to(out, W2, p.Jobs)
+    assert checks == [2]
+    farm.send(W3, p.Hello("worker", "w3", "node", 102, 1, {}), 11.0)  # another worker: checked again
+    farm.out(11.0)
+    assert checks == [2, 3]
 
 
 def test_a_dependent_waits_for_its_upstream_and_gets_its_result_frames_or_fails_naming_it() -> None:

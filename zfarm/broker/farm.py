@@ -39,6 +39,8 @@ class Farm:
     active: list[Queue] = field(default_factory=list)
     #: projects by name
     projects: dict[str, Queue] = field(default_factory=dict)
+    #: counts changes to ``workers`` (a worker joined or its record ended): what could run somewhere
+    workers_epoch: int = 0
     #: the pass of the last queue dispatched from: a queue that was idle starts there (no banked turns)
     vtime: float = 0.0
     out: list[Outbound] = field(default_factory=list)
@@ -49,6 +51,14 @@ class Farm:
     @property
     def journal_path(self) -> str:
         return self.journal.path if self.journal is not None else ""
+
+    def add_worker(self, worker: WorkerRecord) -> None:
+        self.workers[worker.id] = worker
+        self.workers_epoch += 1
+
+    def remove_worker(self, worker: WorkerRecord) -> None:
+        del self.workers[worker.id]
+        self.workers_epoch += 1
 
     def send(self, peer: Peer, msg: p.Message, now: float) -> None:
         peer.last_sent = now

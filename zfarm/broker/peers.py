@@ -95,7 +95,7 @@ class Peers:
             worker.resources, worker.free = resources, dict(resources)
             worker.tags = frozenset(msg.info.get("tags", ()))
             worker.gpu_ids = [str(g) for g in msg.info.get("gpu_ids", ())][:int(resources.get("gpus", 0))]
-            farm.workers[worker.id] = worker
+            farm.add_worker(worker)
             self.placement.unpark()
             slots = f"{worker.slots} slot{'' if worker.slots == 1 else 's'}"
             if len(resources) > 1 or worker.tags:
@@ -143,7 +143,7 @@ class Peers:
         if farm.peers.get(peer.route) is peer:
             del farm.peers[peer.route]
         if isinstance(peer, WorkerRecord) and farm.workers.get(peer.id) is peer:
-            del farm.workers[peer.id]
+            farm.remove_worker(peer)
             self.placement.forget(peer)
             held = len(peer.jobs)
             if why is Departure.LEFT:

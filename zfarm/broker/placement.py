@@ -120,19 +120,19 @@ class Placement:
         free = worker.free
         if request.tags <= worker.tags and all(free.get(k, 0.0) >= v for k, v in request.amounts.items()):
             return True
-        if not job.warned:
+        if job.checked != self.farm.workers_epoch:
             self._check_schedulable(job, now)
         return False
 
     def _check_schedulable(self, job: Job, now: float) -> None:
         """A job no connected worker could ever hold is shown as unschedulable; its client is told once."""
         request = job.request
+        job.checked = self.farm.workers_epoch
         if request is None or not self.farm.workers:
             return
         why = unschedulable(request, list(self.farm.workers.values()))
         if not why:
             return
-        job.warned = True
         client = self.farm.clients.get(job.client_id)
         queue = job.queue  # set aside: the jobs behind it go on
         queue.unschedulable = why
@@ -148,8 +148,7 @@ class Placement:
         for queue in [*self.farm.projects.values(), *(c.own for c in self.farm.clients.values())]:
             if queue.parked:
                 for job in reversed(queue.parked):
-                    if job.state is JobState.QUEUED:
-                        job.warned = False
+                    if job.state is JobState.QUEUED:  # (checked again: the workers changed)
                         queue.jobs.appendleft(job)
                 queue.parked.clear()
                 queue.unschedulable = ""

@@ -132,7 +132,9 @@ class Job:
     phase: int = 0
     request: Request | None = None
     devices: tuple[str, ...] = ()  # GPU ids given to it while assigned
-    warned: bool = False  # its client was told it can run nowhere
+    #: the farm's ``workers_epoch`` when it was last checked against every worker (-1: never): the
+    #: answer changes only when a worker joins or leaves, so a job waiting for room is checked once
+    checked: int = -1
     #: its upstream jobs (option ``after``: seqs of its client), whose results go with it to its slot
     after: tuple[int, ...] = ()
     #: those of them still unfinished (it is WAITING until this is empty)
