@@ -263,10 +263,11 @@ def test_a_job_that_fits_a_busy_worker_is_checked_against_every_worker_once_per_
     for turn in range(1, 11):  # jobs 3 and 4 fit a worker, not now: the answer cannot change
         out = farm.out(turn)
         assert not to(out, W1, p.Jobs) and not to(out, W2, p.Jobs)
-    assert checks == [2]
+    assert checks == [2, 2]  # jobs 2 (on w1, before w2 took it) and 3, once each
     farm.send(W3, p.Hello("worker", "w3", "node", 102, 1, {}), 11.0)  # another worker: checked again
-    farm.out(11.0)
-    assert checks == [2, 3]
+    farm.send(W3, p.Ready(1), 11.0)
+    assert not to(farm.out(11.0), W3, p.Jobs)
+    assert checks == [2, 2, 3]
 
 
 def test_a_dependent_waits_for_its_upstream_and_gets_its_result_frames_or_fails_naming_it() -> None:
