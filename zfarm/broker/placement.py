@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from heapq import heappop, heappush
 from typing import Any
 
 from zfarm import protocol as p
@@ -91,27 +92,34 @@ class Placement:
     def _next_for(self, worker: WorkerRecord, now: float) -> tuple[ClientRecord, Job] | None:
         """The next job for ``worker``: from the queue of highest priority, then lowest pass, whose
         first job may run now and fits what the worker has free."""
-        best: Queue | None = None
-        best_job: Job | None = None
-        active = self.farm.active
-        for queue in list(active) if len(active) > 1 else active[:1]:
+        farm = self.farm
+        active = farm.active
+        skipped: list[tuple[int, float, int, int, Queue]] = []  # their first job does not fit here
+        found: tuple[Queue, Job] | None = None
+        while active:
+            entry = heappop(active)
+            queue = entry[4]
+            if entry[3] != queue.version:
+                continue  # stale: the queue has a newer entry
             job = _first_queued(queue)
             if job is None or queue.suspended or (job.options is not NO_OPTIONS and _held_back(queue, job)):
                 queue.scheduled = False  # scheduled again by resume, or when one of its jobs is over
-                active.remove(queue)
                 continue
             if job.request is not None and not self._fits(job, worker, now):
+                skipped.append(entry)
                 continue
-            if best is None or queue.priority > best.priority or (
-                    queue.priority == best.priority and queue.pass_ < best.pass_):
-                best, best_job = queue, job
-        if best is None or best_job is None:
+            found = queue, job
+            break
+        for entry in skipped:
+            heappush(active, entry)
+        if found is None:
             return None
-        best.jobs.popleft()
-        self.farm.vtime = best.pass_
-        best.pass_ += 1.0 / best.share
-        client = self.farm.clients[best_job.client_id]
-        return client, best_job
+        queue, job = found
+        queue.jobs.popleft()
+        farm.vtime = queue.pass_
+        queue.pass_ += 1.0 / queue.share
+        farm.push(queue)
+        return farm.clients[job.client_id], job
 
     def _fits(self, job: Job, worker: WorkerRecord, now: float) -> bool:
         request = job.request

@@ -61,7 +61,7 @@ class Projects:
                      on_error.value if on_error else "continue")
             self.farm.records.event(now, "project-opened", f"project {name} opened by {client.id}")
         if priority is not None:
-            queue.priority = priority
+            self.farm.set_priority(queue, priority)
         if share is not None:
             queue.share = share
         if on_error is not None:
@@ -87,7 +87,8 @@ class Projects:
                 priority, share, _ = _settings(msg.settings)
             except BadProject as exc:
                 return self._reply(now, str(exc))
-            queue.priority = queue.priority if priority is None else priority
+            if priority is not None:
+                self.farm.set_priority(queue, priority)
             queue.share = queue.share if share is None else share
         elif action is p.ProjectAction.SUSPEND:
             self.suspend(queue, "suspended by request", now)

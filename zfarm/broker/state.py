@@ -83,7 +83,9 @@ class Queue:
     suspended: bool = False
     why_suspended: str = ""
     jobs: deque[Job] = field(default_factory=deque)  # QUEUED jobs (and ones that left it: skipped)
-    scheduled: bool = False  # in the farm's list of queues with queued jobs
+    scheduled: bool = False  # in the farm's heap of queues with queued jobs (``Farm.active``)
+    order: int = 0  # when it was scheduled (among equals, the first scheduled goes first)
+    version: int = 0  # of its latest entry in the heap (older ones are stale)
     pass_: float = 0.0
     submitted: int = 0
     queued: int = 0
