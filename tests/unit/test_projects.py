@@ -296,6 +296,26 @@ def test_a_dependent_waits_for_its_upstream_and_gets_its_result_frames_or_fails_
     assert (late[0], late[4]) == (6, p.ResultKind.DEPENDENCY_FAILED)
 
 
+def test_an_upstream_result_on_disk_is_read_once_for_all_its_dependents_in_a_jobs_message(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    journal = Journal(str(tmp_path / "j.db"))
+    farm = Farm(journal=journal)
+    farm.client(CA, "ca", session="s")  # a session's results are held on disk only
+    farm.worker(W1, "w1", slots=8, credit=1)
+    submit(farm, [1])
+    submit(farm, range(2, 7), with_fn=False, after=[1])
+    (row,) = job_rows(farm.out(0.0), W1)
+    reads: list[int] = []
+    read = journal.held_result
+    monkeypatch.setattr(journal, "held_result", lambda c, seq: reads.append(seq) or read(c, seq))
+    farm.result(W1, row, 1.0, credit=5)
+    (jobs_msg,) = to(farm.out(1.0), W1, p.Jobs)
+    assert [r[1] for r in jobs_msg.jobs] == [2, 3, 4, 5, 6]
+    assert list(jobs_msg.frames).count(b"result:ca:1") == 5
+    assert reads == [1]
+    journal.close()
+
+
 def test_bad_project_options_are_refused_with_the_reason() -> None:
     farm = farm_with_one_slot()
     submit(farm, [1], project="x", share=-1)

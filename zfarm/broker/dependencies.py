@@ -91,14 +91,20 @@ class Dependencies:
         self.delivery.end_unrun(client, job, p.Outcome.LOST, f"{name}: {why}", now,
                                 p.ResultKind.DEPENDENCY_FAILED)
 
-    def frames(self, client: ClientRecord, job: Job, now: float) -> tuple[list[Any], list[int]]:
-        """The held result frames of ``job``'s upstream jobs, and how many each (for its JOBS row)."""
+    def frames(self, client: ClientRecord, job: Job, now: float,
+               known: dict[tuple[str, int], list[Any]]) -> tuple[list[Any], list[int]]:
+        """The held result frames of ``job``'s upstream jobs, and how many each (for its JOBS row).
+
+        ``known``: upstream results read already, by (client, seq); those read here are added (a
+        result on disk is read and checked once for all the dependents in a JOBS message)."""
         frames: list[Any] = []
         counts: list[int] = []
         for seq in job.after:
-            held = client.held.get(seq)
-            whole = self.delivery.held_result(client, seq, held, now) if held is not None else None
-            result = list(whole.frames or []) if whole is not None else []
+            result = known.get((client.id, seq))
+            if result is None:
+                held = client.held.get(seq)
+                whole = self.delivery.held_result(client, seq, held, now) if held is not None else None
+                result = known[(client.id, seq)] = list(whole.frames or []) if whole is not None else []
             frames.extend(result)
             counts.append(len(result))
         return frames, counts

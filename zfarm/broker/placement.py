@@ -169,6 +169,7 @@ class Placement:
         rows: list[list[Any]] = []
         job_frames: list[Any] = []
         clients = self.farm.clients
+        upstream_results: dict[tuple[str, int], list[Any]] = {}  # each read once, however many dependents
         for job in worker.outbox:
             if job.fn_id not in worker.fns:
                 fns.append(job.fn_id)
@@ -180,7 +181,8 @@ class Placement:
             job_frames.extend(job.frames)
             nframes = len(job.frames)
             if job.after:  # the upstream results follow its own frames; the slot puts them in place
-                upstream, counts = self.dependencies.frames(clients[job.client_id], job, now)
+                upstream, counts = self.dependencies.frames(clients[job.client_id], job, now,
+                                                            upstream_results)
                 options = {**options, "upstream": counts}
                 job_frames.extend(upstream)
                 nframes += len(upstream)
