@@ -2,12 +2,14 @@
 
 ::
 
-    clients' queues (round-robin) ──► idle slots first, spread evenly ──► prefetch credit ──► JOBS
+    queues (a heap: priority, then pass) ──► idle slots first, spread evenly ──► prefetch credit ──► JOBS
 
 A worker's credit is what the worker said it can take (READY adds, RESULTS returns); the broker
-never sends it more. Queues are per client and served round-robin, so one client's million jobs
-cannot starve another's ten. A job whose worker is lost goes back to the front of its queue; one
-that has lost ``max_losses`` workers is declared poison and fails with LOST.
+never sends it more. Queues (each project's, each client's own) are served by priority, then in
+proportion to their shares (stride scheduling), so one client's million jobs cannot starve another's
+ten; the next queue comes off a heap (a dispatch costs a heap step, not a scan of every queue).
+A job whose worker is lost goes back to the front of its queue; one that has lost ``max_losses``
+workers is declared poison and fails with LOST.
 """
 
 from __future__ import annotations
