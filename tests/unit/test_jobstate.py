@@ -4,10 +4,12 @@ move is refused, and no code but ``JobMoves.move`` assigns a job's state."""
 from __future__ import annotations
 
 import ast
+from dataclasses import astuple
 from pathlib import Path
 
 import pytest
 
+from zfarm import protocol as p
 from zfarm.broker.farm import Farm
 from zfarm.broker.held import HeldResults
 from zfarm.broker.jobstate import ALLOWED, IllegalMove, JobMoves
@@ -31,14 +33,14 @@ def farm_with_peers() -> tuple[Farm, JobMoves, ClientRecord, WorkerRecord]:
 
 def job_in(state: JobState, moves: JobMoves, client: ClientRecord, worker: WorkerRecord, seq: int = 1) -> Job:
     """A job brought to ``state`` through allowed moves only."""
-    job = Job("c", seq, FN, (b"arg",), {}, 0.0)
+    job = Job("c", seq, FN, (b"arg",), {}, 0.0, client.own)
     path = {S.SUBMITTED: [], S.WAITING: [S.WAITING], S.QUEUED: [S.QUEUED], S.ASSIGNED: [S.QUEUED, S.ASSIGNED],
             S.FINISHED: [S.QUEUED, S.ASSIGNED, S.FINISHED], S.CANCELLED: [S.QUEUED, S.CANCELLED]}[state]
     for to in path:
         if to is S.ASSIGNED:
             client.own.jobs.remove(job)  # as dispatch pops it
         moves.move(job, to, client, 0.0, worker=worker if to is S.ASSIGNED else None,
-                   finisher=worker if to is S.FINISHED else None)
+                   finisher=worker if to is S.FINISHED else None, outcome=p.Outcome.OK)
     return job
 
 
@@ -49,7 +51,7 @@ def test_every_allowed_move_keeps_counts_queues_and_holders(start: JobState, fin
     if start is S.QUEUED and finish is S.ASSIGNED:
         client.own.jobs.remove(job)
     moves.move(job, finish, client, 1.0, worker=worker if finish is S.ASSIGNED else None,
-               finisher=worker if finish is S.FINISHED else None)
+               finisher=worker if finish is S.FINISHED else None, outcome=p.Outcome.OK)
     assert job.state is finish
     queued = 1 if finish is S.QUEUED else 0
     assert (client.queued, farm.queued) == (queued, queued)
@@ -64,6 +66,7 @@ def test_every_allowed_move_keeps_counts_queues_and_holders(start: JobState, fin
     assert client.own.waiting_jobs == (1 if finish is S.WAITING else 0)
     assert farm.counters.requeued == (1 if (start, finish) == (S.ASSIGNED, S.QUEUED) else 0)
     assert farm.counters.cancelled == (1 if finish is S.CANCELLED else 0)
+    assert (farm.counters.done, client.done) == ((1, 1) if finish is S.FINISHED else (0, 0))
     if finish is S.ASSIGNED:
         assert job.worker == "w" and worker.credit == 1 and worker.outbox == [job]
     if (start, finish) == (S.ASSIGNED, S.CANCELLED):
@@ -77,11 +80,14 @@ ALL = [(a, b) for a in S for b in S if (a, b) not in ALLOWED]
 def test_every_other_move_is_refused_and_changes_nothing(start: JobState, finish: JobState) -> None:
     farm, moves, client, worker = farm_with_peers()
     job = job_in(start, moves, client, worker)
-    before = (client.queued, farm.queued, dict(worker.jobs), dict(client.jobs), farm.counters)
+    def facts() -> tuple[object, ...]:
+        return client.queued, farm.queued, dict(worker.jobs), dict(client.jobs), astuple(farm.counters)
+
+    before = facts()
     with pytest.raises(IllegalMove, match=f"from {start.value} to {finish.value}"):
         moves.move(job, finish, client, 1.0, worker=worker)
     assert job.state is start
-    assert (client.queued, farm.queued, dict(worker.jobs), dict(client.jobs), farm.counters) == before
+    assert facts() == before
 
 
 def test_no_code_but_the_transition_table_assigns_a_job_state() -> None:

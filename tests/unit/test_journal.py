@@ -7,17 +7,59 @@ commit, as the broker's loop does before it sends anything), with the old one th
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.unit.test_scheduler import CA, CB, FN, W1, W2, Farm, job_rows, job_seqs, result_rows, to
 from zfarm import protocol as p
-from zfarm.broker.journal import Journal
-from zfarm.broker.spill import Spill
+from zfarm.broker import journal as journal_module
+from zfarm.broker import spill as spill_module
 from zfarm.broker.state import Held
 from zfarm.config import BrokerSettings
 from zfarm.errors import JournalCorrupted, ZfarmError
+
+OPEN: list[Journal | Spill] = []  # what this module's tests opened and have not closed
+
+
+class Journal(journal_module.Journal):
+    """A journal closed after its test if the test did not close it (its lock and its write-ahead
+    mark's file go with it)."""
+
+    def __init__(self, path: str, sync: str = "full") -> None:
+        super().__init__(path, sync)
+        OPEN.append(self)
+
+    def close(self) -> None:
+        if self in OPEN:
+            OPEN.remove(self)
+            super().close()
+
+    def abandon(self) -> None:
+        if self in OPEN:
+            OPEN.remove(self)
+            super().abandon()
+
+
+class Spill(spill_module.Spill):
+    """A spill file closed after its test if the test did not close it."""
+
+    def __init__(self, folder: str | None = None) -> None:
+        super().__init__(folder)
+        OPEN.append(self)
+
+    def close(self) -> None:
+        if self in OPEN:
+            OPEN.remove(self)
+        super().close()
+
+
+@pytest.fixture(autouse=True)
+def close_what_the_test_opened() -> Iterator[None]:
+    yield
+    while OPEN:
+        OPEN[-1].close()
 
 
 def restart(farm: Farm, path: Path, now: float = 100.0) -> Farm:

@@ -18,6 +18,7 @@ from tests.unit.test_scheduler import (
     OK,
     W1,
     W2,
+    W3,
     Conversation,
     Farm,
     job_rows,
@@ -26,6 +27,7 @@ from tests.unit.test_scheduler import (
     to,
 )
 from zfarm import protocol as p
+from zfarm.broker import placement
 from zfarm.broker.journal import Journal
 from zfarm.broker.placement import MAX_CREDIT
 
@@ -150,6 +152,45 @@ def test_on_error_suspend_and_cancel() -> None:
     assert view(farm, "c")["cancelled"] == 3 and view(farm, "c")["failed"] == 1
 
 
+def test_a_project_cancel_counts_its_jobs_cancelled_not_failed_for_farm_client_and_project() -> None:
+    farm = farm_with_one_slot()
+    submit(farm, range(1, 5), project="c", on_error="cancel")
+    submit(farm, [5], with_fn=False, after=[2])  # a dependent of a job the cancel ends
+    (row,) = job_rows(farm.out(0.0), W1)
+    finish(farm, [row], 1.0, outcome=ERROR)
+    ends = {r[0]: (r[1], r[4]) for r, _ in result_rows(farm.out(1.0), CA)}
+    cancelled = (p.Outcome.CANCELLED, p.ResultKind.PLAIN)
+    assert ends == {1: (ERROR, p.ResultKind.PLAIN), 2: cancelled, 3: cancelled, 4: cancelled,
+                    5: (p.Outcome.LOST, p.ResultKind.DEPENDENCY_FAILED)}
+    snap = farm.snap(1.0)
+    (client,) = snap["clients"]
+    assert (snap["done"], snap["failed"], snap["cancelled"]) == (0, 2, 3)  # the job and its dependent
+    assert (client["done"], client["failed"], client["cancelled"]) == (0, 2, 3)
+    assert (view(farm, "c")["failed"], view(farm, "c")["cancelled"]) == (1, 3)
+    submit(farm, [6], 2.0, with_fn=False)
+    submit(farm, [7], 2.0, with_fn=False, after=[6])
+    farm.send(CA, p.Cancel([6]), 2.0)  # a client's cancel: its dependent fails, counted once
+    ((row, _),) = result_rows(farm.out(2.0), CA)
+    assert (row[0], row[4]) == (7, p.ResultKind.DEPENDENCY_FAILED)
+    snap = farm.snap(2.0)
+    assert (snap["done"], snap["failed"], snap["cancelled"]) == (0, 3, 4)
+    assert (snap["clients"][0]["failed"], snap["clients"][0]["cancelled"]) == (3, 4)
+
+
+def test_a_project_reports_its_rate_and_eta_at_a_hundred_jobs_a_second() -> None:
+    """More jobs finish in the window than the project remembers: the rate is over the time they span."""
+    farm = Farm()
+    farm.client(CA, "ca")
+    farm.worker(W1, "w1", slots=10, credit=10)
+    submit(farm, range(1, 4001), project="r")
+    for step in range(300):  # 30 s, ten jobs every tenth of a second
+        now = step / 10
+        finish(farm, job_rows(farm.out(now), W1), now)
+    (status,) = farm.snap(now)["projects"]
+    assert status["done"] == 3000
+    assert 95 <= status["jobs_per_s"] <= 105 and 9.5 <= status["eta_s"] <= 10.5, status
+
+
 def test_a_phase_starts_when_every_job_before_it_is_over() -> None:
     farm = Farm()
     farm.client(CA, "ca")
@@ -200,6 +241,35 @@ def test_a_job_no_worker_can_hold_is_unschedulable_and_does_not_block_the_others
     assert [r[1] for r in job_rows(farm.out(1.0), W2)] == [1]
 
 
+def test_a_job_that_fits_a_busy_worker_is_checked_against_every_worker_once_per_set_of_workers(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    checks: list[int] = []
+
+    def counted(request: Any, workers: list[Any]) -> str:
+        checks.append(len(workers))
+        return real(request, workers)
+
+    real = placement.unschedulable
+    monkeypatch.setattr(placement, "unschedulable", counted)
+    farm = Farm()
+    farm.client(CA, "ca")
+    gpu = {"resources": {"gpus": 1}}
+    for route, wid in ((W1, "w1"), (W2, "w2")):
+        farm.send(route, p.Hello("worker", wid, "node", 100, 2, gpu), 0.0)
+        farm.send(route, p.Ready(2), 0.0)
+    submit(farm, range(1, 5), resources={"gpus": 1})
+    out = farm.out(0.0)
+    assert sorted(r[1] for route in (W1, W2) for r in job_rows(out, route)) == [1, 2]
+    for turn in range(1, 11):  # jobs 3 and 4 fit a worker, not now: the answer cannot change
+        out = farm.out(turn)
+        assert not to(out, W1, p.Jobs) and not to(out, W2, p.Jobs)
+    assert checks == [2, 2]  # jobs 2 (on w1, before w2 took it) and 3, once each
+    farm.send(W3, p.Hello("worker", "w3", "node", 102, 1, {}), 11.0)  # another worker: checked again
+    farm.send(W3, p.Ready(1), 11.0)
+    assert not to(farm.out(11.0), W3, p.Jobs)
+    assert checks == [2, 2, 3]
+
+
 def test_a_dependent_waits_for_its_upstream_and_gets_its_result_frames_or_fails_naming_it() -> None:
     farm = farm_with_one_slot()
     submit(farm, [1])
@@ -224,6 +294,26 @@ def test_a_dependent_waits_for_its_upstream_and_gets_its_result_frames_or_fails_
     submit(farm, [6], 5.0, with_fn=False, after=[3])  # an upstream that already failed
     ((late, _),) = result_rows(farm.out(5.0), CA)
     assert (late[0], late[4]) == (6, p.ResultKind.DEPENDENCY_FAILED)
+
+
+def test_an_upstream_result_on_disk_is_read_once_for_all_its_dependents_in_a_jobs_message(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    journal = Journal(str(tmp_path / "j.db"))
+    farm = Farm(journal=journal)
+    farm.client(CA, "ca", session="s")  # a session's results are held on disk only
+    farm.worker(W1, "w1", slots=8, credit=1)
+    submit(farm, [1])
+    submit(farm, range(2, 7), with_fn=False, after=[1])
+    (row,) = job_rows(farm.out(0.0), W1)
+    reads: list[int] = []
+    read = journal.held_result
+    monkeypatch.setattr(journal, "held_result", lambda c, seq: reads.append(seq) or read(c, seq))
+    farm.result(W1, row, 1.0, credit=5)
+    (jobs_msg,) = to(farm.out(1.0), W1, p.Jobs)
+    assert [r[1] for r in jobs_msg.jobs] == [2, 3, 4, 5, 6]
+    assert list(jobs_msg.frames).count(b"result:ca:1") == 5
+    assert reads == [1]
+    journal.close()
 
 
 def test_bad_project_options_are_refused_with_the_reason() -> None:

@@ -9,7 +9,7 @@ import sqlite3
 from pathlib import Path
 
 from zfarm.broker.journal import Journal
-from zfarm.broker.state import Job
+from zfarm.broker.state import Job, Queue
 from zfarm.broker.wal import WalMark, inspect_wal
 
 
@@ -64,7 +64,7 @@ def test_the_mark_tells_a_log_cut_at_a_transactions_end_and_goes_with_a_clean_st
     path = tmp_path / "journal.db"
     journal = Journal(str(path))
     for seq in range(1, 4):  # three transactions
-        journal.job(Job("c", seq, b"fn", (os.urandom(3000),), {}, 0.0), 0.0)
+        journal.job(Job("c", seq, b"fn", (os.urandom(3000),), {}, 0.0, Queue("", "c")), 0.0)
         assert journal.commit()
     wal = Path(str(path) + "-wal")
     mark = WalMark(str(path))
@@ -85,7 +85,7 @@ def test_the_mark_tells_a_cut_log_also_after_a_checkpoint_started_a_new_pass(tmp
     wal = Path(str(path) + "-wal")
     sizes = []
     for seq in range(1, 700):  # past SQLite's automatic checkpoint: the log starts from its beginning
-        journal.job(Job("c", seq, b"fn", (os.urandom(8000),), {}, 0.0), 0.0)
+        journal.job(Job("c", seq, b"fn", (os.urandom(8000),), {}, 0.0, Queue("", "c")), 0.0)
         assert journal.commit()
         sizes.append(wal.stat().st_size)
     assert any(b < a for a, b in itertools.pairwise(sizes)), "no new pass: the test proves nothing"

@@ -31,8 +31,7 @@ _NAMES = {o: o.name.lower() for o in p.Outcome}  # as the history shows them
 OK, CANCELLED, RETURNED = p.Outcome.OK, p.Outcome.CANCELLED, p.Outcome.RETURNED
 PLAIN = p.ResultKind.PLAIN
 FINISHED = JobState.FINISHED
-MAX_TEXT = p.MAX_TEXT_CHARS  # the client's bound on an info line
-_results_row, _run_stats = p.ResultsRow._make, p.RunStats._make
+_results_row, _run_stats = p.ResultsRow.from_wire, p.RunStats.from_wire
 
 
 class Delivery:
@@ -41,8 +40,6 @@ class Delivery:
         self.moves = moves
         #: told of each failed job (its project's on_error); returns the kind its result row carries
         self.on_failure: Callable[[Job, float], int] = lambda _job, _now: p.ResultKind.PLAIN
-        #: told of each finished job (whether it succeeded): its dependents go on or fail
-        self.on_ended: Callable[[ClientRecord, Job, bool, float], None] = lambda _c, _j, _ok, _now: None
 
     # ---- from workers ----------------------------------------------------------------------------
 
@@ -79,7 +76,7 @@ class Delivery:
     def finish(self, worker: WorkerRecord, client: ClientRecord, job: Job, outcome: p.Outcome,
                frames: list[Any], info: str, run: p.RunStats, now: float,
                kind: int = p.ResultKind.PLAIN) -> None:
-        self.moves.move(job, FINISHED, client, now, finisher=worker)
+        self.moves.move(job, FINISHED, client, now, finisher=worker, outcome=outcome)
         ok = outcome == OK
         worker.done += ok
         worker.failed += not ok
@@ -88,52 +85,47 @@ class Delivery:
             self.farm.records.event(now, "job-failed", f"job {job.name} failed on {worker.id}: {info}")
             if kind == PLAIN:
                 kind = self.on_failure(job, now)
-        self.deliver(client, job, worker, outcome, frames, info, run, now, kind)
+        self.deliver(client, job, outcome, frames, info, run, now, kind, worker)
 
-    def deliver(self, client: ClientRecord, job: Job, worker: WorkerRecord, outcome: p.Outcome,
-                frames: list[Any], info: str, run: p.RunStats, now: float,
-                kind: int = p.ResultKind.PLAIN) -> None:
-        """Keep the finished job's record in the history and send its result to its client."""
+    def end_unrun(self, client: ClientRecord, job: Job, outcome: p.Outcome, info: str, now: float,
+                  kind: int = p.ResultKind.PLAIN, worker: WorkerRecord | None = None) -> None:
+        """End an unfinished job that did not run to its end (cancelled with its project, an upstream
+        job failed, poison): FINISHED with ``outcome``, its client told. ``worker``: the one it was on."""
+        self.moves.move(job, FINISHED, client, now, outcome=outcome)
+        at = self.farm.records.wall(now)
+        self.deliver(client, job, outcome, [], info, p.RunStats(at, at, 0.0, 0), now, kind, worker)
+
+    def deliver(self, client: ClientRecord, job: Job, outcome: p.Outcome, frames: list[Any], info: str,
+                run: p.RunStats, now: float, kind: int = p.ResultKind.PLAIN,
+                worker: WorkerRecord | None = None) -> None:
+        """Keep the finished job's record in the history and send its result to its client.
+
+        ``worker``: the one that ran it (None: none did)."""
         records = self.farm.records
         queued_at = records.wall(job.queued_at)
-        records.job(now, (job.name, job.client_id, worker.id, worker.host, queued_at, run.started_at,
+        worker_id, host = (worker.id, worker.host) if worker is not None else ("", "")
+        records.job(now, (job.name, job.client_id, worker_id, host, queued_at, run.started_at,
                           run.finished_at, round(run.run_s, 6), len(job.history), _NAMES[outcome],
                           run.peak_rss_bytes, info))
         # p.JobStats(...).to_wire(), spelt out: this runs once per job
-        stats = [worker.id, worker.host, len(job.history), queued_at, run.started_at, run.finished_at,
+        stats = [worker_id, host, len(job.history), queued_at, run.started_at, run.finished_at,
                  run.run_s, run.peak_rss_bytes]
-        self._hold(client, job, outcome, frames, info, stats, kind, now)
+        self._hold(client, job, outcome, frames, info, stats, kind)
 
     def _hold(self, client: ClientRecord, job: Job, outcome: p.Outcome, frames: list[Any], info: str,
-              stats: list[Any], kind: int, now: float) -> None:
-        """Hold the result until the client says it has it, and send it if the client is here."""
+              stats: list[Any], kind: int) -> None:
+        """Hold the result until the client says it has it, and send it if the client is here.
+
+        (It was counted, and its dependents told, as it moved to FINISHED: :class:`JobMoves`.)"""
         farm = self.farm
-        ok = outcome == OK
-        queue = job.queue
-        if queue is not None:  # a project's (a client's own queue counts with the client)
-            if outcome == CANCELLED:
-                queue.cancelled += 1
-            else:
-                queue.done += ok
-                queue.failed += not ok
-            queue.finished_at.append(now)
-        client.done += ok
-        client.failed += not ok
-        farm.counters.done += ok
-        farm.counters.failed += not ok
         held = Held(int(outcome), frames, info, stats, job.digest, kind=kind)
         client.held[job.seq] = held
         if farm.journal is not None:
             farm.journal.result(client.id, job.seq, held)  # it replaces the job's row
         # A session's are kept until the session ends: with a journal, on disk, not in memory.
         farm.held_results.keep(client.id, job.seq, held, disk_only=bool(client.session and farm.journal))
-        if client.dependents:
-            self.on_ended(client, job, ok, now)
         if client.present:  # else it is sent when the client asks for the job again
-            # p.ResultRow(...).to_wire(), spelt out: this runs once per job
-            client.out_rows.append([job.seq, int(outcome), len(frames), info[:MAX_TEXT], kind])
-            client.out_frames.extend(frames)
-            client.out_stats.append(stats)
+            to_client(client, p.ResultRow(job.seq, int(outcome), len(frames), info, kind), frames, stats)
 
     def started(self, worker: WorkerRecord, msg: p.Started) -> None:
         """Tell clients which of their jobs run now (their futures' ``running()``)."""
@@ -187,7 +179,7 @@ class Delivery:
         if (old := client.held.pop(seq, None)) is not None:
             farm.held_results.forget(client.id, seq, old)
         at = farm.records.wall(now)
-        held = Held(int(p.Outcome.CORRUPTED), [], info, p.JobStats("", "", 0, at, at, at, 0.0, 0).to_wire())
+        held = Held(int(p.Outcome.CORRUPTED), [], info, _no_run(at))
         client.held[seq] = held
         farm.held_results.keep(client.id, seq, held)
         if farm.journal is not None:
@@ -197,9 +189,13 @@ class Delivery:
                kind: p.ResultKind = p.ResultKind.PLAIN) -> None:
         """Hand a job straight back, unaccepted: the client sends it again (counted nowhere)."""
         at = self.farm.records.wall(now)
-        to_client(client, p.ResultRow(seq, int(outcome), 0, info, kind), [],
-                  p.JobStats("", "", 0, at, at, at, 0.0, 0).to_wire())
+        to_client(client, p.ResultRow(seq, int(outcome), 0, info, kind), [], _no_run(at))
         self.farm.counters.bounced += 1
+
+
+def _no_run(at: float) -> list[Any]:
+    """The RESULT stats of a job that ran nowhere, at ``at`` (epoch seconds)."""
+    return p.JobStats("", "", 0, at, at, at, 0.0, 0).to_wire()
 
 
 def to_client(client: ClientRecord, row: p.ResultRow, frames: list[Any], stats: list[Any]) -> None:

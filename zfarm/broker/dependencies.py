@@ -22,7 +22,7 @@ from zfarm.broker.delivery import Delivery
 from zfarm.broker.farm import Farm
 from zfarm.broker.jobstate import JobMoves
 from zfarm.broker.projects import BadProject
-from zfarm.broker.state import ClientRecord, Job, JobState, WorkerRecord
+from zfarm.broker.state import ClientRecord, Job, JobState
 
 log = logging.getLogger("zfarm.broker.scheduler")
 
@@ -88,20 +88,23 @@ class Dependencies:
     def _fail(self, client: ClientRecord, job: Job, upstream: int, why: str, now: float) -> None:
         name = f"{client.id}:{upstream}"
         log.info("job %s does not run: its upstream job %s %s", job.name, name, why)
-        self.moves.move(job, JobState.FINISHED, client, now)
-        at = self.farm.records.wall(now)
-        nobody = WorkerRecord(id="", route=b"", host="", pid=0, joined_at=now, last_seen=now, last_sent=now)
-        self.delivery.deliver(client, job, nobody, p.Outcome.LOST, [], f"{name}: {why}",
-                              p.RunStats(at, at, 0.0, 0), now, p.ResultKind.DEPENDENCY_FAILED)
+        self.delivery.end_unrun(client, job, p.Outcome.LOST, f"{name}: {why}", now,
+                                p.ResultKind.DEPENDENCY_FAILED)
 
-    def frames(self, client: ClientRecord, job: Job, now: float) -> tuple[list[Any], list[int]]:
-        """The held result frames of ``job``'s upstream jobs, and how many each (for its JOBS row)."""
+    def frames(self, client: ClientRecord, job: Job, now: float,
+               known: dict[tuple[str, int], list[Any]]) -> tuple[list[Any], list[int]]:
+        """The held result frames of ``job``'s upstream jobs, and how many each (for its JOBS row).
+
+        ``known``: upstream results read already, by (client, seq); those read here are added (a
+        result on disk is read and checked once for all the dependents in a JOBS message)."""
         frames: list[Any] = []
         counts: list[int] = []
         for seq in job.after:
-            held = client.held.get(seq)
-            whole = self.delivery.held_result(client, seq, held, now) if held is not None else None
-            result = list(whole.frames or []) if whole is not None else []
+            result = known.get((client.id, seq))
+            if result is None:
+                held = client.held.get(seq)
+                whole = self.delivery.held_result(client, seq, held, now) if held is not None else None
+                result = known[(client.id, seq)] = list(whole.frames or []) if whole is not None else []
             frames.extend(result)
             counts.append(len(result))
         return frames, counts

@@ -6,6 +6,7 @@ intake, delivery, functions, recovery) holds it and changes only the facts it ow
 
 from __future__ import annotations
 
+import heapq
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,10 +36,15 @@ class Farm:
     counters: Counters = field(default_factory=Counters)
     #: jobs waiting in every client's queue
     queued: int = 0
-    #: queues with queued jobs (projects', clients' own), chosen by priority then share
-    active: list[Queue] = field(default_factory=list)
+    #: queues with queued jobs (projects', clients' own): a heap of ``(-priority, pass, order, version,
+    #: queue)``, the one to dispatch from next first (highest priority, lowest pass, scheduled first).
+    #: An entry whose version is not its queue's is stale (its priority changed): skipped when popped
+    active: list[tuple[int, float, int, int, Queue]] = field(default_factory=list)
+    _scheduled: int = 0  # queues scheduled so far: each one's ``order``
     #: projects by name
     projects: dict[str, Queue] = field(default_factory=dict)
+    #: counts changes to ``workers`` (a worker joined or its record ended): what could run somewhere
+    workers_epoch: int = 0
     #: the pass of the last queue dispatched from: a queue that was idle starts there (no banked turns)
     vtime: float = 0.0
     out: list[Outbound] = field(default_factory=list)
@@ -49,6 +55,14 @@ class Farm:
     @property
     def journal_path(self) -> str:
         return self.journal.path if self.journal is not None else ""
+
+    def add_worker(self, worker: WorkerRecord) -> None:
+        self.workers[worker.id] = worker
+        self.workers_epoch += 1
+
+    def remove_worker(self, worker: WorkerRecord) -> None:
+        del self.workers[worker.id]
+        self.workers_epoch += 1
 
     def send(self, peer: Peer, msg: p.Message, now: float) -> None:
         peer.last_sent = now
@@ -76,4 +90,17 @@ class Farm:
         if not queue.scheduled:
             queue.scheduled = True
             queue.pass_ = max(queue.pass_, self.vtime)
-            self.active.append(queue)
+            self._scheduled += 1
+            queue.order = self._scheduled
+            self.push(queue)
+
+    def push(self, queue: Queue) -> None:
+        """A scheduled queue (re)enters the heap with its priority and pass as they are now."""
+        queue.version += 1
+        heapq.heappush(self.active, (-queue.priority, queue.pass_, queue.order, queue.version, queue))
+
+    def set_priority(self, queue: Queue, priority: int) -> None:
+        if priority != queue.priority:
+            queue.priority = priority
+            if queue.scheduled:
+                self.push(queue)  # (its old entry is stale)

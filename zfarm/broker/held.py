@@ -45,15 +45,15 @@ class HeldResults:
 
         ``disk_only``: the payload is already in the journal and should leave memory (a session's).
         """
-        frames = held.frames or []
-        size = payload_bytes(frames)
-        over = size and self.memory_bytes + size > self.limit_bytes
-        if disk_only or (over and self._to_disk(client_id, seq, held)):
-            held.frames, held.size, held.info, held.stats = None, 0, "", ON_DISK
-            self.on_disk += 1
-            return
-        held.size = size
-        self.memory_bytes += size
+        if not disk_only:
+            size = payload_bytes(held.frames or [])
+            over = size and self.memory_bytes + size > self.limit_bytes
+            if not over or not self._to_disk(client_id, seq, held):  # (what cannot go to disk stays)
+                held.size = size
+                self.memory_bytes += size
+                return
+        held.frames, held.size, held.info, held.stats = None, 0, "", ON_DISK
+        self.on_disk += 1
 
     def _to_disk(self, client_id: str, seq: int, held: Held) -> bool:
         if self.journal is not None:

@@ -77,7 +77,7 @@ class Intake:
                 self.delivery.bounce(client, seq, p.Outcome.LOST, str(exc), now, p.ResultKind.REFUSED)
                 continue
             payload = tuple(compact(f) for f in job_frames)
-            job = Job(client.id, seq, msg.fn_id, payload, options, now, digest=digest, queue=queue,
+            job = Job(client.id, seq, msg.fn_id, payload, options, now, queue, digest=digest,
                       phase=phase, request=request, after=after)
             if client.attempts_used:
                 job.history = ("",) * client.attempts_used.pop(seq, 0)  # attempts of a retired job
@@ -97,19 +97,19 @@ class Intake:
             self.moves.move(job, JobState.QUEUED, client, now)
 
     def placement_of(self, client: ClientRecord, options: dict[str, Any],
-                      now: float) -> tuple[Queue | None, int, Request | None]:
+                      now: float) -> tuple[Queue, int, Request | None]:
         """A job's queue, phase and resource request, from its options.
 
         Raises:
             BadProject: an option of the wrong type or range.
         """
         if options is NO_OPTIONS:
-            return None, 0, None
+            return client.own, 0, None
         queue = self.projects.queue_for(client, options, now)
         phase = options.get("phase", 0)
         if not isinstance(phase, int) or isinstance(phase, bool) or not 0 <= phase <= 1_000_000:
             raise BadProject(f"a job's phase is an integer from 0 to 1000000, not {phase!r}")
-        return (None if queue is client.own else queue), phase, request_of(options)
+        return queue, phase, request_of(options)
 
     def cancel(self, client: ClientRecord, msg: p.Cancel, now: float) -> None:
         for seq in msg.seqs:
@@ -120,9 +120,7 @@ class Intake:
     def retire(self, client: ClientRecord, job: Job, now: float) -> None:
         """Cancel a client's unfinished job. A session may send its number again with other content:
         the next job under that number goes on counting attempts, so the old run's result is refused."""
-        self.moves.move(job, JobState.CANCELLED, client, now)
-        if client.dependents:
-            self.dependencies.ended(client, job, False, now)
+        self.moves.move(job, JobState.CANCELLED, client, now)  # (its dependents fail)
         if client.session and job.history:
             client.attempts_used[job.seq] = len(job.history)
 

@@ -12,12 +12,17 @@
 what depends on it in step: the queued and running counts (client, queue, farm), the job's queue
 (its project's or its client's own) and that queue's place in the dispatch list and phases, the
 worker's jobs, credit, outbox and free resources, the client's unfinished jobs and
-their functions' users, the requeued and cancelled counters, and the journal's job rows (a
-finished job's row is replaced by its result row, written with the result).
+their functions' users, the requeued counter, the done, failed and cancelled counts of the job's
+queue, client and farm (by its outcome: one ended CANCELLED counts as cancelled, whoever ended it),
+its dependents (told it is over), and the journal's job rows (a finished job's row is replaced by
+its result row, written with the result).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from zfarm import protocol as p
 from zfarm.broker.farm import Farm
 from zfarm.broker.state import ClientRecord, Job, JobState, Queue, WorkerRecord
 
@@ -38,7 +43,8 @@ ALLOWED: frozenset[tuple[JobState, JobState]] = frozenset({
 })
 
 
-QUEUED, ASSIGNED, CANCELLED, WAITING = S.QUEUED, S.ASSIGNED, S.CANCELLED, S.WAITING  # (quicker to read)
+QUEUED, ASSIGNED, CANCELLED, WAITING, FINISHED = S.QUEUED, S.ASSIGNED, S.CANCELLED, S.WAITING, S.FINISHED
+OK = p.Outcome.OK
 
 
 class IllegalMove(RuntimeError):
@@ -52,23 +58,27 @@ class IllegalMove(RuntimeError):
 class JobMoves:
     def __init__(self, farm: Farm) -> None:
         self.farm = farm
+        #: told of each job that is over (whether it succeeded): its dependents go on or fail
+        self.on_ended: Callable[[ClientRecord, Job, bool, float], None] = lambda _c, _j, _ok, _now: None
 
     def move(self, job: Job, to: JobState, client: ClientRecord, now: float, *,
              worker: WorkerRecord | None = None, finisher: WorkerRecord | None = None,
-             front: bool = False) -> None:
+             front: bool = False, outcome: p.Outcome | None = None) -> None:
         """Move ``job`` of ``client`` to ``to``.
 
         ``worker``: the worker it is assigned to (ASSIGNED). ``finisher``: the worker that answered
         for it (it is not told to cancel it). ``front``: queue it first (a requeued job).
+        ``outcome``: how it ended (FINISHED; a job moved to CANCELLED ended CANCELLED).
 
         Raises:
             IllegalMove: the table does not allow this move.
         """
         start = job.state
-        if (start, to) not in ALLOWED or (to is ASSIGNED and worker is None):
+        if ((start, to) not in ALLOWED or (to is ASSIGNED and worker is None)
+                or (to is FINISHED and outcome is None)):
             raise IllegalMove(job.name, start, to)
         farm = self.farm
-        queue = job.queue or client.own
+        queue = job.queue
         # leave the old state (a queued job leaves its queue lazily: dispatch skips it)
         if start is QUEUED:
             client.queued -= 1
@@ -108,17 +118,17 @@ class JobMoves:
             if job.request is not None:
                 take(worker, job)
         else:  # FINISHED or CANCELLED: over for its client
-            self._forget(client, queue, job, now, to is CANCELLED)
+            self._forget(client, queue, job, now, p.Outcome.CANCELLED if to is CANCELLED else outcome)
 
     def admit(self, job: Job, client: ClientRecord, now: float) -> None:
         """A new job queues, or waits if an earlier phase of its client's jobs in its queue is unfinished."""
-        queue = job.queue or client.own
+        queue = job.queue
         first = queue.first_phase(client.id) if job.phase else None
         self.move(job, WAITING if first is not None and first < job.phase else QUEUED, client, now)
 
     def ready(self, job: Job, client: ClientRecord, now: float) -> None:
         """A WAITING job's upstream jobs succeeded: it queues, or waits on for its phase."""
-        queue = job.queue or client.own
+        queue = job.queue
         first = queue.first_phase(client.id) if job.phase else None
         if first is not None and first < job.phase:
             queue.waiting.setdefault((client.id, job.phase), []).append(job)  # (still WAITING)
@@ -164,14 +174,30 @@ class JobMoves:
             else:
                 holder.cancels.append([job.client_id, job.seq])
 
-    def _forget(self, client: ClientRecord, queue: Queue, job: Job, now: float, cancelled: bool) -> None:
-        """The job is over for its client; its function is kept a little while for the next jobs."""
-        if cancelled:
+    def _forget(self, client: ClientRecord, queue: Queue, job: Job, now: float,
+                outcome: p.Outcome | None) -> None:
+        """The job is over for its client, counted by its outcome; its dependents are told; its function
+        is kept a little while for the next jobs."""
+        farm = self.farm
+        counters = farm.counters
+        known = farm.clients.get(client.id) is client  # (a dropped client's jobs end with it)
+        if outcome == OK:
+            queue.done += 1
+            client.done += 1
+            counters.done += 1
+        elif outcome == p.Outcome.CANCELLED:
             queue.cancelled += 1
-            self.farm.counters.cancelled += 1
-            journal = self.farm.journal
-            if journal is not None and self.farm.clients.get(client.id) is client:
-                journal.drop_job(client.id, job.seq)  # (a dropped client's rows go with it)
+            client.cancelled += 1
+            counters.cancelled += 1
+        else:
+            queue.failed += 1
+            client.failed += 1
+            counters.failed += 1
+        if job.state is FINISHED:
+            if queue.name:  # a project's throughput
+                queue.finished.add(now)
+        elif farm.journal is not None and known:  # (a dropped client's rows go with it)
+            farm.journal.drop_job(client.id, job.seq)  # (a finished job's is replaced by its result's)
         client.jobs.pop(job.seq, None)
         key = (client.id, job.phase)
         left = queue.phases[key] = queue.phases[key] - 1
@@ -179,12 +205,14 @@ class JobMoves:
             del queue.phases[key]
             if queue.waiting_jobs:
                 self._next_phase(client, queue, now)
-        if queue.queued and not queue.scheduled and self.farm.clients.get(client.id) is client:
+        if queue.queued and not queue.scheduled and known:
             self.farm.schedule(queue)  # it was held back by its max_running
         users = client.fn_users.get(job.fn_id, 0) - 1
         client.fn_users[job.fn_id] = users
         if users <= 0:
             client.fn_idle[job.fn_id] = now  # let go FN_KEEP_S from now (see Functions)
+        if client.dependents and known:
+            self.on_ended(client, job, outcome == OK, now)
 
 
 def take(worker: WorkerRecord, job: Job) -> None:

@@ -39,10 +39,6 @@ class Damaged:
     seq: int  # the job's number (-1 for a client or function row)
     fn_id: bytes = b""  # a function row's id
 
-    @property
-    def job(self) -> str:
-        return f"{self.client}:{self.seq}"
-
 
 @dataclass(slots=True)
 class Recovered:
@@ -74,8 +70,9 @@ def seal(table: str, *columns: Any) -> bytes:
     """A row's seal: a hash of its table and columns (bytes, text, numbers), checked when read back."""
     h = hashlib.blake2b(table.encode(), digest_size=16)
     for column in columns:
-        text = column if isinstance(column, str) else repr(column)
-        raw = column if isinstance(column, bytes) else text.encode()
+        # bytes as they are (a payload may be large: no repr of it); text encoded; anything else by repr
+        raw = (column if isinstance(column, bytes) else column.encode() if isinstance(column, str)
+               else repr(column).encode())
         h.update(len(raw).to_bytes(8, "little"))
         h.update(raw)
     return h.digest()

@@ -17,7 +17,6 @@ import logging
 
 from zfarm import __version__
 from zfarm import protocol as p
-from zfarm.broker.delivery import Delivery
 from zfarm.broker.farm import Farm
 from zfarm.broker.jobstate import JobMoves
 from zfarm.broker.placement import Placement
@@ -43,12 +42,10 @@ RECOVERY_GRACE_S = 120.0
 
 
 class Peers:
-    def __init__(self, farm: Farm, moves: JobMoves, placement: Placement, delivery: Delivery,
-                 broker_id: str) -> None:
+    def __init__(self, farm: Farm, moves: JobMoves, placement: Placement, broker_id: str) -> None:
         self.farm = farm
         self.moves = moves
         self.placement = placement
-        self.delivery = delivery
         self.broker_id = broker_id
 
     def refusal(self, msg: p.Hello, auth: Auth) -> str:
@@ -98,7 +95,7 @@ class Peers:
             worker.resources, worker.free = resources, dict(resources)
             worker.tags = frozenset(msg.info.get("tags", ()))
             worker.gpu_ids = [str(g) for g in msg.info.get("gpu_ids", ())][:int(resources.get("gpus", 0))]
-            farm.workers[worker.id] = worker
+            farm.add_worker(worker)
             self.placement.unpark()
             slots = f"{worker.slots} slot{'' if worker.slots == 1 else 's'}"
             if len(resources) > 1 or worker.tags:
@@ -146,8 +143,8 @@ class Peers:
         if farm.peers.get(peer.route) is peer:
             del farm.peers[peer.route]
         if isinstance(peer, WorkerRecord) and farm.workers.get(peer.id) is peer:
-            del farm.workers[peer.id]
-            self.placement.hungry.pop(peer.id, None)
+            farm.remove_worker(peer)
+            self.placement.forget(peer)
             held = len(peer.jobs)
             if why is Departure.LEFT:
                 farm.records.event(now, "worker-left", f"worker {peer.id} left ({held} jobs handed back)")

@@ -2,12 +2,14 @@
 
 ::
 
-    clients' queues (round-robin) ──► idle slots first, spread evenly ──► prefetch credit ──► JOBS
+    queues (a heap: priority, then pass) ──► idle slots first, spread evenly ──► prefetch credit ──► JOBS
 
 A worker's credit is what the worker said it can take (READY adds, RESULTS returns); the broker
-never sends it more. Queues are per client and served round-robin, so one client's million jobs
-cannot starve another's ten. A job whose worker is lost goes back to the front of its queue; one
-that has lost ``max_losses`` workers is declared poison and fails with LOST.
+never sends it more. Queues (each project's, each client's own) are served by priority, then in
+proportion to their shares (stride scheduling), so one client's million jobs cannot starve another's
+ten; the next queue comes off a heap (a dispatch costs a heap step, not a scan of every queue).
+A job whose worker is lost goes back to the front of its queue; one that has lost ``max_losses``
+workers is declared poison and fails with LOST.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from heapq import heappop, heappush
 from typing import Any
 
 from zfarm import protocol as p
@@ -60,6 +63,10 @@ class Placement:
         worker.fns.clear()
         self.hungry.pop(worker.id, None)
 
+    def forget(self, worker: WorkerRecord) -> None:
+        """A worker's record ended: it takes no more jobs."""
+        self.hungry.pop(worker.id, None)
+
     def dispatch(self, now: float) -> None:
         """Fill idle slots first, spreading jobs evenly; only then use prefetch credit."""
         farm = self.farm
@@ -87,27 +94,34 @@ class Placement:
     def _next_for(self, worker: WorkerRecord, now: float) -> tuple[ClientRecord, Job] | None:
         """The next job for ``worker``: from the queue of highest priority, then lowest pass, whose
         first job may run now and fits what the worker has free."""
-        best: Queue | None = None
-        best_job: Job | None = None
-        active = self.farm.active
-        for queue in list(active) if len(active) > 1 else active[:1]:
+        farm = self.farm
+        active = farm.active
+        skipped: list[tuple[int, float, int, int, Queue]] = []  # their first job does not fit here
+        found: tuple[Queue, Job] | None = None
+        while active:
+            entry = heappop(active)
+            queue = entry[4]
+            if entry[3] != queue.version:
+                continue  # stale: the queue has a newer entry
             job = _first_queued(queue)
             if job is None or queue.suspended or (job.options is not NO_OPTIONS and _held_back(queue, job)):
                 queue.scheduled = False  # scheduled again by resume, or when one of its jobs is over
-                active.remove(queue)
                 continue
             if job.request is not None and not self._fits(job, worker, now):
+                skipped.append(entry)
                 continue
-            if best is None or queue.priority > best.priority or (
-                    queue.priority == best.priority and queue.pass_ < best.pass_):
-                best, best_job = queue, job
-        if best is None or best_job is None:
+            found = queue, job
+            break
+        for entry in skipped:
+            heappush(active, entry)
+        if found is None:
             return None
-        best.jobs.popleft()
-        self.farm.vtime = best.pass_
-        best.pass_ += 1.0 / best.share
-        client = self.farm.clients[best_job.client_id]
-        return client, best_job
+        queue, job = found
+        queue.jobs.popleft()
+        farm.vtime = queue.pass_
+        queue.pass_ += 1.0 / queue.share
+        farm.push(queue)
+        return farm.clients[job.client_id], job
 
     def _fits(self, job: Job, worker: WorkerRecord, now: float) -> bool:
         request = job.request
@@ -116,25 +130,24 @@ class Placement:
         free = worker.free
         if request.tags <= worker.tags and all(free.get(k, 0.0) >= v for k, v in request.amounts.items()):
             return True
-        if not job.warned:
+        if job.checked != self.farm.workers_epoch:
             self._check_schedulable(job, now)
         return False
 
     def _check_schedulable(self, job: Job, now: float) -> None:
         """A job no connected worker could ever hold is shown as unschedulable; its client is told once."""
         request = job.request
+        job.checked = self.farm.workers_epoch
         if request is None or not self.farm.workers:
             return
         why = unschedulable(request, list(self.farm.workers.values()))
         if not why:
             return
-        job.warned = True
         client = self.farm.clients.get(job.client_id)
-        queue = job.queue or (client.own if client is not None else None)
-        if queue is not None:  # set aside: the jobs behind it go on
-            queue.unschedulable = why
-            if queue.jobs and queue.jobs[0] is job:
-                queue.parked.append(queue.jobs.popleft())
+        queue = job.queue  # set aside: the jobs behind it go on
+        queue.unschedulable = why
+        if queue.jobs and queue.jobs[0] is job:
+            queue.parked.append(queue.jobs.popleft())
         log.warning("job %s can run on no connected worker: %s", job.name, why)
         self.farm.records.event(now, "job-unschedulable", f"job {job.name}: {why}")
         if client is not None and client.present:
@@ -145,8 +158,7 @@ class Placement:
         for queue in [*self.farm.projects.values(), *(c.own for c in self.farm.clients.values())]:
             if queue.parked:
                 for job in reversed(queue.parked):
-                    if job.state is JobState.QUEUED:
-                        job.warned = False
+                    if job.state is JobState.QUEUED:  # (checked again: the workers changed)
                         queue.jobs.appendleft(job)
                 queue.parked.clear()
                 queue.unschedulable = ""
@@ -159,6 +171,7 @@ class Placement:
         rows: list[list[Any]] = []
         job_frames: list[Any] = []
         clients = self.farm.clients
+        upstream_results: dict[tuple[str, int], list[Any]] = {}  # each read once, however many dependents
         for job in worker.outbox:
             if job.fn_id not in worker.fns:
                 fns.append(job.fn_id)
@@ -170,7 +183,8 @@ class Placement:
             job_frames.extend(job.frames)
             nframes = len(job.frames)
             if job.after:  # the upstream results follow its own frames; the slot puts them in place
-                upstream, counts = self.dependencies.frames(clients[job.client_id], job, now)
+                upstream, counts = self.dependencies.frames(clients[job.client_id], job, now,
+                                                            upstream_results)
                 options = {**options, "upstream": counts}
                 job_frames.extend(upstream)
                 nframes += len(upstream)
@@ -189,10 +203,10 @@ class Placement:
     def requeue(self, worker: WorkerRecord, why: Departure, detail: str, now: float) -> None:
         """A worker's record ended: its jobs queue again, first (those it died running count a loss)."""
         jobs = list(worker.jobs.values())  # in the order they were given to it
-        received = [job for job in jobs if job not in worker.outbox]
         if not why.alive:  # the worker died running some of these: count it against them
+            unsent = set(worker.outbox)  # (sets of jobs by identity: a list scan per job is quadratic)
             # The oldest `slots` jobs it had received are the ones running; the rest were prefetched.
-            running = received[:worker.slots]
+            running = set([job for job in jobs if job not in unsent][:worker.slots])
             jobs = [job for job in jobs if job not in running or not self._poisoned(job, worker, detail, now)]
         if jobs:
             log.warning("worker %s %s: requeued its %d jobs", worker.id, detail, len(jobs))
@@ -220,10 +234,7 @@ class Placement:
                 f"what kills them): {'; '.join(job.losses)}")
         log.warning("job %s declared poison: %s", job.name, p.clip(info))
         farm.records.event(now, "job-failed", f"job {job.name} lost {len(job.losses)} workers: not retried")
-        self.moves.move(job, JobState.FINISHED, client, now)
-        ended_at = farm.records.wall(now)
-        self.delivery.deliver(client, job, worker, p.Outcome.LOST, [], info,
-                              p.RunStats(ended_at, ended_at, 0.0, 0), now)
+        self.delivery.end_unrun(client, job, p.Outcome.LOST, info, now, worker=worker)
         return True
 
 

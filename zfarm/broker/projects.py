@@ -22,13 +22,11 @@ from zfarm import protocol as p
 from zfarm.broker.delivery import Delivery
 from zfarm.broker.farm import Farm
 from zfarm.broker.jobstate import JobMoves
-from zfarm.broker.state import ClientRecord, Job, JobState, OnError, Queue, WorkerRecord
+from zfarm.broker.state import ClientRecord, Job, OnError, Queue
 
 log = logging.getLogger("zfarm.broker.scheduler")
 
 MAX_PROJECT_CHARS = 128
-#: finished jobs counted over this window for a project's throughput and ETA
-RATE_WINDOW_S = 60.0
 
 
 class BadProject(ValueError):
@@ -63,7 +61,7 @@ class Projects:
                      on_error.value if on_error else "continue")
             self.farm.records.event(now, "project-opened", f"project {name} opened by {client.id}")
         if priority is not None:
-            queue.priority = priority
+            self.farm.set_priority(queue, priority)
         if share is not None:
             queue.share = share
         if on_error is not None:
@@ -89,7 +87,8 @@ class Projects:
                 priority, share, _ = _settings(msg.settings)
             except BadProject as exc:
                 return self._reply(now, str(exc))
-            queue.priority = queue.priority if priority is None else priority
+            if priority is not None:
+                self.farm.set_priority(queue, priority)
             queue.share = queue.share if share is None else share
         elif action is p.ProjectAction.SUSPEND:
             self.suspend(queue, "suspended by request", now)
@@ -127,16 +126,12 @@ class Projects:
 
     def end(self, client: ClientRecord, job: Job, why: str, now: float) -> None:
         """One job ends CANCELLED, its client told (its future is cancelled)."""
-        self.moves.move(job, JobState.FINISHED, client, now)
-        at = self.farm.records.wall(now)
-        nobody = WorkerRecord(id="", route=b"", host="", pid=0, joined_at=now, last_seen=now, last_sent=now)
-        self.delivery.deliver(client, job, nobody, p.Outcome.CANCELLED, [], why, p.RunStats(at, at, 0.0, 0),
-                              now)
+        self.delivery.end_unrun(client, job, p.Outcome.CANCELLED, why, now)
 
     def failed(self, job: Job, now: float) -> int:
         """A job of the project failed: apply its rule. Returns the kind its result row carries."""
         queue = job.queue
-        if queue is None or not queue.name or queue.on_error is OnError.CONTINUE:
+        if not queue.name or queue.on_error is OnError.CONTINUE:  # (a client's own queue has no rule)
             return p.ResultKind.PLAIN
         if queue.on_error is OnError.SUSPEND:
             was = queue.suspended
@@ -148,9 +143,7 @@ class Projects:
     # ---- views -------------------------------------------------------------------------------------
 
     def view(self, queue: Queue, now: float) -> dict[str, Any]:
-        recent = [t for t in queue.finished_at if now - t <= RATE_WINDOW_S]
-        span = min(RATE_WINDOW_S, now - queue.created_at)
-        rate = len(recent) / span if recent and span > 0 else 0.0
+        rate = queue.finished.rate(now, now - queue.created_at)
         left = queue.queued + queue.running + queue.waiting_jobs
         state = ("suspended" if queue.suspended else "done" if not left
                  else "running" if queue.running else "queued")

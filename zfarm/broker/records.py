@@ -26,6 +26,38 @@ class Event:
     text: str
 
 
+class PerSecond:
+    """How many events happened in each of the last ``seconds`` whole seconds (the current one last):
+    a rate over a window, in bounded memory however many events there are."""
+
+    __slots__ = ("_counts", "_second")
+
+    def __init__(self, now: float, seconds: int = THROUGHPUT_WINDOW_S) -> None:
+        self._second = math.floor(now)
+        self._counts: deque[int] = deque([0] * seconds, maxlen=seconds)
+
+    def add(self, now: float) -> None:
+        self._roll(now)
+        self._counts[-1] += 1
+
+    def counts(self, now: float) -> list[int]:
+        self._roll(now)
+        return list(self._counts)
+
+    def rate(self, now: float, age_s: float) -> float:
+        """Events per second over the window (the seconds before it, and the part of the current one
+        gone by), or over ``age_s`` if that is shorter."""
+        self._roll(now)
+        span = min(age_s, len(self._counts) - 1 + (now - self._second))
+        return sum(self._counts) / span if span > 0 else 0.0
+
+    def _roll(self, now: float) -> None:
+        second = math.floor(now)
+        if second > self._second:
+            self._counts.extend([0] * min(second - self._second, len(self._counts)))
+            self._second = second
+
+
 class Records:
     def __init__(self, now: float, wall_offset_s: float = 0.0, history_size: int = 50_000,
                  event_count: int = 200) -> None:
@@ -33,8 +65,7 @@ class Records:
         self.events: deque[Event] = deque(maxlen=event_count)
         self.jobs: deque[tuple[Any, ...]] = deque(maxlen=history_size)
         self.lost_workers: deque[dict[str, Any]] = deque(maxlen=50)
-        self._second = math.floor(now)
-        self._per_second: deque[int] = deque([0] * THROUGHPUT_WINDOW_S, maxlen=THROUGHPUT_WINDOW_S)
+        self._finished = PerSecond(now)
 
     def wall(self, now: float) -> float:
         """Epoch seconds for a time on the scheduler's clock."""
@@ -46,19 +77,11 @@ class Records:
     def job(self, now: float, record: tuple[Any, ...]) -> None:
         """A job finished (in any way); ``record`` follows JOB_COLUMNS."""
         self.jobs.append(record)
-        self._roll(now)
-        self._per_second[-1] += 1
-
-    def _roll(self, now: float) -> None:
-        second = math.floor(now)
-        if second > self._second:
-            self._per_second.extend([0] * min(second - self._second, THROUGHPUT_WINDOW_S))
-            self._second = second
+        self._finished.add(now)
 
     def throughput(self, now: float) -> list[int]:
         """Jobs finished in each of the last 60 whole seconds, oldest first (the current one last)."""
-        self._roll(now)
-        return list(self._per_second)
+        return self._finished.counts(now)
 
     def history(self, last: int = 0) -> list[list[Any]]:
         rows = self.jobs if not last else list(self.jobs)[-last:]

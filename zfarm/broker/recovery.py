@@ -79,9 +79,9 @@ def _recover_jobs(farm: Farm, delivery: Delivery, saved: Recovered, now: float,
         except BadProject as exc:
             delivery.damaged(client, row.seq, f"its options cannot be taken: {exc}", now)
             continue
-        job = Job(row.client, row.seq, row.fn_id, tuple(row.frames), options, row.queued_at - offset,
+        job = Job(row.client, row.seq, row.fn_id, tuple(row.frames), options, row.queued_at - offset, queue,
                   losses=row.losses, digest=row.digest, history=("",) * row.attempts_before,
-                  recovered_after=row.attempts_before, queue=queue, phase=phase, request=request, after=after)
+                  recovered_after=row.attempts_before, phase=phase, request=request, after=after)
         jobs.append((client, job))
     return jobs
 

@@ -85,13 +85,13 @@ class Scheduler:
         self.moves = JobMoves(farm)
         self.delivery = Delivery(farm, self.moves)
         self.dependencies = Dependencies(farm, self.moves, self.delivery)
-        self.delivery.on_ended = self.dependencies.ended
+        self.moves.on_ended = self.dependencies.ended
         self.placement = Placement(farm, self.moves, self.delivery, self.dependencies)
         self.projects = Projects(farm, self.moves, self.delivery)
         self.delivery.on_failure = self.projects.failed
         self.intake = Intake(farm, self.moves, self.delivery, self.functions, self.projects,
                              self.dependencies)
-        self.peers_part = Peers(farm, self.moves, self.placement, self.delivery, self.broker_id)
+        self.peers_part = Peers(farm, self.moves, self.placement, self.broker_id)
         self._next_scan = now
         self.deadline_s = settings.heartbeat_interval_s * settings.liveness
         if journal is not None:
@@ -295,7 +295,7 @@ class Scheduler:
             "clients": [
                 {"id": c.id, "host": c.host, "pid": c.pid, "submitted": c.submitted, "queued": c.queued,
                  "in_flight": len(c.jobs) - c.queued - c.waiting, "waiting": c.waiting, "done": c.done,
-                 "failed": c.failed,
+                 "failed": c.failed, "cancelled": c.cancelled,
                  "session": c.session, "present": c.present, "held": len(c.held),
                  "unschedulable": c.own.unschedulable}
                 for c in farm.clients.values()

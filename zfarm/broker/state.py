@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from zfarm import protocol as p
+from zfarm.broker.records import PerSecond
 
 Route = bytes  # a ROUTER routing id
 
@@ -82,7 +83,9 @@ class Queue:
     suspended: bool = False
     why_suspended: str = ""
     jobs: deque[Job] = field(default_factory=deque)  # QUEUED jobs (and ones that left it: skipped)
-    scheduled: bool = False  # in the farm's list of queues with queued jobs
+    scheduled: bool = False  # in the farm's heap of queues with queued jobs (``Farm.active``)
+    order: int = 0  # when it was scheduled (among equals, the first scheduled goes first)
+    version: int = 0  # of its latest entry in the heap (older ones are stale)
     pass_: float = 0.0
     submitted: int = 0
     queued: int = 0
@@ -100,7 +103,8 @@ class Queue:
     #: queued jobs no connected worker could ever hold, set aside until another worker joins
     parked: list[Job] = field(default_factory=list)
     created_at: float = 0.0
-    finished_at: deque[float] = field(default_factory=lambda: deque(maxlen=512))
+    #: its jobs finished (or ended by its cancel) in each of the last 60 s: its rate and ETA
+    finished: PerSecond = field(default_factory=lambda: PerSecond(0.0))
 
     def first_phase(self, client_id: str) -> int | None:
         """The lowest phase with unfinished jobs of this client here (None: none)."""
@@ -115,6 +119,7 @@ class Job:
     frames: tuple[Any, ...]  # opaque payload frames, never decoded here
     options: dict[str, Any]
     queued_at: float
+    queue: Queue  # its project's, or its client's own
     state: JobState = JobState.SUBMITTED
     worker: str | None = None
     #: ids of the workers the job was given to, in order; its attempt number is the length
@@ -126,11 +131,12 @@ class Job:
     #: read back from the journal: the broker that gave it out is gone, so any worker may answer an
     #: attempt after this one (earlier ones ran a job this one replaced); -1: not read back
     recovered_after: int = -1
-    queue: Queue | None = None  # its project's, or its client's own
     phase: int = 0
     request: Request | None = None
     devices: tuple[str, ...] = ()  # GPU ids given to it while assigned
-    warned: bool = False  # its client was told it can run nowhere
+    #: the farm's ``workers_epoch`` when it was last checked against every worker (-1: never): the
+    #: answer changes only when a worker joins or leaves, so a job waiting for room is checked once
+    checked: int = -1
     #: its upstream jobs (option ``after``: seqs of its client), whose results go with it to its slot
     after: tuple[int, ...] = ()
     #: those of them still unfinished (it is WAITING until this is empty)
@@ -211,6 +217,7 @@ class ClientRecord(Peer):
     submitted: int = 0
     done: int = 0
     failed: int = 0
+    cancelled: int = 0
     out_rows: list[list[Any]] = field(default_factory=list)
     out_frames: list[Any] = field(default_factory=list)
     out_stats: list[list[Any]] = field(default_factory=list)
@@ -245,7 +252,6 @@ def role_of(peer: Peer) -> str:
     return p.Role.MONITOR.value
 
 
-MAX_PEER_ID_CHARS = 128
 NO_OPTIONS: dict[str, Any] = {}  # shared by every job without options; never changed
 #: payload frames up to this size are kept as bytes: a zmq.Frame object costs more than the copy, and
 #: a frame this small points into ZeroMQ's shared receive buffer (ZMQ_IN_BATCH_SIZE, 8 KiB), which
@@ -265,8 +271,8 @@ def check_hello(msg: p.Hello) -> str:
     """Why a HELLO cannot be accepted ("" if it can)."""
     if msg.role not in {r.value for r in p.Role}:
         return f"unknown role {msg.role!r}: expected worker, client or monitor"
-    if not msg.peer_id or len(msg.peer_id) > MAX_PEER_ID_CHARS:
-        return f"peer id must be 1 to {MAX_PEER_ID_CHARS} characters"
+    if not msg.peer_id or len(msg.peer_id) > p.MAX_ID_CHARS:  # (decode refuses longer ones already)
+        return f"peer id must be 1 to {p.MAX_ID_CHARS} characters"
     if msg.role == p.Role.WORKER and not 0 < msg.slots <= 100_000:
         return f"a worker must announce 1 to 100000 slots, not {msg.slots}"
     return ""
