@@ -88,11 +88,11 @@ class WorkerCore:
         self.broker_id = ""
         self.max_message_bytes = 0  # the broker's, from WELCOME
         self.pending: deque[SlotTask] = deque()  # received, not yet in a slot
-        self.running_keys: set[Key] = set()  # in a slot now; never two copies of one job at once
         self.fns: dict[bytes, Any] = {}
         self.unsent: list[SlotOutcome] = []  # finished while the broker did not know us
         self.unreported: dict[Key, float] = {}  # running jobs not yet reported started, and since when
-        self.started: dict[Key, float] = {}  # running jobs, and since when
+        #: in a slot now, and since when, in start order; never two copies of one job at once
+        self.started: dict[Key, float] = {}
         # This registration's credit offered and jobs received, and the results sent on it that the
         # broker may not have read yet, each batch with the credit offered before it.
         self.offered = 0
@@ -111,7 +111,7 @@ class WorkerCore:
 
     @property
     def running(self) -> int:
-        return len(self.running_keys)
+        return len(self.started)
 
     @property
     def in_hand(self) -> int:
@@ -213,10 +213,9 @@ class WorkerCore:
         waiting: list[SlotTask] = []
         while self.pending and len(tasks) < free_slots:
             task = self.pending.popleft()
-            if task.key in self.running_keys:
+            if task.key in self.started:
                 waiting.append(task)
             else:
-                self.running_keys.add(task.key)
                 tasks.append(task)
                 self.unreported[task.key] = now
                 self.started[task.key] = now
@@ -238,16 +237,23 @@ class WorkerCore:
         """When :meth:`report_started` or :meth:`hand_back_burst` next has something to do."""
         if self.live.state is not Link.READY:
             return None
-        due = [since + STARTED_REPORT_S for since in self.unreported.values()][:1]
-        if len(self.pending) > self.settings.prefetch and self.started:
-            due.append(min(self.started.values()) + BURST_HANDBACK_S)
+        due = []  # both dicts are in start order: their first entry is their oldest
+        if (oldest_unreported := next(iter(self.unreported.values()), None)) is not None:
+            due.append(oldest_unreported + STARTED_REPORT_S)
+        if len(self.pending) > self.settings.prefetch and (oldest := self._oldest_start()) is not None:
+            due.append(oldest + BURST_HANDBACK_S)
         return min(due, default=None)
+
+    def _oldest_start(self) -> float | None:
+        """When the longest-running job started (None: none runs)."""
+        return next(iter(self.started.values()), None)
 
     def hand_back_burst(self, now: float) -> Actions:
         """A job runs long: give back the jobs held beyond the usual prefetch (RETURNED, no credit:
         they go to slots that are free elsewhere, or back here after the long job)."""
         extra = len(self.pending) - self.settings.prefetch
-        if extra <= 0 or not self.started or now - min(self.started.values()) < BURST_HANDBACK_S:
+        oldest = self._oldest_start()
+        if extra <= 0 or oldest is None or now - oldest < BURST_HANDBACK_S:
             return Actions()
         self.run_s = max(self.run_s or 0.0, BURST_HANDBACK_S)  # not tiny now: no burst until they are again
         given = [self.pending.pop() for _ in range(extra)][::-1]  # the newest go back
@@ -261,7 +267,6 @@ class WorkerCore:
             return Actions()
         ended = set()
         for o in outcomes[:from_slots]:
-            self.running_keys.discard(o.key)
             self.started.pop(o.key, None)
             if o.outcome in ENDS_JOB:
                 ended.add(o.key)
