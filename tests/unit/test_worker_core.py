@@ -13,8 +13,9 @@ from zfarm import protocol as p
 from zfarm.broker.scheduler import Scheduler
 from zfarm.config import BrokerSettings, WorkerSettings
 from zfarm.errors import Refused
+from zfarm.link import LinkState
 from zfarm.worker.chaperone import SlotOutcome
-from zfarm.worker.core import Actions, Link, WorkerCore
+from zfarm.worker.core import Actions, WorkerCore
 
 FN = b"\xf1" * 16
 OK = p.Outcome.OK
@@ -66,7 +67,7 @@ def test_connect_says_hello() -> None:
     hello = only(core.connect(0.0), p.Hello)
     assert (hello.role, hello.peer_id, hello.host, hello.pid, hello.slots) == ("worker", "w-test", "h", 1, 2)
     assert hello.info.get("prefetch") == 1
-    assert core.live.state is Link.CONNECTING
+    assert core.live.state is LinkState.CONNECTING
 
 
 def test_generated_worker_id_is_stable_and_distinct() -> None:
@@ -80,7 +81,7 @@ def test_welcome_gets_ready_with_slots_plus_prefetch_and_adopts_the_broker_setti
     core.connect(0.0)
     ready = only(core.on_message(wire(welcome(interval_s=0.25, liveness=5)), 0.1), p.Ready)
     assert ready.credit == 3
-    assert core.live.state is Link.READY
+    assert core.live.state is LinkState.READY
     assert (core.live.interval_s, core.live.liveness, core.broker_id) == (0.25, 5, "b-1")
 
 
@@ -201,7 +202,7 @@ def test_silent_broker_means_reconnect_with_doubling_backoff_capped() -> None:
     for _ in range(8):
         actions = core.tick(now)
         assert actions.reconnect is True and actions.send == []
-        assert core.live.state is Link.DOWN
+        assert core.live.state is LinkState.DOWN
         delays.append(core.live.reconnect_at - now)
         assert core.tick(now + 0.1).reconnect is False  # down: nothing to do until reconnect_at
         now = core.live.reconnect_at
@@ -231,7 +232,7 @@ def test_reconnect_message_says_hello_again() -> None:
     core = ready_core()
     hello = only(core.on_message(wire(p.Reconnect("broker restarted")), 1.0), p.Hello)
     assert hello.peer_id == "w-test" and hello.slots == 2
-    assert core.live.state is Link.CONNECTING
+    assert core.live.state is LinkState.CONNECTING
     ready = only(core.on_message(wire(welcome()), 1.1), p.Ready)
     assert ready.credit == 3
 
@@ -240,7 +241,7 @@ def test_broker_disconnect_drops_the_link() -> None:
     core = ready_core()
     actions = core.on_message(wire(p.Disconnect("broker stopping")), 1.0)
     assert actions.reconnect is True
-    assert core.live.state is Link.DOWN and core.live.reconnect_at == pytest.approx(2.0)
+    assert core.live.state is LinkState.DOWN and core.live.reconnect_at == pytest.approx(2.0)
 
 
 # ---- stopping and results across reconnects -------------------------------------------------------
@@ -428,7 +429,7 @@ def test_nothing_is_reported_started_while_the_broker_is_away() -> None:
     core.on_message(wire(jobs([1])), 0.0)
     core.take_tasks(1, now=0.0)
     core.tick(100.0)  # the broker went silent: link down
-    assert core.live.state is Link.DOWN
+    assert core.live.state is LinkState.DOWN
     assert core.next_report_at() is None
     assert core.report_started(100.0).send == []
 
@@ -605,7 +606,7 @@ class PausedAndCut:
         link = self.link
         for _ in range(100):
             self.now += 0.3
-            if self.core.live.state is Link.DOWN:
+            if self.core.live.state is LinkState.DOWN:
                 self.cut()
             self.start()
             while self.running:

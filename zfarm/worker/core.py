@@ -59,10 +59,6 @@ RUN_TIME_WEIGHT = 0.3
 ENDS_JOB = frozenset({p.Outcome.OK, p.Outcome.ERROR, p.Outcome.CRASHED})
 
 
-#: the link's states (kept under this name for the worker's callers)
-Link = LinkState
-
-
 @dataclass
 class Actions:
     """What the shell must do after feeding the core an event."""
@@ -137,7 +133,7 @@ class WorkerCore:
         if isinstance(msg, p.Reclaim):
             return self._reclaim({(k[0], k[1]) for k in msg.keys}, now)
         if isinstance(msg, p.Reconnect):
-            if self.live.state is Link.CONNECTING:
+            if self.live.state is LinkState.CONNECTING:
                 return Actions()  # our HELLO is on its way already
             log.info("broker does not know us (%s): introducing ourselves again", p.clip(msg.reason))
             return self.connect(now)
@@ -151,7 +147,7 @@ class WorkerCore:
         return Actions()
 
     def _welcome(self, msg: p.Welcome, now: float) -> Actions:
-        if self.live.state is not Link.READY:
+        if not self.live.ready:
             log.info("worker %s registered with broker %s (%d %s)", self.id, msg.broker_id, self.slots,
                      "slot" if self.slots == 1 else "slots")
         self.live.welcomed(msg.heartbeat_interval_s, msg.liveness)
@@ -224,7 +220,7 @@ class WorkerCore:
 
     def report_started(self, now: float) -> Actions:
         """STARTED for the jobs that have run for ``STARTED_REPORT_S`` (and have not finished)."""
-        if self.live.state is not Link.READY or not self.unreported:
+        if not self.live.ready or not self.unreported:
             return Actions()
         due = [key for key, since in self.unreported.items() if now - since >= STARTED_REPORT_S]
         if not due:
@@ -235,7 +231,7 @@ class WorkerCore:
 
     def next_report_at(self) -> float | None:
         """When :meth:`report_started` or :meth:`hand_back_burst` next has something to do."""
-        if self.live.state is not Link.READY:
+        if not self.live.ready:
             return None
         due = []  # both dicts are in start order: their first entry is their oldest
         if (oldest_unreported := next(iter(self.unreported.values()), None)) is not None:
@@ -283,7 +279,7 @@ class WorkerCore:
         self.done += sum(o.outcome == p.Outcome.OK for o in outcomes)
         if not outcomes:
             return Actions()
-        if self.live.state is not Link.READY:
+        if not self.live.ready:
             self.unsent.extend(outcomes)
             return Actions()
         # Credit tops what the broker may still send plus what we hold up to the capacity (which grows
@@ -319,7 +315,7 @@ class WorkerCore:
         live = self.live
         if live.expired(now):
             silent_s = live.silent_s(now)
-            if live.state is Link.CONNECTING:  # said at every try, so a worker never waits in silence
+            if live.state is LinkState.CONNECTING:  # said at every try, so a worker never waits in silence
                 log.warning("no answer from a broker at %s for %.0f s (is `zfarm broker` running there?): "
                             "trying again in %.0f s", self.settings.address, silent_s, live.backoff_s)
             else:
@@ -345,7 +341,7 @@ class WorkerCore:
         return self.finished(returned, now)
 
     def goodbye(self, now: float) -> Actions:
-        return self._out(now, [p.Disconnect("worker stopping")] if self.live.state is Link.READY else [])
+        return self._out(now, [p.Disconnect("worker stopping")] if self.live.ready else [])
 
     def _out(self, now: float, msgs: list[p.Message]) -> Actions:
         self.live.sent(now)
