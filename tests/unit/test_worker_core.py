@@ -98,14 +98,14 @@ def test_refused_raises() -> None:
 def test_jobs_are_handed_out_no_more_than_free_slots() -> None:
     core = ready_core()
     assert core.on_message(wire(jobs([0, 1, 2])), 0.1).send == []
-    first = core.take_tasks(2)
+    first = core.take_tasks(2, 0.1)
     assert [t.key for t in first] == [("c", 0), ("c", 1)]
     assert all(t.fn_id == FN and t.fn_blob == b"fn-blob" for t in first)
     assert [t.frames for t in first] == [[b"arg0"], [b"arg1"]]
     assert first[0].attempt == 1
-    assert core.take_tasks(0) == []
-    assert [t.key for t in core.take_tasks(5)] == [("c", 2)]
-    assert core.take_tasks(5) == []
+    assert core.take_tasks(0, 0.1) == []
+    assert [t.key for t in core.take_tasks(5, 0.1)] == [("c", 2)]
+    assert core.take_tasks(5, 0.1) == []
     assert (core.running, len(core.pending)) == (3, 0)
 
 
@@ -113,7 +113,7 @@ def test_function_is_kept_for_later_jobs() -> None:
     core = ready_core()
     core.on_message(wire(jobs([0])), 0.1)
     core.on_message(wire(jobs([1], with_fn=False)), 0.2)
-    tasks = core.take_tasks(2)
+    tasks = core.take_tasks(2, 0.2)
     assert [t.fn_blob for t in tasks] == [b"fn-blob", b"fn-blob"]
     assert [t.frames for t in tasks] == [[b"arg0"], [b"arg1"]]
 
@@ -121,7 +121,7 @@ def test_function_is_kept_for_later_jobs() -> None:
 def test_finished_jobs_are_reported_with_their_credit() -> None:
     core = ready_core()
     core.on_message(wire(jobs([0, 1, 2])), 0.1)
-    core.take_tasks(2)
+    core.take_tasks(2, 0.1)
     big = bytearray(b"result-one")
     results = only(core.finished([outcome(0, big), outcome(1, b"e", kind=p.Outcome.ERROR)], 0.5,
                                  from_slots=2), p.Results)
@@ -135,25 +135,25 @@ def test_finished_jobs_are_reported_with_their_credit() -> None:
 def test_cancel_of_a_pending_job_answers_cancelled_and_of_a_running_one_asks_for_a_kill() -> None:
     core = ready_core()
     core.on_message(wire(jobs([0, 1, 2])), 0.1)
-    core.take_tasks(1)  # job 0 runs; 1 and 2 wait
+    core.take_tasks(1, 0.1)  # job 0 runs; 1 and 2 wait
     actions = core.on_message(wire(p.CancelJobs([["c", 0], ["c", 2]])), 0.2)
     results = only(actions, p.Results)
     assert results.results == [["c", 2, 1, int(p.Outcome.CANCELLED), 0, ""]]
     assert results.credit == 1
     assert actions.kill == [("c", 0)]
-    assert [t.key for t in core.take_tasks(5)] == [("c", 1)]
+    assert [t.key for t in core.take_tasks(5, 0.2)] == [("c", 1)]
 
 
 def test_reclaim_gives_back_waiting_jobs_with_their_credit_and_lets_running_ones_run() -> None:
     core = ready_core()
     core.on_message(wire(jobs([0, 1, 2])), 0.1)
-    core.take_tasks(1)  # job 0 runs; 1 and 2 wait
+    core.take_tasks(1, 0.1)  # job 0 runs; 1 and 2 wait
     actions = core.on_message(wire(p.Reclaim([["c", 0], ["c", 2]])), 0.2)
     results = only(actions, p.Results)
     assert results.results == [["c", 2, 1, int(p.Outcome.RETURNED), 0, ""]]
     assert results.credit == 1  # the broker may use it again, where no slot is free elsewhere
     assert actions.kill == []  # job 0 runs on: its result comes as usual
-    assert [t.key for t in core.take_tasks(5)] == [("c", 1)]
+    assert [t.key for t in core.take_tasks(5, 0.2)] == [("c", 1)]
     assert core.on_message(wire(p.Reclaim([["c", 1]])), 0.3).send == []  # started: nothing to give back
 
 
@@ -181,7 +181,7 @@ def test_heartbeat_after_an_interval_of_quiet() -> None:
 def test_sending_results_counts_as_not_quiet() -> None:
     core = ready_core(now=0.0)
     core.on_message(wire(jobs([0])), 0.1)
-    core.take_tasks(1)
+    core.take_tasks(1, 0.1)
     core.finished([outcome(0)], 0.8, from_slots=1)
     assert core.tick(1.0).send == []
     assert only(core.tick(1.8), p.Heartbeat) == p.Heartbeat()
@@ -250,12 +250,12 @@ def test_broker_disconnect_drops_the_link() -> None:
 def test_stop_hands_back_pending_jobs_with_no_credit() -> None:
     core = ready_core()
     core.on_message(wire(jobs([0, 1, 2])), 0.1)
-    core.take_tasks(1)
+    core.take_tasks(1, 0.1)
     results = only(core.stop(0.2), p.Results)
     assert results.credit == 0
     assert results.results == [["c", 1, 1, int(p.Outcome.RETURNED), 0, ""],
                                ["c", 2, 1, int(p.Outcome.RETURNED), 0, ""]]
-    assert core.take_tasks(5) == []
+    assert core.take_tasks(5, 0.2) == []
     assert core.stop(0.3).send == []  # a second stop changes nothing
     # jobs that still arrive go straight back, and the running one reports without credit
     late = only(core.on_message(wire(jobs([3], with_fn=False)), 0.4), p.Results)
@@ -269,7 +269,7 @@ def test_stop_hands_back_pending_jobs_with_no_credit() -> None:
 def test_results_finished_while_disconnected_are_sent_after_the_next_welcome() -> None:
     core = ready_core()
     core.on_message(wire(jobs([0, 1, 2])), 0.1)
-    core.take_tasks(2)  # 0 and 1 run, 2 waits
+    core.take_tasks(2, 0.1)  # 0 and 1 run, 2 waits
     assert core.tick(3.5).reconnect  # the broker went quiet
     assert core.finished([outcome(0, b"kept")], 3.6, from_slots=1).send == []
     core.connect(4.5)
@@ -330,7 +330,7 @@ def test_credit_outstanding_plus_jobs_in_hand_is_always_the_capacity() -> None:
             count = 1 + step % unused
             core.on_message(wire(jobs(list(range(sent, sent + count)), with_fn=sent == 0)), now)
             sent += count
-        running.extend(core.take_tasks(2 - core.running))
+        running.extend(core.take_tasks(2 - core.running, now))
         assert core.running == len(running) <= 2
         finishing, running = running[: step % 3], running[step % 3:]
         if finishing:
@@ -464,7 +464,7 @@ def test_a_result_the_broker_did_not_read_is_sent_again_before_ready_and_the_job
     submit(link, [0], 0.0)
     link.deliver_to_broker(0.0)
     link.deliver_to_worker(0.0)
-    assert [t.key for t in link.core.take_tasks(2)] == [("c", 0)]
+    assert [t.key for t in link.core.take_tasks(2, 0.0)] == [("c", 0)]
     link.sched.handle(link.CLIENT, p.encode(p.Heartbeat()), 3.0)
     link.sched.tick(3.5)  # the worker was stopped: declared dead, its job queued again
     assert link.sched.snapshot(3.5)["workers"] == []
@@ -487,7 +487,7 @@ def test_results_are_forgotten_once_the_broker_uses_credit_offered_after_them() 
         now += 0.01
         link.deliver_to_broker(now)
         link.deliver_to_worker(now)
-        tasks = link.core.take_tasks(2)
+        tasks = link.core.take_tasks(2, now)
         done = [SlotOutcome(t.key, t.attempt, OK, [b"r"]) for t in tasks]
         link.worker_does(link.core.finished(done, now, from_slots=len(done)))
         kept = sum(len(batch) for _offered, batch in link.core.unacked)
@@ -506,7 +506,7 @@ def test_results_are_forgotten_once_the_broker_uses_credit_offered_after_them() 
 def test_cancelled_and_returned_outcomes_are_not_kept() -> None:
     core = ready_core()
     core.on_message(wire(jobs([0, 1])), 0.1)
-    core.take_tasks(1)
+    core.take_tasks(1, 0.1)
     core.on_message(wire(p.CancelJobs([["c", 1]])), 0.2)  # not started: answered CANCELLED
     core.stop(0.3)
     assert not core.unacked
@@ -517,7 +517,7 @@ def test_cancelled_and_returned_outcomes_are_not_kept() -> None:
 def test_a_result_info_line_is_cut_to_what_the_broker_accepts() -> None:
     core = ready_core()
     core.on_message(wire(jobs([0])), 0.1)
-    core.take_tasks(1)
+    core.take_tasks(1, 0.1)
     failed = SlotOutcome(("c", 0), 1, p.Outcome.ERROR, [b"e"], "ValueError: " + "x" * 5000)
     results = only(core.finished([failed], 0.2, from_slots=1), p.Results)  # decodes: within the bound
     assert len(results.results[0][5]) == p.MAX_TEXT_CHARS
@@ -529,10 +529,10 @@ def test_a_job_given_again_while_its_first_copy_runs_here_waits_and_is_dropped_w
     attempt 2 is handed back as CANCELLED with its credit."""
     core = ready_core(procs=2)
     core.on_message(wire(jobs([0])), 0.1)
-    assert [t.key for t in core.take_tasks(2)] == [("c", 0)]
+    assert [t.key for t in core.take_tasks(2, 0.1)] == [("c", 0)]
     again = p.Jobs([], [["c", 0, 2, FN, 1, {}], ["c", 1, 1, FN, 1, {}]], [b"arg0", b"arg1"])
     core.on_message(wire(again), 0.2)
-    assert [(t.key, t.attempt) for t in core.take_tasks(2)] == [(("c", 1), 1)]  # job 0 waits
+    assert [(t.key, t.attempt) for t in core.take_tasks(2, 0.2)] == [(("c", 1), 1)]  # job 0 waits
     assert [(t.key, t.attempt) for t in core.pending] == [(("c", 0), 2)]
     results = only(core.finished([outcome(0, b"first")], 0.3, from_slots=1), p.Results)
     cancelled = int(p.Outcome.CANCELLED)
@@ -543,11 +543,11 @@ def test_a_job_given_again_while_its_first_copy_runs_here_waits_and_is_dropped_w
 def test_a_job_given_again_after_its_first_copy_was_cancelled_runs() -> None:
     core = ready_core(procs=2)
     core.on_message(wire(jobs([0])), 0.1)
-    core.take_tasks(2)
+    core.take_tasks(2, 0.1)
     core.on_message(wire(p.Jobs([], [["c", 0, 2, FN, 1, {}]], [b"arg0"])), 0.2)
-    assert core.take_tasks(2) == []
+    assert core.take_tasks(2, 0.2) == []
     core.finished([outcome(0, kind=p.Outcome.CANCELLED)], 0.3, from_slots=1)
-    assert [(t.key, t.attempt) for t in core.take_tasks(2)] == [(("c", 0), 2)]
+    assert [(t.key, t.attempt) for t in core.take_tasks(2, 0.3)] == [(("c", 0), 2)]
 
 
 class PausedAndCut:
@@ -591,7 +591,7 @@ class PausedAndCut:
         self.link.worker_does(self.core.connect(self.now))
 
     def start(self) -> None:
-        tasks = self.core.take_tasks(self.core.slots - len(self.running))
+        tasks = self.core.take_tasks(self.core.slots - len(self.running), self.now)
         self.starts.update(t.key for t in tasks)
         self.running.extend(tasks)
         assert len({t.key for t in self.running}) == len(self.running), "two copies of a job run at once"

@@ -199,7 +199,7 @@ class WorkerCore:
         log.debug("worker %s gave back %d prefetched jobs", self.id, len(given))
         return self.finished([SlotOutcome(t.key, t.attempt, p.Outcome.RETURNED, []) for t in given], now)
 
-    def take_tasks(self, free_slots: int, now: float = 0.0) -> list[SlotTask]:
+    def take_tasks(self, free_slots: int, now: float) -> list[SlotTask]:
         """Tasks to start now on ``free_slots`` idle slots.
 
         A job given again while its first copy runs here (the broker thought us dead) waits: when
