@@ -29,6 +29,7 @@ import os
 import socket
 import uuid
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -173,31 +174,35 @@ class WorkerCore:
         for fn_id, blob in zip(msg.fns, msg.frames, strict=False):  # frames go on past the fns
             p.remember_fn(self.fns, fn_id, blob)
         per_job = p.split_frames(msg.frames[len(msg.fns):], [row[4] for row in msg.jobs])
-        returned: list[SlotOutcome] = []
+        returned: list[SlotTask] = []
         for (client_id, seq, attempt, fn_id, _n, options), frames in zip(msg.jobs, per_job, strict=True):
             task = SlotTask((client_id, seq), attempt, fn_id, self.fns.get(fn_id), frames, options)
             if self.stopping:
-                returned.append(SlotOutcome(task.key, attempt, p.Outcome.RETURNED, []))
+                returned.append(task)
             else:
                 self.pending.append(task)
-        return self.finished(returned, now) if returned else Actions()
+        return self.finished(_outcomes(returned, p.Outcome.RETURNED), now) if returned else Actions()
 
     def _cancel(self, keys: set[Key], now: float) -> Actions:
-        dropped = [t for t in self.pending if t.key in keys]
-        self.pending = deque(t for t in self.pending if t.key not in keys)
-        cancelled = [SlotOutcome(t.key, t.attempt, p.Outcome.CANCELLED, []) for t in dropped]
-        actions = self.finished(cancelled, now)
+        dropped = self._take_pending(keys)
+        actions = self.finished(_outcomes(dropped, p.Outcome.CANCELLED), now)
         actions.kill = sorted(keys - {t.key for t in dropped})
         return actions
 
     def _reclaim(self, keys: set[Key], now: float) -> Actions:
         """Give back the jobs still waiting here (RETURNED, with their credit); running ones run on."""
-        given = [t for t in self.pending if t.key in keys]
+        given = self._take_pending(keys)
         if not given:
             return Actions()
-        self.pending = deque(t for t in self.pending if t.key not in keys)
         log.debug("worker %s gave back %d prefetched jobs", self.id, len(given))
-        return self.finished([SlotOutcome(t.key, t.attempt, p.Outcome.RETURNED, []) for t in given], now)
+        return self.finished(_outcomes(given, p.Outcome.RETURNED), now)
+
+    def _take_pending(self, keys: set[Key]) -> list[SlotTask]:
+        """Take the waiting jobs with these keys out of ``pending`` (the others keep their order)."""
+        taken = [t for t in self.pending if t.key in keys]
+        if taken:
+            self.pending = deque(t for t in self.pending if t.key not in keys)
+        return taken
 
     def take_tasks(self, free_slots: int, now: float) -> list[SlotTask]:
         """Tasks to start now on ``free_slots`` idle slots.
@@ -255,13 +260,13 @@ class WorkerCore:
         given = [self.pending.pop() for _ in range(extra)][::-1]  # the newest go back
         log.debug("worker %s: a job runs long; gave back %d jobs held for a burst", self.id, extra)
         # the capacity is the usual one again, so these return no credit
-        return self.finished([SlotOutcome(t.key, t.attempt, p.Outcome.RETURNED, []) for t in given], now)
+        return self.finished(_outcomes(given, p.Outcome.RETURNED), now)
 
     def finished(self, outcomes: list[SlotOutcome], now: float, from_slots: int = 0) -> Actions:
         """Jobs left our hands (the first ``from_slots`` outcomes came from slots); report them."""
         if not outcomes:
             return Actions()
-        ended = set()
+        ended: set[Key] = set()
         for o in outcomes[:from_slots]:
             self.started.pop(o.key, None)
             if o.outcome in ENDS_JOB:
@@ -269,10 +274,8 @@ class WorkerCore:
                 if o.run_s > 0:  # 0: not measured (a slot that died, a job killed)
                     self.run_s = o.run_s if self.run_s is None else self.run_s + RUN_TIME_WEIGHT * (
                         o.run_s - self.run_s)
-        if ended and any(t.key in ended for t in self.pending):  # copies given again: not needed now
-            outcomes = outcomes + [SlotOutcome(t.key, t.attempt, p.Outcome.CANCELLED, [])
-                                   for t in self.pending if t.key in ended]
-            self.pending = deque(t for t in self.pending if t.key not in ended)
+        if ended and (copies := self._take_pending(ended)):  # copies given again: not needed now
+            outcomes = outcomes + _outcomes(copies, p.Outcome.CANCELLED)
         for outcome in outcomes:
             self.unreported.pop(outcome.key, None)
         outcomes = [self._fit(o) for o in outcomes]
@@ -334,7 +337,7 @@ class WorkerCore:
         if self.stopping:
             return Actions()
         self.stopping = True
-        returned = [SlotOutcome(t.key, t.attempt, p.Outcome.RETURNED, []) for t in self.pending]
+        returned = _outcomes(self.pending, p.Outcome.RETURNED)
         self.pending.clear()
         log.info("worker %s stopping: handed back %d queued jobs, %d running", self.id, len(returned),
                  self.running)
@@ -346,3 +349,8 @@ class WorkerCore:
     def _out(self, now: float, msgs: list[p.Message]) -> Actions:
         self.live.sent(now)
         return Actions(send=msgs)
+
+
+def _outcomes(tasks: Iterable[SlotTask], outcome: p.Outcome) -> list[SlotOutcome]:
+    """Outcomes with no result for jobs that never ran here (cancelled, or given back)."""
+    return [SlotOutcome(t.key, t.attempt, outcome, []) for t in tasks]
