@@ -34,7 +34,7 @@ from zfarm.client.futures import JobFuture
 from zfarm.client.receipts import Receipts
 from zfarm.config import ClientSettings
 from zfarm.errors import BrokerUnavailable, ConfigError, DependencyFailed, Refused
-from zfarm.link import LinkState, Liveness
+from zfarm.link import Checked, LinkState, Liveness
 from zfarm.stats import JobRecord, record_of
 
 log = logging.getLogger(__name__)
@@ -489,11 +489,12 @@ class ClientCore:
                 waited_s = now - max(live.last_heard, job.submitted_at)
                 if waited_s > limit_s and self._forget(seq) is not None:
                     self._out.fail.append((job, BrokerUnavailable(self.settings.address, waited_s, detail)))
-        if live.expired(now):
+        checked = live.check(now)
+        if checked.dropped:
             log.warning("client %s: broker silent for %.1f s; reconnecting in %.0f s", self.client_id,
-                        live.silent_s(now), live.backoff_s)
-            self._drop_link(now)
-        elif live.heartbeat_due(now):
+                        live.silent_s(now), live.reconnect_at - now)
+            self._out.reconnect = True
+        elif checked is Checked.HEARTBEAT:
             self._send(p.Heartbeat(), now)
 
     def _drop_link(self, now: float) -> None:

@@ -37,7 +37,7 @@ from zfarm import protocol as p
 from zfarm import serialization as ser
 from zfarm.config import WorkerSettings
 from zfarm.errors import PayloadTooLarge, Refused
-from zfarm.link import LinkState, Liveness
+from zfarm.link import Checked, LinkState, Liveness
 from zfarm.protocol import ENVELOPE_ALLOWANCE
 from zfarm.worker.chaperone import Key, SlotOutcome, SlotTask
 
@@ -142,7 +142,8 @@ class WorkerCore:
             raise Refused(f"the broker refused this worker: {msg.reason}")
         if isinstance(msg, p.Disconnect):
             log.info("broker is leaving (%s): will reconnect", p.clip(msg.reason))
-            return self._drop_link(now)
+            self.live.drop(now)
+            return Actions(reconnect=True)
         if not isinstance(msg, p.Heartbeat):
             log.warning("ignored unexpected %s from the broker", type(msg).__name__)
         return Actions()
@@ -315,21 +316,17 @@ class WorkerCore:
 
     def tick(self, now: float) -> Actions:
         """Heartbeat when quiet; give up on a silent broker and schedule a reconnect."""
-        live = self.live
-        if live.expired(now):
-            silent_s = live.silent_s(now)
-            if live.state is LinkState.CONNECTING:  # said at every try, so a worker never waits in silence
-                log.warning("no answer from a broker at %s for %.0f s (is `zfarm broker` running there?): "
-                            "trying again in %.0f s", self.settings.address, silent_s, live.backoff_s)
-            else:
-                log.warning("broker silent for %.1f s: reconnecting in %.0f s", silent_s, live.backoff_s)
-            return self._drop_link(now)
-        if live.heartbeat_due(now):
+        checked = self.live.check(now)
+        if checked is Checked.HEARTBEAT:
             return self._out(now, [p.Heartbeat()])
-        return Actions()
-
-    def _drop_link(self, now: float) -> Actions:
-        self.live.drop(now)
+        if not checked.dropped:
+            return Actions()
+        silent_s, wait_s = self.live.silent_s(now), self.live.reconnect_at - now
+        if checked is Checked.UNANSWERED:  # said at every try, so a worker never waits in silence
+            log.warning("no answer from a broker at %s for %.0f s (is `zfarm broker` running there?): "
+                        "trying again in %.0f s", self.settings.address, silent_s, wait_s)
+        else:
+            log.warning("broker silent for %.1f s: reconnecting in %.0f s", silent_s, wait_s)
         return Actions(reconnect=True)
 
     def stop(self, now: float) -> Actions:
