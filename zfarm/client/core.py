@@ -119,7 +119,7 @@ class ClientCore:
         self.stopping = False
         #: why the last ZeroMQ handshake failed, in words (set by the shell; said in BrokerUnavailable)
         self.handshake_problem = ""
-        self.jobs: dict[int, PendingJob] = {}
+        self.jobs: dict[int, PendingJob] = {}  # in submission order (the broker-timeout look needs it)
         self._fns: dict[bytes, Any] = {}
         self._fn_users: dict[bytes, int] = {}
         self._fns_sent: set[bytes] = set()
@@ -483,12 +483,19 @@ class ClientCore:
         live = self.live
         limit_s = self.settings.broker_timeout_s
         if self.jobs and now - live.last_heard > limit_s:
-            # each job waits broker_timeout_s from its own submission, not from the last message heard
-            detail = self.handshake_problem or "unfinished jobs given up"
-            for seq, job in list(self.jobs.items()):
+            # Each job waits broker_timeout_s from its own submission, not from the last message heard.
+            # Jobs are kept in submission order, so the first that has not waited that long ends the
+            # look: a turn costs the jobs it gives up, not every job submitted during the outage.
+            expired: list[tuple[int, float]] = []
+            for seq, job in self.jobs.items():
                 waited_s = now - max(live.last_heard, job.submitted_at)
-                if waited_s > limit_s and self._forget(seq) is not None:
-                    self._out.fail.append((job, BrokerUnavailable(self.settings.address, waited_s, detail)))
+                if waited_s <= limit_s:
+                    break
+                expired.append((seq, waited_s))
+            detail = self.handshake_problem or "unfinished jobs given up"
+            for seq, waited_s in expired:
+                if (gone := self._forget(seq)) is not None:
+                    self._out.fail.append((gone, BrokerUnavailable(self.settings.address, waited_s, detail)))
         checked = live.check(now)
         if checked.dropped:
             log.warning("client %s: broker silent for %.1f s; reconnecting in %.0f s", self.client_id,
