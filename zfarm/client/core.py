@@ -326,8 +326,9 @@ class ClientCore:
         received = []
         busy = False
         out = self._out
-        for wire_row, frames, row in zip(msg.results, per_row, stats, strict=True):
+        for wire_row, frames, stats_row in zip(msg.results, per_row, stats, strict=True):
             result = p.ResultRow.from_wire(wire_row)
+            row = None if stats_row is None else p.JobStats.from_wire(stats_row)
             seq, outcome, info = result.seq, result.outcome, result.info
             if bounced(result):
                 self._bounced_back(seq, result)
@@ -351,7 +352,7 @@ class ClientCore:
                 self.duplicates += 1
                 continue
             if row is not None:
-                job.future.run_s = p.JobStats.from_wire(row).run_s
+                job.future.run_s = row.run_s
             if result.kind == p.ResultKind.DEPENDENCY_FAILED:  # info: "UPSTREAM: why"
                 upstream, _, why = info.partition(": ")
                 out.fail.append((job, DependencyFailed(f"{self.client_id}:{seq}", upstream, why)))
