@@ -62,7 +62,7 @@ class Summary:
         """
         if not self.count:
             return "no finished jobs"
-        lines = [f"{_plural(self.count, 'job')}: {self.ok:,} ok, {self.failed:,} failed",
+        lines = [f"{plural(self.count, 'job')}: {self.ok:,} ok, {self.failed:,} failed",
                  f"run time: mean {_seconds(self.mean_run_s)}, median {_seconds(self.p50_run_s)}, "
                  f"95% {_seconds(self.p95_run_s)}, max {_seconds(self.max_run_s)}"]
         if self.jobs_per_worker:
@@ -74,7 +74,8 @@ class Summary:
         return "\n".join(lines)
 
 
-def _plural(count: int, noun: str) -> str:
+def plural(count: int, noun: str) -> str:
+    """``count`` and ``noun``, plural unless it is one: "1 job", "1,024 jobs"."""
     return f"{count:,} {noun}{'' if count == 1 else 's'}"
 
 
