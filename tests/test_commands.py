@@ -183,7 +183,11 @@ def test_a_copy_of_a_job_killed_half_way_leaves_the_finished_copys_output_files(
                  message="the second copy printed")
         assert second.kill()
         assert client.run(["true"]).result(30).returncode == 0  # the slot was replaced
+        missing = {"ZFARM_ARRAY_NAME": "missing", "ZFARM_ARRAY_INDEX": "1"}
+        with pytest.raises(zfarm.CommandNotFound):
+            client.run(["zfarm-no-such-program"], env=missing).result(30)
     assert (out / "twice_1.out").read_text() == "complete\n"
+    assert not list(out.glob("missing*")), "a command that never ran leaves no file of its own"
 
 
 def test_function_jobs_output_files_are_put_in_place_when_the_job_ends(tmp_path: Path) -> None:

@@ -35,7 +35,7 @@ from typing import Any
 from zfarm import proctree, scatter
 from zfarm import serialization as ser
 from zfarm.errors import ConfigError, JobCrashed, JobTimeout, MemoryLimitExceeded
-from zfarm.output import JOB_ID_VARIABLE, FdCapture
+from zfarm.output import JOB_ID_VARIABLE, OUTPUT_DIR_VARIABLE, FdCapture
 from zfarm.protocol import Outcome, ResultKind, remember_fn
 from zfarm.worker import pipe
 
@@ -96,6 +96,7 @@ def _slot_main(conn: Connection, lifeline: Connection, output_dir: str = "",
     threading.Thread(target=_exit_with_worker, args=(lifeline,), daemon=True).start()
     proctree.become_subreaper()
     capture = FdCapture(output_dir)
+    _set_env(OUTPUT_DIR_VARIABLE, output_dir or None)  # where command jobs keep their whole output
     functions: dict[bytes, Any] = {}
     own_devices = os.environ.get(CUDA_DEVICES)
     while True:
