@@ -36,7 +36,7 @@ from zfarm import proctree, scatter
 from zfarm import serialization as ser
 from zfarm.errors import ConfigError, JobCrashed, JobTimeout, MemoryLimitExceeded
 from zfarm.output import JOB_ID_VARIABLE, OUTPUT_DIR_VARIABLE, FdCapture
-from zfarm.protocol import Outcome, ResultKind, remember_fn
+from zfarm.protocol import Outcome, ResultKind, remember_fn, split_frames
 from zfarm.worker import pipe
 
 log = logging.getLogger(__name__)
@@ -189,10 +189,8 @@ def _take_upstream(frames: list[Any], counts: list[int]) -> list[Any]:
     if not counts:
         return frames
     own = len(frames) - sum(counts)
-    pos = own
-    for n in counts:
-        ser.upstream_values.append(ser.loads(frames[pos:pos + n]))  # (an output frame after it is unread)
-        pos += n
+    for result in split_frames(frames[own:], counts):  # (an output frame after a result is unread)
+        ser.upstream_values.append(ser.loads(result))
     return frames[:own]
 
 
