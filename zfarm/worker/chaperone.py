@@ -272,7 +272,6 @@ class Slot:
         self.index = index
         self.conn, child_conn = ctx.Pipe(duplex=True)
         lifeline_r, self.lifeline = ctx.Pipe(duplex=False)
-        self.output_dir = output_dir
         worker_fds: tuple[int, ...] = ()
         if forked_beside is not None:
             ends = [end for s in [*forked_beside, self] for end in (s.conn, s.lifeline)]
