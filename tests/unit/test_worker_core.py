@@ -514,6 +514,19 @@ def test_cancelled_and_returned_outcomes_are_not_kept() -> None:
     assert [[o.key for o in batch] for _offered, batch in core.unacked] == [[("c", 0)]]
 
 
+def test_a_result_larger_than_the_broker_takes_goes_as_a_limit_error() -> None:
+    core = make_core()
+    core.connect(0.0)
+    core.on_message(wire(p.Welcome("b-1", 1.0, 3, 2**20, {})), 0.0)
+    core.on_message(wire(jobs([0, 1])), 0.1)
+    core.take_tasks(2, 0.1)
+    fits = b"x" * (2**20 - p.ENVELOPE_ALLOWANCE)
+    results = only(core.finished([outcome(0, fits), outcome(1, fits + b"x")], 0.2, from_slots=2), p.Results)
+    assert [row[3] for row in results.results] == [int(OK), int(p.Outcome.ERROR)]
+    assert results.kinds == [int(p.ResultKind.PLAIN), int(p.ResultKind.LIMIT)]
+    assert "PayloadTooLarge" in results.results[1][5]
+
+
 def test_a_result_info_line_is_cut_to_what_the_broker_accepts() -> None:
     core = ready_core()
     core.on_message(wire(jobs([0])), 0.1)

@@ -38,7 +38,6 @@ from zfarm import serialization as ser
 from zfarm.config import WorkerSettings
 from zfarm.errors import PayloadTooLarge, Refused
 from zfarm.link import Checked, LinkState, Liveness
-from zfarm.protocol import ENVELOPE_ALLOWANCE
 from zfarm.worker.chaperone import Key, SlotOutcome, SlotTask
 
 log = logging.getLogger(__name__)
@@ -294,8 +293,8 @@ class WorkerCore:
     def _fit(self, outcome: SlotOutcome) -> SlotOutcome:
         """Turn a result too large for the broker into an error (sent whole, it would cut us off)."""
         size = sum(memoryview(f).nbytes for f in outcome.frames)
-        limit = self.max_message_bytes - ENVELOPE_ALLOWANCE
-        if not self.max_message_bytes or size <= limit:
+        limit = p.payload_limit(self.max_message_bytes)
+        if limit is None or size <= limit:
             return outcome
         error = PayloadTooLarge(size, limit, "this job's result")
         return SlotOutcome(outcome.key, outcome.attempt, p.Outcome.ERROR, ser.dump_exception(error),
