@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -163,8 +162,7 @@ def test_memory_limit_counts_child_processes(endpoint: str) -> None:
         with pytest.raises(zfarm.MemoryLimitExceeded) as info:
             limited.run([sys.executable, "-c", hog]).result(60)
         assert info.value.reached > 150 * 2**20
-        assert os.getpid()  # the client lives on; the worker too:
-        assert client.run(["true"]).result(30).returncode == 0
+        assert client.run(["true"]).result(30).returncode == 0  # the client and the worker live on
 
 
 def test_a_copy_of_a_job_killed_half_way_leaves_the_finished_copys_output_files(procs: Procs,
