@@ -99,21 +99,19 @@ class Liveness:
     def silent_s(self, now: float) -> float:
         return now - max(self.last_heard, self.attempt_at)
 
-    def expired(self, now: float) -> bool:
-        """The broker said nothing for its whole liveness window (a DOWN link never expires)."""
-        return self.state is not LinkState.DOWN and self.silent_s(now) > self.interval_s * self.liveness
-
-    def heartbeat_due(self, now: float) -> bool:
-        return self.state is LinkState.READY and now - self.last_sent >= self.interval_s
-
     def check(self, now: float) -> Checked:
         """The periodic look: drop a link whose broker said nothing for its whole liveness window (the
-        core asks its shell to close the socket), or say that a heartbeat is due."""
-        if self.expired(now):
+        core asks its shell to close the socket), or say that a heartbeat is due. A DOWN link waits
+        for its reconnect: it never expires."""
+        if self.state is LinkState.DOWN:
+            return Checked.NOTHING
+        if self.silent_s(now) > self.interval_s * self.liveness:
             checked = Checked.UNANSWERED if self.state is LinkState.CONNECTING else Checked.SILENT
             self.drop(now)
             return checked
-        return Checked.HEARTBEAT if self.heartbeat_due(now) else Checked.NOTHING
+        if self.state is LinkState.READY and now - self.last_sent >= self.interval_s:
+            return Checked.HEARTBEAT
+        return Checked.NOTHING
 
     def drop(self, now: float) -> None:
         """The link is gone: try again after the backoff, which doubles up to its maximum."""

@@ -13,7 +13,7 @@ from zfarm import protocol as p
 from zfarm.broker.scheduler import Scheduler
 from zfarm.config import BrokerSettings, WorkerSettings
 from zfarm.errors import Refused
-from zfarm.link import LinkState
+from zfarm.link import Checked, LinkState, Liveness
 from zfarm.worker.chaperone import SlotOutcome
 from zfarm.worker.core import Actions, WorkerCore
 
@@ -185,6 +185,22 @@ def test_sending_results_counts_as_not_quiet() -> None:
     core.finished([outcome(0)], 0.8, from_slots=1)
     assert core.tick(1.0).send == []
     assert only(core.tick(1.8), p.Heartbeat) == p.Heartbeat()
+
+
+def test_liveness_check_says_heartbeat_when_quiet_and_drops_a_silent_or_unanswered_link() -> None:
+    live = Liveness(1.0, 3, 1.0, 32.0, now=0.0)
+    assert live.check(10.0) is Checked.NOTHING  # down: waits for its reconnect, never expires
+    live.connecting(10.0)
+    assert live.check(12.0) is Checked.NOTHING  # no heartbeat before WELCOME
+    assert live.check(13.5) is Checked.UNANSWERED and live.state is LinkState.DOWN
+    assert live.reconnect_at == 14.5 and live.backoff_s == 2.0
+    live.connecting(14.5)
+    live.welcomed(1.0, 3)
+    live.sent(14.5)
+    assert live.check(15.0) is Checked.NOTHING
+    assert live.check(15.5) is Checked.HEARTBEAT
+    assert live.check(17.6) is Checked.SILENT and live.state is LinkState.DOWN
+    assert live.check(17.7) is Checked.NOTHING
 
 
 def test_no_heartbeat_before_welcome() -> None:
