@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -163,8 +162,7 @@ def test_memory_limit_counts_child_processes(endpoint: str) -> None:
         with pytest.raises(zfarm.MemoryLimitExceeded) as info:
             limited.run([sys.executable, "-c", hog]).result(60)
         assert info.value.reached > 150 * 2**20
-        assert os.getpid()  # the client lives on; the worker too:
-        assert client.run(["true"]).result(30).returncode == 0
+        assert client.run(["true"]).result(30).returncode == 0  # the client and the worker live on
 
 
 def test_a_copy_of_a_job_killed_half_way_leaves_the_finished_copys_output_files(procs: Procs,
@@ -183,7 +181,11 @@ def test_a_copy_of_a_job_killed_half_way_leaves_the_finished_copys_output_files(
                  message="the second copy printed")
         assert second.kill()
         assert client.run(["true"]).result(30).returncode == 0  # the slot was replaced
+        missing = {"ZFARM_ARRAY_NAME": "missing", "ZFARM_ARRAY_INDEX": "1"}
+        with pytest.raises(zfarm.CommandNotFound):
+            client.run(["zfarm-no-such-program"], env=missing).result(30)
     assert (out / "twice_1.out").read_text() == "complete\n"
+    assert not list(out.glob("missing*")), "a command that never ran leaves no file of its own"
 
 
 def test_function_jobs_output_files_are_put_in_place_when_the_job_ends(tmp_path: Path) -> None:

@@ -32,18 +32,17 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import IO, Any, TextIO
+from typing import Any, TextIO
 
 from zfarm import proctree
 from zfarm.errors import CommandFailed, CommandNotFound, ConfigError
 from zfarm.output import (
     JOB_ID_VARIABLE,
+    OUTPUT_DIR_VARIABLE,
     TAIL_BYTES,
+    AttemptFiles,
     JobOutput,
-    attempt_path,
     file_stem,
-    keep,
-    output_dir,
     read_tail,
 )
 
@@ -157,12 +156,13 @@ def run_command(spec: CommandSpec) -> CommandResult:
         CommandFailed: ``spec.check`` and the command exited non-zero.
     """
     host = socket.gethostname()
+    folder = os.environ.get(OUTPUT_DIR_VARIABLE, "")  # the slot's --output-dir (see zfarm.output)
     if spec.cwd is not None and not os.path.isdir(spec.cwd):
         raise CommandNotFound(command_text(spec.args), host, f"no folder {spec.cwd} to run it in")
     attempts = 0
     while True:
         attempts += 1
-        result = _run_once(spec, host, attempts)
+        result = _run_once(spec, host, attempts, folder)
         if result.returncode == 0 or result.timed_out or attempts > spec.retries:
             break
     if spec.check:
@@ -171,33 +171,27 @@ def run_command(spec: CommandSpec) -> CommandResult:
 
 
 @contextlib.contextmanager
-def _stream_files(spec: CommandSpec) -> Iterator[tuple[IO[bytes], IO[bytes]]]:
-    """Where the command's stdout and stderr go: scratch files, or whole files kept in the
-    worker's ``--output-dir`` (``ARRAY_INDEX.out`` for a job of an array, as Slurm's ``%A_%a``)."""
-    folder = output_dir()
+def _stream_files(spec: CommandSpec, folder: str) -> Iterator[tuple[int, int]]:
+    """Where the command's stdout and stderr go (open descriptors): scratch files, or whole files
+    kept in the worker's ``--output-dir`` ``folder`` (``ARRAY_INDEX.out`` for a job of an array,
+    as Slurm's ``%A_%a``)."""
     if not folder:
         with tempfile.TemporaryFile(prefix="zfarm-out-") as out, \
                 tempfile.TemporaryFile(prefix="zfarm-err-") as err:
-            yield out, err
+            yield out.fileno(), err.fileno()
         return
     env = dict(spec.env)
     if "ZFARM_ARRAY_NAME" in env:
         stem = file_stem(f"{env['ZFARM_ARRAY_NAME']}_{env.get('ZFARM_ARRAY_INDEX', '')}")
     else:
         stem = file_stem(os.environ.get(JOB_ID_VARIABLE, "command")) + ".cmd"
-    paths = [os.path.join(folder, f"{stem}.out"), os.path.join(folder, f"{stem}.err")]
-    parts = [attempt_path(path) for path in paths]  # another copy of this job may write the same names
-    with open(parts[0], "w+b") as out, open(parts[1], "w+b") as err:
-        try:
-            yield out, err
-        except BaseException:  # it never ran (not found): no output of its own
-            for part in parts:
-                with contextlib.suppress(OSError):
-                    os.unlink(part)
-            raise
-        printed = [os.fstat(f.fileno()).st_size > 0 for f in (out, err)]
-    for part, path, kept in zip(parts, paths, printed, strict=True):
-        keep(part, path, kept)
+    files = AttemptFiles(folder, stem)  # another copy of this job may write the same names
+    try:
+        yield files.fds[0], files.fds[1]
+    except BaseException:  # it never ran (not found): no output of its own
+        files.discard()
+        raise
+    files.finish()
 
 
 def _kill_group(pgid: int) -> None:
@@ -214,7 +208,7 @@ def _end_leftovers(pgid: int) -> None:
         proctree.end_own_descendants()
 
 
-def _run_once(spec: CommandSpec, host: str, attempts: int) -> CommandResult:
+def _run_once(spec: CommandSpec, host: str, attempts: int, folder: str) -> CommandResult:
     env = dict(os.environ)
     env.update(spec.env)
     scratch = tempfile.mkdtemp(prefix="zfarm-job-") if spec.scratch else None
@@ -223,7 +217,7 @@ def _run_once(spec: CommandSpec, host: str, attempts: int) -> CommandResult:
     started = time.perf_counter()
     try:
         stdin = subprocess.PIPE if spec.input is not None else subprocess.DEVNULL
-        with _stream_files(spec) as (out, err):
+        with _stream_files(spec, folder) as (out, err):
             try:
                 proc = subprocess.Popen(spec.args, shell=spec.shell, cwd=spec.cwd, env=env, stdin=stdin,
                                         stdout=out, stderr=err, start_new_session=True)
@@ -239,8 +233,8 @@ def _run_once(spec: CommandSpec, host: str, attempts: int) -> CommandResult:
             finally:
                 _end_leftovers(proc.pid)
             run_s = time.perf_counter() - started
-            stdout, stdout_cut = read_tail(out.fileno(), TAIL_BYTES)
-            stderr, stderr_cut = read_tail(err.fileno(), TAIL_BYTES)
+            stdout, stdout_cut = read_tail(out, TAIL_BYTES)
+            stderr, stderr_cut = read_tail(err, TAIL_BYTES)
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)

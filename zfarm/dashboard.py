@@ -24,7 +24,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import zmq
 from rich import box
 from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
 from rich.live import Live
@@ -272,11 +271,6 @@ class _Link:
         self.link = open_monitor(address, self.hello, keys)
         self.asked_at: float | None = None  # monotonic time of the outstanding STATUS
 
-    @property
-    def sock(self) -> zmq.Socket[Any]:
-        assert self.link.socket is not None  # open from the constructor until close()
-        return self.link.socket
-
     def ask(self, now: float) -> None:
         """Send STATUS unless one is outstanding."""
         if self.asked_at is None:
@@ -284,14 +278,19 @@ class _Link:
             self.asked_at = now
 
     def reset(self) -> None:
-        """Lazy pirate: drop the socket (and whatever is queued on it) and start over."""
-        self.link.close()
-        self.link = open_monitor(self.address, self.hello, self.keys)
+        """Lazy pirate: drop the socket (and whatever is queued on it) and start over. The Link stays:
+        what it learnt of the handshake (``link.problem``) holds until a new handshake says otherwise."""
+        self.link.open()
+        self.link.send(self.hello)
         self.asked_at = None
 
-    def problem(self) -> str:
-        """Why the broker does not let us in (it needs keys, refused ours), or "" if we do not know."""
-        return self.link.read_problem()
+    def wait(self, keyboard: int | None, timeout_s: float) -> tuple[bool, dict[str, Any] | None]:
+        """Wait for the broker or a key: whether the key was ``q``, and the newest snapshot, if any."""
+        extra = () if keyboard is None else (keyboard,)
+        ready = dict(self.link.poller(*extra).poll(int(max(0.0, timeout_s) * 1000)))
+        if keyboard is not None and ready.get(keyboard) and b"q" in os.read(keyboard, 64).lower():
+            return True, None
+        return False, self.receive() if self.link.readable(ready) else None
 
     def receive(self) -> dict[str, Any] | None:
         """Read what has arrived; return the newest snapshot, if any."""
@@ -347,18 +346,17 @@ def run_dashboard(address: str, keys: str = "", refresh_hz: float = 4.0, once: b
                 now = time.monotonic()
                 if now >= next_draw:
                     if link.asked_at is not None and now - link.asked_at > patience_s:
-                        state.refused_because = link.problem() or state.refused_because  # before reset
                         link.reset()
                         state.problem = "lost"
                     link.ask(now)
                     if state.problem:
-                        state.refused_because = link.problem() or state.refused_because
+                        state.refused_because = link.link.problem
                         state.problem = f"no answer for {now - answered_at:.0f} s"
                         live.update(render(snapshot, state), refresh=True)
                     next_draw = max(next_draw + period_s, now)
-                if _wait(link.sock, keyboard, next_draw - time.monotonic()):
+                quit_key, fresh = link.wait(keyboard, next_draw - time.monotonic())
+                if quit_key:
                     return 0
-                fresh = link.receive()
                 if fresh is not None:
                     snapshot, answered_at = fresh, time.monotonic()
                     state.problem = state.refused_because = ""
@@ -366,12 +364,3 @@ def run_dashboard(address: str, keys: str = "", refresh_hz: float = 4.0, once: b
     finally:
         link.close()
 
-
-def _wait(sock: zmq.Socket[Any], keyboard: int | None, timeout_s: float) -> bool:
-    """Wait for the socket or a key; True if the key was ``q``."""
-    poller = zmq.Poller()
-    poller.register(sock, zmq.POLLIN)
-    if keyboard is not None:
-        poller.register(keyboard, zmq.POLLIN)
-    ready = dict(poller.poll(int(max(0.0, timeout_s) * 1000)))
-    return keyboard is not None and keyboard in ready and b"q" in os.read(keyboard, 64).lower()

@@ -39,6 +39,19 @@ class LinkState(str, enum.Enum):
     READY = "ready"
 
 
+class Checked(str, enum.Enum):
+    """What :meth:`Liveness.check` found: nothing to do, a heartbeat to send, or a link it dropped."""
+
+    NOTHING = "nothing"
+    HEARTBEAT = "heartbeat"  # we were quiet for an interval: send one
+    UNANSWERED = "unanswered"  # dropped: no WELCOME came for our HELLO
+    SILENT = "silent"  # dropped: the broker fell silent after it welcomed us
+
+    @property
+    def dropped(self) -> bool:
+        return self in (Checked.UNANSWERED, Checked.SILENT)
+
+
 class Liveness:
     """The link's state and clocks: heartbeats both ways and the reconnect backoff (no I/O).
 
@@ -86,12 +99,19 @@ class Liveness:
     def silent_s(self, now: float) -> float:
         return now - max(self.last_heard, self.attempt_at)
 
-    def expired(self, now: float) -> bool:
-        """The broker said nothing for its whole liveness window (a DOWN link never expires)."""
-        return self.state is not LinkState.DOWN and self.silent_s(now) > self.interval_s * self.liveness
-
-    def heartbeat_due(self, now: float) -> bool:
-        return self.state is LinkState.READY and now - self.last_sent >= self.interval_s
+    def check(self, now: float) -> Checked:
+        """The periodic look: drop a link whose broker said nothing for its whole liveness window (the
+        core asks its shell to close the socket), or say that a heartbeat is due. A DOWN link waits
+        for its reconnect: it never expires."""
+        if self.state is LinkState.DOWN:
+            return Checked.NOTHING
+        if self.silent_s(now) > self.interval_s * self.liveness:
+            checked = Checked.UNANSWERED if self.state is LinkState.CONNECTING else Checked.SILENT
+            self.drop(now)
+            return checked
+        if self.state is LinkState.READY and now - self.last_sent >= self.interval_s:
+            return Checked.HEARTBEAT
+        return Checked.NOTHING
 
     def drop(self, now: float) -> None:
         """The link is gone: try again after the backoff, which doubles up to its maximum."""
@@ -146,6 +166,14 @@ class Link:
         self.watch = HandshakeWatch(sock, self.role, self.keys is not None)
         sock.connect(self.address)
         return sock
+
+    def reopen_if_due(self, live: Liveness, now: float) -> bool:
+        """Open a new socket once the core's link is down and its backoff is over; True if so (the
+        core says HELLO next)."""
+        if not live.reconnect_due(now):
+            return False
+        self.open()
+        return True
 
     def close(self, linger_ms: int = 0) -> None:
         if self.watch is not None:
@@ -222,6 +250,13 @@ class Link:
             except zmq.Again:
                 log.debug("%s %s: no connection to the broker; dropped a %s", self.role, self.name,
                           type(msg).__name__)
+
+    def carry_out(self, msgs: list[p.Message], drop: bool) -> None:
+        """Send what the core said, then close the socket if it dropped the link (a new one opens at
+        :meth:`reopen_if_due`)."""
+        self.send_all(msgs)
+        if drop:
+            self.close()
 
     def goodbye(self, reason: str, linger_ms: int) -> None:
         """Say DISCONNECT if the socket can take it now, then close, letting it out for ``linger_ms``."""

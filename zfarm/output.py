@@ -35,6 +35,8 @@ from zfarm.protocol import as_bytes, buffer_of
 TAIL_BYTES = 1024 * 1024
 #: the variable that names the running job in its slot (and its child processes)
 JOB_ID_VARIABLE = "ZFARM_JOB_ID"
+#: the variable that names, in a slot, the folder where whole output streams are kept (unset: none)
+OUTPUT_DIR_VARIABLE = "ZFARM_OUTPUT_DIR"
 #: the first bytes of an output frame
 MAGIC = b"\x00zfarm-output-1\x00"
 
@@ -96,20 +98,17 @@ class FdCapture:
     """
 
     def __init__(self, output_dir: str = "") -> None:
-        global _output_dir
-        _output_dir = self.output_dir = output_dir
+        self.output_dir = output_dir
         self._files = [] if output_dir else [_scratch_fd("zfarm-out-"), _scratch_fd("zfarm-err-")]
-        self._paths: list[str] = []
+        self._kept: AttemptFiles | None = None
         self._saved = [os.dup(1), os.dup(2)]  # where they pointed before: the worker's own
         self._dirty = [False, False]  # a scratch file holds the previous job's output
 
     def start(self, job: str = "") -> None:
         _flush_python_streams()
         if self.output_dir:
-            stem = os.path.join(self.output_dir, file_stem(job))
-            self._paths = [f"{stem}.out", f"{stem}.err"]
-            self._files = [os.open(attempt_path(path), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-                           for path in self._paths]
+            self._kept = AttemptFiles(self.output_dir, file_stem(job))
+            self._files = list(self._kept.fds)
         for fd, scratch, dirty in zip((1, 2), self._files, self._dirty, strict=True):
             if dirty and not self.output_dir:
                 os.ftruncate(scratch, 0)
@@ -123,32 +122,70 @@ class FdCapture:
             os.dup2(saved, fd)
         (out, out_cut), (err, err_cut) = (read_tail(scratch) for scratch in self._files)
         self._dirty = [bool(out), bool(err)]
-        if self.output_dir:
-            for fd, path, data in zip(self._files, self._paths, (out, err), strict=True):
-                os.close(fd)
-                keep(attempt_path(path), path, bool(data))
-            self._files = []
+        if self._kept is not None:
+            self._kept.finish()
+            self._kept, self._files = None, []
         if not (out or err):
             return b""
         return pack(out, err, out_cut, err_cut)
 
 
-_output_dir = ""
+class AttemptFiles:
+    """One attempt's stdout and stderr kept whole in a worker's ``--output-dir``: ``DIR/STEM.out``
+    and ``DIR/STEM.err``, open for writing as :attr:`fds`.
 
+    Two copies of one job (requeued, or retried elsewhere) never share a file: each writes its own
+    ``PATH.HOST-PID.part``, which :meth:`finish` renames into place when it ends, so the copy that
+    finished last wins and a copy killed half-way leaves only its ``.part`` file.
 
-def output_dir() -> str:
-    """The folder where this slot keeps whole output streams ("" when it keeps none)."""
-    return _output_dir
-
-
-def attempt_path(path: str) -> str:
-    """Where this process writes ``path`` while its job runs (``path.HOST-PID.part``).
-
-    Two copies of one job (requeued, or retried elsewhere) never share a file: each writes its
-    own, and :func:`keep` renames it into place when it ends, so the copy that finished last wins
-    and a copy killed half-way leaves only its ``.part`` file.
+    Raises:
+        OSError: a file cannot be created in the folder.
     """
-    return f"{path}.{file_stem(socket.gethostname())}-{os.getpid()}.part"
+
+    def __init__(self, folder: str, stem: str) -> None:
+        base = os.path.join(folder, stem)
+        self.paths = (f"{base}.out", f"{base}.err")
+        suffix = _attempt_suffix()
+        self.parts = tuple(f"{path}.{suffix}.part" for path in self.paths)
+        self.fds: list[int] = []
+        try:
+            for part in self.parts:
+                self.fds.append(os.open(part, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644))
+        except OSError:
+            self.discard()
+            raise
+
+    def finish(self) -> None:
+        """Close the files and put each in place (an empty stream: no file at all)."""
+        printed = [os.fstat(fd).st_size > 0 for fd in self.fds]
+        self._close()
+        for part, path, kept in zip(self.parts, self.paths, printed, strict=True):
+            keep(part, path, kept)
+
+    def discard(self) -> None:
+        """Close the files and remove them: the attempt never ran (its program was not found)."""
+        self._close()
+        for part in self.parts:
+            with contextlib.suppress(OSError):
+                os.unlink(part)
+
+    def _close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+
+
+#: (pid, "HOST-PID") of the process that computed it: a forked slot computes its own once
+_suffix: tuple[int, str] = (0, "")
+
+
+def _attempt_suffix() -> str:
+    """What names this process's attempt files (``HOST-PID``), computed once per process."""
+    global _suffix
+    pid = os.getpid()
+    if _suffix[0] != pid:
+        _suffix = (pid, f"{file_stem(socket.gethostname())}-{pid}")
+    return _suffix[1]
 
 
 def keep(part: str, path: str, printed: bool) -> None:

@@ -672,6 +672,13 @@ def remember_fn(cache: dict[bytes, Any], fn_id: bytes, value: Any, size: int = F
         del cache[next(iter(cache))]
 
 
+def payload_limit(max_message_bytes: int) -> int | None:
+    """The most bytes one job's payload (its function and arguments, or its result) may take under
+    a broker's message limit, leaving ``ENVELOPE_ALLOWANCE`` for the rest of the message; None
+    while the limit is not known (0: no WELCOME yet)."""
+    return max_message_bytes - ENVELOPE_ALLOWANCE if max_message_bytes else None
+
+
 def split_frames(frames: Sequence[Frame], counts: Sequence[int]) -> list[list[Frame]]:
     """Cut a flat payload into one list of frames per row."""
     out: list[list[Frame]] = []

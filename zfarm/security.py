@@ -295,8 +295,6 @@ class HandshakeWatch:
                 "broker does not use keys")
 
     def close(self) -> None:
-        if self.monitor.closed:  # closed already
-            return
-        if not self.socket.closed:
-            self.socket.disable_monitor()
+        """Stop watching; called once, while the socket is open (its Link closes the watch first)."""
+        self.socket.disable_monitor()
         self.monitor.close(linger=0)

@@ -69,11 +69,20 @@ FUNCTIONS_KEPT = 256
 #: "<dynamic-code>" on the worker, so the caller puts file names and source lines back
 _SOURCES: dict[str, list[str]] = {}
 SOURCES_KEPT = 10_000
+#: the code of functions whose sources are noted, by id
+_NOTED: dict[int, types.CodeType] = {}
 _DYNAMIC_FRAME = re.compile(r'^(  File )"<dynamic-code>", line (\d+), in (.+)$', re.MULTILINE)
 
 
 def _remember_sources(fn: Any) -> None:
-    """Note the files of ``fn``'s code, of code nested in it and of the functions it names."""
+    """Note the files of ``fn``'s code, of code nested in it and of the functions it names; once per
+    code object (``submit`` in a loop sends one function by value again and again)."""
+    code = getattr(fn, "__code__", None)
+    if isinstance(code, types.CodeType):
+        if _NOTED.get(id(code)) is code:
+            return
+        if len(_NOTED) < SOURCES_KEPT:
+            _NOTED[id(code)] = code  # kept alive, so its id names no other code meanwhile
     todo = [fn]
     seen: set[int] = set()
     while todo and len(seen) < 200:

@@ -14,7 +14,8 @@ import statistics
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+
+from zfarm.protocol import JobStats
 
 _ERROR_TYPE = re.compile(r"^(?:item \d+ of the chunk: )?([\w.]+)")
 
@@ -61,7 +62,7 @@ class Summary:
         """
         if not self.count:
             return "no finished jobs"
-        lines = [f"{_plural(self.count, 'job')}: {self.ok:,} ok, {self.failed:,} failed",
+        lines = [f"{plural(self.count, 'job')}: {self.ok:,} ok, {self.failed:,} failed",
                  f"run time: mean {_seconds(self.mean_run_s)}, median {_seconds(self.p50_run_s)}, "
                  f"95% {_seconds(self.p95_run_s)}, max {_seconds(self.max_run_s)}"]
         if self.jobs_per_worker:
@@ -73,7 +74,8 @@ class Summary:
         return "\n".join(lines)
 
 
-def _plural(count: int, noun: str) -> str:
+def plural(count: int, noun: str) -> str:
+    """``count`` and ``noun``, plural unless it is one: "1 job", "1,024 jobs"."""
     return f"{count:,} {noun}{'' if count == 1 else 's'}"
 
 
@@ -116,8 +118,7 @@ def _percentile(ordered: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
-def record_of(job_id: str, outcome: str, error: str, stats: Sequence[Any]) -> JobRecord:
-    """Build a record from a RESULT stats row (protocol.JOB_STATS_ROW)."""
-    worker, host, attempts, queued_at, started_at, finished_at, run_s, peak_rss = stats
-    return JobRecord(job_id, worker, host, attempts, queued_at, started_at, finished_at, run_s, peak_rss,
-                     outcome, error)
+def record_of(job_id: str, outcome: str, error: str, stats: JobStats) -> JobRecord:
+    """Build a record from a RESULT's stats row."""
+    return JobRecord(job_id, stats.worker_id, stats.host, stats.attempts, stats.queued_at, stats.started_at,
+                     stats.finished_at, stats.run_s, stats.peak_rss_bytes, outcome, error)

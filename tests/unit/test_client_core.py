@@ -172,6 +172,20 @@ def test_jobs_fail_with_broker_unavailable_once_it_was_silent_for_broker_timeout
     assert job.seq == 1 and isinstance(error, BrokerUnavailable)
 
 
+def test_during_an_outage_each_job_fails_broker_timeout_after_its_own_submission_oldest_first() -> None:
+    core = make_core(broker_timeout_s=5.0)
+    core.connected(0.0)
+    core.flush(0.0)
+    for seq in range(1, 5):  # submitted one a second while the broker says nothing
+        core.submit(FN, b"fn", jobs(seq), now=float(seq))
+        core.flush(float(seq))
+    assert core.flush(5.9).fail == []
+    assert [job.seq for job, _ in core.flush(7.1).fail] == [1, 2]
+    assert core.flush(7.9).fail == []
+    assert [job.seq for job, _ in core.flush(9.1).fail] == [3, 4]
+    assert not core.jobs
+
+
 def test_a_refusal_fails_every_job_and_stops() -> None:
     core = make_core()
     core.submit(FN, b"fn", jobs(1), now=0.0)

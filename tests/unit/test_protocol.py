@@ -373,3 +373,8 @@ def test_is_hello_reads_only_the_header_and_command() -> None:
     assert not p.is_hello(p.encode(p.Heartbeat()))
     assert not p.is_hello([b"ZF\x09", bytes([p.Command.HELLO]), b""])
     assert not p.is_hello([p.HEADER])
+
+
+def test_payload_limit_leaves_room_for_the_envelope_and_is_none_before_a_welcome() -> None:
+    assert p.payload_limit(2**20) == 2**20 - p.ENVELOPE_ALLOWANCE
+    assert p.payload_limit(0) is None

@@ -13,8 +13,9 @@ from zfarm import protocol as p
 from zfarm.broker.scheduler import Scheduler
 from zfarm.config import BrokerSettings, WorkerSettings
 from zfarm.errors import Refused
+from zfarm.link import Checked, LinkState, Liveness
 from zfarm.worker.chaperone import SlotOutcome
-from zfarm.worker.core import Actions, Link, WorkerCore
+from zfarm.worker.core import Actions, WorkerCore
 
 FN = b"\xf1" * 16
 OK = p.Outcome.OK
@@ -66,7 +67,7 @@ def test_connect_says_hello() -> None:
     hello = only(core.connect(0.0), p.Hello)
     assert (hello.role, hello.peer_id, hello.host, hello.pid, hello.slots) == ("worker", "w-test", "h", 1, 2)
     assert hello.info.get("prefetch") == 1
-    assert core.live.state is Link.CONNECTING
+    assert core.live.state is LinkState.CONNECTING
 
 
 def test_generated_worker_id_is_stable_and_distinct() -> None:
@@ -80,7 +81,7 @@ def test_welcome_gets_ready_with_slots_plus_prefetch_and_adopts_the_broker_setti
     core.connect(0.0)
     ready = only(core.on_message(wire(welcome(interval_s=0.25, liveness=5)), 0.1), p.Ready)
     assert ready.credit == 3
-    assert core.live.state is Link.READY
+    assert core.live.state is LinkState.READY
     assert (core.live.interval_s, core.live.liveness, core.broker_id) == (0.25, 5, "b-1")
 
 
@@ -97,14 +98,14 @@ def test_refused_raises() -> None:
 def test_jobs_are_handed_out_no_more_than_free_slots() -> None:
     core = ready_core()
     assert core.on_message(wire(jobs([0, 1, 2])), 0.1).send == []
-    first = core.take_tasks(2)
+    first = core.take_tasks(2, 0.1)
     assert [t.key for t in first] == [("c", 0), ("c", 1)]
     assert all(t.fn_id == FN and t.fn_blob == b"fn-blob" for t in first)
     assert [t.frames for t in first] == [[b"arg0"], [b"arg1"]]
     assert first[0].attempt == 1
-    assert core.take_tasks(0) == []
-    assert [t.key for t in core.take_tasks(5)] == [("c", 2)]
-    assert core.take_tasks(5) == []
+    assert core.take_tasks(0, 0.1) == []
+    assert [t.key for t in core.take_tasks(5, 0.1)] == [("c", 2)]
+    assert core.take_tasks(5, 0.1) == []
     assert (core.running, len(core.pending)) == (3, 0)
 
 
@@ -112,7 +113,7 @@ def test_function_is_kept_for_later_jobs() -> None:
     core = ready_core()
     core.on_message(wire(jobs([0])), 0.1)
     core.on_message(wire(jobs([1], with_fn=False)), 0.2)
-    tasks = core.take_tasks(2)
+    tasks = core.take_tasks(2, 0.2)
     assert [t.fn_blob for t in tasks] == [b"fn-blob", b"fn-blob"]
     assert [t.frames for t in tasks] == [[b"arg0"], [b"arg1"]]
 
@@ -120,7 +121,7 @@ def test_function_is_kept_for_later_jobs() -> None:
 def test_finished_jobs_are_reported_with_their_credit() -> None:
     core = ready_core()
     core.on_message(wire(jobs([0, 1, 2])), 0.1)
-    core.take_tasks(2)
+    core.take_tasks(2, 0.1)
     big = bytearray(b"result-one")
     results = only(core.finished([outcome(0, big), outcome(1, b"e", kind=p.Outcome.ERROR)], 0.5,
                                  from_slots=2), p.Results)
@@ -134,25 +135,25 @@ def test_finished_jobs_are_reported_with_their_credit() -> None:
 def test_cancel_of_a_pending_job_answers_cancelled_and_of_a_running_one_asks_for_a_kill() -> None:
     core = ready_core()
     core.on_message(wire(jobs([0, 1, 2])), 0.1)
-    core.take_tasks(1)  # job 0 runs; 1 and 2 wait
+    core.take_tasks(1, 0.1)  # job 0 runs; 1 and 2 wait
     actions = core.on_message(wire(p.CancelJobs([["c", 0], ["c", 2]])), 0.2)
     results = only(actions, p.Results)
     assert results.results == [["c", 2, 1, int(p.Outcome.CANCELLED), 0, ""]]
     assert results.credit == 1
     assert actions.kill == [("c", 0)]
-    assert [t.key for t in core.take_tasks(5)] == [("c", 1)]
+    assert [t.key for t in core.take_tasks(5, 0.2)] == [("c", 1)]
 
 
 def test_reclaim_gives_back_waiting_jobs_with_their_credit_and_lets_running_ones_run() -> None:
     core = ready_core()
     core.on_message(wire(jobs([0, 1, 2])), 0.1)
-    core.take_tasks(1)  # job 0 runs; 1 and 2 wait
+    core.take_tasks(1, 0.1)  # job 0 runs; 1 and 2 wait
     actions = core.on_message(wire(p.Reclaim([["c", 0], ["c", 2]])), 0.2)
     results = only(actions, p.Results)
     assert results.results == [["c", 2, 1, int(p.Outcome.RETURNED), 0, ""]]
     assert results.credit == 1  # the broker may use it again, where no slot is free elsewhere
     assert actions.kill == []  # job 0 runs on: its result comes as usual
-    assert [t.key for t in core.take_tasks(5)] == [("c", 1)]
+    assert [t.key for t in core.take_tasks(5, 0.2)] == [("c", 1)]
     assert core.on_message(wire(p.Reclaim([["c", 1]])), 0.3).send == []  # started: nothing to give back
 
 
@@ -180,10 +181,26 @@ def test_heartbeat_after_an_interval_of_quiet() -> None:
 def test_sending_results_counts_as_not_quiet() -> None:
     core = ready_core(now=0.0)
     core.on_message(wire(jobs([0])), 0.1)
-    core.take_tasks(1)
+    core.take_tasks(1, 0.1)
     core.finished([outcome(0)], 0.8, from_slots=1)
     assert core.tick(1.0).send == []
     assert only(core.tick(1.8), p.Heartbeat) == p.Heartbeat()
+
+
+def test_liveness_check_says_heartbeat_when_quiet_and_drops_a_silent_or_unanswered_link() -> None:
+    live = Liveness(1.0, 3, 1.0, 32.0, now=0.0)
+    assert live.check(10.0) is Checked.NOTHING  # down: waits for its reconnect, never expires
+    live.connecting(10.0)
+    assert live.check(12.0) is Checked.NOTHING  # no heartbeat before WELCOME
+    assert live.check(13.5) is Checked.UNANSWERED and live.state is LinkState.DOWN
+    assert live.reconnect_at == 14.5 and live.backoff_s == 2.0
+    live.connecting(14.5)
+    live.welcomed(1.0, 3)
+    live.sent(14.5)
+    assert live.check(15.0) is Checked.NOTHING
+    assert live.check(15.5) is Checked.HEARTBEAT
+    assert live.check(17.6) is Checked.SILENT and live.state is LinkState.DOWN
+    assert live.check(17.7) is Checked.NOTHING
 
 
 def test_no_heartbeat_before_welcome() -> None:
@@ -201,7 +218,7 @@ def test_silent_broker_means_reconnect_with_doubling_backoff_capped() -> None:
     for _ in range(8):
         actions = core.tick(now)
         assert actions.reconnect is True and actions.send == []
-        assert core.live.state is Link.DOWN
+        assert core.live.state is LinkState.DOWN
         delays.append(core.live.reconnect_at - now)
         assert core.tick(now + 0.1).reconnect is False  # down: nothing to do until reconnect_at
         now = core.live.reconnect_at
@@ -231,7 +248,7 @@ def test_reconnect_message_says_hello_again() -> None:
     core = ready_core()
     hello = only(core.on_message(wire(p.Reconnect("broker restarted")), 1.0), p.Hello)
     assert hello.peer_id == "w-test" and hello.slots == 2
-    assert core.live.state is Link.CONNECTING
+    assert core.live.state is LinkState.CONNECTING
     ready = only(core.on_message(wire(welcome()), 1.1), p.Ready)
     assert ready.credit == 3
 
@@ -240,7 +257,7 @@ def test_broker_disconnect_drops_the_link() -> None:
     core = ready_core()
     actions = core.on_message(wire(p.Disconnect("broker stopping")), 1.0)
     assert actions.reconnect is True
-    assert core.live.state is Link.DOWN and core.live.reconnect_at == pytest.approx(2.0)
+    assert core.live.state is LinkState.DOWN and core.live.reconnect_at == pytest.approx(2.0)
 
 
 # ---- stopping and results across reconnects -------------------------------------------------------
@@ -249,12 +266,12 @@ def test_broker_disconnect_drops_the_link() -> None:
 def test_stop_hands_back_pending_jobs_with_no_credit() -> None:
     core = ready_core()
     core.on_message(wire(jobs([0, 1, 2])), 0.1)
-    core.take_tasks(1)
+    core.take_tasks(1, 0.1)
     results = only(core.stop(0.2), p.Results)
     assert results.credit == 0
     assert results.results == [["c", 1, 1, int(p.Outcome.RETURNED), 0, ""],
                                ["c", 2, 1, int(p.Outcome.RETURNED), 0, ""]]
-    assert core.take_tasks(5) == []
+    assert core.take_tasks(5, 0.2) == []
     assert core.stop(0.3).send == []  # a second stop changes nothing
     # jobs that still arrive go straight back, and the running one reports without credit
     late = only(core.on_message(wire(jobs([3], with_fn=False)), 0.4), p.Results)
@@ -268,7 +285,7 @@ def test_stop_hands_back_pending_jobs_with_no_credit() -> None:
 def test_results_finished_while_disconnected_are_sent_after_the_next_welcome() -> None:
     core = ready_core()
     core.on_message(wire(jobs([0, 1, 2])), 0.1)
-    core.take_tasks(2)  # 0 and 1 run, 2 waits
+    core.take_tasks(2, 0.1)  # 0 and 1 run, 2 waits
     assert core.tick(3.5).reconnect  # the broker went quiet
     assert core.finished([outcome(0, b"kept")], 3.6, from_slots=1).send == []
     core.connect(4.5)
@@ -329,7 +346,7 @@ def test_credit_outstanding_plus_jobs_in_hand_is_always_the_capacity() -> None:
             count = 1 + step % unused
             core.on_message(wire(jobs(list(range(sent, sent + count)), with_fn=sent == 0)), now)
             sent += count
-        running.extend(core.take_tasks(2 - core.running))
+        running.extend(core.take_tasks(2 - core.running, now))
         assert core.running == len(running) <= 2
         finishing, running = running[: step % 3], running[step % 3:]
         if finishing:
@@ -428,7 +445,7 @@ def test_nothing_is_reported_started_while_the_broker_is_away() -> None:
     core.on_message(wire(jobs([1])), 0.0)
     core.take_tasks(1, now=0.0)
     core.tick(100.0)  # the broker went silent: link down
-    assert core.live.state is Link.DOWN
+    assert core.live.state is LinkState.DOWN
     assert core.next_report_at() is None
     assert core.report_started(100.0).send == []
 
@@ -463,7 +480,7 @@ def test_a_result_the_broker_did_not_read_is_sent_again_before_ready_and_the_job
     submit(link, [0], 0.0)
     link.deliver_to_broker(0.0)
     link.deliver_to_worker(0.0)
-    assert [t.key for t in link.core.take_tasks(2)] == [("c", 0)]
+    assert [t.key for t in link.core.take_tasks(2, 0.0)] == [("c", 0)]
     link.sched.handle(link.CLIENT, p.encode(p.Heartbeat()), 3.0)
     link.sched.tick(3.5)  # the worker was stopped: declared dead, its job queued again
     assert link.sched.snapshot(3.5)["workers"] == []
@@ -486,7 +503,7 @@ def test_results_are_forgotten_once_the_broker_uses_credit_offered_after_them() 
         now += 0.01
         link.deliver_to_broker(now)
         link.deliver_to_worker(now)
-        tasks = link.core.take_tasks(2)
+        tasks = link.core.take_tasks(2, now)
         done = [SlotOutcome(t.key, t.attempt, OK, [b"r"]) for t in tasks]
         link.worker_does(link.core.finished(done, now, from_slots=len(done)))
         kept = sum(len(batch) for _offered, batch in link.core.unacked)
@@ -505,7 +522,7 @@ def test_results_are_forgotten_once_the_broker_uses_credit_offered_after_them() 
 def test_cancelled_and_returned_outcomes_are_not_kept() -> None:
     core = ready_core()
     core.on_message(wire(jobs([0, 1])), 0.1)
-    core.take_tasks(1)
+    core.take_tasks(1, 0.1)
     core.on_message(wire(p.CancelJobs([["c", 1]])), 0.2)  # not started: answered CANCELLED
     core.stop(0.3)
     assert not core.unacked
@@ -513,10 +530,23 @@ def test_cancelled_and_returned_outcomes_are_not_kept() -> None:
     assert [[o.key for o in batch] for _offered, batch in core.unacked] == [[("c", 0)]]
 
 
+def test_a_result_larger_than_the_broker_takes_goes_as_a_limit_error() -> None:
+    core = make_core()
+    core.connect(0.0)
+    core.on_message(wire(p.Welcome("b-1", 1.0, 3, 2**20, {})), 0.0)
+    core.on_message(wire(jobs([0, 1])), 0.1)
+    core.take_tasks(2, 0.1)
+    fits = b"x" * (2**20 - p.ENVELOPE_ALLOWANCE)
+    results = only(core.finished([outcome(0, fits), outcome(1, fits + b"x")], 0.2, from_slots=2), p.Results)
+    assert [row[3] for row in results.results] == [int(OK), int(p.Outcome.ERROR)]
+    assert results.kinds == [int(p.ResultKind.PLAIN), int(p.ResultKind.LIMIT)]
+    assert "PayloadTooLarge" in results.results[1][5]
+
+
 def test_a_result_info_line_is_cut_to_what_the_broker_accepts() -> None:
     core = ready_core()
     core.on_message(wire(jobs([0])), 0.1)
-    core.take_tasks(1)
+    core.take_tasks(1, 0.1)
     failed = SlotOutcome(("c", 0), 1, p.Outcome.ERROR, [b"e"], "ValueError: " + "x" * 5000)
     results = only(core.finished([failed], 0.2, from_slots=1), p.Results)  # decodes: within the bound
     assert len(results.results[0][5]) == p.MAX_TEXT_CHARS
@@ -528,10 +558,10 @@ def test_a_job_given_again_while_its_first_copy_runs_here_waits_and_is_dropped_w
     attempt 2 is handed back as CANCELLED with its credit."""
     core = ready_core(procs=2)
     core.on_message(wire(jobs([0])), 0.1)
-    assert [t.key for t in core.take_tasks(2)] == [("c", 0)]
+    assert [t.key for t in core.take_tasks(2, 0.1)] == [("c", 0)]
     again = p.Jobs([], [["c", 0, 2, FN, 1, {}], ["c", 1, 1, FN, 1, {}]], [b"arg0", b"arg1"])
     core.on_message(wire(again), 0.2)
-    assert [(t.key, t.attempt) for t in core.take_tasks(2)] == [(("c", 1), 1)]  # job 0 waits
+    assert [(t.key, t.attempt) for t in core.take_tasks(2, 0.2)] == [(("c", 1), 1)]  # job 0 waits
     assert [(t.key, t.attempt) for t in core.pending] == [(("c", 0), 2)]
     results = only(core.finished([outcome(0, b"first")], 0.3, from_slots=1), p.Results)
     cancelled = int(p.Outcome.CANCELLED)
@@ -542,11 +572,11 @@ def test_a_job_given_again_while_its_first_copy_runs_here_waits_and_is_dropped_w
 def test_a_job_given_again_after_its_first_copy_was_cancelled_runs() -> None:
     core = ready_core(procs=2)
     core.on_message(wire(jobs([0])), 0.1)
-    core.take_tasks(2)
+    core.take_tasks(2, 0.1)
     core.on_message(wire(p.Jobs([], [["c", 0, 2, FN, 1, {}]], [b"arg0"])), 0.2)
-    assert core.take_tasks(2) == []
+    assert core.take_tasks(2, 0.2) == []
     core.finished([outcome(0, kind=p.Outcome.CANCELLED)], 0.3, from_slots=1)
-    assert [(t.key, t.attempt) for t in core.take_tasks(2)] == [(("c", 0), 2)]
+    assert [(t.key, t.attempt) for t in core.take_tasks(2, 0.3)] == [(("c", 0), 2)]
 
 
 class PausedAndCut:
@@ -590,7 +620,7 @@ class PausedAndCut:
         self.link.worker_does(self.core.connect(self.now))
 
     def start(self) -> None:
-        tasks = self.core.take_tasks(self.core.slots - len(self.running))
+        tasks = self.core.take_tasks(self.core.slots - len(self.running), self.now)
         self.starts.update(t.key for t in tasks)
         self.running.extend(tasks)
         assert len({t.key for t in self.running}) == len(self.running), "two copies of a job run at once"
@@ -605,7 +635,7 @@ class PausedAndCut:
         link = self.link
         for _ in range(100):
             self.now += 0.3
-            if self.core.live.state is Link.DOWN:
+            if self.core.live.state is LinkState.DOWN:
                 self.cut()
             self.start()
             while self.running:

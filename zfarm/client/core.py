@@ -34,7 +34,7 @@ from zfarm.client.futures import JobFuture
 from zfarm.client.receipts import Receipts
 from zfarm.config import ClientSettings
 from zfarm.errors import BrokerUnavailable, ConfigError, DependencyFailed, Refused
-from zfarm.link import LinkState, Liveness
+from zfarm.link import Checked, LinkState, Liveness
 from zfarm.stats import JobRecord, record_of
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ class ClientCore:
         self.stopping = False
         #: why the last ZeroMQ handshake failed, in words (set by the shell; said in BrokerUnavailable)
         self.handshake_problem = ""
-        self.jobs: dict[int, PendingJob] = {}
+        self.jobs: dict[int, PendingJob] = {}  # in submission order (the broker-timeout look needs it)
         self._fns: dict[bytes, Any] = {}
         self._fn_users: dict[bytes, int] = {}
         self._fns_sent: set[bytes] = set()
@@ -326,8 +326,9 @@ class ClientCore:
         received = []
         busy = False
         out = self._out
-        for wire_row, frames, row in zip(msg.results, per_row, stats, strict=True):
+        for wire_row, frames, stats_row in zip(msg.results, per_row, stats, strict=True):
             result = p.ResultRow.from_wire(wire_row)
+            row = None if stats_row is None else p.JobStats.from_wire(stats_row)
             seq, outcome, info = result.seq, result.outcome, result.info
             if bounced(result):
                 self._bounced_back(seq, result)
@@ -351,7 +352,7 @@ class ClientCore:
                 self.duplicates += 1
                 continue
             if row is not None:
-                job.future.run_s = p.JobStats.from_wire(row).run_s
+                job.future.run_s = row.run_s
             if result.kind == p.ResultKind.DEPENDENCY_FAILED:  # info: "UPSTREAM: why"
                 upstream, _, why = info.partition(": ")
                 out.fail.append((job, DependencyFailed(f"{self.client_id}:{seq}", upstream, why)))
@@ -483,17 +484,25 @@ class ClientCore:
         live = self.live
         limit_s = self.settings.broker_timeout_s
         if self.jobs and now - live.last_heard > limit_s:
-            # each job waits broker_timeout_s from its own submission, not from the last message heard
-            detail = self.handshake_problem or "unfinished jobs given up"
-            for seq, job in list(self.jobs.items()):
+            # Each job waits broker_timeout_s from its own submission, not from the last message heard.
+            # Jobs are kept in submission order, so the first that has not waited that long ends the
+            # look: a turn costs the jobs it gives up, not every job submitted during the outage.
+            expired: list[tuple[int, float]] = []
+            for seq, job in self.jobs.items():
                 waited_s = now - max(live.last_heard, job.submitted_at)
-                if waited_s > limit_s and self._forget(seq) is not None:
-                    self._out.fail.append((job, BrokerUnavailable(self.settings.address, waited_s, detail)))
-        if live.expired(now):
+                if waited_s <= limit_s:
+                    break
+                expired.append((seq, waited_s))
+            detail = self.handshake_problem or "unfinished jobs given up"
+            for seq, waited_s in expired:
+                if (gone := self._forget(seq)) is not None:
+                    self._out.fail.append((gone, BrokerUnavailable(self.settings.address, waited_s, detail)))
+        checked = live.check(now)
+        if checked.dropped:
             log.warning("client %s: broker silent for %.1f s; reconnecting in %.0f s", self.client_id,
-                        live.silent_s(now), live.backoff_s)
-            self._drop_link(now)
-        elif live.heartbeat_due(now):
+                        live.silent_s(now), live.reconnect_at - now)
+            self._out.reconnect = True
+        elif checked is Checked.HEARTBEAT:
             self._send(p.Heartbeat(), now)
 
     def _drop_link(self, now: float) -> None:

@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 import zmq
 
+from zfarm import protocol as p
 from zfarm import scatter
 from zfarm import serialization as ser
 from zfarm.client.core import PendingJob
@@ -41,7 +42,6 @@ from zfarm.config import ClientSettings, check_positive, resolve
 from zfarm.errors import BrokerUnavailable, ConfigError, PayloadTooLarge
 from zfarm.progress import known_length, track
 from zfarm.projects import Project, request_options, upstream_arguments
-from zfarm.protocol import ENVELOPE_ALLOWANCE
 from zfarm.scatter import Scattered
 from zfarm.stats import Stats, summarize
 
@@ -433,8 +433,8 @@ class Client(concurrent.futures.Executor):
         if self._connection.fatal is not None:
             raise self._connection.fatal
         size = sum(memoryview(f).nbytes for f in frames)
-        limit = self._connection.core.max_message_bytes - ENVELOPE_ALLOWANCE
-        if self._connection.core.max_message_bytes and size + fn_size > limit:
+        limit = p.payload_limit(self._connection.core.max_message_bytes)
+        if limit is not None and size + fn_size > limit:
             raise PayloadTooLarge(size + fn_size, limit, "this job's function and arguments")
         seq = next(self._seq)
         future = JobFuture(self._connection, seq)

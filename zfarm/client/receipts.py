@@ -94,6 +94,8 @@ class Receipts:
 
     def take(self, now: float, unfinished: Container[int], force: bool = False) -> p.Received | None:
         """The RECEIVED to send now, if one is due (``force``: whatever is pending)."""
+        if not self.pending and not self._kept:
+            return None  # most I/O turns: nothing arrived, nothing set aside (no lock, no snapshot)
         pinned = self.pins.snapshot()
         if self._kept and (free := [seq for seq in self._kept if seq not in pinned]):
             self._kept = [seq for seq in self._kept if seq in pinned]

@@ -158,8 +158,7 @@ class IOThread(threading.Thread):
     def _step(self) -> None:
         core, link = self.core, self.link
         now = time.monotonic()
-        if core.live.reconnect_due(now):
-            link.open()
+        if link.reopen_if_due(core.live, now):
             core.connected(now)
             self._apply(core.flush(now))  # HELLO while the new connection's pipe exists
         ready = dict(link.poller(self._wake_r).poll(int(core.wait_s(now) * 1000)))
@@ -173,9 +172,7 @@ class IOThread(threading.Thread):
         self._apply(core.flush(time.monotonic()))
 
     def _apply(self, actions: Actions) -> None:
-        self.link.send_all(actions.send)
-        if actions.reconnect:
-            self.link.close()
+        self.link.carry_out(actions.send, drop=actions.reconnect)
         if actions.fatal is not None:
             self.fatal = actions.fatal
         for job, outcome, frames, info in actions.settle:

@@ -35,8 +35,8 @@ from typing import Any
 from zfarm import proctree, scatter
 from zfarm import serialization as ser
 from zfarm.errors import ConfigError, JobCrashed, JobTimeout, MemoryLimitExceeded
-from zfarm.output import JOB_ID_VARIABLE, FdCapture
-from zfarm.protocol import Outcome, ResultKind, remember_fn
+from zfarm.output import JOB_ID_VARIABLE, OUTPUT_DIR_VARIABLE, FdCapture
+from zfarm.protocol import Outcome, ResultKind, remember_fn, split_frames
 from zfarm.worker import pipe
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,7 @@ def _slot_main(conn: Connection, lifeline: Connection, output_dir: str = "",
     threading.Thread(target=_exit_with_worker, args=(lifeline,), daemon=True).start()
     proctree.become_subreaper()
     capture = FdCapture(output_dir)
+    _set_env(OUTPUT_DIR_VARIABLE, output_dir or None)  # where command jobs keep their whole output
     functions: dict[bytes, Any] = {}
     own_devices = os.environ.get(CUDA_DEVICES)
     while True:
@@ -188,10 +189,8 @@ def _take_upstream(frames: list[Any], counts: list[int]) -> list[Any]:
     if not counts:
         return frames
     own = len(frames) - sum(counts)
-    pos = own
-    for n in counts:
-        ser.upstream_values.append(ser.loads(frames[pos:pos + n]))  # (an output frame after it is unread)
-        pos += n
+    for result in split_frames(frames[own:], counts):  # (an output frame after a result is unread)
+        ser.upstream_values.append(ser.loads(result))
     return frames[:own]
 
 
@@ -273,7 +272,6 @@ class Slot:
         self.index = index
         self.conn, child_conn = ctx.Pipe(duplex=True)
         lifeline_r, self.lifeline = ctx.Pipe(duplex=False)
-        self.output_dir = output_dir
         worker_fds: tuple[int, ...] = ()
         if forked_beside is not None:
             ends = [end for s in [*forked_beside, self] for end in (s.conn, s.lifeline)]

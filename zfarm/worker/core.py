@@ -29,6 +29,7 @@ import os
 import socket
 import uuid
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,8 +37,7 @@ from zfarm import protocol as p
 from zfarm import serialization as ser
 from zfarm.config import WorkerSettings
 from zfarm.errors import PayloadTooLarge, Refused
-from zfarm.link import LinkState, Liveness
-from zfarm.protocol import ENVELOPE_ALLOWANCE
+from zfarm.link import Checked, LinkState, Liveness
 from zfarm.worker.chaperone import Key, SlotOutcome, SlotTask
 
 log = logging.getLogger(__name__)
@@ -57,10 +57,6 @@ BURST_HANDBACK_S = 0.05
 RUN_TIME_WEIGHT = 0.3
 #: outcomes that end a job: kept until the broker has them (the others only return credit)
 ENDS_JOB = frozenset({p.Outcome.OK, p.Outcome.ERROR, p.Outcome.CRASHED})
-
-
-#: the link's states (kept under this name for the worker's callers)
-Link = LinkState
 
 
 @dataclass
@@ -88,11 +84,11 @@ class WorkerCore:
         self.broker_id = ""
         self.max_message_bytes = 0  # the broker's, from WELCOME
         self.pending: deque[SlotTask] = deque()  # received, not yet in a slot
-        self.running_keys: set[Key] = set()  # in a slot now; never two copies of one job at once
         self.fns: dict[bytes, Any] = {}
         self.unsent: list[SlotOutcome] = []  # finished while the broker did not know us
         self.unreported: dict[Key, float] = {}  # running jobs not yet reported started, and since when
-        self.started: dict[Key, float] = {}  # running jobs, and since when
+        #: in a slot now, and since when, in start order; never two copies of one job at once
+        self.started: dict[Key, float] = {}
         # This registration's credit offered and jobs received, and the results sent on it that the
         # broker may not have read yet, each batch with the credit offered before it.
         self.offered = 0
@@ -111,7 +107,7 @@ class WorkerCore:
 
     @property
     def running(self) -> int:
-        return len(self.running_keys)
+        return len(self.started)
 
     @property
     def in_hand(self) -> int:
@@ -137,7 +133,7 @@ class WorkerCore:
         if isinstance(msg, p.Reclaim):
             return self._reclaim({(k[0], k[1]) for k in msg.keys}, now)
         if isinstance(msg, p.Reconnect):
-            if self.live.state is Link.CONNECTING:
+            if self.live.state is LinkState.CONNECTING:
                 return Actions()  # our HELLO is on its way already
             log.info("broker does not know us (%s): introducing ourselves again", p.clip(msg.reason))
             return self.connect(now)
@@ -145,13 +141,14 @@ class WorkerCore:
             raise Refused(f"the broker refused this worker: {msg.reason}")
         if isinstance(msg, p.Disconnect):
             log.info("broker is leaving (%s): will reconnect", p.clip(msg.reason))
-            return self._drop_link(now)
+            self.live.drop(now)
+            return Actions(reconnect=True)
         if not isinstance(msg, p.Heartbeat):
             log.warning("ignored unexpected %s from the broker", type(msg).__name__)
         return Actions()
 
     def _welcome(self, msg: p.Welcome, now: float) -> Actions:
-        if self.live.state is not Link.READY:
+        if not self.live.ready:
             log.info("worker %s registered with broker %s (%d %s)", self.id, msg.broker_id, self.slots,
                      "slot" if self.slots == 1 else "slots")
         self.live.welcomed(msg.heartbeat_interval_s, msg.liveness)
@@ -177,33 +174,37 @@ class WorkerCore:
         for fn_id, blob in zip(msg.fns, msg.frames, strict=False):  # frames go on past the fns
             p.remember_fn(self.fns, fn_id, blob)
         per_job = p.split_frames(msg.frames[len(msg.fns):], [row[4] for row in msg.jobs])
-        returned: list[SlotOutcome] = []
+        returned: list[SlotTask] = []
         for (client_id, seq, attempt, fn_id, _n, options), frames in zip(msg.jobs, per_job, strict=True):
             task = SlotTask((client_id, seq), attempt, fn_id, self.fns.get(fn_id), frames, options)
             if self.stopping:
-                returned.append(SlotOutcome(task.key, attempt, p.Outcome.RETURNED, []))
+                returned.append(task)
             else:
                 self.pending.append(task)
-        return self.finished(returned, now) if returned else Actions()
+        return self.finished(_outcomes(returned, p.Outcome.RETURNED), now) if returned else Actions()
 
     def _cancel(self, keys: set[Key], now: float) -> Actions:
-        dropped = [t for t in self.pending if t.key in keys]
-        self.pending = deque(t for t in self.pending if t.key not in keys)
-        cancelled = [SlotOutcome(t.key, t.attempt, p.Outcome.CANCELLED, []) for t in dropped]
-        actions = self.finished(cancelled, now)
+        dropped = self._take_pending(keys)
+        actions = self.finished(_outcomes(dropped, p.Outcome.CANCELLED), now)
         actions.kill = sorted(keys - {t.key for t in dropped})
         return actions
 
     def _reclaim(self, keys: set[Key], now: float) -> Actions:
         """Give back the jobs still waiting here (RETURNED, with their credit); running ones run on."""
-        given = [t for t in self.pending if t.key in keys]
+        given = self._take_pending(keys)
         if not given:
             return Actions()
-        self.pending = deque(t for t in self.pending if t.key not in keys)
         log.debug("worker %s gave back %d prefetched jobs", self.id, len(given))
-        return self.finished([SlotOutcome(t.key, t.attempt, p.Outcome.RETURNED, []) for t in given], now)
+        return self.finished(_outcomes(given, p.Outcome.RETURNED), now)
 
-    def take_tasks(self, free_slots: int, now: float = 0.0) -> list[SlotTask]:
+    def _take_pending(self, keys: set[Key]) -> list[SlotTask]:
+        """Take the waiting jobs with these keys out of ``pending`` (the others keep their order)."""
+        taken = [t for t in self.pending if t.key in keys]
+        if taken:
+            self.pending = deque(t for t in self.pending if t.key not in keys)
+        return taken
+
+    def take_tasks(self, free_slots: int, now: float) -> list[SlotTask]:
         """Tasks to start now on ``free_slots`` idle slots.
 
         A job given again while its first copy runs here (the broker thought us dead) waits: when
@@ -213,10 +214,9 @@ class WorkerCore:
         waiting: list[SlotTask] = []
         while self.pending and len(tasks) < free_slots:
             task = self.pending.popleft()
-            if task.key in self.running_keys:
+            if task.key in self.started:
                 waiting.append(task)
             else:
-                self.running_keys.add(task.key)
                 tasks.append(task)
                 self.unreported[task.key] = now
                 self.started[task.key] = now
@@ -225,7 +225,7 @@ class WorkerCore:
 
     def report_started(self, now: float) -> Actions:
         """STARTED for the jobs that have run for ``STARTED_REPORT_S`` (and have not finished)."""
-        if self.live.state is not Link.READY or not self.unreported:
+        if not self.live.ready or not self.unreported:
             return Actions()
         due = [key for key, since in self.unreported.items() if now - since >= STARTED_REPORT_S]
         if not due:
@@ -236,49 +236,53 @@ class WorkerCore:
 
     def next_report_at(self) -> float | None:
         """When :meth:`report_started` or :meth:`hand_back_burst` next has something to do."""
-        if self.live.state is not Link.READY:
+        if not self.live.ready:
             return None
-        due = [since + STARTED_REPORT_S for since in self.unreported.values()][:1]
-        if len(self.pending) > self.settings.prefetch and self.started:
-            due.append(min(self.started.values()) + BURST_HANDBACK_S)
+        due = []  # both dicts are in start order: their first entry is their oldest
+        if (oldest_unreported := next(iter(self.unreported.values()), None)) is not None:
+            due.append(oldest_unreported + STARTED_REPORT_S)
+        if len(self.pending) > self.settings.prefetch and (oldest := self._oldest_start()) is not None:
+            due.append(oldest + BURST_HANDBACK_S)
         return min(due, default=None)
+
+    def _oldest_start(self) -> float | None:
+        """When the longest-running job started (None: none runs)."""
+        return next(iter(self.started.values()), None)
 
     def hand_back_burst(self, now: float) -> Actions:
         """A job runs long: give back the jobs held beyond the usual prefetch (RETURNED, no credit:
         they go to slots that are free elsewhere, or back here after the long job)."""
         extra = len(self.pending) - self.settings.prefetch
-        if extra <= 0 or not self.started or now - min(self.started.values()) < BURST_HANDBACK_S:
+        oldest = self._oldest_start()
+        if extra <= 0 or oldest is None or now - oldest < BURST_HANDBACK_S:
             return Actions()
         self.run_s = max(self.run_s or 0.0, BURST_HANDBACK_S)  # not tiny now: no burst until they are again
         given = [self.pending.pop() for _ in range(extra)][::-1]  # the newest go back
         log.debug("worker %s: a job runs long; gave back %d jobs held for a burst", self.id, extra)
         # the capacity is the usual one again, so these return no credit
-        return self.finished([SlotOutcome(t.key, t.attempt, p.Outcome.RETURNED, []) for t in given], now)
+        return self.finished(_outcomes(given, p.Outcome.RETURNED), now)
 
     def finished(self, outcomes: list[SlotOutcome], now: float, from_slots: int = 0) -> Actions:
         """Jobs left our hands (the first ``from_slots`` outcomes came from slots); report them."""
         if not outcomes:
             return Actions()
-        ended = set()
+        ended: set[Key] = set()
         for o in outcomes[:from_slots]:
-            self.running_keys.discard(o.key)
             self.started.pop(o.key, None)
             if o.outcome in ENDS_JOB:
                 ended.add(o.key)
                 if o.run_s > 0:  # 0: not measured (a slot that died, a job killed)
                     self.run_s = o.run_s if self.run_s is None else self.run_s + RUN_TIME_WEIGHT * (
                         o.run_s - self.run_s)
-        if ended and any(t.key in ended for t in self.pending):  # copies given again: not needed now
-            outcomes = outcomes + [SlotOutcome(t.key, t.attempt, p.Outcome.CANCELLED, [])
-                                   for t in self.pending if t.key in ended]
-            self.pending = deque(t for t in self.pending if t.key not in ended)
+        if ended and (copies := self._take_pending(ended)):  # copies given again: not needed now
+            outcomes = outcomes + _outcomes(copies, p.Outcome.CANCELLED)
         for outcome in outcomes:
             self.unreported.pop(outcome.key, None)
         outcomes = [self._fit(o) for o in outcomes]
         self.done += sum(o.outcome == p.Outcome.OK for o in outcomes)
         if not outcomes:
             return Actions()
-        if self.live.state is not Link.READY:
+        if not self.live.ready:
             self.unsent.extend(outcomes)
             return Actions()
         # Credit tops what the broker may still send plus what we hold up to the capacity (which grows
@@ -289,8 +293,8 @@ class WorkerCore:
     def _fit(self, outcome: SlotOutcome) -> SlotOutcome:
         """Turn a result too large for the broker into an error (sent whole, it would cut us off)."""
         size = sum(memoryview(f).nbytes for f in outcome.frames)
-        limit = self.max_message_bytes - ENVELOPE_ALLOWANCE
-        if not self.max_message_bytes or size <= limit:
+        limit = p.payload_limit(self.max_message_bytes)
+        if limit is None or size <= limit:
             return outcome
         error = PayloadTooLarge(size, limit, "this job's result")
         return SlotOutcome(outcome.key, outcome.attempt, p.Outcome.ERROR, ser.dump_exception(error),
@@ -311,21 +315,17 @@ class WorkerCore:
 
     def tick(self, now: float) -> Actions:
         """Heartbeat when quiet; give up on a silent broker and schedule a reconnect."""
-        live = self.live
-        if live.expired(now):
-            silent_s = live.silent_s(now)
-            if live.state is Link.CONNECTING:  # said at every try, so a worker never waits in silence
-                log.warning("no answer from a broker at %s for %.0f s (is `zfarm broker` running there?): "
-                            "trying again in %.0f s", self.settings.address, silent_s, live.backoff_s)
-            else:
-                log.warning("broker silent for %.1f s: reconnecting in %.0f s", silent_s, live.backoff_s)
-            return self._drop_link(now)
-        if live.heartbeat_due(now):
+        checked = self.live.check(now)
+        if checked is Checked.HEARTBEAT:
             return self._out(now, [p.Heartbeat()])
-        return Actions()
-
-    def _drop_link(self, now: float) -> Actions:
-        self.live.drop(now)
+        if not checked.dropped:
+            return Actions()
+        silent_s, wait_s = self.live.silent_s(now), self.live.reconnect_at - now
+        if checked is Checked.UNANSWERED:  # said at every try, so a worker never waits in silence
+            log.warning("no answer from a broker at %s for %.0f s (is `zfarm broker` running there?): "
+                        "trying again in %.0f s", self.settings.address, silent_s, wait_s)
+        else:
+            log.warning("broker silent for %.1f s: reconnecting in %.0f s", silent_s, wait_s)
         return Actions(reconnect=True)
 
     def stop(self, now: float) -> Actions:
@@ -333,15 +333,20 @@ class WorkerCore:
         if self.stopping:
             return Actions()
         self.stopping = True
-        returned = [SlotOutcome(t.key, t.attempt, p.Outcome.RETURNED, []) for t in self.pending]
+        returned = _outcomes(self.pending, p.Outcome.RETURNED)
         self.pending.clear()
         log.info("worker %s stopping: handed back %d queued jobs, %d running", self.id, len(returned),
                  self.running)
         return self.finished(returned, now)
 
     def goodbye(self, now: float) -> Actions:
-        return self._out(now, [p.Disconnect("worker stopping")] if self.live.state is Link.READY else [])
+        return self._out(now, [p.Disconnect("worker stopping")] if self.live.ready else [])
 
     def _out(self, now: float, msgs: list[p.Message]) -> Actions:
         self.live.sent(now)
         return Actions(send=msgs)
+
+
+def _outcomes(tasks: Iterable[SlotTask], outcome: p.Outcome) -> list[SlotOutcome]:
+    """Outcomes with no result for jobs that never ran here (cancelled, or given back)."""
+    return [SlotOutcome(t.key, t.attempt, outcome, []) for t in tasks]

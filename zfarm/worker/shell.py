@@ -63,8 +63,7 @@ class Worker:
         try:
             while True:
                 now = time.monotonic()
-                if core.live.reconnect_due(now) and not core.stopping:
-                    self.link.open()
+                if not core.stopping and self.link.reopen_if_due(core.live, now):
                     self._apply(core.connect(now))
                 self._poll_once()
                 self._drain_if_due()
@@ -116,9 +115,7 @@ class Worker:
         if actions.kill and self.pool is not None:
             cancelled = [o for key in actions.kill if (o := self.pool.cancel(key)) is not None]
             self._apply(self.core.finished(cancelled, time.monotonic(), from_slots=len(cancelled)))
-        self.link.send_all(actions.send)
-        if actions.reconnect:
-            self.link.close()
+        self.link.carry_out(actions.send, drop=actions.reconnect)
 
     def request_stop(self) -> None:
         """First call: drain gracefully within the grace period. Second call: stop now.
