@@ -252,6 +252,10 @@ def test_only_clients_with_listed_keys_and_the_right_broker_key_connect(procs: P
     error = expect_broker_unavailable(
         lambda: zfarm.Client(endpoint, connect_timeout_s=REFUSED_CONNECT_S))
     assert "requires keys" in error.detail, error
+    started = time.monotonic()  # a refused handshake is final: no waiting out a long connect timeout
+    with pytest.raises(zfarm.BrokerUnavailable, match="requires keys"):
+        zfarm.Client(endpoint, connect_timeout_s=60)
+    assert time.monotonic() - started < 20
 
     unlisted = peer_folder(tmp_path / "unlisted", "client", other / "clients" / "client.key_secret",
                            keys / "broker.key")

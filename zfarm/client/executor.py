@@ -119,8 +119,9 @@ class Client(concurrent.futures.Executor):
         self._connection = self._res.connection
         # A client dropped without shutdown() closes once its jobs are done; at exit, at once.
         weakref.finalize(self, self._res.close_when_done).atexit = False
-        welcomed = self._connection.welcomed.wait(self.settings.connect_timeout_s)
-        if not welcomed or self._connection.fatal is not None:
+        # woken by a WELCOME, a fatal error, or a handshake the broker refused (keys: it will not change)
+        self._connection.welcomed.wait(self.settings.connect_timeout_s)
+        if not self._connection.core.welcomed or self._connection.fatal is not None:
             fatal, problem = self._connection.fatal, self._connection.handshake_problem
             self._res.close()
             if isinstance(fatal, zmq.ZMQError):  # the address passed our checks, yet ZeroMQ refused it

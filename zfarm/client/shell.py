@@ -169,10 +169,15 @@ class IOThread(threading.Thread):
                 core.on_message(msg, time.monotonic())
             self._apply(core.take_ended())  # before flush's RECEIVED (see ClientCore.take_ended)
         core.handshake_problem = link.problem
+        if link.problem and not core.welcomed:  # keys refused: no use waiting for a WELCOME
+            self.welcomed.set()
         self._apply(core.flush(time.monotonic()))
 
     def _apply(self, actions: Actions) -> None:
         self.link.carry_out(actions.send, drop=actions.reconnect)
+        if actions.records:  # before the futures settle: a program woken by the last one sees every record
+            with self.records_lock:
+                self.records.extend(actions.records)
         if actions.fatal is not None:
             self.fatal = actions.fatal
         for job, outcome, frames, info in actions.settle:
@@ -183,9 +188,6 @@ class IOThread(threading.Thread):
             cancel_future(job.future, force=True)
         for job in actions.started:
             mark_running(job.future)
-        if actions.records:
-            with self.records_lock:
-                self.records.extend(actions.records)
         if actions.welcomed or actions.fatal is not None:
             self.welcomed.set()  # wake the constructor (it raises ``fatal``, if any)
 
