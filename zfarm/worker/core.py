@@ -173,10 +173,12 @@ class WorkerCore:
             self.unacked.popleft()  # the broker used credit offered after these results: it read them
         for fn_id, blob in zip(msg.fns, msg.frames, strict=False):  # frames go on past the fns
             p.remember_fn(self.fns, fn_id, blob)
-        per_job = p.split_frames(msg.frames[len(msg.fns):], [row[4] for row in msg.jobs])
+        rows = [p.JobRow.from_wire(row) for row in msg.jobs]
+        per_job = p.split_frames(msg.frames[len(msg.fns):], [row.nframes for row in rows])
         returned: list[SlotTask] = []
-        for (client_id, seq, attempt, fn_id, _n, options), frames in zip(msg.jobs, per_job, strict=True):
-            task = SlotTask((client_id, seq), attempt, fn_id, self.fns.get(fn_id), frames, options)
+        for row, frames in zip(rows, per_job, strict=True):
+            task = SlotTask((row.client_id, row.seq), row.attempt, row.fn_id, self.fns.get(row.fn_id), frames,
+                            row.options)
             if self.stopping:
                 returned.append(task)
             else:
