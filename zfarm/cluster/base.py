@@ -27,7 +27,6 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Sequence
 from types import TracebackType
 from typing import Any, Protocol
 
@@ -467,11 +466,3 @@ def public_address(bind: str) -> str:
         return f"tcp://{name}:{port}"
     return bind
 
-
-def flag_args(values: Sequence[tuple[str, object]]) -> list[str]:
-    """``--flag value`` pairs for the values that are set."""
-    out: list[str] = []
-    for flag, value in values:
-        if value is not None and value != "":
-            out += [flag, str(value)]
-    return out

@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -134,7 +135,7 @@ class SlurmCluster(Cluster):
             if value:
                 self.directives.append(f"{flag}={value}")
         self.directives += [str(x) for x in job_extra]
-        self.python = python or _this_python()
+        self.python = python or sys.executable
         super().__init__(**common)  # type: ignore[arg-type]
         self.slots_per_worker = cpus
         self._jobs: dict[str, SlurmJob] = {}
@@ -231,8 +232,3 @@ class SlurmCluster(Cluster):
         self._cancel_unsure()
         shutil.rmtree(self.folder, ignore_errors=True)
 
-
-def _this_python() -> str:
-    import sys
-
-    return sys.executable
