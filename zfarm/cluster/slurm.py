@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from zfarm.cluster.base import Cluster
-from zfarm.cluster.remote import settings_blob
+from zfarm.cluster.remote import WALLTIME_MARGIN_S, settings_blob
 from zfarm.cluster.ssh import wildcard_bind
 from zfarm.cluster.supervision import Launched
 from zfarm.errors import ConfigError, ZfarmError
@@ -119,7 +119,8 @@ class SlurmCluster(Cluster):
 
     def __init__(self, jobs: int = 0, cpus: int = 1, mem: str | None = None, walltime: str | None = None,
                  partition: str | None = None, account: str | None = None, job_extra: Sequence[str] = (),
-                 python: str | None = None, *, shared_dir: str | None = None, walltime_margin_s: float = 15.0,
+                 python: str | None = None, *, shared_dir: str | None = None,
+                 walltime_margin_s: float = WALLTIME_MARGIN_S,
                  **common: object) -> None:
         if cpus < 1 or jobs < 0:
             raise ConfigError(f"SlurmCluster needs cpus >= 1 and jobs >= 0, got cpus={cpus} jobs={jobs}")
