@@ -32,11 +32,11 @@ def stop_processes(procs: list[subprocess.Popen[bytes]], deadline: float) -> Non
             proc.wait()
 
 
-def free_tcp_endpoint() -> str:
-    """``tcp://127.0.0.1:PORT`` with a port the kernel just reported free."""
+def free_tcp_endpoint(host: str = "127.0.0.1") -> str:
+    """``tcp://HOST:PORT`` with a port the kernel just reported free on ``host`` (``*``: every interface)."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+        s.bind(("" if host == "*" else host, 0))
+        return f"tcp://{host}:{s.getsockname()[1]}"
 
 
 def __getattr__(name: str) -> Any:

@@ -28,9 +28,9 @@ from pathlib import Path
 
 from zfarm.cluster.base import Cluster
 from zfarm.cluster.remote import WALLTIME_MARGIN_S, settings_blob
-from zfarm.cluster.ssh import wildcard_bind
 from zfarm.cluster.supervision import Launched
 from zfarm.errors import ConfigError, ZfarmError
+from zfarm.local import free_tcp_endpoint
 
 log = logging.getLogger("zfarm.cluster.slurm")
 
@@ -161,7 +161,7 @@ class SlurmCluster(Cluster):
             raise
 
     def _default_bind(self) -> str:
-        return wildcard_bind()
+        return free_tcp_endpoint("*")
 
     def _place(self, index: int) -> tuple[str, str]:
         return f"slurm-{index}", "slurm"
