@@ -1,4 +1,4 @@
-"""Helpers for processes on this machine: stop a group of them, find a free TCP port.
+"""Helpers for processes on this machine: stop one or a group of them, find a free TCP port.
 
 The embedded farm behind ``Client()`` is :class:`zfarm.cluster.LocalCluster` (still importable
 from here).
@@ -19,10 +19,7 @@ log = logging.getLogger(__name__)
 def stop_processes(procs: list[subprocess.Popen[bytes]], deadline: float) -> None:
     """SIGTERM each (resumed first, if it was stopped); SIGKILL any still running at ``deadline``."""
     for proc in procs:
-        if proc.poll() is None:
-            if hasattr(signal, "SIGCONT"):  # not on Windows
-                proc.send_signal(signal.SIGCONT)
-            proc.terminate()
+        terminate_gently(proc)
     for proc in procs:
         try:
             proc.wait(max(0.0, deadline - time.monotonic()))
@@ -30,6 +27,14 @@ def stop_processes(procs: list[subprocess.Popen[bytes]], deadline: float) -> Non
             log.warning("pid %d did not stop in time: killing it", proc.pid)
             proc.kill()
             proc.wait()
+
+
+def terminate_gently(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM ``proc`` if it runs, resuming it first: a stopped process would not act on SIGTERM."""
+    if proc.poll() is None:
+        if hasattr(signal, "SIGCONT"):  # not on Windows
+            proc.send_signal(signal.SIGCONT)
+        proc.terminate()
 
 
 def free_tcp_endpoint(host: str = "127.0.0.1") -> str:
