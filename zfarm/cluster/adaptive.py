@@ -28,7 +28,7 @@ class Adaptive:
     interval_s: float = 2.0
     wait_count: int = 3
     max_step: int = 16
-    _fewer: int = field(default=0, repr=False)  # decisions in a row that wanted fewer workers
+    _fewer: int = field(default=0, repr=False, init=False)  # decisions in a row that wanted fewer workers
 
     def __post_init__(self) -> None:
         if not 0 <= self.minimum <= self.maximum:

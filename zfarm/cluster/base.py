@@ -166,15 +166,19 @@ class Cluster:
                     w.state, w.quick_deaths, w.restart_at = State.WAITING, 0, 0.0
         self._wake.set()
 
-    def adapt(self, minimum: int = 0, maximum: int = 8, *, target_duration_s: float = 10.0,
-              interval_s: float = 2.0, wait_count: int = 3, max_step: int = 16) -> Adaptive:
+    def adapt(self, minimum: int = 0, maximum: int = 8, **tuning: Any) -> Adaptive:
         """Follow the queue's demand between ``minimum`` and ``maximum`` workers (``scale`` stops it).
 
-        Grows at once toward the work queued and running (cleared in ``target_duration_s`` at the
-        measured run time), by at most ``max_step`` workers every ``interval_s``; shrinks after
+        ``tuning`` sets :class:`Adaptive`'s other fields (their defaults are there): it grows at
+        once toward the work queued and running (cleared in ``target_duration_s`` at the measured
+        run time), by at most ``max_step`` workers every ``interval_s``; shrinks after
         ``wait_count`` decisions in a row wanted fewer, retiring idle workers only.
+
+        Raises:
+            ConfigError: impossible bounds or tuning.
+            TypeError: a keyword that is not a field of :class:`Adaptive`.
         """
-        policy = Adaptive(minimum, maximum, target_duration_s, interval_s, wait_count, max_step)
+        policy = Adaptive(minimum, maximum, **tuning)
         with self._lock:
             self._adaptive = policy
             self._target = max(minimum, min(maximum, self._target))

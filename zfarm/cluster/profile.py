@@ -17,6 +17,7 @@ naming the file, the profile, the key and what to write instead.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from dataclasses import dataclass
@@ -69,8 +70,9 @@ LAUNCHERS: dict[str, dict[str, tuple[Any, str]]] = {
               "walltime_margin_s": ((int, float), "seconds between a drained worker and its walltime, e.g. "
                                                    f"{WALLTIME_MARGIN_S:g}")},
 }
-ADAPT_KEYS: dict[str, Any] = {"minimum": int, "maximum": int, "target_duration_s": (int, float),
-                               "interval_s": (int, float), "wait_count": int, "max_step": int}
+#: adapt's settings: the fields of Adaptive, and the types a TOML value may have for each
+ADAPT_KEYS: dict[str, Any] = {f.name: int if f.type in ("int", int) else (int, float)
+                              for f in dataclasses.fields(Adaptive) if f.init}
 PATH_KEYS = ("keys", "journal", "shared_dir")
 
 
