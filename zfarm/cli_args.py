@@ -10,7 +10,8 @@ import argparse
 import math
 from typing import Any
 
-from zfarm.config import DEFAULT_ADDRESS
+from zfarm.config import DEFAULT_ADDRESS, parse_amount
+from zfarm.errors import ConfigError
 
 
 def command(sub: Any, name: str, text: str, run: Any) -> argparse.ArgumentParser:
@@ -72,16 +73,12 @@ def keys_flag(cmd: argparse.ArgumentParser, name: bool = True) -> None:
         cmd.add_argument("--key-name", help="which key of the folder's list to use (default: the only one)")
 
 
-_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-
-
 def size_bytes(text: str) -> int:
-    number, unit = text.rstrip("KMGTkmgtiIbB"), text[len(text.rstrip("KMGTkmgtiIbB")) :].upper()
-    unit = unit.replace("IB", "").replace("B", "")
+    """argparse type: a size in bytes above 0, written as a ``mem`` request is (500M, 3Mi, 2GiB, 1P)."""
     try:
-        value = int(float(number) * _UNITS[unit])
-    except (ValueError, KeyError):
-        raise argparse.ArgumentTypeError(f"not a size in bytes (as 500M or 2G): {text}") from None
+        value = int(parse_amount("mem", text))
+    except ConfigError:
+        raise argparse.ArgumentTypeError(f"expected a size in bytes (as 500M or 2G), got {text!r}") from None
     if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {text}")
+        raise argparse.ArgumentTypeError(f"expected a size above 0 bytes, got {text!r}")
     return value
