@@ -74,6 +74,16 @@ def test_every_command_refuses_a_bad_endpoint_with_exit_2(args: list[str], said:
     assert said in one_line_usage_error(run_zfarm(*args, timeout_s=USAGE_ERROR_S))
 
 
+def test_batch_and_project_commands_refuse_a_bad_endpoint_before_anything_is_kept(tmp_path: Path) -> None:
+    env = {"ZFARM_STATE_DIR": str(tmp_path)}
+    submit = run_zfarm("submit", "--name", "bad", "--connect", "tcp://127.0.0.1", "--", "true",
+                       timeout_s=USAGE_ERROR_S, env=env)
+    assert "port is missing" in one_line_usage_error(submit)
+    assert not list(tmp_path.iterdir())  # no array record for jobs that never went anywhere
+    listed = run_zfarm("project", "list", timeout_s=USAGE_ERROR_S, env={"ZFARM_ADDRESS": "tcp://*:5555"})
+    assert "is for binding" in one_line_usage_error(listed)
+
+
 def test_a_bad_endpoint_from_the_environment_is_refused_too() -> None:
     result = run_zfarm("status", timeout_s=USAGE_ERROR_S, env={"ZFARM_ADDRESS": "tcp://127.0.0.1:0"})
     assert "only a broker's --bind" in one_line_usage_error(result)
