@@ -6,6 +6,7 @@ import os
 import signal
 import tempfile
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -24,7 +25,9 @@ from tests.helpers import (
     wait_for,
     zfarm_env,
 )
+from zfarm.cluster.base import Cluster
 from zfarm.cluster.profile import ProfileError, load_profile
+from zfarm.cluster.supervision import Launched
 from zfarm.security import SecurityError, add_key, init_keys
 
 
@@ -76,6 +79,59 @@ def test_a_worker_that_dies_at_start_backs_off_and_is_given_up() -> None:
         assert "exited with code" in worker["last_exit"]
         assert time.monotonic() - started > 0.05 + 0.1  # it waited between launches
         assert cluster.status()["failed"] == 1
+
+
+class SlowHandle:
+    """A launched worker whose launcher is slow to say whether it ended (ssh joins a thread, Slurm
+    reads a file): ``ended`` blocks until ``answer`` is set."""
+
+    def __init__(self) -> None:
+        self.asked, self.answer, self.retired = threading.Event(), threading.Event(), False
+
+    def ended(self) -> str | None:
+        self.asked.set()
+        self.answer.wait(60)
+        return "left" if self.retired else None
+
+    def pending(self) -> bool:
+        return True  # a queued batch job: the cluster asks the broker nothing about it
+
+    def retire(self) -> None:
+        self.retired = True
+
+    def kill(self) -> None:
+        self.retired = True
+
+
+class SlowLauncher(Cluster):
+    kind = "slow"
+
+    def __init__(self, handle: SlowHandle, address: str) -> None:
+        self.handle = handle
+        super().__init__(address=address)  # no broker there: nothing here talks to one
+        self._begin(1)
+
+    def _place(self, index: int) -> tuple[str, str]:
+        return f"slow-{index}", "nowhere"
+
+    def _launch(self, worker: Launched) -> SlowHandle:
+        return self.handle
+
+
+def test_a_launcher_slow_to_answer_ended_does_not_block_the_cluster_s_other_callers(tmp_path: Path) -> None:
+    handle = SlowHandle()
+    cluster = SlowLauncher(handle, ipc_endpoint(tmp_path))
+    try:
+        assert handle.asked.wait(30), "the supervisor never asked the handle"
+        answered = threading.Event()
+        reader = threading.Thread(target=lambda: (cluster.status(), cluster.workers, answered.set()))
+        reader.start()
+        assert answered.wait(10), "status() waited for the launcher's ended()"
+        reader.join(10)
+    finally:
+        handle.answer.set()
+        cluster.close(timeout_s=10)
+    assert [w["state"] for w in cluster.workers] == ["stopped"]
 
 
 @pytest.mark.slow

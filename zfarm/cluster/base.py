@@ -333,24 +333,31 @@ class Cluster:
 
     def _reap(self, now: float) -> None:
         with self._lock:
-            for w in self._records:
-                if w.handle is None:
+            launched = [(w, w.handle) for w in self._records if w.handle is not None]
+        # asked outside the lock: an ssh handle joins its output thread, a Slurm job reads a file
+        answers = [(w, handle, handle.ended(), handle.pending()) for w, handle in launched]
+        with self._lock:
+            for w, handle, how, pending in answers:
+                if w.handle is not handle:
                     continue
-                how = w.handle.ended()
                 if how is None:
-                    if w.state is State.PENDING and not w.handle.pending():
+                    if w.state is State.PENDING and not pending:
                         w.state = State.STARTING
                     continue
                 wanted = w.state is not State.RETIRING and not self._closing
                 self.restarts.ended(w, how, now, wanted)
-                if w.state is State.FAILED:
-                    log.error("%s (%s) died at start %d times in a row, last: %s; giving up on it "
-                              "(scale again to retry)", w.name, w.where, w.quick_deaths, how)
-                elif w.state is State.WAITING:
-                    log.warning("%s (%s) ended (%s): starting it again in %.0f s", w.name, w.where, how,
-                                w.restart_at - now)
-                else:
-                    log.info("%s (%s) left: %s", w.name, w.where, how)
+                self._log_ended(w, how, now)
+
+    @staticmethod
+    def _log_ended(w: Launched, how: str, now: float) -> None:
+        if w.state is State.FAILED:
+            log.error("%s (%s) died at start %d times in a row, last: %s; giving up on it "
+                      "(scale again to retry)", w.name, w.where, w.quick_deaths, how)
+        elif w.state is State.WAITING:
+            log.warning("%s (%s) ended (%s): starting it again in %.0f s", w.name, w.where, how,
+                        w.restart_at - now)
+        else:
+            log.info("%s (%s) left: %s", w.name, w.where, how)
 
     def _read_broker(self, now: float) -> None:
         """Every few seconds: which launched workers registered, which are idle, and the demand."""
