@@ -219,3 +219,20 @@ def test_a_worker_output_dir_keeps_whole_streams_named_like_slurm(procs: Procs, 
         quiet.result(30)
     assert (out / f"{client.id}_1.out").read_text() == "from python\nfrom fd 1\nfrom a child\n"
     assert not (out / f"{client.id}_2.out").exists()  # a job that printed nothing leaves no file
+
+
+
+def test_a_project_s_jobs_with_options_run_commands_in_the_project_s_current_phase(
+        procs: Procs, tmp_path: Path) -> None:
+    endpoint, _ = procs.farm(*FAST, workers=1, procs=2)  # two slots: only the phase keeps them apart
+    mark = tmp_path / "first-done"
+    with zfarm.Client(endpoint) as client:
+        project = client.project("commands")
+        one_cpu = project.with_options(resources={"cpus": 1})
+        first = one_cpu.run(f"sleep 1; echo done > {mark}", shell=True)
+        project.barrier()  # read when a job is submitted, not when with_options was called
+        second = one_cpu.run(["cat", str(mark)])
+        assert second.result(30).stdout == "done\n"
+        assert first.done()
+        status = project.status()
+    assert (status.done, status.submitted) == (2, 2)
