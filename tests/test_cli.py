@@ -27,6 +27,9 @@ from zfarm.security import init_keys
 
 #: a usage error is found before any network or process work: well under this, even on a loaded machine
 USAGE_ERROR_S = 20.0
+#: a usage error is refused before any socket: the time python takes to start and import zfarm
+#: (0.3 s measured; this leaves room for a loaded machine)
+AT_ONCE_S = 5.0
 
 
 @pytest.fixture(autouse=True)
@@ -59,7 +62,7 @@ def test_worker_with_port_out_of_range_exits_2_at_once() -> None:
     result = run_zfarm("worker", "--connect", "tcp://127.0.0.1:99999", timeout_s=USAGE_ERROR_S)
     stderr = one_line_usage_error(result)
     assert "not '99999'" in stderr and "1 to 65535" in stderr, stderr
-    assert time.monotonic() - started < USAGE_ERROR_S
+    assert time.monotonic() - started < AT_ONCE_S  # it did not try to connect first
 
 
 @pytest.mark.parametrize(("args", "said"), [
