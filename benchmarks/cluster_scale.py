@@ -28,15 +28,13 @@ import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from zfarm import chaperone
+from benchmarks._workloads import cpu_s, rss_bytes
 from zfarm import protocol as p
 from zfarm.config import WorkerSettings
 from zfarm.local import free_tcp_endpoint, stop_processes
 from zfarm.monitor import fetch_status
+from zfarm.worker import chaperone
 from zfarm.worker.core import Actions, Link, WorkerCore
-
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
 
 # ---- one shell process: many worker cores -------------------------------------------------------
 
@@ -130,38 +128,31 @@ def shell_main(args: argparse.Namespace) -> None:
 # ---- the measurer ---------------------------------------------------------------------------------
 
 
-def cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 class Farm:
     def __init__(self, workers: int, per_process: int, interval_s: float, real: bool = False) -> None:
         self.address = free_tcp_endpoint()
-        self.broker = subprocess.Popen([sys.executable, "-m", "zfarm", "broker", "--bind", self.address,
-                                        "--heartbeat-interval", str(interval_s), "--log-level", "warning"])
-        self.wait(lambda s: True, 30, "the broker")
-        self.idle_rss = rss_bytes(self.broker.pid)
         self.shells: list[subprocess.Popen[str]] = []
         self.real: list[subprocess.Popen[bytes]] = []
-        if real:  # real `zfarm worker --procs 1` processes (each with its forkserver and slot)
-            self.real = [subprocess.Popen([sys.executable, "-m", "zfarm", "worker", "--connect", self.address,
-                                           "--procs", "1", "--worker-id", f"r{i}", "--log-level", "warning",
-                                           "--heartbeat-interval", str(interval_s)])
-                         for i in range(workers)]
-        for n, start in enumerate(range(0, 0 if real else workers, per_process)):
-            count = min(per_process, workers - start)
-            self.shells.append(subprocess.Popen(
-                [sys.executable, __file__, "shell", "--address", self.address, "--count", str(count),
-                 "--prefix", f"s{n}", "--interval", str(interval_s)], stdout=subprocess.PIPE, text=True))
-        self.wait(lambda s: len(s["workers"]) == workers, 300, f"{workers} workers registered")
+        self.broker = subprocess.Popen([sys.executable, "-m", "zfarm", "broker", "--bind", self.address,
+                                        "--heartbeat-interval", str(interval_s), "--log-level", "warning"])
+        try:  # a farm that never came up: no broker, worker or shell outlives the run
+            self.wait(lambda s: True, 30, "the broker")
+            self.idle_rss = rss_bytes(self.broker.pid)
+            if real:  # real `zfarm worker --procs 1` processes (each with its forkserver and slot)
+                self.real = [subprocess.Popen([sys.executable, "-m", "zfarm", "worker", "--connect",
+                                               self.address, "--procs", "1", "--worker-id", f"r{i}",
+                                               "--log-level", "warning",
+                                               "--heartbeat-interval", str(interval_s)])
+                             for i in range(workers)]
+            for n, start in enumerate(range(0, 0 if real else workers, per_process)):
+                count = min(per_process, workers - start)
+                self.shells.append(subprocess.Popen(
+                    [sys.executable, __file__, "shell", "--address", self.address, "--count", str(count),
+                     "--prefix", f"s{n}", "--interval", str(interval_s)], stdout=subprocess.PIPE, text=True))
+            self.wait(lambda s: len(s["workers"]) == workers, 300, f"{workers} workers registered")
+        except BaseException:
+            stop_processes([*self.real, *self.shells, self.broker], time.monotonic() + 30)  # type: ignore
+            raise
 
     def status(self) -> dict[str, Any]:
         return fetch_status(self.address, timeout_s=30)

@@ -30,7 +30,10 @@ from pathlib import Path
 
 from rich.console import Console
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 import zfarm
+from benchmarks._workloads import cpu_s
 from zfarm.dashboard import DashboardState, _Link, render
 from zfarm.local import LocalCluster
 
@@ -106,12 +109,6 @@ def wait_for_workers(address: str, count: int, timeout_s: float = 30.0) -> None:
         if time.monotonic() > deadline:
             raise SystemExit(f"{count} workers did not register within {timeout_s} s")
         time.sleep(0.1)
-
-
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def broker_cpu_per_status(address: str, broker_pid: int, hz: float = 200.0, seconds: float = 5.0) -> float:

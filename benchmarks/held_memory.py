@@ -16,22 +16,34 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import zfarm
-from zfarm.local import free_tcp_endpoint
+from benchmarks._workloads import rss_bytes
+from zfarm.local import free_tcp_endpoint, stop_processes
 from zfarm.monitor import fetch_status
+
+WARM_UP_JOBS = 500
 
 
 def payload(size: int) -> bytes:
     return os.urandom(size)
 
 
-def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
+def held_by_broker(endpoint: str, count: int, timeout_s: float = 60.0) -> dict[str, Any]:
+    """The broker's snapshot once it holds ``count`` results (it holds a session's until it ends)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        snap = fetch_status(endpoint, 10.0)
+        held = sum(c["held"] for c in snap["clients"])
+        if held >= count:
+            return snap
+        if time.monotonic() >= deadline:
+            raise SystemExit(f"the broker held {held} results, not {count}, after {timeout_s:.0f} s")
+        time.sleep(0.1)
 
 
 def main() -> int:
@@ -54,14 +66,15 @@ def main() -> int:
                               stderr=subprocess.DEVNULL)
     try:
         with zfarm.Client(endpoint, session="held-bench", broker_timeout_s=60) as client:
-            list(client.map(payload, [args.size] * 500, chunksize=1))  # warm up: pools, caches, sockets
+            # warm up: pools, caches, sockets
+            list(client.map(payload, [args.size] * WARM_UP_JOBS, chunksize=1))
+            held_by_broker(endpoint, WARM_UP_JOBS)
             before = rss_bytes(broker.pid)
             started = time.perf_counter()
             got = sum(len(r) for r in client.map(payload, [args.size] * args.jobs, chunksize=1))
             took = time.perf_counter() - started
-            time.sleep(1.0)  # the broker's last turn
+            snap = held_by_broker(endpoint, WARM_UP_JOBS + args.jobs)  # its last turn is over
             after = rss_bytes(broker.pid)
-            snap = fetch_status(endpoint, 10.0)
             held = sum(c["held"] for c in snap["clients"])
         print(f"{args.jobs} results of {args.size} bytes ({got} bytes) in {took:.1f} s; {held} held; "
               f"broker RSS {before / 2**20:.1f} -> {after / 2**20:.1f} MiB: "
@@ -69,9 +82,7 @@ def main() -> int:
               f"in memory {snap.get('held_memory_bytes', '?')} bytes, "
               f"on disk {snap.get('held_on_disk', '?')}")
     finally:
-        for proc in (worker, broker):
-            proc.terminate()
-            proc.wait(10)
+        stop_processes([worker, broker], time.monotonic() + 10)  # SIGKILL what is left then
         shutil.rmtree(folder, ignore_errors=True)
     return 0
 

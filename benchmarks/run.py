@@ -58,6 +58,7 @@ import zmq  # noqa: E402
 
 import zfarm  # noqa: E402
 from benchmarks import _workloads as wl  # noqa: E402
+from benchmarks._workloads import cpu_s, rss_bytes  # noqa: E402
 from benchmarks.bare import BareClient  # noqa: E402
 from zfarm import protocol as p  # noqa: E402
 from zfarm import serialization as ser  # noqa: E402
@@ -361,18 +362,6 @@ def dask_client() -> Iterator[Any]:
             yield client
     finally:
         cluster.close()
-
-
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
-
-
-def cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # ---- 1. throughput ---------------------------------------------------------------------------------

@@ -17,6 +17,8 @@ from tests import jobs
 from tests.helpers import (
     ZFARM_COMMAND,
     Procs,
+    cmdline,
+    kill_pids,
     live_pids,
     require_status,
     run_zfarm,
@@ -137,13 +139,22 @@ def test_a_timed_out_job_is_killed_with_its_tree_and_keeps_its_output(procs: Pro
     endpoint, _ = procs.farm(*FAST, procs=2)
     pid_file = tmp_path / "pid-{}"
     command = f"echo started {{}}; (setsid sleep 1000 & echo $! > {pid_file}); sleep 60"
-    waited = zf(state, "submit", "--connect", endpoint, "--name", "slow", "--array", "1-2", "--timeout", "3",
-                "--wait", "--", "sh", "-c", command)
-    assert waited.returncode == 1 and "2 timed out" in waited.stdout, waited.stdout + waited.stderr
-    assert zf(state, "logs", "slow", "2").stdout == "started 2\n"
-    jobs = json.loads(zf(state, "jobs", "slow", "--json").stdout)["jobs"]
-    assert [(j["state"], j["exit_code"]) for j in jobs] == [("timeout", -9)] * 2
-    assert not live_pids(int((tmp_path / f"pid-{i}").read_text()) for i in (1, 2))
+
+    def sleepers() -> list[int]:
+        """The setsid'd sleeps the jobs started (they left the jobs' process groups)."""
+        files = [tmp_path / f"pid-{i}" for i in (1, 2)]
+        return [int(text) for f in files if f.exists() and (text := f.read_text().strip())]
+
+    try:
+        waited = zf(state, "submit", "--connect", endpoint, "--name", "slow", "--array", "1-2", "--timeout",
+                    "3", "--wait", "--", "sh", "-c", command)
+        assert waited.returncode == 1 and "2 timed out" in waited.stdout, waited.stdout + waited.stderr
+        assert zf(state, "logs", "slow", "2").stdout == "started 2\n"
+        jobs = json.loads(zf(state, "jobs", "slow", "--json").stdout)["jobs"]
+        assert [(j["state"], j["exit_code"]) for j in jobs] == [("timeout", -9)] * 2
+        assert len(sleepers()) == 2 and not live_pids(sleepers())
+    finally:  # a failed check must not leave them running for 1000 s (only ours: a pid may be reused)
+        kill_pids(pid for pid in sleepers() if cmdline(pid).startswith("sleep 1000"))
 
 
 def test_max_running_caps_the_jobs_of_an_array_running_at_once(procs: Procs, state: dict[str, str],
@@ -219,3 +230,20 @@ def test_a_worker_output_dir_keeps_whole_streams_named_like_slurm(procs: Procs, 
         quiet.result(30)
     assert (out / f"{client.id}_1.out").read_text() == "from python\nfrom fd 1\nfrom a child\n"
     assert not (out / f"{client.id}_2.out").exists()  # a job that printed nothing leaves no file
+
+
+
+def test_a_project_s_jobs_with_options_run_commands_in_the_project_s_current_phase(
+        procs: Procs, tmp_path: Path) -> None:
+    endpoint, _ = procs.farm(*FAST, workers=1, procs=2)  # two slots: only the phase keeps them apart
+    mark = tmp_path / "first-done"
+    with zfarm.Client(endpoint) as client:
+        project = client.project("commands")
+        one_cpu = project.with_options(resources={"cpus": 1})
+        first = one_cpu.run(f"sleep 1; echo done > {mark}", shell=True)
+        project.barrier()  # read when a job is submitted, not when with_options was called
+        second = one_cpu.run(["cat", str(mark)])
+        assert second.result(30).stdout == "done\n"
+        assert first.done()
+        status = project.status()
+    assert (status.done, status.submitted) == (2, 2)

@@ -6,8 +6,10 @@ import os
 import signal
 import tempfile
 import textwrap
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,7 +26,10 @@ from tests.helpers import (
     wait_for,
     zfarm_env,
 )
+from zfarm.cluster.base import STATUS_EVERY_S, Cluster
 from zfarm.cluster.profile import ProfileError, load_profile
+from zfarm.cluster.supervision import Launched
+from zfarm.errors import BrokerUnavailable
 from zfarm.security import SecurityError, add_key, init_keys
 
 
@@ -68,14 +73,96 @@ def test_a_worker_that_dies_at_start_backs_off_and_is_given_up() -> None:
         cluster.log_level = "no-such-level"  # the worker exits at once: its command line is wrong
         cluster.restarts.first_backoff_s = 0.05
         cluster.restarts.max_quick_deaths = 3
-        started = time.monotonic()
         cluster.scale(1)
         wait_for(lambda: cluster.workers and cluster.workers[0]["state"] == "failed", 60, interval_s=0.1)
         (worker,) = cluster.workers
         assert worker["launches"] == 3
         assert "exited with code" in worker["last_exit"]
-        assert time.monotonic() - started > 0.05 + 0.1  # it waited between launches
         assert cluster.status()["failed"] == 1
+
+
+class SlowHandle:
+    """A launched worker whose launcher is slow to say whether it ended (ssh joins a thread, Slurm
+    reads a file): ``ended`` blocks until ``answer`` is set. It never reaches a broker."""
+
+    def __init__(self, queued: bool = True) -> None:
+        self.asked, self.answer, self.retired = threading.Event(), threading.Event(), False
+        self.queued = queued
+
+    def ended(self) -> str | None:
+        self.asked.set()
+        self.answer.wait(60)
+        return "left" if self.retired else None
+
+    def pending(self) -> bool:
+        return self.queued  # a queued batch job: the cluster asks the broker nothing about it
+
+    def retire(self) -> None:
+        self.retired = True
+
+    def kill(self) -> None:
+        self.retired = True
+
+
+class SlowLauncher(Cluster):
+    kind = "slow"
+
+    def __init__(self, handle: SlowHandle, address: str) -> None:
+        self.handle = handle
+        super().__init__(address=address)  # no broker there: nothing here talks to one
+        self._begin(1)
+
+    def _place(self, index: int) -> tuple[str, str]:
+        return f"slow-{index}", "nowhere"
+
+    def _launch(self, worker: Launched) -> SlowHandle:
+        return self.handle
+
+
+def test_a_launcher_slow_to_answer_ended_does_not_block_the_cluster_s_other_callers(tmp_path: Path) -> None:
+    handle = SlowHandle()
+    cluster = SlowLauncher(handle, ipc_endpoint(tmp_path))
+    try:
+        assert handle.asked.wait(30), "the supervisor never asked the handle"
+        answered = threading.Event()
+        reader = threading.Thread(target=lambda: (cluster.status(), cluster.workers, answered.set()))
+        reader.start()
+        assert answered.wait(10), "status() waited for the launcher's ended()"
+        reader.join(10)
+    finally:
+        handle.answer.set()
+        cluster.close(timeout_s=10)
+    assert [w["state"] for w in cluster.workers] == ["stopped"]
+
+
+@pytest.mark.slow
+def test_waiting_for_workers_asks_the_broker_no_faster_than_the_supervisor_does(
+        procs: Procs, monkeypatch: pytest.MonkeyPatch) -> None:
+    from zfarm import monitor
+
+    _, endpoint = procs.broker()
+    asked: list[float] = []
+    fetch_status = monitor.fetch_status
+
+    def counted(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        asked.append(time.monotonic())
+        return fetch_status(*args, **kwargs)
+
+    monkeypatch.setattr(monitor, "fetch_status", counted)
+    handle = SlowHandle(queued=False)  # started, and never registers
+    handle.answer.set()
+    cluster = SlowLauncher(handle, endpoint)
+    try:
+        wait_for(lambda: asked, 30, interval_s=0.05, message="the supervisor asked the broker")
+        waited_s = 3.0
+        started = time.monotonic()
+        with pytest.raises(BrokerUnavailable, match="fewer than 1 workers"):
+            cluster.wait_for_workers(1, timeout_s=waited_s)
+        assert time.monotonic() - started >= waited_s
+    finally:
+        cluster.close(timeout_s=10)
+    during = [t for t in asked if started <= t <= started + waited_s]
+    assert len(during) <= waited_s / STATUS_EVERY_S + 2, during  # not one monitor connection per 0.2 s
 
 
 @pytest.mark.slow

@@ -57,6 +57,8 @@ ACCEPT_TIMEOUT_S = 60.0
 #: how long ``submit`` waits for the broker to accept the array's jobs: this, plus ACCEPT_PER_JOB_S each
 SUBMIT_ACCEPT_BASE_S = 30.0
 ACCEPT_PER_JOB_S = 0.002
+#: how often waiting for the broker to accept an array's jobs looks again
+ACCEPT_POLL_S = 0.02
 
 
 def parse_array(spec: str) -> list[int]:
@@ -268,6 +270,7 @@ class Attached:
 
     def __init__(self, record: ArrayRecord, connect_timeout_s: float = 10.0) -> None:
         from zfarm.client.executor import Client, JobLimits, job_options
+        from zfarm.projects import request_options
 
         self.record = record
         self.client = Client(record.address, session=record.session, keys=record.keys or None,
@@ -280,10 +283,7 @@ class Attached:
                 options["max_running"] = record.max_running  # read by the broker's scheduler
             # an array is a project: `zfarm project suspend NAME` and the status show it
             options.update(project=record.name, priority=record.priority)
-            if record.resources:
-                options["resources"] = record.resources
-            if record.tags:
-                options["tags"] = record.tags
+            options.update(request_options(record.resources, record.tags))
             limited = JobLimits(self.client, options)
             cancelled = set(record.cancelled)
             self.futures: list[concurrent.futures.Future[Any]] = []
@@ -314,25 +314,13 @@ class Attached:
             ZfarmError: the broker did not accept the jobs within ``timeout_s``.
         """
         deadline = time.monotonic() + timeout_s
-        self._wait_accepted(self.futures, deadline)
-        self._wait_accepted([self.client.submit(barrier)], deadline)
-
-    def _wait_accepted(self, futures: list[concurrent.futures.Future[Any]], deadline: float) -> None:
-        while not all(f.accepted() if isinstance(f, JobFuture) else f.done() for f in futures):
-            if time.monotonic() > deadline:
-                raise ZfarmError(f"the broker at {self.record.address} did not take array "
-                                 f"{self.record.name}'s jobs back in time; try again")
-            time.sleep(0.01)
+        if _unaccepted(self.futures, deadline) or _unaccepted([self.client.submit(barrier)], deadline):
+            raise ZfarmError(f"the broker at {self.record.address} did not take array "
+                             f"{self.record.name}'s jobs back in time; try again")
 
     def wait_accepted(self, timeout_s: float) -> int:
         """Wait until the broker accepted every job; return how many it had not by ``timeout_s``."""
-        deadline = time.monotonic() + timeout_s
-        waiting = list(self.futures)
-        while True:
-            waiting = [f for f in waiting if not (f.accepted() if isinstance(f, JobFuture) else f.done())]
-            if not waiting or time.monotonic() >= deadline:
-                return len(waiting)
-            time.sleep(0.05)
+        return _unaccepted(self.futures, time.monotonic() + timeout_s)
 
     def wait(self, timeout_s: float | None) -> bool:
         """Wait for every job; False if ``timeout_s`` passed first."""
@@ -346,6 +334,17 @@ class Attached:
     def forget(self) -> None:
         """End the session: the broker drops the array's jobs and results."""
         self.client.shutdown(wait=False, cancel_futures=True)
+
+
+def _unaccepted(futures: list[concurrent.futures.Future[Any]], deadline: float) -> int:
+    """Wait until the broker accepted each of ``futures`` (or it is over) or ``deadline`` passed;
+    return how many it had not. Polled: acceptance is a count in the client, with no event to wait on."""
+    waiting = list(futures)
+    while True:
+        waiting = [f for f in waiting if not (f.accepted() if isinstance(f, JobFuture) else f.done())]
+        if not waiting or time.monotonic() >= deadline:
+            return len(waiting)
+        time.sleep(ACCEPT_POLL_S)
 
 
 def read_args_file(lines: Iterator[str]) -> list[str]:

@@ -18,7 +18,17 @@ from pathlib import Path
 from typing import Any
 
 from zfarm import __version__
-from zfarm.cli_args import command, connect_flag, count, keys_flag, some, timeout_flag
+from zfarm.cli_args import (
+    broker_address,
+    command,
+    connect_flag,
+    count,
+    keys_flag,
+    keys_folder,
+    print_columns,
+    some,
+    timeout_flag,
+)
 from zfarm.config import (
     DEFAULT_ADDRESS,
     JOURNAL_SYNC_MODES,
@@ -240,7 +250,7 @@ def _run_worker(args: argparse.Namespace) -> int:
 def _run_status(args: argparse.Namespace) -> int:
     from zfarm.monitor import fetch_status
 
-    snapshot = fetch_status(_address(args), args.timeout, keys=_keys(args))
+    snapshot = fetch_status(broker_address(args), args.timeout, keys=keys_folder(args))
     if args.json:
         print(json.dumps(snapshot, indent=2))
     else:
@@ -253,7 +263,7 @@ def _run_history(args: argparse.Namespace) -> int:
 
     from zfarm.monitor import fetch_history
 
-    columns, rows = fetch_history(_address(args), args.limit, args.timeout, keys=_keys(args))
+    columns, rows = fetch_history(broker_address(args), args.limit, args.timeout, keys=keys_folder(args))
     if args.json:
         print(json.dumps([dict(zip(columns, row, strict=True)) for row in rows], indent=1))
     elif args.csv:
@@ -270,18 +280,7 @@ def _run_dashboard(args: argparse.Namespace) -> int:
 
     if not 0 < args.refresh <= 100:
         raise ConfigError(f"--refresh must be between 0 and 100 redraws per second, not {args.refresh}")
-    return run_dashboard(_address(args), _keys(args), args.refresh, args.once, args.timeout)
-
-
-def _address(args: argparse.Namespace) -> str:
-    """The broker a monitor command asks: --connect, ZFARM_ADDRESS or the default; checked."""
-    address: str = args.connect or os.environ.get("ZFARM_ADDRESS") or DEFAULT_ADDRESS
-    check_endpoint(address)
-    return address
-
-
-def _keys(args: argparse.Namespace) -> str:
-    return str(args.keys or os.environ.get("ZFARM_KEYS", ""))
+    return run_dashboard(broker_address(args), keys_folder(args), args.refresh, args.once, args.timeout)
 
 
 HISTORY_COLUMNS = ["id", "worker", "host", "run_s", "attempts", "outcome", "peak_rss_bytes", "error"]
@@ -303,9 +302,7 @@ def _print_history(columns: list[str], rows: list[list[Any]], limit: int) -> Non
         title = f"the newest {title} (--limit N or --all for more)"
     if not sys.stdout.isatty():
         print(title)
-        widths = [max([len(h), *(len(c[i]) for c in cells)]) for i, h in enumerate(HISTORY_HEADER)]
-        for line in [HISTORY_HEADER, *cells]:
-            print("  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip())
+        print_columns(HISTORY_HEADER, cells)
         return
     from rich import box
     from rich.console import Console

@@ -1,4 +1,5 @@
-"""Argument types and flags shared by the ``zfarm`` subcommands (cli.py and cli_batch.py).
+"""Argument types, flags and output shared by the ``zfarm`` subcommands (cli.py, cli_batch.py,
+cli_projects.py).
 
 Every type's error names the value and what was expected; every flag's help names its default
 and the ``ZFARM_*`` variable that also sets it.
@@ -8,9 +9,12 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+from collections.abc import Sequence
 from typing import Any
 
-from zfarm.config import DEFAULT_ADDRESS
+from zfarm.config import DEFAULT_ADDRESS, check_endpoint, parse_amount
+from zfarm.errors import ConfigError
 
 
 def command(sub: Any, name: str, text: str, run: Any) -> argparse.ArgumentParser:
@@ -26,6 +30,30 @@ def command(sub: Any, name: str, text: str, run: Any) -> argparse.ArgumentParser
 def connect_flag(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--connect", metavar="ENDPOINT",
                      help=f"the broker's endpoint (env ZFARM_ADDRESS; default {DEFAULT_ADDRESS})")
+
+
+def broker_address(args: argparse.Namespace, fallback: str = "") -> str:
+    """The broker a command talks to: --connect, else ``fallback`` (an array's own), else
+    ZFARM_ADDRESS, else the default; checked here, before anything is kept or sent.
+
+    Raises:
+        ConfigError: not an endpoint a client or monitor can connect to.
+    """
+    address = str(args.connect or fallback or os.environ.get("ZFARM_ADDRESS") or DEFAULT_ADDRESS)
+    check_endpoint(address)
+    return address
+
+
+def keys_folder(args: argparse.Namespace, fallback: str = "") -> str:
+    """The keys folder: --keys, else ``fallback`` (an array's own), else ZFARM_KEYS, else none ("")."""
+    return str(args.keys or fallback or os.environ.get("ZFARM_KEYS", ""))
+
+
+def print_columns(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """Plain text columns, each as wide as its widest cell, nothing cut: for pipes and scripts."""
+    widths = [max([len(h), *(len(row[i]) for row in rows)]) for i, h in enumerate(header)]
+    for line in [header, *rows]:
+        print("  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip())
 
 
 def timeout_flag(cmd: argparse.ArgumentParser, default_s: float,
@@ -72,16 +100,12 @@ def keys_flag(cmd: argparse.ArgumentParser, name: bool = True) -> None:
         cmd.add_argument("--key-name", help="which key of the folder's list to use (default: the only one)")
 
 
-_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-
-
 def size_bytes(text: str) -> int:
-    number, unit = text.rstrip("KMGTkmgtiIbB"), text[len(text.rstrip("KMGTkmgtiIbB")) :].upper()
-    unit = unit.replace("IB", "").replace("B", "")
+    """argparse type: a size in bytes above 0, written as a ``mem`` request is (500M, 3Mi, 2GiB, 1P)."""
     try:
-        value = int(float(number) * _UNITS[unit])
-    except (ValueError, KeyError):
-        raise argparse.ArgumentTypeError(f"not a size in bytes (as 500M or 2G): {text}") from None
+        value = int(parse_amount("mem", text))
+    except ConfigError:
+        raise argparse.ArgumentTypeError(f"expected a size in bytes (as 500M or 2G), got {text!r}") from None
     if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {text}")
+        raise argparse.ArgumentTypeError(f"expected a size above 0 bytes, got {text!r}")
     return value

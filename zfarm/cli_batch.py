@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections import Counter
@@ -23,8 +22,17 @@ from typing import Any
 
 from zfarm import batch
 from zfarm.batch import ArrayRecord, Attached, JobState, State
-from zfarm.cli_args import command, connect_flag, count, keys_flag, seconds, size_bytes, some
-from zfarm.config import DEFAULT_ADDRESS
+from zfarm.cli_args import (
+    broker_address,
+    command,
+    connect_flag,
+    count,
+    keys_flag,
+    keys_folder,
+    seconds,
+    size_bytes,
+    some,
+)
 from zfarm.errors import ConfigError
 
 #: exit status of ``wait`` when jobs failed, and when it timed out
@@ -115,19 +123,10 @@ def _named(cmd: argparse.ArgumentParser, optional: bool = False) -> None:
     keys_flag(cmd)
 
 
-def _address(args: argparse.Namespace, record: ArrayRecord | None = None) -> str:
-    return str(
-        args.connect
-        or (record.address if record else "")
-        or os.environ.get("ZFARM_ADDRESS")
-        or DEFAULT_ADDRESS
-    )
-
-
 def _load(args: argparse.Namespace) -> ArrayRecord:
     record = batch.load(args.name)
-    record.address = _address(args, record)
-    record.keys = args.keys or record.keys or os.environ.get("ZFARM_KEYS", "")
+    record.address = broker_address(args, record.address)
+    record.keys = keys_folder(args, record.keys)
     record.key_name = args.key_name or record.key_name
     return record
 
@@ -157,12 +156,12 @@ def _run_submit(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.args_file}: no jobs (the file has no lines)")
     record = ArrayRecord(
         name=args.name or batch.new_name(command),
-        address=_address(args),
+        address=broker_address(args),
         command=command,
         indexes=indexes,
         items=items,
         append_item=append,
-        keys=args.keys or os.environ.get("ZFARM_KEYS", ""),
+        keys=keys_folder(args),
         key_name=args.key_name or "",
         timeout_s=args.timeout_s,
         mem_limit=args.mem_limit,

@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from typing import Any
 
 from zfarm import protocol as p
-from zfarm.cli_args import command, connect_flag, keys_flag, timeout_flag
-from zfarm.config import DEFAULT_ADDRESS, check_endpoint
+from zfarm.cli_args import (
+    broker_address,
+    command,
+    connect_flag,
+    keys_flag,
+    keys_folder,
+    print_columns,
+    timeout_flag,
+)
 
 COLUMNS = ["name", "state", "priority", "share", "submitted", "queued", "running", "done", "failed",
            "cancelled", "jobs_per_s", "eta_s"]
@@ -47,13 +53,11 @@ def add_project_commands(sub: Any) -> None:
 def _run(args: argparse.Namespace) -> int:
     from zfarm.projects import act
 
-    address: str = args.connect or os.environ.get("ZFARM_ADDRESS") or DEFAULT_ADDRESS
-    check_endpoint(address)
+    address = broker_address(args)
     action = p.ProjectAction.LIST if args.action == "show" else p.ProjectAction(args.action)
     settings = {k: v for k in ("priority", "share") if (v := getattr(args, k, None)) is not None}
     name = getattr(args, "name", "")
-    keys = str(args.keys or os.environ.get("ZFARM_KEYS", ""))
-    views = act(address, action, name, settings, args.timeout, keys)
+    views = act(address, action, name, settings, args.timeout, keys_folder(args))
     if args.action != "list":
         views = [v for v in views if v.get("name") == name]
         if not views:
@@ -74,10 +78,7 @@ def _print(views: list[dict[str, Any]]) -> None:
     if not views:
         print("no projects")
         return
-    cells = [[_cell(v.get(c)) for c in COLUMNS] for v in views]
-    widths = [max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(COLUMNS)]
-    for row in [COLUMNS, *cells]:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+    print_columns(COLUMNS, [[_cell(v.get(c)) for c in COLUMNS] for v in views])
     for v in views:
         if v.get("why_suspended"):
             print(f"{v['name']}: {v['why_suspended']}")

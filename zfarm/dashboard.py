@@ -34,10 +34,9 @@ from rich.text import Text
 from zfarm import protocol as p
 from zfarm.broker.records import THROUGHPUT_WINDOW_S
 from zfarm.errors import Refused
-from zfarm.monitor import fetch_status, monitor_hello, open_monitor
+from zfarm.monitor import fetch_status, monitor_hello, open_monitor, rate_now
 
 SPARK = "▁▂▃▄▅▆▇█"
-RATE_WINDOW_S = 3  # "throughput now": the mean of the last few complete seconds
 MAX_EVENTS = 12
 MAX_LOST_SHOWN = 5
 LOST_SHOWN_FOR_S = 300.0
@@ -62,12 +61,6 @@ def sparkline(values: list[int]) -> str:
     if top <= 0:
         return " " * len(values)
     return "".join(" " if v <= 0 else SPARK[min(len(SPARK) - 1, (v * len(SPARK) - 1) // top)] for v in values)
-
-
-def rate_now(throughput: list[int]) -> float:
-    """Jobs per second over the last complete seconds (the current, partial second is left out)."""
-    complete = throughput[-1 - RATE_WINDOW_S:-1]
-    return sum(complete) / len(complete) if complete else 0.0
 
 
 #: below this width the queue panel and the clients table are stacked, not side by side

@@ -1,4 +1,4 @@
-"""Helpers for processes on this machine: stop a group of them, find a free TCP port.
+"""Helpers for processes on this machine: stop one or a group of them, find a free TCP port.
 
 The embedded farm behind ``Client()`` is :class:`zfarm.cluster.LocalCluster` (still importable
 from here).
@@ -19,10 +19,7 @@ log = logging.getLogger(__name__)
 def stop_processes(procs: list[subprocess.Popen[bytes]], deadline: float) -> None:
     """SIGTERM each (resumed first, if it was stopped); SIGKILL any still running at ``deadline``."""
     for proc in procs:
-        if proc.poll() is None:
-            if hasattr(signal, "SIGCONT"):  # not on Windows
-                proc.send_signal(signal.SIGCONT)
-            proc.terminate()
+        terminate_gently(proc)
     for proc in procs:
         try:
             proc.wait(max(0.0, deadline - time.monotonic()))
@@ -32,11 +29,19 @@ def stop_processes(procs: list[subprocess.Popen[bytes]], deadline: float) -> Non
             proc.wait()
 
 
-def free_tcp_endpoint() -> str:
-    """``tcp://127.0.0.1:PORT`` with a port the kernel just reported free."""
+def terminate_gently(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM ``proc`` if it runs, resuming it first: a stopped process would not act on SIGTERM."""
+    if proc.poll() is None:
+        if hasattr(signal, "SIGCONT"):  # not on Windows
+            proc.send_signal(signal.SIGCONT)
+        proc.terminate()
+
+
+def free_tcp_endpoint(host: str = "127.0.0.1") -> str:
+    """``tcp://HOST:PORT`` with a port the kernel just reported free on ``host`` (``*``: every interface)."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+        s.bind(("" if host == "*" else host, 0))
+        return f"tcp://{host}:{s.getsockname()[1]}"
 
 
 def __getattr__(name: str) -> Any:

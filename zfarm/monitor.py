@@ -1,4 +1,4 @@
-"""Short-lived monitor connections: ask the broker for its snapshot or its job history."""
+"""Short-lived monitor connections: ask the broker for its snapshot or its job history; read it."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -18,6 +19,16 @@ from zfarm.link import Link
 from zfarm.security import PeerKeys
 
 M = TypeVar("M", bound=p.Message)
+
+#: "throughput now" by default: the mean of this many complete seconds
+RATE_NOW_WINDOW_S = 3
+
+
+def rate_now(throughput: Sequence[int], window_s: int = RATE_NOW_WINDOW_S) -> float:
+    """Jobs per second over the last ``window_s`` complete seconds of a snapshot's ``throughput``
+    (jobs finished in each second, oldest first; the current, partial second is left out)."""
+    complete = list(throughput[-1 - window_s:-1])
+    return sum(complete) / len(complete) if complete else 0.0
 
 
 def monitor_keys(folder: str) -> PeerKeys:

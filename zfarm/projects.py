@@ -27,6 +27,7 @@ from zfarm.serialization import Upstream
 
 if TYPE_CHECKING:
     from zfarm.client import Client
+    from zfarm.client.executor import JobLimits
     from zfarm.client.shell import IOThread
     from zfarm.commands import CommandResult
 
@@ -115,9 +116,13 @@ class Project(concurrent.futures.Executor):
         return self.client._run(args, shell, cwd, env, check, input, self._options())
 
     def with_options(self, *, resources: Mapping[str, Any] | None = None,
-                     tags: Iterable[str] | None = None) -> _ProjectJobs:
-        """``submit``, ``map`` and ``run`` of this project with a resource request for those jobs."""
-        return _ProjectJobs(self, request_options(resources, tags))
+                     tags: Iterable[str] | None = None) -> JobLimits:
+        """``submit``, ``map`` and ``run`` of this project with a resource request for those jobs
+        (in the project's phase when each is submitted)."""
+        from zfarm.client.executor import JobLimits  # (it imports this module)
+
+        request = request_options(resources, tags)
+        return JobLimits(self.client, lambda: self._options(request))
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Nothing to release: the project lives on the client's connection (close the client)."""
@@ -164,20 +169,6 @@ class Project(concurrent.futures.Executor):
 
     def __repr__(self) -> str:
         return f"<zfarm.Project {self.name!r} priority={self.priority} share={self.share:g}>"
-
-
-class _ProjectJobs:
-    def __init__(self, project: Project, request: dict[str, Any]) -> None:
-        self._project = project
-        self._request = request
-
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
-        return self._project.client._submit(fn, args, kwargs, self._project._options(self._request))
-
-    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None,
-            chunksize: int | None = None, progress: bool = False) -> Iterator[Any]:
-        return self._project.client._map(fn, iterables, timeout, chunksize, progress,
-                                         self._project._options(self._request))
 
 
 def act(address: str, action: p.ProjectAction, name: str = "", settings: dict[str, Any] | None = None,

@@ -4,7 +4,8 @@
 
     zfarm.toml [profiles.NAME] ─► cluster (broker + launched workers)
         prints the address and the line a client uses, then one status line whenever it changes:
-        the cluster's view (requested, running, coming, retiring, failed) + the broker's (queue)
+        the cluster's view (requested, running, coming, retiring, failed) + the broker's (queue),
+        as the cluster's supervisor last read it (every 2 s: no second monitor connection)
     Ctrl-C / SIGTERM ─► cluster.close(): workers retire (jobs handed back), the broker stops
 """
 
@@ -19,7 +20,6 @@ from types import FrameType
 from typing import Any
 
 from zfarm.cli_args import seconds
-from zfarm.errors import ZfarmError
 
 
 def register(sub: Any, command: Any) -> None:
@@ -28,7 +28,8 @@ def register(sub: Any, command: Any) -> None:
                  "on Ctrl-C", run_up)
     up.add_argument("profile", help="a [profiles.NAME] of ./zfarm.toml or ~/.config/zfarm/zfarm.toml")
     up.add_argument("--refresh", type=seconds, default=2.0, metavar="SECONDS",
-                    help="seconds between status checks (default 2)")
+                    help="seconds between looks at the status (default 2; the broker's part is read every "
+                         "2 s)")
 
 
 def client_line(cluster: Any) -> str:
@@ -36,20 +37,20 @@ def client_line(cluster: Any) -> str:
     return f'zfarm.Client("{cluster.address}"{keys})'
 
 
-def status_line(view: dict[str, Any], snapshot: dict[str, Any] | None) -> str:
+def status_line(view: dict[str, Any]) -> str:
     """One line: the cluster's workers (what it asked for and what came) and the broker's queue."""
+    snapshot = view["broker"]
     line = (f"workers: requested {view['requested']}{' (adaptive)' if view['adaptive'] else ''}, "
             f"running {view['running']}, coming {view['coming']}, retiring {view['retiring']}, "
             f"failed {view['failed']}")
     if snapshot is None:
-        return line + " | broker: no answer"
+        return line + (" | broker: no answer" if view["broker_asked"] else " | broker: not asked yet")
     return (line + f" | broker: {len(snapshot['workers'])} connected, queued {snapshot['queued']}, in flight "
             f"{snapshot['in_flight']}, done {snapshot['done']}, failed {snapshot['failed']}")
 
 
 def run_up(args: argparse.Namespace) -> int:
     from zfarm.cluster.profile import start_profile
-    from zfarm.monitor import fetch_status
 
     stop = threading.Event()
 
@@ -59,17 +60,14 @@ def run_up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     cluster = start_profile(args.profile)
+    cluster.follow_broker = True  # its supervisor reads the broker's snapshot for our status line
     try:
         print(f"zfarm up {args.profile}: {cluster.kind} cluster, broker at {cluster.address}", flush=True)
         env = f"ZFARM_ADDRESS={cluster.address}" + (f" ZFARM_KEYS={cluster.keys}" if cluster.keys else "")
         print(f"clients: {client_line(cluster)}  (or {env}); Ctrl-C stops everything", flush=True)
         shown = ""
         while not stop.is_set():
-            try:
-                snapshot: dict[str, Any] | None = fetch_status(cluster.address, 5.0, keys=cluster.keys)
-            except ZfarmError:
-                snapshot = None
-            line = status_line(cluster.status(), snapshot)
+            line = status_line(cluster.status())
             if line != shown:
                 print(f"{time.strftime('%H:%M:%S')} {line}", flush=True)
                 shown = line

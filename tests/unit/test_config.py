@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 
 import pytest
 
+from zfarm.cli_args import size_bytes
 from zfarm.config import (
     DEFAULT_ADDRESS,
     BrokerSettings,
     ClientSettings,
     WorkerSettings,
     check_endpoint,
+    parse_amount,
     resolve,
 )
 from zfarm.errors import ConfigError
@@ -185,3 +188,14 @@ def test_journal_sync_must_be_full_or_normal() -> None:
     assert BrokerSettings(journal_sync="NORMAL").journal_sync == "normal"  # as ZFARM_JOURNAL_SYNC=NORMAL
     with pytest.raises(ConfigError, match="full or normal"):
         BrokerSettings(journal_sync="sometimes")
+
+
+@pytest.mark.parametrize("text", ["512", "500M", "500m", "3Mi", "3MiB", "2G", "1.5g", "1T", "1P", "4 G"])
+def test_a_size_flag_takes_what_a_mem_request_takes(text: str) -> None:
+    assert size_bytes(text) == int(parse_amount("mem", text)) > 0
+
+
+@pytest.mark.parametrize("text", ["0", "0M", "-1G", "", "G", "1e3", "inf", "nan", "2X", "1.5.2M"])
+def test_a_size_flag_refuses_nothing_and_non_sizes_naming_the_value(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match=re.escape(repr(text))):
+        size_bytes(text)

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from tests.unit.test_scheduler import CA, CB, FN, W1, Farm, job_rows, job_seqs
+from tests.unit.test_scheduler import CA, CB, W1, Farm, job_rows, job_seqs
 from zfarm import protocol as p
 
 
 def submit_capped(farm: Farm, route: bytes, seqs: list[int], cap: int | None, now: float = 0.0) -> None:
-    options = {"max_running": cap} if cap is not None else {}
-    rows = [[seq, 1, options] for seq in seqs]
-    farm.send(route, p.Submit(FN, True, rows, [b"fn-blob", *(f"arg{s}".encode() for s in seqs)]), now)
+    farm.submit(route, seqs, now, options={"max_running": cap} if cap is not None else {})
 
 
 def test_a_capped_client_runs_at_most_its_cap_and_others_are_not_held_back() -> None:
@@ -19,9 +17,10 @@ def test_a_capped_client_runs_at_most_its_cap_and_others_are_not_held_back() -> 
     farm.worker(W1, "w1", credit=10, slots=10)
     submit_capped(farm, CA, [1, 2, 3, 4, 5], cap=2)
     submit_capped(farm, CB, [1, 2, 3], cap=None)
-    rows = job_rows(farm.out(0.0), W1)
-    assert sorted((row[0], row[1]) for row in rows) == [("ca", 1), ("ca", 2), ("cb", 1), ("cb", 2), ("cb", 3)]
-    first = next(row for row in rows if row[0] == "ca")
+    rows = [p.JobRow.from_wire(row) for row in job_rows(farm.out(0.0), W1)]
+    assert sorted((row.client_id, row.seq) for row in rows) == [("ca", 1), ("ca", 2), ("cb", 1), ("cb", 2),
+                                                               ("cb", 3)]
+    first = next(row for row in rows if row.client_id == "ca")
     farm.result(W1, first, 1.0)
     assert job_seqs(farm.out(1.0), W1) == [3]  # one over, one more
     assert farm.snap(1.0)["clients"][0]["in_flight"] == 2

@@ -53,9 +53,9 @@ class Farm:
         self.send(route, p.Hello("client", cid, "laptop", 200, 0, info), now)
 
     def submit(self, route: bytes, seqs: Sequence[int], now: float, fn: bytes = FN, with_fn: bool = True,
-               payloads: dict[int, list[Any]] | None = None) -> None:
+               payloads: dict[int, list[Any]] | None = None, options: dict[str, Any] | None = None) -> None:
         payloads = payloads or {seq: [f"arg{seq}".encode()] for seq in seqs}
-        rows = [[seq, len(payloads[seq]), {}] for seq in seqs]
+        rows = [p.SubmitRow(seq, len(payloads[seq]), options or {}).to_wire() for seq in seqs]
         frames = ([b"fn-blob:" + fn] if with_fn else []) + [f for seq in seqs for f in payloads[seq]]
         self.send(route, p.Submit(fn, with_fn, rows, frames), now)
 

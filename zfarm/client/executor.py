@@ -487,23 +487,30 @@ def _per_chunk(options: dict[str, Any], items: int) -> dict[str, Any]:
 
 
 class JobLimits:
-    """``submit`` and ``map`` of a client, with job limits (from :meth:`Client.with_options`)."""
+    """``submit``, ``map`` and ``run`` of a client, with job limits (from :meth:`Client.with_options`).
 
-    def __init__(self, client: Client, options: dict[str, Any]) -> None:
+    ``options`` may be a function, called for each submission (a project's: its phase then).
+    """
+
+    def __init__(self, client: Client, options: dict[str, Any] | Callable[[], dict[str, Any]]) -> None:
         self._client = client
         self._options = options
 
+    def options(self) -> dict[str, Any]:
+        """The options of a job submitted now."""
+        return self._options() if callable(self._options) else self._options
+
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
-        return self._client._submit(fn, args, kwargs, self._options)
+        return self._client._submit(fn, args, kwargs, self.options())
 
     def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None,
             chunksize: int | None = None, progress: bool = False) -> Iterator[Any]:
-        return self._client._map(fn, iterables, timeout, chunksize, progress, self._options)
+        return self._client._map(fn, iterables, timeout, chunksize, progress, self.options())
 
     def run(self, args: str | Sequence[str | os.PathLike[str]], *, shell: bool = False,
             cwd: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None,
             check: bool = True, input: str | bytes | None = None) -> concurrent.futures.Future[CommandResult]:
-        return self._client._run(args, shell, cwd, env, check, input, self._options)
+        return self._client._run(args, shell, cwd, env, check, input, self.options())
 
 
 def _farm(address: str | Cluster | None, profile: str | None,

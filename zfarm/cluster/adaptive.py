@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from zfarm.errors import ConfigError
+from zfarm.monitor import rate_now
 
 #: seconds of the broker's per-second throughput used to measure run times
 RATE_WINDOW_S = 10
@@ -28,7 +29,7 @@ class Adaptive:
     interval_s: float = 2.0
     wait_count: int = 3
     max_step: int = 16
-    _fewer: int = field(default=0, repr=False)  # decisions in a row that wanted fewer workers
+    _fewer: int = field(default=0, repr=False, init=False)  # decisions in a row that wanted fewer workers
 
     def __post_init__(self) -> None:
         if not 0 <= self.minimum <= self.maximum:
@@ -42,8 +43,7 @@ class Adaptive:
         """Workers the demand in ``snapshot`` calls for, within [minimum, maximum]."""
         queued, in_flight = int(snapshot.get("queued", 0)), int(snapshot.get("in_flight", 0))
         jobs = queued + in_flight
-        finished = list(snapshot.get("throughput", []))[-RATE_WINDOW_S - 1:-1]  # whole seconds only
-        rate = sum(finished) / len(finished) if finished else 0.0
+        rate = rate_now(list(snapshot.get("throughput", [])), RATE_WINDOW_S)
         if rate > 0 and in_flight > 0:
             run_s = in_flight / rate
             slots = min(jobs, math.ceil(jobs * run_s / self.target_duration_s))

@@ -6,6 +6,7 @@
                                             ▼
     supervisor thread (every 0.5 s): poll each launched worker ─ ended while wanted? ─► Restarts
         │  every 2 s: the broker's snapshot ─► which workers registered, which are idle, demand
+        │     (status() shows it; wait_for_workers() waits for it, asking no more often)
         └─ launch the missing, retire the excess (idle first; SIGTERM drains: no job is lost)
 
 Subclasses say how to launch one worker (:meth:`Cluster._launch`, returning a :class:`Handle`)
@@ -27,7 +28,6 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Sequence
 from types import TracebackType
 from typing import Any, Protocol
 
@@ -117,8 +117,12 @@ class Cluster:
         self._adaptive: Adaptive | None = None
         self._next_adapt = 0.0
         self._snapshot: dict[str, Any] = {}
+        self._broker_answered: bool | None = None  # the last status request got the snapshot (None: none yet)
         self._next_status = 0.0
+        #: read the broker's status every STATUS_EVERY_S even with no worker starting (for `zfarm up`)
+        self.follow_broker = False
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # notified when the broker's view came in
         self._wake = threading.Event()
         self._closing = False
         self._give_up_at = 0.0  # closing: workers still there then are killed (monotonic)
@@ -167,15 +171,19 @@ class Cluster:
                     w.state, w.quick_deaths, w.restart_at = State.WAITING, 0, 0.0
         self._wake.set()
 
-    def adapt(self, minimum: int = 0, maximum: int = 8, *, target_duration_s: float = 10.0,
-              interval_s: float = 2.0, wait_count: int = 3, max_step: int = 16) -> Adaptive:
+    def adapt(self, minimum: int = 0, maximum: int = 8, **tuning: Any) -> Adaptive:
         """Follow the queue's demand between ``minimum`` and ``maximum`` workers (``scale`` stops it).
 
-        Grows at once toward the work queued and running (cleared in ``target_duration_s`` at the
-        measured run time), by at most ``max_step`` workers every ``interval_s``; shrinks after
+        ``tuning`` sets :class:`Adaptive`'s other fields (their defaults are there): it grows at
+        once toward the work queued and running (cleared in ``target_duration_s`` at the measured
+        run time), by at most ``max_step`` workers every ``interval_s``; shrinks after
         ``wait_count`` decisions in a row wanted fewer, retiring idle workers only.
+
+        Raises:
+            ConfigError: impossible bounds or tuning.
+            TypeError: a keyword that is not a field of :class:`Adaptive`.
         """
-        policy = Adaptive(minimum, maximum, target_duration_s, interval_s, wait_count, max_step)
+        policy = Adaptive(minimum, maximum, **tuning)
         with self._lock:
             self._adaptive = policy
             self._target = max(minimum, min(maximum, self._target))
@@ -190,9 +198,13 @@ class Cluster:
             return [w.view() for w in self._records]
 
     def status(self) -> dict[str, Any]:
-        """The cluster's own view: requested, launched, running and coming workers."""
+        """The cluster's own view: requested, launched, running and coming workers, and under
+        ``broker`` the broker's snapshot as the supervisor last read it (None: it did not answer,
+        or was not asked: it is read while workers start, under ``adapt`` or with ``follow_broker``)."""
         with self._lock:
             live = [w for w in self._records if not w.state.ended]
+            broker = self._snapshot if self._broker_answered else None
+            asked = self._broker_answered is not None
             return {"launcher": self.kind, "address": self.address, "requested": self._target,
                     "adaptive": self._adaptive is not None,
                     "launched": sum(w.handle is not None for w in live),
@@ -200,7 +212,7 @@ class Cluster:
                     "coming": sum(w.state.coming for w in live),
                     "retiring": sum(w.state is State.RETIRING for w in live),
                     "failed": sum(w.state is State.FAILED for w in self._records),
-                    "workers": [w.view() for w in self._records]}
+                    "workers": [w.view() for w in self._records], "broker": broker, "broker_asked": asked}
 
     def wait_for_workers(self, n: int, timeout_s: float = 60.0) -> None:
         """Block until ``n`` workers registered with the broker.
@@ -209,13 +221,16 @@ class Cluster:
             BrokerUnavailable: they did not within ``timeout_s``.
         """
         deadline = time.monotonic() + timeout_s
-        while self.status()["running"] < n:
-            if time.monotonic() >= deadline:
-                raise BrokerUnavailable(self.address, timeout_s, f"fewer than {n} workers registered: "
-                                        f"{self.workers}")
-            self._next_status = 0.0
-            self._wake.set()
-            time.sleep(0.2)
+        with self._changed:
+            self._next_status = 0.0  # one look now; then at the supervisor's pace
+        self._wake.set()
+        with self._changed:
+            while sum(w.state is State.RUNNING for w in self._records) < n:
+                remaining_s = deadline - time.monotonic()
+                if remaining_s <= 0:
+                    raise BrokerUnavailable(self.address, timeout_s, f"fewer than {n} workers registered: "
+                                            f"{[w.view() for w in self._records]}")
+                self._changed.wait(remaining_s)
 
     def close(self, timeout_s: float | None = None) -> None:
         """Retire every worker (jobs handed back), stop the broker this cluster started."""
@@ -330,47 +345,56 @@ class Cluster:
 
     def _reap(self, now: float) -> None:
         with self._lock:
-            for w in self._records:
-                if w.handle is None:
+            launched = [(w, w.handle) for w in self._records if w.handle is not None]
+        # asked outside the lock: an ssh handle joins its output thread, a Slurm job reads a file
+        answers = [(w, handle, handle.ended(), handle.pending()) for w, handle in launched]
+        with self._lock:
+            for w, handle, how, pending in answers:
+                if w.handle is not handle:
                     continue
-                how = w.handle.ended()
                 if how is None:
-                    if w.state is State.PENDING and not w.handle.pending():
+                    if w.state is State.PENDING and not pending:
                         w.state = State.STARTING
                     continue
                 wanted = w.state is not State.RETIRING and not self._closing
                 self.restarts.ended(w, how, now, wanted)
-                if w.state is State.FAILED:
-                    log.error("%s (%s) died at start %d times in a row, last: %s; giving up on it "
-                              "(scale again to retry)", w.name, w.where, w.quick_deaths, how)
-                elif w.state is State.WAITING:
-                    log.warning("%s (%s) ended (%s): starting it again in %.0f s", w.name, w.where, how,
-                                w.restart_at - now)
-                else:
-                    log.info("%s (%s) left: %s", w.name, w.where, how)
+                self._log_ended(w, how, now)
+
+    @staticmethod
+    def _log_ended(w: Launched, how: str, now: float) -> None:
+        if w.state is State.FAILED:
+            log.error("%s (%s) died at start %d times in a row, last: %s; giving up on it "
+                      "(scale again to retry)", w.name, w.where, w.quick_deaths, how)
+        elif w.state is State.WAITING:
+            log.warning("%s (%s) ended (%s): starting it again in %.0f s", w.name, w.where, how,
+                        w.restart_at - now)
+        else:
+            log.info("%s (%s) left: %s", w.name, w.where, how)
 
     def _read_broker(self, now: float) -> None:
         """Every few seconds: which launched workers registered, which are idle, and the demand."""
         with self._lock:
             starting = any(w.state is State.STARTING for w in self._records)
-            adapting = self._adaptive is not None
-        if now < self._next_status or not (starting or adapting):
-            return
-        self._next_status = now + STATUS_EVERY_S
-        from zfarm.monitor import fetch_status
+            if now < self._next_status or not (starting or self._adaptive is not None or self.follow_broker):
+                return
+            self._next_status = now + STATUS_EVERY_S
+        from zfarm import monitor
 
         try:
-            snapshot = fetch_status(self.address, timeout_s=5.0, keys=self.keys)
+            snapshot = monitor.fetch_status(self.address, timeout_s=5.0, keys=self.keys)
         except ZfarmError as exc:
             log.debug("%s cluster: no status from %s: %s", self.kind, self.address, exc)
+            with self._lock:
+                self._broker_answered = False
             return
         registered = {w["id"] for w in snapshot.get("workers", [])}
-        with self._lock:
-            self._snapshot = snapshot
+        with self._changed:
+            self._snapshot, self._broker_answered = snapshot, True
             for w in self._records:
                 if w.state is State.STARTING and w.worker_id in registered:
                     w.state = State.RUNNING
                     w.quick_deaths = 0
+            self._changed.notify_all()  # wait_for_workers looks again
             if self._adaptive is not None and now >= self._next_adapt:
                 self._next_adapt = now + self._adaptive.interval_s
                 target = self._adaptive.decide(snapshot, self.slots_per_worker, self._target)
@@ -467,11 +491,3 @@ def public_address(bind: str) -> str:
         return f"tcp://{name}:{port}"
     return bind
 
-
-def flag_args(values: Sequence[tuple[str, object]]) -> list[str]:
-    """``--flag value`` pairs for the values that are set."""
-    out: list[str] = []
-    for flag, value in values:
-        if value is not None and value != "":
-            out += [flag, str(value)]
-    return out

@@ -9,12 +9,12 @@ started again while it is wanted.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 
 from zfarm.cluster.base import Cluster, child_env, zfarm_command
 from zfarm.cluster.supervision import Launched
 from zfarm.errors import describe_exit
+from zfarm.local import terminate_gently
 
 
 class ProcessHandle:
@@ -33,9 +33,7 @@ class ProcessHandle:
         return False
 
     def retire(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.terminate()
+        terminate_gently(self.proc)  # the worker drains on SIGTERM
 
     def kill(self) -> None:
         if self.proc.poll() is None:

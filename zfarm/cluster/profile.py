@@ -17,6 +17,7 @@ naming the file, the profile, the key and what to write instead.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from typing import Any
 
 from zfarm.cluster.adaptive import Adaptive
 from zfarm.cluster.base import Cluster
+from zfarm.cluster.remote import WALLTIME_MARGIN_S
 from zfarm.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -65,10 +67,12 @@ LAUNCHERS: dict[str, dict[str, tuple[Any, str]]] = {
               "job_extra": (list, 'a list of #SBATCH options, ["--qos=short"]'),
               "python": (str, 'the python on the nodes, "/opt/venv/bin/python"'),
               "shared_dir": (str, 'a folder the nodes see, "~/.cache/zfarm/slurm"'),
-              "walltime_margin_s": ((int, float), "seconds between a drained worker and its walltime, 15")},
+              "walltime_margin_s": ((int, float), "seconds between a drained worker and its walltime, e.g. "
+                                                   f"{WALLTIME_MARGIN_S:g}")},
 }
-ADAPT_KEYS: dict[str, Any] = {"minimum": int, "maximum": int, "target_duration_s": (int, float),
-                               "interval_s": (int, float), "wait_count": int, "max_step": int}
+#: adapt's settings: the fields of Adaptive, and the types a TOML value may have for each
+ADAPT_KEYS: dict[str, Any] = {f.name: int if f.type in ("int", int) else (int, float)
+                              for f in dataclasses.fields(Adaptive) if f.init}
 PATH_KEYS = ("keys", "journal", "shared_dir")
 
 

@@ -20,16 +20,17 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from zfarm.cluster.base import Cluster
-from zfarm.cluster.remote import settings_blob
-from zfarm.cluster.ssh import wildcard_bind
+from zfarm.cluster.remote import WALLTIME_MARGIN_S, settings_blob
 from zfarm.cluster.supervision import Launched
 from zfarm.errors import ConfigError, ZfarmError
+from zfarm.local import free_tcp_endpoint
 
 log = logging.getLogger("zfarm.cluster.slurm")
 
@@ -118,7 +119,8 @@ class SlurmCluster(Cluster):
 
     def __init__(self, jobs: int = 0, cpus: int = 1, mem: str | None = None, walltime: str | None = None,
                  partition: str | None = None, account: str | None = None, job_extra: Sequence[str] = (),
-                 python: str | None = None, *, shared_dir: str | None = None, walltime_margin_s: float = 15.0,
+                 python: str | None = None, *, shared_dir: str | None = None,
+                 walltime_margin_s: float = WALLTIME_MARGIN_S,
                  **common: object) -> None:
         if cpus < 1 or jobs < 0:
             raise ConfigError(f"SlurmCluster needs cpus >= 1 and jobs >= 0, got cpus={cpus} jobs={jobs}")
@@ -134,7 +136,7 @@ class SlurmCluster(Cluster):
             if value:
                 self.directives.append(f"{flag}={value}")
         self.directives += [str(x) for x in job_extra]
-        self.python = python or _this_python()
+        self.python = python or sys.executable
         super().__init__(**common)  # type: ignore[arg-type]
         self.slots_per_worker = cpus
         self._jobs: dict[str, SlurmJob] = {}
@@ -159,7 +161,7 @@ class SlurmCluster(Cluster):
             raise
 
     def _default_bind(self) -> str:
-        return wildcard_bind()
+        return free_tcp_endpoint("*")
 
     def _place(self, index: int) -> tuple[str, str]:
         return f"slurm-{index}", "slurm"
@@ -231,8 +233,3 @@ class SlurmCluster(Cluster):
         self._cancel_unsure()
         shutil.rmtree(self.folder, ignore_errors=True)
 
-
-def _this_python() -> str:
-    import sys
-
-    return sys.executable

@@ -32,6 +32,7 @@ from zfarm.cluster.base import Cluster
 from zfarm.cluster.remote import settings_blob
 from zfarm.cluster.supervision import Launched
 from zfarm.errors import ConfigError
+from zfarm.local import free_tcp_endpoint
 
 log = logging.getLogger("zfarm.cluster.ssh")
 
@@ -130,7 +131,7 @@ class SSHCluster(Cluster):
             raise
 
     def _default_bind(self) -> str:
-        return wildcard_bind()
+        return free_tcp_endpoint("*")
 
     def _place(self, index: int) -> tuple[str, str]:
         host = self.hosts[index % len(self.hosts)]
@@ -156,11 +157,3 @@ class SSHCluster(Cluster):
             pass  # ssh already failed: ended() will say why
         return handle
 
-
-def wildcard_bind() -> str:
-    """``tcp://*:PORT`` with a port free now."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return f"tcp://*:{s.getsockname()[1]}"
