@@ -38,6 +38,7 @@ from zfarm.config import (
     resolve,
 )
 from zfarm.errors import ConfigError, ZfarmError
+from zfarm.stats import plural
 
 log = logging.getLogger("zfarm")
 
@@ -297,7 +298,7 @@ def _print_history(columns: list[str], rows: list[list[Any]], limit: int) -> Non
         values[3] = f"{values[3]:.3f}"
         values[6] = f"{values[6] / 2**20:.0f} MiB"
         cells.append([str(v) for v in values])
-    title = f"{_plural(len(rows), 'finished job')}"
+    title = f"{plural(len(rows), 'finished job')}"
     if limit and len(rows) >= limit:
         title = f"the newest {title} (--limit N or --all for more)"
     if not sys.stdout.isatty():
@@ -314,10 +315,6 @@ def _print_history(columns: list[str], rows: list[list[Any]], limit: int) -> Non
     for line in cells:
         table.add_row(*line)
     Console().print(table)
-
-
-def _plural(count: int, noun: str) -> str:
-    return f"{count:,} {noun}{'' if count == 1 else 's'}"
 
 
 def _print_status(snap: dict[str, Any]) -> None:
