@@ -34,7 +34,7 @@ from zfarm.config import WorkerSettings
 from zfarm.local import free_tcp_endpoint, stop_processes
 from zfarm.monitor import fetch_status
 from zfarm.worker import chaperone
-from zfarm.worker.core import Actions, Link, WorkerCore
+from zfarm.worker.core import Actions, WorkerCore
 
 # ---- one shell process: many worker cores -------------------------------------------------------
 
@@ -47,6 +47,7 @@ class Shell:
         host = socket.gethostname()
         settings = [WorkerSettings(address=address, procs=1, prefetch=1, worker_id=f"{prefix}-{i}",
                                    heartbeat_interval_s=interval_s) for i in range(count)]
+        # no offer: the broker sees one slot's cpus, as a plain `zfarm worker --procs 1` with no flags
         self.cores = [WorkerCore(s, now, host, os.getpid()) for s in settings]
         self.socks: list[zmq.Socket[Any] | None] = [None] * count
         self.index: dict[zmq.Socket[Any], int] = {}
@@ -76,8 +77,11 @@ class Shell:
         sock = self.socks[i]
         if sock is not None:
             for msg in actions.send:
-                sock.send_multipart(p.encode(msg), copy=False)
-        if actions.reconnect:
+                try:  # never blocking, as zfarm.link.Link: a link with no peer drops what it carries
+                    sock.send_multipart(p.encode(msg), zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    pass
+        if actions.reconnect:  # the core dropped the link; a new socket opens at core.live.reconnect_at
             self.reconnects += 1
             self.close(i)
 
@@ -86,7 +90,8 @@ class Shell:
         if fn is None:
             fn = self.fns[task.fn_id] = chaperone._load(p.as_bytes(task.fn_blob))
         started_at, started = time.time(), time.perf_counter()
-        outcome, out, info = chaperone._run(fn, [p.as_bytes(f) for f in task.frames])
+        upstream = task.options.get("upstream") or []
+        outcome, out, info = chaperone._run(fn, [p.as_bytes(f) for f in task.frames], upstream)
         run_s = time.perf_counter() - started
         return chaperone.SlotOutcome(task.key, task.attempt, outcome, out, info, run_s, started_at,
                                      started_at + run_s)
@@ -95,7 +100,7 @@ class Shell:
         while not stop[0]:
             now = time.monotonic()
             for i, core in enumerate(self.cores):
-                if core.link is Link.DOWN and self.socks[i] is None and now >= core.reconnect_at:
+                if self.socks[i] is None and core.live.reconnect_due(now):
                     self.open(i, now)
             for sock, _ in self.poller.poll(50):
                 i = self.index.get(sock)

@@ -59,8 +59,12 @@ def poll_forever(address: str, hz: float, draw: bool) -> None:
         while True:
             next_ask += 1.0 / hz  # pace by the clock, so asking and drawing do not slow the rate
             time.sleep(max(0.0, next_ask - time.monotonic()))
-            link.ask(time.monotonic())
-            if link.sock.poll(2000) and (snapshot := link.receive()) is not None:
+            now = time.monotonic()
+            if link.asked_at is not None and now - link.asked_at > 2.0:
+                link.reset()  # as the dashboard does when the broker stops answering
+            link.ask(now)
+            _quit, snapshot = link.wait(None, 2.0)
+            if snapshot is not None:
                 snapshots += 1
                 if snapshots == 1:
                     print("ready", flush=True)  # started up: time the map from here

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import zfarm
-from tests.helpers import Procs, run_zfarm
+from tests.helpers import ZFARM_COMMAND, Procs, run_zfarm, zfarm_env
 from tests.jobs import square
 from zfarm.cli import _parser
 from zfarm.local import free_tcp_endpoint
@@ -144,6 +144,19 @@ def test_history_shows_the_newest_50_by_default_all_on_request_and_whole_ids_whe
     assert shown_ids("--limit", "5") == newest[-5:]
     listed = list(csv.DictReader(io.StringIO(run_zfarm("history", "--connect", endpoint, "--csv").stdout)))
     assert [row["id"] for row in listed] == newest
+    # `zfarm history | head`: a reader that leaves early ends it quietly, with success
+    piped = subprocess.Popen([*ZFARM_COMMAND, "history", "--connect", endpoint], stdin=subprocess.DEVNULL,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=zfarm_env())
+    try:
+        assert piped.stdout is not None and piped.stderr is not None
+        piped.stdout.close()  # before it writes a line
+        stderr = piped.stderr.read().decode()
+        assert piped.wait(USAGE_ERROR_S) == 0 and stderr == "", stderr
+    finally:
+        piped.kill()
+        piped.wait()
+        if piped.stderr is not None:
+            piped.stderr.close()
 
 
 # ---- flags, help and small things -----------------------------------------------------------------

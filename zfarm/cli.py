@@ -55,11 +55,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ZfarmError as exc:
         print(f"zfarm: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `zfarm history | head`: the reader has what it wanted
+        _quiet_stdout()
+        return 0
     except OSError as exc:  # a folder that cannot be created, a file that cannot be read
         print(f"zfarm: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's last flush does not fail on the closed pipe."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 B, W = BrokerSettings(), WorkerSettings()  # the defaults the help texts show

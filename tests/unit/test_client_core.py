@@ -318,3 +318,17 @@ def test_a_job_refused_for_its_options_fails_with_a_config_error_not_a_lost_work
     core.on_message(wire(result((1, p.Outcome.LOST, "bad priority", p.ResultKind.REFUSED))), 0.1)
     ((job, error),) = core.flush(0.1).fail
     assert job.seq == 1 and isinstance(error, ConfigError) and "bad priority" in str(error)
+
+
+def test_the_records_of_results_leave_with_their_futures() -> None:
+    """A program woken by its last future must find that job's record in stats()."""
+    core = ready_core()
+    core.submit(FN, b"fn", jobs(1, 2), now=0.0)
+    core.flush(0.0)
+    at = [1.0, 1.0, 1.0]
+    stats = [p.JobStats("w-1", "h", 1, *at, 0.5, 0).to_wire()] * 2
+    msg = result((1, OK, ""), (2, OK, ""))
+    core.on_message(wire(p.Result(msg.results, msg.frames, stats)), 0.01)
+    ended = core.take_ended()
+    assert [job.seq for job, *_ in ended.settle] == [1, 2]
+    assert [record.id for record in ended.records] == [f"{core.client_id}:1", f"{core.client_id}:2"]

@@ -241,8 +241,8 @@ class ClientCore:
         """The futures to settle or fail so far, ahead of :meth:`flush`: the shell settles them before
         the RECEIVED that flush may send, so a job that depends on one of them either pins it in time
         or finds its future done (and takes its value)."""
-        out = Actions(settle=self._out.settle, fail=self._out.fail)
-        self._out.settle, self._out.fail = [], []
+        out = Actions(settle=self._out.settle, fail=self._out.fail, records=self._out.records)
+        self._out.settle, self._out.fail, self._out.records = [], [], []  # records with their futures
         return out
 
     def wait_s(self, now: float) -> float:
