@@ -27,7 +27,7 @@ from tests.helpers import (
     zfarm_env,
 )
 from zfarm.cluster.base import STATUS_EVERY_S, Cluster
-from zfarm.cluster.profile import ProfileError, load_profile
+from zfarm.cluster.profile import ProfileError, build_cluster, load_profile
 from zfarm.cluster.supervision import Launched
 from zfarm.errors import BrokerUnavailable
 from zfarm.security import SecurityError, add_key, init_keys
@@ -192,6 +192,9 @@ def test_profile_errors_name_the_file_the_key_and_the_fix(tmp_path: Path) -> Non
         [profiles.upside]
         launcher = "local"
         adapt = { minimum = 5, maximum = 2 }
+        [profiles.badbind]
+        launcher = "local"
+        bind = "tcp://127.0.0.1:99999"
     """))
     with pytest.raises(ProfileError, match=r"zfarm.toml: \[profiles.lab\] procs_per_worker: is 'four'; "):
         load_profile("lab", [toml])
@@ -203,6 +206,10 @@ def test_profile_errors_name_the_file_the_key_and_the_fix(tmp_path: Path) -> Non
         load_profile("upside", [toml])
     with pytest.raises(ProfileError, match=r"no such profile; known: lab .*typo"):
         load_profile("missing", [toml])
+    started = time.monotonic()  # refused before any broker starts, not a broker that never answers
+    with pytest.raises((ProfileError, zfarm.ConfigError), match=r"99999.*from 1 to 65535"):
+        build_cluster(load_profile("badbind", [toml]))
+    assert time.monotonic() - started < 5
 
 
 @pytest.mark.slow

@@ -33,6 +33,7 @@ from typing import Any, Protocol
 
 from zfarm.cluster.adaptive import Adaptive
 from zfarm.cluster.supervision import Launched, Restarts, State
+from zfarm.config import check_endpoint
 from zfarm.errors import BrokerUnavailable, ZfarmError
 
 log = logging.getLogger("zfarm.cluster")
@@ -95,6 +96,11 @@ class Cluster:
     def __init__(self, *, address: str | None = None, bind: str | None = None, keys: str = "",
                  insecure: bool = False, journal: str = "", heartbeat_interval_s: float | None = None,
                  worker_grace_s: float = 30.0, log_level: str = "warning") -> None:
+        # first: a bad endpoint (a profile's too) is a usage error now, not a broker that never starts
+        if address:
+            check_endpoint(address)
+        if bind:
+            check_endpoint(bind, bind=True)
         self._tmpdir = tempfile.mkdtemp(prefix=f"zfarm-{self.kind}-")
         if not keys and self.networked and not insecure and not address:
             from zfarm.security import init_keys
