@@ -224,3 +224,8 @@ def test_exit_codes_0_ok_1_failure_2_usage(args: list[str], code: int, tmp_path:
     if code:
         assert result.stderr.strip(), "a failure must say why"
 
+
+def test_the_live_dashboard_refuses_an_output_that_is_not_a_terminal() -> None:
+    stderr = one_line_usage_error(run_zfarm("dashboard", "--connect", free_tcp_endpoint(),
+                                            timeout_s=USAGE_ERROR_S))
+    assert "needs a terminal" in stderr and "--once" in stderr, stderr

@@ -290,8 +290,13 @@ def _run_dashboard(args: argparse.Namespace) -> int:
     from zfarm.dashboard import run_dashboard
 
     if not 0 < args.refresh <= 100:
-        raise ConfigError(f"--refresh must be between 0 and 100 redraws per second, not {args.refresh}")
-    return run_dashboard(broker_address(args), keys_folder(args), args.refresh, args.once, args.timeout)
+        raise ConfigError(f"--refresh must be more than 0 and at most 100 redraws per second, "
+                          f"not {args.refresh:g}")
+    address = broker_address(args)  # a bad endpoint is named first
+    if not args.once and not sys.stdout.isatty():  # a full-screen view nobody could see
+        raise ConfigError("the live dashboard needs a terminal (its output is not one): use --once to print "
+                          "one view, or zfarm status --json for a program")
+    return run_dashboard(address, keys_folder(args), args.refresh, args.once, args.timeout)
 
 
 HISTORY_COLUMNS = ["id", "worker", "host", "run_s", "attempts", "outcome", "peak_rss_bytes", "error"]
