@@ -192,6 +192,16 @@ def test_keys_init_creates_private_folder_and_refuses_to_overwrite(tmp_path: Pat
     assert "exists already" in duplicate.stderr, duplicate.stderr
 
 
+def test_a_keys_folder_that_does_not_exist_is_named_as_such(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-keys"
+    added = run_zfarm("keys", "add", str(missing), "laptop", "--role", "client")
+    assert added.returncode == 2 and "does not exist" in added.stderr, added.stderr
+    assert not missing.exists()  # no half-made folder holding one key
+    status = run_zfarm("status", "--connect", "tcp://127.0.0.1:5999", "--keys", str(missing))
+    assert status.returncode == 2 and "keys folder" in status.stderr and "does not exist" in status.stderr, \
+        status.stderr
+
+
 # ---- 2. unsafe secret key files ---------------------------------------------------------------------
 
 

@@ -59,13 +59,30 @@ def init_keys(folder: str | os.PathLike[str]) -> list[Path]:
     return written
 
 
+def keys_root(folder: str | os.PathLike[str]) -> Path:
+    """A keys folder that exists (``zfarm keys init`` made it).
+
+    Raises:
+        ConfigError: there is no such folder (a mistyped --keys, ZFARM_KEYS or keys=).
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise ConfigError(f"keys folder {str(root)!r} does not exist: make one with `zfarm keys init "
+                          f"{root}`, or give the folder it made")
+    return root
+
+
 def add_key(folder: str | os.PathLike[str], name: str, role: str) -> list[Path]:
     """Add a keypair for a worker or a client; the broker admits it after a restart."""
     if role not in ROLE_FOLDERS:
         raise ConfigError(f"role must be worker or client, not {role!r}")
     if not name or "/" in name or name.startswith("."):
         raise ConfigError(f"{name!r} is not a usable key name")
-    where = Path(folder) / ROLE_FOLDERS[role]
+    root = keys_root(folder)
+    if not (root / "broker.key").exists():
+        raise ConfigError(f"{root} is not a keys folder (it has no broker.key): make one with "
+                          f"`zfarm keys init {root}`")
+    where = root / ROLE_FOLDERS[role]
     _private_dir(where)
     if (where / f"{name}.key").exists():
         raise SecurityError(f"a {role} key named {name!r} exists already in {where}")
@@ -118,7 +135,7 @@ class PeerKeys:
 
         The keypair is ``{role}s/NAME.key_secret``; without a name, the folder must hold one.
         """
-        root = Path(folder)
+        root = keys_root(folder)
         where = root / ROLE_FOLDERS[role]
         if name:
             secret_file = where / f"{name}.key_secret"
@@ -141,7 +158,7 @@ class BrokerKeys:
     """The broker's keypair and allow-lists, and its ZAP handler (polled by the broker loop)."""
 
     def __init__(self, folder: str) -> None:
-        root = Path(folder)
+        root = keys_root(folder)
         self.public, self.secret = _load_secret(root / "broker.key_secret")
         self.allowed: dict[bytes, set[str]] = {}
         for role, sub in ROLE_FOLDERS.items():
