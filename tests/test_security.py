@@ -647,3 +647,11 @@ def test_status_needs_keys_against_a_curve_broker(procs: Procs, keys: Path) -> N
     assert without.stdout == ""
     assert endpoint in without.stderr, without.stderr
     assert elapsed_s < timeout_s + SLACK_S, f"zfarm status took {elapsed_s:.1f} s"
+
+
+def test_monitors_use_a_folder_that_holds_several_client_keys(procs: Procs, keys: Path) -> None:
+    _, endpoint, _ = curve_farm(procs, keys)
+    added = run_zfarm("keys", "add", str(keys), "laptop", "--role", "client")
+    assert added.returncode == 0, added.stderr
+    status = run_zfarm("status", "--connect", endpoint, "--keys", str(keys), "--json")
+    assert status.returncode == 0, status.stderr

@@ -32,9 +32,12 @@ def rate_now(throughput: Sequence[int], window_s: int = RATE_NOW_WINDOW_S) -> fl
 
 
 def monitor_keys(folder: str) -> PeerKeys:
-    """A monitor uses the folder's client key, or its worker key where it holds no client key."""
-    has_client_key = any(Path(folder, "clients").glob("*.key_secret"))
-    return PeerKeys.load(folder, "client" if has_client_key else "worker")
+    """A monitor uses a client key of the folder (any one will do: the first by name), or its worker
+    key where it holds no client key."""
+    for role in ("client", "worker"):
+        if found := sorted(Path(folder, f"{role}s").glob("*.key_secret")):
+            return PeerKeys.load(folder, role, found[0].name.removesuffix(".key_secret"))
+    return PeerKeys.load(folder, "worker")  # says what is missing
 
 
 def monitor_hello(prefix: str) -> p.Hello:
