@@ -229,3 +229,27 @@ def test_the_live_dashboard_refuses_an_output_that_is_not_a_terminal() -> None:
     stderr = one_line_usage_error(run_zfarm("dashboard", "--connect", free_tcp_endpoint(),
                                             timeout_s=USAGE_ERROR_S))
     assert "needs a terminal" in stderr and "--once" in stderr, stderr
+
+
+def test_options_that_would_be_ignored_are_usage_errors() -> None:
+    endpoint = free_tcp_endpoint()  # refused before anything connects
+    stderr = one_line_usage_error(run_zfarm("submit", "--connect", endpoint, "--json", "--", "true",
+                                            timeout_s=USAGE_ERROR_S))
+    assert "--json goes with --wait" in stderr, stderr
+    stderr = one_line_usage_error(run_zfarm("history", "--connect", endpoint, "--limit", "0",
+                                            timeout_s=USAGE_ERROR_S))
+    assert "--limit" in stderr and "1 or more" in stderr, stderr
+
+
+def test_project_commands_refuse_nothing_to_set_a_bad_share_and_name_a_missing_project(
+        procs: Procs) -> None:
+    endpoint, _ = procs.farm(workers=1, procs=1)
+    nothing = one_line_usage_error(run_zfarm("project", "set", "p", "--connect", endpoint,
+                                             timeout_s=USAGE_ERROR_S))
+    assert "--priority" in nothing and "--share" in nothing, nothing
+    share = one_line_usage_error(run_zfarm("project", "set", "p", "--share", "-1", "--connect", endpoint,
+                                           timeout_s=USAGE_ERROR_S))
+    assert "--share must be a number above 0" in share, share
+    missing = run_zfarm("project", "show", "nosuch", "--connect", endpoint, timeout_s=USAGE_ERROR_S)
+    assert missing.returncode == 1 and missing.stdout == "", missing
+    assert missing.stderr.startswith("zfarm: no project 'nosuch'"), missing.stderr

@@ -22,7 +22,6 @@ from zfarm.cli_args import (
     broker_address,
     command,
     connect_flag,
-    count,
     keys_flag,
     keys_folder,
     print_columns,
@@ -148,7 +147,7 @@ def _parser() -> argparse.ArgumentParser:
     out.add_argument("--json", action="store_true", help="print a JSON array of records (default: a table)")
     out.add_argument("--csv", action="store_true", help="print CSV with a header line (default: a table)")
     shown = history.add_mutually_exclusive_group()
-    shown.add_argument("--limit", "--last", type=count, default=HISTORY_SHOWN, metavar="N",
+    shown.add_argument("--limit", "--last", type=some, default=HISTORY_SHOWN, metavar="N",
                        help=f"only the newest N records (default {HISTORY_SHOWN})")
     shown.add_argument("--all", action="store_const", const=0, dest="limit",
                        help="every record the broker keeps (default: the newest 50)")

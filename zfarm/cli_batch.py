@@ -138,10 +138,9 @@ def _run_submit(args: argparse.Namespace) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         raise ConfigError("zfarm submit needs a command: zfarm submit [OPTIONS] -- COMMAND [ARG...]")
-    if args.max_running is not None and args.max_running < 1:
-        raise ConfigError(f"--max-running must be at least 1, not {args.max_running}")
-    if args.retries < 0:
-        raise ConfigError(f"--retries must be at least 0, not {args.retries}")
+    if args.json and not args.wait:
+        raise ConfigError("--json goes with --wait (submit alone prints the array's name); "
+                          "or run `zfarm wait NAME --json` later")
     append = False
     if args.array:
         indexes = batch.parse_array(args.array)

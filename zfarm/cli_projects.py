@@ -20,6 +20,7 @@ from zfarm.cli_args import (
     print_columns,
     timeout_flag,
 )
+from zfarm.errors import ConfigError, ZfarmError
 
 COLUMNS = ["name", "state", "priority", "share", "submitted", "queued", "running", "done", "failed",
            "cancelled", "jobs_per_s", "eta_s"]
@@ -56,13 +57,16 @@ def _run(args: argparse.Namespace) -> int:
     address = broker_address(args)
     action = p.ProjectAction.LIST if args.action == "show" else p.ProjectAction(args.action)
     settings = {k: v for k in ("priority", "share") if (v := getattr(args, k, None)) is not None}
+    if args.action == "set" and not settings:
+        raise ConfigError("zfarm project set needs --priority N or --share X (or both)")
+    if not settings.get("share", 1.0) > 0:  # also NaN
+        raise ConfigError(f"--share must be a number above 0, not {settings['share']}")
     name = getattr(args, "name", "")
     views = act(address, action, name, settings, args.timeout, keys_folder(args))
     if args.action != "list":
         views = [v for v in views if v.get("name") == name]
         if not views:
-            print(f"no project {name!r} at {address}")
-            return 1
+            raise ZfarmError(f"no project {name!r} at {address}: `zfarm project list` shows those it has")
     if args.json:
         print(json.dumps(views[0] if args.action != "list" else views, indent=2))
     elif args.action == "list" or args.action == "show":
