@@ -322,7 +322,7 @@ def test_worker_sigterm_finishes_running_job_and_hands_back_prefetched(
     assert values == list(range(n))
     log = leaving.log()
     assert "handed back 1 queued jobs" in log, log
-    assert "stopped after 1 jobs" in log, log
+    assert "stopped: 1 job succeeded here" in log, log
     snap = snapshot(ctx, endpoint)
     assert worker_pids(snap) == [staying.pid]
     assert snap["workers_lost"] == 0, snap

@@ -34,6 +34,7 @@ from zfarm.cli_args import (
     some,
 )
 from zfarm.errors import ConfigError
+from zfarm.stats import plural
 
 #: exit status of ``wait`` when jobs failed, and when it timed out
 EXIT_FAILED, EXIT_TIMEOUT = 1, 2
@@ -199,7 +200,7 @@ def _run_submit(args: argparse.Namespace) -> int:
             )
             return EXIT_NOT_ACCEPTED
     print(
-        f"zfarm: submitted {len(indexes)} jobs to {record.address} as array {record.name}; "
+        f"zfarm: submitted {plural(len(indexes), 'job')} to {record.address} as array {record.name}; "
         f"`zfarm wait {record.name}` collects them",
         file=sys.stderr,
     )
@@ -371,7 +372,7 @@ def _run_logs(args: argparse.Namespace) -> int:
     if result is None:
         detail = f": {state.error}" if state.error else ""
         print(
-            f"zfarm: job {args.index} of {record.name} is {state.state}{detail}; no output kept",
+            f"zfarm: job {args.index} of {record.name} is {state.state.value}{detail}; no output kept",
             file=sys.stderr,
         )
         return 1

@@ -107,8 +107,10 @@ class WorkerSettings:
         check_endpoint(self.address, inproc=True)  # inproc: a worker embedded with the broker's context
         parse_resources(self.resources)
         parse_tags(self.tags)
-        if self.procs < 0 or self.prefetch < 0 or self.grace_s < 0 or self.drain_at < 0:
-            raise ConfigError("procs, prefetch, grace_s and drain_at must not be negative")
+        for name, flag in (("procs", "--procs"), ("prefetch", "--prefetch"), ("grace_s", "--grace"),
+                           ("drain_at", "ZFARM_DRAIN_AT")):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{flag} must not be negative, got {getattr(self, name)}")
         check_positive(heartbeat_interval_s=self.heartbeat_interval_s, liveness=self.liveness,
                         reconnect_min_s=self.reconnect_min_s, reconnect_max_s=self.reconnect_max_s)
 

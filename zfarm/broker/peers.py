@@ -99,7 +99,7 @@ class Peers:
             self.placement.unpark()
             slots = f"{worker.slots} slot{'' if worker.slots == 1 else 's'}"
             if len(resources) > 1 or worker.tags:
-                slots += f" ({', '.join(f'{k}={v:g}' for k, v in sorted(resources.items()))}" + (
+                slots += f" ({', '.join(_amount(k, v) for k, v in sorted(resources.items()))}" + (
                     f"; tags {','.join(sorted(worker.tags))})" if worker.tags else ")")
             log.info("worker %s joined from %s pid %d with %s", worker.id, p.clip(worker.host), worker.pid,
                      slots)
@@ -227,3 +227,8 @@ def check_resources(info: dict[str, object]) -> str:
                                                                        for g in gpu_ids):
         return "a worker's GPU ids are a list of texts or numbers"
     return ""
+
+
+def _amount(name: str, value: float) -> str:
+    """A resource for people: memory in GiB, counts as numbers."""
+    return f"{name}={value / 2**30:.1f}GiB" if name == "mem" else f"{name}={value:g}"

@@ -25,6 +25,7 @@ from zfarm import protocol as p
 from zfarm.config import WorkerSettings
 from zfarm.link import Link, LinkState
 from zfarm.security import PeerKeys
+from zfarm.stats import plural
 from zfarm.worker.chaperone import SlotOutcome, SlotPool
 from zfarm.worker.core import Actions, WorkerCore
 from zfarm.worker.offer import announced
@@ -164,7 +165,7 @@ class Worker:
         self.link.close()
         if self._own_context:
             self.context.term()
-        log.info("worker %s stopped after %d jobs", self.core.id, self.core.done)
+        log.info("worker %s stopped: %s succeeded here", self.core.id, plural(self.core.done, "job"))
 
 
 def stop_on_signals(worker: Worker) -> None:
