@@ -129,6 +129,8 @@ def test_cancel_and_wait_timeout(procs: Procs, state: dict[str, str], tmp_path: 
     assert timed.returncode == 2 and "3 pending" in timed.stdout
     cancelled = zf(state, "cancel", "slow")
     assert "cancelled 3 unfinished jobs: 1,2,3" in cancelled.stdout, cancelled.stderr
+    again = zf(state, "cancel", "slow")  # their markers may not have run yet: not cancelled twice
+    assert "cancelled 0 unfinished jobs" in again.stdout, again.stdout + again.stderr
     waited = zf(state, "wait", "slow", "--timeout", "60")
     assert waited.returncode == 0 and "3 cancelled" in waited.stdout, waited.stdout + waited.stderr
     assert not (tmp_path / "ran-2").exists()  # never started: the single slot was freed and job 2 dropped

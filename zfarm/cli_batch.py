@@ -391,6 +391,7 @@ def _run_cancel(args: argparse.Namespace) -> int:
     wanted = set(args.indexes or record.indexes)
     if unknown := sorted(wanted - set(record.indexes)):
         raise ConfigError(f"array {record.name} has no job {_ranges(unknown)}")
+    wanted -= set(record.cancelled)  # their markers may still wait in the queue: not cancelled twice
     attached = Attached(record)
     try:
         attached.settle()
@@ -412,7 +413,7 @@ def _run_cancel(args: argparse.Namespace) -> int:
         finally:
             again.leave()
     print(
-        f"{record.name}: cancelled {len(pending)} unfinished jobs"
+        f"{record.name}: cancelled {plural(len(pending), 'unfinished job')}"
         + (f": {_ranges(pending)}" if pending else "")
     )
     return 0
