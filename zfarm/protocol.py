@@ -47,6 +47,10 @@ MAX_FN_ID_BYTES = 64  # a function id (a 16-byte digest)
 ENVELOPE_ALLOWANCE = 64 * 1024
 #: peer text in a log line is clipped to this many characters (see ``clip``)
 LOG_TEXT_CHARS = 200
+#: the most workers a CLUSTER report may count in any of its numbers
+MAX_CLUSTER_WORKERS = 1_000_000
+#: bounds of a CLUSTER report's ``every_s`` (seconds between its reports)
+CLUSTER_EVERY_S = (0.05, 3600.0)
 
 Frame = Any  # bytes, memoryview or zmq.Frame: payloads are never looked into
 
@@ -77,6 +81,7 @@ class Command(enum.IntEnum):
     PROJECT = 23  # client or monitor → broker: list, change, suspend, resume or cancel projects
     PROJECT_REPLY = 24  # broker → peer: the projects (after the change), or why it was refused
     NOTICE = 25  # broker → client: something about these jobs of yours worth a warning
+    CLUSTER = 28  # a cluster's monitor → broker: the workers it launched (answered with STATUS_REPLY)
 
 
 class Role(str, enum.Enum):
@@ -374,12 +379,35 @@ class Notice(Message):
     text: str
 
 
+@dataclass(frozen=True, slots=True)
+class ClusterReport(Message):
+    """What a cluster launched, said by its supervisor every ``every_s`` (and ``leaving`` when it
+    closes); the broker keeps the last report per ``cluster_id`` for its snapshot and answers with
+    STATUS_REPLY, so one round trip both reports and reads the broker's view."""
+
+    command = Command.CLUSTER
+    schema = (str, str, str, int, int, int, int, int, int, int, list, (int, float), bool)
+    cluster_id: str  # "slurm-3f2a1c": unique to one cluster object
+    name: str  # a run profile's name, or ""
+    launcher: str  # "local", "ssh", "slurm", ...
+    requested: int  # workers wanted now (scale's n, or adapt's current decision)
+    launched: int  # started and not ended (any state but failed and stopped)
+    running: int  # registered with the broker
+    coming: int  # launched or about to be, not yet registered (pending, starting, restarting)
+    pending: int  # of those coming: waiting for resources in a batch system
+    retiring: int  # asked to finish their jobs and leave
+    failed: int  # given up on (died at start too often)
+    adapt: list[int]  # [minimum, maximum] under adapt(); [] with a fixed size
+    every_s: float  # seconds between reports: the broker forgets a cluster silent for a few of them
+    leaving: bool = False  # the cluster closed: forget it now
+
+
 MESSAGE_TYPES: dict[Command, type[Message]] = {
     cls.command: cls
     for cls in (
         Hello, Welcome, Refused, Reconnect, Heartbeat, Disconnect, Ready, Jobs, Results,
         CancelJobs, Submit, Result, Cancel, Status, StatusReply, History, HistoryReply, Received,
-        Accepted, Started, Running, Reclaim, Project, ProjectReply, Notice,
+        Accepted, Started, Running, Reclaim, Project, ProjectReply, Notice, ClusterReport,
     )
 }
 _ENVELOPE_FIELDS: dict[type[Message], tuple[str, ...]] = {
@@ -396,6 +424,7 @@ _FIELD_LIMITS: dict[type[Message], dict[str, int]] = {
     Submit: {"fn_id": MAX_FN_ID_BYTES},
     Project: {"action": MAX_ID_CHARS, "name": MAX_ID_CHARS, "settings": MAX_INFO_COST},
     Notice: {"text": MAX_TEXT_CHARS},
+    ClusterReport: {"cluster_id": MAX_ID_CHARS, "name": MAX_ID_CHARS, "launcher": MAX_ID_CHARS, "adapt": 2},
 }
 #: the same, as (position in the envelope, bound, name for a refusal) per message type
 _ENVELOPE_LIMITS: dict[type[Message], tuple[tuple[int, int, str], ...]] = {
@@ -649,6 +678,29 @@ def _check_plain_rows(msg: Message) -> None:
         raise ProtocolError("HISTORY last must not be negative")
     elif isinstance(msg, HistoryReply) and not all(isinstance(r, list) for r in msg.rows):
         raise ProtocolError("HISTORY_REPLY rows must be arrays")
+    elif isinstance(msg, ClusterReport):
+        _check_cluster(msg)
+
+
+_CLUSTER_COUNTS = ("requested", "launched", "running", "coming", "pending", "retiring", "failed")
+
+
+def _check_cluster(msg: ClusterReport) -> None:
+    if not msg.cluster_id:
+        raise ProtocolError("CLUSTER cluster_id must not be empty")
+    for name in _CLUSTER_COUNTS:
+        if not 0 <= getattr(msg, name) <= MAX_CLUSTER_WORKERS:
+            raise ProtocolError(f"CLUSTER {name} must be from 0 to {MAX_CLUSTER_WORKERS}")
+    if msg.pending > msg.coming:
+        raise ProtocolError("CLUSTER pending counts workers that are coming: it cannot be more than coming")
+    adapt = msg.adapt
+    if adapt and (len(adapt) != 2 or not all(_is(n, int) for n in adapt)
+                  or not 0 <= adapt[0] <= adapt[1] <= MAX_CLUSTER_WORKERS):
+        raise ProtocolError(f"CLUSTER adapt must be [] or [minimum, maximum] with 0 <= minimum <= maximum <= "
+                            f"{MAX_CLUSTER_WORKERS}")
+    low, high = CLUSTER_EVERY_S
+    if not low <= msg.every_s <= high:  # NaN fails this too
+        raise ProtocolError(f"CLUSTER every_s must be from {low:g} to {high:g} seconds")
 
 
 #: DISCONNECT reason of a session's client that is done with the session: the broker forgets it

@@ -53,6 +53,8 @@ SAMPLES: list[p.Message] = [
     p.Project("set", "nightly", {"priority": 5, "share": 2.0}),
     p.ProjectReply([{"name": "nightly", "state": "suspended"}], ""),
     p.Notice(int(p.NoticeKind.UNSCHEDULABLE), [3, 4], "it asks for gpus=2"),
+    p.ClusterReport("slurm-3f2a1c", "lab", "slurm", 4, 3, 2, 1, 1, 0, 0, [0, 8], 2.0),
+    p.ClusterReport("local-1", "", "local", 0, 0, 0, 0, 0, 0, 0, [], 2, True),
 ]
 
 

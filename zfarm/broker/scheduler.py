@@ -29,6 +29,7 @@ from typing import Any
 
 from zfarm import __version__
 from zfarm import protocol as p
+from zfarm.broker.clusters import Clusters
 from zfarm.broker.delivery import Delivery
 from zfarm.broker.dependencies import Dependencies
 from zfarm.broker.farm import Farm, Outbound
@@ -92,6 +93,7 @@ class Scheduler:
         self.intake = Intake(farm, self.moves, self.delivery, self.functions, self.projects,
                              self.dependencies)
         self.peers_part = Peers(farm, self.moves, self.placement, self.broker_id)
+        self.clusters = Clusters(farm.records)
         self._next_scan = now
         self.deadline_s = settings.heartbeat_interval_s * settings.liveness
         if journal is not None:
@@ -179,11 +181,13 @@ class Scheduler:
         if isinstance(msg, p.Heartbeat):
             return
         if isinstance(msg, p.Disconnect):
-            log.info("%s %s left: %s", role_of(peer), peer.id, p.clip(msg.reason) or "no reason given")
+            # a monitor (status, a cluster's report every few seconds) comes and goes often: debug only
+            log.log(logging.DEBUG if isinstance(peer, MonitorRecord) else logging.INFO, "%s %s left: %s",
+                    role_of(peer), peer.id, p.clip(msg.reason) or "no reason given")
             ended = msg.reason == p.END_SESSION
             self.peers_part.remove(peer, now, Departure.ENDED_SESSION if ended else Departure.LEFT)
-        elif isinstance(msg, p.Status):
-            farm.send(peer, p.StatusReply(self.snapshot(now)), now)
+        elif isinstance(msg, (p.Status, p.ClusterReport)):
+            self._status(peer, msg, now)
         elif isinstance(msg, p.History):
             farm.send(peer, p.HistoryReply(JOB_COLUMNS, farm.records.history(msg.last)), now)
         elif isinstance(msg, p.Project) and isinstance(peer, (ClientRecord, MonitorRecord)):
@@ -198,6 +202,14 @@ class Scheduler:
             self._client_message(peer, msg, now)
         else:
             raise ProtocolError(f"a monitor cannot send {type(msg).__name__}")
+
+    def _status(self, peer: Peer, msg: p.Status | p.ClusterReport, now: float) -> None:
+        """STATUS, or a cluster's report (kept first, so that the snapshot it gets back holds it)."""
+        if isinstance(msg, p.ClusterReport):
+            if isinstance(peer, WorkerRecord):
+                raise ProtocolError("a worker cannot send ClusterReport")
+            self.clusters.report(msg, peer.host, now)
+        self.farm.send(peer, p.StatusReply(self.snapshot(now)), now)
 
     def _worker_message(self, worker: WorkerRecord, msg: p.Message, now: float) -> None:
         if isinstance(msg, p.Ready):
@@ -301,6 +313,7 @@ class Scheduler:
                 for c in farm.clients.values()
             ],
             "projects": [self.projects.view(q, now) for q in farm.projects.values()],
+            "clusters": self.clusters.view(now),
             **dataclasses.asdict(farm.counters),
             "throughput": farm.records.throughput(now),
             "events": farm.records.recent_events(now),
