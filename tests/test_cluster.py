@@ -142,13 +142,13 @@ def test_waiting_for_workers_asks_the_broker_no_faster_than_the_supervisor_does(
 
     _, endpoint = procs.broker()
     asked: list[float] = []
-    fetch_status = monitor.fetch_status
+    report_cluster = monitor.report_cluster
 
     def counted(*args: Any, **kwargs: Any) -> dict[str, Any]:
         asked.append(time.monotonic())
-        return fetch_status(*args, **kwargs)
+        return report_cluster(*args, **kwargs)
 
-    monkeypatch.setattr(monitor, "fetch_status", counted)
+    monkeypatch.setattr(monitor, "report_cluster", counted)
     handle = SlowHandle(queued=False)  # started, and never registers
     handle.answer.set()
     cluster = SlowLauncher(handle, endpoint)

@@ -344,6 +344,13 @@ def _print_status(snap: dict[str, Any]) -> None:
     if snap.get("journal"):
         console.print(f"journal {snap['journal']}  jobs recovered at start {snap['recovered']}  damaged rows "
                       f"{snap.get('corrupted', 0)}  {snap.get('journal_problem') or ''}")
+    if snap.get("clusters"):
+        from rich.markup import escape
+
+        from zfarm.monitor import cluster_line
+
+        for cluster in snap["clusters"]:  # what each cluster launched: also its workers still coming
+            console.print(escape(cluster_line(cluster)))
     workers = Table("worker", "host", "pid", "slots", "busy", "done", "failed", "heartbeat age",
                     title="workers")
     for w in snap["workers"]:

@@ -34,7 +34,7 @@ from rich.text import Text
 from zfarm import protocol as p
 from zfarm.broker.records import THROUGHPUT_WINDOW_S
 from zfarm.errors import Refused
-from zfarm.monitor import fetch_status, monitor_hello, open_monitor, rate_now
+from zfarm.monitor import cluster_line, fetch_status, monitor_hello, open_monitor, rate_now
 
 SPARK = "▁▂▃▄▅▆▇█"
 MAX_EVENTS = 12
@@ -90,6 +90,8 @@ class _Screen:
         if snap is None:
             return
         width = options.max_width
+        if snap.get("clusters"):
+            yield _clusters(snap)
         yield _workers(snap, width)
         if options.max_width >= SIDE_BY_SIDE_MIN_WIDTH:
             row = Table.grid(padding=(0, 1))
@@ -146,6 +148,17 @@ def _workers(snap: dict[str, Any], width: int | None = None) -> RenderableType:
     for cells, style in rows:
         table.add_row(*(cells if with_pid else cells[:2] + cells[3:]), style=style)
     return _whole(table, width)
+
+
+def _clusters(snap: dict[str, Any]) -> RenderableType:
+    """A line per cluster reporting to the broker: its workers running, coming (pending), wanted."""
+    lines = Text()
+    for cluster in snap["clusters"]:
+        if lines:
+            lines.append("\n")
+        style = "red" if cluster.get("failed") else "yellow" if cluster.get("coming") else ""
+        lines.append(cluster_line(cluster), style)
+    return Panel(lines, title="clusters", box=box.ROUNDED, title_align="left")
 
 
 def _recent_lost(snap: dict[str, Any]) -> list[dict[str, Any]]:

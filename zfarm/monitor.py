@@ -1,4 +1,5 @@
-"""Short-lived monitor connections: ask the broker for its snapshot or its job history; read it."""
+"""Short-lived monitor connections: ask the broker for its snapshot or its job history, or tell it
+what a cluster launched; read the answer. Also how a cluster's row of a snapshot reads (``cluster_line``)."""
 
 from __future__ import annotations
 
@@ -71,6 +72,33 @@ def fetch_status(address: str, timeout_s: float = 5.0, context: zmq.Context[Any]
         Refused: the broker refused us (another protocol version, a key not allowed).
     """
     return ask(address, p.Status(), p.StatusReply, timeout_s, context, keys).snapshot
+
+
+def report_cluster(address: str, report: p.ClusterReport, timeout_s: float = 5.0,
+                   context: zmq.Context[Any] | None = None, keys: str = "") -> dict[str, Any]:
+    """Tell the broker what a cluster launched (CLUSTER) and return its snapshot: one round trip.
+
+    Raises:
+        as :func:`fetch_status`.
+    """
+    return ask(address, report, p.StatusReply, timeout_s, context, keys).snapshot
+
+
+def cluster_line(cluster: dict[str, Any]) -> str:
+    """One line for a cluster of a snapshot's ``clusters``, e.g. ``cluster lab (slurm, slurm-3f2a1c):
+    2 running, 1 coming (1 pending in Slurm), wants 4 (adapt 0-8)``."""
+    who = f"{cluster['name']} ({cluster['launcher']}, {cluster['id']})" if cluster.get("name") else \
+        f"{cluster['id']} ({cluster['launcher']})"
+    parts = [f"{cluster['running']} running"]
+    coming = f"{cluster['coming']} coming"
+    if cluster.get("pending"):
+        where = "Slurm" if cluster["launcher"] == "slurm" else "the batch system"
+        coming += f" ({cluster['pending']} pending in {where})"
+    parts.append(coming)
+    parts += [f"{cluster[k]} {k}" for k in ("retiring", "failed") if cluster.get(k)]
+    adapt = cluster.get("adapt")
+    bounds = f" (adapt {adapt['minimum']}-{adapt['maximum']})" if adapt else ""
+    return f"cluster {who}: {', '.join(parts)}, wants {cluster['requested']}{bounds}"
 
 
 Table = tuple[list[str], list[list[Any]]]

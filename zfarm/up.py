@@ -5,7 +5,8 @@
     zfarm.toml [profiles.NAME] ─► cluster (broker + launched workers)
         prints the address and the line a client uses, then one status line whenever it changes:
         the cluster's view (requested, running, coming, retiring, failed) + the broker's (queue),
-        as the cluster's supervisor last read it (every 2 s: no second monitor connection)
+        as the cluster's supervisor last read it (every 2 s, when it reports to the broker: no second
+        monitor connection)
     Ctrl-C / SIGTERM ─► cluster.close(): workers retire (jobs handed back), the broker stops
 """
 
@@ -27,6 +28,12 @@ def register(sub: Any, command: Any) -> None:
     up = command(sub, "up", "start a run profile's broker and workers (zfarm.toml), show them, stop all "
                  "on Ctrl-C", run_up)
     up.add_argument("profile", help="a [profiles.NAME] of ./zfarm.toml or ~/.config/zfarm/zfarm.toml")
+    up.add_argument("--resources", metavar="LIST",
+                    help="what each worker offers jobs, cpus=8,mem=32G,gpus=1 (default: the profile's "
+                         "resources, else each worker's slots, memory and GPUs)")
+    up.add_argument("--tags", metavar="LIST",
+                    help="tags each worker offers jobs, bigmem,avx512 (default: the profile's tags, else "
+                         "none)")
     up.add_argument("--refresh", type=seconds, default=2.0, metavar="SECONDS",
                     help="seconds between looks at the status (default 2; the broker's part is read every "
                          "2 s)")
@@ -50,7 +57,7 @@ def status_line(view: dict[str, Any]) -> str:
 
 
 def run_up(args: argparse.Namespace) -> int:
-    from zfarm.cluster.profile import start_profile
+    from zfarm.cluster.profile import build_cluster, load_profile, with_overrides
 
     stop = threading.Event()
 
@@ -59,8 +66,8 @@ def run_up(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    cluster = start_profile(args.profile)
-    cluster.follow_broker = True  # its supervisor reads the broker's snapshot for our status line
+    profile = with_overrides(load_profile(args.profile), resources=args.resources, tags=args.tags)
+    cluster = build_cluster(profile)
     try:
         print(f"zfarm up {args.profile}: {cluster.kind} cluster, broker at {cluster.address}", flush=True)
         env = f"ZFARM_ADDRESS={cluster.address}" + (f" ZFARM_KEYS={cluster.keys}" if cluster.keys else "")

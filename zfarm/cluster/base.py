@@ -5,9 +5,11 @@
     scale(n) / adapt(min, max) ──► target ──┐
                                             ▼
     supervisor thread (every 0.5 s): poll each launched worker ─ ended while wanted? ─► Restarts
-        │  every 2 s: the broker's snapshot ─► which workers registered, which are idle, demand
-        │     (status() shows it; wait_for_workers() waits for it, asking no more often)
+        │  every 2 s: CLUSTER (what we launched) ─► the broker keeps it for `zfarm status` and the
+        │     dashboard, and answers with its snapshot ─► which workers registered, which are idle,
+        │     demand (status() shows it; wait_for_workers() waits for it, asking no more often)
         └─ launch the missing, retire the excess (idle first; SIGTERM drains: no job is lost)
+    close(): workers retire; then a last CLUSTER (leaving) so the broker forgets us at once
 
 Subclasses say how to launch one worker (:meth:`Cluster._launch`, returning a :class:`Handle`)
 and where the n-th one goes; everything else (supervision, back-off, adapt, close) is here.
@@ -27,11 +29,15 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 import weakref
+from collections.abc import Iterable, Mapping
 from types import TracebackType
 from typing import Any, Protocol
 
+from zfarm import protocol as p
 from zfarm.cluster.adaptive import Adaptive
+from zfarm.cluster.offer import offer_args, resources_text, tags_text
 from zfarm.cluster.supervision import Launched, Restarts, State
 from zfarm.config import check_endpoint
 from zfarm.errors import BrokerUnavailable, ZfarmError
@@ -39,7 +45,10 @@ from zfarm.errors import BrokerUnavailable, ZfarmError
 log = logging.getLogger("zfarm.cluster")
 
 TICK_S = 0.5
+#: how often the supervisor reports to the broker (and reads its snapshot back)
 STATUS_EVERY_S = 2.0
+#: how long the report a closing cluster says goodbye with may wait for the broker
+GOODBYE_TIMEOUT_S = 2.0
 #: after the grace, how long a kill of the workers still there may take before close gives up
 KILL_WAIT_S = 5.0
 
@@ -87,6 +96,13 @@ class Cluster:
         worker_grace_s: how long a retiring worker's running jobs may take before they are
             handed back.
         log_level: of the started broker and workers.
+        resources: what each worker offers jobs, ``{"gpus": 1, "mem": "32G"}`` or
+            ``"gpus=1,mem=32G"`` (its ``--resources``; default: its slots, its machine's memory
+            and GPUs).
+        tags: tags each worker offers jobs, ``{"bigmem"}`` or ``"bigmem,avx512"`` (its ``--tags``).
+
+    Raises:
+        ConfigError: a bad endpoint, resource or tag (before anything starts).
     """
 
     kind = "cluster"
@@ -95,12 +111,16 @@ class Cluster:
 
     def __init__(self, *, address: str | None = None, bind: str | None = None, keys: str = "",
                  insecure: bool = False, journal: str = "", heartbeat_interval_s: float | None = None,
-                 worker_grace_s: float = 30.0, log_level: str = "warning") -> None:
+                 worker_grace_s: float = 30.0, log_level: str = "warning",
+                 resources: Mapping[str, Any] | str | None = None, tags: Iterable[str] | str | None = None
+                 ) -> None:
         # first: a bad endpoint (a profile's too) is a usage error now, not a broker that never starts
         if address:
             check_endpoint(address)
         if bind:
             check_endpoint(bind, bind=True)
+        #: every launched worker's --resources and --tags, checked ("": none given)
+        self.worker_resources, self.worker_tags = resources_text(resources), tags_text(tags)
         self._tmpdir = tempfile.mkdtemp(prefix=f"zfarm-{self.kind}-")
         if not keys and self.networked and not insecure and not address:
             from zfarm.security import init_keys
@@ -116,6 +136,9 @@ class Cluster:
         self.worker_grace_s = worker_grace_s
         self.log_level = log_level
         self.heartbeat_interval_s = heartbeat_interval_s
+        #: how the broker lists this cluster: unique to this object; ``name``: a run profile's, or ""
+        self.cluster_id = f"{self.kind}-{uuid.uuid4().hex[:6]}"
+        self.name = ""
         self.slots_per_worker = 1
         self.restarts = Restarts()
         self._records: list[Launched] = []
@@ -125,8 +148,6 @@ class Cluster:
         self._snapshot: dict[str, Any] = {}
         self._broker_answered: bool | None = None  # the last status request got the snapshot (None: none yet)
         self._next_status = 0.0
-        #: read the broker's status every STATUS_EVERY_S even with no worker starting (for `zfarm up`)
-        self.follow_broker = False
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # notified when the broker's view came in
         self._wake = threading.Event()
@@ -162,6 +183,10 @@ class Cluster:
 
     def _cleanup(self) -> None:
         """After every worker ended: remove what the launcher left (files, connections)."""
+
+    def offer_args(self) -> list[str]:
+        """``--resources``/``--tags`` for each worker launched (none if the cluster was given none)."""
+        return offer_args(self.worker_resources, self.worker_tags)
 
     # ---- public interface ---------------------------------------------------------------------
 
@@ -204,21 +229,37 @@ class Cluster:
             return [w.view() for w in self._records]
 
     def status(self) -> dict[str, Any]:
-        """The cluster's own view: requested, launched, running and coming workers, and under
-        ``broker`` the broker's snapshot as the supervisor last read it (None: it did not answer,
-        or was not asked: it is read while workers start, under ``adapt`` or with ``follow_broker``)."""
+        """The cluster's own view: requested, launched, running, coming (of them: pending in a batch
+        system) workers, and under ``broker`` the broker's snapshot as the supervisor last read it,
+        every 2 s (None: it did not answer, or was not asked yet)."""
         with self._lock:
-            live = [w for w in self._records if not w.state.ended]
             broker = self._snapshot if self._broker_answered else None
             asked = self._broker_answered is not None
-            return {"launcher": self.kind, "address": self.address, "requested": self._target,
-                    "adaptive": self._adaptive is not None,
-                    "launched": sum(w.handle is not None for w in live),
-                    "running": sum(w.state is State.RUNNING for w in live),
-                    "coming": sum(w.state.coming for w in live),
-                    "retiring": sum(w.state is State.RETIRING for w in live),
-                    "failed": sum(w.state is State.FAILED for w in self._records),
+            adapt = self._adaptive
+            return {"id": self.cluster_id, "name": self.name, "launcher": self.kind, "address": self.address,
+                    **self._counts(), "adaptive": adapt is not None,
+                    "adapt": {"minimum": adapt.minimum, "maximum": adapt.maximum} if adapt else None,
                     "workers": [w.view() for w in self._records], "broker": broker, "broker_asked": asked}
+
+    def _counts(self) -> dict[str, int]:
+        """Workers by what they are doing (under the lock)."""
+        live = [w for w in self._records if not w.state.ended]
+        return {"requested": self._target,
+                "launched": sum(w.handle is not None for w in live),
+                "running": sum(w.state is State.RUNNING for w in live),
+                "coming": sum(w.state.coming for w in live),
+                "pending": sum(w.state is State.PENDING for w in live),
+                "retiring": sum(w.state is State.RETIRING for w in live),
+                "failed": sum(w.state is State.FAILED for w in self._records)}
+
+    def _report(self, leaving: bool = False) -> p.ClusterReport:
+        """What the broker is told about us (under the lock)."""
+        counts = self._counts()
+        adapt = [self._adaptive.minimum, self._adaptive.maximum] if self._adaptive else []
+        return p.ClusterReport(self.cluster_id[:p.MAX_ID_CHARS], self.name[:p.MAX_ID_CHARS], self.kind,
+                               counts["requested"], counts["launched"], counts["running"], counts["coming"],
+                               counts["pending"], counts["retiring"], counts["failed"], adapt,
+                               STATUS_EVERY_S, leaving)
 
     def wait_for_workers(self, n: int, timeout_s: float = 60.0) -> None:
         """Block until ``n`` workers registered with the broker.
@@ -335,10 +376,25 @@ class Cluster:
                     self._give_up_at = now + KILL_WAIT_S  # then once more, in case a kill was lost
             self._wake.wait(TICK_S)
             self._wake.clear()
+        self._say_goodbye()
         try:
             self._cleanup()
         except Exception:
             log.exception("%s cluster: cleanup failed", self.kind)
+
+    def _say_goodbye(self) -> None:
+        """The last report (leaving): the broker forgets us now, not a few rounds later. Only to a broker
+        that answered the last report: closing must not wait for one that is gone."""
+        with self._lock:
+            if not self._broker_answered:
+                return
+            report = self._report(leaving=True)
+        from zfarm import monitor
+
+        try:
+            monitor.report_cluster(self.address, report, GOODBYE_TIMEOUT_S, keys=self.keys)
+        except ZfarmError as exc:
+            log.debug("%s cluster: goodbye to %s unanswered: %s", self.kind, self.address, exc)
 
     def _check_broker(self) -> None:
         if self.broker is None or self._broker_said or self._closing:
@@ -378,16 +434,17 @@ class Cluster:
             log.info("%s (%s) left: %s", w.name, w.where, how)
 
     def _read_broker(self, now: float) -> None:
-        """Every few seconds: which launched workers registered, which are idle, and the demand."""
+        """Every few seconds (until closing): tell the broker what we launched; from its answer, which
+        launched workers registered, which are idle, and the demand."""
         with self._lock:
-            starting = any(w.state is State.STARTING for w in self._records)
-            if now < self._next_status or not (starting or self._adaptive is not None or self.follow_broker):
+            if now < self._next_status or self._closing:
                 return
             self._next_status = now + STATUS_EVERY_S
+            report = self._report()
         from zfarm import monitor
 
         try:
-            snapshot = monitor.fetch_status(self.address, timeout_s=5.0, keys=self.keys)
+            snapshot = monitor.report_cluster(self.address, report, timeout_s=5.0, keys=self.keys)
         except ZfarmError as exc:
             log.debug("%s cluster: no status from %s: %s", self.kind, self.address, exc)
             with self._lock:

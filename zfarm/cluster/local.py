@@ -83,6 +83,7 @@ class LocalCluster(Cluster):
             args += ["--heartbeat-interval", str(self.heartbeat_interval_s)]
         if self.keys:
             args += ["--keys", self.keys]
+        args += self.offer_args()
         # its own session: a Ctrl-C meant for this program does not reach it; the cluster stops it
         return ProcessHandle(subprocess.Popen(args, stdin=subprocess.DEVNULL, env=child_env(),
                                               start_new_session=True))

@@ -10,6 +10,7 @@
     keys = "~/zfarm-keys"
     journal = "~/lab.journal"
     adapt = { minimum = 0, maximum = 20 } # or n_workers / jobs for a fixed size
+    resources = { gpus = 1 }              # what each worker offers jobs (and tags = ["bigmem"])
 
 ``start_profile("lab")`` returns the running cluster. Every mistake is a :class:`ProfileError`
 naming the file, the profile, the key and what to write instead.
@@ -26,6 +27,7 @@ from typing import Any
 
 from zfarm.cluster.adaptive import Adaptive
 from zfarm.cluster.base import Cluster
+from zfarm.cluster.offer import resources_text, tags_text
 from zfarm.cluster.remote import WALLTIME_MARGIN_S
 from zfarm.errors import ConfigError
 
@@ -48,6 +50,8 @@ COMMON: dict[str, tuple[Any, str]] = {
     "worker_grace_s": ((int, float), "seconds a retiring worker's jobs may take, e.g. 30"),
     "log_level": (str, '"debug", "info", "warning" or "error"'),
     "adapt": (dict, "a table, e.g. { minimum = 0, maximum = 10 }"),
+    "resources": ((dict, str), 'what each worker offers jobs, { gpus = 1, mem = "32G" } or "gpus=1,mem=32G"'),
+    "tags": ((list, str), 'tags each worker offers jobs, ["bigmem", "avx512"] or "bigmem,avx512"'),
 }
 LAUNCHERS: dict[str, dict[str, tuple[Any, str]]] = {
     "local": {"n_workers": (int, "a number of workers, e.g. 4"),
@@ -148,6 +152,7 @@ def check_profile(name: str, file: str, table: Any) -> Profile:
         if key in PATH_KEYS:
             value = str(base / Path(value).expanduser())
         settings[key] = value
+    _check_offer(file, name, settings)
     if launcher == "ssh" and not settings.get("hosts"):
         raise ProfileError(file, name, "hosts", 'is missing; write hosts = ["node1", "node2"]')
     adapt = settings.pop("adapt", None)
@@ -162,6 +167,29 @@ def check_profile(name: str, file: str, table: Any) -> Profile:
             raise ProfileError(file, name, "adapt", str(exc)) from None
     del settings["launcher"]
     return Profile(name, file, launcher, settings, adapt)
+
+
+def _check_offer(file: str, name: str, settings: dict[str, Any]) -> None:
+    """Resources and tags are checked here, so that the error names the file and the key."""
+    for key, check in (("resources", resources_text), ("tags", tags_text)):
+        if key in settings:
+            try:
+                check(settings[key])
+            except ConfigError as exc:
+                raise ProfileError(file, name, key, f"{exc}; write {COMMON[key][1]}") from None
+
+
+def with_overrides(profile: Profile, **settings: Any) -> Profile:
+    """The profile with these settings in place of its own (``zfarm up --resources ...``); None values
+    are left out.
+
+    Raises:
+        ProfileError: a setting that is wrong (checked as the file's would be).
+    """
+    given = {k: v for k, v in settings.items() if v is not None}
+    merged = {**profile.settings, **given}
+    _check_offer(profile.file, profile.name, given)
+    return dataclasses.replace(profile, settings=merged)
 
 
 def build_cluster(profile: Profile) -> Cluster:
@@ -181,6 +209,7 @@ def build_cluster(profile: Profile) -> Cluster:
         if isinstance(exc, ProfileError):
             raise
         raise ProfileError(profile.file, profile.name, "", str(exc)) from exc
+    cluster.name = profile.name  # how `zfarm status` and the dashboard name it
     if profile.adapt is not None:
         cluster.adapt(**profile.adapt)
     return cluster

@@ -52,6 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--settings", help="a JSON settings file (default: the first line of stdin)")
     parser.add_argument("--worker-id", required=True)
     parser.add_argument("--procs", type=int, default=0)
+    parser.add_argument("--resources", default=None, help="as zfarm worker --resources")
+    parser.add_argument("--tags", default=None, help="as zfarm worker --tags")
     args = parser.parse_args(argv)
     if args.settings:
         with open(args.settings, encoding="utf-8") as f:
@@ -61,7 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=str(blob.get("log_level", "info")).upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     margin_s = float(blob.get("walltime_margin_s", WALLTIME_MARGIN_S))
-    worker = _worker(blob, args.worker_id, args.procs, drain_at=_drain_at(float(blob["grace_s"]) + margin_s))
+    worker = _worker(blob, args.worker_id, args.procs, drain_at=_drain_at(float(blob["grace_s"]) + margin_s),
+                     offer={"resources": args.resources, "tags": args.tags})
     from zfarm.worker.shell import stop_on_signals
 
     stop_on_signals(worker)
@@ -78,7 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     os._exit(0)
 
 
-def _worker(blob: dict[str, Any], worker_id: str, procs: int, drain_at: float) -> Any:
+def _worker(blob: dict[str, Any], worker_id: str, procs: int, drain_at: float,
+            offer: dict[str, str | None] | None = None) -> Any:
     from zmq.utils import z85
 
     from zfarm.config import WorkerSettings, resolve
@@ -88,7 +92,7 @@ def _worker(blob: dict[str, Any], worker_id: str, procs: int, drain_at: float) -
     # parent_pid: ssh's session process; if it goes without closing our stdin, we go too (no orphan)
     flags = {"address": blob["address"], "worker_id": worker_id, "procs": procs, "grace_s": blob["grace_s"],
              "heartbeat_interval_s": blob.get("heartbeat_interval_s"), "drain_at": drain_at or None,
-             "parent_pid": os.getppid()}
+             "parent_pid": os.getppid(), **(offer or {})}
     keys = blob.get("keys")
     peer_keys = None
     if keys:  # they came over ssh's stdin: never on a command line or the remote disk

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from zfarm.cluster.base import Cluster
+from zfarm.cluster.offer import offer_args, with_slurm_mem
 from zfarm.cluster.remote import WALLTIME_MARGIN_S, settings_blob
 from zfarm.cluster.supervision import Launched
 from zfarm.errors import ConfigError, ZfarmError
@@ -130,6 +132,7 @@ class SlurmCluster(Cluster):
             raise ConfigError("sbatch is not on PATH: SlurmCluster runs where Slurm's commands do "
                               "(a login node)")
         self.cpus = cpus
+        self.mem = mem
         self.directives = [f"--cpus-per-task={cpus}"]
         for flag, value in (("--mem", mem), ("--time", walltime), ("--partition", partition),
                             ("--account", account)):
@@ -174,8 +177,10 @@ class SlurmCluster(Cluster):
         lines = ["#!/bin/sh", f"#SBATCH --job-name={self.job_name(worker_id)}",
                  f"#SBATCH --output={self.folder}/{worker_id}.%j.out"]
         lines += [f"#SBATCH {d}" for d in self.directives]
+        offer = " ".join(shlex.quote(a) for a in offer_args(with_slurm_mem(self.worker_resources, self.mem),
+                                                             self.worker_tags))
         lines += ["", f"exec {self.python} -m zfarm.cluster.remote --settings {self.settings_file} "
-                      f"--worker-id {worker_id} --procs {self.cpus}", ""]
+                      f"--worker-id {worker_id} --procs {self.cpus}{f' {offer}' if offer else ''}", ""]
         return "\n".join(lines)
 
     def _launch(self, worker: Launched) -> SlurmJob:

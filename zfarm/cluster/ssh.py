@@ -139,9 +139,9 @@ class SSHCluster(Cluster):
 
     def remote_command(self, worker_id: str) -> str:
         env = [f"{k}={shlex.quote(v)}" for k, v in self.remote_env.items()]
-        argv = [*(["env", *env] if env else []), self.python, "-m", "zfarm.cluster.remote",
-                "--worker-id", worker_id, "--procs", str(self.procs_per_worker)]
-        return " ".join(a if "=" in a else shlex.quote(a) for a in argv)
+        argv = [self.python, "-m", "zfarm.cluster.remote", "--worker-id", worker_id,
+                "--procs", str(self.procs_per_worker), *self.offer_args()]
+        return " ".join([*(["env", *env] if env else []), *map(shlex.quote, argv)])
 
     def _launch(self, worker: Launched) -> SSHHandle:
         # the user's options first: for each option ssh keeps the first value it is given
