@@ -228,6 +228,14 @@ def check_endpoint(address: str, *, bind: bool = False, inproc: bool = False) ->
                           f"{DEFAULT_ADDRESS}) or ipc:///path/to/socket")
 
 
+def is_ipv6_endpoint(address: str) -> bool:
+    """Whether ``address`` is ``tcp://[IPv6]:PORT``: a ZeroMQ socket must have ``IPV6`` set to bind or
+    connect there (it is off by default; it is not set for other addresses, where it could make a
+    host name resolve to an IPv6 address that nothing listens on)."""
+    scheme, _, rest = address.partition("://")
+    return scheme == "tcp" and rest.startswith("[")
+
+
 def _tcp_problem(rest: str, bind: bool) -> str:
     host, colon, port = rest.rpartition(":")
     if not colon or not host:
