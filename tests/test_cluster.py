@@ -109,7 +109,7 @@ class SlowLauncher(Cluster):
 
     def __init__(self, handle: SlowHandle, address: str) -> None:
         self.handle = handle
-        super().__init__(address=address)  # no broker there: nothing here talks to one
+        super().__init__(address=address)
         self._begin(1)
 
     def _place(self, index: int) -> tuple[str, str]:
@@ -119,9 +119,10 @@ class SlowLauncher(Cluster):
         return self.handle
 
 
-def test_a_launcher_slow_to_answer_ended_does_not_block_the_cluster_s_other_callers(tmp_path: Path) -> None:
+def test_a_launcher_slow_to_answer_ended_does_not_block_the_cluster_s_other_callers(procs: Procs) -> None:
+    _, endpoint = procs.broker()  # the cluster reports to it every round (with none, each report waits 5 s)
     handle = SlowHandle()
-    cluster = SlowLauncher(handle, ipc_endpoint(tmp_path))
+    cluster = SlowLauncher(handle, endpoint)
     try:
         assert handle.asked.wait(30), "the supervisor never asked the handle"
         answered = threading.Event()
