@@ -12,6 +12,7 @@ import pytest
 import zfarm
 from tests import jobs
 from tests.helpers import wait_for
+from zfarm.monitor import fetch_status
 
 
 def slurm_unavailable() -> str:
@@ -47,6 +48,12 @@ def test_slurm_cluster_scales_to_two_runs_a_map_and_leaves_the_queue_empty(tmp_p
         wait_for(lambda: [w["state"] for w in cluster.workers] == ["running", "running", "pending"], 60,
                  interval_s=0.2, message="a pending third job")
         assert cluster.status()["coming"] == 1
+
+        def reported() -> list[dict[str, object]]:  # as `zfarm status` shows it, from any machine
+            return [c for c in fetch_status(cluster.address, keys=cluster.keys)["clusters"]
+                    if c["id"] == cluster.cluster_id and c["pending"] == 1 and c["running"] == 2]
+
+        wait_for(reported, 30, interval_s=0.5, message="the broker to show the pending job")
         cluster.scale(0)
         wait_for(lambda: cluster.status()["launched"] == 0, 60, interval_s=0.5, message="jobs ended")
         assert [w["state"] for w in cluster.workers] == ["stopped", "stopped", "stopped"]
