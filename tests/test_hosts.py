@@ -109,9 +109,10 @@ def test_ssh_cluster_runs_workers_on_two_hosts_and_leaves_none(
     caplog.set_level("INFO", logger="zfarm.cluster")
     with zfarm.SSHCluster(["zfh0", "zfh1"], procs_per_worker=2, python=sys.executable,
                           ssh_options=["-F", str(ssh_config)], bind=port_on(network.gateway),
-                          log_level="info") as cluster:
+                          log_level="info", tags={"far"}) as cluster:
         assert cluster.keys  # made for it: the workers' key went over ssh
         cluster.wait_for_workers(2)
+        assert [w["tags"] for w in cluster.status()["broker"]["workers"]] == [["far"], ["far"]]
         with zfarm.Client(cluster) as client:
             assert sum(client.map(abs, range(-1000, 0))) == 500500
         secret = (Path(cluster.keys) / "workers" / "worker.key_secret").read_text()
