@@ -16,6 +16,7 @@ from rich.console import Console
 import zfarm
 from tests import jobs
 from tests.helpers import Procs, require_status, run_zfarm, wait_for
+from tests.test_cluster import SlowHandle, SlowLauncher
 from zfarm.dashboard import DashboardState, render
 
 
@@ -40,6 +41,23 @@ def test_a_cluster_shows_in_zfarm_status_and_the_dashboard_and_goes_when_it_clos
     finally:
         cluster.close()
     assert require_status(endpoint)["clusters"] == [], "a closed cluster must go at once"
+
+
+def test_a_batch_job_still_queued_shows_as_pending_at_the_broker(procs: Procs) -> None:
+    _, endpoint = procs.broker()
+    handle = SlowHandle(queued=True)  # a launcher whose job waits in a batch queue (as Slurm's do)
+    handle.answer.set()
+    cluster = SlowLauncher(handle, endpoint)
+    try:
+        def pending() -> dict[str, object] | None:
+            rows = require_status(endpoint).get("clusters", [])
+            return rows[0] if rows and rows[0]["pending"] == 1 else None
+
+        row = wait_for(pending, 30, interval_s=0.2, message="the cluster's pending worker")
+        assert (row["launcher"], row["requested"], row["launched"], row["running"], row["coming"]) == (
+            "slow", 1, 1, 0, 1)
+    finally:
+        cluster.close(timeout_s=10)
 
 
 def test_cluster_workers_offer_the_resources_and_tags_the_cluster_was_given() -> None:
