@@ -358,8 +358,8 @@ class Cluster:
                 self._check_broker()
                 self._refresh()
                 self._reap(now)
-                self._read_broker(now)
-                self._reconcile(now)
+                self._reconcile(now)  # first: a launch never waits for the broker's answer
+                self._read_broker(now)  # (a new target from adapt is launched at the next tick)
             except Exception:  # the supervisor must outlive any one launcher's surprise
                 log.exception("%s cluster: supervision step failed", self.kind)
             with self._lock:
