@@ -59,6 +59,7 @@ def test_a_slurm_worker_offers_its_job_s_memory_unless_told_otherwise() -> None:
     assert with_slurm_mem("mem=2G", "4G") == "mem=2G"
     assert with_slurm_mem("gpus=1", None) == "gpus=1"
     assert with_slurm_mem("", "4G-ish") == ""
+    assert with_slurm_mem("", "0") == ""  # Slurm's "all of the node's memory"
 
 
 def test_a_cluster_with_bad_resources_is_refused_before_it_starts_anything() -> None:

@@ -78,7 +78,7 @@ def with_slurm_mem(resources: str, mem: str | None) -> str:
     """A Slurm worker offers the memory its job asked for (``--mem``), not its node's, unless
     ``resources`` says how much."""
     match = _SLURM_MEM.match(mem.strip()) if mem else None
-    if match is None or "mem" in parse_resources(resources):
-        return resources
+    if match is None or int(match.group(1)) == 0 or "mem" in parse_resources(resources):
+        return resources  # (--mem=0: all of the node's memory, which the worker finds itself)
     amount = f"mem={match.group(1)}{match.group(2).upper() or 'M'}"
     return f"{resources},{amount}" if resources else amount
