@@ -105,7 +105,7 @@ def test_profile_resources_and_tags_are_checked_naming_the_file_and_key(tmp_path
         load_profile("badtype", [toml])
     assert with_overrides(good, resources="gpus=2", tags=None).settings == {
         "resources": "gpus=2", "tags": ["bigmem"]}
-    with pytest.raises(ProfileError, match="resources"):
+    with pytest.raises(ConfigError, match=r"^--resources: resource gpus='-1'"):
         with_overrides(good, resources="gpus=-1")
 
 

@@ -180,16 +180,20 @@ def _check_offer(file: str, name: str, settings: dict[str, Any]) -> None:
 
 
 def with_overrides(profile: Profile, **settings: Any) -> Profile:
-    """The profile with these settings in place of its own (``zfarm up --resources ...``); None values
-    are left out.
+    """The profile with ``resources`` or ``tags`` given on the command line (``zfarm up --resources
+    ...``) in place of its own; None values are left out.
 
     Raises:
-        ProfileError: a setting that is wrong (checked as the file's would be).
+        ConfigError: a value that is wrong, naming its flag.
     """
     given = {k: v for k, v in settings.items() if v is not None}
-    merged = {**profile.settings, **given}
-    _check_offer(profile.file, profile.name, given)
-    return dataclasses.replace(profile, settings=merged)
+    for key, check in (("resources", resources_text), ("tags", tags_text)):
+        if key in given:
+            try:
+                check(given[key])
+            except ConfigError as exc:
+                raise ConfigError(f"--{key}: {exc}") from None
+    return dataclasses.replace(profile, settings={**profile.settings, **given})
 
 
 def build_cluster(profile: Profile) -> Cluster:
