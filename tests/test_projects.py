@@ -9,6 +9,7 @@ unschedulable requests.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -190,3 +191,43 @@ def test_a_dependent_job_that_cannot_be_submitted_leaves_its_upstream_result_unp
         assert upstream.result(30) == 3
         # else the broker would hold the upstream result until the client closes
         assert client._connection.core.receipts.pins.snapshot() == frozenset()
+
+
+@pytest.mark.slow
+def test_a_suspended_project_stays_suspended_when_its_broker_is_sigkilled_and_restarted(
+        procs: Procs, tmp_path: Path) -> None:
+    journal = str(tmp_path / "journal.db")
+    broker, endpoint = procs.broker(None, *FAST, "--journal", journal)
+    procs.worker(endpoint, procs=1)
+    wait_for_workers(endpoint, 1)
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    with zfarm.Client(endpoint, session="kept") as client:
+        project = client.project("kept", priority=3)
+        futures = [project.submit(jobs.record_run, str(markers), i, 0.1) for i in range(15)]
+        wait_for(lambda: len(runs(markers, "finished")) >= 2, 30, message="progress")
+        result = run_zfarm("project", "suspend", "kept", "--connect", endpoint)
+        assert result.returncode == 0, result.stderr
+        wait_for(lambda: project_view(endpoint, "kept")["running"] == 0, 30, message="the running job to end")
+        broker.kill()
+        broker.wait(10)
+        started = len(runs(markers, "started"))
+        assert started < 15
+
+        procs.broker(endpoint, *FAST, "--journal", journal)
+        shown = run_zfarm("project", "show", "kept", "--json", "--connect", endpoint)
+        assert shown.returncode == 0, shown.stderr
+        view = json.loads(shown.stdout)
+        assert (view["state"], view["priority"]) == ("suspended", 3), view
+        wait_for_workers(endpoint, 1)  # the worker is back: it would take a job if one were dispatched
+        since = time.monotonic()
+
+        def quiet_for_two_seconds() -> bool:
+            now = project_view(endpoint, "kept")
+            assert (now["state"], now["running"]) == ("suspended", 0), now
+            assert len(runs(markers, "started")) == started
+            return time.monotonic() - since >= 2.0
+
+        wait_for(quiet_for_two_seconds, 20, interval_s=0.1, message="two seconds with nothing dispatched")
+        assert run_zfarm("project", "resume", "kept", "--connect", endpoint).returncode == 0
+        assert [f.result(60) for f in futures] == [i * 10 for i in range(15)]

@@ -3,6 +3,7 @@ on_error, and a project read back from the journal. Plain data and a fake clock.
 
 from __future__ import annotations
 
+import sqlite3
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -337,6 +338,102 @@ def test_a_project_is_known_again_after_a_restart_from_the_journal(tmp_path: Pat
     assert (kept["name"], kept["priority"], kept["share"], kept["queued"]) == ("kept", 7, 2.0, 5)
     again.worker(W1, "w1", credit=MAX_CREDIT)
     assert len(job_rows(again.out(1.0), W1)) == 5
+
+
+def restart(farm: Farm, path: str, now: float) -> Farm:
+    """The broker's turn ends (its journal committed), it dies, and another starts on the journal."""
+    farm.out(now)
+    farm.sched.journal.commit()  # type: ignore[union-attr]
+    farm.sched.journal.close()  # type: ignore[union-attr]  # (what a turn committed is what a kill leaves)
+    again = Farm(now, journal=Journal(path))
+    again.send(MON, p.Hello("monitor", "m", "h", 3, 0, {}), now)
+    return again
+
+
+def test_a_suspended_project_and_its_changed_settings_survive_a_restart_from_the_journal(
+        tmp_path: Path) -> None:
+    path = str(tmp_path / "j.db")
+    farm = Farm(journal=Journal(path))
+    farm.client(CA, "ca", session="s")
+    farm.send(MON, p.Hello("monitor", "m", "h", 3, 0, {}), 0.0)
+    farm.worker(W1, "w1", slots=1, credit=1)
+    submit(farm, range(1, 6), project="held", priority=1, share=1.0)
+    assert len(job_rows(farm.out(0.0), W1)) == 1  # one runs
+    assert act(farm, "set", "held", 1.0, priority=7, share=3.0).error == ""
+    assert act(farm, "suspend", "held", 2.0).projects[0]["state"] == "suspended"
+    again = restart(farm, path, 3.0)
+    kept = view(again, "held")
+    assert (kept["state"], kept["priority"], kept["share"], kept["queued"]) == ("suspended", 7, 3.0, 5)
+    assert kept["why_suspended"] == "suspended by request"
+    again.worker(W1, "w1", 3.0, credit=MAX_CREDIT)
+    assert job_rows(again.out(3.0), W1) == []  # the running one too is queued again, and held
+    again = restart(again, path, 4.0)  # and again, with nothing changed in between
+    again.worker(W1, "w1", 4.0, credit=MAX_CREDIT)
+    assert job_rows(again.out(4.0), W1) == []
+    assert act(again, "resume", "held", 5.0).error == ""
+    assert sorted(r[1] for r in job_rows(SENT, W1)) == [1, 2, 3, 4, 5]
+    again = restart(again, path, 6.0)  # resumed is kept too
+    assert view(again, "held")["state"] == "queued" and view(again, "held")["priority"] == 7
+
+
+def test_a_cancelled_project_stays_cancelled_after_a_restart(tmp_path: Path) -> None:
+    path = str(tmp_path / "j.db")
+    farm = Farm(journal=Journal(path))
+    farm.client(CA, "ca", session="s")
+    farm.send(MON, p.Hello("monitor", "m", "h", 3, 0, {}), 0.0)
+    farm.worker(W1, "w1", slots=1, credit=1)
+    submit(farm, range(1, 5), project="gone", on_error="suspend")
+    job_rows(farm.out(0.0), W1)
+    assert act(farm, "cancel", "gone", 1.0).projects[0]["cancelled"] == 4
+    again = restart(farm, path, 2.0)
+    again.worker(W1, "w1", 2.0, credit=MAX_CREDIT)
+    assert job_rows(again.out(2.0), W1) == []
+    assert [v["name"] for v in again.snap(2.0)["projects"]] == []  # nothing left of it to come back
+    held = again.sched.clients["ca"].held  # its results are held for its client
+    assert {seq: h.outcome for seq, h in held.items()} == dict.fromkeys(range(1, 5), int(p.Outcome.CANCELLED))
+
+
+def test_a_project_row_is_dropped_once_the_project_is_owed_nothing(tmp_path: Path) -> None:
+    """Done and not suspended: its row goes (the journal holds only what is owed); suspended, it stays."""
+    path = str(tmp_path / "j.db")
+    farm = Farm(journal=Journal(path))
+    farm.client(CA, "ca", session="s")
+    farm.send(MON, p.Hello("monitor", "m", "h", 3, 0, {}), 0.0)
+    farm.worker(W1, "w1", slots=1, credit=1)
+    submit(farm, [1], project="quick")
+    submit(farm, [2], with_fn=False, project="idle-suspended")
+    (row,) = job_rows(farm.out(0.0), W1)
+    act(farm, "suspend", "idle-suspended", 0.5)
+    act(farm, "cancel", "idle-suspended", 0.6)
+    act(farm, "suspend", "idle-suspended", 0.7)
+    finish(farm, [row], 1.0)
+    farm.sched.tick(5.0)
+    farm.out(5.0)
+    farm.sched.journal.commit()  # type: ignore[union-attr]
+    assert [r.name for r in farm.sched.journal._load().projects] == ["idle-suspended"]  # type: ignore[union-attr]
+    again = restart(farm, path, 6.0)
+    assert [(v["name"], v["state"]) for v in again.snap(6.0)["projects"]] == [("idle-suspended", "suspended")]
+
+
+def test_a_project_row_that_fails_its_seal_is_dropped_and_its_jobs_still_run(tmp_path: Path) -> None:
+    path = str(tmp_path / "j.db")
+    farm = Farm(journal=Journal(path))
+    farm.client(CA, "ca", session="s")
+    farm.send(MON, p.Hello("monitor", "m", "h", 3, 0, {}), 0.0)
+    submit(farm, range(1, 3), project="tampered", priority=2)
+    act(farm, "suspend", "tampered", 1.0)
+    farm.out(1.0)
+    farm.sched.journal.close()  # type: ignore[union-attr]
+    db = sqlite3.connect(path)
+    with db:
+        db.execute("UPDATE projects SET seal=x'00'")
+    db.close()
+    again = Farm(2.0, journal=Journal(path))
+    assert again.counter("corrupted") == 1
+    (status,) = again.snap(2.0)["projects"]
+    assert (status["state"], status["priority"], status["queued"]) == ("queued", 2, 2)
+    again.worker(W1, "w1", 2.0, credit=MAX_CREDIT)
+    assert len(job_rows(again.out(2.0), W1)) == 2
 
 
 # ---- random conversations, with projects --------------------------------------------------------------
