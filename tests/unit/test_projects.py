@@ -97,6 +97,72 @@ def test_a_project_that_was_idle_gets_no_banked_turns() -> None:
     assert taken == {"new": 20, "old": 20}
 
 
+class Slots:
+    """Worker w1 played with a fake clock: each job it gets runs for its project's job length
+    (``length_s[seq // 10_000]``), then its result reports that run time, as a worker's does."""
+
+    def __init__(self, farm: Farm, length_s: dict[int, float]) -> None:
+        self.farm, self.length_s = farm, length_s
+        self.now = 0.0
+        self.running: list[tuple[float, int, list[Any]]] = []  # (when it ends, seq, its JOBS row)
+        self.ended: dict[int, float] = {}  # seq: when it ended
+
+    def run(self, seconds: float) -> dict[int, float]:
+        """Run on for ``seconds``; returns the slot-seconds each project's jobs held meanwhile."""
+        held: Counter[int] = Counter()
+        end = self.now + seconds
+        while True:
+            for row in job_rows(self.farm.out(self.now), W1):
+                self.running.append((self.now + self.length_s[row[1] // 10_000], row[1], row))
+            self.running.sort()
+            upto = min(self.running[0][0], end)
+            for _, seq, _ in self.running if upto > self.now else ():
+                held[seq // 10_000] += upto - self.now
+            self.now = upto
+            if self.running[0][0] > end:
+                return dict(held)
+            _, seq, row = self.running.pop(0)
+            self.ended[seq] = self.now
+            run = [[self.now - self.length_s[seq // 10_000], self.now, self.length_s[seq // 10_000], 0]]
+            self.farm.send(W1, p.Results(1, [[row[0], seq, row[2], OK, 1, ""]], [b"r"], run), self.now)
+
+
+def slot_time_farm(**shares: float) -> Farm:
+    """A worker of 4 slots; for each project ``name=share`` 2,000 jobs, numbered from ``10_000 * k``
+    for the k-th project (k from 1)."""
+    farm = Farm()
+    farm.client(CA, "ca")
+    farm.worker(W1, "w1", slots=4, credit=4)
+    for k, (name, share) in enumerate(shares.items(), start=1):
+        submit(farm, range(10_000 * k, 10_000 * k + 2000), with_fn=k == 1, project=name, share=share)
+    return farm
+
+
+@pytest.mark.parametrize(("share_long", "expected_long"), [(1.0, 0.5), (2.0, 2 / 3)])
+def test_running_slot_time_follows_the_shares_whatever_the_jobs_lengths(share_long: float,
+                                                                          expected_long: float) -> None:
+    """10 s jobs beside 1 s jobs on 4 slots for five simulated minutes: slot-time, not dispatches,
+    is shared (counting dispatches would give the long jobs nearly every slot)."""
+    farm = slot_time_farm(long=share_long, short=1.0)
+    held = Slots(farm, {1: 10.0, 2: 1.0}).run(300.0)
+    fraction = held[1] / (held[1] + held[2])
+    assert abs(fraction - expected_long) <= 0.1 * expected_long, held
+
+
+def test_a_ten_job_project_gets_its_share_of_slot_time_at_once_beside_a_long_running_one() -> None:
+    """Neither starved (it does not wait behind the big one's backlog) nor a burst (it banked nothing
+    while it was idle): two of the four slots from the moment it arrives."""
+    farm = slot_time_farm(big=1.0)
+    slots = Slots(farm, {1: 1.0, 2: 1.0})
+    assert slots.run(120.0) == {1: 480.0}
+    submit(farm, range(20_000, 20_010), 120.0, with_fn=False, project="small")
+    assert slots.run(1.0) == {1: 4.0}  # every slot was busy when it came: running jobs go on
+    held = slots.run(4.0)
+    assert held == {1: 8.0, 2: 8.0}, held  # from the next free slots on, half the slot-time each
+    slots.run(1.0)
+    assert max(slots.ended[seq] for seq in range(20_000, 20_010)) == 126.0  # its ten jobs: 5 s on 2 slots
+
+
 def test_a_higher_priority_goes_first_without_stopping_running_jobs() -> None:
     farm = farm_with_one_slot()
     submit(farm, range(1, 11), project="low", priority=0)
