@@ -231,3 +231,21 @@ def test_a_suspended_project_stays_suspended_when_its_broker_is_sigkilled_and_re
         wait_for(quiet_for_two_seconds, 20, interval_s=0.1, message="two seconds with nothing dispatched")
         assert run_zfarm("project", "resume", "kept", "--connect", endpoint).returncode == 0
         assert [f.result(60) for f in futures] == [i * 10 for i in range(15)]
+
+
+def test_map_waits_for_futures_among_its_items_and_inside_them(procs: Procs) -> None:
+    """Futures as map items (and inside list items) make those items' jobs wait for theirs, as submit's
+    arguments do; the plain items around them go on in the same map, chunked or not."""
+    endpoint, _ = procs.farm(*FAST, workers=1, procs=2)
+    with zfarm.Client(endpoint) as client:
+        f1 = client.submit(jobs.sleep_then, 1, 0.5)
+        f2 = client.submit(jobs.sleep_then, 2, 0.2)
+        f3 = client.submit(jobs.sleep_then, 3, 0.1)
+        got = list(client.map(jobs.add, [f1, f2, [f3], [4]], [10, 20, [30], [40]], timeout=60))
+        assert got == [11, 22, [3, 30], [4, 40]]
+        project = client.project("mapped")  # fixed chunks of 10: the items with futures are cut out
+        got = list(project.map(jobs.echo, [5, f1, 6, {"x": (f2, [f3])}, 7], chunksize=10, timeout=60))
+        assert got == [5, 1, 6, {"x": (2, [3])}, 7]
+        failed = client.submit(jobs.boom, 1)
+        with pytest.raises(zfarm.DependencyFailed):
+            list(client.map(jobs.add, [7, failed], [1, 1], timeout=60))

@@ -243,3 +243,51 @@ def upstream_arguments(args: tuple[Any, ...], kwargs: dict[str, Any],
     new_args = tuple(walk(a, 0) for a in args)
     new_kwargs = {k: walk(v, 0) for k, v in kwargs.items()}
     return new_args, new_kwargs, after
+
+
+def _holds_future(value: Any, depth: int) -> bool:
+    """Whether ``value`` is a future or holds one in lists, tuples and dicts (as deep as
+    :func:`upstream_arguments` looks)."""
+    kind = type(value)
+    if kind in _PLAIN:
+        return False
+    if kind is list or kind is tuple:  # (one pass over their types in C first: most hold plain values)
+        return depth <= 8 and not set(map(type, value)) <= _PLAIN and any(
+            _holds_future(v, depth + 1) for v in value)
+    if kind is dict:
+        return depth <= 8 and any(_holds_future(v, depth + 1) for v in value.values())
+    return isinstance(value, JobFuture)
+
+
+def cut_at_futures(items: list[tuple[Any, ...]]) -> list[list[tuple[Any, ...]]]:
+    """A map's chunk cut so that each item with a future among its arguments (at top level or
+    inside lists, tuples and dicts) is a chunk of its own, between the runs of items without."""
+    pieces: list[list[tuple[Any, ...]]] = []
+    plain: list[tuple[Any, ...]] = []
+    for item in items:
+        if any(type(arg) not in _PLAIN and _holds_future(arg, 0) for arg in item):
+            if plain:
+                pieces.append(plain)
+                plain = []
+            pieces.append([item])
+        else:
+            plain.append(item)
+    if plain:
+        pieces.append(plain)
+    return pieces
+
+
+def upstream_items(items: list[tuple[Any, ...]],
+                   connection: IOThread) -> tuple[list[tuple[Any, ...]], list[int]]:
+    """A map's chunk with futures replaced as :func:`upstream_arguments` replaces a job's arguments,
+    and the upstream job numbers. Only a chunk of one item may hold futures (the map sends such an
+    item as its own job, :func:`cut_at_futures`): a longer one is returned as it is.
+
+    Raises:
+        ConfigError: a future of another client.
+        DependencyFailed: a future that is done but did not succeed.
+    """
+    if len(items) != 1:
+        return items, []
+    args, _, after = upstream_arguments(items[0], {}, connection)
+    return [args], after

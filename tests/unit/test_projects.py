@@ -1,11 +1,13 @@
-"""Projects in the broker's core: fair share, priorities, phases, resources, suspend/resume/cancel,
-on_error, and a project read back from the journal. Plain data and a fake clock."""
+"""Projects in the broker's core: fair share (by slot-time), priorities, phases, resources,
+suspend/resume/cancel, on_error, and a project (suspended or not) read back from the journal; and, on
+the client's side, a map's chunks cut around items holding futures. Plain data and a fake clock."""
 
 from __future__ import annotations
 
 import sqlite3
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -28,9 +30,13 @@ from tests.unit.test_scheduler import (
     to,
 )
 from zfarm import protocol as p
+from zfarm import serialization as ser
 from zfarm.broker import placement
 from zfarm.broker.journal import Journal
 from zfarm.broker.placement import MAX_CREDIT
+from zfarm.client.futures import JobFuture
+from zfarm.errors import FutureInArguments
+from zfarm.projects import cut_at_futures
 
 ERROR = int(p.Outcome.ERROR)
 
@@ -500,6 +506,18 @@ def test_a_project_row_that_fails_its_seal_is_dropped_and_its_jobs_still_run(tmp
     assert (status["state"], status["priority"], status["queued"]) == ("queued", 2, 2)
     again.worker(W1, "w1", 2.0, credit=MAX_CREDIT)
     assert len(job_rows(again.out(2.0), W1)) == 2
+
+
+def test_a_maps_chunk_is_cut_around_each_item_holding_a_future_and_a_future_never_pickles() -> None:
+    future = JobFuture(None, 1)  # type: ignore[arg-type]  # (no connection: only looked for here)
+    items = [1, 2, future, 3, [4, (future,)], {"k": "v"}, {"k": [future]}, 5, 6]
+    pieces = cut_at_futures([(x,) for x in items])
+    assert [[x for (x,) in piece] for piece in pieces] == [
+        [1, 2], [future], [3], [[4, (future,)]], [{"k": "v"}], [{"k": [future]}], [5, 6]]
+    assert cut_at_futures([(1, "a"), (None, 2.5)]) == [[(1, "a"), (None, 2.5)]]
+    with pytest.raises(FutureInArguments, match="future of job 1 is inside an object") as info:
+        ser.dump_chunk([(1,), (SimpleNamespace(hidden=future),)])  # where nobody looks for it
+    assert info.value.seq == 1
 
 
 # ---- random conversations, with projects --------------------------------------------------------------
