@@ -249,3 +249,7 @@ def test_map_waits_for_futures_among_its_items_and_inside_them(procs: Procs) -> 
         failed = client.submit(jobs.boom, 1)
         with pytest.raises(zfarm.DependencyFailed):
             list(client.map(jobs.add, [7, failed], [1, 1], timeout=60))
+        slow = client.submit(jobs.sleep_then, 0, 1.0)
+        with pytest.raises(zfarm.DependencyFailed):  # failed is done: refused at once, slow not held for it
+            client.submit(jobs.add, slow, failed)
+        assert client._connection.core.receipts.pins.snapshot() == frozenset()

@@ -171,13 +171,14 @@ class DependencyFailed(ZfarmError):
 
 class FutureInArguments(ConfigError):
     """A job's future met while pickling another job's arguments: where zfarm does not look for
-    futures (inside an object other than a list, tuple or dict), so the job would not wait for it."""
+    futures (inside an object other than a list, tuple or dict, or too deep), so the job would not
+    wait for it."""
 
     def __init__(self, seq: int) -> None:
         self.seq = seq
         super().__init__(f"the future of job {seq} is inside an object zfarm does not look into: pass "
-                         "futures as arguments, or inside lists, tuples and dicts (the job then waits for "
-                         "them), or pass future.result()")
+                         "futures as arguments, or inside lists, tuples and dicts up to 8 levels deep (the "
+                         "job then waits for them), or pass future.result()")
 
     def __reduce__(self) -> tuple[type, tuple[int]]:
         return (type(self), (self.seq,))

@@ -209,21 +209,38 @@ def upstream_arguments(args: tuple[Any, ...], kwargs: dict[str, Any],
     """
     if all(type(a) in _PLAIN for a in args) and all(type(v) in _PLAIN for v in kwargs.values()):
         return args, kwargs, []  # (the common case, at no cost)
-    after: list[int] = []
+    found = _Upstreams(connection)
+    try:
+        new_args = tuple(found.walk(a, 0) for a in args)
+        new_kwargs = {k: found.walk(v, 0) for k, v in kwargs.items()}
+    except BaseException:
+        connection.unpin(found.after)  # (the futures before the one that failed were pinned for this job)
+        raise
+    return new_args, new_kwargs, found.after
 
-    def walk(value: Any, depth: int) -> Any:
+
+class _Upstreams:
+    """One job's arguments walked for futures (:func:`upstream_arguments`): the upstream job numbers
+    found so far, each pinned once (its result stays held at the broker for this job)."""
+
+    def __init__(self, connection: IOThread) -> None:
+        self.connection = connection
+        self.after: list[int] = []
+
+    def walk(self, value: Any, depth: int) -> Any:
         if isinstance(value, JobFuture):
-            return upstream(value)
+            return self.upstream(value)
         if depth > 8:
             return value
         if type(value) in (list, tuple):
-            items = [walk(v, depth + 1) for v in value]
+            items = [self.walk(v, depth + 1) for v in value]
             return value if all(a is b for a, b in zip(items, value, strict=True)) else type(value)(items)
         if type(value) is dict:
-            return {k: walk(v, depth + 1) for k, v in value.items()}
+            return {k: self.walk(v, depth + 1) for k, v in value.items()}
         return value
 
-    def upstream(future: JobFuture) -> Any:
+    def upstream(self, future: JobFuture) -> Any:
+        connection, after = self.connection, self.after
         if future._owner is not connection:
             raise ConfigError(f"job {future.seq} belongs to another client: a job may depend only on "
                               "futures of its own client (pass the value, future.result(), instead)")
@@ -239,10 +256,6 @@ def upstream_arguments(args: tuple[Any, ...], kwargs: dict[str, Any],
         else:
             connection.unpin([future.seq])  # pinned once per dependent job
         return Upstream(after.index(future.seq))
-
-    new_args = tuple(walk(a, 0) for a in args)
-    new_kwargs = {k: walk(v, 0) for k, v in kwargs.items()}
-    return new_args, new_kwargs, after
 
 
 def _holds_future(value: Any, depth: int) -> bool:
