@@ -75,7 +75,10 @@ def farm_with_one_slot() -> Farm:
     return farm
 
 
-def test_fair_share_follows_the_shares_within_ten_percent_over_a_thousand_dispatches() -> None:
+@pytest.mark.parametrize("run_s", [None, 0.5])
+def test_fair_share_follows_the_shares_within_ten_percent_over_a_thousand_dispatches(
+        run_s: float | None) -> None:
+    """Jobs of equal length (their run time reported or not): dispatches follow the shares."""
     farm = farm_with_one_slot()
     submit(farm, range(1, 2001), project="a", share=1.0)
     submit(farm, range(2001, 4001), with_fn=False, project="b", share=3.0)
@@ -83,7 +86,11 @@ def test_fair_share_follows_the_shares_within_ten_percent_over_a_thousand_dispat
     for step in range(1000):
         (row,) = job_rows(farm.out(step), W1)
         counts["a" if row[1] <= 2000 else "b"] += 1
-        finish(farm, [row], step + 0.5)
+        if run_s is None:
+            finish(farm, [row], step + 0.5)
+        else:
+            stats = [[step, step + run_s, run_s, 0]]
+            farm.send(W1, p.Results(1, [[row[0], row[1], row[2], OK, 1, ""]], [b"r"], stats), step + run_s)
     assert abs(counts["a"] - 250) <= 25 and abs(counts["b"] - 750) <= 75, counts
 
 
