@@ -9,6 +9,7 @@ unschedulable requests.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -189,4 +190,66 @@ def test_a_dependent_job_that_cannot_be_submitted_leaves_its_upstream_result_unp
             client.submit(jobs.add, upstream, threading.Lock())
         assert upstream.result(30) == 3
         # else the broker would hold the upstream result until the client closes
+        assert client._connection.core.receipts.pins.snapshot() == frozenset()
+
+
+@pytest.mark.slow
+def test_a_suspended_project_stays_suspended_when_its_broker_is_sigkilled_and_restarted(
+        procs: Procs, tmp_path: Path) -> None:
+    journal = str(tmp_path / "journal.db")
+    broker, endpoint = procs.broker(None, *FAST, "--journal", journal)
+    procs.worker(endpoint, procs=1)
+    wait_for_workers(endpoint, 1)
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    with zfarm.Client(endpoint, session="kept") as client:
+        project = client.project("kept", priority=3)
+        futures = [project.submit(jobs.record_run, str(markers), i, 0.1) for i in range(15)]
+        wait_for(lambda: len(runs(markers, "finished")) >= 2, 30, message="progress")
+        result = run_zfarm("project", "suspend", "kept", "--connect", endpoint)
+        assert result.returncode == 0, result.stderr
+        wait_for(lambda: project_view(endpoint, "kept")["running"] == 0, 30, message="the running job to end")
+        broker.kill()
+        broker.wait(10)
+        started = len(runs(markers, "started"))
+        assert started < 15
+
+        procs.broker(endpoint, *FAST, "--journal", journal)
+        shown = run_zfarm("project", "show", "kept", "--json", "--connect", endpoint)
+        assert shown.returncode == 0, shown.stderr
+        view = json.loads(shown.stdout)
+        assert (view["state"], view["priority"]) == ("suspended", 3), view
+        wait_for_workers(endpoint, 1)  # the worker is back: it would take a job if one were dispatched
+        since = time.monotonic()
+
+        def quiet_for_two_seconds() -> bool:
+            now = project_view(endpoint, "kept")
+            assert (now["state"], now["running"]) == ("suspended", 0), now
+            assert len(runs(markers, "started")) == started
+            return time.monotonic() - since >= 2.0
+
+        wait_for(quiet_for_two_seconds, 20, interval_s=0.1, message="two seconds with nothing dispatched")
+        assert run_zfarm("project", "resume", "kept", "--connect", endpoint).returncode == 0
+        assert [f.result(60) for f in futures] == [i * 10 for i in range(15)]
+
+
+def test_map_waits_for_futures_among_its_items_and_inside_them(procs: Procs) -> None:
+    """Futures as map items (and inside list items) make those items' jobs wait for theirs, as submit's
+    arguments do; the plain items around them go on in the same map, chunked or not."""
+    endpoint, _ = procs.farm(*FAST, workers=1, procs=2)
+    with zfarm.Client(endpoint) as client:
+        f1 = client.submit(jobs.sleep_then, 1, 0.5)
+        f2 = client.submit(jobs.sleep_then, 2, 0.2)
+        f3 = client.submit(jobs.sleep_then, 3, 0.1)
+        got = list(client.map(jobs.add, [f1, f2, [f3], [4]], [10, 20, [30], [40]], timeout=60))
+        assert got == [11, 22, [3, 30], [4, 40]]
+        project = client.project("mapped")  # fixed chunks of 10: the items with futures are cut out
+        got = list(project.map(jobs.echo, [5, f1, 6, {"x": (f2, [f3])}, 7], chunksize=10, timeout=60))
+        assert got == [5, 1, 6, {"x": (2, [3])}, 7]
+        failed = client.submit(jobs.boom, 1)
+        with pytest.raises(zfarm.DependencyFailed):
+            list(client.map(jobs.add, [7, failed], [1, 1], timeout=60))
+        slow = client.submit(jobs.sleep_then, 0, 1.0)
+        with pytest.raises(zfarm.DependencyFailed):  # failed is done: refused at once, slow not held for it
+            client.submit(jobs.add, slow, failed)
         assert client._connection.core.receipts.pins.snapshot() == frozenset()

@@ -169,6 +169,21 @@ class DependencyFailed(ZfarmError):
         return (type(self), (self.job, self.upstream, self.detail))
 
 
+class FutureInArguments(ConfigError):
+    """A job's future met while pickling another job's arguments: where zfarm does not look for
+    futures (inside an object other than a list, tuple or dict, or too deep), so the job would not
+    wait for it."""
+
+    def __init__(self, seq: int) -> None:
+        self.seq = seq
+        super().__init__(f"the future of job {seq} is inside an object zfarm does not look into: pass "
+                         "futures as arguments, or inside lists, tuples and dicts up to 8 levels deep (the "
+                         "job then waits for them), or pass future.result()")
+
+    def __reduce__(self) -> tuple[type, tuple[int]]:
+        return (type(self), (self.seq,))
+
+
 class RemoteTraceback(Exception):
     """Carries a remote traceback; set as ``__cause__`` of a re-raised job error."""
 

@@ -209,21 +209,38 @@ def upstream_arguments(args: tuple[Any, ...], kwargs: dict[str, Any],
     """
     if all(type(a) in _PLAIN for a in args) and all(type(v) in _PLAIN for v in kwargs.values()):
         return args, kwargs, []  # (the common case, at no cost)
-    after: list[int] = []
+    found = _Upstreams(connection)
+    try:
+        new_args = tuple(found.walk(a, 0) for a in args)
+        new_kwargs = {k: found.walk(v, 0) for k, v in kwargs.items()}
+    except BaseException:
+        connection.unpin(found.after)  # (the futures before the one that failed were pinned for this job)
+        raise
+    return new_args, new_kwargs, found.after
 
-    def walk(value: Any, depth: int) -> Any:
+
+class _Upstreams:
+    """One job's arguments walked for futures (:func:`upstream_arguments`): the upstream job numbers
+    found so far, each pinned once (its result stays held at the broker for this job)."""
+
+    def __init__(self, connection: IOThread) -> None:
+        self.connection = connection
+        self.after: list[int] = []
+
+    def walk(self, value: Any, depth: int) -> Any:
         if isinstance(value, JobFuture):
-            return upstream(value)
+            return self.upstream(value)
         if depth > 8:
             return value
         if type(value) in (list, tuple):
-            items = [walk(v, depth + 1) for v in value]
+            items = [self.walk(v, depth + 1) for v in value]
             return value if all(a is b for a, b in zip(items, value, strict=True)) else type(value)(items)
         if type(value) is dict:
-            return {k: walk(v, depth + 1) for k, v in value.items()}
+            return {k: self.walk(v, depth + 1) for k, v in value.items()}
         return value
 
-    def upstream(future: JobFuture) -> Any:
+    def upstream(self, future: JobFuture) -> Any:
+        connection, after = self.connection, self.after
         if future._owner is not connection:
             raise ConfigError(f"job {future.seq} belongs to another client: a job may depend only on "
                               "futures of its own client (pass the value, future.result(), instead)")
@@ -240,6 +257,50 @@ def upstream_arguments(args: tuple[Any, ...], kwargs: dict[str, Any],
             connection.unpin([future.seq])  # pinned once per dependent job
         return Upstream(after.index(future.seq))
 
-    new_args = tuple(walk(a, 0) for a in args)
-    new_kwargs = {k: walk(v, 0) for k, v in kwargs.items()}
-    return new_args, new_kwargs, after
+
+def _holds_future(value: Any, depth: int) -> bool:
+    """Whether ``value`` is a future or holds one in lists, tuples and dicts (as deep as
+    :func:`upstream_arguments` looks)."""
+    kind = type(value)
+    if kind in _PLAIN:
+        return False
+    if kind is list or kind is tuple:  # (one pass over their types in C first: most hold plain values)
+        return depth <= 8 and not set(map(type, value)) <= _PLAIN and any(
+            _holds_future(v, depth + 1) for v in value)
+    if kind is dict:
+        return depth <= 8 and any(_holds_future(v, depth + 1) for v in value.values())
+    return isinstance(value, JobFuture)
+
+
+def cut_at_futures(items: list[tuple[Any, ...]]) -> list[list[tuple[Any, ...]]]:
+    """A map's chunk cut so that each item with a future among its arguments (at top level or
+    inside lists, tuples and dicts) is a chunk of its own, between the runs of items without."""
+    pieces: list[list[tuple[Any, ...]]] = []
+    plain: list[tuple[Any, ...]] = []
+    for item in items:
+        if any(type(arg) not in _PLAIN and _holds_future(arg, 0) for arg in item):
+            if plain:
+                pieces.append(plain)
+                plain = []
+            pieces.append([item])
+        else:
+            plain.append(item)
+    if plain:
+        pieces.append(plain)
+    return pieces
+
+
+def upstream_items(items: list[tuple[Any, ...]],
+                   connection: IOThread) -> tuple[list[tuple[Any, ...]], list[int]]:
+    """A map's chunk with futures replaced as :func:`upstream_arguments` replaces a job's arguments,
+    and the upstream job numbers. Only a chunk of one item may hold futures (the map sends such an
+    item as its own job, :func:`cut_at_futures`): a longer one is returned as it is.
+
+    Raises:
+        ConfigError: a future of another client.
+        DependencyFailed: a future that is done but did not succeed.
+    """
+    if len(items) != 1:
+        return items, []
+    args, _, after = upstream_arguments(items[0], {}, connection)
+    return [args], after

@@ -1,10 +1,13 @@
-"""Projects in the broker's core: fair share, priorities, phases, resources, suspend/resume/cancel,
-on_error, and a project read back from the journal. Plain data and a fake clock."""
+"""Projects in the broker's core: fair share (by slot-time), priorities, phases, resources,
+suspend/resume/cancel, on_error, and a project (suspended or not) read back from the journal; and, on
+the client's side, a map's chunks cut around items holding futures. Plain data and a fake clock."""
 
 from __future__ import annotations
 
+import sqlite3
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -27,9 +30,13 @@ from tests.unit.test_scheduler import (
     to,
 )
 from zfarm import protocol as p
+from zfarm import serialization as ser
 from zfarm.broker import placement
 from zfarm.broker.journal import Journal
 from zfarm.broker.placement import MAX_CREDIT
+from zfarm.client.futures import JobFuture
+from zfarm.errors import FutureInArguments
+from zfarm.projects import cut_at_futures
 
 ERROR = int(p.Outcome.ERROR)
 
@@ -68,7 +75,10 @@ def farm_with_one_slot() -> Farm:
     return farm
 
 
-def test_fair_share_follows_the_shares_within_ten_percent_over_a_thousand_dispatches() -> None:
+@pytest.mark.parametrize("run_s", [None, 0.5])
+def test_fair_share_follows_the_shares_within_ten_percent_over_a_thousand_dispatches(
+        run_s: float | None) -> None:
+    """Jobs of equal length (their run time reported or not): dispatches follow the shares."""
     farm = farm_with_one_slot()
     submit(farm, range(1, 2001), project="a", share=1.0)
     submit(farm, range(2001, 4001), with_fn=False, project="b", share=3.0)
@@ -76,7 +86,11 @@ def test_fair_share_follows_the_shares_within_ten_percent_over_a_thousand_dispat
     for step in range(1000):
         (row,) = job_rows(farm.out(step), W1)
         counts["a" if row[1] <= 2000 else "b"] += 1
-        finish(farm, [row], step + 0.5)
+        if run_s is None:
+            finish(farm, [row], step + 0.5)
+        else:
+            stats = [[step, step + run_s, run_s, 0]]
+            farm.send(W1, p.Results(1, [[row[0], row[1], row[2], OK, 1, ""]], [b"r"], stats), step + run_s)
     assert abs(counts["a"] - 250) <= 25 and abs(counts["b"] - 750) <= 75, counts
 
 
@@ -94,6 +108,72 @@ def test_a_project_that_was_idle_gets_no_banked_turns() -> None:
         taken["new" if row[1] > 1000 else "old"] += 1
         finish(farm, [row], step + 0.5)
     assert taken == {"new": 20, "old": 20}
+
+
+class Slots:
+    """Worker w1 played with a fake clock: each job it gets runs for its project's job length
+    (``length_s[seq // 10_000]``), then its result reports that run time, as a worker's does."""
+
+    def __init__(self, farm: Farm, length_s: dict[int, float]) -> None:
+        self.farm, self.length_s = farm, length_s
+        self.now = 0.0
+        self.running: list[tuple[float, int, list[Any]]] = []  # (when it ends, seq, its JOBS row)
+        self.ended: dict[int, float] = {}  # seq: when it ended
+
+    def run(self, seconds: float) -> dict[int, float]:
+        """Run on for ``seconds``; returns the slot-seconds each project's jobs held meanwhile."""
+        held: Counter[int] = Counter()
+        end = self.now + seconds
+        while True:
+            for row in job_rows(self.farm.out(self.now), W1):
+                self.running.append((self.now + self.length_s[row[1] // 10_000], row[1], row))
+            self.running.sort()
+            upto = min(self.running[0][0], end)
+            for _, seq, _ in self.running if upto > self.now else ():
+                held[seq // 10_000] += upto - self.now
+            self.now = upto
+            if self.running[0][0] > end:
+                return dict(held)
+            _, seq, row = self.running.pop(0)
+            self.ended[seq] = self.now
+            run = [[self.now - self.length_s[seq // 10_000], self.now, self.length_s[seq // 10_000], 0]]
+            self.farm.send(W1, p.Results(1, [[row[0], seq, row[2], OK, 1, ""]], [b"r"], run), self.now)
+
+
+def slot_time_farm(**shares: float) -> Farm:
+    """A worker of 4 slots; for each project ``name=share`` 2,000 jobs, numbered from ``10_000 * k``
+    for the k-th project (k from 1)."""
+    farm = Farm()
+    farm.client(CA, "ca")
+    farm.worker(W1, "w1", slots=4, credit=4)
+    for k, (name, share) in enumerate(shares.items(), start=1):
+        submit(farm, range(10_000 * k, 10_000 * k + 2000), with_fn=k == 1, project=name, share=share)
+    return farm
+
+
+@pytest.mark.parametrize(("share_long", "expected_long"), [(1.0, 0.5), (2.0, 2 / 3)])
+def test_running_slot_time_follows_the_shares_whatever_the_jobs_lengths(share_long: float,
+                                                                          expected_long: float) -> None:
+    """10 s jobs beside 1 s jobs on 4 slots for five simulated minutes: slot-time, not dispatches,
+    is shared (counting dispatches would give the long jobs nearly every slot)."""
+    farm = slot_time_farm(long=share_long, short=1.0)
+    held = Slots(farm, {1: 10.0, 2: 1.0}).run(300.0)
+    fraction = held[1] / (held[1] + held[2])
+    assert abs(fraction - expected_long) <= 0.1 * expected_long, held
+
+
+def test_a_ten_job_project_gets_its_share_of_slot_time_at_once_beside_a_long_running_one() -> None:
+    """Neither starved (it does not wait behind the big one's backlog) nor a burst (it banked nothing
+    while it was idle): two of the four slots from the moment it arrives."""
+    farm = slot_time_farm(big=1.0)
+    slots = Slots(farm, {1: 1.0, 2: 1.0})
+    assert slots.run(120.0) == {1: 480.0}
+    submit(farm, range(20_000, 20_010), 120.0, with_fn=False, project="small")
+    assert slots.run(1.0) == {1: 4.0}  # every slot was busy when it came: running jobs go on
+    held = slots.run(4.0)
+    assert held == {1: 8.0, 2: 8.0}, held  # from the next free slots on, half the slot-time each
+    slots.run(1.0)
+    assert max(slots.ended[seq] for seq in range(20_000, 20_010)) == 126.0  # its ten jobs: 5 s on 2 slots
 
 
 def test_a_higher_priority_goes_first_without_stopping_running_jobs() -> None:
@@ -337,6 +417,114 @@ def test_a_project_is_known_again_after_a_restart_from_the_journal(tmp_path: Pat
     assert (kept["name"], kept["priority"], kept["share"], kept["queued"]) == ("kept", 7, 2.0, 5)
     again.worker(W1, "w1", credit=MAX_CREDIT)
     assert len(job_rows(again.out(1.0), W1)) == 5
+
+
+def restart(farm: Farm, path: str, now: float) -> Farm:
+    """The broker's turn ends (its journal committed), it dies, and another starts on the journal."""
+    farm.out(now)
+    farm.sched.journal.commit()  # type: ignore[union-attr]
+    farm.sched.journal.close()  # type: ignore[union-attr]  # (what a turn committed is what a kill leaves)
+    again = Farm(now, journal=Journal(path))
+    again.send(MON, p.Hello("monitor", "m", "h", 3, 0, {}), now)
+    return again
+
+
+def test_a_suspended_project_and_its_changed_settings_survive_a_restart_from_the_journal(
+        tmp_path: Path) -> None:
+    path = str(tmp_path / "j.db")
+    farm = Farm(journal=Journal(path))
+    farm.client(CA, "ca", session="s")
+    farm.send(MON, p.Hello("monitor", "m", "h", 3, 0, {}), 0.0)
+    farm.worker(W1, "w1", slots=1, credit=1)
+    submit(farm, range(1, 6), project="held", priority=1, share=1.0)
+    assert len(job_rows(farm.out(0.0), W1)) == 1  # one runs
+    assert act(farm, "set", "held", 1.0, priority=7, share=3.0).error == ""
+    assert act(farm, "suspend", "held", 2.0).projects[0]["state"] == "suspended"
+    again = restart(farm, path, 3.0)
+    kept = view(again, "held")
+    assert (kept["state"], kept["priority"], kept["share"], kept["queued"]) == ("suspended", 7, 3.0, 5)
+    assert kept["why_suspended"] == "suspended by request"
+    again.worker(W1, "w1", 3.0, credit=MAX_CREDIT)
+    assert job_rows(again.out(3.0), W1) == []  # the running one too is queued again, and held
+    again = restart(again, path, 4.0)  # and again, with nothing changed in between
+    again.worker(W1, "w1", 4.0, credit=MAX_CREDIT)
+    assert job_rows(again.out(4.0), W1) == []
+    assert act(again, "resume", "held", 5.0).error == ""
+    assert sorted(r[1] for r in job_rows(SENT, W1)) == [1, 2, 3, 4, 5]
+    again = restart(again, path, 6.0)  # resumed is kept too
+    assert view(again, "held")["state"] == "queued" and view(again, "held")["priority"] == 7
+
+
+def test_a_cancelled_project_stays_cancelled_after_a_restart(tmp_path: Path) -> None:
+    path = str(tmp_path / "j.db")
+    farm = Farm(journal=Journal(path))
+    farm.client(CA, "ca", session="s")
+    farm.send(MON, p.Hello("monitor", "m", "h", 3, 0, {}), 0.0)
+    farm.worker(W1, "w1", slots=1, credit=1)
+    submit(farm, range(1, 5), project="gone", on_error="suspend")
+    job_rows(farm.out(0.0), W1)
+    assert act(farm, "cancel", "gone", 1.0).projects[0]["cancelled"] == 4
+    again = restart(farm, path, 2.0)
+    again.worker(W1, "w1", 2.0, credit=MAX_CREDIT)
+    assert job_rows(again.out(2.0), W1) == []
+    assert [v["name"] for v in again.snap(2.0)["projects"]] == []  # nothing left of it to come back
+    held = again.sched.clients["ca"].held  # its results are held for its client
+    assert {seq: h.outcome for seq, h in held.items()} == dict.fromkeys(range(1, 5), int(p.Outcome.CANCELLED))
+
+
+def test_a_project_row_is_dropped_once_the_project_is_owed_nothing(tmp_path: Path) -> None:
+    """Done and not suspended: its row goes (the journal holds only what is owed); suspended, it stays."""
+    path = str(tmp_path / "j.db")
+    farm = Farm(journal=Journal(path))
+    farm.client(CA, "ca", session="s")
+    farm.send(MON, p.Hello("monitor", "m", "h", 3, 0, {}), 0.0)
+    farm.worker(W1, "w1", slots=1, credit=1)
+    submit(farm, [1], project="quick")
+    submit(farm, [2], with_fn=False, project="idle-suspended")
+    (row,) = job_rows(farm.out(0.0), W1)
+    act(farm, "suspend", "idle-suspended", 0.5)
+    act(farm, "cancel", "idle-suspended", 0.6)
+    act(farm, "suspend", "idle-suspended", 0.7)
+    finish(farm, [row], 1.0)
+    farm.sched.tick(5.0)
+    farm.out(5.0)
+    farm.sched.journal.commit()  # type: ignore[union-attr]
+    assert [r.name for r in farm.sched.journal._load().projects] == ["idle-suspended"]  # type: ignore[union-attr]
+    again = restart(farm, path, 6.0)
+    assert [(v["name"], v["state"]) for v in again.snap(6.0)["projects"]] == [("idle-suspended", "suspended")]
+
+
+def test_a_project_row_that_fails_its_seal_is_dropped_and_its_jobs_still_run(tmp_path: Path) -> None:
+    path = str(tmp_path / "j.db")
+    farm = Farm(journal=Journal(path))
+    farm.client(CA, "ca", session="s")
+    farm.send(MON, p.Hello("monitor", "m", "h", 3, 0, {}), 0.0)
+    submit(farm, range(1, 3), project="tampered", priority=2)
+    act(farm, "suspend", "tampered", 1.0)
+    farm.out(1.0)
+    farm.sched.journal.close()  # type: ignore[union-attr]
+    db = sqlite3.connect(path)
+    with db:
+        db.execute("UPDATE projects SET seal=x'00'")
+    db.close()
+    again = Farm(2.0, journal=Journal(path))
+    assert again.counter("corrupted") == 1
+    (status,) = again.snap(2.0)["projects"]
+    assert (status["state"], status["priority"], status["queued"]) == ("queued", 2, 2)
+    again.worker(W1, "w1", 2.0, credit=MAX_CREDIT)
+    assert len(job_rows(again.out(2.0), W1)) == 2
+
+
+def test_a_maps_chunk_is_cut_around_each_item_holding_a_future_and_a_future_never_pickles() -> None:
+    future = JobFuture(None, 1)  # type: ignore[arg-type]  # (no connection: only looked for here)
+    items = [1, 2, future, 3, [4, (future,)], {"k": "v"}, {"k": [future]}, 5, 6]
+    pieces = cut_at_futures([(x,) for x in items])
+    assert [[x for (x,) in piece] for piece in pieces] == [
+        [1, 2], [future], [3], [[4, (future,)]], [{"k": "v"}], [{"k": [future]}], [5, 6]]
+    assert cut_at_futures([(1, "a"), (None, 2.5)]) == [[(1, "a"), (None, 2.5)]]
+    with pytest.raises(FutureInArguments, match="future of job 1 is inside an object") as info:
+        ser.dump_chunk([(1,), (SimpleNamespace(hidden=future),)])  # where nobody looks for it
+    assert info.value.seq == 1
 
 
 # ---- random conversations, with projects --------------------------------------------------------------

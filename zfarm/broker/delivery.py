@@ -30,7 +30,7 @@ _OUTCOMES = {int(o) for o in p.Outcome}
 _NAMES = {o: o.name.lower() for o in p.Outcome}  # as the history shows them
 OK, CANCELLED, RETURNED = p.Outcome.OK, p.Outcome.CANCELLED, p.Outcome.RETURNED
 PLAIN = p.ResultKind.PLAIN
-FINISHED = JobState.FINISHED
+FINISHED, ASSIGNED = JobState.FINISHED, JobState.ASSIGNED
 _results_row, _run_stats = p.ResultsRow.from_wire, p.RunStats.from_wire
 
 
@@ -76,6 +76,8 @@ class Delivery:
     def finish(self, worker: WorkerRecord, client: ClientRecord, job: Job, outcome: p.Outcome,
                frames: list[Any], info: str, run: p.RunStats, now: float,
                kind: int = p.ResultKind.PLAIN) -> None:
+        if run.finished_at and job.state is ASSIGNED:  # fair share: charge the slot-time it really took
+            self.farm.ran(job.queue, run.run_s)
         self.moves.move(job, FINISHED, client, now, finisher=worker, outcome=outcome)
         ok = outcome == OK
         worker.done += ok

@@ -2,6 +2,19 @@
 
 One instance per :class:`~zfarm.broker.scheduler.Scheduler`; each part (peers, placement,
 intake, delivery, functions, recovery) holds it and changes only the facts it owns.
+
+It also keeps the dispatch list's clock: fair share by **slot-time** (stride scheduling whose
+stride is the time a job holds its slot, not one per dispatch)::
+
+    dispatch (Placement._next_for) ── charge(queue): pass += estimate / share ──► heap
+    a result (Delivery.finish) ──── ran(queue, run_s): pass += (run_s - estimate) / share
+
+A dispatch charges the queue's estimate of one job's run time (a running mean of its jobs' run
+times as their workers measured them; before it has one, the mean over every queue; before any, one
+second); when the job's result comes, the difference between what it ran and what was charged
+is charged too. So among queues of equal priority each holds running slots in proportion to its
+share however long its jobs are: a queue of 10 s jobs beside a queue of 0.1 s jobs gets half of
+the slot-time, not nearly every slot. A dispatch stays one heap step; a result at most one push.
 """
 
 from __future__ import annotations
@@ -19,6 +32,13 @@ from zfarm.broker.state import ClientRecord, Counters, Peer, Queue, Route, Worke
 from zfarm.config import BrokerSettings
 
 log = logging.getLogger("zfarm.broker.scheduler")
+
+#: what one dispatch charges before any job has reported how long it ran (seconds)
+FIRST_ESTIMATE_S = 1.0
+#: the least a job is charged: jobs that take no measurable time still take turns
+MIN_CHARGE_S = 1e-3
+#: the newest run time's weight in a queue's (and the farm's) estimate of its jobs' run time
+RUN_SMOOTHING = 0.2
 
 Outbound = tuple[Route, p.Message]
 MALFORMED_LOGS_PER_S = 5
@@ -47,6 +67,9 @@ class Farm:
     workers_epoch: int = 0
     #: the pass of the last queue dispatched from: a queue that was idle starts there (no banked turns)
     vtime: float = 0.0
+    #: the mean run time of recent jobs of every queue: what a queue none of whose jobs has run yet
+    #: is charged per dispatch (0: none measured yet)
+    run_estimate_s: float = 0.0
     out: list[Outbound] = field(default_factory=list)
     _log_second: int = 0
     _logged: int = 0
@@ -104,3 +127,27 @@ class Farm:
             queue.priority = priority
             if queue.scheduled:
                 self.push(queue)  # (its old entry is stale)
+
+    # ---- fair share by slot-time (see the module's docstring) ---------------------------------------
+
+    def estimate(self, queue: Queue) -> float:
+        """What one job of ``queue`` is charged at dispatch: how long its jobs run, as far as known."""
+        return queue.run_estimate_s or self.run_estimate_s or FIRST_ESTIMATE_S
+
+    def charge(self, queue: Queue) -> None:
+        """A job of ``queue`` was dispatched: its pass moves on by the job's estimated slot-time."""
+        self.vtime = queue.pass_
+        queue.pass_ += self.estimate(queue) / queue.share
+        self.push(queue)
+
+    def ran(self, queue: Queue, run_s: float) -> None:
+        """A job of ``queue`` held its slot ``run_s`` seconds: charge what its dispatch's estimate missed,
+        and learn from it (the estimate is a running mean, so what ends up charged is the run time)."""
+        run_s = max(run_s, MIN_CHARGE_S)
+        queue.pass_ += (run_s - self.estimate(queue)) / queue.share
+        queue.run_estimate_s = (run_s if not queue.run_estimate_s
+                                else queue.run_estimate_s + RUN_SMOOTHING * (run_s - queue.run_estimate_s))
+        self.run_estimate_s = (run_s if not self.run_estimate_s
+                               else self.run_estimate_s + RUN_SMOOTHING * (run_s - self.run_estimate_s))
+        if queue.scheduled:
+            self.push(queue)  # (its entry with the old pass is stale now)

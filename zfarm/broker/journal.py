@@ -43,6 +43,7 @@ import msgpack
 from zfarm.broker.journal_rows import (
     Damaged,
     JournalJob,
+    JournalProject,
     Recovered,
     losses_of,
     pack,
@@ -71,7 +72,9 @@ CREATE TABLE IF NOT EXISTS jobs(client TEXT, seq INTEGER, fn BLOB NOT NULL, fram
 CREATE TABLE IF NOT EXISTS results(client TEXT, seq INTEGER, outcome INTEGER NOT NULL,
     frames BLOB NOT NULL, info TEXT NOT NULL, stats BLOB NOT NULL, digest BLOB NOT NULL,
     seal BLOB NOT NULL DEFAULT x'', PRIMARY KEY(client, seq));
+CREATE TABLE IF NOT EXISTS projects(name TEXT PRIMARY KEY, state BLOB NOT NULL, seal BLOB NOT NULL);
 """
+#: the tables of schema 1, which had no seals (``projects`` came later, sealed from the start)
 _SEALED = ("clients", "functions", "jobs", "results")
 _RESULT_COLUMNS = "client, seq, outcome, frames, info, stats, digest, seal"
 #: a journal that cannot be written is tried again this often (each try writes every waiting change)
@@ -216,7 +219,17 @@ class Journal:
                 out.results.append((c, seq, Held(outcome, None, info, unpack(stats), digest)))
             except (ValueError, TypeError, msgpack.UnpackException):
                 out.damaged.append(Damaged("results", c, seq))
+        self._load_projects(out)
         return out
+
+    def _load_projects(self, out: Recovered) -> None:
+        for name, state, stored in self._db.execute("SELECT name, state, seal FROM projects ORDER BY name"):
+            try:
+                if not stored or not sound("projects", stored, name, state):  # (sealed from the start)
+                    raise ValueError("seal")
+                out.projects.append(JournalProject.from_row(name, unpack(state)))
+            except (ValueError, TypeError, msgpack.UnpackException):
+                out.damaged.append(Damaged("projects", str(name), -1))
 
     # ---- changes (one transaction per turn of the broker's loop) ----------------------------------
 
@@ -298,6 +311,15 @@ class Journal:
             if args[:2] == (client_id, seq) and "results" in sql:
                 return args if sql.startswith("INSERT") else None
         return None
+
+    def project(self, row: JournalProject) -> None:
+        """A project's state and settings as they are now (they replace the ones written before)."""
+        state = pack(row.to_state())
+        self._write("INSERT OR REPLACE INTO projects VALUES(?, ?, ?)",
+                    (row.name, state, seal("projects", row.name, state)))
+
+    def drop_project(self, name: str) -> None:
+        self._write("DELETE FROM projects WHERE name=?", (name,))
 
     def drop_result(self, client_id: str, seq: int) -> None:
         self._write("DELETE FROM results WHERE client=? AND seq=?", (client_id, seq))

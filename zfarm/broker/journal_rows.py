@@ -31,12 +31,49 @@ class JournalJob:
 
 
 @dataclass(frozen=True, slots=True)
+class JournalProject:
+    """A project's state and settings, as the broker last changed them (suspend, resume, set, a job's
+    options): read back after a restart, they win over the settings its jobs carried."""
+
+    name: str
+    owner: str
+    priority: int
+    share: float
+    on_error: str  # an OnError value
+    suspended: bool
+    why_suspended: str
+    created_at: float  # epoch seconds
+
+    def to_state(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in _PROJECT_FIELDS}
+
+    @classmethod
+    def from_row(cls, name: object, state: object) -> JournalProject:
+        """From a row whose seal held; still checked field by field (a newer zfarm may add fields).
+
+        Raises:
+            ValueError: a field is missing or of the wrong type.
+        """
+        if not isinstance(name, str) or not isinstance(state, dict):
+            raise ValueError("not a project row")
+        values: list[Any] = [state.get(k) for k in _PROJECT_FIELDS]
+        if not all(isinstance(v, kind) and not (kind is int and isinstance(v, bool))
+                   for v, kind in zip(values, _PROJECT_KINDS, strict=True)):
+            raise ValueError("a project row's field has the wrong type")
+        return cls(name, *values)
+
+
+_PROJECT_FIELDS = ("owner", "priority", "share", "on_error", "suspended", "why_suspended", "created_at")
+_PROJECT_KINDS: tuple[Any, ...] = (str, int, (int, float), str, bool, str, (int, float))
+
+
+@dataclass(frozen=True, slots=True)
 class Damaged:
     """A row that failed its seal: it is never run or delivered."""
 
-    table: str  # clients, functions, jobs or results
-    client: str  # as read: it may itself be what changed
-    seq: int  # the job's number (-1 for a client or function row)
+    table: str  # clients, functions, jobs, results or projects
+    client: str  # as read: it may itself be what changed (a project row: the project's name)
+    seq: int  # the job's number (-1 for a client, function or project row)
     fn_id: bytes = b""  # a function row's id
 
 
@@ -48,6 +85,7 @@ class Recovered:
     functions: list[tuple[str, bytes, bytes]] = field(default_factory=list)  # client, fn_id, blob
     jobs: list[JournalJob] = field(default_factory=list)
     results: list[tuple[str, int, Held]] = field(default_factory=list)  # client, seq, result
+    projects: list[JournalProject] = field(default_factory=list)
     damaged: list[Damaged] = field(default_factory=list)
     #: what the journal's write-ahead log lost before it was opened ("" if nothing)
     lost: str = ""

@@ -6,8 +6,10 @@
 
 A worker's credit is what the worker said it can take (READY adds, RESULTS returns); the broker
 never sends it more. Queues (each project's, each client's own) are served by priority, then in
-proportion to their shares (stride scheduling), so one client's million jobs cannot starve another's
-ten; the next queue comes off a heap (a dispatch costs a heap step, not a scan of every queue).
+proportion to their shares of running slot-time (stride scheduling charged by run time:
+:mod:`zfarm.broker.farm`), so one client's million jobs cannot starve another's ten, and long jobs
+do not take every slot from short ones; the next queue comes off a heap (a dispatch costs a heap
+step, not a scan of every queue).
 A job whose worker is lost goes back to the front of its queue; one that has lost ``max_losses``
 workers is declared poison and fails with LOST.
 """
@@ -118,9 +120,7 @@ class Placement:
             return None
         queue, job = found
         queue.jobs.popleft()
-        farm.vtime = queue.pass_
-        queue.pass_ += 1.0 / queue.share
-        farm.push(queue)
+        farm.charge(queue)  # fair share by slot-time: its pass moves on by the job's estimated run time
         return farm.clients[job.client_id], job
 
     def _fits(self, job: Job, worker: WorkerRecord, now: float) -> bool:

@@ -10,6 +10,13 @@
 A project's settings travel with its jobs, so a client that reconnects, and a broker restarted from
 its journal, know it again from the jobs themselves. Suspending stops dispatch (running jobs finish);
 cancelling ends the queued and running jobs with CANCELLED results for their clients.
+
+With a journal, a project's own row holds its state and settings as they are now (suspended or not,
+and priority, share and on_error however they last changed), written in the turn that changes
+them. A restarted broker reads the jobs back first (each job's options make or update its
+project), then lays the project rows over them: they are newer. A row is kept while its project
+has unfinished jobs or is suspended, and dropped (:meth:`Projects.tidy`) once neither holds, so
+the journal holds only the projects still owed something.
 """
 
 from __future__ import annotations
@@ -22,11 +29,14 @@ from zfarm import protocol as p
 from zfarm.broker.delivery import Delivery
 from zfarm.broker.farm import Farm
 from zfarm.broker.jobstate import JobMoves
+from zfarm.broker.journal_rows import JournalProject
 from zfarm.broker.state import ClientRecord, Job, OnError, Queue
 
 log = logging.getLogger("zfarm.broker.scheduler")
 
 MAX_PROJECT_CHARS = 128
+#: how often journaled projects are looked at for rows that may go (``Projects.tidy``)
+TIDY_EVERY_S = 1.0
 
 
 class BadProject(ValueError):
@@ -38,6 +48,10 @@ class Projects:
         self.farm = farm
         self.moves = moves
         self.delivery = delivery
+        #: with a journal: each project's row as last written there (what it would write again is
+        #: not written); a project without one has none
+        self.rows: dict[str, JournalProject] = {}
+        self._tidy_at = 0.0
 
     def queue_for(self, client: ClientRecord, options: dict[str, Any], now: float) -> Queue:
         """The queue a job with these options joins: its project's (made or updated here), or its
@@ -60,12 +74,16 @@ class Projects:
                      client.id, priority if priority is not None else 0, share or 1.0,
                      on_error.value if on_error else "continue")
             self.farm.records.event(now, "project-opened", f"project {name} opened by {client.id}")
+        before = (queue.priority, queue.share, queue.on_error)
         if priority is not None:
             self.farm.set_priority(queue, priority)
         if share is not None:
             queue.share = share
         if on_error is not None:
             queue.on_error = on_error
+        if self.farm.journal is not None and (name not in self.rows or before != (
+                queue.priority, queue.share, queue.on_error)):
+            self.save(queue)  # (not once per job: only when its row is missing or out of date)
         return queue
 
     # ---- actions -----------------------------------------------------------------------------------
@@ -90,6 +108,7 @@ class Projects:
             if priority is not None:
                 self.farm.set_priority(queue, priority)
             queue.share = queue.share if share is None else share
+            self.save(queue)
         elif action is p.ProjectAction.SUSPEND:
             self.suspend(queue, "suspended by request", now)
         elif action is p.ProjectAction.RESUME:
@@ -104,12 +123,14 @@ class Projects:
     def suspend(self, queue: Queue, why: str, now: float) -> None:
         if not queue.suspended:
             queue.suspended, queue.why_suspended = True, why
+            self.save(queue)
             log.info("project %s suspended: %s", p.clip(queue.name), why)
             self.farm.records.event(now, "project-suspended", f"project {queue.name} suspended: {why}")
 
     def resume(self, queue: Queue, now: float) -> None:
         if queue.suspended:
             queue.suspended, queue.why_suspended = False, ""
+            self.save(queue)
             log.info("project %s resumed", p.clip(queue.name))
             self.farm.records.event(now, "project-resumed", f"project {queue.name} resumed")
             if queue.queued:
@@ -139,6 +160,61 @@ class Projects:
             return p.ResultKind.PLAIN if was else p.ResultKind.PROJECT_SUSPENDED
         self.cancel(queue, f"job {job.name} of the project failed (on_error=cancel)", now)
         return p.ResultKind.PLAIN
+
+    # ---- the journal -------------------------------------------------------------------------------
+
+    def save(self, queue: Queue) -> None:
+        """Write the project's row if it changed since it was last written (with a journal)."""
+        journal = self.farm.journal
+        if journal is None:
+            return
+        row = JournalProject(queue.name, queue.owner, queue.priority, queue.share, queue.on_error.value,
+                             queue.suspended, queue.why_suspended, self.farm.records.wall(queue.created_at))
+        if self.rows.get(queue.name) != row:
+            self.rows[queue.name] = row
+            journal.project(row)
+
+    def restore(self, rows: list[JournalProject], now: float) -> None:
+        """After a restart, once the journal's jobs are read back (and made their projects): each
+        project as it last was. A row whose project has no job left and is not suspended is dropped."""
+        offset = self.farm.records.wall_offset_s
+        for row in rows:
+            queue = self.farm.projects.get(row.name)
+            try:
+                on_error = OnError(row.on_error)
+            except ValueError:
+                on_error = OnError.CONTINUE  # (a rule this zfarm does not know: none)
+            if queue is None:
+                if not row.suspended:
+                    if self.farm.journal is not None:
+                        self.farm.journal.drop_project(row.name)
+                    continue
+                queue = Queue(row.name, row.owner, created_at=row.created_at - offset)
+                self.farm.projects[row.name] = queue
+            self.farm.set_priority(queue, row.priority)
+            queue.share, queue.on_error = row.share, on_error
+            queue.suspended, queue.why_suspended = row.suspended, row.why_suspended
+            queue.created_at = min(queue.created_at, row.created_at - offset)
+            self.save(queue)
+            if queue.suspended:
+                log.info("project %s is suspended, as it was before the restart: %s", p.clip(row.name),
+                         row.why_suspended)
+        self._tidy_at = now + TIDY_EVERY_S
+
+    def tidy(self, now: float) -> None:
+        """Drop the journal rows of projects with no unfinished job that are not suspended (once a
+        second: they are few, and a row that stays a little longer does no harm)."""
+        if now < self._tidy_at or not self.rows:
+            return
+        self._tidy_at = now + TIDY_EVERY_S
+        journal = self.farm.journal
+        projects = self.farm.projects
+        for name in [n for n, row in self.rows.items() if not row.suspended]:
+            queue = projects[name]
+            if not (queue.queued or queue.running or queue.waiting_jobs or queue.suspended):
+                del self.rows[name]
+                if journal is not None:
+                    journal.drop_project(name)
 
     # ---- views -------------------------------------------------------------------------------------
 

@@ -1,5 +1,7 @@
 """Starting from a journal: its clients are away until they say HELLO; their jobs queue again.
 
+Jobs first (each one's options make or update its project), then the projects' own rows over them:
+a project suspended, or set to another priority or share, before the restart is so again after it.
 Rows that fail their seal are never run or delivered: their jobs fail with JournalCorrupted.
 """
 
@@ -34,7 +36,9 @@ def recover(farm: Farm, delivery: Delivery, functions: Functions, saved: Recover
     if saved.lost:
         log.error("journal %s: %s", farm.journal_path, saved.lost)
         farm.records.event(now, "journal-damaged", saved.lost)
+    _drop_damaged_projects(farm, saved.damaged)
     waiting = _recover_jobs(farm, delivery, saved, now, intake)
+    intake.projects.restore(saved.projects, now)  # before any job queues: as it was, suspended or not
     for client_id, seq, held in saved.results:
         if (client := farm.clients.get(client_id)) is not None:
             client.held[seq] = farm.held_results.on_disk_record(held.outcome, held.digest)
@@ -86,12 +90,26 @@ def _recover_jobs(farm: Farm, delivery: Delivery, saved: Recovered, now: float,
     return jobs
 
 
+def _drop_damaged_projects(farm: Farm, damaged: list[Damaged]) -> None:
+    """Project rows that fail their seal go first: the projects come back from their jobs' settings
+    (whose rows are written afresh as the jobs are read back), not suspended."""
+    for row in damaged:
+        if row.table == "projects":
+            farm.counters.corrupted += 1
+            log.error("journal %s: the row of project %s fails its seal: dropped (the project comes back "
+                      "from its jobs' settings, not suspended)", farm.journal_path, row.client)
+            if farm.journal is not None:
+                farm.journal.drop_project(row.client)
+
+
 def _recover_damaged(farm: Farm, delivery: Delivery, damaged: list[Damaged], now: float) -> None:
     """Rows that fail their seal: a job or result of a known client fails with JournalCorrupted."""
     for row in damaged:
         client = farm.clients.get(row.client)
         if row.table in ("jobs", "results") and client is not None:
             delivery.damaged(client, row.seq, f"its {row.table[:-1]} fails its seal", now)
+        elif row.table == "projects":
+            continue  # dropped before the jobs were read back (_drop_damaged_projects)
         elif row.table != "functions":  # a function's jobs fail with it (above)
             farm.counters.corrupted += 1
             log.error("journal %s: a row of %s (client %s, job %d) fails its seal: dropped",

@@ -248,6 +248,7 @@ class Scheduler:
         self._next_scan = now + self.settings.heartbeat_interval_s / SCANS_PER_INTERVAL
         self.functions.drop_idle(now)
         self.peers_part.scan(now, self.deadline_s)
+        self.projects.tidy(now)  # journal rows of projects no longer owed anything
 
     def goodbye(self) -> list[Outbound]:
         """DISCONNECT for every peer: the broker is stopping."""

@@ -73,7 +73,8 @@ class Request:
 class Queue:
     """Jobs waiting to be dispatched, oldest first: one per project, and one per client for its jobs of no
     project. Dispatch takes the highest ``priority`` first; among equals, the lowest ``pass_``, which
-    grows by ``1 / share`` at each dispatch (stride scheduling: dispatches in proportion to the shares)."""
+    grows by each job's slot-time over ``share`` (stride scheduling: running slots in proportion to the
+    shares; see :mod:`zfarm.broker.farm`)."""
 
     name: str  # the project's name ("" for a client's own queue)
     owner: str  # the client that made it
@@ -105,6 +106,9 @@ class Queue:
     created_at: float = 0.0
     #: its jobs finished (or ended by its cancel) in each of the last 60 s: its rate and ETA
     finished: PerSecond = field(default_factory=lambda: PerSecond(0.0))
+    #: a running mean of its jobs' run times (0: none reported yet): what a dispatch charges its pass
+    #: (fair share by slot-time, :meth:`zfarm.broker.farm.Farm.charge`)
+    run_estimate_s: float = 0.0
 
     def first_phase(self, client_id: str) -> int | None:
         """The lowest phase with unfinished jobs of this client here (None: none)."""

@@ -39,9 +39,15 @@ from zfarm.client.resources import Resources
 from zfarm.cluster.base import Cluster
 from zfarm.commands import CommandResult, CommandSpec, echo_output, run_command
 from zfarm.config import ClientSettings, check_positive, resolve
-from zfarm.errors import BrokerUnavailable, ConfigError, PayloadTooLarge
+from zfarm.errors import BrokerUnavailable, ConfigError, FutureInArguments, PayloadTooLarge
 from zfarm.progress import known_length, track
-from zfarm.projects import Project, request_options, upstream_arguments
+from zfarm.projects import (
+    Project,
+    cut_at_futures,
+    request_options,
+    upstream_arguments,
+    upstream_items,
+)
 from zfarm.scatter import Scattered
 from zfarm.stats import Stats, summarize
 
@@ -312,38 +318,10 @@ class Client(concurrent.futures.Executor):
         total = known_length(*iterables) if progress else None
         deadline = None if timeout is None else time.monotonic() + timeout
 
-        def submit_chunks(fn_id: bytes, blob: Any, chunks: list[list[Any]]) -> Submitted:
-            # A map started before shutdown(wait=False) goes on submitting its input (in_map).
-            jobs: list[PendingJob] = []
-            error: BaseException | None = None
-            payloads: list[tuple[list[Any], int]] = []
-            with scatter.collecting() as used:  # Ctrl-C while pickling: none of these go
-                for chunk in chunks:
-                    try:
-                        payloads.append((ser.dump_chunk(chunk), len(chunk)))
-                    except Exception as exc:  # an item that cannot be pickled: it raises in its place
-                        error = exc
-                        break
-            try:
-                fn_id, blob = self._with_scattered(fn_id, blob, used)
-                for frames, items in payloads:
-                    jobs.append(self._job(fn_id, frames, len(blob), _per_chunk(options, items), in_map=True))
-            except Exception as exc:  # too large, or the client closed: it raises in its place
-                error = exc
-            except BaseException:
-                self._abandon(jobs)
-                raise
-            if jobs:
-                try:
-                    self._connection.submit(fn_id, blob, jobs)
-                except BaseException:
-                    self._abandon(jobs)
-                    raise
-            return jobs, error
-
         if self.session and chunksize is None:
             chunksize = 1
         # A session's jobs outlive an interrupted loop: a rerun collects them.
+        submit_chunks = functools.partial(self._submit_chunks, options)
         run = MapRun(submit_chunks, fn, zip(*iterables, strict=False), self.settings.window, chunksize,
                      cancel_left=not self.session)
         self._res.track_map(run)
@@ -351,6 +329,55 @@ class Client(concurrent.futures.Executor):
         results = run.results(deadline)
         weakref.finalize(results, run.drop_reader)  # dropped unread: its first window still runs
         return track(results, total, f"map {getattr(fn, '__name__', 'fn')}") if progress else results
+
+    def _submit_chunks(self, options: dict[str, Any], fn_id: bytes, blob: Any,
+                       chunks: list[list[Any]]) -> Submitted:
+        """A map's chunks as jobs: returns those made, and why the next one could not be (it raises in
+        its place). An item with futures among its arguments becomes a job of its own that waits for
+        them, as a submit does: its chunk is cut in place (``chunks`` then says what each job holds).
+        A map started before shutdown(wait=False) goes on submitting its input (in_map)."""
+        jobs: list[PendingJob] = []
+        error: BaseException | None = None
+        payloads: list[tuple[list[Any], int, list[int]]] = []  # frames, items, upstream jobs
+        try:
+            with scatter.collecting() as used:  # Ctrl-C while pickling: none of these go
+                while len(payloads) < len(chunks):
+                    at = len(payloads)
+                    chunk = chunks[at]
+                    after: list[int] = []
+                    try:
+                        try:
+                            frames = ser.dump_chunk(chunk)
+                        except FutureInArguments:  # (pickling met a future: chunks without pay nothing)
+                            chunks[at:at + 1] = pieces = cut_at_futures(chunk)
+                            chunk, after = upstream_items(pieces[0], self._connection)
+                            frames = ser.dump_chunk(chunk)
+                        payloads.append((frames, len(chunk), after))
+                    except Exception as exc:  # an item that cannot be pickled: it raises in its place
+                        self._connection.unpin(after)
+                        error = exc
+                        break
+            fn_id, blob = self._with_scattered(fn_id, blob, used)
+            for frames, items, after in payloads:
+                job_options = _per_chunk(options, items)
+                if after:
+                    job_options = {**job_options, "after": after}
+                jobs.append(self._job(fn_id, frames, len(blob), job_options, in_map=True))
+        except Exception as exc:  # too large, or the client closed: it raises in its place
+            error = exc
+            self._connection.unpin([seq for _, _, after in payloads[len(jobs):] for seq in after])
+        except BaseException:
+            self._connection.unpin([seq for _, _, after in payloads for seq in after])
+            self._abandon(jobs)
+            raise
+        if jobs:
+            try:
+                self._connection.submit(fn_id, blob, jobs)
+            except BaseException:
+                self._connection.unpin([seq for _, _, after in payloads[:len(jobs)] for seq in after])
+                self._abandon(jobs)
+                raise
+        return jobs, error
 
     def _abandon(self, jobs: list[PendingJob]) -> None:
         """Jobs made but never handed to the I/O thread: cancel their futures, leave no gap in seqs."""

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 from zfarm import protocol as p
 from zfarm import serialization as ser
-from zfarm.errors import JobCrashed, JournalCorrupted, JournalFull, WorkerLost
+from zfarm.errors import FutureInArguments, JobCrashed, JournalCorrupted, JournalFull, WorkerLost
 from zfarm.output import JobOutput
 from zfarm.output import take as take_output
 
@@ -60,6 +60,12 @@ class JobFuture(Future[Any]):
         if self._owner.session and not self._was_read and self.done():
             self._was_read = True
             self._owner.read_seqs.append(self.seq)
+
+    def __reduce__(self) -> Any:
+        """A future is never pickled: where zfarm looks for futures among a job's arguments it puts a
+        placeholder in its place first. Met anywhere else, it says so (a map tells by this that a
+        chunk holds one, at no cost to the chunks that do not)."""
+        raise FutureInArguments(self.seq)
 
     def accepted(self) -> bool:
         """Whether the broker has said it holds this job (a session's), or the job is done."""

@@ -12,6 +12,11 @@ result reports its run time, chunks grow so that each runs for about
 jobs of a second or more — so that short jobs cost little per item and long
 ones still spread over every worker. The window bounds both the chunks and
 the items in flight, so an endless generator runs in bounded memory.
+
+An item with futures of the client's jobs among its arguments (at top level, or inside lists,
+tuples and dicts) becomes a job of its own, cut out of its chunk when pickling meets a future
+(``Client._submit_chunks``): it waits at the broker for those jobs, as a submitted job does, and
+the items around it are neither held back nor failed with it. Chunks without futures pay nothing.
 """
 
 from __future__ import annotations
@@ -66,7 +71,9 @@ class ChunkSizer:
             self.per_item_s += SMOOTHING * (per_item - self.per_item_s)
 
 
-#: what a map's ``submit`` returns: the jobs of the first chunks, and why the next one could not go
+#: what a map's ``submit`` returns: the jobs of the first chunks, and why the next one could not go.
+#: It may cut a chunk in place (an item with futures among its arguments goes as a job of its own, which
+#: waits for them at the broker): the list of chunks it was given then says what each job holds
 Submitted = tuple[list[PendingJob], "BaseException | None"]
 
 
