@@ -20,7 +20,7 @@ import time
 from collections import Counter
 from typing import Any
 
-from zfarm import batch
+from zfarm import batch, follow
 from zfarm.batch import ArrayRecord, Attached, JobState, State
 from zfarm.cli_args import (
     broker_address,
@@ -104,6 +104,8 @@ def add_batch_commands(sub: Any) -> None:
     _named(logs)
     logs.add_argument("index", type=int, help="the job's index in the array")
     logs.add_argument("--stderr", action="store_true", help="its standard error instead (default: stdout)")
+    logs.add_argument("--follow", "-f", action="store_true",
+                      help="while the job runs, print its output as it comes; exit with its outcome")
 
     cancel = command(sub, "cancel", "cancel an array's unfinished jobs (all, or the given indexes)",
                      _run_cancel)
@@ -365,6 +367,8 @@ def _run_logs(args: argparse.Namespace) -> int:
     try:
         attached.settle()
         future = attached.futures[record.indexes.index(args.index)]
+        stream = follow.STDERR if args.stderr else follow.STDOUT
+        printed = _follow(attached, future, stream) if args.follow else None
         state = batch.describe(args.index, future)
         result = batch.result_of(future)
     finally:
@@ -377,10 +381,37 @@ def _run_logs(args: argparse.Namespace) -> int:
         )
         return 1
     text, cut = (result.stderr, result.stderr_cut) if args.stderr else (result.stdout, result.stdout_cut)
-    if cut:
-        print(f"zfarm: the first {cut} bytes were cut; the last {len(text.encode())} follow", file=sys.stderr)
-    sys.stdout.write(text)
-    return 0
+    if printed is None:
+        if cut:
+            _say(f"the first {cut} bytes were cut; the last {len(text.encode())} follow")
+        sys.stdout.write(text)
+        return 0
+    rest, note = printed.rest(text.encode(), cut)  # what the job wrote after the last chunk printed
+    if note:
+        _say(note)
+    _write(rest)
+    return 0 if state.succeeded else EXIT_FAILED
+
+
+def _follow(attached: Attached, future: Any, stream: int) -> follow.Position:
+    """Print the job's stream while it runs (until its future is done); what was printed."""
+    if future.done():
+        return follow.Position()
+    record = attached.record
+    peeker = follow.Peeker(record.address, record.keys, attached.client.id, future.seq)
+    try:
+        return follow.follow(future, peeker, stream, _write, _say)
+    finally:
+        peeker.close()
+
+
+def _write(data: bytes) -> None:
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+
+
+def _say(note: str) -> None:
+    print(f"zfarm: {note}", file=sys.stderr, flush=True)
 
 
 # ---- cancel, forget ----------------------------------------------------------------------------------

@@ -15,6 +15,15 @@ costs the worker disk space, not memory; only the tail of each stream
 The output travels as one extra frame after the result's own frames, marked by
 ``MAGIC``: pickle ignores buffers it does not ask for, so a peer that does not
 look for the frame still reads the result unchanged.
+
+While a job runs, its worker can read its output (``zfarm logs --follow``, PEEK): every stream a
+job writes is findable by name in the worker's *live folder* (``LIVE_DIR_VARIABLE`` in a slot)::
+
+    LIVE/slot-PID.out, .err          a slot's capture of fd 1 and 2 (a link to the --output-dir part file)
+    LIVE/CLIENT_SEQ.cmd.out, .err    a command job's own streams (run_command), while it runs
+
+The worker reads at most a chunk of each (:func:`read_chunk`); the command's streams, when there,
+are the job's output, else the slot's capture.
 """
 
 from __future__ import annotations
@@ -37,6 +46,8 @@ TAIL_BYTES = 1024 * 1024
 JOB_ID_VARIABLE = "ZFARM_JOB_ID"
 #: the variable that names, in a slot, the folder where whole output streams are kept (unset: none)
 OUTPUT_DIR_VARIABLE = "ZFARM_OUTPUT_DIR"
+#: the variable that names, in a slot, its worker's live folder (see the module's docstring)
+LIVE_DIR_VARIABLE = "ZFARM_LIVE_DIR"
 #: the first bytes of an output frame
 MAGIC = b"\x00zfarm-output-1\x00"
 
@@ -97,9 +108,15 @@ class FdCapture:
     ``DIR/CLIENT_SEQ.out`` and ``.err``, named as Slurm's ``%A_%a`` (empty ones are removed).
     """
 
-    def __init__(self, output_dir: str = "") -> None:
+    def __init__(self, output_dir: str = "", live_dir: str = "") -> None:
+        """``live_dir``: the worker's live folder, where the streams are findable while a job runs."""
         self.output_dir = output_dir
-        self._files = [] if output_dir else [_scratch_fd("zfarm-out-"), _scratch_fd("zfarm-err-")]
+        self.live_name = slot_live_name(os.getpid())
+        self.live_dir = live_dir
+        self._files: list[int] = []
+        if not output_dir:
+            self._files = open_live(live_dir, self.live_name) if live_dir else [
+                _scratch_fd("zfarm-out-"), _scratch_fd("zfarm-err-")]
         self._kept: AttemptFiles | None = None
         self._saved = [os.dup(1), os.dup(2)]  # where they pointed before: the worker's own
         self._dirty = [False, False]  # a scratch file holds the previous job's output
@@ -109,6 +126,7 @@ class FdCapture:
         if self.output_dir:
             self._kept = AttemptFiles(self.output_dir, file_stem(job))
             self._files = list(self._kept.fds)
+            link_live(self.live_dir, self.live_name, self._kept.parts)
         for fd, scratch, dirty in zip((1, 2), self._files, self._dirty, strict=True):
             if dirty and not self.output_dir:
                 os.ftruncate(scratch, 0)
@@ -123,6 +141,7 @@ class FdCapture:
         (out, out_cut), (err, err_cut) = (read_tail(scratch) for scratch in self._files)
         self._dirty = [bool(out), bool(err)]
         if self._kept is not None:
+            drop_live(self.live_dir, self.live_name)
             self._kept.finish()
             self._kept, self._files = None, []
         if not (out or err):
@@ -201,6 +220,90 @@ def keep(part: str, path: str, printed: bool) -> None:
 def file_stem(name: str) -> str:
     """A job's name as a file name: ``client:seq`` becomes ``client_seq``."""
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "job"
+
+
+# ---- the live folder: a running job's streams, by name -------------------------------------------
+
+STREAM_SUFFIXES = ("out", "err")
+
+
+def slot_live_name(pid: int) -> str:
+    """The name of a slot's capture files in the live folder."""
+    return f"slot-{pid}"
+
+
+def command_live_name(job: str) -> str:
+    """The name of a command job's own stream files in the live folder (``job``: ``client:seq``)."""
+    return f"{file_stem(job)}.cmd"
+
+
+def live_paths(live_dir: str, name: str) -> tuple[str, str]:
+    """The stdout and stderr paths of ``name`` in the live folder."""
+    base = os.path.join(live_dir, name)
+    return f"{base}.{STREAM_SUFFIXES[0]}", f"{base}.{STREAM_SUFFIXES[1]}"
+
+
+def open_live(live_dir: str, name: str) -> list[int]:
+    """Create (or empty) the two stream files of ``name`` in the live folder; their descriptors."""
+    fds: list[int] = []
+    try:
+        for path in live_paths(live_dir, name):
+            fds.append(os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600))
+    except OSError:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return fds
+
+
+def link_live(live_dir: str, name: str, targets: tuple[str, ...]) -> None:
+    """Make ``name``'s streams in the live folder links to ``targets`` (files kept elsewhere)."""
+    if not live_dir:
+        return
+    for path, target in zip(live_paths(live_dir, name), targets, strict=True):
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        with contextlib.suppress(OSError):  # a job is never stopped for want of a live view
+            os.symlink(os.path.abspath(target), path)
+
+
+def drop_live(live_dir: str, name: str) -> None:
+    """Remove ``name``'s stream files (or links) from the live folder."""
+    if not live_dir:
+        return
+    for path in live_paths(live_dir, name):
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+def running_streams(live_dir: str, job: str, slot_pid: int) -> tuple[str, str]:
+    """Where a running job's output is: its command's own streams if it runs one, else its slot's."""
+    command = live_paths(live_dir, command_live_name(job))
+    return command if os.path.exists(command[0]) else live_paths(live_dir, slot_live_name(slot_pid))
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """Bytes of a stream from an offset: ``size`` is the stream's length when read (-1: no such
+    stream), ``file_id`` which file it is (a new one: the stream started over)."""
+
+    data: bytes = b""
+    size: int = -1
+    file_id: int = 0
+
+
+def read_chunk(path: str, offset: int, limit: int) -> Chunk:
+    """At most ``limit`` bytes of the file at ``path`` from ``offset`` (-1: none wanted)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return Chunk()
+    try:
+        stat = os.fstat(fd)
+        data = os.pread(fd, min(limit, stat.st_size - offset), offset) if 0 <= offset < stat.st_size else b""
+        return Chunk(data, stat.st_size, stat.st_ino & (2**63 - 1))
+    finally:
+        os.close(fd)
 
 
 def _scratch_fd(prefix: str) -> int:
