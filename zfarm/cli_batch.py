@@ -454,6 +454,7 @@ def _run_forget(args: argparse.Namespace) -> int:
     from zfarm.client.executor import Client
 
     record = _load(args)
+    batch.check_listening(record.address)
     client = Client(
         record.address, session=record.session, keys=record.keys or None, key_name=record.key_name or None
     )
