@@ -62,7 +62,7 @@ ACCEPT_PER_JOB_S = 0.002
 ACCEPT_POLL_S = 0.02
 #: how long a refused connection may go on being refused (a broker still starting) before a command
 #: says that no broker answers, instead of waiting out the whole connect timeout
-LISTEN_CHECK_S = 1.0
+LISTEN_CHECK_S = 0.5
 
 
 def parse_array(spec: str) -> list[int]:

@@ -1,0 +1,130 @@
+"""``zfarm logs NAME INDEX --follow``: a running job's output while it runs, then the rest; and the
+batch commands' one-line failure when no broker listens. Real brokers, workers and followers.
+
+Each job waits on a file the test creates, so "printed before the job ended" is a fact, not a race.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ZFARM_COMMAND, Proc, Procs, run_zfarm, wait_for, zfarm_env
+from zfarm import batch
+from zfarm.local import free_tcp_endpoint
+
+pytestmark = pytest.mark.timeout(120)
+FAST = ("--heartbeat-interval", "0.2")
+#: generous: the machine running the tests is shared and loaded
+SEEN_S = 60.0
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> dict[str, str]:
+    """Each test keeps its array records in its own folder."""
+    return {"ZFARM_STATE_DIR": str(tmp_path / "state")}
+
+
+def zf(state: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return run_zfarm(*args, env=state, timeout_s=90)
+
+
+def follower(procs: Procs, state: dict[str, str], out: Path, *args: str) -> Proc:
+    """``zfarm logs ARGS --follow`` owned by ``procs``: its stdout in ``out``, its stderr in its log."""
+    redirect = ("sh", "-c", 'out=$1; shift; exec "$@" > "$out"', "sh", str(out))
+    return procs.spawn(*args, "--follow", name="follow", command=(*redirect, *ZFARM_COMMAND),
+                       env=zfarm_env(state))
+
+
+def waiting_job(go: Path, before: str, after: str) -> str:
+    """A shell line that runs ``before``, waits until ``go`` exists, then runs ``after``."""
+    return f"{before}; while [ ! -e {go} ]; do sleep 0.05; done; {after}"
+
+
+def submit(state: dict[str, str], endpoint: str, name: str, line: str) -> None:
+    done = zf(state, "submit", "--connect", endpoint, "--name", name, "--", "sh", "-c", line)
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("stream", ["stdout", "stderr"])
+def test_follow_shows_a_running_job_s_output_before_it_ends_then_the_rest(procs: Procs, state: dict[str, str],
+                                                                         tmp_path: Path, stream: str) -> None:
+    endpoint, _ = procs.farm(*FAST)
+    go, out = tmp_path / "go", tmp_path / "followed"
+    to = " >&2" if stream == "stderr" else ""
+    other = "" if stream == "stderr" else " >&2"  # the other stream is not printed
+    submit(state, endpoint, "live", waiting_job(go, f"echo first{to}; echo noise{other}", f"echo second{to}"))
+    extra = ("--stderr",) if stream == "stderr" else ()
+    proc = follower(procs, state, out, "logs", "live", "1", *extra)
+    wait_for(lambda: out.read_bytes() == b"first\n", SEEN_S, message="the first line while the job runs")
+    assert proc.alive() and not go.exists()
+    go.touch()
+    assert proc.wait(SEEN_S) == 0, proc.log()
+    assert out.read_bytes() == b"first\nsecond\n"
+
+
+def test_follow_passes_on_output_larger_than_a_chunk_byte_for_byte(procs: Procs, state: dict[str, str],
+                                                                   tmp_path: Path) -> None:
+    endpoint, _ = procs.farm(*FAST)
+    go, out, numbers = tmp_path / "go", tmp_path / "followed", tmp_path / "print_lines.py"
+    numbers.write_text("import sys\n"
+                       "sys.stdout.write(''.join('%07d\\n' % i for i in range(*map(int, sys.argv[1:]))))\n")
+    lines = 40_000  # 8 bytes each: 320 KB, five chunks, before the job waits and as much after
+    write = f"{sys.executable} {numbers}"
+    submit(state, endpoint, "big", waiting_job(go, f"{write} 0 {lines}", f"{write} {lines} {2 * lines}"))
+    proc = follower(procs, state, out, "logs", "big", "1")
+    wait_for(lambda: out.stat().st_size == 8 * lines, SEEN_S, message="the first half while the job runs")
+    go.touch()
+    assert proc.wait(SEEN_S) == 0, proc.log()
+    assert out.read_bytes() == b"".join(b"%07d\n" % i for i in range(2 * lines))  # nothing lost or doubled
+
+
+def test_follow_waits_for_a_queued_job_to_start(procs: Procs, state: dict[str, str], tmp_path: Path) -> None:
+    _, endpoint = procs.broker(None, *FAST)  # no worker yet: the job stays queued
+    go, out = tmp_path / "go", tmp_path / "followed"
+    submit(state, endpoint, "later", waiting_job(go, "echo hello", "echo bye"))
+    proc = follower(procs, state, out, "logs", "later", "1")
+    proc.wait_for_log("waiting for the job to start", SEEN_S)
+    procs.worker(endpoint)
+    wait_for(lambda: out.read_bytes() == b"hello\n", SEEN_S, message="the job's first line once it runs")
+    go.touch()
+    assert proc.wait(SEEN_S) == 0, proc.log()
+    assert out.read_bytes() == b"hello\nbye\n"
+    assert proc.log().count("waiting for the job to start") == 1
+
+
+def test_follow_of_a_finished_job_prints_it_and_exits_with_its_outcome(procs: Procs,
+                                                                      state: dict[str, str]) -> None:
+    endpoint, _ = procs.farm(*FAST)
+    done = zf(state, "submit", "--connect", endpoint, "--name", "done", "--array", "1-2", "--wait", "--",
+              "sh", "-c", "echo out {}; exit $(( {} - 1 ))")
+    assert done.returncode == 1, done.stderr  # job 2 failed
+    ok = zf(state, "logs", "done", "1", "--follow")
+    assert (ok.returncode, ok.stdout) == (0, "out 1\n"), ok.stderr
+    failed = zf(state, "logs", "done", "2", "--follow")
+    assert (failed.returncode, failed.stdout) == (1, "out 2\n"), failed.stderr
+    no_job = zf(state, "logs", "done", "9", "--follow")
+    assert no_job.returncode == 2 and "has no job 9" in no_job.stderr
+    no_array = zf(state, "logs", "nothing", "1", "--follow")
+    assert no_array.returncode == 2 and "no array named nothing" in no_array.stderr
+
+
+def test_batch_commands_fail_in_a_moment_with_one_line_when_no_broker_listens(
+        state: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    endpoint = free_tcp_endpoint()
+    monkeypatch.setenv("ZFARM_STATE_DIR", state["ZFARM_STATE_DIR"])
+    batch.save(batch.ArrayRecord("lonely", endpoint, ["true"], [1], ["1"]), new=True)
+    for args in (("wait", "lonely", "--connect", endpoint), ("logs", "lonely", "1", "--follow"),
+                 ("submit", "--connect", endpoint, "--name", "other", "--", "true")):
+        started = time.monotonic()
+        failed = zf(state, *args)
+        took_s = time.monotonic() - started
+        assert failed.returncode == 1, failed.stderr
+        assert took_s < 3, f"{args[0]} took {took_s:.1f} s"
+        (line,) = failed.stderr.splitlines()
+        assert "nothing listens there" in line and endpoint in line and "zfarm broker" in line
+    assert zf(state, "jobs").stdout.startswith("lonely")  # the failed submit left no array behind
