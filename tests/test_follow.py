@@ -6,6 +6,7 @@ Each job waits on a file the test creates, so "printed before the job ended" is 
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
@@ -95,6 +96,16 @@ def test_follow_waits_for_a_queued_job_to_start(procs: Procs, state: dict[str, s
     assert proc.wait(SEEN_S) == 0, proc.log()
     assert out.read_bytes() == b"hello\nbye\n"
     assert proc.log().count("waiting for the job to start") == 1
+
+
+def test_ctrl_c_ends_a_follower_quietly(procs: Procs, state: dict[str, str], tmp_path: Path) -> None:
+    _, endpoint = procs.broker(None, *FAST)
+    submit(state, endpoint, "idle", "true")  # no worker: it stays queued
+    proc = follower(procs, state, tmp_path / "followed", "logs", "idle", "1")
+    proc.wait_for_log("waiting for the job to start", SEEN_S)
+    proc.signal(signal.SIGINT)
+    assert proc.wait(SEEN_S) == 130
+    assert "Traceback" not in proc.log() and "Exception" not in proc.log(), proc.log()
 
 
 def test_follow_of_a_finished_job_prints_it_and_exits_with_its_outcome(procs: Procs,

@@ -172,7 +172,21 @@ def _exit_with_worker(lifeline: Connection) -> None:
     except (EOFError, OSError):
         pass
     proctree.kill_descendants(os.getpid())  # the job's processes go with us
+    _leave_live_folder(os.environ.get(LIVE_DIR_VARIABLE, ""))
     os._exit(ORPHANED_EXIT)
+
+
+def _leave_live_folder(live_dir: str) -> None:
+    """The worker died (it cannot clean up): remove this slot's streams, those of its job's command,
+    and the live folder itself once the last slot has."""
+    if not live_dir:
+        return
+    output.drop_live(live_dir, output.slot_live_name(os.getpid()))
+    output.drop_live(live_dir, output.command_live_name(os.environ.get(JOB_ID_VARIABLE, "")))
+    try:
+        os.rmdir(live_dir)
+    except OSError:
+        pass  # another slot's files are still there: the last slot to go removes it
 
 
 class _Unloadable:
