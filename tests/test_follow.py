@@ -9,13 +9,17 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
+import zfarm
+from tests import jobs
 from tests.helpers import ZFARM_COMMAND, Proc, Procs, run_zfarm, wait_for, zfarm_env
 from zfarm import batch
+from zfarm.follow import live_output
 from zfarm.local import free_tcp_endpoint
 
 pytestmark = pytest.mark.timeout(120)
@@ -68,6 +72,27 @@ def test_follow_shows_a_running_job_s_output_before_it_ends_then_the_rest(procs:
     assert out.read_bytes() == b"first\nsecond\n"
 
 
+def test_follow_with_keys_from_a_worker_keeping_whole_streams(procs: Procs, state: dict[str, str],
+                                                              tmp_path: Path) -> None:
+    from zfarm.security import init_keys
+
+    keys, kept = tmp_path / "keys", tmp_path / "kept"
+    init_keys(keys)
+    _, endpoint = procs.broker(None, *FAST, "--keys", str(keys))
+    procs.worker(endpoint, "--keys", str(keys), "--output-dir", str(kept))  # streams in kept/*.part
+    go, out = tmp_path / "go", tmp_path / "followed"
+    line = waiting_job(go, "echo secret", "echo done")
+    done = zf(state, "submit", "--connect", endpoint, "--keys", str(keys), "--name", "locked", "--",
+              "sh", "-c", line)
+    assert done.returncode == 0, done.stderr
+    proc = follower(procs, state, out, "logs", "locked", "1")  # the record keeps the keys folder
+    wait_for(lambda: out.read_bytes() == b"secret\n", SEEN_S, message="the first line while the job runs")
+    go.touch()
+    assert proc.wait(SEEN_S) == 0, proc.log()
+    assert out.read_bytes() == b"secret\ndone\n"
+    assert (kept / "locked_1.out").read_bytes() == b"secret\ndone\n"
+
+
 def test_follow_passes_on_output_larger_than_a_chunk_byte_for_byte(procs: Procs, state: dict[str, str],
                                                                    tmp_path: Path) -> None:
     endpoint, _ = procs.farm(*FAST)
@@ -96,6 +121,23 @@ def test_follow_waits_for_a_queued_job_to_start(procs: Procs, state: dict[str, s
     assert proc.wait(SEEN_S) == 0, proc.log()
     assert out.read_bytes() == b"hello\nbye\n"
     assert proc.log().count("waiting for the job to start") == 1
+
+
+def test_live_output_from_python_yields_a_running_function_job_s_prints(procs: Procs, tmp_path: Path) -> None:
+    endpoint, _ = procs.farm(*FAST)
+    go = tmp_path / "go"
+    got: list[bytes] = []
+    with zfarm.Client(endpoint) as client:
+        future = client.submit(jobs.print_until, str(go))
+        reader = threading.Thread(target=lambda: got.extend(live_output(client, future)), daemon=True)
+        reader.start()
+        wait_for(lambda: b"".join(got) == b"before\n", SEEN_S, message="the first line while the job runs")
+        assert not future.done()
+        go.touch()
+        reader.join(SEEN_S)
+        assert not reader.is_alive()
+        assert future.result(SEEN_S) == "done"
+    assert b"".join(got) == b"before\nafter\n"
 
 
 def test_ctrl_c_ends_a_follower_quietly(procs: Procs, state: dict[str, str], tmp_path: Path) -> None:

@@ -19,15 +19,21 @@ another worker took it over): the follower says so and prints the new run from i
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from zfarm import protocol as p
-from zfarm.errors import SecurityError
+from zfarm.errors import ConfigError, SecurityError
 from zfarm.link import Link
 from zfarm.monitor import monitor_hello, open_monitor
+
+if TYPE_CHECKING:
+    from zfarm.client.executor import Client
+
+log = logging.getLogger(__name__)
 
 #: how often a running job is asked for new output
 POLL_S = 0.3
@@ -120,6 +126,17 @@ def follow(future: concurrent.futures.Future[Any], peeker: Peeker, stream: int,
     """Print the job's ``stream`` with ``write`` while it runs (notes with ``say``); return what was
     printed once its future is done (the caller prints the rest from its result)."""
     position = Position()
+    for data, note in pieces(future, peeker, stream, position, poll_s):
+        if note:
+            say(note)
+        if data:
+            write(data)
+    return position
+
+
+def pieces(future: concurrent.futures.Future[Any], peeker: Peeker, stream: int, position: Position,
+           poll_s: float = POLL_S) -> Iterator[tuple[bytes, str]]:
+    """The job's new output and notes for the user, ``(bytes, note)``, until its future is done."""
     said_waiting = False
     unanswered = 0
     while not future.done():
@@ -127,20 +144,69 @@ def follow(future: concurrent.futures.Future[Any], peeker: Peeker, stream: int,
         if reply is None:
             unanswered += 1
             if unanswered == UNANSWERED_ASKS:
-                say(f"no answer about the job for {UNANSWERED_ASKS * REPLY_TIMEOUT_S:g} s (its worker "
-                    "may be gone); still asking")
+                yield b"", (f"no answer about the job for {UNANSWERED_ASKS * REPLY_TIMEOUT_S:g} s (its "
+                            "worker may be gone); still asking")
             continue
         unanswered = 0
         if reply.status == p.PeekStatus.RUNNING:
             data, note = position.take(reply, stream)
-            if note:
-                say(note)
-            if data:
-                write(data)
-                if len(data) == p.PEEK_CHUNK_BYTES:
-                    continue  # more is likely there: ask again at once
+            if data or note:
+                yield data, note
+            if len(data) == p.PEEK_CHUNK_BYTES:
+                continue  # more is likely there: ask again at once
         elif reply.status == p.PeekStatus.QUEUED and not said_waiting:
-            say("waiting for the job to start")
+            yield b"", "waiting for the job to start"
             said_waiting = True
         concurrent.futures.wait([future], poll_s)
-    return position
+
+
+def live_output(client: Client, future: concurrent.futures.Future[Any], stream: str = "stdout",
+                poll_s: float = POLL_S) -> Iterator[bytes]:
+    """A job's output as it runs, then the rest once it is over: every byte once, in order.
+
+    For a command job (``client.run``) its command's output; for a function job what it printed
+    (``future.output`` once it is done). The generator ends when the job does; its result is the
+    future's, as ever.
+
+    Args:
+        client: the client that submitted the job.
+        future: the job's future, from ``client.submit`` or ``client.run``.
+        stream: "stdout" or "stderr".
+
+    Raises:
+        ConfigError: ``stream`` is neither.
+        SecurityError: the broker does not let a monitor with the client's keys in.
+    """
+    if stream not in ("stdout", "stderr"):
+        raise ConfigError(f"stream {stream!r}: expected 'stdout' or 'stderr'")
+    which = STDOUT if stream == "stdout" else STDERR
+    position = Position()
+    if not future.done():
+        peeker = Peeker(client.address, client.settings.keys, client.id, getattr(future, "seq", 0))
+        try:
+            for data, note in pieces(future, peeker, which, position, poll_s):
+                if note:
+                    log.info("job %s:%s: %s", client.id, getattr(future, "seq", "?"), note)
+                if data:
+                    yield data
+        finally:
+            peeker.close()
+    tail, cut = kept_tail(future, which)
+    rest, note = position.rest(tail, cut)
+    if note:
+        log.warning("job %s:%s: %s", client.id, getattr(future, "seq", "?"), note)
+    if rest:
+        yield rest
+
+
+def kept_tail(future: concurrent.futures.Future[Any], stream: int) -> tuple[bytes, int]:
+    """The end of a finished job's stream its result carries, and the bytes cut before it: a
+    command's own output, else what the job printed (nothing for a job that did not run)."""
+    from zfarm.batch import result_of
+
+    result = result_of(future)
+    kept = result if result is not None else getattr(future, "output", None)
+    if kept is None:
+        return b"", 0
+    text, cut = (kept.stdout, kept.stdout_cut) if stream == STDOUT else (kept.stderr, kept.stderr_cut)
+    return text.encode(), cut
