@@ -53,6 +53,9 @@ SAMPLES: list[p.Message] = [
     p.Project("set", "nightly", {"priority": 5, "share": 2.0}),
     p.ProjectReply([{"name": "nightly", "state": "suspended"}], ""),
     p.Notice(int(p.NoticeKind.UNSCHEDULABLE), [3, 4], "it asks for gpus=2"),
+    p.Peek("s-array-x", 3, [1024, -1], 7, b"\x00route"),
+    p.PeekReply("s-array-x", 3, 7, int(p.PeekStatus.RUNNING), [1024, -1], [2048, -1], [12, 0], b"",
+                [b"more output\n", b""]),
 ]
 
 
