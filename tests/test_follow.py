@@ -6,6 +6,8 @@ Each job waits on a file the test creates, so "printed before the job ended" is 
 
 from __future__ import annotations
 
+import os
+import select
 import signal
 import subprocess
 import sys
@@ -91,6 +93,43 @@ def test_follow_with_keys_from_a_worker_keeping_whole_streams(procs: Procs, stat
     assert proc.wait(SEEN_S) == 0, proc.log()
     assert out.read_bytes() == b"secret\ndone\n"
     assert (kept / "locked_1.out").read_bytes() == b"secret\ndone\n"
+
+
+def test_a_slot_pool_reads_a_running_job_s_output_and_empties_its_files_after_it(tmp_path: Path) -> None:
+    """The worker's side alone: real slot processes, no broker."""
+    from zfarm import output
+    from zfarm import protocol as p
+    from zfarm import serialization as ser
+    from zfarm.worker.chaperone import SlotPool, SlotTask
+
+    go = tmp_path / "go"
+    pool = SlotPool(1)
+    try:
+        (slot,) = pool.slots
+        fn_id, blob = ser.dump_function(jobs.print_until)
+        assert pool.run(SlotTask(("c", 1), 1, fn_id, blob, ser.dump_call((str(go),), {}))) is None
+        ask = p.Peek("c", 1, [0, 0])
+
+        def first_line() -> bool:
+            reply = pool.peek(ask)
+            chunks = [bytes(f) for f in reply.frames]
+            return reply.status == p.PeekStatus.RUNNING and chunks == [b"before\n", b""]
+
+        wait_for(first_line, SEEN_S, message="the running job's first line")
+        assert pool.peek(p.Peek("c", 1, [3, -1])).frames[0] == b"ore\n"  # from an offset; stderr not asked
+        go.touch()
+        wait_for(lambda: select.select([slot.conn], [], [], 0)[0], SEEN_S, message="the job's result")
+        outcome = pool.collect(slot)
+        assert outcome is not None and outcome.outcome == p.Outcome.OK
+        kept = output.take(outcome.frames)
+        assert kept is not None and kept.stdout == "before\nafter\n"
+        assert pool.peek(ask).status == p.PeekStatus.FINISHED
+        assert slot.process.pid is not None
+        files = output.live_paths(pool.live_dir, output.slot_live_name(slot.process.pid))
+        assert [os.path.getsize(f) for f in files] == [0, 0]  # the next job's live view starts empty
+    finally:
+        pool.close()
+    assert not os.path.exists(pool.live_dir)
 
 
 def test_follow_passes_on_output_larger_than_a_chunk_byte_for_byte(procs: Procs, state: dict[str, str],

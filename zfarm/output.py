@@ -119,7 +119,6 @@ class FdCapture:
                 _scratch_fd("zfarm-out-"), _scratch_fd("zfarm-err-")]
         self._kept: AttemptFiles | None = None
         self._saved = [os.dup(1), os.dup(2)]  # where they pointed before: the worker's own
-        self._dirty = [False, False]  # a scratch file holds the previous job's output
 
     def start(self, job: str = "") -> None:
         _flush_python_streams()
@@ -127,10 +126,7 @@ class FdCapture:
             self._kept = AttemptFiles(self.output_dir, file_stem(job))
             self._files = list(self._kept.fds)
             link_live(self.live_dir, self.live_name, self._kept.parts)
-        for fd, scratch, dirty in zip((1, 2), self._files, self._dirty, strict=True):
-            if dirty and not self.output_dir:
-                os.ftruncate(scratch, 0)
-                os.lseek(scratch, 0, os.SEEK_SET)
+        for fd, scratch in zip((1, 2), self._files, strict=True):
             os.dup2(scratch, fd)
 
     def stop(self) -> bytes:
@@ -139,11 +135,15 @@ class FdCapture:
         for fd, saved in zip((1, 2), self._saved, strict=True):
             os.dup2(saved, fd)
         (out, out_cut), (err, err_cut) = (read_tail(scratch) for scratch in self._files)
-        self._dirty = [bool(out), bool(err)]
         if self._kept is not None:
             drop_live(self.live_dir, self.live_name)
             self._kept.finish()
             self._kept, self._files = None, []
+        else:  # emptied now, before the result goes: the next job's live view never shows this one's
+            for scratch, printed in zip(self._files, (out, err), strict=True):
+                if printed:
+                    os.ftruncate(scratch, 0)
+                    os.lseek(scratch, 0, os.SEEK_SET)
         if not (out or err):
             return b""
         return pack(out, err, out_cut, err_cut)
