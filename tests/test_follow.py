@@ -19,7 +19,7 @@ import pytest
 
 import zfarm
 from tests import jobs
-from tests.helpers import ZFARM_COMMAND, Proc, Procs, run_zfarm, wait_for, zfarm_env
+from tests.helpers import REPO_ROOT, ZFARM_COMMAND, Proc, Procs, run_zfarm, wait_for, zfarm_env
 from zfarm import batch
 from zfarm.follow import live_output
 from zfarm.local import free_tcp_endpoint
@@ -96,13 +96,23 @@ def test_follow_with_keys_from_a_worker_keeping_whole_streams(procs: Procs, stat
 
 
 def test_a_slot_pool_reads_a_running_job_s_output_and_empties_its_files_after_it(tmp_path: Path) -> None:
-    """The worker's side alone: real slot processes, no broker."""
+    """The worker's side alone: real slot processes, no broker. In a process of its own, so that what
+    multiprocessing starts for the slots (a forkserver, its resource tracker) goes with it."""
+    code = "import sys; from tests.test_follow import check_slot_pool; check_slot_pool(sys.argv[1])"
+    checked = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
+                             env=zfarm_env(), cwd=REPO_ROOT, timeout=SEEN_S * 2)
+    assert checked.returncode == 0, checked.stderr
+    assert checked.stdout == "checked\n"
+
+
+def check_slot_pool(folder: str) -> None:
+    """A slot pool answers PEEK from a running job's live files, and empties them when it ends."""
     from zfarm import output
     from zfarm import protocol as p
     from zfarm import serialization as ser
     from zfarm.worker.chaperone import SlotPool, SlotTask
 
-    go = tmp_path / "go"
+    go = Path(folder) / "go"
     pool = SlotPool(1)
     try:
         (slot,) = pool.slots
@@ -130,6 +140,7 @@ def test_a_slot_pool_reads_a_running_job_s_output_and_empties_its_files_after_it
     finally:
         pool.close()
     assert not os.path.exists(pool.live_dir)
+    print("checked")
 
 
 def test_follow_passes_on_output_larger_than_a_chunk_byte_for_byte(procs: Procs, state: dict[str, str],

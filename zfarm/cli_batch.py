@@ -105,7 +105,8 @@ def add_batch_commands(sub: Any) -> None:
     logs.add_argument("index", type=int, help="the job's index in the array")
     logs.add_argument("--stderr", action="store_true", help="its standard error instead (default: stdout)")
     logs.add_argument("--follow", "-f", action="store_true",
-                      help="while the job runs, print its output as it comes; exit with its outcome")
+                      help="print a running job's output as it comes until it ends, then exit with its "
+                           "outcome (default: a finished job's output only)")
 
     cancel = command(sub, "cancel", "cancel an array's unfinished jobs (all, or the given indexes)",
                      _run_cancel)
