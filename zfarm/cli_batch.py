@@ -6,6 +6,8 @@
     zfarm wait demo      ──► rejoin the session, collect; exit 0 all ok, 1 any failed, 2 timeout
     zfarm jobs demo      ──► rejoin, settle, print each job     zfarm logs demo 7 [--stderr]
     zfarm cancel demo 7  ──► replace job 7 by a marker          zfarm forget demo ──► end the session
+    zfarm logs demo 7 --follow ──► its output while it runs (PEEK through the broker: zfarm.follow),
+                                   then the rest from its result; exit 0 it succeeded, 1 it failed
 
 How arrays live at the broker is in :mod:`zfarm.batch`. Registered from ``cli.py``
 by :func:`add_batch_commands`; exit codes as the rest of the CLI (2: bad usage).
