@@ -95,6 +95,26 @@ def test_follow_with_keys_from_a_worker_keeping_whole_streams(procs: Procs, stat
     assert (kept / "locked_1.out").read_bytes() == b"secret\ndone\n"
 
 
+def test_follow_prints_a_command_s_new_run_from_its_start(procs: Procs, state: dict[str, str],
+                                                          tmp_path: Path) -> None:
+    endpoint, _ = procs.farm(*FAST)
+    ran, first, second, out = tmp_path / "ran", tmp_path / "first", tmp_path / "second", tmp_path / "followed"
+    line = (f"if [ -e {ran} ]; then {waiting_job(second, 'echo the second run, longer', 'exit 0')}; "
+            f"else touch {ran}; {waiting_job(first, 'echo first run', 'exit 1')}; fi")
+    done = zf(state, "submit", "--connect", endpoint, "--name", "again", "--retries", "1", "--",
+              "sh", "-c", line)
+    assert done.returncode == 0, done.stderr
+    proc = follower(procs, state, out, "logs", "again", "1")
+    wait_for(lambda: out.read_bytes() == b"first run\n", SEEN_S, message="the first run's line")
+    first.touch()  # it fails: its retry starts over in a new pair of files
+    wait_for(lambda: out.read_bytes() == b"first run\nthe second run, longer\n", SEEN_S,
+             message="the second run's line, from its start")
+    second.touch()
+    assert proc.wait(SEEN_S) == 0, proc.log()
+    assert out.read_bytes() == b"first run\nthe second run, longer\n"
+    assert "started over" in proc.log()
+
+
 def test_a_slot_pool_reads_a_running_job_s_output_and_empties_its_files_after_it(tmp_path: Path) -> None:
     """The worker's side alone: real slot processes, no broker. In a process of its own, so that what
     multiprocessing starts for the slots (a forkserver, its resource tracker) goes with it."""

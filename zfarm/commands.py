@@ -43,10 +43,10 @@ from zfarm.output import (
     TAIL_BYTES,
     AttemptFiles,
     JobOutput,
-    command_live_name,
     drop_live,
     file_stem,
     link_live,
+    new_command_live_name,
     open_live,
     read_tail,
 )
@@ -182,7 +182,7 @@ def _stream_files(spec: CommandSpec, folder: str) -> Iterator[tuple[int, int]]:
     as Slurm's ``%A_%a``). In a slot they are findable while the command runs, by the job's name in
     the worker's live folder (``zfarm logs --follow``; see zfarm.output)."""
     live = os.environ.get(LIVE_DIR_VARIABLE, "")
-    live_name = command_live_name(os.environ.get(JOB_ID_VARIABLE, "command"))
+    live_name = new_command_live_name(os.environ.get(JOB_ID_VARIABLE, "command"))  # this run's
     if not folder and live:
         fds = open_live(live, live_name)
         try:

@@ -19,8 +19,8 @@ look for the frame still reads the result unchanged.
 While a job runs, its worker can read its output (``zfarm logs --follow``, PEEK): every stream a
 job writes is findable by name in the worker's *live folder* (``LIVE_DIR_VARIABLE`` in a slot)::
 
-    LIVE/slot-PID.out, .err          a slot's capture of fd 1 and 2 (a link to the --output-dir part file)
-    LIVE/CLIENT_SEQ.cmd.out, .err    a command job's own streams (run_command), while it runs
+    LIVE/slot-PID.out, .err              a slot's capture of fd 1 and 2 (a link to the --output-dir part file)
+    LIVE/CLIENT_SEQ.cmd.TOKEN.out, .err  a command job's own streams (run_command), while it runs
 
 The worker reads at most a chunk of each (:func:`read_chunk`); the command's streams, when there,
 are the job's output, else the slot's capture.
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import socket
 import sys
 import tempfile
@@ -233,8 +234,16 @@ def slot_live_name(pid: int) -> str:
 
 
 def command_live_name(job: str) -> str:
-    """The name of a command job's own stream files in the live folder (``job``: ``client:seq``)."""
+    """What a command job's own stream files in the live folder are named after (``job``:
+    ``client:seq``); each run of the command adds a token of its own (:func:`new_command_live_name`)."""
     return f"{file_stem(job)}.cmd"
+
+
+def new_command_live_name(job: str) -> str:
+    """The name of one run of a command job's streams: its job's, and a token no other run has. The
+    token tells a follower that the command started over (a retry): a file name, unlike an inode
+    number, is never reused at once."""
+    return f"{command_live_name(job)}.{secrets.token_hex(7)}"
 
 
 def live_paths(live_dir: str, name: str) -> tuple[str, str]:
@@ -276,20 +285,46 @@ def drop_live(live_dir: str, name: str) -> None:
             os.unlink(path)
 
 
-def running_streams(live_dir: str, job: str, slot_pid: int) -> tuple[str, str]:
-    """Where a running job's output is: its command's own streams if it runs one, else its slot's."""
-    command = live_paths(live_dir, command_live_name(job))
-    return command if os.path.exists(command[0]) else live_paths(live_dir, slot_live_name(slot_pid))
+def command_runs(live_dir: str, job: str) -> list[tuple[str, int]]:
+    """The runs of ``job``'s command in the live folder (normally none or one): each one's name and
+    its token as a number."""
+    prefix, suffix = f"{command_live_name(job)}.", f".{STREAM_SUFFIXES[0]}"
+    try:
+        names = os.listdir(live_dir)
+    except OSError:
+        return []
+    runs = []
+    for name in names:
+        token = name[len(prefix):-len(suffix)]
+        if name.startswith(prefix) and name.endswith(suffix) and len(token) == 14:
+            with contextlib.suppress(ValueError):
+                runs.append((name[:-len(suffix)], int(token, 16)))
+    return runs
+
+
+def drop_command_runs(live_dir: str, job: str) -> None:
+    """Remove what the runs of ``job``'s command left in the live folder (it was killed)."""
+    for name, _token in command_runs(live_dir, job):
+        drop_live(live_dir, name)
+
+
+def running_streams(live_dir: str, job: str, slot_pid: int) -> tuple[tuple[str, str], int]:
+    """Where a running job's output is, and which run of it that is: its command's own streams if it
+    runs one (the run's token), else its slot's (the slot's pid)."""
+    runs = command_runs(live_dir, job)
+    if runs:
+        name, token = runs[-1]
+        return live_paths(live_dir, name), token
+    return live_paths(live_dir, slot_live_name(slot_pid)), slot_pid
 
 
 @dataclass(frozen=True, slots=True)
 class Chunk:
     """Bytes of a stream from an offset: ``size`` is the stream's length when read (-1: no such
-    stream), ``file_id`` which file it is (a new one: the stream started over)."""
+    stream)."""
 
     data: bytes = b""
     size: int = -1
-    file_id: int = 0
 
 
 def read_chunk(path: str, offset: int, limit: int) -> Chunk:
@@ -301,7 +336,7 @@ def read_chunk(path: str, offset: int, limit: int) -> Chunk:
     try:
         stat = os.fstat(fd)
         data = os.pread(fd, min(limit, stat.st_size - offset), offset) if 0 <= offset < stat.st_size else b""
-        return Chunk(data, stat.st_size, stat.st_ino & (2**63 - 1))
+        return Chunk(data, stat.st_size)
     finally:
         os.close(fd)
 

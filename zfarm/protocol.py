@@ -415,7 +415,8 @@ class PeekReply(Message):
     """A job's output from the asked offsets (at most PEEK_CHUNK_BYTES a stream), or its status.
 
     Frames: with RUNNING, the stdout chunk and the stderr chunk; otherwise none. ``sizes``: each
-    stream's length when read, ``ids``: which file it is (a new one: the job started over).
+    stream's length when read, ``ids``: which run of the job's output it is (another one: the job
+    started over, as a command run again by its retries).
     """
 
     command = Command.PEEK_REPLY

@@ -182,7 +182,7 @@ def _leave_live_folder(live_dir: str) -> None:
     if not live_dir:
         return
     output.drop_live(live_dir, output.slot_live_name(os.getpid()))
-    output.drop_live(live_dir, output.command_live_name(os.environ.get(JOB_ID_VARIABLE, "")))
+    output.drop_command_runs(live_dir, os.environ.get(JOB_ID_VARIABLE, ""))
     try:
         os.rmdir(live_dir)
     except OSError:
@@ -465,12 +465,11 @@ class SlotPool:
         slot = next((s for s in self.slots if s.task is not None and s.task.key == key), None)
         if slot is None or slot.task is None or slot.process.pid is None:
             return p.PeekReply(msg.client_id, msg.seq, msg.ask, p.PeekStatus.FINISHED, reply_to=msg.reply_to)
-        paths = output.running_streams(self.live_dir, slot.task.name, slot.process.pid)
+        paths, run = output.running_streams(self.live_dir, slot.task.name, slot.process.pid)
         chunks = [output.read_chunk(path, offset, p.PEEK_CHUNK_BYTES) if offset >= 0 else output.Chunk()
                   for path, offset in zip(paths, msg.offsets, strict=True)]
         return p.PeekReply(msg.client_id, msg.seq, msg.ask, p.PeekStatus.RUNNING, list(msg.offsets),
-                           [c.size for c in chunks], [c.file_id for c in chunks], msg.reply_to,
-                           [c.data for c in chunks])
+                           [c.size for c in chunks], [run, run], msg.reply_to, [c.data for c in chunks])
 
     def _crashed(self, slot: Slot, task: SlotTask) -> SlotOutcome:
         error = JobCrashed(task.name, self._replace(slot), self.host)
@@ -485,7 +484,7 @@ class SlotPool:
         if pid is not None:  # what the killed job's streams left in the live folder
             output.drop_live(self.live_dir, output.slot_live_name(pid))
         if task is not None:
-            output.drop_live(self.live_dir, output.command_live_name(task.name))
+            output.drop_command_runs(self.live_dir, task.name)
         fresh = Slot(self.ctx, slot.index, self.output_dir, live_dir=self.live_dir)
         self.slots[self.slots.index(slot)] = fresh
         return exitcode
