@@ -16,6 +16,7 @@ by :func:`add_batch_commands`; exit codes as the rest of the CLI (2: bad usage).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import sys
 import time
@@ -35,6 +36,7 @@ from zfarm.cli_args import (
     size_bytes,
     some,
 )
+from zfarm.commands import CommandResult
 from zfarm.errors import ConfigError
 from zfarm.stats import plural
 
@@ -366,16 +368,22 @@ def _run_logs(args: argparse.Namespace) -> int:
     record = _load(args)
     if args.index not in record.indexes:
         raise ConfigError(f"array {record.name} has no job {args.index}")
-    attached = Attached(record)
+    at = record.indexes.index(args.index)
+    stream = follow.STDERR if args.stderr else follow.STDOUT
+    printed = follow.Position() if args.follow else None
+    peeker: follow.Peeker | None = None
     try:
-        attached.settle()
-        future = attached.futures[record.indexes.index(args.index)]
-        stream = follow.STDERR if args.stderr else follow.STDOUT
-        printed = _follow(attached, future, stream) if args.follow else None
-        state = batch.describe(args.index, future)
-        result = batch.result_of(future)
+        state, result, key = _look(record, at, 0.0)
+        # Followed through a monitor link: the array's session is held only to look, so that other
+        # watchers (`zfarm jobs`, `wait`) may come and go meanwhile.
+        while key is not None and printed is not None:
+            if peeker is None:
+                peeker = follow.Peeker(record.address, record.keys, *key)
+            follow.follow(peeker, stream, printed, _write, _say)
+            state, result, key = _look(record, at, FINISH_WAIT_S)  # over for the broker: its result
     finally:
-        attached.leave()
+        if peeker is not None:
+            peeker.close()
     if result is None:
         detail = f": {state.error}" if state.error else ""
         print(
@@ -396,16 +404,25 @@ def _run_logs(args: argparse.Namespace) -> int:
     return 0 if state.succeeded else EXIT_FAILED
 
 
-def _follow(attached: Attached, future: Any, stream: int) -> follow.Position:
-    """Print the job's stream while it runs (until its future is done); what was printed."""
-    if future.done():
-        return follow.Position()
-    record = attached.record
-    peeker = follow.Peeker(record.address, record.keys, attached.client.id, future.seq)
+#: how long ``logs --follow`` waits for a job's result once the broker says the job is over
+FINISH_WAIT_S = 5.0
+
+
+def _look(record: ArrayRecord, at: int, wait_s: float) -> tuple[JobState, CommandResult | None,
+                                                                 tuple[str, int] | None]:
+    """Rejoin the array's session for a moment: job ``at``'s state and result (waiting up to
+    ``wait_s`` for it), and while it is not over, its key at the broker (client id, number)."""
+    attached = Attached(record)
     try:
-        return follow.follow(future, peeker, stream, _write, _say)
+        attached.settle()
+        future = attached.futures[at]
+        if wait_s:
+            concurrent.futures.wait([future], wait_s)
+        state = batch.describe(record.indexes[at], future)
+        key = None if future.done() else (attached.client.id, future.seq)  # type: ignore[attr-defined]
+        return state, batch.result_of(future), key
     finally:
-        peeker.close()
+        attached.leave()
 
 
 def _write(data: bytes) -> None:

@@ -95,7 +95,8 @@ class Position:
     """How much of one stream of the job's current run has been printed."""
 
     offset: int = 0
-    file_id: int = 0  # the file the printed bytes came from (0: none seen yet)
+    file_id: int = 0  # the run the printed bytes came from (0: none seen yet)
+    said_waiting: bool = False  # "waiting for the job to start" was said
 
     def take(self, reply: p.PeekReply, stream: int) -> tuple[bytes, str]:
         """The new bytes a RUNNING reply carries, and a note for the user ("" if none)."""
@@ -121,25 +122,25 @@ class Position:
         return tail, f"{skipped} bytes were cut before the kept end; the last {len(tail)} follow"
 
 
-def follow(future: concurrent.futures.Future[Any], peeker: Peeker, stream: int,
-           write: Callable[[bytes], None], say: Callable[[str], None], poll_s: float = POLL_S) -> Position:
-    """Print the job's ``stream`` with ``write`` while it runs (notes with ``say``); return what was
-    printed once its future is done (the caller prints the rest from its result)."""
-    position = Position()
-    for data, note in pieces(future, peeker, stream, position, poll_s):
+def follow(peeker: Peeker, stream: int, position: Position, write: Callable[[bytes], None],
+           say: Callable[[str], None], future: concurrent.futures.Future[Any] | None = None,
+           poll_s: float = POLL_S) -> None:
+    """Print the job's ``stream`` from ``position`` with ``write`` while it runs (notes with ``say``),
+    until it is over (see :func:`pieces`); the caller prints the rest from its result."""
+    for data, note in pieces(peeker, stream, position, future, poll_s):
         if note:
             say(note)
         if data:
             write(data)
-    return position
 
 
-def pieces(future: concurrent.futures.Future[Any], peeker: Peeker, stream: int, position: Position,
+def pieces(peeker: Peeker, stream: int, position: Position,
+           future: concurrent.futures.Future[Any] | None = None,
            poll_s: float = POLL_S) -> Iterator[tuple[bytes, str]]:
-    """The job's new output and notes for the user, ``(bytes, note)``, until its future is done."""
-    said_waiting = False
+    """The job's new output and notes for the user, ``(bytes, note)``, until it is over: its
+    ``future`` done or, without one, the broker saying that it finished (or knows it no more)."""
     unanswered = 0
-    while not future.done():
+    while future is None or not future.done():
         reply = peeker.ask(stream, position.offset)
         if reply is None:
             unanswered += 1
@@ -154,10 +155,16 @@ def pieces(future: concurrent.futures.Future[Any], peeker: Peeker, stream: int, 
                 yield data, note
             if len(data) == p.PEEK_CHUNK_BYTES:
                 continue  # more is likely there: ask again at once
-        elif reply.status == p.PeekStatus.QUEUED and not said_waiting:
-            yield b"", "waiting for the job to start"
-            said_waiting = True
-        concurrent.futures.wait([future], poll_s)
+        elif reply.status == p.PeekStatus.QUEUED:
+            if not position.said_waiting:
+                position.said_waiting = True
+                yield b"", "waiting for the job to start"
+        elif future is None:
+            return  # over, as far as the broker knows: its result holds the rest
+        if future is None:
+            time.sleep(poll_s)
+        else:
+            concurrent.futures.wait([future], poll_s)
 
 
 def live_output(client: Client, future: concurrent.futures.Future[Any], stream: str = "stdout",
@@ -184,7 +191,7 @@ def live_output(client: Client, future: concurrent.futures.Future[Any], stream: 
     if not future.done():
         peeker = Peeker(client.address, client.settings.keys, client.id, getattr(future, "seq", 0))
         try:
-            for data, note in pieces(future, peeker, which, position, poll_s):
+            for data, note in pieces(peeker, which, position, future, poll_s):
                 if note:
                     log.info("job %s:%s: %s", client.id, getattr(future, "seq", "?"), note)
                 if data:
