@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
 import socket
 import sys
 import tempfile
@@ -226,6 +227,50 @@ def file_stem(name: str) -> str:
 # ---- the live folder: a running job's streams, by name -------------------------------------------
 
 STREAM_SUFFIXES = ("out", "err")
+
+
+LIVE_DIR_PREFIX = "zfarm-live-"
+
+
+def make_live_dir() -> str:
+    """A new live folder for a worker: private (0700), in the temporary folder, named after this host
+    and process so that a later worker on this host removes it if this one is killed with its slots
+    before they do (:func:`sweep_live_dirs`, called here first)."""
+    sweep_live_dirs()
+    return tempfile.mkdtemp(prefix=f"{LIVE_DIR_PREFIX}{file_stem(socket.gethostname())}-{os.getpid()}-")
+
+
+def sweep_live_dirs(folder: str | None = None) -> list[str]:
+    """Remove the live folders that workers of this host left behind, killed (their process is gone:
+    a whole process tree SIGKILLed, the OOM killer); return them. Only this user's are touched."""
+    folder = folder or tempfile.gettempdir()
+    prefix = f"{LIVE_DIR_PREFIX}{file_stem(socket.gethostname())}-"
+    try:
+        names = [n for n in os.listdir(folder) if n.startswith(prefix)]
+    except OSError:
+        return []
+    swept = []
+    for name in names:
+        pid, _, _rest = name[len(prefix):].partition("-")
+        path = os.path.join(folder, name)
+        try:
+            mine = os.lstat(path).st_uid == os.getuid()
+        except OSError:
+            continue
+        if mine and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            swept.append(path)
+    return swept
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # another user's: alive
+    return True
 
 
 def slot_live_name(pid: int) -> str:

@@ -4,11 +4,16 @@ core, and the follower's arithmetic. No sockets, no processes."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import socket
+import subprocess
+from pathlib import Path
 
 import msgpack
 import pytest
 
 from tests.unit.test_scheduler import CA, MON, W1, W2, Farm, job_rows, to
+from zfarm import output
 from zfarm import protocol as p
 from zfarm.config import WorkerSettings
 from zfarm.errors import ProtocolError
@@ -176,3 +181,21 @@ def test_the_follower_starts_over_with_a_new_run_of_the_job() -> None:
     assert at.offset == 0
     assert at.take(running(0, b"new", 3, 6), STDOUT) == (b"new", "")
     assert at.take(running(3, b"", 1, 6), STDOUT) == (b"", STARTED_OVER)  # shorter than printed: a new run
+
+
+# ---- the live folder --------------------------------------------------------------------------------
+
+
+def test_the_live_folder_a_killed_worker_left_is_swept_by_the_next_one(tmp_path: Path) -> None:
+    host = output.file_stem(socket.gethostname())
+    ended = subprocess.Popen(["true"])
+    ended.wait()  # a process that is gone: a worker killed with its slots
+    stale = tmp_path / f"zfarm-live-{host}-{ended.pid}-a1b2"
+    stale.mkdir()
+    (stale / "slot-1.out").write_bytes(b"what a killed job printed")
+    running = tmp_path / f"zfarm-live-{host}-{os.getpid()}-c3d4"  # a worker that still runs
+    running.mkdir()
+    elsewhere = tmp_path / f"zfarm-live-another-host-{ended.pid}-e5f6"  # a shared /tmp: not ours to judge
+    elsewhere.mkdir()
+    assert output.sweep_live_dirs(str(tmp_path)) == [str(stale)]
+    assert not stale.exists() and running.exists() and elsewhere.exists()

@@ -27,7 +27,6 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -365,7 +364,7 @@ class SlotPool:
                 raise ConfigError(f"--output-dir {output_dir}: {exc.strerror or exc}") from None
         self.output_dir = output_dir
         #: the running jobs' streams, by name (see zfarm.output); removed with the pool
-        self.live_dir = tempfile.mkdtemp(prefix="zfarm-live-")
+        self.live_dir = output.make_live_dir()
         methods = multiprocessing.get_all_start_methods()
         self.ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
         if "forkserver" in methods:
