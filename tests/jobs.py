@@ -221,3 +221,13 @@ def identify(obj: Any, x: int = 0) -> tuple[int, int, int, int]:
 
     data = obj["inside"][0] if isinstance(obj, dict) else obj
     return os.getpid(), id(data), len(data), zlib.crc32(data)
+
+
+def print_until(path: str) -> str:
+    """Print a line, wait until ``path`` exists (at most HOLD_LIMIT_S), print another (live output)."""
+    os.write(1, b"before\n")
+    deadline = time.monotonic() + HOLD_LIMIT_S
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(POLL_INTERVAL_S)
+    os.write(1, b"after\n")
+    return "done"

@@ -6,6 +6,8 @@
     zfarm wait demo      ──► rejoin the session, collect; exit 0 all ok, 1 any failed, 2 timeout
     zfarm jobs demo      ──► rejoin, settle, print each job     zfarm logs demo 7 [--stderr]
     zfarm cancel demo 7  ──► replace job 7 by a marker          zfarm forget demo ──► end the session
+    zfarm logs demo 7 --follow ──► its output while it runs (PEEK through the broker: zfarm.follow),
+                                   then the rest from its result; exit 0 it succeeded, 1 it failed
 
 How arrays live at the broker is in :mod:`zfarm.batch`. Registered from ``cli.py``
 by :func:`add_batch_commands`; exit codes as the rest of the CLI (2: bad usage).
@@ -14,13 +16,14 @@ by :func:`add_batch_commands`; exit codes as the rest of the CLI (2: bad usage).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import sys
 import time
 from collections import Counter
 from typing import Any
 
-from zfarm import batch
+from zfarm import batch, follow
 from zfarm.batch import ArrayRecord, Attached, JobState, State
 from zfarm.cli_args import (
     broker_address,
@@ -33,6 +36,7 @@ from zfarm.cli_args import (
     size_bytes,
     some,
 )
+from zfarm.commands import CommandResult
 from zfarm.errors import ConfigError
 from zfarm.stats import plural
 
@@ -104,6 +108,9 @@ def add_batch_commands(sub: Any) -> None:
     _named(logs)
     logs.add_argument("index", type=int, help="the job's index in the array")
     logs.add_argument("--stderr", action="store_true", help="its standard error instead (default: stdout)")
+    logs.add_argument("--follow", "-f", action="store_true",
+                      help="print a running job's output as it comes until it ends, then exit with its "
+                           "outcome (default: a finished job's output only)")
 
     cancel = command(sub, "cancel", "cancel an array's unfinished jobs (all, or the given indexes)",
                      _run_cancel)
@@ -361,14 +368,22 @@ def _run_logs(args: argparse.Namespace) -> int:
     record = _load(args)
     if args.index not in record.indexes:
         raise ConfigError(f"array {record.name} has no job {args.index}")
-    attached = Attached(record)
+    at = record.indexes.index(args.index)
+    stream = follow.STDERR if args.stderr else follow.STDOUT
+    printed = follow.Position() if args.follow else None
+    peeker: follow.Peeker | None = None
     try:
-        attached.settle()
-        future = attached.futures[record.indexes.index(args.index)]
-        state = batch.describe(args.index, future)
-        result = batch.result_of(future)
+        state, result, key = _look(record, at, 0.0)
+        # Followed through a monitor link: the array's session is held only to look, so that other
+        # watchers (`zfarm jobs`, `wait`) may come and go meanwhile.
+        while key is not None and printed is not None:
+            if peeker is None:
+                peeker = follow.Peeker(record.address, record.keys, *key)
+            follow.follow(peeker, stream, printed, _write, _say)
+            state, result, key = _look(record, at, FINISH_WAIT_S)  # over for the broker: its result
     finally:
-        attached.leave()
+        if peeker is not None:
+            peeker.close()
     if result is None:
         detail = f": {state.error}" if state.error else ""
         print(
@@ -377,10 +392,46 @@ def _run_logs(args: argparse.Namespace) -> int:
         )
         return 1
     text, cut = (result.stderr, result.stderr_cut) if args.stderr else (result.stdout, result.stdout_cut)
-    if cut:
-        print(f"zfarm: the first {cut} bytes were cut; the last {len(text.encode())} follow", file=sys.stderr)
-    sys.stdout.write(text)
-    return 0
+    if printed is None:
+        if cut:
+            _say(f"the first {cut} bytes were cut; the last {len(text.encode())} follow")
+        sys.stdout.write(text)
+        return 0
+    rest, note = printed.rest(text.encode(), cut)  # what the job wrote after the last chunk printed
+    if note:
+        _say(note)
+    _write(rest)
+    return 0 if state.succeeded else EXIT_FAILED
+
+
+#: how long ``logs --follow`` waits for a job's result once the broker says the job is over
+FINISH_WAIT_S = 5.0
+
+
+def _look(record: ArrayRecord, at: int, wait_s: float) -> tuple[JobState, CommandResult | None,
+                                                                 tuple[str, int] | None]:
+    """Rejoin the array's session for a moment: job ``at``'s state and result (waiting up to
+    ``wait_s`` for it), and while it is not over, its key at the broker (client id, number)."""
+    attached = Attached(record)
+    try:
+        attached.settle()
+        future = attached.futures[at]
+        if wait_s:
+            concurrent.futures.wait([future], wait_s)
+        state = batch.describe(record.indexes[at], future)
+        key = None if future.done() else (attached.client.id, future.seq)  # type: ignore[attr-defined]
+        return state, batch.result_of(future), key
+    finally:
+        attached.leave()
+
+
+def _write(data: bytes) -> None:
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+
+
+def _say(note: str) -> None:
+    print(f"zfarm: {note}", file=sys.stderr, flush=True)
 
 
 # ---- cancel, forget ----------------------------------------------------------------------------------
@@ -423,6 +474,7 @@ def _run_forget(args: argparse.Namespace) -> int:
     from zfarm.client.executor import Client
 
     record = _load(args)
+    batch.check_listening(record.address)
     client = Client(
         record.address, session=record.session, keys=record.keys or None, key_name=record.key_name or None
     )

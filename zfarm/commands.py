@@ -38,11 +38,16 @@ from zfarm import proctree
 from zfarm.errors import CommandFailed, CommandNotFound, ConfigError
 from zfarm.output import (
     JOB_ID_VARIABLE,
+    LIVE_DIR_VARIABLE,
     OUTPUT_DIR_VARIABLE,
     TAIL_BYTES,
     AttemptFiles,
     JobOutput,
+    drop_live,
     file_stem,
+    link_live,
+    new_command_live_name,
+    open_live,
     read_tail,
 )
 
@@ -174,7 +179,19 @@ def run_command(spec: CommandSpec) -> CommandResult:
 def _stream_files(spec: CommandSpec, folder: str) -> Iterator[tuple[int, int]]:
     """Where the command's stdout and stderr go (open descriptors): scratch files, or whole files
     kept in the worker's ``--output-dir`` ``folder`` (``ARRAY_INDEX.out`` for a job of an array,
-    as Slurm's ``%A_%a``)."""
+    as Slurm's ``%A_%a``). In a slot they are findable while the command runs, by the job's name in
+    the worker's live folder (``zfarm logs --follow``; see zfarm.output)."""
+    live = os.environ.get(LIVE_DIR_VARIABLE, "")
+    live_name = new_command_live_name(os.environ.get(JOB_ID_VARIABLE, "command"))  # this run's
+    if not folder and live:
+        fds = open_live(live, live_name)
+        try:
+            yield fds[0], fds[1]
+        finally:
+            drop_live(live, live_name)
+            for fd in fds:
+                os.close(fd)
+        return
     if not folder:
         with tempfile.TemporaryFile(prefix="zfarm-out-") as out, \
                 tempfile.TemporaryFile(prefix="zfarm-err-") as err:
@@ -186,11 +203,14 @@ def _stream_files(spec: CommandSpec, folder: str) -> Iterator[tuple[int, int]]:
     else:
         stem = file_stem(os.environ.get(JOB_ID_VARIABLE, "command")) + ".cmd"
     files = AttemptFiles(folder, stem)  # another copy of this job may write the same names
+    link_live(live, live_name, files.parts)
     try:
         yield files.fds[0], files.fds[1]
     except BaseException:  # it never ran (not found): no output of its own
+        drop_live(live, live_name)
         files.discard()
         raise
+    drop_live(live, live_name)
     files.finish()
 
 

@@ -15,12 +15,23 @@ costs the worker disk space, not memory; only the tail of each stream
 The output travels as one extra frame after the result's own frames, marked by
 ``MAGIC``: pickle ignores buffers it does not ask for, so a peer that does not
 look for the frame still reads the result unchanged.
+
+While a job runs, its worker can read its output (``zfarm logs --follow``, PEEK): every stream a
+job writes is findable by name in the worker's *live folder* (``LIVE_DIR_VARIABLE`` in a slot)::
+
+    LIVE/slot-PID.out, .err              a slot's capture of fd 1 and 2 (a link to the --output-dir part file)
+    LIVE/CLIENT_SEQ.cmd.TOKEN.out, .err  a command job's own streams (run_command), while it runs
+
+The worker reads at most a chunk of each (:func:`read_chunk`); the command's streams, when there,
+are the job's output, else the slot's capture.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
+import shutil
 import socket
 import sys
 import tempfile
@@ -37,6 +48,8 @@ TAIL_BYTES = 1024 * 1024
 JOB_ID_VARIABLE = "ZFARM_JOB_ID"
 #: the variable that names, in a slot, the folder where whole output streams are kept (unset: none)
 OUTPUT_DIR_VARIABLE = "ZFARM_OUTPUT_DIR"
+#: the variable that names, in a slot, its worker's live folder (see the module's docstring)
+LIVE_DIR_VARIABLE = "ZFARM_LIVE_DIR"
 #: the first bytes of an output frame
 MAGIC = b"\x00zfarm-output-1\x00"
 
@@ -97,22 +110,25 @@ class FdCapture:
     ``DIR/CLIENT_SEQ.out`` and ``.err``, named as Slurm's ``%A_%a`` (empty ones are removed).
     """
 
-    def __init__(self, output_dir: str = "") -> None:
+    def __init__(self, output_dir: str = "", live_dir: str = "") -> None:
+        """``live_dir``: the worker's live folder, where the streams are findable while a job runs."""
         self.output_dir = output_dir
-        self._files = [] if output_dir else [_scratch_fd("zfarm-out-"), _scratch_fd("zfarm-err-")]
+        self.live_name = slot_live_name(os.getpid())
+        self.live_dir = live_dir
+        self._files: list[int] = []
+        if not output_dir:
+            self._files = open_live(live_dir, self.live_name) if live_dir else [
+                _scratch_fd("zfarm-out-"), _scratch_fd("zfarm-err-")]
         self._kept: AttemptFiles | None = None
         self._saved = [os.dup(1), os.dup(2)]  # where they pointed before: the worker's own
-        self._dirty = [False, False]  # a scratch file holds the previous job's output
 
     def start(self, job: str = "") -> None:
         _flush_python_streams()
         if self.output_dir:
             self._kept = AttemptFiles(self.output_dir, file_stem(job))
             self._files = list(self._kept.fds)
-        for fd, scratch, dirty in zip((1, 2), self._files, self._dirty, strict=True):
-            if dirty and not self.output_dir:
-                os.ftruncate(scratch, 0)
-                os.lseek(scratch, 0, os.SEEK_SET)
+            link_live(self.live_dir, self.live_name, self._kept.parts)
+        for fd, scratch in zip((1, 2), self._files, strict=True):
             os.dup2(scratch, fd)
 
     def stop(self) -> bytes:
@@ -121,10 +137,15 @@ class FdCapture:
         for fd, saved in zip((1, 2), self._saved, strict=True):
             os.dup2(saved, fd)
         (out, out_cut), (err, err_cut) = (read_tail(scratch) for scratch in self._files)
-        self._dirty = [bool(out), bool(err)]
         if self._kept is not None:
+            drop_live(self.live_dir, self.live_name)
             self._kept.finish()
             self._kept, self._files = None, []
+        else:  # emptied now, before the result goes: the next job's live view never shows this one's
+            for scratch, printed in zip(self._files, (out, err), strict=True):
+                if printed:
+                    os.ftruncate(scratch, 0)
+                    os.lseek(scratch, 0, os.SEEK_SET)
         if not (out or err):
             return b""
         return pack(out, err, out_cut, err_cut)
@@ -201,6 +222,168 @@ def keep(part: str, path: str, printed: bool) -> None:
 def file_stem(name: str) -> str:
     """A job's name as a file name: ``client:seq`` becomes ``client_seq``."""
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "job"
+
+
+# ---- the live folder: a running job's streams, by name -------------------------------------------
+
+STREAM_SUFFIXES = ("out", "err")
+
+
+LIVE_DIR_PREFIX = "zfarm-live-"
+
+
+def make_live_dir() -> str:
+    """A new live folder for a worker: private (0700), in the temporary folder, named after this host
+    and process so that a later worker on this host removes it if this one is killed with its slots
+    before they do (:func:`sweep_live_dirs`, called here first)."""
+    sweep_live_dirs()
+    return tempfile.mkdtemp(prefix=f"{LIVE_DIR_PREFIX}{file_stem(socket.gethostname())}-{os.getpid()}-")
+
+
+def sweep_live_dirs(folder: str | None = None) -> list[str]:
+    """Remove the live folders that workers of this host left behind, killed (their process is gone:
+    a whole process tree SIGKILLed, the OOM killer); return them. Only this user's are touched."""
+    folder = folder or tempfile.gettempdir()
+    prefix = f"{LIVE_DIR_PREFIX}{file_stem(socket.gethostname())}-"
+    try:
+        names = [n for n in os.listdir(folder) if n.startswith(prefix)]
+    except OSError:
+        return []
+    swept = []
+    for name in names:
+        pid, _, _rest = name[len(prefix):].partition("-")
+        path = os.path.join(folder, name)
+        try:
+            mine = os.lstat(path).st_uid == os.getuid()
+        except OSError:
+            continue
+        if mine and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            swept.append(path)
+    return swept
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # another user's: alive
+    return True
+
+
+def slot_live_name(pid: int) -> str:
+    """The name of a slot's capture files in the live folder."""
+    return f"slot-{pid}"
+
+
+def command_live_name(job: str) -> str:
+    """What a command job's own stream files in the live folder are named after (``job``:
+    ``client:seq``); each run of the command adds a token of its own (:func:`new_command_live_name`)."""
+    return f"{file_stem(job)}.cmd"
+
+
+def new_command_live_name(job: str) -> str:
+    """The name of one run of a command job's streams: its job's, and a token no other run has. The
+    token tells a follower that the command started over (a retry): a file name, unlike an inode
+    number, is never reused at once."""
+    return f"{command_live_name(job)}.{secrets.token_hex(7)}"
+
+
+def live_paths(live_dir: str, name: str) -> tuple[str, str]:
+    """The stdout and stderr paths of ``name`` in the live folder."""
+    base = os.path.join(live_dir, name)
+    return f"{base}.{STREAM_SUFFIXES[0]}", f"{base}.{STREAM_SUFFIXES[1]}"
+
+
+def open_live(live_dir: str, name: str) -> list[int]:
+    """Create (or empty) the two stream files of ``name`` in the live folder; their descriptors."""
+    fds: list[int] = []
+    try:
+        for path in live_paths(live_dir, name):
+            fds.append(os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600))
+    except OSError:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return fds
+
+
+def link_live(live_dir: str, name: str, targets: tuple[str, ...]) -> None:
+    """Make ``name``'s streams in the live folder links to ``targets`` (files kept elsewhere)."""
+    if not live_dir:
+        return
+    for path, target in zip(live_paths(live_dir, name), targets, strict=True):
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        with contextlib.suppress(OSError):  # a job is never stopped for want of a live view
+            os.symlink(os.path.abspath(target), path)
+
+
+def drop_live(live_dir: str, name: str) -> None:
+    """Remove ``name``'s stream files (or links) from the live folder."""
+    if not live_dir:
+        return
+    for path in live_paths(live_dir, name):
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+def command_runs(live_dir: str, job: str) -> list[tuple[str, int]]:
+    """The runs of ``job``'s command in the live folder (normally none or one): each one's name and
+    its token as a number."""
+    prefix, suffix = f"{command_live_name(job)}.", f".{STREAM_SUFFIXES[0]}"
+    try:
+        names = os.listdir(live_dir)
+    except OSError:
+        return []
+    runs = []
+    for name in names:
+        token = name[len(prefix):-len(suffix)]
+        if name.startswith(prefix) and name.endswith(suffix) and len(token) == 14:
+            with contextlib.suppress(ValueError):
+                runs.append((name[:-len(suffix)], int(token, 16)))
+    return runs
+
+
+def drop_command_runs(live_dir: str, job: str) -> None:
+    """Remove what the runs of ``job``'s command left in the live folder (it was killed)."""
+    for name, _token in command_runs(live_dir, job):
+        drop_live(live_dir, name)
+
+
+def running_streams(live_dir: str, job: str, slot_pid: int) -> tuple[tuple[str, str], int]:
+    """Where a running job's output is, and which run of it that is: its command's own streams if it
+    runs one (the run's token), else its slot's (the slot's pid)."""
+    runs = command_runs(live_dir, job)
+    if runs:
+        name, token = runs[-1]
+        return live_paths(live_dir, name), token
+    return live_paths(live_dir, slot_live_name(slot_pid)), slot_pid
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """Bytes of a stream from an offset: ``size`` is the stream's length when read (-1: no such
+    stream)."""
+
+    data: bytes = b""
+    size: int = -1
+
+
+def read_chunk(path: str, offset: int, limit: int) -> Chunk:
+    """At most ``limit`` bytes of the file at ``path`` from ``offset`` (-1: none wanted)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return Chunk()
+    try:
+        stat = os.fstat(fd)
+        data = os.pread(fd, min(limit, stat.st_size - offset), offset) if 0 <= offset < stat.st_size else b""
+        return Chunk(data, stat.st_size)
+    finally:
+        os.close(fd)
 
 
 def _scratch_fd(prefix: str) -> int:

@@ -26,8 +26,9 @@ import msgpack
 
 from zfarm.errors import FieldTooLarge, ProtocolError, VersionMismatch
 
-PROTOCOL_VERSION = 4  # 2: results held until RECEIVED; sessions (ACCEPTED); 3: STARTED, RUNNING;
-#                        4: RESULT rows carry a ResultKind; RECLAIM, PROJECT, PROJECT_REPLY, NOTICE
+PROTOCOL_VERSION = 5  # 2: results held until RECEIVED; sessions (ACCEPTED); 3: STARTED, RUNNING;
+#                        4: RESULT rows carry a ResultKind; RECLAIM, PROJECT, PROJECT_REPLY, NOTICE;
+#                        5: PEEK, PEEK_REPLY, CLUSTER
 MAGIC = b"ZF"
 HEADER = MAGIC + bytes([PROTOCOL_VERSION])
 #: job numbers are 0 … 2**63 - 1 (they are stored as SQLite integers)
@@ -81,6 +82,8 @@ class Command(enum.IntEnum):
     PROJECT = 23  # client or monitor → broker: list, change, suspend, resume or cancel projects
     PROJECT_REPLY = 24  # broker → peer: the projects (after the change), or why it was refused
     NOTICE = 25  # broker → client: something about these jobs of yours worth a warning
+    PEEK = 26  # client or monitor → broker → worker: a running job's output from these offsets
+    PEEK_REPLY = 27  # worker → broker → asker: that output (bounded chunks), or why there is none
     CLUSTER = 28  # a cluster's monitor → broker: the workers it launched (answered with STATUS_REPLY)
 
 
@@ -117,6 +120,23 @@ class ResultKind(enum.IntEnum):
 
 class NoticeKind(enum.IntEnum):
     UNSCHEDULABLE = 1  # no connected worker could ever hold these jobs (text: why)
+
+
+class PeekStatus(enum.IntEnum):
+    """Where a job asked about by PEEK stands; chunks come only with RUNNING."""
+
+    RUNNING = 0  # in a slot: the chunks read from its streams follow
+    QUEUED = 1  # not started yet (waiting, queued, or held by a worker with no free slot)
+    FINISHED = 2  # over (or not on this worker any more): its result holds the rest
+    UNKNOWN = 3  # the broker knows no unfinished job or held result by that client and number
+
+
+#: the most bytes of each stream one PEEK_REPLY carries
+PEEK_CHUNK_BYTES = 64 * 1024
+#: a PEEK's reply_to: a ROUTER routing id (ZeroMQ's are at most 255 bytes)
+MAX_ROUTE_BYTES = 255
+#: stream positions in PEEK and PEEK_REPLY lists: [stdout, stderr]
+STREAMS = 2
 
 
 class ProjectAction(str, enum.Enum):
@@ -380,6 +400,45 @@ class Notice(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class Peek(Message):
+    """Ask for a running job's output: each stream from a byte offset (-1: that stream not wanted).
+
+    An asker leaves ``reply_to`` empty; the broker fills it with the asker's route when it forwards
+    the request to the job's worker, which puts it in its reply: the broker keeps nothing between.
+    """
+
+    command = Command.PEEK
+    schema = (str, int, list, int, bytes)
+    client_id: str
+    seq: int
+    offsets: list[int]  # [stdout, stderr]
+    ask: int = 0  # the asker's number for this request, echoed in the reply
+    reply_to: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class PeekReply(Message):
+    """A job's output from the asked offsets (at most PEEK_CHUNK_BYTES a stream), or its status.
+
+    Frames: with RUNNING, the stdout chunk and the stderr chunk; otherwise none. ``sizes``: each
+    stream's length when read, ``ids``: which run of the job's output it is (another one: the job
+    started over, as a command run again by its retries).
+    """
+
+    command = Command.PEEK_REPLY
+    schema = (str, int, int, int, list, list, list, bytes)
+    client_id: str
+    seq: int
+    ask: int
+    status: int  # a PeekStatus
+    offsets: list[int] = field(default_factory=lambda: [-1, -1])  # where each chunk starts
+    sizes: list[int] = field(default_factory=lambda: [-1, -1])
+    ids: list[int] = field(default_factory=lambda: [0, 0])
+    reply_to: bytes = b""
+    frames: Sequence[Frame] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class ClusterReport(Message):
     """What a cluster launched, said by its supervisor every ``every_s`` (and ``leaving`` when it
     closes); the broker keeps the last report per ``cluster_id`` for its snapshot and answers with
@@ -407,7 +466,7 @@ MESSAGE_TYPES: dict[Command, type[Message]] = {
     for cls in (
         Hello, Welcome, Refused, Reconnect, Heartbeat, Disconnect, Ready, Jobs, Results,
         CancelJobs, Submit, Result, Cancel, Status, StatusReply, History, HistoryReply, Received,
-        Accepted, Started, Running, Reclaim, Project, ProjectReply, Notice, ClusterReport,
+        Accepted, Started, Running, Reclaim, Project, ProjectReply, Notice, ClusterReport, Peek, PeekReply,
     )
 }
 _ENVELOPE_FIELDS: dict[type[Message], tuple[str, ...]] = {
@@ -425,6 +484,8 @@ _FIELD_LIMITS: dict[type[Message], dict[str, int]] = {
     Project: {"action": MAX_ID_CHARS, "name": MAX_ID_CHARS, "settings": MAX_INFO_COST},
     Notice: {"text": MAX_TEXT_CHARS},
     ClusterReport: {"cluster_id": MAX_ID_CHARS, "name": MAX_ID_CHARS, "launcher": MAX_ID_CHARS, "adapt": 2},
+    Peek: {"client_id": MAX_ID_CHARS, "reply_to": MAX_ROUTE_BYTES},
+    PeekReply: {"client_id": MAX_ID_CHARS, "reply_to": MAX_ROUTE_BYTES},
 }
 #: the same, as (position in the envelope, bound, name for a refusal) per message type
 _ENVELOPE_LIMITS: dict[type[Message], tuple[tuple[int, int, str], ...]] = {
@@ -641,6 +702,11 @@ def _check_frames(msg: Message, nframes: int) -> None:
         check_rows(msg.results, RESULT_ROW, "RESULT", RESULT_ROW_LIMITS)
         _check_stats(msg.stats, JOB_STATS_ROW, len(msg.results), "RESULT", JOB_STATS_ROW_LIMITS)
         expected = _sum_frames(msg.results, 2)
+    elif isinstance(msg, PeekReply):
+        _check_peek_reply(msg)
+        expected = STREAMS if msg.status == PeekStatus.RUNNING else 0
+        if not all(memoryview(buffer_of(f)).nbytes <= PEEK_CHUNK_BYTES for f in msg.frames):
+            raise ProtocolError(f"PEEK_REPLY chunks must be at most {PEEK_CHUNK_BYTES} bytes")
     else:  # pragma: no cover - every framed type is listed above
         raise ProtocolError(f"no frame rule for {type(msg).__name__}")
     if expected != nframes:
@@ -674,6 +740,11 @@ def _check_plain_rows(msg: Message) -> None:
         _check_seqs(msg.seqs, msg.command.name)
         if isinstance(msg, Received):
             _check_seqs([msg.below], "RECEIVED below")
+    elif isinstance(msg, Peek):
+        _check_seqs([msg.seq], "PEEK")
+        _check_numbers(msg.offsets, -1, "PEEK offsets")
+        if not 0 <= msg.ask <= MAX_SEQ:
+            raise ProtocolError(f"PEEK ask must be an integer from 0 to {MAX_SEQ}")
     elif isinstance(msg, History) and msg.last < 0:
         raise ProtocolError("HISTORY last must not be negative")
     elif isinstance(msg, HistoryReply) and not all(isinstance(r, list) for r in msg.rows):
@@ -701,6 +772,26 @@ def _check_cluster(msg: ClusterReport) -> None:
     low, high = CLUSTER_EVERY_S
     if not low <= msg.every_s <= high:  # NaN fails this too
         raise ProtocolError(f"CLUSTER every_s must be from {low:g} to {high:g} seconds")
+
+
+def _check_numbers(values: list[Any], least: int, what: str) -> None:
+    """One integer per stream, each from ``least`` to MAX_SEQ."""
+    if len(values) != STREAMS or not all(_is(v, int) and least <= v <= MAX_SEQ for v in values):
+        raise ProtocolError(f"{what} must be {STREAMS} integers from {least} to {MAX_SEQ}")
+
+
+_PEEK_STATUSES = {int(s) for s in PeekStatus}
+
+
+def _check_peek_reply(msg: PeekReply) -> None:
+    _check_seqs([msg.seq], "PEEK_REPLY")
+    if not 0 <= msg.ask <= MAX_SEQ:
+        raise ProtocolError(f"PEEK_REPLY ask must be an integer from 0 to {MAX_SEQ}")
+    if msg.status not in _PEEK_STATUSES:
+        raise ProtocolError(f"PEEK_REPLY status {msg.status} is not a PeekStatus")
+    _check_numbers(msg.offsets, -1, "PEEK_REPLY offsets")
+    _check_numbers(msg.sizes, -1, "PEEK_REPLY sizes")
+    _check_numbers(msg.ids, 0, "PEEK_REPLY ids")
 
 
 #: DISCONNECT reason of a session's client that is done with the session: the broker forgets it

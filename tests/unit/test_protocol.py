@@ -55,6 +55,9 @@ SAMPLES: list[p.Message] = [
     p.Notice(int(p.NoticeKind.UNSCHEDULABLE), [3, 4], "it asks for gpus=2"),
     p.ClusterReport("slurm-3f2a1c", "lab", "slurm", 4, 3, 2, 1, 1, 0, 0, [0, 8], 2.0),
     p.ClusterReport("local-1", "", "local", 0, 0, 0, 0, 0, 0, 0, [], 2, True),
+    p.Peek("s-array-x", 3, [1024, -1], 7, b"\x00route"),
+    p.PeekReply("s-array-x", 3, 7, int(p.PeekStatus.RUNNING), [1024, -1], [2048, -1], [12, 0], b"",
+                [b"more output\n", b""]),
 ]
 
 
@@ -72,7 +75,7 @@ def test_every_message_type_is_sampled() -> None:
 @pytest.mark.parametrize("msg", SAMPLES, ids=lambda m: type(m).__name__)
 def test_round_trip(msg: p.Message) -> None:
     frames = p.encode(msg)
-    assert frames[0] == p.HEADER == b"ZF\x04"
+    assert frames[0] == p.HEADER == b"ZF\x05"
     assert frames[1] == bytes([msg.command])
     decoded = p.decode(frames)
     assert type(decoded) is type(msg)

@@ -9,6 +9,7 @@ clock.
     handle(route, frames, now) ─► decode ─► Peers      HELLO, DISCONNECT, liveness (peers.py)
                                         ├─► Intake     SUBMIT, CANCEL (intake.py)
                                         ├─► Delivery   RESULTS, STARTED, RECEIVED (delivery.py)
+                                        ├─► Peeks      PEEK, PEEK_REPLY: relayed (peek.py)
                                         └─► Placement  READY: credit (placement.py)
     tick(now)  ─► Functions.drop_idle, Peers.scan
     flush(now) ─► Placement.dispatch ─► JOBS, CANCEL_JOBS, ACCEPTED, RUNNING, RESULT per peer
@@ -38,6 +39,7 @@ from zfarm.broker.held import HeldResults
 from zfarm.broker.intake import Intake
 from zfarm.broker.jobstate import JobMoves
 from zfarm.broker.journal import Journal
+from zfarm.broker.peek import Peeks
 from zfarm.broker.peers import Peers, worker_view
 from zfarm.broker.placement import Placement
 from zfarm.broker.projects import Projects
@@ -94,6 +96,7 @@ class Scheduler:
                              self.dependencies)
         self.peers_part = Peers(farm, self.moves, self.placement, self.broker_id)
         self.clusters = Clusters(farm.records)
+        self.peeks = Peeks(farm)
         self._next_scan = now
         self.deadline_s = settings.heartbeat_interval_s * settings.liveness
         if journal is not None:
@@ -201,7 +204,7 @@ class Scheduler:
         elif isinstance(peer, ClientRecord):
             self._client_message(peer, msg, now)
         else:
-            raise ProtocolError(f"a monitor cannot send {type(msg).__name__}")
+            self._monitor_message(peer, msg, now)
 
     def _status(self, peer: Peer, msg: p.Status | p.ClusterReport, now: float) -> None:
         """STATUS, or a cluster's report (kept first, so that the snapshot it gets back holds it)."""
@@ -221,6 +224,8 @@ class Scheduler:
                 self.placement.give_back(worker, returned, now)
         elif isinstance(msg, p.Started):
             self.delivery.started(worker, msg)
+        elif isinstance(msg, p.PeekReply):
+            self.peeks.relay(worker, msg, now)
         else:
             raise ProtocolError(f"a worker cannot send {type(msg).__name__}")
 
@@ -231,8 +236,16 @@ class Scheduler:
             self.delivery.received(client, msg)
         elif isinstance(msg, p.Cancel):
             self.intake.cancel(client, msg, now)
+        elif isinstance(msg, p.Peek):
+            self.peeks.ask(client, msg, now)
         else:
             raise ProtocolError(f"a client cannot send {type(msg).__name__}")
+
+    def _monitor_message(self, monitor: Peer, msg: p.Message, now: float) -> None:
+        if isinstance(msg, p.Peek):
+            self.peeks.ask(monitor, msg, now)
+        else:
+            raise ProtocolError(f"a monitor cannot send {type(msg).__name__}")
 
     def peer_unreachable(self, route: Route, now: float) -> None:
         """The socket could not route to ``route``: the peer's connection is gone."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -32,10 +33,11 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
-from zfarm import proctree, scatter
+from zfarm import output, proctree, scatter
+from zfarm import protocol as p
 from zfarm import serialization as ser
 from zfarm.errors import ConfigError, JobCrashed, JobTimeout, MemoryLimitExceeded
-from zfarm.output import JOB_ID_VARIABLE, OUTPUT_DIR_VARIABLE, FdCapture
+from zfarm.output import JOB_ID_VARIABLE, LIVE_DIR_VARIABLE, OUTPUT_DIR_VARIABLE, FdCapture
 from zfarm.protocol import Outcome, ResultKind, remember_fn, split_frames
 from zfarm.worker import pipe
 
@@ -81,7 +83,7 @@ class SlotOutcome:
 
 
 def _slot_main(conn: Connection, lifeline: Connection, output_dir: str = "",
-               worker_fds: tuple[int, ...] = ()) -> None:
+               worker_fds: tuple[int, ...] = (), live_dir: str = "") -> None:
     # A slot forked from the worker holds copies of the worker's ends of every slot's pipes: close
     # them, or its own lifeline would never reach EOF when the worker dies.
     for fd in worker_fds:
@@ -95,8 +97,9 @@ def _slot_main(conn: Connection, lifeline: Connection, output_dir: str = "",
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     threading.Thread(target=_exit_with_worker, args=(lifeline,), daemon=True).start()
     proctree.become_subreaper()
-    capture = FdCapture(output_dir)
+    capture = FdCapture(output_dir, live_dir)
     _set_env(OUTPUT_DIR_VARIABLE, output_dir or None)  # where command jobs keep their whole output
+    _set_env(LIVE_DIR_VARIABLE, live_dir or None)  # where command jobs' streams are findable while they run
     functions: dict[bytes, Any] = {}
     own_devices = os.environ.get(CUDA_DEVICES)
     while True:
@@ -168,7 +171,21 @@ def _exit_with_worker(lifeline: Connection) -> None:
     except (EOFError, OSError):
         pass
     proctree.kill_descendants(os.getpid())  # the job's processes go with us
+    _leave_live_folder(os.environ.get(LIVE_DIR_VARIABLE, ""))
     os._exit(ORPHANED_EXIT)
+
+
+def _leave_live_folder(live_dir: str) -> None:
+    """The worker died (it cannot clean up): remove this slot's streams, those of its job's command,
+    and the live folder itself once the last slot has."""
+    if not live_dir:
+        return
+    output.drop_live(live_dir, output.slot_live_name(os.getpid()))
+    output.drop_command_runs(live_dir, os.environ.get(JOB_ID_VARIABLE, ""))
+    try:
+        os.rmdir(live_dir)
+    except OSError:
+        pass  # another slot's files are still there: the last slot to go removes it
 
 
 class _Unloadable:
@@ -266,7 +283,7 @@ class Slot:
     """One slot process and the task it runs, as seen from the worker."""
 
     def __init__(self, ctx: Any, index: int, output_dir: str = "",
-                 forked_beside: list[Slot] | None = None) -> None:
+                 forked_beside: list[Slot] | None = None, live_dir: str = "") -> None:
         """``forked_beside``: the slot is forked from the worker (``ctx`` is "fork"), where these
         slots' worker ends of their pipes are open too."""
         self.index = index
@@ -276,8 +293,8 @@ class Slot:
         if forked_beside is not None:
             ends = [end for s in [*forked_beside, self] for end in (s.conn, s.lifeline)]
             worker_fds = tuple(end.fileno() for end in ends)
-        self.process = ctx.Process(target=_slot_main, args=(child_conn, lifeline_r, output_dir, worker_fds),
-                                   daemon=True, name=f"zfarm-slot-{index}")
+        args = (child_conn, lifeline_r, output_dir, worker_fds, live_dir)
+        self.process = ctx.Process(target=_slot_main, args=args, daemon=True, name=f"zfarm-slot-{index}")
         self.process.start()
         child_conn.close()
         lifeline_r.close()
@@ -346,6 +363,8 @@ class SlotPool:
             except OSError as exc:
                 raise ConfigError(f"--output-dir {output_dir}: {exc.strerror or exc}") from None
         self.output_dir = output_dir
+        #: the running jobs' streams, by name (see zfarm.output); removed with the pool
+        self.live_dir = output.make_live_dir()
         methods = multiprocessing.get_all_start_methods()
         self.ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
         if "forkserver" in methods:
@@ -358,9 +377,9 @@ class SlotPool:
         if _single_threaded():
             fork = multiprocessing.get_context("fork")
             for i in range(size):
-                self.slots.append(Slot(fork, i, output_dir, forked_beside=list(self.slots)))
+                self.slots.append(Slot(fork, i, output_dir, list(self.slots), self.live_dir))
         else:
-            self.slots = [Slot(self.ctx, i, output_dir) for i in range(size)]
+            self.slots = [Slot(self.ctx, i, output_dir, live_dir=self.live_dir) for i in range(size)]
         self._next_memory_check = 0.0
 
     @property
@@ -438,6 +457,19 @@ class SlotPool:
                 return slot.outcome_without_report(task, Outcome.CANCELLED, None, "cancelled")
         return None
 
+    def peek(self, msg: p.Peek) -> p.PeekReply:
+        """A running job's output from the asked offsets, at most ``PEEK_CHUNK_BYTES`` of each stream
+        (FINISHED: no slot runs it now)."""
+        key = (msg.client_id, msg.seq)
+        slot = next((s for s in self.slots if s.task is not None and s.task.key == key), None)
+        if slot is None or slot.task is None or slot.process.pid is None:
+            return p.PeekReply(msg.client_id, msg.seq, msg.ask, p.PeekStatus.FINISHED, reply_to=msg.reply_to)
+        paths, run = output.running_streams(self.live_dir, slot.task.name, slot.process.pid)
+        chunks = [output.read_chunk(path, offset, p.PEEK_CHUNK_BYTES) if offset >= 0 else output.Chunk()
+                  for path, offset in zip(paths, msg.offsets, strict=True)]
+        return p.PeekReply(msg.client_id, msg.seq, msg.ask, p.PeekStatus.RUNNING, list(msg.offsets),
+                           [c.size for c in chunks], [run, run], msg.reply_to, [c.data for c in chunks])
+
     def _crashed(self, slot: Slot, task: SlotTask) -> SlotOutcome:
         error = JobCrashed(task.name, self._replace(slot), self.host)
         log.warning("job %s crashed slot %d: %s; replaced it", task.name, slot.index, error)
@@ -445,9 +477,15 @@ class SlotPool:
 
     def _replace(self, slot: Slot) -> int | None:
         """Kill a slot (whatever it runs is over) and start a fresh one; returns the exit code."""
-        slot.task = None
+        task, slot.task = slot.task, None
+        pid = slot.process.pid
         exitcode = slot.kill()
-        self.slots[self.slots.index(slot)] = Slot(self.ctx, slot.index, self.output_dir)
+        if pid is not None:  # what the killed job's streams left in the live folder
+            output.drop_live(self.live_dir, output.slot_live_name(pid))
+        if task is not None:
+            output.drop_command_runs(self.live_dir, task.name)
+        fresh = Slot(self.ctx, slot.index, self.output_dir, live_dir=self.live_dir)
+        self.slots[self.slots.index(slot)] = fresh
         return exitcode
 
     def close(self) -> None:
@@ -455,6 +493,7 @@ class SlotPool:
             slot.task = None
             slot.kill()
         _stop_forkserver()
+        shutil.rmtree(self.live_dir, ignore_errors=True)
 
 
 def _single_threaded() -> bool:

@@ -65,6 +65,7 @@ class Actions:
 
     send: list[p.Message] = field(default_factory=list)
     kill: list[Key] = field(default_factory=list)  # running jobs to cancel
+    peek: list[p.Peek] = field(default_factory=list)  # output asked of running jobs: read and answer
     reconnect: bool = False  # close the socket; open a new one at ``core.live.reconnect_at``
 
 
@@ -132,6 +133,8 @@ class WorkerCore:
             return self._cancel({(k[0], k[1]) for k in msg.keys}, now)
         if isinstance(msg, p.Reclaim):
             return self._reclaim({(k[0], k[1]) for k in msg.keys}, now)
+        if isinstance(msg, p.Peek):
+            return self._peek(msg, now)
         if isinstance(msg, p.Reconnect):
             if self.live.state is LinkState.CONNECTING:
                 return Actions()  # our HELLO is on its way already
@@ -198,6 +201,16 @@ class WorkerCore:
             return Actions()
         log.debug("worker %s gave back %d prefetched jobs", self.id, len(given))
         return self.finished(_outcomes(given, p.Outcome.RETURNED), now)
+
+    def _peek(self, msg: p.Peek, now: float) -> Actions:
+        """Output asked of a job: a running one's the shell reads from its streams; of any other
+        we say at once where it stands (not started yet, or no longer here)."""
+        key = (msg.client_id, msg.seq)
+        if key in self.started:
+            return Actions(peek=[msg])
+        waiting = any(t.key == key for t in self.pending)
+        status = p.PeekStatus.QUEUED if waiting else p.PeekStatus.FINISHED
+        return self._out(now, [p.PeekReply(msg.client_id, msg.seq, msg.ask, status, reply_to=msg.reply_to)])
 
     def _take_pending(self, keys: set[Key]) -> list[SlotTask]:
         """Take the waiting jobs with these keys out of ``pending`` (the others keep their order)."""

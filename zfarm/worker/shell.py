@@ -111,6 +111,8 @@ class Worker:
         self._apply(core.hand_back_burst(now))
 
     def _apply(self, actions: Actions) -> None:
+        if actions.peek and self.pool is not None:  # read here: the slots are busy running the jobs
+            actions.send.extend(self.pool.peek(msg) for msg in actions.peek)
         if not (actions.send or actions.kill or actions.reconnect):
             return
         if actions.kill and self.pool is not None:
