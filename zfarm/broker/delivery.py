@@ -128,11 +128,16 @@ class Delivery:
             to_client(client, p.ResultRow(job.seq, int(outcome), len(frames), info, kind), frames, stats)
 
     def started(self, worker: WorkerRecord, msg: p.Started) -> None:
-        """Tell clients which of their jobs run now (their futures' ``running()``)."""
+        """Tell clients which of their jobs run now (their futures' ``running()``); the worker's jobs
+        known to run are what placement reclaims prefetched jobs behind (no longer one to reclaim)."""
         for client_id, seq in msg.keys:
             client = self.farm.clients.get(client_id)
             job = client.jobs.get(seq) if client is not None else None
-            if client is not None and job is not None and client.present and job.worker == worker.id:
+            if client is None or job is None or worker.jobs.get(job.key) is not job:
+                continue
+            worker.started.add(job)
+            worker.reclaiming.discard(job)  # it ran before our RECLAIM reached it: it stays there
+            if client.present:
                 client.started.append(seq)
 
     # ---- held results ----------------------------------------------------------------------------

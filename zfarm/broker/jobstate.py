@@ -167,10 +167,15 @@ class JobMoves:
         if holder is not None and holder.jobs.pop((job.client_id, job.seq), None) is not None:
             if job.request is not None:
                 give_back(holder, job)
+            if holder.started:
+                holder.started.discard(job)
+            if holder.reclaiming:
+                holder.reclaiming.discard(job)
             if holder is finisher:
                 return
-            if job in holder.outbox:
+            if job in holder.outbox:  # never sent: the worker never counted it against its credit
                 holder.outbox.remove(job)
+                holder.credit += 1
             else:
                 holder.cancels.append([job.client_id, job.seq])
 

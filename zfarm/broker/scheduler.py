@@ -11,7 +11,7 @@ clock.
                                         ├─► Delivery   RESULTS, STARTED, RECEIVED (delivery.py)
                                         └─► Placement  READY: credit (placement.py)
     tick(now)  ─► Functions.drop_idle, Peers.scan
-    flush(now) ─► Placement.dispatch ─► JOBS, CANCEL_JOBS, ACCEPTED, RUNNING, RESULT per peer
+    flush(now) ─► Placement.dispatch ─► JOBS, CANCEL_JOBS, RECLAIM, ACCEPTED, RUNNING, RESULT per peer
 
 Every job state change goes through :class:`~zfarm.broker.jobstate.JobMoves` (the transition
 table). What the parts share (peers, counters, journal, outbox) is one
@@ -253,6 +253,9 @@ class Scheduler:
             if worker.cancels:  # first: a replaced job's new run may share the old one's key
                 farm.send(worker, p.CancelJobs(worker.cancels), now)
                 worker.cancels = []
+            if worker.reclaims:
+                farm.send(worker, p.Reclaim(worker.reclaims), now)
+                worker.reclaims = []
             if worker.outbox:
                 farm.send(worker, self.placement.jobs_message(worker, now), now)
         for client in farm.clients.values():
