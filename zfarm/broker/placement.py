@@ -111,12 +111,13 @@ class Placement:
         for nothing. The worker gives it back (RETURNED: queued first, so the idle slot takes it, not
         the worker it came from), or had started it, and then it stays.
         """
+        idle = [(w, n) for w in self.hungry.values() if (n := min(w.credit, w.slots - len(w.jobs))) > 0]
+        if not idle:  # (the usual case while work waits: every slot took some)
+            return False
         candidates = [job for h in self._holders() for job in _spare(h)]
         if not candidates:
             return False
-        pending = sum(len(h.reclaiming) for h in self.prefetched.values())
-        idle = [(w, n) for w in self.hungry.values() if (n := min(w.credit, w.slots - len(w.jobs))) > 0]
-        budget = sum(n for _, n in idle) - pending
+        budget = sum(n for _, n in idle) - sum(len(h.reclaiming) for h in self.prefetched.values())
         taken_back = False
         for worker, free in idle:
             for _ in range(min(free, budget)):
