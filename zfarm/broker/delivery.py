@@ -120,8 +120,14 @@ class Delivery:
             farm.journal.result(client.id, seq, held)  # it replaces the job's row
         # A session's are kept until the session ends: with a journal, on disk, not in memory.
         farm.held_results.keep(client.id, seq, held, disk_only=bool(client.session and farm.journal))
-        if client.present:  # else it is sent when the client asks for the job again
+        if not client.present:
+            return  # it is sent when the client asks for the job again
+        if len(info) > p.MAX_TEXT_CHARS:
             to_client(client, p.ResultRow(seq, outcome, len(frames), info, kind), frames, stats)
+        else:  # the same, spelt out (p.ResultRow(...).to_wire()): this runs once per job
+            client.out_rows.append([seq, outcome, len(frames), info, kind])
+            client.out_frames.extend(frames)
+            client.out_stats.append(stats)
 
     def started(self, worker: WorkerRecord, msg: p.Started) -> None:
         """Tell clients which of their jobs run now (their futures' ``running()``); the worker's jobs

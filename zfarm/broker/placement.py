@@ -97,8 +97,12 @@ class Placement:
                         del self.hungry[worker.id]
                 if not placed:
                     break
-        if reclaim and self.prefetched and self.reclaim(now):
+        if reclaim and self.prefetched and self._slot_idle() and self.reclaim(now):
             self.dispatch(now, reclaim=False)  # jobs taken back unsent go to the idle slots now
+
+    def _slot_idle(self) -> bool:
+        """Whether a worker with credit has a slot idle (cheaper than :meth:`reclaim` finds it out)."""
+        return any(len(worker.jobs) < worker.slots for worker in self.hungry.values())
 
     def reclaim(self, now: float) -> bool:
         """Take back prefetched jobs that would wait while a slot is idle elsewhere; returns whether some
@@ -249,8 +253,8 @@ class Placement:
                 options = {**options, "upstream": counts}
                 job_frames.extend(upstream)
                 nframes += len(upstream)
-            rows.append(p.JobRow(job.client_id, job.seq, len(job.history), job.fn_id, nframes,
-                                 options).to_wire())
+            # p.JobRow(client_id, seq, attempt, fn_id, nframes, options).to_wire(), spelt out: once per job
+            rows.append([job.client_id, job.seq, len(job.history), job.fn_id, nframes, options])
         worker.outbox = []
         return p.Jobs(fns, rows, fn_frames + job_frames)
 
