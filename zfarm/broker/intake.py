@@ -88,7 +88,7 @@ class Intake:
                 self.admit(client, job, now)
             else:
                 self.moves.move(job, QUEUED, client, now)
-        if known_fn:
+        if known_fn and not client.fn_users.get(fn_id):  # no job it accepted uses the function
             self.functions.idle_since(client, fn_id, now)
 
     def _bounce(self, client: ClientRecord, seq: int, known_fn: bool, now: float) -> None:

@@ -200,13 +200,13 @@ class Scheduler:
             raise ProtocolError(f"a monitor cannot send {type(msg).__name__}")
 
     def _worker_message(self, worker: WorkerRecord, msg: p.Message, now: float) -> None:
-        if isinstance(msg, p.Ready):
-            self.placement.add_credit(worker, msg.credit)
-        elif isinstance(msg, p.Results):
+        if isinstance(msg, p.Results):  # (the usual message first)
             self.placement.add_credit(worker, msg.credit)
             returned = self.delivery.results(worker, msg, now)
             if returned:
                 self.placement.give_back(worker, returned, now)
+        elif isinstance(msg, p.Ready):
+            self.placement.add_credit(worker, msg.credit)
         elif isinstance(msg, p.Started):
             self.delivery.started(worker, msg)
         else:
