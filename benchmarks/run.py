@@ -329,6 +329,13 @@ def farm_client(procs: Procs, **client_args: Any) -> Iterator[zfarm.Client]:
 
 
 @contextlib.contextmanager
+def farm_client_and_broker(procs: Procs) -> Iterator[tuple[zfarm.Client, int]]:
+    """:func:`farm_client` and the broker's pid (its own CPU time is measured too)."""
+    with real_farm(procs) as farm, zfarm.Client(farm.address) as client:
+        yield client, farm.broker.pid
+
+
+@contextlib.contextmanager
 def embedded_client(**client_args: Any) -> Iterator[zfarm.Client]:
     with zfarm.Client(n_workers=2, **client_args) as client:
         client.submit(wl.noop).result(60)  # up and answering
@@ -511,6 +518,18 @@ def bench_submit(ctx: Ctx) -> None:
 
         return warm, once
 
+    def with_broker_cpu(warm_once: tuple[Callable, Callable]) -> tuple[Callable, Callable]:
+        """The same on ``(client, broker pid)``, with the broker's own CPU time per job as well."""
+        warm, once = warm_once
+
+        def once_with_broker(res: Any, n: int) -> dict[str, float]:
+            client, pid = res
+            cpu = cpu_s(pid)
+            figures = once(client, n)
+            return {**figures, "broker CPU us/job": (cpu_s(pid) - cpu) / n * 1e6}
+
+        return (lambda res: warm(res[0])), once_with_broker
+
     def executor_submit(res: Any, n: int) -> list[Any]:
         return [res.submit(wl.noop, i) for i in range(n)]
 
@@ -524,8 +543,9 @@ def bench_submit(ctx: Ctx) -> None:
         return len(res.gather(futures))
 
     cases: list[tuple[str, Callable[[], Any], tuple[Callable, Callable], dict[str, Any]]] = [
-        ("zfarm: broker + 2 workers, submit()", lambda: farm_client(ctx.procs),
-         futures_rate(executor_submit, executor_wait, 500, 500_000), {"headline": True, "zfarm_row": True}),
+        ("zfarm: broker + 2 workers, submit()", lambda: farm_client_and_broker(ctx.procs),
+         with_broker_cpu(futures_rate(executor_submit, executor_wait, 500, 500_000)),
+         {"headline": True, "zfarm_row": True}),
         ("zfarm: embedded Client(), submit()", embedded_client,
          futures_rate(executor_submit, executor_wait, 500, 500_000), {"zfarm_row": True}),
         (BARE, lambda: bare_farm(ctx.procs), futures_rate(bare_submit, bare_wait, 500, 500_000),
@@ -538,7 +558,8 @@ def bench_submit(ctx: Ctx) -> None:
          {"needs": "distributed"}),
     ]
     for system, setup, (warm, once), extra in cases:
-        measure(ctx, "submit", system, rate, setup, once, warm, **extra)
+        broker_cpu: list[Metric] = [("broker CPU us/job", "us", False)] if extra.get("headline") else []
+        measure(ctx, "submit", system, rate + broker_cpu, setup, once, warm, **extra)
 
 
 # ---- 3. latency ------------------------------------------------------------------------------------
