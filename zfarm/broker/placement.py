@@ -59,6 +59,12 @@ class Placement:
         if worker.credit > 0:
             self.hungry[worker.id] = worker
 
+    def settled(self, worker: WorkerRecord) -> None:
+        """A worker's results came: one that holds no more jobs than slots (and has none asked back) has
+        nothing to reclaim (forgotten here, not at every dispatch)."""
+        if worker.id in self.prefetched and len(worker.jobs) <= worker.slots and not worker.reclaiming:
+            del self.prefetched[worker.id]
+
     def reset_credit(self, worker: WorkerRecord) -> None:
         """After every WELCOME a worker sends its full credit and starts its function cache afresh."""
         worker.credit = 0

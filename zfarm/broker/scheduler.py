@@ -205,6 +205,7 @@ class Scheduler:
             returned = self.delivery.results(worker, msg, now)
             if returned:
                 self.placement.give_back(worker, returned, now)
+            self.placement.settled(worker)
         elif isinstance(msg, p.Ready):
             self.placement.add_credit(worker, msg.credit)
         elif isinstance(msg, p.Started):
