@@ -39,6 +39,10 @@ def sleep_1s(x: Any = None) -> None:
     time.sleep(1.0)
 
 
+def sleep_s(seconds: float) -> None:
+    time.sleep(seconds)
+
+
 def length(x: Any) -> int:
     return len(x)
 

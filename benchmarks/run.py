@@ -4,12 +4,12 @@
 
     python benchmarks/run.py [--repeat N] [--quick] [--only NAME,...] [--json PATH]
 
-Workloads (``--only`` names): throughput, submit, latency, efficiency, payloads, start,
-memory, endless, growth. Every system gets 2 worker processes. zfarm's headline set-up is a
-real ``zfarm broker`` and two ``zfarm worker --procs 1`` on loopback TCP, started by this
-script; the embedded ``zfarm.Client(n_workers=2)`` (ipc) is measured too where cheap. Peers:
-ProcessPoolExecutor, loky and Dask distributed (``pip install -e .[bench]``); a peer that is
-not installed is skipped with a note.
+Workloads (``--only`` names): throughput, submit, latency, efficiency, long, uneven, payloads,
+scatter, start, memory, endless, growth, journal. Every system gets 2 worker processes (3 in
+long). zfarm's headline set-up is a real ``zfarm broker`` and two ``zfarm worker --procs 1`` on
+loopback TCP, started by this script; the embedded ``zfarm.Client(n_workers=2)`` (ipc) is
+measured too where cheap. Peers: ProcessPoolExecutor, loky and Dask distributed (``pip install
+-e .[bench]``); a peer that is not installed is skipped with a note.
 
 Each figure is the median of ``--repeat`` runs (default 5, 3 with ``--quick``) with its
 min-max, printed as one table per workload with the ratio zfarm / peer, and written to JSON.
@@ -70,14 +70,15 @@ MiB = 1024 * 1024
 #: the reference row: what pyzmq and pickle alone cost (benchmarks/bare.py)
 BARE = "bare pyzmq broker (reference: 1 job a message)"
 RESULT_TIMEOUT_S = 120.0  # a run taking longer is reported as a hang, not waited for
-WORKLOADS = ("throughput", "submit", "latency", "efficiency", "long", "payloads", "scatter", "start",
-             "memory", "endless", "growth", "journal")
+WORKLOADS = ("throughput", "submit", "latency", "efficiency", "long", "uneven", "payloads", "scatter",
+             "start", "memory", "endless", "growth", "journal")
 TITLES = {
     "throughput": "1. no-op map throughput",
     "submit": "2. submit(): one future per job",
     "latency": "3. one job's round trip (sequential submit(noop).result())",
     "efficiency": "4. efficiency: 400 x 10 ms jobs on 2 slots (ideal 2.0 s / measured)",
     "long": "4b. efficiency: 100 x 1 s jobs on 3 slots (ideal: 34 rounds of 1 s / measured)",
+    "uneven": "4c. efficiency: jobs of 2, 0.5, 0.5, 0.5 s on 2 slots (ideal 2.0 s / measured)",
     "payloads": "5. payloads: 50 x 1 MiB in and out (in+out MiB / s)",
     "scatter": "5b. one 20 MiB input shared by 100 jobs: seconds for all (scattered once vs sent with each)",
     "start": "6. start to first result, from no process started",
@@ -96,6 +97,7 @@ GOALS = [
     ("latency", "p99 us", "<=", 500),
     ("efficiency", "efficiency", ">=", 0.97),
     ("long", "efficiency", ">=", 0.97),
+    ("uneven", "efficiency", ">=", 0.97),
     ("submit", "CPU us/job", "<=", 150),
     ("payloads", "MiB/s", ">=", 600),
     ("start", "s", "<=", 0.3),
@@ -327,6 +329,13 @@ def farm_client(procs: Procs, **client_args: Any) -> Iterator[zfarm.Client]:
 
 
 @contextlib.contextmanager
+def farm_client_and_broker(procs: Procs) -> Iterator[tuple[zfarm.Client, int]]:
+    """:func:`farm_client` and the broker's pid (its own CPU time is measured too)."""
+    with real_farm(procs) as farm, zfarm.Client(farm.address) as client:
+        yield client, farm.broker.pid
+
+
+@contextlib.contextmanager
 def embedded_client(**client_args: Any) -> Iterator[zfarm.Client]:
     with zfarm.Client(n_workers=2, **client_args) as client:
         client.submit(wl.noop).result(60)  # up and answering
@@ -509,6 +518,18 @@ def bench_submit(ctx: Ctx) -> None:
 
         return warm, once
 
+    def with_broker_cpu(warm_once: tuple[Callable, Callable]) -> tuple[Callable, Callable]:
+        """The same on ``(client, broker pid)``, with the broker's own CPU time per job as well."""
+        warm, once = warm_once
+
+        def once_with_broker(res: Any, n: int) -> dict[str, float]:
+            client, pid = res
+            cpu = cpu_s(pid)
+            figures = once(client, n)
+            return {**figures, "broker CPU us/job": (cpu_s(pid) - cpu) / n * 1e6}
+
+        return (lambda res: warm(res[0])), once_with_broker
+
     def executor_submit(res: Any, n: int) -> list[Any]:
         return [res.submit(wl.noop, i) for i in range(n)]
 
@@ -522,8 +543,9 @@ def bench_submit(ctx: Ctx) -> None:
         return len(res.gather(futures))
 
     cases: list[tuple[str, Callable[[], Any], tuple[Callable, Callable], dict[str, Any]]] = [
-        ("zfarm: broker + 2 workers, submit()", lambda: farm_client(ctx.procs),
-         futures_rate(executor_submit, executor_wait, 500, 500_000), {"headline": True, "zfarm_row": True}),
+        ("zfarm: broker + 2 workers, submit()", lambda: farm_client_and_broker(ctx.procs),
+         with_broker_cpu(futures_rate(executor_submit, executor_wait, 500, 500_000)),
+         {"headline": True, "zfarm_row": True}),
         ("zfarm: embedded Client(), submit()", embedded_client,
          futures_rate(executor_submit, executor_wait, 500, 500_000), {"zfarm_row": True}),
         (BARE, lambda: bare_farm(ctx.procs), futures_rate(bare_submit, bare_wait, 500, 500_000),
@@ -536,7 +558,8 @@ def bench_submit(ctx: Ctx) -> None:
          {"needs": "distributed"}),
     ]
     for system, setup, (warm, once), extra in cases:
-        measure(ctx, "submit", system, rate, setup, once, warm, **extra)
+        broker_cpu: list[Metric] = [("broker CPU us/job", "us", False)] if extra.get("headline") else []
+        measure(ctx, "submit", system, rate + broker_cpu, setup, once, warm, **extra)
 
 
 # ---- 3. latency ------------------------------------------------------------------------------------
@@ -668,6 +691,31 @@ def bench_long(ctx: Ctx) -> None:
     ]
     for system, setup, run, extra in cases:
         measure(ctx, "long", system, metric, setup, runner(run), None, **extra)
+
+
+def bench_uneven(ctx: Ctx) -> None:
+    """A long job and short ones on 2 one-slot workers: a short job prefetched behind the long one must
+    move to the other slot when that one frees (no idle slot while work waits)."""
+    lengths_s = [2.0, 0.5, 0.5, 0.5]
+    ideal_s = max(max(lengths_s), sum(lengths_s) / 2)
+    metric: list[Metric] = [("efficiency", "ideal/measured", True)]
+
+    def runner(run: Callable[[Any], int]) -> Callable[[Any, Any], dict[str, float]]:
+        def once(res: Any, _state: Any) -> dict[str, float]:
+            started = time.perf_counter()
+            check_count(run(res), len(lengths_s))
+            return {"efficiency": ideal_s / (time.perf_counter() - started)}
+        return once
+
+    cases: list[tuple[str, Callable[[], Any], Callable[[Any], int], dict[str, Any]]] = [
+        ("zfarm: broker + 2 workers, default chunking", lambda: farm_client(ctx.procs),
+         lambda c: consume(c.map(wl.sleep_s, lengths_s, timeout=RESULT_TIMEOUT_S)),
+         {"headline": True, "zfarm_row": True}),
+        ("ProcessPoolExecutor, chunksize=1", ppe,
+         lambda e: consume(e.map(wl.sleep_s, lengths_s, timeout=RESULT_TIMEOUT_S)), {}),
+    ]
+    for system, setup, run, extra in cases:
+        measure(ctx, "uneven", system, metric, setup, runner(run), None, **extra)
 
 
 def bench_payloads(ctx: Ctx) -> None:

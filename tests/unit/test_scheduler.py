@@ -752,6 +752,7 @@ def test_snapshot_numbers() -> None:
 # ---- random conversations ------------------------------------------------------------------------
 
 WORKER_IDS = ("w1", "w2", "w3")
+WORKER_SLOTS = (4, 2, 1)  # few slots: prefetched jobs, and RECLAIM when another worker idles
 CLIENT_IDS = ("ca", "cb")
 #: outcomes a worker reports on its own (CANCELLED only ever answers a CANCEL_JOBS)
 OUTCOMES = (OK, OK, ERROR, int(p.Outcome.RETURNED))
@@ -760,7 +761,7 @@ OUTCOMES = (OK, OK, ERROR, int(p.Outcome.RETURNED))
 KINDS = (
     *("ready", "submit", "finish", "finish", "finish", "time") * 4,
     "hello", "new_route", "forge", "cancel", "resubmit", "leave", "unreachable", "client_gone",
-    "client_hello", "silence",
+    "client_hello", "silence", "start", "start", "give_back", "give_back",
 )
 #: (kind, a, b, dt): each operation reads what it needs from a, b and dt
 operation = st.tuples(st.sampled_from(KINDS), st.integers(0, 30), st.integers(0, 30), st.floats(0.0, 2.0))
@@ -783,6 +784,8 @@ class Conversation:
         self.next_seq = {cid: 0 for cid in CLIENT_IDS}
         self.delivered: dict[str, dict[int, list[Any]]] = {cid: {} for cid in CLIENT_IDS}
         self.cancelled: dict[str, set[int]] = {cid: set() for cid in CLIENT_IDS}  # and not sent since
+        self.started: dict[bytes, set[tuple[str, int]]] = {}  # held jobs each route said it runs
+        self.asked: dict[bytes, set[tuple[str, int]]] = {}  # held jobs the broker asked back (RECLAIM)
         for c in range(len(CLIENT_IDS)):
             self.op_client_hello(c)
         for i in range(len(WORKER_IDS)):
@@ -818,6 +821,8 @@ class Conversation:
             "time": lambda: self.op_time(dt * 0.75, 0),
             "silence": lambda: self.op_time(dt, 1 + b),  # some peers say nothing meanwhile
             "restart": self.op_restart,
+            "start": lambda: self.op_start(a, 1 + b % 5),
+            "give_back": self.op_give_back,
         }
         calls[kind]()
         self.flush()
@@ -826,7 +831,7 @@ class Conversation:
 
     def op_hello(self, i: int) -> None:
         wid = WORKER_IDS[i]
-        self.send(self.worker_route[wid], p.Hello("worker", wid, "node", 1, 4, {}))
+        self.send(self.worker_route[wid], p.Hello("worker", wid, "node", 1, WORKER_SLOTS[i], {}))
 
     def op_new_route(self, i: int) -> None:
         self.worker_route[WORKER_IDS[i]] = self._route(WORKER_IDS[i])
@@ -878,6 +883,26 @@ class Conversation:
         seq = pick % max(1, self.next_seq[cid])
         if self.next_seq[cid] and seq not in self.delivered[cid]:
             self._submit(cid, [seq])
+
+    def op_start(self, which: int, count: int) -> None:
+        """One of the routes holding jobs says the first of them run (STARTED)."""
+        holders = [r for r, rows in self.held.items() if rows]
+        if holders:
+            route = holders[which % len(holders)]
+            keys = [(row[0], row[1]) for row in self.held[route][:count]]
+            self.started.setdefault(route, set()).update(keys)
+            self.send(route, p.Started([list(k) for k in keys]))
+
+    def op_give_back(self) -> None:
+        """Every route asked for jobs back gives those it holds and has not started (RETURNED, credit)."""
+        for route, asked in self.asked.items():
+            started = self.started.get(route, set())
+            given = [row for row in self.held.get(route, []) if (row[0], row[1]) in asked - started]
+            asked.clear()
+            if given:
+                self.held[route] = [row for row in self.held[route] if row not in given]
+                returned = [[row[0], row[1], row[2], int(p.Outcome.RETURNED), 0, ""] for row in given]
+                self.send(route, p.Results(len(given), returned, []))
 
     def op_leave(self, i: int) -> None:
         self.farm.send(self.worker_route[WORKER_IDS[i]], p.Disconnect("bye"), self.now)
@@ -931,6 +956,14 @@ class Conversation:
             elif isinstance(msg, p.CancelJobs):
                 keys = {tuple(k) for k in msg.keys}
                 self.held[route] = [r for r in self.held.get(route, []) if (r[0], r[1]) not in keys]
+            elif isinstance(msg, p.Reclaim):
+                asked = self.asked.setdefault(route, set())
+                held = {(r[0], r[1]) for r in self.held.get(route, [])}
+                for key in map(tuple, msg.keys):
+                    assert key not in asked, f"{key} asked back twice"
+                    assert key in held or route not in self.farm.sched.peers, f"{key} asked of another route"
+                    assert key not in self.started.get(route, set()), f"{key} asked back after it started"
+                    asked.add(key)
         snap = self.farm.snap(self.now)
         assert snap["in_flight"] == sum(c["in_flight"] for c in snap["clients"])
         assert snap["queued"] == sum(c["queued"] for c in snap["clients"])

@@ -27,9 +27,9 @@ from zfarm.errors import JournalCorrupted, ProtocolError
 log = logging.getLogger("zfarm.broker.scheduler")
 
 _OUTCOMES = {int(o) for o in p.Outcome}
-_NAMES = {o: o.name.lower() for o in p.Outcome}  # as the history shows them
-OK, CANCELLED, RETURNED = p.Outcome.OK, p.Outcome.CANCELLED, p.Outcome.RETURNED
-PLAIN = p.ResultKind.PLAIN
+_NAMES = {int(o): o.name.lower() for o in p.Outcome}  # as the history shows them
+OK, CANCELLED, RETURNED = int(p.Outcome.OK), int(p.Outcome.CANCELLED), int(p.Outcome.RETURNED)
+PLAIN = int(p.ResultKind.PLAIN)
 FINISHED, ASSIGNED = JobState.FINISHED, JobState.ASSIGNED
 _results_row, _run_stats = p.ResultsRow.from_wire, p.RunStats.from_wire
 
@@ -45,15 +45,15 @@ class Delivery:
 
     def results(self, worker: WorkerRecord, msg: p.Results, now: float) -> list[Job]:
         """Take a worker's results; returns the jobs it gave back unrun (RETURNED), to queue again."""
-        rows = [_results_row(row) for row in msg.results]
-        per_row = p.split_frames(msg.frames, [row.nframes for row in rows])
-        stats = [_run_stats(s) for s in msg.stats] if msg.stats else [p.NO_RUN_STATS] * len(rows)
-        kinds = msg.kinds or [PLAIN] * len(rows)
         returned: list[Job] = []
         clients = self.farm.clients
-        for row, frames, run, kind in zip(rows, per_row, stats, kinds, strict=True):
+        frames, stats, kinds = msg.frames, msg.stats, msg.kinds
+        end = 0
+        for i, wire in enumerate(msg.results):  # (this runs once per job: nothing made that is not needed)
+            row = _results_row(wire)
+            start, end = end, end + row.nframes
             client = clients.get(row.client_id)
-            job = client.jobs.get(row.seq) if client else None
+            job = client.jobs.get(row.seq) if client is not None else None
             outcome = row.outcome
             if job is None or client is None or not _ran(job, worker, row.attempt):
                 if outcome != CANCELLED:
@@ -69,20 +69,20 @@ class Delivery:
             if job.worker == worker.id and row.attempt < len(job.history):
                 # a resent result of an earlier attempt: the later copy this worker holds is not needed
                 worker.cancels.append([row.client_id, row.seq])
-            self.finish(worker, client, job, p.Outcome(outcome), [compact(f) for f in frames], row.info, run,
-                        now, kind)
+            self.finish(worker, client, job, outcome, [compact(f) for f in frames[start:end]], row.info,
+                        _run_stats(stats[i]) if stats else p.NO_RUN_STATS, now, kinds[i] if kinds else PLAIN)
         return returned
 
-    def finish(self, worker: WorkerRecord, client: ClientRecord, job: Job, outcome: p.Outcome,
-               frames: list[Any], info: str, run: p.RunStats, now: float,
-               kind: int = p.ResultKind.PLAIN) -> None:
+    def finish(self, worker: WorkerRecord, client: ClientRecord, job: Job, outcome: int,
+               frames: list[Any], info: str, run: p.RunStats, now: float, kind: int = PLAIN) -> None:
+        """A worker's result ends the job (``outcome``: a :class:`~zfarm.protocol.Outcome`)."""
         if run.finished_at and job.state is ASSIGNED:  # fair share: charge the slot-time it really took
             self.farm.ran(job.queue, run.run_s)
         self.moves.move(job, FINISHED, client, now, finisher=worker, outcome=outcome)
-        ok = outcome == OK
-        worker.done += ok
-        worker.failed += not ok
-        if not ok:
+        if outcome == OK:
+            worker.done += 1
+        else:
+            worker.failed += 1
             log.info("job %s failed on worker %s: %s", job.name, worker.id, p.clip(info))
             self.farm.records.event(now, "job-failed", f"job {job.name} failed on {worker.id}: {info}")
             if kind == PLAIN:
@@ -97,44 +97,51 @@ class Delivery:
         at = self.farm.records.wall(now)
         self.deliver(client, job, outcome, [], info, p.RunStats(at, at, 0.0, 0), now, kind, worker)
 
-    def deliver(self, client: ClientRecord, job: Job, outcome: p.Outcome, frames: list[Any], info: str,
-                run: p.RunStats, now: float, kind: int = p.ResultKind.PLAIN,
-                worker: WorkerRecord | None = None) -> None:
-        """Keep the finished job's record in the history and send its result to its client.
+    def deliver(self, client: ClientRecord, job: Job, outcome: int, frames: list[Any], info: str,
+                run: p.RunStats, now: float, kind: int = PLAIN, worker: WorkerRecord | None = None) -> None:
+        """Keep the finished job's record in the history, hold its result until the client says it has
+        it, and send it if the client is here (it was counted, and its dependents told, as it moved to
+        FINISHED: :class:`JobMoves`).
 
         ``worker``: the one that ran it (None: none did)."""
-        records = self.farm.records
+        farm = self.farm
+        records = farm.records
         queued_at = records.wall(job.queued_at)
         worker_id, host = (worker.id, worker.host) if worker is not None else ("", "")
+        attempt = len(job.history)
         records.job(now, (job.name, job.client_id, worker_id, host, queued_at, run.started_at,
-                          run.finished_at, round(run.run_s, 6), len(job.history), _NAMES[outcome],
+                          run.finished_at, round(run.run_s, 6), attempt, _NAMES[outcome],
                           run.peak_rss_bytes, info))
         # p.JobStats(...).to_wire(), spelt out: this runs once per job
-        stats = [worker_id, host, len(job.history), queued_at, run.started_at, run.finished_at,
-                 run.run_s, run.peak_rss_bytes]
-        self._hold(client, job, outcome, frames, info, stats, kind)
-
-    def _hold(self, client: ClientRecord, job: Job, outcome: p.Outcome, frames: list[Any], info: str,
-              stats: list[Any], kind: int) -> None:
-        """Hold the result until the client says it has it, and send it if the client is here.
-
-        (It was counted, and its dependents told, as it moved to FINISHED: :class:`JobMoves`.)"""
-        farm = self.farm
-        held = Held(int(outcome), frames, info, stats, job.digest, kind=kind)
-        client.held[job.seq] = held
+        stats = [worker_id, host, attempt, queued_at, run.started_at, run.finished_at, run.run_s,
+                 run.peak_rss_bytes]
+        seq = job.seq
+        held = Held(outcome, frames, info, stats, job.digest, kind=kind)
+        client.held[seq] = held
         if farm.journal is not None:
-            farm.journal.result(client.id, job.seq, held)  # it replaces the job's row
+            farm.journal.result(client.id, seq, held)  # it replaces the job's row
         # A session's are kept until the session ends: with a journal, on disk, not in memory.
-        farm.held_results.keep(client.id, job.seq, held, disk_only=bool(client.session and farm.journal))
-        if client.present:  # else it is sent when the client asks for the job again
-            to_client(client, p.ResultRow(job.seq, int(outcome), len(frames), info, kind), frames, stats)
+        farm.held_results.keep(client.id, seq, held, disk_only=bool(client.session and farm.journal))
+        if not client.present:
+            return  # it is sent when the client asks for the job again
+        if len(info) > p.MAX_TEXT_CHARS:
+            to_client(client, p.ResultRow(seq, outcome, len(frames), info, kind), frames, stats)
+        else:  # the same, spelt out (p.ResultRow(...).to_wire()): this runs once per job
+            client.out_rows.append([seq, outcome, len(frames), info, kind])
+            client.out_frames.extend(frames)
+            client.out_stats.append(stats)
 
     def started(self, worker: WorkerRecord, msg: p.Started) -> None:
-        """Tell clients which of their jobs run now (their futures' ``running()``)."""
+        """Tell clients which of their jobs run now (their futures' ``running()``); the worker's jobs
+        known to run are what placement reclaims prefetched jobs behind (no longer one to reclaim)."""
         for client_id, seq in msg.keys:
             client = self.farm.clients.get(client_id)
             job = client.jobs.get(seq) if client is not None else None
-            if client is not None and job is not None and client.present and job.worker == worker.id:
+            if client is None or job is None or worker.jobs.get(job.key) is not job:
+                continue
+            worker.started.add(job)
+            worker.reclaiming.discard(job)  # it ran before our RECLAIM reached it: it stays there
+            if client.present:
                 client.started.append(seq)
 
     # ---- held results ----------------------------------------------------------------------------

@@ -27,7 +27,10 @@ ON_DISK: list[Any] = []
 
 
 def payload_bytes(frames: Iterable[Any]) -> int:
-    return sum(memoryview(buffer_of(f)).nbytes for f in frames)
+    total = 0
+    for f in frames:  # (once per result: bytes, the usual small frame, without a memoryview)
+        total += len(f) if type(f) is bytes else memoryview(buffer_of(f)).nbytes
+    return total
 
 
 class HeldResults:

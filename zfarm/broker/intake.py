@@ -32,6 +32,8 @@ from zfarm.broker.state import (
 )
 
 log = logging.getLogger("zfarm.broker.scheduler")
+QUEUED = JobState.QUEUED
+_submit_row = p.SubmitRow.from_wire
 
 
 class Intake:
@@ -47,45 +49,60 @@ class Intake:
     def submit(self, client: ClientRecord, msg: p.Submit, now: float) -> None:
         farm = self.farm
         frames = msg.frames
+        fn_id = msg.fn_id
         if msg.with_fn:
-            self.functions.store(client, msg.fn_id, frames[0])
+            self.functions.store(client, fn_id, frames[0])
             frames = frames[1:]
-        known_fn = msg.fn_id in client.fns
-        rows = [p.SubmitRow.from_wire(row) for row in msg.jobs]
-        per_job = p.split_frames(frames, [row.nframes for row in rows])
-        for row, job_frames in zip(rows, per_job, strict=True):
+        known_fn = fn_id in client.fns
+        max_queued = farm.settings.max_queued
+        end = 0
+        for wire in msg.jobs:  # (this runs once per job: nothing made that is not needed)
+            row = _submit_row(wire)
             seq = row.seq
-            digest = _digest(msg.fn_id, job_frames) if client.session else b""
-            if self._resubmitted(client, seq, digest, now):
+            start, end = end, end + row.nframes
+            digest = _digest(fn_id, frames[start:end]) if client.session else b""
+            if (seq in client.jobs or seq in client.held) and self._resubmitted(client, seq, digest, now):
                 continue
-            if not known_fn:
-                self.delivery.bounce(client, seq, p.Outcome.LOST, p.FUNCTION_MISSING, now,
-                                     p.ResultKind.FUNCTION_MISSING)
+            if (not known_fn or (max_queued and farm.queued >= max_queued)
+                    or (farm.journal is not None and farm.journal.problem)):
+                self._bounce(client, seq, known_fn, now)
                 continue
-            if farm.settings.max_queued and farm.queued >= farm.settings.max_queued:
-                self.delivery.bounce(client, seq, p.Outcome.BUSY, "the broker's queue is full", now)
-                continue
-            if farm.journal is not None and farm.journal.problem:  # it could promise nothing
-                self.delivery.bounce(client, seq, p.Outcome.JOURNAL_FULL, f"the broker cannot write its "
-                                     f"journal {farm.journal.path} ({farm.journal.problem})", now)
-                continue
-            options = row.options or NO_OPTIONS
-            try:
-                queue, phase, request = self.placement_of(client, options, now)
-                after = upstream_of(options, seq) if options is not NO_OPTIONS else ()
-            except BadProject as exc:
-                self.delivery.bounce(client, seq, p.Outcome.LOST, str(exc), now, p.ResultKind.REFUSED)
-                continue
-            payload = tuple(compact(f) for f in job_frames)
-            job = Job(client.id, seq, msg.fn_id, payload, options, now, queue, digest=digest,
-                      phase=phase, request=request, after=after)
+            payload = tuple(map(compact, frames[start:end]))
+            options = row.options
+            if not options:  # the usual job: its client's own queue, no phase, request or upstream jobs
+                job = Job(client.id, seq, fn_id, payload, NO_OPTIONS, now, client.own, digest=digest)
+            else:
+                try:
+                    queue, phase, request = self.placement_of(client, options, now)
+                    after = upstream_of(options, seq)
+                except BadProject as exc:
+                    self.delivery.bounce(client, seq, p.Outcome.LOST, str(exc), now, p.ResultKind.REFUSED)
+                    continue
+                job = Job(client.id, seq, fn_id, payload, options, now, queue, digest=digest, phase=phase,
+                          request=request, after=after)
             if client.attempts_used:
                 job.history = ("",) * client.attempts_used.pop(seq, 0)  # attempts of a retired job
             if client.session:
                 client.accepted.append(seq)
-            self.admit(client, job, now)
-        if known_fn:
-            self.functions.idle_since(client, msg.fn_id, now)
+            if job.after or job.phase:
+                self.admit(client, job, now)
+            else:
+                self.moves.move(job, QUEUED, client, now)
+        if known_fn and not client.fn_users.get(fn_id):  # no job it accepted uses the function
+            self.functions.idle_since(client, fn_id, now)
+
+    def _bounce(self, client: ClientRecord, seq: int, known_fn: bool, now: float) -> None:
+        """Hand a new job straight back: its function is unknown, the queue is full, or the journal
+        cannot be written (it could promise nothing)."""
+        farm = self.farm
+        if not known_fn:
+            self.delivery.bounce(client, seq, p.Outcome.LOST, p.FUNCTION_MISSING, now,
+                                 p.ResultKind.FUNCTION_MISSING)
+        elif farm.settings.max_queued and farm.queued >= farm.settings.max_queued:
+            self.delivery.bounce(client, seq, p.Outcome.BUSY, "the broker's queue is full", now)
+        elif farm.journal is not None:
+            self.delivery.bounce(client, seq, p.Outcome.JOURNAL_FULL, f"the broker cannot write its "
+                                 f"journal {farm.journal.path} ({farm.journal.problem})", now)
 
     def admit(self, client: ClientRecord, job: Job, now: float) -> None:
         """A new job queues, or waits for its upstream jobs or its phase."""

@@ -63,7 +63,7 @@ class JobMoves:
 
     def move(self, job: Job, to: JobState, client: ClientRecord, now: float, *,
              worker: WorkerRecord | None = None, finisher: WorkerRecord | None = None,
-             front: bool = False, outcome: p.Outcome | None = None) -> None:
+             front: bool = False, outcome: int | None = None) -> None:
         """Move ``job`` of ``client`` to ``to``.
 
         ``worker``: the worker it is assigned to (ASSIGNED). ``finisher``: the worker that answered
@@ -167,15 +167,20 @@ class JobMoves:
         if holder is not None and holder.jobs.pop((job.client_id, job.seq), None) is not None:
             if job.request is not None:
                 give_back(holder, job)
+            if holder.started:
+                holder.started.discard(job)
+            if holder.reclaiming:
+                holder.reclaiming.discard(job)
             if holder is finisher:
                 return
-            if job in holder.outbox:
+            if job in holder.outbox:  # never sent: the worker never counted it against its credit
                 holder.outbox.remove(job)
+                holder.credit += 1
             else:
                 holder.cancels.append([job.client_id, job.seq])
 
     def _forget(self, client: ClientRecord, queue: Queue, job: Job, now: float,
-                outcome: p.Outcome | None) -> None:
+                outcome: int | None) -> None:
         """The job is over for its client, counted by its outcome; its dependents are told; its function
         is kept a little while for the next jobs."""
         farm = self.farm

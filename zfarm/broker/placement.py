@@ -51,6 +51,8 @@ class Placement:
         self.moves = moves
         self.delivery = delivery
         self.hungry: dict[str, WorkerRecord] = {}  # workers with credit, in arrival order
+        #: workers given more jobs than slots (prefetch), while they hold more or have jobs asked back
+        self.prefetched: dict[str, WorkerRecord] = {}
 
     def add_credit(self, worker: WorkerRecord, credit: int) -> None:
         if credit < 0:
@@ -58,6 +60,12 @@ class Placement:
         worker.credit = min(worker.credit + credit, MAX_CREDIT)
         if worker.credit > 0:
             self.hungry[worker.id] = worker
+
+    def settled(self, worker: WorkerRecord) -> None:
+        """A worker's results came: one that holds no more jobs than slots (and has none asked back) has
+        nothing to reclaim (forgotten here, not at every dispatch)."""
+        if worker.id in self.prefetched and len(worker.jobs) <= worker.slots and not worker.reclaiming:
+            del self.prefetched[worker.id]
 
     def reset_credit(self, worker: WorkerRecord) -> None:
         """After every WELCOME a worker sends its full credit and starts its function cache afresh."""
@@ -68,9 +76,12 @@ class Placement:
     def forget(self, worker: WorkerRecord) -> None:
         """A worker's record ended: it takes no more jobs."""
         self.hungry.pop(worker.id, None)
+        if self.prefetched.get(worker.id) is worker:
+            del self.prefetched[worker.id]
 
-    def dispatch(self, now: float) -> None:
-        """Fill idle slots first, spreading jobs evenly; only then use prefetch credit."""
+    def dispatch(self, now: float, reclaim: bool = True) -> None:
+        """Fill idle slots first, spreading jobs evenly; only then use prefetch credit. Then, while a slot
+        is idle, ask back a job prefetched behind long ones elsewhere (:meth:`reclaim`)."""
         farm = self.farm
         for prefetch in (False, True):
             while farm.queued:
@@ -88,10 +99,70 @@ class Placement:
                             break
                         self.moves.move(found[1], JobState.ASSIGNED, found[0], now, worker=worker)
                         placed += 1
+                    if prefetch and len(worker.jobs) > worker.slots:
+                        self.prefetched[worker.id] = worker
                     if worker.credit <= 0:
                         del self.hungry[worker.id]
                 if not placed:
                     break
+        if reclaim and self.prefetched and self._slot_idle() and self.reclaim(now):
+            self.dispatch(now, reclaim=False)  # jobs taken back unsent go to the idle slots now
+
+    def _slot_idle(self) -> bool:
+        """Whether a worker with credit has a slot idle (cheaper than :meth:`reclaim` finds it out)."""
+        return any(len(worker.jobs) < worker.slots for worker in self.hungry.values())
+
+    def reclaim(self, now: float) -> bool:
+        """Take back prefetched jobs that would wait while a slot is idle elsewhere; returns whether some
+        were taken back at once (never sent), to be dispatched again.
+
+        One job comes back per idle slot (less those already being asked back), the newest first. One
+        still in its worker's outbox comes back at once, for free. One already sent is asked back with
+        RECLAIM only when every slot of its worker runs a job that reported STARTED (it has run 10 ms
+        or more): behind shorter jobs it is about to start anyway, and asking would cost two messages
+        for nothing. The worker gives it back (RETURNED: queued first, so the idle slot takes it, not
+        the worker it came from), or had started it, and then it stays.
+        """
+        idle = [(w, n) for w in self.hungry.values() if (n := min(w.credit, w.slots - len(w.jobs))) > 0]
+        if not idle:  # (the usual case while work waits: every slot took some)
+            return False
+        candidates = [job for h in self._holders() for job in _spare(h)]
+        if not candidates:
+            return False
+        budget = sum(n for _, n in idle) - sum(len(h.reclaiming) for h in self.prefetched.values())
+        taken_back = False
+        for worker, free in idle:
+            for _ in range(min(free, budget)):
+                job = next((j for j in candidates if j.worker != worker.id and _fits_free(j, worker)), None)
+                if job is None:
+                    break
+                candidates.remove(job)
+                budget -= 1
+                taken_back |= self._ask_back(job, now)
+            if budget <= 0:
+                break
+        return taken_back
+
+    def _holders(self) -> list[WorkerRecord]:
+        """Workers holding more jobs than slots (forgetting those that hold no more and ask nothing)."""
+        farm = self.farm
+        for worker in list(self.prefetched.values()):
+            if farm.workers.get(worker.id) is not worker or (
+                    len(worker.jobs) <= worker.slots and not worker.reclaiming):
+                del self.prefetched[worker.id]
+        return [w for w in self.prefetched.values() if len(w.jobs) > w.slots]
+
+    def _ask_back(self, job: Job, now: float) -> bool:
+        """Take back a prefetched job now if it is unsent (True), else ask its worker with RECLAIM."""
+        holder = self.farm.workers[job.worker or ""]
+        if job in holder.outbox:
+            self.moves.move(job, JobState.QUEUED, self.farm.clients[job.client_id], now, front=True)
+            self.hungry[holder.id] = holder  # (its credit for the job is back)
+            return True
+        holder.reclaiming.add(job)
+        holder.reclaims.append([job.client_id, job.seq])
+        log.debug("asked worker %s to give back job %s: a slot is idle elsewhere", holder.id, job.name)
+        return False
 
     def _next_for(self, worker: WorkerRecord, now: float) -> tuple[ClientRecord, Job] | None:
         """The next job for ``worker``: from the queue of highest priority, then lowest pass, whose
@@ -188,8 +259,8 @@ class Placement:
                 options = {**options, "upstream": counts}
                 job_frames.extend(upstream)
                 nframes += len(upstream)
-            rows.append(p.JobRow(job.client_id, job.seq, len(job.history), job.fn_id, nframes,
-                                 options).to_wire())
+            # p.JobRow(client_id, seq, attempt, fn_id, nframes, options).to_wire(), spelt out: once per job
+            rows.append([job.client_id, job.seq, len(job.history), job.fn_id, nframes, options])
         worker.outbox = []
         return p.Jobs(fns, rows, fn_frames + job_frames)
 
@@ -216,6 +287,9 @@ class Placement:
                 self.moves.move(job, JobState.QUEUED, client, now, front=True)
         worker.jobs.clear()
         worker.outbox.clear()
+        worker.started.clear()
+        worker.reclaiming.clear()
+        worker.reclaims.clear()
 
     def _poisoned(self, job: Job, worker: WorkerRecord, why: str, now: float) -> bool:
         """Record a worker lost while running ``job``; end the job once it has lost too many."""
@@ -236,6 +310,31 @@ class Placement:
         farm.records.event(now, "job-failed", f"job {job.name} lost {len(job.losses)} workers: not retried")
         self.delivery.end_unrun(client, job, p.Outcome.LOST, info, now, worker=worker)
         return True
+
+
+def _spare(holder: WorkerRecord) -> list[Job]:
+    """The prefetched jobs of ``holder`` that may be taken back, newest first: unsent ones, and sent
+    ones waiting behind long jobs (every slot runs one that reported STARTED); none asked back already."""
+    excess = len(holder.jobs) - holder.slots - len(holder.reclaiming)
+    behind_long = len(holder.started) >= holder.slots
+    if excess <= 0 or not (behind_long or holder.outbox):
+        return []
+    unsent = set(holder.outbox)
+    spare: list[Job] = []
+    for job in reversed(holder.jobs.values()):
+        if job in holder.started or job in holder.reclaiming or not (behind_long or job in unsent):
+            continue
+        spare.append(job)
+        if len(spare) == excess:
+            break
+    return spare
+
+
+def _fits_free(job: Job, worker: WorkerRecord) -> bool:
+    """Whether ``job`` fits what ``worker`` has free now."""
+    request = job.request
+    return request is None or (request.tags <= worker.tags
+                               and all(worker.free.get(k, 0.0) >= v for k, v in request.amounts.items()))
 
 
 def _first_queued(queue: Queue) -> Job | None:

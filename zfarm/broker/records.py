@@ -30,14 +30,16 @@ class PerSecond:
     """How many events happened in each of the last ``seconds`` whole seconds (the current one last):
     a rate over a window, in bounded memory however many events there are."""
 
-    __slots__ = ("_counts", "_second")
+    __slots__ = ("_counts", "_next_s", "_second")
 
     def __init__(self, now: float, seconds: int = THROUGHPUT_WINDOW_S) -> None:
         self._second = math.floor(now)
+        self._next_s = self._second + 1  # when the current second ends (one comparison per event)
         self._counts: deque[int] = deque([0] * seconds, maxlen=seconds)
 
     def add(self, now: float) -> None:
-        self._roll(now)
+        if now >= self._next_s:
+            self._roll(now)
         self._counts[-1] += 1
 
     def counts(self, now: float) -> list[int]:
@@ -56,6 +58,7 @@ class PerSecond:
         if second > self._second:
             self._counts.extend([0] * min(second - self._second, len(self._counts)))
             self._second = second
+            self._next_s = second + 1
 
 
 class Records:

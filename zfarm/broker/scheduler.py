@@ -12,7 +12,7 @@ clock.
                                         ├─► Peeks      PEEK, PEEK_REPLY: relayed (peek.py)
                                         └─► Placement  READY: credit (placement.py)
     tick(now)  ─► Functions.drop_idle, Peers.scan
-    flush(now) ─► Placement.dispatch ─► JOBS, CANCEL_JOBS, ACCEPTED, RUNNING, RESULT per peer
+    flush(now) ─► Placement.dispatch ─► JOBS, CANCEL_JOBS, RECLAIM, ACCEPTED, RUNNING, RESULT per peer
 
 Every job state change goes through :class:`~zfarm.broker.jobstate.JobMoves` (the transition
 table). What the parts share (peers, counters, journal, outbox) is one
@@ -215,13 +215,14 @@ class Scheduler:
         self.farm.send(peer, p.StatusReply(self.snapshot(now)), now)
 
     def _worker_message(self, worker: WorkerRecord, msg: p.Message, now: float) -> None:
-        if isinstance(msg, p.Ready):
-            self.placement.add_credit(worker, msg.credit)
-        elif isinstance(msg, p.Results):
+        if isinstance(msg, p.Results):  # (the usual message first)
             self.placement.add_credit(worker, msg.credit)
             returned = self.delivery.results(worker, msg, now)
             if returned:
                 self.placement.give_back(worker, returned, now)
+            self.placement.settled(worker)
+        elif isinstance(msg, p.Ready):
+            self.placement.add_credit(worker, msg.credit)
         elif isinstance(msg, p.Started):
             self.delivery.started(worker, msg)
         elif isinstance(msg, p.PeekReply):
@@ -279,6 +280,9 @@ class Scheduler:
             if worker.cancels:  # first: a replaced job's new run may share the old one's key
                 farm.send(worker, p.CancelJobs(worker.cancels), now)
                 worker.cancels = []
+            if worker.reclaims:
+                farm.send(worker, p.Reclaim(worker.reclaims), now)
+                worker.reclaims = []
             if worker.outbox:
                 farm.send(worker, self.placement.jobs_message(worker, now), now)
         for client in farm.clients.values():

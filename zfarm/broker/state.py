@@ -182,6 +182,11 @@ class WorkerRecord(Peer):
     failed: int = 0
     outbox: list[Job] = field(default_factory=list)
     cancels: list[list[Any]] = field(default_factory=list)  # keys to tell it to drop, sent in one batch
+    #: its jobs it reported STARTED (they have run 10 ms or more): a job prefetched behind them waits
+    started: set[Job] = field(default_factory=set)
+    #: its prefetched jobs the broker asked back (RECLAIM) and that have not come back, started or ended
+    reclaiming: set[Job] = field(default_factory=set)
+    reclaims: list[list[Any]] = field(default_factory=list)  # keys to ask back, sent in one batch
 
 
 @dataclass(slots=True)
