@@ -238,7 +238,16 @@ def test_a_client_that_collects_part_of_a_session_leaves_the_rest_alone(procs: P
         return [(c["present"], c["held"], c["in_flight"] + c["queued"]) for c in
                 snapshot(ctx, endpoint)["clients"]]
 
-    wait_for(lambda: session() == [(False, 5, 0)], 30, message="the other 5 results held for the session")
+    seen: list[Any] = []
+
+    def five_held() -> bool:
+        seen[:] = [session()]
+        return seen[0] == [(False, 5, 0)]
+
+    try:
+        wait_for(five_held, 60, message="the other 5 results held for the session")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; the session's (present, held, unfinished) last: {seen}") from exc
     assert snapshot(ctx, endpoint)["cancelled"] == 0
     with zfarm.Client(endpoint, session="shared") as last:
         assert [last.submit(jobs.sleep_then, x, 0.3).result(30) for x in range(6)] == list(range(6))

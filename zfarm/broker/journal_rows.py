@@ -108,9 +108,10 @@ def seal(table: str, *columns: Any) -> bytes:
     """A row's seal: a hash of its table and columns (bytes, text, numbers), checked when read back."""
     h = hashlib.blake2b(table.encode(), digest_size=16)
     for column in columns:
-        # bytes as they are (a payload may be large: no repr of it); text encoded; anything else by repr
+        # bytes as they are (a payload may be large: no repr of it); text encoded; an integer as the
+        # number SQLite gives back (an IntEnum's repr is not); anything else by repr
         raw = (column if isinstance(column, bytes) else column.encode() if isinstance(column, str)
-               else repr(column).encode())
+               else str(int(column)).encode() if isinstance(column, int) else repr(column).encode())
         h.update(len(raw).to_bytes(8, "little"))
         h.update(raw)
     return h.digest()
