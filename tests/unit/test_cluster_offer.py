@@ -19,12 +19,16 @@ from zfarm.monitor import cluster_line
 @pytest.mark.parametrize(("given", "text"), [
     (None, ""),
     ({"gpus": 1}, "gpus=1"),
-    ({"gpus": 2, "mem": "32G", "scratch": 0.5}, "gpus=2,mem=32G,scratch=0.500000"),
+    ({"gpus": 2, "mem": "32G", "scratch": 0.5}, "gpus=2,mem=32G,scratch=0.5"),
+    ({"scratch": 1e-7, "licenses": 1e20}, "scratch=0.0000001,licenses=100000000000000000000"),
     (" cpus=8 , mem=4G ", "cpus=8,mem=4G"),
 ])
 def test_resources_become_the_worker_s_text(given: Any, text: str) -> None:
     assert resources_text(given) == text
-    parse_resources(text)  # what the worker's --resources reads
+    read = parse_resources(text)  # what the worker's --resources reads: the very amounts given
+    for name, amount in (given.items() if isinstance(given, dict) else ()):
+        if not isinstance(amount, str):
+            assert read[name] == amount
 
 
 @pytest.mark.parametrize(("given", "named"), [
@@ -34,6 +38,8 @@ def test_resources_become_the_worker_s_text(given: Any, text: str) -> None:
     ({"cpus": "4G"}, "cpus='4G'"),
     ({"1gpu": 1}, "'1gpu'"),
     ({"gpus": float("nan")}, "gpus=nan"),
+    ({"gpus": float("inf")}, "gpus=inf"),
+    ({"mem": float("inf")}, "mem=inf"),
     ("gpus", "'gpus'"),
     (["gpus=1"], "['gpus=1']"),
 ])
