@@ -86,9 +86,11 @@ def report_cluster(address: str, report: p.ClusterReport, timeout_s: float = 5.0
 
 def cluster_line(cluster: dict[str, Any]) -> str:
     """One line for a cluster of a snapshot's ``clusters``, e.g. ``cluster lab (slurm, slurm-3f2a1c):
-    2 running, 1 coming (1 pending in Slurm), wants 4 (adapt 0-8)``."""
-    who = f"{cluster['name']} ({cluster['launcher']}, {cluster['id']})" if cluster.get("name") else \
-        f"{cluster['id']} ({cluster['launcher']})"
+    2 running, 1 coming (1 pending in Slurm), wants 4 (adapt 0-8)``. Its texts are the reporting
+    peer's: control characters come out escaped, never as a terminal's commands."""
+    name, launcher, cluster_id = (p.clip(str(cluster.get(k, "")), p.MAX_ID_CHARS)
+                                  for k in ("name", "launcher", "id"))
+    who = f"{name} ({launcher}, {cluster_id})" if name else f"{cluster_id} ({launcher})"
     parts = [f"{cluster['running']} running"]
     coming = f"{cluster['coming']} coming"
     if cluster.get("pending"):

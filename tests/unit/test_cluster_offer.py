@@ -124,3 +124,11 @@ def test_a_cluster_line_says_running_coming_pending_and_wanted() -> None:
     row.update(name="lab", launcher="ssh", pending=0, retiring=1, failed=2, adapt=None)
     assert cluster_line(row) == ("cluster lab (ssh, slurm-3f2a1c): 2 running, 1 coming, 1 retiring, "
                                  "2 failed, wants 4")
+
+
+def test_a_cluster_line_shows_control_characters_escaped() -> None:
+    row: dict[str, Any] = {"id": "c-1\x1b[2J", "name": "lab\x1b]0;owned\x07", "launcher": "slurm\r",
+                           "requested": 1, "running": 0, "coming": 1, "pending": 0, "adapt": None}
+    line = cluster_line(row)
+    assert line.isprintable(), line
+    assert "\\x1b[2J" in line and "\\x07" in line and "\\r" in line

@@ -115,6 +115,9 @@ HOSTILE = {
     "every_s nan": {11: float("nan")},
     "every_s a day": {11: 86_400.0},
     "a map for a count": {3: {"a": 1}},
+    "an escape sequence in the id": {0: "c-1\x1b[2J"},
+    "a new line in the name": {1: "lab\nfake line"},
+    "a bell in the launcher": {2: "slurm\x07"},
 }
 
 
@@ -142,3 +145,11 @@ def test_a_worker_may_not_report_a_cluster() -> None:
     broker.send(WORKER, report(), 1.0)
     assert broker.sched.counters.malformed == 1
     assert broker.clusters(1.0) == []
+
+
+def test_a_hello_whose_host_holds_control_characters_is_refused() -> None:
+    good = p.Hello("monitor", "m-1", "login1", 300)
+    assert p.decode(p.encode(good)) == good
+    for host in ("login1\x1b]0;owned\x07", "a\nb", "\x00"):
+        with pytest.raises(ProtocolError, match="printable"):
+            p.decode(p.encode(p.Hello("worker", "w-1", host, 1, 1, {})))
