@@ -200,7 +200,7 @@ class Cluster:
 
     def status(self) -> dict[str, Any]:
         """The cluster's own view: requested, launched, running, coming (of them: pending in a batch
-        system) workers, and under ``broker`` the broker's snapshot as the supervisor last read it,
+        system) workers, and under ``broker`` the broker's snapshot as the last report read it,
         every 2 s (None: it did not answer, or was not asked yet)."""
         with self._lock:
             broker = self._snapshot if self._broker_answered else None

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from zfarm import protocol as p
-from zfarm.errors import ZfarmError
+from zfarm.errors import Refused, SecurityError, ZfarmError
 
 log = logging.getLogger("zfarm.cluster")
 
@@ -67,6 +67,8 @@ class Reporter:
         self._stop = threading.Event()
         self._soon = threading.Event()
         self._answered = False  # the last report was answered: worth a goodbye
+        self._failures = 0  # reports in a row the broker did not answer
+        self._warned = False  # that it refused us (said once until it answers)
         self._thread = threading.Thread(target=self._run, name=f"zfarm-{label}-reporter", daemon=True)
 
     def start(self) -> None:
@@ -95,7 +97,7 @@ class Reporter:
     def _run(self) -> None:
         from zfarm import monitor
 
-        pause_s, failures = 0.0, 0
+        pause_s = 0.0
         while True:
             self._soon.wait(pause_s)
             self._soon.clear()
@@ -108,20 +110,28 @@ class Reporter:
             except ZfarmError as exc:
                 if self._stop.is_set():
                     return
-                failures += 1
-                pause_s = min(STATUS_EVERY_S * 2 ** (failures - 1), MAX_BACKOFF_S)
-                log.debug("%s cluster: no answer from %s (next try in %.0f s): %s", self.label, self.address,
-                          pause_s, exc)
-                self._answered = False
-                self._heard_safely(None)
+                pause_s = self._unanswered(exc)
                 continue
             except Exception:  # the reporter must outlive any surprise (a bug in read)
                 log.exception("%s cluster: reporting failed", self.label)
                 pause_s = STATUS_EVERY_S
                 continue
-            failures, pause_s = 0, STATUS_EVERY_S
-            self._answered = True
+            self._failures, self._warned, self._answered = 0, False, True
+            pause_s = STATUS_EVERY_S
             self._heard_safely(snapshot)
+
+    def _unanswered(self, exc: ZfarmError) -> float:
+        """A report the broker did not answer: say so (a refusal once, as a warning), back off."""
+        self._failures += 1
+        pause_s: float = min(STATUS_EVERY_S * 2.0 ** (self._failures - 1), MAX_BACKOFF_S)
+        refused = isinstance(exc, (Refused, SecurityError))  # another version, keys: the user must act
+        log.log(logging.WARNING if refused and not self._warned else logging.DEBUG,
+                "%s cluster: no report to %s (next try in %.0f s): %s", self.label, self.address, pause_s,
+                exc)
+        self._warned = self._warned or refused
+        self._answered = False
+        self._heard_safely(None)
+        return pause_s
 
     def _heard_safely(self, snapshot: Snapshot | None) -> None:
         try:
