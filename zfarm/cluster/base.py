@@ -44,13 +44,16 @@ from zfarm.cluster.supervision import Launched, Restarts, State, count_workers, 
 from zfarm.config import check_endpoint
 from zfarm.errors import BrokerUnavailable, ZfarmError
 
+#: the cluster, and what launchers and tests import from here (STATUS_EVERY_S: see reporter.py)
+__all__ = ["STATUS_EVERY_S", "Cluster", "Handle", "child_env", "public_address", "zfarm_command"]
+
 log = logging.getLogger("zfarm.cluster")
 
+#: how often the supervisor looks at its workers
 TICK_S = 0.5
-#: also here for those who import them from base
-__all__ = ["STATUS_EVERY_S", "Cluster", "Handle", "child_env", "public_address", "zfarm_command"]
 #: after the grace, how long a kill of the workers still there may take before close gives up
 KILL_WAIT_S = 5.0
+
 
 class Cluster:
     """Workers launched and kept alive for one broker (started here, or given by ``address``).
