@@ -39,13 +39,12 @@ from zfarm import protocol as p
 from zfarm.cluster.adaptive import Adaptive
 from zfarm.cluster.offer import offer_args, resources_text, tags_text
 from zfarm.cluster.reporter import STATUS_EVERY_S, Reporter, cluster_report
-from zfarm.cluster.spawn import Handle, child_env, public_address, start_broker, zfarm_command
+from zfarm.cluster.spawn import Handle, make_keys, public_address, start_broker, stop_broker
 from zfarm.cluster.supervision import Launched, Restarts, State, count_workers, excess, log_ended
 from zfarm.config import check_endpoint
 from zfarm.errors import BrokerUnavailable, ZfarmError
 
-#: the cluster, and what launchers and tests import from here (STATUS_EVERY_S: see reporter.py)
-__all__ = ["STATUS_EVERY_S", "Cluster", "Handle", "child_env", "public_address", "zfarm_command"]
+__all__ = ["STATUS_EVERY_S", "Cluster"]  # STATUS_EVERY_S: how often a cluster reports (reporter.py)
 
 log = logging.getLogger("zfarm.cluster")
 
@@ -96,15 +95,11 @@ class Cluster:
         self.worker_resources, self.worker_tags = resources_text(resources), tags_text(tags)
         self._tmpdir = tempfile.mkdtemp(prefix=f"zfarm-{self.kind}-")
         if not keys and self.networked and not insecure and not address:
-            from zfarm.security import init_keys
-
-            keys = os.path.join(self._tmpdir, "keys")
             try:
-                init_keys(keys)
+                keys = make_keys(self._tmpdir)
             except BaseException:
                 shutil.rmtree(self._tmpdir, ignore_errors=True)
                 raise
-            log.info("made keys for this cluster in %s: CURVE, only its workers and clients get in", keys)
         self.keys = os.path.abspath(keys) if keys else ""
         self.worker_grace_s = worker_grace_s
         self.log_level = log_level
@@ -275,10 +270,7 @@ class Cluster:
         return public_address(bind)
 
     def _stop_broker(self) -> None:
-        from zfarm.local import stop_processes
-
-        if self.broker is not None:
-            stop_processes([self.broker], time.monotonic() + 5.0)
+        stop_broker(self.broker)
 
     def _abandon(self) -> None:
         """Undo a subclass's ``__init__`` that failed after the broker started: stop it, remove the

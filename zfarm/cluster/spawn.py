@@ -3,10 +3,14 @@ the environment); :class:`Handle`, one launched worker as its launcher sees it."
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
+import time
 from typing import Protocol
+
+log = logging.getLogger("zfarm.cluster")
 
 #: settings that name one process or one shared farm, which a cluster's own broker and workers
 #: must not take from the environment: another broker's journal (two brokers would fight over
@@ -39,6 +43,21 @@ def zfarm_command(python: str | None = None) -> list[str]:
     return [python or sys.executable, "-m", "zfarm"]
 
 
+def make_keys(folder: str) -> str:
+    """A keys folder made in ``folder`` for a cluster whose workers connect over the network and
+    that was given none: CURVE, only its workers and clients get in.
+
+    Raises:
+        SecurityError: it could not be made.
+    """
+    from zfarm.security import init_keys
+
+    keys = os.path.join(folder, "keys")
+    init_keys(keys)
+    log.info("made keys for this cluster in %s: CURVE, only its workers and clients get in", keys)
+    return keys
+
+
 def start_broker(bind: str, keys: str, insecure: bool, journal: str, log_level: str,
                  heartbeat_interval_s: float | None) -> subprocess.Popen[bytes]:
     """A ``zfarm broker`` for a cluster: it exits with this process; a Ctrl-C meant for us is not for it.
@@ -58,6 +77,14 @@ def start_broker(bind: str, keys: str, insecure: bool, journal: str, log_level: 
     if heartbeat_interval_s is not None:
         args += ["--heartbeat-interval", str(heartbeat_interval_s)]
     return subprocess.Popen(args, stdin=subprocess.DEVNULL, env=child_env(), start_new_session=True)
+
+
+def stop_broker(broker: subprocess.Popen[bytes] | None) -> None:
+    """Stop a cluster's broker (SIGTERM, then SIGKILL after 5 s); None: there is none."""
+    from zfarm.local import stop_processes
+
+    if broker is not None:
+        stop_processes([broker], time.monotonic() + 5.0)
 
 
 def public_address(bind: str) -> str:
