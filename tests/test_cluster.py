@@ -30,6 +30,7 @@ from zfarm.cluster.base import STATUS_EVERY_S, Cluster
 from zfarm.cluster.profile import ProfileError, build_cluster, load_profile
 from zfarm.cluster.supervision import Launched
 from zfarm.errors import BrokerUnavailable
+from zfarm.local import free_tcp_endpoint
 from zfarm.security import SecurityError, add_key, init_keys
 
 
@@ -107,9 +108,9 @@ class SlowHandle:
 class SlowLauncher(Cluster):
     kind = "slow"
 
-    def __init__(self, handle: SlowHandle, address: str) -> None:
+    def __init__(self, handle: SlowHandle, address: str, **common: Any) -> None:
         self.handle = handle
-        super().__init__(address=address)
+        super().__init__(address=address, **common)
         self._begin(1)
 
     def _place(self, index: int) -> tuple[str, str]:
@@ -119,10 +120,9 @@ class SlowLauncher(Cluster):
         return self.handle
 
 
-def test_a_launcher_slow_to_answer_ended_does_not_block_the_cluster_s_other_callers(procs: Procs) -> None:
-    _, endpoint = procs.broker()  # the cluster reports to it every round (with none, each report waits 5 s)
+def test_a_launcher_slow_to_answer_ended_does_not_block_the_cluster_s_other_callers() -> None:
     handle = SlowHandle()
-    cluster = SlowLauncher(handle, endpoint)
+    cluster = SlowLauncher(handle, free_tcp_endpoint())  # no broker there: reports wait on their own thread
     try:
         assert handle.asked.wait(30), "the supervisor never asked the handle"
         answered = threading.Event()
@@ -134,6 +134,70 @@ def test_a_launcher_slow_to_answer_ended_does_not_block_the_cluster_s_other_call
         handle.answer.set()
         cluster.close(timeout_s=10)
     assert [w["state"] for w in cluster.workers] == ["stopped"]
+
+
+class CountedHandle(SlowHandle):
+    """A worker that runs: each supervisor round asks it ``ended()`` once, so rounds can be counted."""
+
+    def __init__(self) -> None:
+        super().__init__(queued=False)
+        self.answer.set()
+        self.rounds: list[float] = []
+
+    def ended(self) -> str | None:
+        self.rounds.append(time.monotonic())
+        return super().ended()
+
+
+@pytest.mark.slow
+def test_a_broker_that_does_not_answer_never_slows_the_supervisor_nor_close() -> None:
+    handle = CountedHandle()
+    cluster = SlowLauncher(handle, free_tcp_endpoint())  # nothing listens: each report waits its deadline
+    try:
+        # a round every 0.5 s; a report blocking the round would make it one per 5 s
+        wait_for(lambda: len(handle.rounds) >= 8, 15, interval_s=0.05, message="8 supervisor rounds")
+        assert cluster.status()["broker"] is None
+    finally:
+        started = time.monotonic()
+        cluster.close(timeout_s=10)
+        closed_s = time.monotonic() - started
+    assert closed_s < 4.0, f"close() waited {closed_s:.1f} s for a broker that is not there"
+    assert [w["state"] for w in cluster.workers] == ["stopped"]
+
+
+class BlockedLauncher(SlowLauncher):
+    """A launcher whose launch takes as long as the test says (sbatch or ssh by tens)."""
+
+    def __init__(self, handle: SlowHandle, address: str, **common: Any) -> None:
+        self.launching, self.release = threading.Event(), threading.Event()
+        super().__init__(handle, address, **common)
+
+    def _launch(self, worker: Launched) -> SlowHandle:
+        self.launching.set()
+        self.release.wait(60)
+        return self.handle
+
+
+def test_the_broker_hears_from_a_cluster_while_it_is_still_launching(procs: Procs) -> None:
+    _, endpoint = procs.broker()
+    handle = SlowHandle(queued=False)
+    handle.answer.set()
+    cluster = BlockedLauncher(handle, endpoint, name="lab")
+    try:
+        assert cluster.launching.wait(30)
+
+        def reported() -> dict[str, Any] | None:
+            rows = require_status(endpoint).get("clusters", [])
+            return rows[0] if rows and rows[0]["coming"] == 1 else None
+
+        row = wait_for(reported, 10, interval_s=0.1, message="a report during a launch")
+        assert (row["name"], row["launched"]) == ("lab", 0), row  # named from its very first report
+        assert not cluster.release.is_set()
+        events = [e for e in require_status(endpoint)["events"] if e["kind"] == "cluster-joined"]
+        assert len(events) == 1 and "(lab)" in events[0]["text"], events
+    finally:
+        cluster.release.set()
+        cluster.close(timeout_s=10)
 
 
 @pytest.mark.slow

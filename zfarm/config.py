@@ -299,6 +299,11 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)i?b?\s*$", re.IGNORECASE)
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
 
 
+def is_short_name(text: object) -> bool:
+    """Whether ``text`` is a resource name or a tag: a letter, then up to 63 letters, digits, _ . -"""
+    return isinstance(text, str) and _NAME.match(text) is not None
+
+
 def parse_amount(name: str, value: Any) -> float:
     """An amount of a resource: a number of 0 or more, or for ``mem`` a size such as 512M or 4G (bytes).
 

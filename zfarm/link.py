@@ -24,7 +24,6 @@ from typing import Any
 import zmq
 
 from zfarm import protocol as p
-from zfarm.config import is_ipv6_endpoint
 from zfarm.errors import ProtocolError
 from zfarm.security import HandshakeWatch, PeerKeys, dealer_to_broker
 
@@ -164,8 +163,6 @@ class Link:
         sock = dealer_to_broker(self.context, self.address, self.keys)
         self.socket = sock  # owned from here on: closed by close() whatever happens next
         self._generation += 1
-        if is_ipv6_endpoint(self.address):  # tcp://[::1]:5555: refused ("No such device") without it
-            sock.setsockopt(zmq.IPV6, 1)
         self.watch = HandshakeWatch(sock, self.role, self.keys is not None)
         sock.connect(self.address)
         return sock

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -75,20 +76,25 @@ def fetch_status(address: str, timeout_s: float = 5.0, context: zmq.Context[Any]
 
 
 def report_cluster(address: str, report: p.ClusterReport, timeout_s: float = 5.0,
-                   context: zmq.Context[Any] | None = None, keys: str = "") -> dict[str, Any]:
+                   context: zmq.Context[Any] | None = None, keys: str = "",
+                   stop: threading.Event | None = None) -> dict[str, Any]:
     """Tell the broker what a cluster launched (CLUSTER) and return its snapshot: one round trip.
 
+    ``stop``: when set, give up waiting at once (a cluster closing does not wait for a silent broker).
+
     Raises:
-        as :func:`fetch_status`.
+        as :func:`fetch_status`; BrokerUnavailable also when ``stop`` was set.
     """
-    return ask(address, report, p.StatusReply, timeout_s, context, keys).snapshot
+    return ask(address, report, p.StatusReply, timeout_s, context, keys, stop).snapshot
 
 
 def cluster_line(cluster: dict[str, Any]) -> str:
     """One line for a cluster of a snapshot's ``clusters``, e.g. ``cluster lab (slurm, slurm-3f2a1c):
-    2 running, 1 coming (1 pending in Slurm), wants 4 (adapt 0-8)``."""
-    who = f"{cluster['name']} ({cluster['launcher']}, {cluster['id']})" if cluster.get("name") else \
-        f"{cluster['id']} ({cluster['launcher']})"
+    2 running, 1 coming (1 pending in Slurm), wants 4 (adapt 0-8)``. Its texts are the reporting
+    peer's: control characters come out escaped, never as a terminal's commands."""
+    name, launcher, cluster_id = (p.clip(str(cluster.get(k, "")), p.MAX_ID_CHARS)
+                                  for k in ("name", "launcher", "id"))
+    who = f"{name} ({launcher}, {cluster_id})" if name else f"{cluster_id} ({launcher})"
     parts = [f"{cluster['running']} running"]
     coming = f"{cluster['coming']} coming"
     if cluster.get("pending"):
@@ -111,16 +117,25 @@ def fetch_history(address: str, last: int = 0, timeout_s: float = 10.0,
     return reply.columns, reply.rows
 
 
+#: how often a wait that may be stopped looks whether it was
+STOP_CHECK_MS = 100
+
+
 def ask(address: str, request: p.Message, reply_type: type[M], timeout_s: float,
-        context: zmq.Context[Any] | None = None, keys: str = "") -> M:
-    """Introduce ourselves as a monitor, send ``request``, return the first ``reply_type`` answer."""
+        context: zmq.Context[Any] | None = None, keys: str = "", stop: threading.Event | None = None) -> M:
+    """Introduce ourselves as a monitor, send ``request``, return the first ``reply_type`` answer
+    (giving up at ``timeout_s``, or as soon as ``stop`` is set)."""
     link = open_monitor(address, monitor_hello("m"), keys, context)
     deadline = time.monotonic() + timeout_s
+    slice_ms = STOP_CHECK_MS if stop is not None else None
     try:
         link.send(request)
         while True:
+            if stop is not None and stop.is_set():
+                raise BrokerUnavailable(address, timeout_s - (deadline - time.monotonic()), "stopped waiting")
             remaining_ms = (deadline - time.monotonic()) * 1000
-            ready = dict(link.poller().poll(max(1, int(remaining_ms)))) if remaining_ms > 0 else {}
+            wait_ms = max(1, int(min(remaining_ms, slice_ms or remaining_ms)))
+            ready = dict(link.poller().poll(wait_ms)) if remaining_ms > 0 else {}
             readable = link.readable(ready)
             if link.problem:
                 raise SecurityError(f"the broker at {address} did not let us in: {link.problem}")

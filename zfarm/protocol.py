@@ -751,6 +751,8 @@ def _check_plain_rows(msg: Message) -> None:
         raise ProtocolError("HISTORY_REPLY rows must be arrays")
     elif isinstance(msg, ClusterReport):
         _check_cluster(msg)
+    elif isinstance(msg, Hello) and not msg.host.isprintable():  # shown in `zfarm status`, logs
+        raise ProtocolError("HELLO host must be printable text (no control characters)")
 
 
 _CLUSTER_COUNTS = ("requested", "launched", "running", "coming", "pending", "retiring", "failed")
@@ -759,6 +761,9 @@ _CLUSTER_COUNTS = ("requested", "launched", "running", "coming", "pending", "ret
 def _check_cluster(msg: ClusterReport) -> None:
     if not msg.cluster_id:
         raise ProtocolError("CLUSTER cluster_id must not be empty")
+    for name in ("cluster_id", "name", "launcher"):  # shown on terminals: no escape sequences
+        if not getattr(msg, name).isprintable():
+            raise ProtocolError(f"CLUSTER {name} must be printable text (no control characters)")
     for name in _CLUSTER_COUNTS:
         if not 0 <= getattr(msg, name) <= MAX_CLUSTER_WORKERS:
             raise ProtocolError(f"CLUSTER {name} must be from 0 to {MAX_CLUSTER_WORKERS}")

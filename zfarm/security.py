@@ -32,7 +32,7 @@ from typing import Any
 import zmq
 import zmq.auth
 
-from zfarm.config import reconnect_interval_ms
+from zfarm.config import is_ipv6_endpoint, reconnect_interval_ms
 from zfarm.errors import ConfigError, SecurityError
 
 log = logging.getLogger(__name__)
@@ -215,9 +215,18 @@ def dealer_to_broker(context: zmq.Context[Any], address: str, keys: PeerKeys | N
     ivl_ms, ivl_max_ms = reconnect_interval_ms(address)
     sock.setsockopt(zmq.RECONNECT_IVL, ivl_ms)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, ivl_max_ms)
+    set_ipv6_for(sock, address)
     if keys is not None:
         keys.apply(sock)
     return sock
+
+
+def set_ipv6_for(sock: zmq.Socket[Any], address: str) -> None:
+    """Let ``sock`` bind or connect to ``address`` if it is ``tcp://[IPv6]:PORT``: ZeroMQ refuses one
+    without ``IPV6`` ("No such device"). Only there: elsewhere it could make a host name resolve to an
+    IPv6 address that nothing listens on."""
+    if is_ipv6_endpoint(address):
+        sock.setsockopt(zmq.IPV6, 1)
 
 
 def identity_of(user_id: str) -> tuple[frozenset[str], str]:

@@ -19,12 +19,16 @@ from zfarm.monitor import cluster_line
 @pytest.mark.parametrize(("given", "text"), [
     (None, ""),
     ({"gpus": 1}, "gpus=1"),
-    ({"gpus": 2, "mem": "32G", "scratch": 0.5}, "gpus=2,mem=32G,scratch=0.500000"),
+    ({"gpus": 2, "mem": "32G", "scratch": 0.5}, "gpus=2,mem=32G,scratch=0.5"),
+    ({"scratch": 1e-7, "licenses": 1e20}, "scratch=0.0000001,licenses=100000000000000000000"),
     (" cpus=8 , mem=4G ", "cpus=8,mem=4G"),
 ])
 def test_resources_become_the_worker_s_text(given: Any, text: str) -> None:
     assert resources_text(given) == text
-    parse_resources(text)  # what the worker's --resources reads
+    read = parse_resources(text)  # what the worker's --resources reads: the very amounts given
+    for name, amount in (given.items() if isinstance(given, dict) else ()):
+        if not isinstance(amount, str):
+            assert read[name] == amount
 
 
 @pytest.mark.parametrize(("given", "named"), [
@@ -34,6 +38,8 @@ def test_resources_become_the_worker_s_text(given: Any, text: str) -> None:
     ({"cpus": "4G"}, "cpus='4G'"),
     ({"1gpu": 1}, "'1gpu'"),
     ({"gpus": float("nan")}, "gpus=nan"),
+    ({"gpus": float("inf")}, "gpus=inf"),
+    ({"mem": float("inf")}, "mem=inf"),
     ("gpus", "'gpus'"),
     (["gpus=1"], "['gpus=1']"),
 ])
@@ -118,3 +124,11 @@ def test_a_cluster_line_says_running_coming_pending_and_wanted() -> None:
     row.update(name="lab", launcher="ssh", pending=0, retiring=1, failed=2, adapt=None)
     assert cluster_line(row) == ("cluster lab (ssh, slurm-3f2a1c): 2 running, 1 coming, 1 retiring, "
                                  "2 failed, wants 4")
+
+
+def test_a_cluster_line_shows_control_characters_escaped() -> None:
+    row: dict[str, Any] = {"id": "c-1\x1b[2J", "name": "lab\x1b]0;owned\x07", "launcher": "slurm\r",
+                           "requested": 1, "running": 0, "coming": 1, "pending": 0, "adapt": None}
+    line = cluster_line(row)
+    assert line.isprintable(), line
+    assert "\\x1b[2J" in line and "\\x07" in line and "\\r" in line

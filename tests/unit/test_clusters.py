@@ -13,6 +13,7 @@ import pytest
 from zfarm import protocol as p
 from zfarm.broker import clusters
 from zfarm.broker.scheduler import Scheduler
+from zfarm.broker.state import Auth
 from zfarm.config import BrokerSettings
 from zfarm.errors import ProtocolError
 
@@ -33,11 +34,11 @@ class Broker:
     def __init__(self) -> None:
         self.sched = Scheduler(SETTINGS, 0.0, broker_id="b-test")
 
-    def send(self, route: bytes, msg: p.Message, now: float) -> None:
-        self.sched.handle(route, p.encode(msg), now)
+    def send(self, route: bytes, msg: p.Message, now: float, auth: Auth | None = None) -> None:
+        self.sched.handle(route, p.encode(msg), now, auth)
 
-    def monitor(self, route: bytes, now: float) -> None:
-        self.send(route, p.Hello("monitor", f"m-{route.hex()[-6:]}", "login1", 300), now)
+    def monitor(self, route: bytes, now: float, host: str = "login1", auth: Auth | None = None) -> None:
+        self.send(route, p.Hello("monitor", f"m-{route.hex()[-6:]}", host, 300), now, auth)
 
     def replies(self, route: bytes, now: float) -> list[p.StatusReply]:
         out = [(r, p.decode(p.encode(m))) for r, m in self.sched.flush(now)]
@@ -66,32 +67,79 @@ def test_a_report_is_answered_with_the_snapshot_that_holds_it_and_leaving_forget
     assert "cluster-joined" in kinds and "cluster-left" in kinds
 
 
-def test_a_cluster_that_stops_reporting_is_forgotten_after_a_few_of_its_rounds() -> None:
+def test_a_cluster_that_stops_reporting_is_forgotten_after_a_few_of_its_rounds_and_a_grace() -> None:
     broker = Broker()
     broker.monitor(MON, 0.0)
     broker.send(MON, report("fast", every_s=1.0), 0.0)
     broker.send(MON, report("slow", every_s=10.0), 0.0)
-    assert {c["id"] for c in broker.clusters(clusters.MISSED_REPORTS * 1.0)} == {"fast", "slow"}
-    assert {c["id"] for c in broker.clusters(clusters.MISSED_REPORTS * 1.0 + 0.1)} == {"slow"}
+    fast_s = clusters.MISSED_REPORTS * 1.0 + clusters.GRACE_S  # a slow round is not a death
+    assert {c["id"] for c in broker.clusters(fast_s)} == {"fast", "slow"}
+    assert {c["id"] for c in broker.clusters(fast_s + 0.1)} == {"slow"}
     broker.monitor(MON, 20.0)  # its monitor connection is new each round, the cluster the same
     broker.send(MON, report("slow", every_s=10.0), 20.0)
-    assert {c["id"] for c in broker.clusters(45.0)} == {"slow"}
-    assert broker.clusters(50.1) == []
+    slow_s = 20.0 + clusters.MISSED_REPORTS * 10.0 + clusters.GRACE_S
+    assert {c["id"] for c in broker.clusters(slow_s)} == {"slow"}
+    assert broker.clusters(slow_s + 0.1) == []
 
 
-def test_the_table_is_bounded_and_a_report_it_cannot_keep_is_still_answered() -> None:
+def test_a_report_that_says_it_comes_hourly_is_still_forgotten_within_minutes() -> None:
     broker = Broker()
     broker.monitor(MON, 0.0)
-    for i in range(clusters.MAX_CLUSTERS):
-        broker.send(MON, report(f"c-{i}"), 0.0)
-    broker.replies(MON, 0.0)
-    broker.send(MON, report("one-too-many"), 0.0)
-    assert len(broker.replies(MON, 0.0)) == 1, "a full table must not leave the cluster without an answer"
-    ids = {c["id"] for c in broker.clusters(0.0)}
-    assert len(ids) == clusters.MAX_CLUSTERS and "one-too-many" not in ids
-    broker.send(MON, report("c-0", leaving=True), 1.0)  # room again
-    broker.send(MON, report("one-too-many"), 1.0)
-    assert "one-too-many" in {c["id"] for c in broker.clusters(1.0)}
+    broker.send(MON, report("sleepy", every_s=3600.0), 0.0)
+    allowed_s = clusters.MISSED_REPORTS * clusters.EVERY_CAP_S + clusters.GRACE_S
+    assert allowed_s <= 300
+    assert [c["id"] for c in broker.clusters(allowed_s)] == ["sleepy"]
+    assert broker.clusters(allowed_s + 0.1) == []
+
+
+def test_the_table_is_bounded_by_evicting_the_stalest_and_every_report_is_answered() -> None:
+    broker = Broker()
+    per, total = clusters.MAX_CLUSTERS_PER_REPORTER, clusters.MAX_CLUSTERS
+    reporters = [bytes([0, i]) + b"route" for i in range(total // per)]
+    for r, route in enumerate(reporters):
+        broker.monitor(route, 0.0, host=f"login{r}")
+        for i in range(per):
+            broker.send(route, report(f"c-{r}-{i}"), 1.0 + (r * per + i) / 100)  # c-0-0 the stalest
+    assert len(broker.clusters(2.0)) == total
+    newcomer = b"\x00route-new"
+    broker.monitor(newcomer, 2.0, host="login-new")
+    broker.send(newcomer, report("newcomer"), 2.0)
+    assert len(broker.replies(newcomer, 2.0)) == 1
+    ids = {c["id"] for c in broker.clusters(2.0)}
+    assert len(ids) == total and "newcomer" in ids and "c-0-0" not in ids and "c-0-1" in ids
+    # one reporter that keeps adding clusters pushes out only its own oldest, never the others'
+    for i in range(per + 5):
+        broker.send(newcomer, report(f"flood-{i}"), 2.0 + i / 100)
+    ids = {c["id"] for c in broker.clusters(3.0)}
+    assert sum(i.startswith("flood-") or i == "newcomer" for i in ids) == per
+    assert {f"c-{r}-{i}" for r in range(1, len(reporters)) for i in range(per)} <= ids
+
+
+def test_only_the_reporter_that_listed_a_cluster_replaces_or_removes_it() -> None:
+    broker = Broker()
+    broker.monitor(MON, 0.0, host="login1")
+    broker.monitor(MON2, 0.0, host="elsewhere")
+    broker.send(MON, report("lab-1", running=2), 1.0)
+    broker.send(MON2, report("lab-1", leaving=True), 2.0)  # not its cluster: nothing to remove
+    broker.send(MON2, report("lab-1", running=0, coming=0, pending=0), 2.0)  # listed as its own
+    rows = sorted((c["host"], c["running"]) for c in broker.clusters(2.0) if c["id"] == "lab-1")
+    assert rows == [("elsewhere", 0), ("login1", 2)]
+    broker.send(MON2, report("lab-1", leaving=True), 3.0)
+    assert [(c["host"], c["running"]) for c in broker.clusters(3.0)] == [("login1", 2)]
+
+
+def test_with_keys_a_report_belongs_to_its_key_and_a_look_only_key_may_report() -> None:
+    broker = Broker()
+    looks = Auth(frozenset({"worker", "monitor"}), "worker-key")  # a worker's key: look-only
+    other = Auth(frozenset({"client", "monitor"}), "client-key")
+    broker.monitor(MON, 0.0, auth=looks)
+    broker.monitor(MON2, 0.0, auth=other)  # the same host: the key tells them apart
+    broker.send(MON, report("slurm-1"), 1.0, looks)
+    assert len(broker.replies(MON, 1.0)) == 1
+    broker.send(MON2, report("slurm-1", leaving=True), 2.0, other)
+    assert [c["id"] for c in broker.clusters(2.0)] == ["slurm-1"]
+    broker.send(MON, report("slurm-1", leaving=True), 3.0, looks)
+    assert broker.clusters(3.0) == []
 
 
 def _raw_cluster(envelope: list[Any]) -> list[bytes]:
@@ -115,6 +163,9 @@ HOSTILE = {
     "every_s nan": {11: float("nan")},
     "every_s a day": {11: 86_400.0},
     "a map for a count": {3: {"a": 1}},
+    "an escape sequence in the id": {0: "c-1\x1b[2J"},
+    "a new line in the name": {1: "lab\nfake line"},
+    "a bell in the launcher": {2: "slurm\x07"},
 }
 
 
@@ -142,3 +193,11 @@ def test_a_worker_may_not_report_a_cluster() -> None:
     broker.send(WORKER, report(), 1.0)
     assert broker.sched.counters.malformed == 1
     assert broker.clusters(1.0) == []
+
+
+def test_a_hello_whose_host_holds_control_characters_is_refused() -> None:
+    good = p.Hello("monitor", "m-1", "login1", 300)
+    assert p.decode(p.encode(good)) == good
+    for host in ("login1\x1b]0;owned\x07", "a\nb", "\x00"):
+        with pytest.raises(ProtocolError, match="printable"):
+            p.decode(p.encode(p.Hello("worker", "w-1", host, 1, 1, {})))

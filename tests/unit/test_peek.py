@@ -136,6 +136,26 @@ def test_a_reply_for_an_asker_that_left_is_dropped_and_a_worker_cannot_ask() -> 
     assert farm.out(1.0) == [] and farm.counter("malformed") == 1
 
 
+def test_an_asker_has_a_bounded_number_of_peeks_at_workers_until_they_are_answered_or_forgotten() -> None:
+    from zfarm.broker.peek import MAX_PEEKS_IN_FLIGHT, PEEK_FORGET_S
+
+    farm, _ = _running_on_w1()
+    for ask in range(MAX_PEEKS_IN_FLIGHT + 5):  # a flood: each would make the worker read 128 KiB
+        farm.send(MON, p.Peek("ca", 1, [0, 0], ask), 1.0)
+    forwarded = to(farm.out(1.0), W1, p.Peek)
+    assert [m.ask for m in forwarded] == list(range(MAX_PEEKS_IN_FLIGHT))
+    farm.send(W1, p.PeekReply("ca", 1, 0, p.PeekStatus.FINISHED, reply_to=MON), 1.1)  # one answered
+    farm.send(MON, p.Peek("ca", 1, [0, 0], 100), 1.2)
+    farm.send(MON, p.Peek("ca", 1, [0, 0], 101), 1.2)
+    assert [m.ask for m in to(farm.out(1.2), W1, p.Peek)] == [100]
+    farm.send(CA, p.Peek("ca", 1, [0, 0], 7), 1.2)  # another asker has its own bound
+    assert [m.ask for m in to(farm.out(1.2), W1, p.Peek)] == [7]
+    later = 1.0 + PEEK_FORGET_S + 0.5  # the worker never answered the rest: forgotten, room again
+    farm.send(MON, p.Peek("ca", 1, [0, 0], 200), later)
+    assert [m.ask for m in to(farm.out(later), W1, p.Peek)] == [200]
+    assert farm.counter("malformed") == 0
+
+
 # ---- the worker's core ------------------------------------------------------------------------------
 
 

@@ -32,9 +32,9 @@ from zfarm.broker.journal import Journal
 from zfarm.broker.scheduler import Outbound, Scheduler
 from zfarm.broker.spill import Spill
 from zfarm.broker.state import Auth
-from zfarm.config import BrokerSettings, is_ipv6_endpoint
+from zfarm.config import BrokerSettings
 from zfarm.errors import ZfarmError
-from zfarm.security import BrokerKeys, check_bind_is_safe, identity_of
+from zfarm.security import BrokerKeys, check_bind_is_safe, identity_of, set_ipv6_for
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +60,7 @@ class Broker:
         self.socket.setsockopt(zmq.SNDHWM, SEND_QUEUE_MESSAGES)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.HANDSHAKE_IVL, int(settings.handshake_timeout_s * 1000))
-        if is_ipv6_endpoint(settings.bind):  # tcp://[::]:5555 or [::1]: ZeroMQ refuses it without IPV6
-            self.socket.setsockopt(zmq.IPV6, 1)
+        set_ipv6_for(self.socket, settings.bind)  # tcp://[::]:5555 or [::1]
         self.keys = BrokerKeys(settings.keys) if settings.keys else None
         if self.keys is not None:
             self.keys.start_zap(self.context)

@@ -211,7 +211,7 @@ class Scheduler:
         if isinstance(msg, p.ClusterReport):
             if isinstance(peer, WorkerRecord):
                 raise ProtocolError("a worker cannot send ClusterReport")
-            self.clusters.report(msg, peer.host, now)
+            self.clusters.report(msg, peer, now)
         self.farm.send(peer, p.StatusReply(self.snapshot(now)), now)
 
     def _worker_message(self, worker: WorkerRecord, msg: p.Message, now: float) -> None:

@@ -5,10 +5,11 @@
     scale(n) / adapt(min, max) ──► target ──┐
                                             ▼
     supervisor thread (every 0.5 s): poll each launched worker ─ ended while wanted? ─► Restarts
-        │  every 2 s: CLUSTER (what we launched) ─► the broker keeps it for `zfarm status` and the
-        │     dashboard, and answers with its snapshot ─► which workers registered, which are idle,
-        │     demand (status() shows it; wait_for_workers() waits for it, asking no more often)
         └─ launch the missing, retire the excess (idle first; SIGTERM drains: no job is lost)
+    reporter thread (reporter.py), every 2 s: CLUSTER (what we launched) ─► the broker keeps it for
+        `zfarm status` and the dashboard, and answers with its snapshot ─► which workers registered,
+        which are idle, demand (status() shows it; wait_for_workers() waits for it, asking no more
+        often). The supervisor never waits for the broker; the reporter never waits for a launch.
     close(): workers retire; then a last CLUSTER (leaving) so the broker forgets us at once
 
 Subclasses say how to launch one worker (:meth:`Cluster._launch`, returning a :class:`Handle`)
@@ -25,7 +26,6 @@ import logging
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -33,54 +33,25 @@ import uuid
 import weakref
 from collections.abc import Iterable, Mapping
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any
 
 from zfarm import protocol as p
 from zfarm.cluster.adaptive import Adaptive
 from zfarm.cluster.offer import offer_args, resources_text, tags_text
-from zfarm.cluster.supervision import Launched, Restarts, State
+from zfarm.cluster.reporter import STATUS_EVERY_S, Reporter, cluster_report
+from zfarm.cluster.spawn import Handle, make_keys, public_address, start_broker, stop_broker
+from zfarm.cluster.supervision import Launched, Restarts, State, count_workers, excess, log_ended
 from zfarm.config import check_endpoint
 from zfarm.errors import BrokerUnavailable, ZfarmError
 
+__all__ = ["STATUS_EVERY_S", "Cluster"]  # STATUS_EVERY_S: how often a cluster reports (reporter.py)
+
 log = logging.getLogger("zfarm.cluster")
 
+#: how often the supervisor looks at its workers
 TICK_S = 0.5
-#: how often the supervisor reports to the broker (and reads its snapshot back)
-STATUS_EVERY_S = 2.0
-#: how long the report a closing cluster says goodbye with may wait for the broker
-GOODBYE_TIMEOUT_S = 2.0
 #: after the grace, how long a kill of the workers still there may take before close gives up
 KILL_WAIT_S = 5.0
-
-#: settings that name one process or one shared farm, which a cluster's own broker and workers
-#: must not take from the environment: another broker's journal (two brokers would fight over
-#: it), an endpoint, a worker's id, and the client's key name
-NOT_INHERITED = ("ZFARM_JOURNAL", "ZFARM_JOURNAL_SYNC", "ZFARM_SESSION_TTL_S", "ZFARM_BIND",
-                 "ZFARM_WORKER_ID", "ZFARM_KEY_NAME", "ZFARM_ADDRESS", "ZFARM_DRAIN_AT")
-
-
-class Handle(Protocol):
-    """One launched worker as its launcher sees it."""
-
-    def ended(self) -> str | None:
-        """None while it runs or waits for resources; else how it ended, in words."""
-
-    def pending(self) -> bool:
-        """Still waiting for resources (a queued batch job)."""
-
-    def retire(self) -> None:
-        """Ask it to finish its running jobs, hand back the rest and leave."""
-
-    def kill(self) -> None:
-        """End it now."""
-
-
-def child_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k not in NOT_INHERITED}
-
-
-def zfarm_command(python: str | None = None) -> list[str]:
-    return [python or sys.executable, "-m", "zfarm"]
 
 
 class Cluster:
@@ -100,6 +71,7 @@ class Cluster:
             ``"gpus=1,mem=32G"`` (its ``--resources``; default: its slots, its machine's memory
             and GPUs).
         tags: tags each worker offers jobs, ``{"bigmem"}`` or ``"bigmem,avx512"`` (its ``--tags``).
+        name: how ``zfarm status`` and the dashboard name the cluster (a run profile's name).
 
     Raises:
         ConfigError: a bad endpoint, resource or tag (before anything starts).
@@ -112,8 +84,8 @@ class Cluster:
     def __init__(self, *, address: str | None = None, bind: str | None = None, keys: str = "",
                  insecure: bool = False, journal: str = "", heartbeat_interval_s: float | None = None,
                  worker_grace_s: float = 30.0, log_level: str = "warning",
-                 resources: Mapping[str, Any] | str | None = None, tags: Iterable[str] | str | None = None
-                 ) -> None:
+                 resources: Mapping[str, Any] | str | None = None, tags: Iterable[str] | str | None = None,
+                 name: str = "") -> None:
         # first: a bad endpoint (a profile's too) is a usage error now, not a broker that never starts
         if address:
             check_endpoint(address)
@@ -123,22 +95,18 @@ class Cluster:
         self.worker_resources, self.worker_tags = resources_text(resources), tags_text(tags)
         self._tmpdir = tempfile.mkdtemp(prefix=f"zfarm-{self.kind}-")
         if not keys and self.networked and not insecure and not address:
-            from zfarm.security import init_keys
-
-            keys = os.path.join(self._tmpdir, "keys")
             try:
-                init_keys(keys)
+                keys = make_keys(self._tmpdir)
             except BaseException:
                 shutil.rmtree(self._tmpdir, ignore_errors=True)
                 raise
-            log.info("made keys for this cluster in %s: CURVE, only its workers and clients get in", keys)
         self.keys = os.path.abspath(keys) if keys else ""
         self.worker_grace_s = worker_grace_s
         self.log_level = log_level
         self.heartbeat_interval_s = heartbeat_interval_s
         #: how the broker lists this cluster: unique to this object; ``name``: a run profile's, or ""
         self.cluster_id = f"{self.kind}-{uuid.uuid4().hex[:6]}"
-        self.name = ""
+        self.name = name
         self.slots_per_worker = 1
         self.restarts = Restarts()
         self._records: list[Launched] = []
@@ -146,8 +114,8 @@ class Cluster:
         self._adaptive: Adaptive | None = None
         self._next_adapt = 0.0
         self._snapshot: dict[str, Any] = {}
-        self._broker_answered: bool | None = None  # the last status request got the snapshot (None: none yet)
-        self._next_status = 0.0
+        self._broker_answered: bool | None = None  # the last report got the snapshot (None: none yet)
+        self._reporter: Reporter | None = None
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # notified when the broker's view came in
         self._wake = threading.Event()
@@ -230,7 +198,7 @@ class Cluster:
 
     def status(self) -> dict[str, Any]:
         """The cluster's own view: requested, launched, running, coming (of them: pending in a batch
-        system) workers, and under ``broker`` the broker's snapshot as the supervisor last read it,
+        system) workers, and under ``broker`` the broker's snapshot as the last report read it,
         every 2 s (None: it did not answer, or was not asked yet)."""
         with self._lock:
             broker = self._snapshot if self._broker_answered else None
@@ -242,24 +210,7 @@ class Cluster:
                     "workers": [w.view() for w in self._records], "broker": broker, "broker_asked": asked}
 
     def _counts(self) -> dict[str, int]:
-        """Workers by what they are doing (under the lock)."""
-        live = [w for w in self._records if not w.state.ended]
-        return {"requested": self._target,
-                "launched": sum(w.handle is not None for w in live),
-                "running": sum(w.state is State.RUNNING for w in live),
-                "coming": sum(w.state.coming for w in live),
-                "pending": sum(w.state is State.PENDING for w in live),
-                "retiring": sum(w.state is State.RETIRING for w in live),
-                "failed": sum(w.state is State.FAILED for w in self._records)}
-
-    def _report(self, leaving: bool = False) -> p.ClusterReport:
-        """What the broker is told about us (under the lock)."""
-        counts = self._counts()
-        adapt = [self._adaptive.minimum, self._adaptive.maximum] if self._adaptive else []
-        return p.ClusterReport(self.cluster_id[:p.MAX_ID_CHARS], self.name[:p.MAX_ID_CHARS], self.kind,
-                               counts["requested"], counts["launched"], counts["running"], counts["coming"],
-                               counts["pending"], counts["retiring"], counts["failed"], adapt,
-                               STATUS_EVERY_S, leaving)
+        return count_workers(self._records, self._target)  # (under the lock)
 
     def wait_for_workers(self, n: int, timeout_s: float = 60.0) -> None:
         """Block until ``n`` workers registered with the broker.
@@ -268,9 +219,8 @@ class Cluster:
             BrokerUnavailable: they did not within ``timeout_s``.
         """
         deadline = time.monotonic() + timeout_s
-        with self._changed:
-            self._next_status = 0.0  # one look now; then at the supervisor's pace
-        self._wake.set()
+        if self._reporter is not None:
+            self._reporter.soon()  # one look now; then at the reporter's pace
         with self._changed:
             while sum(w.state is State.RUNNING for w in self._records) < n:
                 remaining_s = deadline - time.monotonic()
@@ -315,25 +265,12 @@ class Cluster:
     # ---- the broker -----------------------------------------------------------------------------
 
     def _start_broker(self, bind: str, insecure: bool, journal: str) -> str:
-        from zfarm.security import check_bind_is_safe
-
-        check_bind_is_safe(bind, self.keys, insecure)  # here, not as the broker's exit code
-        args = [*zfarm_command(), "broker", "--bind", bind, "--parent-pid", str(os.getpid()),
-                "--log-level", self.log_level]
-        args += ["--keys", self.keys] if self.keys else []
-        args += ["--insecure"] if insecure else []
-        args += ["--journal", journal] if journal else []
-        if self.heartbeat_interval_s is not None:
-            args += ["--heartbeat-interval", str(self.heartbeat_interval_s)]
-        self.broker = subprocess.Popen(args, stdin=subprocess.DEVNULL, env=child_env(),
-                                        start_new_session=True)  # a Ctrl-C meant for us is not for it
+        self.broker = start_broker(bind, self.keys, insecure, journal, self.log_level,
+                                   self.heartbeat_interval_s)
         return public_address(bind)
 
     def _stop_broker(self) -> None:
-        from zfarm.local import stop_processes
-
-        if self.broker is not None:
-            stop_processes([self.broker], time.monotonic() + 5.0)
+        stop_broker(self.broker)
 
     def _abandon(self) -> None:
         """Undo a subclass's ``__init__`` that failed after the broker started: stop it, remove the
@@ -344,9 +281,11 @@ class Cluster:
     def _begin(self, n: int) -> None:
         """Start supervising with ``n`` workers wanted (the last line of a subclass's ``__init__``)."""
         self._target = n
+        self._reporter = Reporter(self.address, self.keys, self.kind, self._report, self._heard)
         self._thread = threading.Thread(target=self._supervise, name=f"zfarm-{self.kind}-cluster",
                                         daemon=True)
         self._thread.start()
+        self._reporter.start()
         _OPEN.add(self)
 
     # ---- the supervisor thread --------------------------------------------------------------------
@@ -358,8 +297,7 @@ class Cluster:
                 self._check_broker()
                 self._refresh()
                 self._reap(now)
-                self._reconcile(now)  # first: a launch never waits for the broker's answer
-                self._read_broker(now)  # (a new target from adapt is launched at the next tick)
+                self._reconcile(now)
             except Exception:  # the supervisor must outlive any one launcher's surprise
                 log.exception("%s cluster: supervision step failed", self.kind)
             with self._lock:
@@ -376,25 +314,12 @@ class Cluster:
                     self._give_up_at = now + KILL_WAIT_S  # then once more, in case a kill was lost
             self._wake.wait(TICK_S)
             self._wake.clear()
-        self._say_goodbye()
+        if self._reporter is not None:
+            self._reporter.close(goodbye=True)  # the broker forgets us now, not a few rounds later
         try:
             self._cleanup()
         except Exception:
             log.exception("%s cluster: cleanup failed", self.kind)
-
-    def _say_goodbye(self) -> None:
-        """The last report (leaving): the broker forgets us now, not a few rounds later. Only to a broker
-        that answered the last report: closing must not wait for one that is gone."""
-        with self._lock:
-            if not self._broker_answered:
-                return
-            report = self._report(leaving=True)
-        from zfarm import monitor
-
-        try:
-            monitor.report_cluster(self.address, report, GOODBYE_TIMEOUT_S, keys=self.keys)
-        except ZfarmError as exc:
-            log.debug("%s cluster: goodbye to %s unanswered: %s", self.kind, self.address, exc)
 
     def _check_broker(self) -> None:
         if self.broker is None or self._broker_said or self._closing:
@@ -420,37 +345,24 @@ class Cluster:
                     continue
                 wanted = w.state is not State.RETIRING and not self._closing
                 self.restarts.ended(w, how, now, wanted)
-                self._log_ended(w, how, now)
+                log_ended(w, how, now)
 
-    @staticmethod
-    def _log_ended(w: Launched, how: str, now: float) -> None:
-        if w.state is State.FAILED:
-            log.error("%s (%s) died at start %d times in a row, last: %s; giving up on it "
-                      "(scale again to retry)", w.name, w.where, w.quick_deaths, how)
-        elif w.state is State.WAITING:
-            log.warning("%s (%s) ended (%s): starting it again in %.0f s", w.name, w.where, how,
-                        w.restart_at - now)
-        else:
-            log.info("%s (%s) left: %s", w.name, w.where, how)
-
-    def _read_broker(self, now: float) -> None:
-        """Every few seconds (until closing): tell the broker what we launched; from its answer, which
-        launched workers registered, which are idle, and the demand."""
+    def _report(self, leaving: bool) -> p.ClusterReport:
+        """What the broker is told about us (on the reporter's thread)."""
         with self._lock:
-            if now < self._next_status or self._closing:
-                return
-            self._next_status = now + STATUS_EVERY_S
-            report = self._report()
-        from zfarm import monitor
+            adapt = [self._adaptive.minimum, self._adaptive.maximum] if self._adaptive else []
+            return cluster_report(self.cluster_id, self.name, self.kind, self._counts(), adapt, leaving)
 
-        try:
-            snapshot = monitor.report_cluster(self.address, report, timeout_s=5.0, keys=self.keys)
-        except ZfarmError as exc:
-            log.debug("%s cluster: no status from %s: %s", self.kind, self.address, exc)
+    def _heard(self, snapshot: dict[str, Any] | None) -> None:
+        """The broker's answer to a report (None: it did not answer): which launched workers
+        registered, which are idle, and the demand. On the reporter's thread."""
+        now = time.monotonic()
+        if snapshot is None:
             with self._lock:
                 self._broker_answered = False
             return
         registered = {w["id"] for w in snapshot.get("workers", [])}
+        adapted = False
         with self._changed:
             self._snapshot, self._broker_answered = snapshot, True
             for w in self._records:
@@ -458,13 +370,15 @@ class Cluster:
                     w.state = State.RUNNING
                     w.quick_deaths = 0
             self._changed.notify_all()  # wait_for_workers looks again
-            if self._adaptive is not None and now >= self._next_adapt:
+            if self._adaptive is not None and not self._closing and now >= self._next_adapt:
                 self._next_adapt = now + self._adaptive.interval_s
                 target = self._adaptive.decide(snapshot, self.slots_per_worker, self._target)
                 if target != self._target:
                     log.info("%s cluster adapts: %d -> %d workers (queued %s, in flight %s)", self.kind,
                              self._target, target, snapshot.get("queued"), snapshot.get("in_flight"))
-                    self._target = target
+                    self._target, adapted = target, True
+        if adapted:
+            self._wake.set()  # the supervisor launches or retires now
 
     def _reconcile(self, now: float) -> None:
         to_launch: list[Launched] = []
@@ -486,13 +400,8 @@ class Cluster:
             self._start(w, now)
 
     def _excess(self, wanted: list[Launched], count: int) -> list[Launched]:
-        """Which ``count`` workers go: not started first, then idle ones; busy ones only on scale()."""
         busy = {w["id"] for w in self._snapshot.get("workers", []) if w.get("busy")}
-        order = {State.FAILED: 0, State.WAITING: 0, State.PENDING: 1, State.STARTING: 2, State.RUNNING: 3}
-        ranked = sorted(wanted, key=lambda w: (order.get(w.state, 9), w.worker_id in busy, -w.started_at))
-        if self._adaptive is not None:  # adapt never sends a busy worker away
-            ranked = [w for w in ranked if not (w.state is State.RUNNING and w.worker_id in busy)]
-        return ranked[:count]
+        return excess(wanted, count, busy, keep_busy=self._adaptive is not None)  # adapt never sends one away
 
     def _retire(self, w: Launched) -> None:
         with self._lock:
@@ -539,18 +448,3 @@ def _close_all() -> None:
     for cluster in list(_OPEN):
         with contextlib.suppress(Exception):
             cluster.close(timeout_s=10.0)
-
-
-def public_address(bind: str) -> str:
-    """The address others connect to for a broker bound at ``bind`` (a wildcard becomes this host)."""
-    import socket
-
-    scheme, _, rest = bind.partition("://")
-    host, sep, port = rest.rpartition(":")
-    if scheme == "tcp" and sep and host in ("*", "0.0.0.0", "[::]", "::"):
-        name = socket.getfqdn()
-        if name.startswith("localhost"):  # /etc/hosts names this machine so: others need its name
-            name = socket.gethostname()
-        return f"tcp://{name}:{port}"
-    return bind
-

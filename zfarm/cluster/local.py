@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 import subprocess
 
-from zfarm.cluster.base import Cluster, child_env, zfarm_command
+from zfarm.cluster.base import Cluster
+from zfarm.cluster.spawn import child_env, zfarm_command
 from zfarm.cluster.supervision import Launched
 from zfarm.errors import describe_exit
 from zfarm.local import terminate_gently

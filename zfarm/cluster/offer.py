@@ -8,14 +8,15 @@ starts, and hands every worker it launches the same checked text.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Mapping
+from decimal import Decimal
 from typing import Any
 
-from zfarm.config import parse_amount, parse_resources, parse_tags
+from zfarm.config import is_short_name, parse_amount, parse_resources, parse_tags
 from zfarm.errors import ConfigError
 
-_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
 #: a Slurm ``--mem``: a whole number with an optional unit (K, M, G, T); no unit means megabytes
 _SLURM_MEM = re.compile(r"^(\d+)([KMGT]?)$", re.IGNORECASE)
 
@@ -24,8 +25,8 @@ def resources_text(resources: Mapping[str, Any] | str | None) -> str:
     """``resources`` as a worker's ``--resources`` text ("" for none), checked.
 
     Raises:
-        ConfigError: a name that is not a short name, or an amount that is not a number of 0 or
-            more (for ``mem``, also a size such as ``"32G"``); the message names it.
+        ConfigError: a name that is not a short name, or an amount that is not a finite number of 0
+            or more (for ``mem``, also a size such as ``"32G"``); the message names it.
     """
     if resources is None:
         return ""
@@ -35,17 +36,25 @@ def resources_text(resources: Mapping[str, Any] | str | None) -> str:
     if not isinstance(resources, Mapping):
         raise ConfigError(f'resources must be a mapping such as {{"gpus": 1, "mem": "32G"}} or a text '
                           f'such as "gpus=1,mem=32G", not {resources!r}')
-    entries = []
-    for name, amount in resources.items():
-        if not isinstance(name, str) or not _NAME.match(name):
-            raise ConfigError(f"resource name {name!r}: a letter then up to 63 letters, digits, _ . -")
-        if isinstance(amount, bool) or not isinstance(amount, (int, float, str)):
-            raise ConfigError(f"resource {name}={amount!r}: give a number of 0 or more"
-                              f"{' or a size such as 512M or 4G' if name == 'mem' else ''}")
-        parse_amount(name, amount)  # raises, naming the resource
-        text = str(amount) if isinstance(amount, (int, str)) else f"{amount:f}"
-        entries.append(f"{name}={text.strip()}")
-    return ",".join(entries)
+    entries = [_entry(name, amount) for name, amount in resources.items()]
+    text = ",".join(entries)
+    parse_resources(text)  # what each worker will read: a text it refuses must not get this far
+    return text
+
+
+def _entry(name: Any, amount: Any) -> str:
+    """``name=amount`` as a worker reads it back: a number in plain decimals (``1e-07`` would not parse;
+    ``f"{x:f}"`` rounds 1e-7 to 0), the shortest that is the same float."""
+    if not is_short_name(name):
+        raise ConfigError(f"resource name {name!r}: a letter then up to 63 letters, digits, _ . -")
+    if isinstance(amount, bool) or not isinstance(amount, (int, float, str)) or (
+            isinstance(amount, float) and not math.isfinite(amount)):
+        raise ConfigError(f"resource {name}={amount!r}: give a finite number of 0 or more"
+                          f"{' or a size such as 512M or 4G' if name == 'mem' else ''}")
+    parse_amount(name, amount)  # raises, naming the resource
+    if isinstance(amount, str):
+        return f"{name}={amount.strip()}"
+    return f"{name}={Decimal(repr(amount)):f}" if isinstance(amount, float) else f"{name}={amount}"
 
 
 def tags_text(tags: Iterable[str] | str | None) -> str:
@@ -62,7 +71,7 @@ def tags_text(tags: Iterable[str] | str | None) -> str:
         raise ConfigError(f'tags must be a list of names such as ["bigmem"] or a text such as '
                           f'"bigmem,avx512", not {tags!r}')
     listed = list(tags)
-    bad = [t for t in listed if not isinstance(t, str) or not _NAME.match(t)]
+    bad = [t for t in listed if not is_short_name(t)]
     if bad:
         raise ConfigError(f"tags {', '.join(map(repr, bad))}: a tag is a letter then up to 63 letters, "
                           "digits, _ . -")

@@ -203,6 +203,7 @@ def build_cluster(profile: Profile) -> Cluster:
     settings = dict(profile.settings)
     try:
         cluster: Cluster
+        settings["name"] = profile.name  # how `zfarm status` and the dashboard name it, from the first report
         if profile.launcher == "local":
             cluster = LocalCluster(**settings)
         elif profile.launcher == "ssh":
@@ -213,7 +214,6 @@ def build_cluster(profile: Profile) -> Cluster:
         if isinstance(exc, ProfileError):
             raise
         raise ProfileError(profile.file, profile.name, "", str(exc)) from exc
-    cluster.name = profile.name  # how `zfarm status` and the dashboard name it
     if profile.adapt is not None:
         cluster.adapt(**profile.adapt)
     return cluster

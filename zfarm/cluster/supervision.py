@@ -1,4 +1,4 @@
-"""What the cluster launched, and when to launch a dead worker again (plain data, no I/O).
+"""What the cluster launched, and when to launch a dead worker again (plain data, no I/O but logging).
 
 A launched worker is a :class:`Launched` record: its name, its state, where it runs and how it
 ended last. :class:`Restarts` decides, from how long a worker lived, when it may start again: a
@@ -9,8 +9,11 @@ row the cluster gives up on that place and says why; one that ran a while starts
 from __future__ import annotations
 
 import enum
+import logging
 from dataclasses import dataclass, field
 from typing import Any
+
+log = logging.getLogger("zfarm.cluster")
 
 #: a worker that lived less than this died "at start" (bad python, unreachable host, bad keys)
 QUICK_DEATH_S = 15.0
@@ -84,3 +87,37 @@ class Restarts:
 
     def due(self, worker: Launched, now: float) -> bool:
         return worker.state is State.WAITING and now >= worker.restart_at
+
+
+def count_workers(records: list[Launched], requested: int) -> dict[str, int]:
+    """Launched workers by what they are doing, as a cluster's status and its reports say it."""
+    live = [w for w in records if not w.state.ended]
+    return {"requested": requested,
+            "launched": sum(w.handle is not None for w in live),
+            "running": sum(w.state is State.RUNNING for w in live),
+            "coming": sum(w.state.coming for w in live),
+            "pending": sum(w.state is State.PENDING for w in live),
+            "retiring": sum(w.state is State.RETIRING for w in live),
+            "failed": sum(w.state is State.FAILED for w in records)}
+
+
+def excess(wanted: list[Launched], count: int, busy: set[str], keep_busy: bool) -> list[Launched]:
+    """Which ``count`` workers go: not started first, then idle ones; busy ones (ids in ``busy``)
+    last, and never with ``keep_busy``."""
+    order = {State.FAILED: 0, State.WAITING: 0, State.PENDING: 1, State.STARTING: 2, State.RUNNING: 3}
+    ranked = sorted(wanted, key=lambda w: (order.get(w.state, 9), w.worker_id in busy, -w.started_at))
+    if keep_busy:
+        ranked = [w for w in ranked if not (w.state is State.RUNNING and w.worker_id in busy)]
+    return ranked[:count]
+
+
+def log_ended(w: Launched, how: str, now: float) -> None:
+    """One line for a launched worker that ended, saying what happens next."""
+    if w.state is State.FAILED:
+        log.error("%s (%s) died at start %d times in a row, last: %s; giving up on it "
+                  "(scale again to retry)", w.name, w.where, w.quick_deaths, how)
+    elif w.state is State.WAITING:
+        log.warning("%s (%s) ended (%s): starting it again in %.0f s", w.name, w.where, how,
+                    w.restart_at - now)
+    else:
+        log.info("%s (%s) left: %s", w.name, w.where, how)
