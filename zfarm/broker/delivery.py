@@ -77,7 +77,7 @@ class Delivery:
                frames: list[Any], info: str, run: p.RunStats, now: float,
                kind: int = p.ResultKind.PLAIN) -> None:
         if run.finished_at and job.state is ASSIGNED:  # fair share: charge the slot-time it really took
-            self.farm.ran(job.queue, run.run_s)
+            self.farm.ran(job, run.run_s)
         self.moves.move(job, FINISHED, client, now, finisher=worker, outcome=outcome)
         ok = outcome == OK
         worker.done += ok

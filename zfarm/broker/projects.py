@@ -35,6 +35,9 @@ from zfarm.broker.state import ClientRecord, Job, OnError, Queue
 log = logging.getLogger("zfarm.broker.scheduler")
 
 MAX_PROJECT_CHARS = 128
+#: a project's share is from MIN_SHARE to MAX_SHARE: a job's slot-time over its share (what fair
+#: share charges its pass) stays a finite number, however long it ran (``protocol.MAX_RUN_S``)
+MIN_SHARE, MAX_SHARE = 1e-6, 1e6
 #: how often journaled projects are looked at for rows that may go (``Projects.tidy``)
 TIDY_EVERY_S = 1.0
 
@@ -239,8 +242,8 @@ def _settings(options: dict[str, Any]) -> tuple[int | None, float | None, OnErro
                                  or abs(priority) > 1_000_000):
         raise BadProject(f"a project's priority is an integer from -1000000 to 1000000, not {priority!r}")
     if share is not None and (not isinstance(share, (int, float)) or isinstance(share, bool)
-                              or not math.isfinite(share) or not 0 < share <= 1e6):
-        raise BadProject(f"a project's share is a number above 0 (up to 1e6), not {share!r}")
+                              or not math.isfinite(share) or not MIN_SHARE <= share <= MAX_SHARE):
+        raise BadProject(f"a project's share is a number from {MIN_SHARE:g} to {MAX_SHARE:g}, not {share!r}")
     try:
         rule = OnError(on_error) if on_error is not None else None
     except ValueError:
