@@ -724,12 +724,17 @@ def _check_stats(stats: list[Any], layout: tuple[Any, ...], rows: int, what: str
     if stats and len(stats) != rows:
         raise ProtocolError(f"{what} carries {len(stats)} stats rows for {rows} results")
     check_rows(stats, layout, f"{what} stats", limits)
-    first, run = layout.index(_NUM), len(layout) - 2  # its times: from the first number to run_s
-    for row in stats:
-        # (a comparison with NaN is False: refused too)
-        if not 0.0 <= row[run] <= MAX_RUN_S or not all(map(math.isfinite, row[first:run])):
-            raise ProtocolError(f"{what} stats rows carry finite times and a run time from 0 to "
-                                f"{MAX_RUN_S:g} s, not {row[first:run + 1]}")
+    if not stats:
+        return
+    # By column, in C (this runs for every result): a sum is finite only if each of its terms is
+    first, run = layout.index(_NUM), len(layout) - 2  # the times: from the first number to run_s
+    columns = list(zip(*stats, strict=True))[first:run + 1]
+    runs = columns[-1]
+    if not (all(map(math.isfinite, map(sum, columns))) and min(runs) >= 0.0 and max(runs) <= MAX_RUN_S):
+        bad = next((row for row in stats if not (0.0 <= row[run] <= MAX_RUN_S  # (False for NaN too)
+                                                 and all(map(math.isfinite, row[first:run])))), stats[0])
+        raise ProtocolError(f"{what} stats rows carry finite times and a run time from 0 to "
+                            f"{MAX_RUN_S:g} s, not {bad[first:run + 1]}")
 
 
 def _sum_frames(rows: list[list[Any]], column: int) -> int:
