@@ -169,8 +169,8 @@ class Farm:
             self.push(queue)  # (its entry with the old pass is stale now)
 
     def refund(self, job: Job) -> None:
-        """``job`` was handed back unrun (its worker is leaving): its queue gets back what its dispatch
-        charged (it is charged again when it is dispatched again)."""
+        """``job`` was handed back unrun by its worker (leaving, or giving back what it prefetched): its
+        queue gets back what its dispatch charged (it is charged again when it is dispatched again)."""
         queue = job.queue
         queue.pass_ -= job.charged
         job.charged = 0.0
