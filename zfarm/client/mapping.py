@@ -186,8 +186,9 @@ class ChunkJobs:
                 pinned = []
             except Exception as exc:  # an item that cannot be pickled: it raises in its place
                 return exc
-            finally:  # (an exception, or Ctrl-C: this item's job will never be)
-                self.connection.unpin(pinned)
+            finally:
+                if pinned:  # an exception, or Ctrl-C: this item's job will never be
+                    self.connection.unpin(pinned)
         return None
 
     def _abandon(self, jobs: list[PendingJob]) -> None:
