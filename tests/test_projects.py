@@ -233,9 +233,18 @@ def test_a_suspended_project_stays_suspended_when_its_broker_is_sigkilled_and_re
         assert [f.result(60) for f in futures] == [i * 10 for i in range(15)]
 
 
-def test_map_waits_for_futures_among_its_items_and_inside_them(procs: Procs) -> None:
+class Interrupts:
+    """An argument whose pickling is a Ctrl-C (KeyboardInterrupt while a map pickles its item)."""
+
+    def __reduce__(self) -> str:
+        raise KeyboardInterrupt
+
+
+def test_map_waits_for_futures_among_its_items_and_inside_them(procs: Procs, tmp_path: Path) -> None:
     """Futures as map items (and inside list items) make those items' jobs wait for theirs, as submit's
-    arguments do; the plain items around them go on in the same map, chunked or not."""
+    arguments do, whether they are done or still running when the map is submitted; the plain items
+    around them go on in the same map, chunked or not. Ctrl-C while such an item is pickled leaves no
+    result pinned at the broker."""
     endpoint, _ = procs.farm(*FAST, workers=1, procs=2)
     with zfarm.Client(endpoint) as client:
         f1 = client.submit(jobs.sleep_then, 1, 0.5)
@@ -243,9 +252,22 @@ def test_map_waits_for_futures_among_its_items_and_inside_them(procs: Procs) -> 
         f3 = client.submit(jobs.sleep_then, 3, 0.1)
         got = list(client.map(jobs.add, [f1, f2, [f3], [4]], [10, 20, [30], [40]], timeout=60))
         assert got == [11, 22, [3, 30], [4, 40]]
+        pins = client._connection.core.receipts.pins
+        gate = client.submit(jobs.hold, tmp_path / "release", 8)  # runs until the test says
         project = client.project("mapped")  # fixed chunks of 10: the items with futures are cut out
-        got = list(project.map(jobs.echo, [5, f1, 6, {"x": (f2, [f3])}, 7], chunksize=10, timeout=60))
-        assert got == [5, 1, 6, {"x": (2, [3])}, 7]
+        try:
+            results = project.map(jobs.echo, [5, gate, 6, {"x": (f2, [f3])}, 7], chunksize=10, timeout=60)
+            assert not gate.done() and pins.snapshot() == {gate.seq}  # submitted while it runs
+        finally:
+            (tmp_path / "release").touch()
+        assert list(results) == [5, 8, 6, {"x": (2, [3])}, 7]
+        held = client.submit(jobs.hold, tmp_path / "release-2", 9)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                client.map(jobs.add, [held], [Interrupts()])  # its item is pickled after ``held`` is pinned
+            assert not held.done() and pins.snapshot() == frozenset()
+        finally:
+            (tmp_path / "release-2").touch()
         failed = client.submit(jobs.boom, 1)
         with pytest.raises(zfarm.DependencyFailed):
             list(client.map(jobs.add, [7, failed], [1, 1], timeout=60))

@@ -18,6 +18,7 @@ See docs/protocol.md for the conversation between peers.
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, NamedTuple
@@ -52,6 +53,8 @@ LOG_TEXT_CHARS = 200
 MAX_CLUSTER_WORKERS = 1_000_000
 #: bounds of a CLUSTER report's ``every_s`` (seconds between its reports)
 CLUSTER_EVERY_S = (0.05, 3600.0)
+#: the longest run time a stats row may report (seconds, about 116 days): fair share charges it
+MAX_RUN_S = 1e7
 
 Frame = Any  # bytes, memoryview or zmq.Frame: payloads are never looked into
 
@@ -721,6 +724,17 @@ def _check_stats(stats: list[Any], layout: tuple[Any, ...], rows: int, what: str
     if stats and len(stats) != rows:
         raise ProtocolError(f"{what} carries {len(stats)} stats rows for {rows} results")
     check_rows(stats, layout, f"{what} stats", limits)
+    if not stats:
+        return
+    # By column, in C (this runs for every result): a sum is finite only if each of its terms is
+    first, run = layout.index(_NUM), len(layout) - 2  # the times: from the first number to run_s
+    columns = list(zip(*stats, strict=True))[first:run + 1]
+    runs = columns[-1]
+    if not (all(map(math.isfinite, map(sum, columns))) and min(runs) >= 0.0 and max(runs) <= MAX_RUN_S):
+        bad = next((row for row in stats if not (0.0 <= row[run] <= MAX_RUN_S  # (False for NaN too)
+                                                 and all(map(math.isfinite, row[first:run])))), stats[0])
+        raise ProtocolError(f"{what} stats rows carry finite times and a run time from 0 to "
+                            f"{MAX_RUN_S:g} s, not {bad[first:run + 1]}")
 
 
 def _sum_frames(rows: list[list[Any]], column: int) -> int:

@@ -77,7 +77,7 @@ class Delivery:
                frames: list[Any], info: str, run: p.RunStats, now: float, kind: int = PLAIN) -> None:
         """A worker's result ends the job (``outcome``: a :class:`~zfarm.protocol.Outcome`)."""
         if run.finished_at and job.state is ASSIGNED:  # fair share: charge the slot-time it really took
-            self.farm.ran(job.queue, run.run_s)
+            self.farm.ran(job, run.run_s)
         self.moves.move(job, FINISHED, client, now, finisher=worker, outcome=outcome)
         if outcome == OK:
             worker.done += 1

@@ -6,21 +6,27 @@ intake, delivery, functions, recovery) holds it and changes only the facts it ow
 It also keeps the dispatch list's clock: fair share by **slot-time** (stride scheduling whose
 stride is the time a job holds its slot, not one per dispatch)::
 
-    dispatch (Placement._next_for) ── charge(queue): pass += estimate / share ──► heap
-    a result (Delivery.finish) ──── ran(queue, run_s): pass += (run_s - estimate) / share
+    dispatch (Placement._next_for) ── charge(queue, job): job.charged = estimate / share; pass += it
+    a result (Delivery.finish) ──── ran(job, run_s):       pass += run_s / share - job.charged
+    handed back unrun (give_back) ─ refund(job):           pass -= job.charged
 
 A dispatch charges the queue's estimate of one job's run time (a running mean of its jobs' run
 times as their workers measured them; before it has one, the mean over every queue; before any, one
-second); when the job's result comes, the difference between what it ran and what was charged
-is charged too. So among queues of equal priority each holds running slots in proportion to its
-share however long its jobs are: a queue of 10 s jobs beside a queue of 0.1 s jobs gets half of
-the slot-time, not nearly every slot. A dispatch stays one heap step; a result at most one push.
+second), and the job keeps what it was charged; when its result comes, that charge is replaced by
+the slot-time it really held over the queue's share as it is then. So what a queue is charged in the
+end is the slot-time its jobs used, however many ran at once and however its share changed while
+they ran; and among queues of equal priority each holds running slots in proportion to its share
+however long its jobs are: a queue of 10 s jobs beside a queue of 0.1 s jobs gets half of the
+slot-time, not nearly every slot. A job whose worker died keeps its dispatch's charge (the slot-time
+its lost attempt held is not known: the estimate stands for it), and so does a cancelled one; a job
+handed back unrun gets it back. A dispatch stays one heap step; a result at most one push.
 """
 
 from __future__ import annotations
 
 import heapq
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +34,7 @@ from zfarm import protocol as p
 from zfarm.broker.held import HeldResults
 from zfarm.broker.journal import Journal
 from zfarm.broker.records import Records
-from zfarm.broker.state import ClientRecord, Counters, Peer, Queue, Route, WorkerRecord
+from zfarm.broker.state import ClientRecord, Counters, Job, Peer, Queue, Route, WorkerRecord
 from zfarm.config import BrokerSettings
 
 log = logging.getLogger("zfarm.broker.scheduler")
@@ -134,20 +140,39 @@ class Farm:
         """What one job of ``queue`` is charged at dispatch: how long its jobs run, as far as known."""
         return queue.run_estimate_s or self.run_estimate_s or FIRST_ESTIMATE_S
 
-    def charge(self, queue: Queue) -> None:
-        """A job of ``queue`` was dispatched: its pass moves on by the job's estimated slot-time."""
+    def charge(self, queue: Queue, job: Job) -> None:
+        """``job`` of ``queue`` was dispatched: its pass moves on by the job's estimated slot-time, which
+        the job keeps (``Job.charged``) until its result says what it really took."""
         self.vtime = queue.pass_
-        queue.pass_ += self.estimate(queue) / queue.share
+        job.charged = self.estimate(queue) / queue.share
+        queue.pass_ += job.charged
         self.push(queue)
 
-    def ran(self, queue: Queue, run_s: float) -> None:
-        """A job of ``queue`` held its slot ``run_s`` seconds: charge what its dispatch's estimate missed,
-        and learn from it (the estimate is a running mean, so what ends up charged is the run time)."""
+    def ran(self, job: Job, run_s: float) -> None:
+        """``job`` held its slot ``run_s`` seconds: its queue is charged that slot-time (over its share
+        as it is now) instead of what its dispatch charged, and the estimates learn from it.
+
+        A run time that is not a number, or out of bounds, is not believed: the dispatch's charge
+        stands and nothing is learnt (the protocol refuses such rows; this is the last guard, since
+        one NaN in a pass would stop fair share for every queue)."""
+        queue = job.queue
+        if not math.isfinite(run_s) or not 0.0 <= run_s <= p.MAX_RUN_S:
+            return
         run_s = max(run_s, MIN_CHARGE_S)
-        queue.pass_ += (run_s - self.estimate(queue)) / queue.share
+        queue.pass_ += run_s / queue.share - job.charged
+        job.charged = 0.0
         queue.run_estimate_s = (run_s if not queue.run_estimate_s
                                 else queue.run_estimate_s + RUN_SMOOTHING * (run_s - queue.run_estimate_s))
         self.run_estimate_s = (run_s if not self.run_estimate_s
                                else self.run_estimate_s + RUN_SMOOTHING * (run_s - self.run_estimate_s))
         if queue.scheduled:
             self.push(queue)  # (its entry with the old pass is stale now)
+
+    def refund(self, job: Job) -> None:
+        """``job`` was handed back unrun by its worker (leaving, or giving back what it prefetched): its
+        queue gets back what its dispatch charged (it is charged again when it is dispatched again)."""
+        queue = job.queue
+        queue.pass_ -= job.charged
+        job.charged = 0.0
+        if queue.scheduled:
+            self.push(queue)

@@ -223,13 +223,14 @@ class Journal:
         return out
 
     def _load_projects(self, out: Recovered) -> None:
-        for name, state, stored in self._db.execute("SELECT name, state, seal FROM projects ORDER BY name"):
+        for rowid, name, state, stored in self._db.execute(
+                "SELECT rowid, name, state, seal FROM projects ORDER BY name"):
             try:
                 if not stored or not sound("projects", stored, name, state):  # (sealed from the start)
                     raise ValueError("seal")
                 out.projects.append(JournalProject.from_row(name, unpack(state)))
             except (ValueError, TypeError, msgpack.UnpackException):
-                out.damaged.append(Damaged("projects", str(name), -1))
+                out.damaged.append(Damaged("projects", str(name), -1, rowid=rowid))  # (name: maybe not text)
 
     # ---- changes (one transaction per turn of the broker's loop) ----------------------------------
 
@@ -320,6 +321,10 @@ class Journal:
 
     def drop_project(self, name: str) -> None:
         self._write("DELETE FROM projects WHERE name=?", (name,))
+
+    def drop_project_row(self, rowid: int) -> None:
+        """Delete a damaged project row by its rowid (its name may be no text, or not what was written)."""
+        self._write("DELETE FROM projects WHERE rowid=?", (rowid,))
 
     def drop_result(self, client_id: str, seq: int) -> None:
         self._write("DELETE FROM results WHERE client=? AND seq=?", (client_id, seq))

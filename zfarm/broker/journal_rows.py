@@ -75,6 +75,8 @@ class Damaged:
     client: str  # as read: it may itself be what changed (a project row: the project's name)
     seq: int  # the job's number (-1 for a client, function or project row)
     fn_id: bytes = b""  # a function row's id
+    #: a project row's SQLite rowid: what deletes it, whatever its damaged name holds (-1: other rows)
+    rowid: int = -1
 
 
 @dataclass(slots=True)

@@ -191,7 +191,7 @@ class Placement:
             return None
         queue, job = found
         queue.jobs.popleft()
-        farm.charge(queue)  # fair share by slot-time: its pass moves on by the job's estimated run time
+        farm.charge(queue, job)  # fair share by slot-time: its pass moves on by the job's estimated run time
         return farm.clients[job.client_id], job
 
     def _fits(self, job: Job, worker: WorkerRecord, now: float) -> bool:
@@ -269,6 +269,7 @@ class Placement:
         for job in jobs:
             client = self.farm.clients.get(job.client_id)
             if job.state is JobState.ASSIGNED and worker.jobs.get(job.key) is job and client is not None:
+                self.farm.refund(job)  # it held no slot: its dispatch's charge goes back to its queue
                 self.moves.move(job, JobState.QUEUED, client, now, finisher=worker, front=True)
 
     def requeue(self, worker: WorkerRecord, why: Departure, detail: str, now: float) -> None:

@@ -16,7 +16,9 @@ and priority, share and on_error however they last changed), written in the turn
 them. A restarted broker reads the jobs back first (each job's options make or update its
 project), then lays the project rows over them: they are newer. A row is kept while its project
 has unfinished jobs or is suspended, and dropped (:meth:`Projects.tidy`) once neither holds, so
-the journal holds only the projects still owed something.
+the journal holds only the projects still owed something. A suspended project with no job left
+whose owner is gone (its session ended, or it left) is dropped, row and all
+(:meth:`Projects.forget`): nobody is left to resume it, and a later run of its name starts afresh.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ from zfarm.broker.state import ClientRecord, Job, OnError, Queue
 log = logging.getLogger("zfarm.broker.scheduler")
 
 MAX_PROJECT_CHARS = 128
+#: a project's share is from MIN_SHARE to MAX_SHARE: a job's slot-time over its share (what fair
+#: share charges its pass) stays a finite number, however long it ran (``protocol.MAX_RUN_S``)
+MIN_SHARE, MAX_SHARE = 1e-6, 1e6
 #: how often journaled projects are looked at for rows that may go (``Projects.tidy``)
 TIDY_EVERY_S = 1.0
 
@@ -202,25 +207,42 @@ class Projects:
         self._tidy_at = now + TIDY_EVERY_S
 
     def tidy(self, now: float) -> None:
-        """Drop the journal rows of projects with no unfinished job that are not suspended (once a
-        second: they are few, and a row that stays a little longer does no harm)."""
-        if now < self._tidy_at or not self.rows:
+        """Once a second (they are few, and a row that stays a little longer does no harm): drop the
+        journal rows of projects with no unfinished job that are not suspended, and forget a
+        suspended project with no job left whose owner is gone (:meth:`forget`)."""
+        if now < self._tidy_at:
             return
         self._tidy_at = now + TIDY_EVERY_S
         journal = self.farm.journal
         projects = self.farm.projects
         for name in [n for n, row in self.rows.items() if not row.suspended]:
             queue = projects[name]
-            if not (queue.queued or queue.running or queue.waiting_jobs or queue.suspended):
+            if not (_unfinished(queue) or queue.suspended):
                 del self.rows[name]
                 if journal is not None:
                     journal.drop_project(name)
+        clients = self.farm.clients
+        for queue in [q for q in projects.values() if q.suspended and q.owner not in clients]:
+            if not _unfinished(queue):
+                self.forget(queue, now)
+
+    def forget(self, queue: Queue, now: float) -> None:
+        """Drop a suspended project, its row with it: it has no job left and the client that opened it
+        is gone (its session ended, or it left), so nobody is left to resume it, and a later run
+        that takes its name starts afresh instead of being held by a suspension it never saw."""
+        del self.farm.projects[queue.name]
+        if self.rows.pop(queue.name, None) is not None and self.farm.journal is not None:
+            self.farm.journal.drop_project(queue.name)
+        log.info("project %s dropped: suspended (%s) with no job left, and its owner %s is gone",
+                 p.clip(queue.name), p.clip(queue.why_suspended), queue.owner)
+        self.farm.records.event(now, "project-dropped", f"project {queue.name} dropped: suspended with no "
+                                f"job left and its owner {queue.owner} gone")
 
     # ---- views -------------------------------------------------------------------------------------
 
     def view(self, queue: Queue, now: float) -> dict[str, Any]:
         rate = queue.finished.rate(now, now - queue.created_at)
-        left = queue.queued + queue.running + queue.waiting_jobs
+        left = _unfinished(queue)
         state = ("suspended" if queue.suspended else "done" if not left
                  else "running" if queue.running else "queued")
         return {"name": queue.name, "owner": queue.owner, "state": state, "priority": queue.priority,
@@ -232,6 +254,11 @@ class Projects:
                 "eta_s": round(left / rate, 1) if rate > 0 and left else (0.0 if not left else None)}
 
 
+def _unfinished(queue: Queue) -> int:
+    """How many of a project's jobs are not over (queued, running or waiting)."""
+    return queue.queued + queue.running + queue.waiting_jobs
+
+
 def _settings(options: dict[str, Any]) -> tuple[int | None, float | None, OnError | None]:
     """A project's priority, share and on_error from job options or a SET (None: not given)."""
     priority, share, on_error = options.get("priority"), options.get("share"), options.get("on_error")
@@ -239,8 +266,8 @@ def _settings(options: dict[str, Any]) -> tuple[int | None, float | None, OnErro
                                  or abs(priority) > 1_000_000):
         raise BadProject(f"a project's priority is an integer from -1000000 to 1000000, not {priority!r}")
     if share is not None and (not isinstance(share, (int, float)) or isinstance(share, bool)
-                              or not math.isfinite(share) or not 0 < share <= 1e6):
-        raise BadProject(f"a project's share is a number above 0 (up to 1e6), not {share!r}")
+                              or not math.isfinite(share) or not MIN_SHARE <= share <= MAX_SHARE):
+        raise BadProject(f"a project's share is a number from {MIN_SHARE:g} to {MAX_SHARE:g}, not {share!r}")
     try:
         rule = OnError(on_error) if on_error is not None else None
     except ValueError:

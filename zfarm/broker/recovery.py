@@ -99,7 +99,7 @@ def _drop_damaged_projects(farm: Farm, damaged: list[Damaged]) -> None:
             log.error("journal %s: the row of project %s fails its seal: dropped (the project comes back "
                       "from its jobs' settings, not suspended)", farm.journal_path, row.client)
             if farm.journal is not None:
-                farm.journal.drop_project(row.client)
+                farm.journal.drop_project_row(row.rowid)
 
 
 def _recover_damaged(farm: Farm, delivery: Delivery, damaged: list[Damaged], now: float) -> None:

@@ -135,6 +135,9 @@ class Job:
     #: read back from the journal: the broker that gave it out is gone, so any worker may answer an
     #: attempt after this one (earlier ones ran a job this one replaced); -1: not read back
     recovered_after: int = -1
+    #: what its dispatch added to its queue's pass (fair share), replaced by its measured slot-time
+    #: when its result comes (:meth:`zfarm.broker.farm.Farm.ran`)
+    charged: float = 0.0
     phase: int = 0
     request: Request | None = None
     devices: tuple[str, ...] = ()  # GPU ids given to it while assigned

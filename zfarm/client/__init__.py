@@ -3,7 +3,7 @@
 ::
 
     executor.py   Client, as_completed, JobLimits        (user threads: pickle, make futures)
-    mapping.py    MapRun: map's window and chunk sizes
+    mapping.py    MapRun, ChunkJobs: map's window, chunk sizes, chunks as jobs
     futures.py    JobFuture, settling a future from a RESULT
     shell.py      IOThread: the socket, the inbox, the clock    ──► core.py  ClientCore (sans-IO)
     resources.py  what a client owns; closing at exit                       receipts.py (RECEIVED)

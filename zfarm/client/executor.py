@@ -21,7 +21,6 @@ import itertools
 import logging
 import os
 import threading
-import time
 import uuid
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -33,20 +32,18 @@ from zfarm import protocol as p
 from zfarm import scatter
 from zfarm import serialization as ser
 from zfarm.client.core import PendingJob
-from zfarm.client.futures import JobFuture, cancel_future
-from zfarm.client.mapping import MapRun, Submitted
+from zfarm.client.futures import JobFuture
+from zfarm.client.mapping import ChunkJobs, start_map
 from zfarm.client.resources import Resources
 from zfarm.cluster.base import Cluster
 from zfarm.commands import CommandResult, CommandSpec, echo_output, run_command
 from zfarm.config import ClientSettings, check_positive, resolve
-from zfarm.errors import BrokerUnavailable, ConfigError, FutureInArguments, PayloadTooLarge
-from zfarm.progress import known_length, track
+from zfarm.errors import BrokerUnavailable, ConfigError, PayloadTooLarge
+from zfarm.progress import track
 from zfarm.projects import (
     Project,
-    cut_at_futures,
     request_options,
     upstream_arguments,
-    upstream_items,
 )
 from zfarm.scatter import Scattered
 from zfarm.stats import Stats, summarize
@@ -312,79 +309,10 @@ class Client(concurrent.futures.Executor):
              chunksize: int | None, progress: bool, options: dict[str, Any]) -> Iterator[Any]:
         if self._shutdown:
             raise RuntimeError("cannot start a map after the client was shut down")
-        if chunksize is not None and (isinstance(chunksize, bool) or not isinstance(chunksize, int)
-                                      or chunksize < 1):
-            raise ValueError(f"chunksize must be a whole number of at least 1, not {chunksize!r}")
-        total = known_length(*iterables) if progress else None
-        deadline = None if timeout is None else time.monotonic() + timeout
-
-        if self.session and chunksize is None:
-            chunksize = 1
-        # A session's jobs outlive an interrupted loop: a rerun collects them.
-        submit_chunks = functools.partial(self._submit_chunks, options)
-        run = MapRun(submit_chunks, fn, zip(*iterables, strict=False), self.settings.window, chunksize,
-                     cancel_left=not self.session)
-        self._res.track_map(run)
-        run.start()  # work starts now, not at the first next(): the first window runs, read or not
-        results = run.results(deadline)
-        weakref.finalize(results, run.drop_reader)  # dropped unread: its first window still runs
-        return track(results, total, f"map {getattr(fn, '__name__', 'fn')}") if progress else results
-
-    def _submit_chunks(self, options: dict[str, Any], fn_id: bytes, blob: Any,
-                       chunks: list[list[Any]]) -> Submitted:
-        """A map's chunks as jobs: returns those made, and why the next one could not be (it raises in
-        its place). An item with futures among its arguments becomes a job of its own that waits for
-        them, as a submit does: its chunk is cut in place (``chunks`` then says what each job holds).
-        A map started before shutdown(wait=False) goes on submitting its input (in_map)."""
-        jobs: list[PendingJob] = []
-        error: BaseException | None = None
-        payloads: list[tuple[list[Any], int, list[int]]] = []  # frames, items, upstream jobs
-        try:
-            with scatter.collecting() as used:  # Ctrl-C while pickling: none of these go
-                while len(payloads) < len(chunks):
-                    at = len(payloads)
-                    chunk = chunks[at]
-                    after: list[int] = []
-                    try:
-                        try:
-                            frames = ser.dump_chunk(chunk)
-                        except FutureInArguments:  # (pickling met a future: chunks without pay nothing)
-                            chunks[at:at + 1] = pieces = cut_at_futures(chunk)
-                            chunk, after = upstream_items(pieces[0], self._connection)
-                            frames = ser.dump_chunk(chunk)
-                        payloads.append((frames, len(chunk), after))
-                    except Exception as exc:  # an item that cannot be pickled: it raises in its place
-                        self._connection.unpin(after)
-                        error = exc
-                        break
-            fn_id, blob = self._with_scattered(fn_id, blob, used)
-            for frames, items, after in payloads:
-                job_options = _per_chunk(options, items)
-                if after:
-                    job_options = {**job_options, "after": after}
-                jobs.append(self._job(fn_id, frames, len(blob), job_options, in_map=True))
-        except Exception as exc:  # too large, or the client closed: it raises in its place
-            error = exc
-            self._connection.unpin([seq for _, _, after in payloads[len(jobs):] for seq in after])
-        except BaseException:
-            self._connection.unpin([seq for _, _, after in payloads for seq in after])
-            self._abandon(jobs)
-            raise
-        if jobs:
-            try:
-                self._connection.submit(fn_id, blob, jobs)
-            except BaseException:
-                self._connection.unpin([seq for _, _, after in payloads[:len(jobs)] for seq in after])
-                self._abandon(jobs)
-                raise
-        return jobs, error
-
-    def _abandon(self, jobs: list[PendingJob]) -> None:
-        """Jobs made but never handed to the I/O thread: cancel their futures, leave no gap in seqs."""
-        for job in jobs:
-            cancel_future(job.future, force=True)
-        if not self._connection.closed:
-            self._connection.skip([job.seq for job in jobs])
+        jobs = ChunkJobs(self._connection, options, functools.partial(self._job, in_map=True),
+                         self._with_scattered)
+        return start_map(jobs, fn, iterables, self.settings.window, self._res.track_map, timeout=timeout,
+                         chunksize=chunksize, progress=progress, session=bool(self.session))
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop the client (and its embedded farm), as ``Executor.shutdown`` does.
@@ -505,12 +433,6 @@ def job_options(job_timeout_s: float | None, mem_limit: int | None,
         check_positive(**{name: value})
         options[name] = value
     return options
-
-
-def _per_chunk(options: dict[str, Any], items: int) -> dict[str, Any]:
-    if "timeout_s" not in options or items == 1:
-        return options
-    return {**options, "timeout_s": options["timeout_s"] * items}
 
 
 class JobLimits:

@@ -15,8 +15,10 @@ the items in flight, so an endless generator runs in bounded memory.
 
 An item with futures of the client's jobs among its arguments (at top level, or inside lists,
 tuples and dicts) becomes a job of its own, cut out of its chunk when pickling meets a future
-(``Client._submit_chunks``): it waits at the broker for those jobs, as a submitted job does, and
-the items around it are neither held back nor failed with it. Chunks without futures pay nothing.
+(:class:`ChunkJobs`): it waits at the broker for those jobs, as a submitted job does, and the
+items around it are neither held back nor failed with it. Chunks without futures pay nothing.
+Each such job's upstream results are pinned (held at the broker for it) from the moment its item
+is walked until it is submitted, and unpinned on every way out before that, Ctrl-C included.
 """
 
 from __future__ import annotations
@@ -26,13 +28,23 @@ import functools
 import itertools
 import threading
 import time
+import weakref
 from collections import deque
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
+from zfarm import scatter
 from zfarm import serialization as ser
 from zfarm.client.core import PendingJob
-from zfarm.client.futures import JobFuture
+from zfarm.client.futures import JobFuture, cancel_future
+from zfarm.errors import FutureInArguments
+from zfarm.progress import known_length, track
+from zfarm.projects import cut_at_futures, upstream_items
+
+if TYPE_CHECKING:
+    from zfarm.client.shell import IOThread
+    from zfarm.scatter import Scattered
 
 #: how long one chunk should run once job durations are known
 TARGET_CHUNK_S = 0.005
@@ -75,6 +87,127 @@ class ChunkSizer:
 #: It may cut a chunk in place (an item with futures among its arguments goes as a job of its own, which
 #: waits for them at the broker): the list of chunks it was given then says what each job holds
 Submitted = tuple[list[PendingJob], "BaseException | None"]
+#: one chunk's job, not yet handed to the I/O thread: (fn_id, frames, fn_size, options) → the job
+MakeJob = Callable[[bytes, list[Any], int, dict[str, Any]], PendingJob]
+#: the function to send with jobs that use scattered objects: (fn_id, blob, objects) → (fn_id, blob)
+Bundle = Callable[[bytes, Any, "dict[bytes, Scattered]"], tuple[bytes, Any]]
+#: a chunk pickled: its frames, how many items it holds, the upstream jobs it waits for (pinned)
+Payload = tuple[list[Any], int, list[int]]
+
+
+def start_map(jobs: ChunkJobs, fn: Callable[..., Any], iterables: tuple[Iterable[Any], ...], window: int,
+              keep: Callable[[MapRun], None], *, timeout: float | None, chunksize: int | None,
+              progress: bool, session: bool) -> Iterator[Any]:
+    """Start one map: its first window of input runs at once, read or not; returns its results.
+
+    ``keep``: the client keeps the run (to complete or stop it at close). In a ``session`` every
+    item is its own job by default (a rerun cuts the input the same way), and jobs left when the
+    caller stops reading go on (a rerun collects them).
+
+    Raises:
+        ValueError: a chunk size that is not a whole number of at least 1.
+    """
+    if chunksize is not None and (isinstance(chunksize, bool) or not isinstance(chunksize, int)
+                                  or chunksize < 1):
+        raise ValueError(f"chunksize must be a whole number of at least 1, not {chunksize!r}")
+    total = known_length(*iterables) if progress else None
+    deadline = None if timeout is None else time.monotonic() + timeout
+    if session and chunksize is None:
+        chunksize = 1
+    run = MapRun(jobs, fn, zip(*iterables, strict=False), window, chunksize, cancel_left=not session)
+    keep(run)
+    try:
+        run.start()  # work starts now, not at the first next(): the first window runs, read or not
+    except BaseException:
+        run.stop()  # (Ctrl-C while its first items were pickled: none of them went, and none will)
+        raise
+    results = run.results(deadline)
+    weakref.finalize(results, run.drop_reader)  # dropped unread: its first window still runs
+    return track(results, total, f"map {getattr(fn, '__name__', 'fn')}") if progress else results
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkJobs:
+    """A map's chunks as jobs, handed to the I/O thread in one SUBMIT (what :class:`MapRun` calls).
+
+    Returns the jobs made, and why the next one could not be (it raises in its place). An item with
+    futures among its arguments becomes a job of its own that waits for them, as a submit does: its
+    chunk is cut in place (``chunks`` then says what each job holds). Ctrl-C while pickling sends none
+    of them, and leaves no result pinned for them.
+    """
+
+    connection: IOThread
+    options: dict[str, Any]
+    make_job: MakeJob
+    with_scattered: Bundle
+
+    def __call__(self, fn_id: bytes, blob: Any, chunks: list[list[Any]]) -> Submitted:
+        jobs: list[PendingJob] = []
+        error: BaseException | None = None
+        payloads: list[Payload] = []
+        try:
+            with scatter.collecting() as used:
+                error = self._pickle(chunks, payloads)
+            fn_id, blob = self.with_scattered(fn_id, blob, used)
+            for frames, items, after in payloads:
+                options = _per_chunk(self.options, items)
+                jobs.append(self.make_job(fn_id, frames, len(blob), {**options, "after": after} if after
+                                          else options))
+        except Exception as exc:  # too large, or the client closed: it raises in its place
+            error = exc
+            self.connection.unpin(_upstream(payloads[len(jobs):]))
+        except BaseException:
+            self.connection.unpin(_upstream(payloads))
+            self._abandon(jobs)
+            raise
+        if jobs:
+            try:
+                self.connection.submit(fn_id, blob, jobs)
+            except BaseException:
+                self.connection.unpin(_upstream(payloads[:len(jobs)]))
+                self._abandon(jobs)
+                raise
+        return jobs, error
+
+    def _pickle(self, chunks: list[list[Any]], payloads: list[Payload]) -> Exception | None:
+        """Pickle ``chunks`` into ``payloads`` until one cannot be: returns why (None: all were)."""
+        while len(payloads) < len(chunks):
+            at = len(payloads)
+            chunk = chunks[at]
+            pinned: list[int] = []  # pinned for this item's job until its payload holds them
+            try:
+                try:
+                    frames = ser.dump_chunk(chunk)
+                except FutureInArguments:  # (pickling met a future: chunks without pay nothing)
+                    chunks[at:at + 1] = pieces = cut_at_futures(chunk)
+                    chunk, pinned = upstream_items(pieces[0], self.connection)
+                    frames = ser.dump_chunk(chunk)
+                payloads.append((frames, len(chunk), pinned))
+                pinned = []
+            except Exception as exc:  # an item that cannot be pickled: it raises in its place
+                return exc
+            finally:
+                if pinned:  # an exception, or Ctrl-C: this item's job will never be
+                    self.connection.unpin(pinned)
+        return None
+
+    def _abandon(self, jobs: list[PendingJob]) -> None:
+        """Jobs made but never handed to the I/O thread: cancel their futures, leave no gap in seqs."""
+        for job in jobs:
+            cancel_future(job.future, force=True)
+        if not self.connection.closed:
+            self.connection.skip([job.seq for job in jobs])
+
+
+def _upstream(payloads: list[Payload]) -> list[int]:
+    return [seq for _, _, after in payloads for seq in after]
+
+
+def _per_chunk(options: dict[str, Any], items: int) -> dict[str, Any]:
+    """A chunk of ``items`` items may run ``items`` times an item's time limit."""
+    if "timeout_s" not in options or items == 1:
+        return options
+    return {**options, "timeout_s": options["timeout_s"] * items}
 
 
 class MapRun:
