@@ -28,8 +28,11 @@ from typing import Any, Literal
 
 import zmq
 
+from zfarm import (
+    projects,  # (as a module: zfarm.projects imports the client package)
+    scatter,
+)
 from zfarm import protocol as p
-from zfarm import scatter
 from zfarm import serialization as ser
 from zfarm.client.core import PendingJob
 from zfarm.client.futures import JobFuture
@@ -40,11 +43,6 @@ from zfarm.commands import CommandResult, CommandSpec, echo_output, run_command
 from zfarm.config import ClientSettings, check_positive, resolve
 from zfarm.errors import BrokerUnavailable, ConfigError, PayloadTooLarge
 from zfarm.progress import track
-from zfarm.projects import (
-    Project,
-    request_options,
-    upstream_arguments,
-)
 from zfarm.scatter import Scattered
 from zfarm.stats import Stats, summarize
 
@@ -170,7 +168,7 @@ class Client(concurrent.futures.Executor):
     def _submit(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
                 options: dict[str, Any]) -> concurrent.futures.Future[Any]:
         fn_id, blob = ser.dump_function(fn)
-        args, kwargs, after = upstream_arguments(args, kwargs, self._connection)
+        args, kwargs, after = projects.upstream_arguments(args, kwargs, self._connection)
         if after:  # it runs when these jobs have succeeded, with their results in their futures' places
             options = {**options, "after": after}
         try:
@@ -264,11 +262,11 @@ class Client(concurrent.futures.Executor):
         >>> client.with_options(job_timeout_s=60, mem_limit=2 * 2**30, retries=2).submit(simulate, params)
         """
         return JobLimits(self, {**self._options, **job_options(job_timeout_s, mem_limit, retries),
-                                **request_options(resources, tags)})
+                                **projects.request_options(resources, tags)})
 
     def project(self, name: str, *, priority: int = 0, share: float = 1.0, on_error: str = "continue",
                 resources: Mapping[str, Any] | None = None, tags: Iterable[str] | None = None,
-                max_running: int | None = None) -> Project:
+                max_running: int | None = None) -> projects.Project:
         """A :class:`zfarm.Project`: an Executor whose jobs belong to project ``name`` at the broker.
 
         ``priority``: higher goes first; ``share``: its part of the slots among equal priorities;
@@ -276,8 +274,8 @@ class Client(concurrent.futures.Executor):
         ``resources``/``tags``: what each of its jobs asks of a worker; ``max_running``: at most this
         many of its jobs run at once. See docs/projects.md.
         """
-        return Project(self, name, priority=priority, share=share, on_error=on_error, resources=resources,
-                       tags=tags, max_running=max_running)
+        return projects.Project(self, name, priority=priority, share=share, on_error=on_error,
+                                resources=resources, tags=tags, max_running=max_running)
 
     def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None,
             chunksize: int | None = None, progress: bool = False, job_timeout_s: float | None = None,

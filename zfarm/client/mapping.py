@@ -34,13 +34,15 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from zfarm import scatter
+from zfarm import (
+    projects,  # (as a module: zfarm.projects imports the client package)
+    scatter,
+)
 from zfarm import serialization as ser
 from zfarm.client.core import PendingJob
 from zfarm.client.futures import JobFuture, cancel_future
 from zfarm.errors import FutureInArguments
 from zfarm.progress import known_length, track
-from zfarm.projects import cut_at_futures, upstream_items
 
 if TYPE_CHECKING:
     from zfarm.client.shell import IOThread
@@ -179,8 +181,8 @@ class ChunkJobs:
                 try:
                     frames = ser.dump_chunk(chunk)
                 except FutureInArguments:  # (pickling met a future: chunks without pay nothing)
-                    chunks[at:at + 1] = pieces = cut_at_futures(chunk)
-                    chunk, pinned = upstream_items(pieces[0], self.connection)
+                    chunks[at:at + 1] = pieces = projects.cut_at_futures(chunk)
+                    chunk, pinned = projects.upstream_items(pieces[0], self.connection)
                     frames = ser.dump_chunk(chunk)
                 payloads.append((frames, len(chunk), pinned))
                 pinned = []
