@@ -333,6 +333,23 @@ def test_tiny_jobs_widen_the_credit_and_a_long_one_gives_the_burst_back() -> Non
     assert back.credit == 0 and core.capacity == 2 and len(core.pending) == 1  # the usual prefetch stays
 
 
+def test_short_jobs_keep_a_job_ready_for_every_slot_and_a_long_one_gives_the_extra_back() -> None:
+    """Jobs of 10 ms on two slots with prefetch 1: two slots that free at once both find a job here."""
+    from zfarm.worker.core import BURST_HANDBACK_S
+
+    core = ready_core(procs=2, prefetch=1)  # READY 3
+    core.on_message(wire(jobs([0, 1, 2])), 0.0)
+    done = [SlotOutcome(t.key, t.attempt, OK, [b"r"], run_s=0.01) for t in core.take_tasks(2, 0.0)]
+    results = only(core.finished(done, 0.01, from_slots=2), p.Results)
+    assert core.capacity == 4 and results.credit == 3  # the two reported, and one more ready
+    core.on_message(wire(jobs([3, 4, 5], with_fn=False)), 0.02)
+    core.take_tasks(2, 0.02)
+    assert len(core.pending) == 2  # one ready for each busy slot
+    back = only(core.hand_back_burst(0.02 + BURST_HANDBACK_S), p.Results)  # a job runs long
+    assert [row[1] for row in back.results] == [5] and back.credit == 0
+    assert core.capacity == 3 and len(core.pending) == 1  # the usual prefetch again
+
+
 def test_credit_outstanding_plus_jobs_in_hand_is_always_the_capacity() -> None:
     """However jobs arrive and finish, credit offered and not used plus jobs held equals slots + prefetch."""
     core = ready_core()

@@ -51,7 +51,8 @@ STARTED_REPORT_S = 0.01
 TINY_JOB_S = 0.002
 BURST_PREFETCH = 8
 #: ... and once a job has run this long, the jobs asked for beyond the usual prefetch go back to the
-#: broker (RETURNED): a long job never keeps a burst of others waiting behind it
+#: broker (RETURNED): a long job never keeps a burst of others waiting behind it. Jobs shorter than
+#: this on average (not tiny) get one job held ready a slot, whatever the prefetch (at least 1).
 BURST_HANDBACK_S = 0.05
 #: how fast the average run time follows new jobs (the weight of the newest)
 RUN_TIME_WEIGHT = 0.3
@@ -100,10 +101,12 @@ class WorkerCore:
 
     @property
     def capacity(self) -> int:
-        """Jobs we may hold: a job a slot plus the prefetch, a burst of them while jobs are tiny."""
+        """Jobs we may hold: a job a slot plus the prefetch; while jobs are short, one more ready for
+        each slot (a slot that frees finds its next job here, whichever slot it is and however close
+        together they free), and a burst of them while jobs are tiny."""
         prefetch = self.settings.prefetch
-        if prefetch and self.run_s is not None and self.run_s < TINY_JOB_S:
-            prefetch = max(prefetch, BURST_PREFETCH * self.slots)
+        if prefetch and self.run_s is not None and self.run_s < BURST_HANDBACK_S:
+            prefetch = max(prefetch, (BURST_PREFETCH if self.run_s < TINY_JOB_S else 1) * self.slots)
         return self.slots + prefetch
 
     @property

@@ -90,7 +90,7 @@ class Worker:
         if report_at is not None:  # and to say that a job runs
             timeout_s = max(0.0, min(timeout_s, report_at - time.monotonic() + 0.001))
         ready = dict(poller.poll(int(timeout_s * 1000)))
-        if self.link.readable(ready):
+        if self.link.readable(ready):  # first, so that a cancel or a reclaim acts before jobs start
             for msg in self.link.receive():
                 self._apply(core.on_message(msg, time.monotonic()))
         outcomes: list[SlotOutcome] = []
@@ -99,13 +99,15 @@ class Worker:
                 outcomes.append(outcome)
         now = time.monotonic()
         outcomes += pool.enforce_limits(now)
-        self._apply(core.finished(outcomes, now, from_slots=len(outcomes)))
+        # A freed slot gets its next job before anything else: building and sending the report are
+        # done while that job runs. (A copy of a job that just ended, given again, waits in take_tasks;
+        # finished drops it.)
         started_dead = []
         for task in core.take_tasks(pool.free, now):
             if (outcome := pool.run(task)) is not None:
                 started_dead.append(outcome)
-        if started_dead:
-            self._apply(core.finished(started_dead, now, from_slots=len(started_dead)))
+        self._apply(core.finished(outcomes, now, from_slots=len(outcomes)))
+        self._apply(core.finished(started_dead, now, from_slots=len(started_dead)))
         now = time.monotonic()
         self._apply(core.report_started(now))
         self._apply(core.hand_back_burst(now))
