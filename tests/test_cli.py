@@ -249,7 +249,7 @@ def test_project_commands_refuse_nothing_to_set_a_bad_share_and_name_a_missing_p
     assert "--priority" in nothing and "--share" in nothing, nothing
     share = one_line_usage_error(run_zfarm("project", "set", "p", "--share", "-1", "--connect", endpoint,
                                            timeout_s=USAGE_ERROR_S))
-    assert "--share must be a number above 0" in share, share
+    assert "--share is a number from 1e-06 to 1e+06" in share, share
     missing = run_zfarm("project", "show", "nosuch", "--connect", endpoint, timeout_s=USAGE_ERROR_S)
     assert missing.returncode == 1 and missing.stdout == "", missing
     assert missing.stderr.startswith("zfarm: no project 'nosuch'"), missing.stderr

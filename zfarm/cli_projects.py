@@ -59,8 +59,9 @@ def _run(args: argparse.Namespace) -> int:
     settings = {k: v for k in ("priority", "share") if (v := getattr(args, k, None)) is not None}
     if args.action == "set" and not settings:
         raise ConfigError("zfarm project set needs --priority N or --share X (or both)")
-    if not settings.get("share", 1.0) > 0:  # also NaN
-        raise ConfigError(f"--share must be a number above 0, not {settings['share']}")
+    if "share" in settings:
+        from zfarm.projects import check_share
+        check_share(settings["share"], "--share")
     name = getattr(args, "name", "")
     views = act(address, action, name, settings, args.timeout, keys_folder(args))
     if args.action != "list":

@@ -38,6 +38,18 @@ _PLAIN = frozenset({int, float, str, bytes, bool, type(None)})
 ACTION_TIMEOUT_S = 10.0
 
 
+def check_share(share: Any, what: str = "a project's share") -> float:
+    """``share`` as a float, if the broker will take it.
+
+    Raises:
+        ConfigError: not a number from ``MIN_SHARE`` to ``MAX_SHARE`` (NaN and infinity included).
+    """
+    if (isinstance(share, bool) or not isinstance(share, (int, float))
+            or not p.MIN_SHARE <= share <= p.MAX_SHARE):
+        raise ConfigError(f"{what} is a number from {p.MIN_SHARE:g} to {p.MAX_SHARE:g}, not {share!r}")
+    return float(share)
+
+
 @dataclass(frozen=True)
 class ProjectStatus:
     """A project as the broker sees it now."""
@@ -80,12 +92,11 @@ class Project(concurrent.futures.Executor):
             raise ConfigError(f"on_error is one of {', '.join(ON_ERROR)}, not {on_error!r}")
         if not isinstance(priority, int) or isinstance(priority, bool):
             raise ConfigError(f"a project's priority is an integer, not {priority!r}")
-        if not share > 0:
-            raise ConfigError(f"a project's share is a number above 0, not {share!r}")
+        check_share(share)
         self.client = client
         self.name = name
         self.priority = priority
-        self.share = float(share)
+        self.share = check_share(share)
         self.on_error = on_error
         self.phase = 0
         self._request = request_options(resources, tags)
@@ -152,7 +163,7 @@ class Project(concurrent.futures.Executor):
         if priority is not None:
             self.priority = settings["priority"] = priority
         if share is not None:
-            self.share = settings["share"] = float(share)
+            self.share = settings["share"] = check_share(share)
         return self._act(p.ProjectAction.SET, settings)
 
     def status(self) -> ProjectStatus:

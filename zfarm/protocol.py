@@ -55,6 +55,9 @@ MAX_CLUSTER_WORKERS = 1_000_000
 CLUSTER_EVERY_S = (0.05, 3600.0)
 #: the longest run time a stats row may report (seconds, about 116 days): fair share charges it
 MAX_RUN_S = 1e7
+#: a project's share is from MIN_SHARE to MAX_SHARE: a job's slot-time over its share (what fair
+#: share charges) stays a finite number, however long it ran (``MAX_RUN_S``)
+MIN_SHARE, MAX_SHARE = 1e-6, 1e6
 
 Frame = Any  # bytes, memoryview or zmq.Frame: payloads are never looked into
 

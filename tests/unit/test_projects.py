@@ -607,3 +607,13 @@ def test_random_conversations_with_projects_and_restarts_deliver_once(
     for op in ops:
         conversation.run(op)
     conversation.drain()
+
+
+def test_a_client_refuses_a_share_the_broker_would_refuse() -> None:
+    from zfarm.errors import ConfigError
+    from zfarm.projects import check_share
+
+    assert check_share(2) == 2.0
+    for bad in (0, -1, float("nan"), float("inf"), 1e-7, 1e7, True, "2"):
+        with pytest.raises(ConfigError, match="share is a number from 1e-06 to 1e"):
+            check_share(bad)

@@ -37,9 +37,7 @@ from zfarm.broker.state import ClientRecord, Job, OnError, Queue
 log = logging.getLogger("zfarm.broker.scheduler")
 
 MAX_PROJECT_CHARS = 128
-#: a project's share is from MIN_SHARE to MAX_SHARE: a job's slot-time over its share (what fair
-#: share charges its pass) stays a finite number, however long it ran (``protocol.MAX_RUN_S``)
-MIN_SHARE, MAX_SHARE = 1e-6, 1e6
+MIN_SHARE, MAX_SHARE = p.MIN_SHARE, p.MAX_SHARE
 #: how often journaled projects are looked at for rows that may go (``Projects.tidy``)
 TIDY_EVERY_S = 1.0
 
