@@ -105,6 +105,7 @@ def test_args_from_stdin_environment_and_a_missing_command(procs: Procs, state: 
     (job,) = json.loads(zf(state, "jobs", "nothing", "--json").stdout)["jobs"]
     assert job["state"] == "error" and "CommandNotFound" in job["error"]
     assert "no-such-program-zfarm" in job["error"]
+    assert job["worker"] and job["host"] and job["attempts"] == 1, job  # where it failed to start
     assert zf(state, "submit", "--connect", endpoint, "--array", "5-1", "--", "true").returncode == 2
     taken = zf(state, "submit", "--connect", endpoint, "--name", "lines", "--", "true")
     assert taken.returncode == 2 and "exists already" in taken.stderr

@@ -44,6 +44,7 @@ from typing import Any
 from zfarm.client.futures import JobFuture
 from zfarm.commands import CommandResult, CommandSpec, run_command
 from zfarm.errors import CommandFailed, ConfigError, Refused, ZfarmError
+from zfarm.stats import JobRecord
 
 #: the most jobs one array may hold: every watcher (wait, jobs, logs, cancel) rebuilds each job's
 #: spec and future, about 2.8 KB a job measured (100,000 jobs: 280 MB), so ~1.4 GB here, results apart
@@ -233,7 +234,9 @@ class JobState:
         return self.state in (State.FAILED, State.TIMEOUT, State.ERROR)
 
 
-def describe(index: int, future: concurrent.futures.Future[Any]) -> JobState:
+def describe(index: int, future: concurrent.futures.Future[Any], where: JobRecord | None = None) -> JobState:
+    """Job ``index``'s state from its future; ``where`` (its client's record of the job, if it ran)
+    names the worker of a job that never ran to an exit (killed by a limit, crashed)."""
     if not future.done():
         return JobState(index, State.PENDING)
     if future.cancelled():
@@ -244,7 +247,10 @@ def describe(index: int, future: concurrent.futures.Future[Any]) -> JobState:
         state = State.TIMEOUT if r.timed_out else State.FAILED
         return JobState(index, state, r.returncode, r.worker, r.host, r.run_s, r.attempts, str(error))
     if error is not None:
-        return JobState(index, State.ERROR, error=f"{type(error).__name__}: {error}".splitlines()[0])
+        line = f"{type(error).__name__}: {error}".splitlines()[0]
+        if where is None:
+            return JobState(index, State.ERROR, error=line)
+        return JobState(index, State.ERROR, None, where.worker, where.host, where.run_s, where.attempts, line)
     value = future.result()
     if isinstance(value, CancelledJob):
         return JobState(index, State.CANCELLED)
@@ -310,7 +316,18 @@ class Attached:
         for future in self.futures:
             if future.done() and not future.cancelled() and isinstance(error := future.exception(), Refused):
                 raise error
-        return [describe(index, f) for index, f in zip(self.record.indexes, self.futures, strict=True)]
+        ran = self._ran()
+        return [self.state(at, ran) for at in range(len(self.futures))]
+
+    def state(self, at: int, ran: dict[str, JobRecord] | None = None) -> JobState:
+        """The state of the array's job number ``at`` (its position, not its index)."""
+        future = self.futures[at]
+        where = (self._ran() if ran is None else ran).get(f"{self.client.id}:{getattr(future, 'seq', -1)}")
+        return describe(self.record.indexes[at], future, where)
+
+    def _ran(self) -> dict[str, JobRecord]:
+        """Where each ended job ran, as its result said."""
+        return {record.id: record for record in self.client.stats().records}
 
     def settle(self, timeout_s: float = ACCEPT_TIMEOUT_S) -> None:
         """Wait until every result the broker holds for the array has arrived (see the module docstring).

@@ -418,7 +418,7 @@ def _look(record: ArrayRecord, at: int, wait_s: float) -> tuple[JobState, Comman
         future = attached.futures[at]
         if wait_s:
             concurrent.futures.wait([future], wait_s)
-        state = batch.describe(record.indexes[at], future)
+        state = attached.state(at)
         key = None if future.done() else (attached.client.id, future.seq)  # type: ignore[attr-defined]
         return state, batch.result_of(future), key
     finally:
