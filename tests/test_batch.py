@@ -130,11 +130,22 @@ def test_cancel_and_wait_timeout(procs: Procs, state: dict[str, str], tmp_path: 
     assert timed.returncode == 2 and "3 pending" in timed.stdout
     cancelled = zf(state, "cancel", "slow")
     assert "cancelled 3 unfinished jobs: 1,2,3" in cancelled.stdout, cancelled.stderr
-    again = zf(state, "cancel", "slow")  # their markers may not have run yet: not cancelled twice
+    again = zf(state, "cancel", "slow")  # cancelled already: not cancelled twice
     assert "cancelled 0 unfinished jobs" in again.stdout, again.stdout + again.stderr
     waited = zf(state, "wait", "slow", "--timeout", "60")
     assert waited.returncode == 0 and "3 cancelled" in waited.stdout, waited.stdout + waited.stderr
     assert not (tmp_path / "ran-2").exists()  # never started: the single slot was freed and job 2 dropped
+
+    def counts() -> dict[str, int]:
+        shown = json.loads(zf(state, "project", "show", "slow", "--connect", endpoint, "--json").stdout)
+        view = shown[0] if isinstance(shown, list) else shown
+        return {k: view[k] for k in ("submitted", "done", "cancelled")}
+
+    before = counts()
+    for _ in range(2):  # rejoining the array submits nothing for its cancelled jobs
+        assert zf(state, "jobs", "slow").returncode == 0
+    assert before == {"submitted": 3, "done": 0, "cancelled": 3}, before  # no stand-in jobs
+    assert counts() == before
 
 
 def test_a_timed_out_job_is_killed_with_its_tree_and_keeps_its_output(procs: Procs, state: dict[str, str],

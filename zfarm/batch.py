@@ -21,9 +21,10 @@ To tell which results the broker holds, ``jobs`` submits one more tiny job, the
 sends each held result in the turn that accepted its job, so when the barrier is
 accepted every held result has arrived before it.
 
-Cancelling replaces a job by a marker job under the same number: the broker
-drops the old job (killing it if it runs) and a rerun of the session submits the
-marker again, so a cancelled job never comes back.
+Cancelling kills the job (the broker drops it, or its worker kills it if it
+runs) and notes its index in the array's record; every later rerun of the
+session skips that job's number (no job is submitted for it), so a cancelled job
+never comes back.
 """
 
 from __future__ import annotations
@@ -184,13 +185,9 @@ def remove(name: str) -> None:
 
 @dataclass(frozen=True, slots=True)
 class CancelledJob:
-    """The marker that stands in for a cancelled job of an array."""
+    """What a cancelled job of an array resolves to when its session is joined again."""
 
     index: int
-
-
-def cancelled_marker(index: int) -> CancelledJob:
-    return CancelledJob(index)
 
 
 def barrier() -> None:
@@ -272,7 +269,8 @@ def result_of(future: concurrent.futures.Future[Any]) -> CommandResult | None:
 
 
 class Attached:
-    """An array's session, joined: every job submitted again, its future in ``futures``.
+    """An array's session, joined: every job submitted again, its future in ``futures`` (a cancelled
+    job's number is skipped: its future is already resolved to a :class:`CancelledJob`).
 
     Raises (from the constructor):
         BrokerUnavailable: the broker did not answer.
@@ -299,8 +297,8 @@ class Attached:
             cancelled = set(record.cancelled)
             self.futures: list[concurrent.futures.Future[Any]] = []
             for position, index in enumerate(record.indexes):
-                if index in cancelled:
-                    self.futures.append(limited.submit(cancelled_marker, index))
+                if index in cancelled:  # its number used, no job: it never runs again, nothing is counted
+                    self.futures.append(self.client._number_spent(CancelledJob(index)))
                 else:
                     self.futures.append(limited.submit(run_command, record.job(position)))
         except BaseException:

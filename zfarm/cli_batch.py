@@ -5,7 +5,7 @@
     zfarm submit --array 1-200 --name demo -- CMD {}   ──► ArrayRecord saved, jobs at the broker, exit
     zfarm wait demo      ──► rejoin the session, collect; exit 0 all ok, 1 any failed, 2 timeout
     zfarm jobs demo      ──► rejoin, settle, print each job     zfarm logs demo 7 [--stderr]
-    zfarm cancel demo 7  ──► replace job 7 by a marker          zfarm forget demo ──► end the session
+    zfarm cancel demo 7  ──► kill job 7, skip it from then on  zfarm forget demo ──► end the session
     zfarm logs demo 7 --follow ──► its output while it runs (PEEK through the broker: zfarm.follow),
                                    then the rest from its result; exit 0 it succeeded, 1 it failed
 
@@ -442,27 +442,23 @@ def _run_cancel(args: argparse.Namespace) -> int:
     wanted = set(args.indexes or record.indexes)
     if unknown := sorted(wanted - set(record.indexes)):
         raise ConfigError(f"array {record.name} has no job {_ranges(unknown)}")
-    wanted -= set(record.cancelled)  # their markers may still wait in the queue: not cancelled twice
+    wanted -= set(record.cancelled)  # cancelled already: not cancelled (and counted) twice
     attached = Attached(record)
     try:
         attached.settle()
         pending = [s.index for s in attached.states() if s.index in wanted and not s.finished]
-        if pending:  # right before replacing them: one more round trip takes in what finished since
+        if pending:  # right before killing them: one more round trip takes in what finished since
             attached.settle()
+            at = {index: position for position, index in enumerate(record.indexes)}
             pending = [s.index for s in attached.states() if s.index in wanted and not s.finished]
+            for index in pending:
+                attached.futures[at[index]].kill()  # type: ignore[attr-defined]
+            # A job that finishes between that check and its CANCEL reaching the broker counts as
+            # cancelled all the same: its result is dropped (docs/batch.md).
+            record.cancelled = sorted(set(record.cancelled) | set(pending))
+            batch.save(record)  # every later rejoin skips their numbers
     finally:
-        attached.leave()
-    if pending:
-        # A job that finishes between that check and its marker reaching the broker (leaving,
-        # connecting again, resubmitting the array up to it) is replaced all the same: its result
-        # is dropped and it counts as cancelled (docs/batch.md).
-        record.cancelled = sorted(set(record.cancelled) | set(pending))
-        batch.save(record)
-        again = Attached(record)  # the markers replace the jobs at the broker
-        try:
-            again.settle()
-        finally:
-            again.leave()
+        attached.leave()  # (the CANCELs go before the goodbye)
     print(
         f"{record.name}: cancelled {plural(len(pending), 'unfinished job')}"
         + (f": {_ranges(pending)}" if pending else "")

@@ -398,6 +398,14 @@ class Client(concurrent.futures.Executor):
         wire = {k: v for k, v in options.items() if k != "retries"}  # retrying is the client's business
         return PendingJob(seq, fn_id, frames, future, size, options=wire, retries=options.get("retries", 0))
 
+    def _number_spent(self, value: Any) -> concurrent.futures.Future[Any]:
+        """Use up a job number without a job: a future already resolved to ``value``. A session's job
+        numbers must stay where they were (an array's cancelled job keeps its place: zfarm/batch.py)."""
+        self._connection.skip([next(self._seq)])  # (the I/O thread counts it as posted)
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        future.set_result(value)
+        return future
+
     def __repr__(self) -> str:
         where = "embedded" if self._res.cluster else self.settings.address
         return f"<zfarm.Client {self.id} {where}{' shut down' if self._shutdown else ''}>"
