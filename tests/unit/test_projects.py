@@ -419,6 +419,15 @@ def test_a_project_is_known_again_after_a_restart_from_the_journal(tmp_path: Pat
     assert len(job_rows(again.out(1.0), W1)) == 5
 
 
+def journaled_farm(path: str) -> Farm:
+    """A farm on a journal with a session client, a monitor and a one-slot worker of credit 1."""
+    farm = Farm(journal=Journal(path))
+    farm.client(CA, "ca", session="s")
+    farm.send(MON, p.Hello("monitor", "m", "h", 3, 0, {}), 0.0)
+    farm.worker(W1, "w1", slots=1, credit=1)
+    return farm
+
+
 def restart(farm: Farm, path: str, now: float) -> Farm:
     """The broker's turn ends (its journal committed), it dies, and another starts on the journal."""
     farm.out(now)
@@ -432,10 +441,7 @@ def restart(farm: Farm, path: str, now: float) -> Farm:
 def test_a_suspended_project_and_its_changed_settings_survive_a_restart_from_the_journal(
         tmp_path: Path) -> None:
     path = str(tmp_path / "j.db")
-    farm = Farm(journal=Journal(path))
-    farm.client(CA, "ca", session="s")
-    farm.send(MON, p.Hello("monitor", "m", "h", 3, 0, {}), 0.0)
-    farm.worker(W1, "w1", slots=1, credit=1)
+    farm = journaled_farm(path)
     submit(farm, range(1, 6), project="held", priority=1, share=1.0)
     assert len(job_rows(farm.out(0.0), W1)) == 1  # one runs
     assert act(farm, "set", "held", 1.0, priority=7, share=3.0).error == ""
@@ -457,10 +463,7 @@ def test_a_suspended_project_and_its_changed_settings_survive_a_restart_from_the
 
 def test_a_cancelled_project_stays_cancelled_after_a_restart(tmp_path: Path) -> None:
     path = str(tmp_path / "j.db")
-    farm = Farm(journal=Journal(path))
-    farm.client(CA, "ca", session="s")
-    farm.send(MON, p.Hello("monitor", "m", "h", 3, 0, {}), 0.0)
-    farm.worker(W1, "w1", slots=1, credit=1)
+    farm = journaled_farm(path)
     submit(farm, range(1, 5), project="gone", on_error="suspend")
     job_rows(farm.out(0.0), W1)
     assert act(farm, "cancel", "gone", 1.0).projects[0]["cancelled"] == 4
@@ -475,10 +478,7 @@ def test_a_cancelled_project_stays_cancelled_after_a_restart(tmp_path: Path) -> 
 def test_a_project_row_is_dropped_once_the_project_is_owed_nothing(tmp_path: Path) -> None:
     """Done and not suspended: its row goes (the journal holds only what is owed); suspended, it stays."""
     path = str(tmp_path / "j.db")
-    farm = Farm(journal=Journal(path))
-    farm.client(CA, "ca", session="s")
-    farm.send(MON, p.Hello("monitor", "m", "h", 3, 0, {}), 0.0)
-    farm.worker(W1, "w1", slots=1, credit=1)
+    farm = journaled_farm(path)
     submit(farm, [1], project="quick")
     submit(farm, [2], with_fn=False, project="idle-suspended")
     (row,) = job_rows(farm.out(0.0), W1)
