@@ -239,13 +239,15 @@ def test_follow_of_a_finished_job_prints_it_and_exits_with_its_outcome(procs: Pr
     assert no_array.returncode == 2 and "no array named nothing" in no_array.stderr
 
 
-def test_batch_commands_fail_in_a_moment_with_one_line_when_no_broker_listens(
+def test_commands_fail_in_a_moment_with_one_line_when_no_broker_listens(
         state: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
     endpoint = free_tcp_endpoint()
     monkeypatch.setenv("ZFARM_STATE_DIR", state["ZFARM_STATE_DIR"])
     batch.save(batch.ArrayRecord("lonely", endpoint, ["true"], [1], ["1"]), new=True)
     for args in (("wait", "lonely", "--connect", endpoint), ("logs", "lonely", "1", "--follow"),
-                 ("submit", "--connect", endpoint, "--name", "other", "--", "true")):
+                 ("submit", "--connect", endpoint, "--name", "other", "--", "true"),
+                 ("status", "--connect", endpoint), ("history", "--connect", endpoint),
+                 ("project", "list", "--connect", endpoint), ("dashboard", "--once", "--connect", endpoint)):
         started = time.monotonic()
         failed = zf(state, *args)
         took_s = time.monotonic() - started

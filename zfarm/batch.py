@@ -35,13 +35,13 @@ import json
 import os
 import re
 import secrets
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from zfarm import monitor
 from zfarm.client.futures import JobFuture
 from zfarm.commands import CommandResult, CommandSpec, run_command
 from zfarm.errors import CommandFailed, ConfigError, Refused, ZfarmError
@@ -62,9 +62,6 @@ SUBMIT_ACCEPT_BASE_S = 30.0
 ACCEPT_PER_JOB_S = 0.002
 #: how often waiting for the broker to accept an array's jobs looks again
 ACCEPT_POLL_S = 0.02
-#: how long a refused connection may go on being refused (a broker still starting) before a command
-#: says that no broker answers, instead of waiting out the whole connect timeout
-LISTEN_CHECK_S = 0.5
 
 
 def parse_array(spec: str) -> list[int]:
@@ -281,7 +278,7 @@ class Attached:
         from zfarm.projects import request_options
 
         self.record = record
-        check_listening(record.address)
+        monitor.check_listening(record.address)
         self.client = Client(record.address, session=record.session, keys=record.keys or None,
                              key_name=record.key_name or None, connect_timeout_s=connect_timeout_s)
         try:
@@ -354,45 +351,6 @@ class Attached:
     def forget(self) -> None:
         """End the session: the broker drops the array's jobs and results."""
         self.client.shutdown(wait=False, cancel_futures=True)
-
-
-def check_listening(address: str, within_s: float = LISTEN_CHECK_S) -> None:
-    """Fail at once where nothing listens at ``address`` (a refused connection, still refused after
-    ``within_s``); anything else (a connection, or no answer yet from a far host) is left to the
-    client's own connect timeout and handshake checks.
-
-    Raises:
-        BrokerUnavailable: every connection was refused for ``within_s``.
-    """
-    import zmq
-
-    from zfarm.errors import BrokerUnavailable
-
-    context: zmq.Context[Any] = zmq.Context()
-    sock = context.socket(zmq.DEALER)
-    watch = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_CONNECT_RETRIED)
-    started = time.monotonic()
-    refused = False
-    try:
-        try:
-            sock.connect(address)
-        except zmq.ZMQError:
-            return  # not an address at all: the client says why, as a ConfigError
-        while (left_s := started + within_s - time.monotonic()) > 0:
-            if not watch.poll(max(1, int(left_s * 1000))):
-                break
-            event = int.from_bytes(watch.recv_multipart()[0][:2], sys.byteorder)
-            if event == zmq.EVENT_CONNECTED:
-                return
-            refused = True  # EVENT_CONNECT_RETRIED: the connection failed; ZeroMQ tries again
-    finally:
-        sock.disable_monitor()
-        watch.close(linger=0)
-        sock.close(linger=0)
-        context.term()
-    if refused:
-        raise BrokerUnavailable(address, time.monotonic() - started,
-                                "nothing listens there (the connection was refused)")
 
 
 def _unaccepted(futures: list[concurrent.futures.Future[Any]], deadline: float) -> int:

@@ -260,7 +260,7 @@ def _run_worker(args: argparse.Namespace) -> int:
 def _run_status(args: argparse.Namespace) -> int:
     from zfarm.monitor import fetch_status
 
-    snapshot = fetch_status(broker_address(args), args.timeout, keys=keys_folder(args))
+    snapshot = fetch_status(broker_address(args, listening=True), args.timeout, keys=keys_folder(args))
     if args.json:
         print(json.dumps(snapshot, indent=2))
     else:
@@ -273,7 +273,8 @@ def _run_history(args: argparse.Namespace) -> int:
 
     from zfarm.monitor import fetch_history
 
-    columns, rows = fetch_history(broker_address(args), args.limit, args.timeout, keys=keys_folder(args))
+    address = broker_address(args, listening=True)
+    columns, rows = fetch_history(address, args.limit, args.timeout, keys=keys_folder(args))
     if args.json:
         print(json.dumps([dict(zip(columns, row, strict=True)) for row in rows], indent=1))
     elif args.csv:
@@ -295,6 +296,7 @@ def _run_dashboard(args: argparse.Namespace) -> int:
     if not args.once and not sys.stdout.isatty():  # a full-screen view nobody could see
         raise ConfigError("the live dashboard needs a terminal (its output is not one): use --once to print "
                           "one view, or zfarm status --json for a program")
+    broker_address(args, listening=True)
     return run_dashboard(address, keys_folder(args), args.refresh, args.once, args.timeout)
 
 
@@ -391,7 +393,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     if address := args.connect or os.environ.get("ZFARM_ADDRESS"):  # not the embedded farm
-        from zfarm.batch import check_listening
+        from zfarm.monitor import check_listening
 
         check_listening(address)  # nothing listens there: said at once, not after the connect timeout
     with zfarm.Client(args.connect, n_workers=args.workers, keys=args.keys, key_name=args.key_name) as client:

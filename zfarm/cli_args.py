@@ -32,15 +32,21 @@ def connect_flag(cmd: argparse.ArgumentParser) -> None:
                      help=f"the broker's endpoint (env ZFARM_ADDRESS; default {DEFAULT_ADDRESS})")
 
 
-def broker_address(args: argparse.Namespace, fallback: str = "") -> str:
+def broker_address(args: argparse.Namespace, fallback: str = "", listening: bool = False) -> str:
     """The broker a command talks to: --connect, else ``fallback`` (an array's own), else
     ZFARM_ADDRESS, else the default; checked here, before anything is kept or sent.
+    ``listening``: also fail at once if nothing listens there (not after the command's timeout).
 
     Raises:
         ConfigError: not an endpoint a client or monitor can connect to.
+        BrokerUnavailable: ``listening``, and the connection was refused.
     """
     address = str(args.connect or fallback or os.environ.get("ZFARM_ADDRESS") or DEFAULT_ADDRESS)
     check_endpoint(address)
+    if listening:
+        from zfarm.monitor import check_listening
+
+        check_listening(address)
     return address
 
 

@@ -23,7 +23,7 @@ import time
 from collections import Counter
 from typing import Any
 
-from zfarm import batch, follow
+from zfarm import batch, follow, monitor
 from zfarm.batch import ArrayRecord, Attached, JobState, State
 from zfarm.cli_args import (
     broker_address,
@@ -470,7 +470,7 @@ def _run_forget(args: argparse.Namespace) -> int:
     from zfarm.client.executor import Client
 
     record = _load(args)
-    batch.check_listening(record.address)
+    monitor.check_listening(record.address)
     client = Client(
         record.address, session=record.session, keys=record.keys or None, key_name=record.key_name or None
     )

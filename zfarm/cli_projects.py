@@ -54,7 +54,7 @@ def add_project_commands(sub: Any) -> None:
 def _run(args: argparse.Namespace) -> int:
     from zfarm.projects import act
 
-    address = broker_address(args)
+    address = broker_address(args, listening=True)
     action = p.ProjectAction.LIST if args.action == "show" else p.ProjectAction(args.action)
     settings = {k: v for k in ("priority", "share") if (v := getattr(args, k, None)) is not None}
     if args.action == "set" and not settings:

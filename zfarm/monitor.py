@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -19,6 +20,10 @@ from zfarm.config import check_endpoint
 from zfarm.errors import BrokerUnavailable, Refused, SecurityError
 from zfarm.link import Link
 from zfarm.security import PeerKeys
+
+#: how long a refused connection may go on being refused (a broker still starting) before a command
+#: says that no broker answers, instead of waiting out the whole connect timeout
+LISTEN_CHECK_S = 0.5
 
 M = TypeVar("M", bound=p.Message)
 
@@ -151,3 +156,38 @@ def ask(address: str, request: p.Message, reply_type: type[M], timeout_s: float,
                     return msg
     finally:
         link.close()
+
+
+def check_listening(address: str, within_s: float = LISTEN_CHECK_S) -> None:
+    """Fail at once where nothing listens at ``address`` (a refused connection, still refused after
+    ``within_s``); anything else (a connection, or no answer yet from a far host) is left to the
+    client's own connect timeout and handshake checks.
+
+    Raises:
+        BrokerUnavailable: every connection was refused for ``within_s``.
+    """
+    context: zmq.Context[Any] = zmq.Context()
+    sock = context.socket(zmq.DEALER)
+    watch = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_CONNECT_RETRIED)
+    started = time.monotonic()
+    refused = False
+    try:
+        try:
+            sock.connect(address)
+        except zmq.ZMQError:
+            return  # not an address at all: the client says why, as a ConfigError
+        while (left_s := started + within_s - time.monotonic()) > 0:
+            if not watch.poll(max(1, int(left_s * 1000))):
+                break
+            event = int.from_bytes(watch.recv_multipart()[0][:2], sys.byteorder)
+            if event == zmq.EVENT_CONNECTED:
+                return
+            refused = True  # EVENT_CONNECT_RETRIED: the connection failed; ZeroMQ tries again
+    finally:
+        sock.disable_monitor()
+        watch.close(linger=0)
+        sock.close(linger=0)
+        context.term()
+    if refused:
+        raise BrokerUnavailable(address, time.monotonic() - started,
+                                "nothing listens there (the connection was refused)")
