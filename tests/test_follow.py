@@ -71,7 +71,7 @@ def test_follow_shows_a_running_job_s_output_before_it_ends_then_the_rest(procs:
     wait_for(lambda: out.read_bytes() == b"first\n", SEEN_S, message="the first line while the job runs")
     assert proc.alive() and not go.exists()
     listed = zf(state, "jobs", "live", "--json")  # another watcher meanwhile: the follower goes on
-    assert json.loads(listed.stdout)["counts"] == {"pending": 1}, listed.stderr
+    assert json.loads(listed.stdout)["counts"] == {"running": 1}, listed.stderr
     go.touch()
     assert proc.wait(SEEN_S) == 0, proc.log()
     assert out.read_bytes() == b"first\nsecond\n"

@@ -194,7 +194,8 @@ def barrier() -> None:
 class State(str, enum.Enum):
     """Where one job of an array stands."""
 
-    PENDING = "pending"  # queued or running
+    PENDING = "pending"  # queued (or running for less than the 10 ms after which a start is told)
+    RUNNING = "running"  # a worker started it
     OK = "ok"  # exited 0
     FAILED = "failed"  # exited non-zero, or a signal killed it
     TIMEOUT = "timeout"  # ran past --timeout and was killed (its output is kept)
@@ -217,7 +218,7 @@ class JobState:
 
     @property
     def finished(self) -> bool:
-        return self.state is not State.PENDING
+        return self.state not in (State.PENDING, State.RUNNING)
 
     @property
     def succeeded(self) -> bool:
@@ -232,7 +233,7 @@ def describe(index: int, future: concurrent.futures.Future[Any], where: JobRecor
     """Job ``index``'s state from its future; ``where`` (its client's record of the job, if it ran)
     names the worker of a job that never ran to an exit (killed by a limit, crashed)."""
     if not future.done():
-        return JobState(index, State.PENDING)
+        return JobState(index, State.RUNNING if future.running() else State.PENDING)
     if future.cancelled():
         return JobState(index, State.CANCELLED)
     error = future.exception()

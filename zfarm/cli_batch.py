@@ -285,6 +285,7 @@ def _summary(states: list[JobState]) -> str:
             (State.TIMEOUT, "timed out"),
             (State.ERROR, "did not run to an exit"),
             (State.CANCELLED, "cancelled"),
+            (State.RUNNING, "running"),
             (State.PENDING, "pending"),
         )
         if counts[k]

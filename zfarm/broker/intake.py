@@ -152,6 +152,9 @@ class Intake:
         if job is not None and job.digest == digest:
             if client.session:
                 client.accepted.append(seq)
+                worker = self.farm.workers.get(job.worker) if job.worker else None
+                if worker is not None and job in worker.started:
+                    client.started.append(seq)  # a rejoining client hears that it runs
             return True
         if held is not None and held.outcome == p.Outcome.CORRUPTED:
             digest = held.digest  # what the job was is unknown: whatever asks for it hears it is damaged
