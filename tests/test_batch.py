@@ -129,7 +129,7 @@ def test_cancel_and_wait_timeout(procs: Procs, state: dict[str, str], tmp_path: 
     timed = zf(state, "wait", "slow", "--timeout", "0.5")
     assert timed.returncode == 2 and "1 running, 2 pending" in timed.stdout, timed.stdout
     cancelled = zf(state, "cancel", "slow")
-    assert "cancelled 3 unfinished jobs: 1,2,3" in cancelled.stdout, cancelled.stderr
+    assert "cancelled 3 unfinished jobs: 1-3" in cancelled.stdout, cancelled.stderr
     again = zf(state, "cancel", "slow")  # cancelled already: not cancelled twice
     assert "cancelled 0 unfinished jobs" in again.stdout, again.stdout + again.stderr
     waited = zf(state, "wait", "slow", "--timeout", "60")

@@ -294,7 +294,17 @@ def _summary(states: list[JobState]) -> str:
 
 
 def _ranges(indexes: list[int]) -> str:
-    return ",".join(str(i) for i in indexes)
+    """Indexes as an --array spec would write them: ``1-3,7,9-12``."""
+    parts: list[str] = []
+    run: list[int] = []
+    for i in sorted(indexes):
+        if run and i != run[-1] + 1:
+            parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+            run = []
+        run.append(i)
+    if run:
+        parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return ",".join(parts)
 
 
 def _run_jobs(args: argparse.Namespace) -> int:

@@ -366,10 +366,12 @@ def unschedulable(request: Request, workers: list[WorkerRecord]) -> str:
     wanted = ", ".join([f"{k}={_amount(k, v)}" for k, v in sorted(request.amounts.items())]
                        + [f"tag {t}" for t in sorted(request.tags)])
     most = {k: max(w.resources.get(k, 0.0) for w in workers) for k in request.amounts}
-    have = ", ".join(f"{k}={_amount(k, v)}" for k, v in sorted(most.items()))
+    have = [f"at most {', '.join(f'{k}={_amount(k, v)}' for k, v in sorted(most.items()))}"] if most else []
     tags = sorted({t for w in workers for t in w.tags})
-    return (f"it asks for {wanted}; the {len(workers)} connected workers have at most {have or 'nothing'}"
-            f"{' and tags ' + ','.join(tags) if tags else ' and no tags'}: start a worker with "
+    if request.tags:
+        have.append(f"tags {','.join(tags)}" if tags else "no tags")
+    whom = "the connected worker has" if len(workers) == 1 else f"the {len(workers)} connected workers have"
+    return (f"it asks for {wanted}; {whom} {' and '.join(have)}: start a worker with "
             f"--resources/--tags that fit, or ask for less")
 
 

@@ -369,8 +369,9 @@ class ClientCore:
         if isinstance(msg, p.Notice):
             if msg.kind not in self._noticed:  # once per kind: the project's status says it for every job
                 self._noticed.add(msg.kind)
-                log.warning("client %s: jobs %s can run on no connected worker: %s", self.client_id,
-                            ", ".join(str(s) for s in msg.seqs[:10]), p.clip(msg.text))
+                log.warning("client %s: %s %s can run on no connected worker: %s", self.client_id,
+                            "job" if len(msg.seqs) == 1 else "jobs", ", ".join(str(s) for s in msg.seqs[:10]),
+                            p.clip(msg.text))
             return
         for seq in msg.seqs:
             if (job := self.jobs.get(seq)) is not None:
