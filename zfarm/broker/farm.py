@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import heapq
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -126,7 +125,12 @@ class Farm:
     def push(self, queue: Queue) -> None:
         """A scheduled queue (re)enters the heap with its priority and pass as they are now."""
         queue.version += 1
-        heapq.heappush(self.active, (-queue.priority, queue.pass_, queue.order, queue.version, queue))
+        entry = (-queue.priority, queue.pass_, queue.order, queue.version, queue)
+        active = self.active
+        if len(active) == 1 and active[0][4] is queue:  # the only queue waiting: its entry replaced in
+            active[0] = entry  # place (a heap of one), not a stale one left behind for dispatch to skip
+        else:
+            heapq.heappush(active, entry)
 
     def set_priority(self, queue: Queue, priority: int) -> None:
         if priority != queue.priority:
@@ -155,16 +159,17 @@ class Farm:
         A run time that is not a number, or out of bounds, is not believed: the dispatch's charge
         stands and nothing is learnt (the protocol refuses such rows; this is the last guard, since
         one NaN in a pass would stop fair share for every queue)."""
-        queue = job.queue
-        if not math.isfinite(run_s) or not 0.0 <= run_s <= p.MAX_RUN_S:
+        if not 0.0 <= run_s <= p.MAX_RUN_S:  # (False for NaN too; once per result: no more calls)
             return
-        run_s = max(run_s, MIN_CHARGE_S)
+        if run_s < MIN_CHARGE_S:
+            run_s = MIN_CHARGE_S
+        queue = job.queue
         queue.pass_ += run_s / queue.share - job.charged
         job.charged = 0.0
-        queue.run_estimate_s = (run_s if not queue.run_estimate_s
-                                else queue.run_estimate_s + RUN_SMOOTHING * (run_s - queue.run_estimate_s))
-        self.run_estimate_s = (run_s if not self.run_estimate_s
-                               else self.run_estimate_s + RUN_SMOOTHING * (run_s - self.run_estimate_s))
+        mean = queue.run_estimate_s
+        queue.run_estimate_s = mean + RUN_SMOOTHING * (run_s - mean) if mean else run_s
+        mean = self.run_estimate_s
+        self.run_estimate_s = mean + RUN_SMOOTHING * (run_s - mean) if mean else run_s
         if queue.scheduled:
             self.push(queue)  # (its entry with the old pass is stale now)
 
