@@ -63,7 +63,9 @@ class Farm:
     queued: int = 0
     #: queues with queued jobs (projects', clients' own): a heap of ``(-priority, pass, order, version,
     #: queue)``, the one to dispatch from next first (highest priority, lowest pass, scheduled first).
-    #: An entry whose version is not its queue's is stale (its priority changed): skipped when popped
+    #: An entry whose version is not its queue's is stale (its priority changed): skipped when popped.
+    #: An entry's pass is never above its queue's (:meth:`ran` lets it lag below): one popped with a
+    #: lower pass goes back with its queue's, so the one taken has the lowest pass of all
     active: list[tuple[int, float, int, int, Queue]] = field(default_factory=list)
     _scheduled: int = 0  # queues scheduled so far: each one's ``order``
     #: projects by name
@@ -148,7 +150,8 @@ class Farm:
         """``job`` of ``queue`` was dispatched: its pass moves on by the job's estimated slot-time, which
         the job keeps (``Job.charged``) until its result says what it really took."""
         self.vtime = queue.pass_
-        job.charged = self.estimate(queue) / queue.share
+        # (self.estimate(queue), spelt out: once per dispatch)
+        job.charged = (queue.run_estimate_s or self.run_estimate_s or FIRST_ESTIMATE_S) / queue.share
         queue.pass_ += job.charged
         self.push(queue)
 
@@ -164,14 +167,17 @@ class Farm:
         if run_s < MIN_CHARGE_S:
             run_s = MIN_CHARGE_S
         queue = job.queue
-        queue.pass_ += run_s / queue.share - job.charged
+        correction = run_s / queue.share - job.charged
+        queue.pass_ += correction
         job.charged = 0.0
         mean = queue.run_estimate_s
         queue.run_estimate_s = mean + RUN_SMOOTHING * (run_s - mean) if mean else run_s
         mean = self.run_estimate_s
         self.run_estimate_s = mean + RUN_SMOOTHING * (run_s - mean) if mean else run_s
-        if queue.scheduled:
-            self.push(queue)  # (its entry with the old pass is stale now)
+        if queue.scheduled and correction < 0.0:
+            self.push(queue)  # (its entry's pass is too high: it would wait too long)
+        # A pass that grew leaves its entry lower than it: dispatch puts it back with the right one when
+        # it comes up (a heap step only then, not one per result).
 
     def refund(self, job: Job) -> None:
         """``job`` was handed back unrun by its worker (leaving, or giving back what it prefetched): its
