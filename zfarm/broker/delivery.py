@@ -121,7 +121,7 @@ class Delivery:
         if farm.journal is not None:
             farm.journal.result(client.id, seq, held)  # it replaces the job's row
         # A session's are kept until the session ends: with a journal, on disk, not in memory.
-        farm.held_results.keep(client.id, seq, held, disk_only=bool(client.session and farm.journal))
+        farm.held_results.keep(client.id, seq, held, farm.journal is not None and client.session != "")
         if not client.present:
             return  # it is sent when the client asks for the job again
         if len(info) > p.MAX_TEXT_CHARS:
