@@ -146,14 +146,17 @@ class Farm:
         """What one job of ``queue`` is charged at dispatch: how long its jobs run, as far as known."""
         return queue.run_estimate_s or self.run_estimate_s or FIRST_ESTIMATE_S
 
-    def charge(self, queue: Queue, job: Job) -> None:
+    def charge(self, queue: Queue, job: Job, listed: bool = False) -> None:
         """``job`` of ``queue`` was dispatched: its pass moves on by the job's estimated slot-time, which
-        the job keeps (``Job.charged``) until its result says what it really took."""
+        the job keeps (``Job.charged``) until its result says what it really took.
+
+        ``listed``: the queue's entry is still in the heap (it may lag below the new pass: no push)."""
         self.vtime = queue.pass_
         # (self.estimate(queue), spelt out: once per dispatch)
         job.charged = (queue.run_estimate_s or self.run_estimate_s or FIRST_ESTIMATE_S) / queue.share
         queue.pass_ += job.charged
-        self.push(queue)
+        if not listed:
+            self.push(queue)
 
     def ran(self, job: Job, run_s: float) -> None:
         """``job`` held its slot ``run_s`` seconds: its queue is charged that slot-time (over its share

@@ -169,13 +169,13 @@ class Placement:
         first job may run now and fits what the worker has free."""
         farm = self.farm
         active = farm.active
-        if len(active) == 1:  # one queue waiting (a lone client's, the usual): its entry is read in place
-            queue = active[0][4]  # and replaced by the charge (no heap step)
+        if len(active) == 1:  # one queue waiting (a lone client's, the usual): its entry is read and left
+            queue = active[0][4]  # in place, lagging below the charged pass (no heap step)
             job = _first_queued(queue) if active[0][3] == queue.version else None
             if (job is not None and job.options is NO_OPTIONS and job.request is None
                     and not queue.suspended):
                 queue.jobs.popleft()
-                farm.charge(queue, job)
+                farm.charge(queue, job, listed=True)
                 return job
         skipped: list[tuple[int, float, int, int, Queue]] = []  # their first job does not fit here
         found: tuple[Queue, Job] | None = None
