@@ -731,6 +731,10 @@ def _check_stats(stats: list[Any], layout: tuple[Any, ...], rows: int, what: str
         return
     # By column, in C (this runs for every result): a sum is finite only if each of its terms is
     first, run = layout.index(_NUM), len(layout) - 2  # the times: from the first number to run_s
+    if len(stats) == 1:  # (one job a message, the usual) the same test without the columns
+        row = stats[0]
+        if 0.0 <= row[run] <= MAX_RUN_S and math.isfinite(sum(row[first:run])):
+            return
     columns = list(zip(*stats, strict=True))[first:run + 1]
     runs = columns[-1]
     if not (all(map(math.isfinite, map(sum, columns))) and min(runs) >= 0.0 and max(runs) <= MAX_RUN_S):

@@ -101,3 +101,43 @@ def test_a_share_below_one_millionth_is_refused() -> None:
     farm.send(MON, p.Hello("monitor", "m", "h", 3, 0, {}), 0.0)
     submit(farm, [1], project="tiny", share=1e-6)
     assert act(farm, "set", "tiny", 1.0, share=5e-324).error.startswith("a project's share is a number from")
+
+
+def test_a_lone_queue_keeps_one_entry_in_the_dispatch_heap_however_many_jobs_pass() -> None:
+    """One client's jobs, one at a time through one slot, each reporting more slot-time than it was
+    charged: the heap of queues holds one entry throughout (replaced in place, its pass let lag), not
+    a stale one left behind per result for the next dispatch to skip."""
+    farm = Farm()
+    farm.client(CA, "ca")
+    farm.worker(W1, "w1", slots=1, credit=1)
+    heap = farm.sched.farm.active
+    queue = farm.sched.farm.clients["ca"].own
+    submit(farm, range(1, 51))
+    sizes = []
+    for step in range(50):
+        (row,) = job_rows(farm.out(float(step)), W1)
+        sizes.append(len(heap))
+        farm.send(W1, p.Results(1, [[row[0], row[1], row[2], OK, 1, ""]], [b"r"],
+                                [[step, step + 0.5, 0.5, 0]]), step + 0.5)
+        sizes.append(len(heap))
+    assert max(sizes) == 1
+    assert queue.pass_ == pytest.approx(50 * 0.5)  # every job paid the slot-time it held
+
+
+def test_queues_whose_passes_grew_by_their_results_still_take_turns_by_slot_time() -> None:
+    """Two projects of equal share: "slow" jobs report 1 s, "fast" ones 0.1 s; through one slot the
+    fast project gets about ten jobs for each slow one (the slow queue's heap entry lags behind its
+    pass until it comes up, and is then put back where its pass says)."""
+    farm = Farm()
+    farm.client(CA, "ca")
+    farm.worker(W1, "w1", slots=1, credit=1)
+    submit(farm, range(1, 101), project="slow")
+    submit(farm, range(101, 301), project="fast", with_fn=False)
+    ran = {"slow": 0, "fast": 0}
+    for step in range(110):
+        (row,) = job_rows(farm.out(float(step)), W1)
+        name, run_s = ("slow", 1.0) if row[1] <= 100 else ("fast", 0.1)
+        ran[name] += 1
+        farm.send(W1, p.Results(1, [[row[0], row[1], row[2], OK, 1, ""]], [b"r"],
+                                [[step, step + run_s, run_s, 0]]), step + 0.5)
+    assert 8 <= ran["fast"] / ran["slow"] <= 12, ran

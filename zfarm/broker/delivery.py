@@ -31,7 +31,7 @@ _NAMES = {int(o): o.name.lower() for o in p.Outcome}  # as the history shows the
 OK, CANCELLED, RETURNED = int(p.Outcome.OK), int(p.Outcome.CANCELLED), int(p.Outcome.RETURNED)
 PLAIN = int(p.ResultKind.PLAIN)
 FINISHED, ASSIGNED = JobState.FINISHED, JobState.ASSIGNED
-_results_row, _run_stats = p.ResultsRow.from_wire, p.RunStats.from_wire
+_new_tuple = tuple.__new__  # a typed row from a checked wire row, in C (RunStats.from_wire, spelt out)
 
 
 class Delivery:
@@ -50,12 +50,11 @@ class Delivery:
         frames, stats, kinds = msg.frames, msg.stats, msg.kinds
         end = 0
         for i, wire in enumerate(msg.results):  # (this runs once per job: nothing made that is not needed)
-            row = _results_row(wire)
-            start, end = end, end + row.nframes
-            client = clients.get(row.client_id)
-            job = client.jobs.get(row.seq) if client is not None else None
-            outcome = row.outcome
-            if job is None or client is None or not _ran(job, worker, row.attempt):
+            client_id, seq, attempt, outcome, nframes, info = wire  # p.ResultsRow.from_wire, spelt out
+            start, end = end, end + nframes
+            client = clients.get(client_id)
+            job = client.jobs.get(seq) if client is not None else None
+            if job is None or client is None or not _ran(job, worker, attempt):
                 if outcome != CANCELLED:
                     self.farm.counters.late_results += 1
                 continue
@@ -66,11 +65,12 @@ class Delivery:
                 continue
             if outcome not in _OUTCOMES:
                 raise ProtocolError(f"unknown outcome {outcome}")
-            if job.worker == worker.id and row.attempt < len(job.history):
+            if job.worker == worker.id and attempt < len(job.history):
                 # a resent result of an earlier attempt: the later copy this worker holds is not needed
-                worker.cancels.append([row.client_id, row.seq])
-            self.finish(worker, client, job, outcome, [compact(f) for f in frames[start:end]], row.info,
-                        _run_stats(stats[i]) if stats else p.NO_RUN_STATS, now, kinds[i] if kinds else PLAIN)
+                worker.cancels.append([client_id, seq])
+            self.finish(worker, client, job, outcome, list(map(compact, frames[start:end])), info,
+                        _new_tuple(p.RunStats, stats[i]) if stats else p.NO_RUN_STATS, now,
+                        kinds[i] if kinds else PLAIN)
         return returned
 
     def finish(self, worker: WorkerRecord, client: ClientRecord, job: Job, outcome: int,
@@ -121,7 +121,7 @@ class Delivery:
         if farm.journal is not None:
             farm.journal.result(client.id, seq, held)  # it replaces the job's row
         # A session's are kept until the session ends: with a journal, on disk, not in memory.
-        farm.held_results.keep(client.id, seq, held, disk_only=bool(client.session and farm.journal))
+        farm.held_results.keep(client.id, seq, held, farm.journal is not None and client.session != "")
         if not client.present:
             return  # it is sent when the client asks for the job again
         if len(info) > p.MAX_TEXT_CHARS:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import heapq
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,7 +63,9 @@ class Farm:
     queued: int = 0
     #: queues with queued jobs (projects', clients' own): a heap of ``(-priority, pass, order, version,
     #: queue)``, the one to dispatch from next first (highest priority, lowest pass, scheduled first).
-    #: An entry whose version is not its queue's is stale (its priority changed): skipped when popped
+    #: An entry whose version is not its queue's is stale (its priority changed): skipped when popped.
+    #: An entry's pass is never above its queue's (:meth:`ran` lets it lag below): one popped with a
+    #: lower pass goes back with its queue's, so the one taken has the lowest pass of all
     active: list[tuple[int, float, int, int, Queue]] = field(default_factory=list)
     _scheduled: int = 0  # queues scheduled so far: each one's ``order``
     #: projects by name
@@ -126,7 +127,12 @@ class Farm:
     def push(self, queue: Queue) -> None:
         """A scheduled queue (re)enters the heap with its priority and pass as they are now."""
         queue.version += 1
-        heapq.heappush(self.active, (-queue.priority, queue.pass_, queue.order, queue.version, queue))
+        entry = (-queue.priority, queue.pass_, queue.order, queue.version, queue)
+        active = self.active
+        if len(active) == 1 and active[0][4] is queue:  # the only queue waiting: its entry replaced in
+            active[0] = entry  # place (a heap of one), not a stale one left behind for dispatch to skip
+        else:
+            heapq.heappush(active, entry)
 
     def set_priority(self, queue: Queue, priority: int) -> None:
         if priority != queue.priority:
@@ -140,13 +146,17 @@ class Farm:
         """What one job of ``queue`` is charged at dispatch: how long its jobs run, as far as known."""
         return queue.run_estimate_s or self.run_estimate_s or FIRST_ESTIMATE_S
 
-    def charge(self, queue: Queue, job: Job) -> None:
+    def charge(self, queue: Queue, job: Job, listed: bool = False) -> None:
         """``job`` of ``queue`` was dispatched: its pass moves on by the job's estimated slot-time, which
-        the job keeps (``Job.charged``) until its result says what it really took."""
+        the job keeps (``Job.charged``) until its result says what it really took.
+
+        ``listed``: the queue's entry is still in the heap (it may lag below the new pass: no push)."""
         self.vtime = queue.pass_
-        job.charged = self.estimate(queue) / queue.share
+        # (self.estimate(queue), spelt out: once per dispatch)
+        job.charged = (queue.run_estimate_s or self.run_estimate_s or FIRST_ESTIMATE_S) / queue.share
         queue.pass_ += job.charged
-        self.push(queue)
+        if not listed:
+            self.push(queue)
 
     def ran(self, job: Job, run_s: float) -> None:
         """``job`` held its slot ``run_s`` seconds: its queue is charged that slot-time (over its share
@@ -155,18 +165,22 @@ class Farm:
         A run time that is not a number, or out of bounds, is not believed: the dispatch's charge
         stands and nothing is learnt (the protocol refuses such rows; this is the last guard, since
         one NaN in a pass would stop fair share for every queue)."""
-        queue = job.queue
-        if not math.isfinite(run_s) or not 0.0 <= run_s <= p.MAX_RUN_S:
+        if not 0.0 <= run_s <= p.MAX_RUN_S:  # (False for NaN too; once per result: no more calls)
             return
-        run_s = max(run_s, MIN_CHARGE_S)
-        queue.pass_ += run_s / queue.share - job.charged
+        if run_s < MIN_CHARGE_S:
+            run_s = MIN_CHARGE_S
+        queue = job.queue
+        correction = run_s / queue.share - job.charged
+        queue.pass_ += correction
         job.charged = 0.0
-        queue.run_estimate_s = (run_s if not queue.run_estimate_s
-                                else queue.run_estimate_s + RUN_SMOOTHING * (run_s - queue.run_estimate_s))
-        self.run_estimate_s = (run_s if not self.run_estimate_s
-                               else self.run_estimate_s + RUN_SMOOTHING * (run_s - self.run_estimate_s))
-        if queue.scheduled:
-            self.push(queue)  # (its entry with the old pass is stale now)
+        mean = queue.run_estimate_s
+        queue.run_estimate_s = mean + RUN_SMOOTHING * (run_s - mean) if mean else run_s
+        mean = self.run_estimate_s
+        self.run_estimate_s = mean + RUN_SMOOTHING * (run_s - mean) if mean else run_s
+        if queue.scheduled and correction < 0.0:
+            self.push(queue)  # (its entry's pass is too high: it would wait too long)
+        # A pass that grew leaves its entry lower than it: dispatch puts it back with the right one when
+        # it comes up (a heap step only then, not one per result).
 
     def refund(self, job: Job) -> None:
         """``job`` was handed back unrun by its worker (leaving, or giving back what it prefetched): its

@@ -49,7 +49,9 @@ class HeldResults:
         ``disk_only``: the payload is already in the journal and should leave memory (a session's).
         """
         if not disk_only:
-            size = payload_bytes(held.frames or [])
+            size = 0
+            for f in held.frames or ():  # (payload_bytes, spelt out: once per result)
+                size += len(f) if type(f) is bytes else memoryview(buffer_of(f)).nbytes
             over = size and self.memory_bytes + size > self.limit_bytes
             if not over or not self._to_disk(client_id, seq, held):  # (what cannot go to disk stays)
                 held.size = size

@@ -33,7 +33,6 @@ from zfarm.broker.state import (
 
 log = logging.getLogger("zfarm.broker.scheduler")
 QUEUED = JobState.QUEUED
-_submit_row = p.SubmitRow.from_wire
 
 
 class Intake:
@@ -57,9 +56,8 @@ class Intake:
         max_queued = farm.settings.max_queued
         end = 0
         for wire in msg.jobs:  # (this runs once per job: nothing made that is not needed)
-            row = _submit_row(wire)
-            seq = row.seq
-            start, end = end, end + row.nframes
+            seq, nframes, options = wire  # p.SubmitRow.from_wire(wire), spelt out
+            start, end = end, end + nframes
             digest = _digest(fn_id, frames[start:end]) if client.session else b""
             if (seq in client.jobs or seq in client.held) and self._resubmitted(client, seq, digest, now):
                 continue
@@ -68,7 +66,6 @@ class Intake:
                 self._bounce(client, seq, known_fn, now)
                 continue
             payload = tuple(map(compact, frames[start:end]))
-            options = row.options
             if not options:  # the usual job: its client's own queue, no phase, request or upstream jobs
                 job = Job(client.id, seq, fn_id, payload, NO_OPTIONS, now, client.own, digest=digest)
             else:

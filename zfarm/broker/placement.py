@@ -29,7 +29,6 @@ from zfarm.broker.farm import Farm
 from zfarm.broker.jobstate import JobMoves
 from zfarm.broker.state import (
     NO_OPTIONS,
-    ClientRecord,
     Departure,
     Job,
     JobState,
@@ -42,6 +41,7 @@ from zfarm.errors import ProtocolError
 log = logging.getLogger("zfarm.broker.scheduler")
 
 MAX_CREDIT = 1_000_000
+ASSIGNED = JobState.ASSIGNED
 
 
 class Placement:
@@ -83,21 +83,21 @@ class Placement:
         """Fill idle slots first, spreading jobs evenly; only then use prefetch credit. Then, while a slot
         is idle, ask back a job prefetched behind long ones elsewhere (:meth:`reclaim`)."""
         farm = self.farm
+        hungry, clients, move = self.hungry, farm.clients, self.moves.move
         for prefetch in (False, True):
-            while farm.queued:
-                room = {w: (w.credit if prefetch else min(w.credit, w.slots - len(w.jobs)))
-                        for w in self.hungry.values()}
-                room = {w: n for w, n in room.items() if n > 0}
+            while farm.queued and hungry:
+                room = {w: n for w in hungry.values()
+                        if (n := w.credit if prefetch else min(w.credit, w.slots - len(w.jobs))) > 0}
                 if not room:
                     break
                 share = max(1, math.ceil(farm.queued / len(room)))
                 placed = 0
                 for worker, n in room.items():
                     for _ in range(min(n, share)):
-                        found = self._next_for(worker, now)
-                        if found is None:
+                        job = self._next_for(worker, now)
+                        if job is None:
                             break
-                        self.moves.move(found[1], JobState.ASSIGNED, found[0], now, worker=worker)
+                        move(job, ASSIGNED, clients[job.client_id], now, worker=worker)
                         placed += 1
                     if prefetch and len(worker.jobs) > worker.slots:
                         self.prefetched[worker.id] = worker
@@ -164,11 +164,19 @@ class Placement:
         log.debug("asked worker %s to give back job %s: a slot is idle elsewhere", holder.id, job.name)
         return False
 
-    def _next_for(self, worker: WorkerRecord, now: float) -> tuple[ClientRecord, Job] | None:
+    def _next_for(self, worker: WorkerRecord, now: float) -> Job | None:
         """The next job for ``worker``: from the queue of highest priority, then lowest pass, whose
         first job may run now and fits what the worker has free."""
         farm = self.farm
         active = farm.active
+        if len(active) == 1:  # one queue waiting (a lone client's, the usual): its entry is read and left
+            queue = active[0][4]  # in place, lagging below the charged pass (no heap step)
+            job = _first_queued(queue) if active[0][3] == queue.version else None
+            if (job is not None and job.options is NO_OPTIONS and job.request is None
+                    and not queue.suspended):
+                queue.jobs.popleft()
+                farm.charge(queue, job, listed=True)
+                return job
         skipped: list[tuple[int, float, int, int, Queue]] = []  # their first job does not fit here
         found: tuple[Queue, Job] | None = None
         while active:
@@ -176,6 +184,9 @@ class Placement:
             queue = entry[4]
             if entry[3] != queue.version:
                 continue  # stale: the queue has a newer entry
+            if entry[1] < queue.pass_:  # its pass grew since (a result's slot-time): put back in its place
+                heappush(active, (entry[0], queue.pass_, entry[2], entry[3], queue))
+                continue
             job = _first_queued(queue)
             if job is None or queue.suspended or (job.options is not NO_OPTIONS and _held_back(queue, job)):
                 queue.scheduled = False  # scheduled again by resume, or when one of its jobs is over
@@ -192,7 +203,7 @@ class Placement:
         queue, job = found
         queue.jobs.popleft()
         farm.charge(queue, job)  # fair share by slot-time: its pass moves on by the job's estimated run time
-        return farm.clients[job.client_id], job
+        return job
 
     def _fits(self, job: Job, worker: WorkerRecord, now: float) -> bool:
         request = job.request

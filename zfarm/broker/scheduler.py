@@ -181,6 +181,10 @@ class Scheduler:
                 farm.send_to(route, p.Reconnect("this broker does not know you (it may have restarted)"))
             return
         peer.last_seen = now
+        kind = type(msg)
+        if kind is p.Results or kind is p.Submit or kind is p.Received:  # the messages of every job:
+            self._by_role(peer, msg, now)  # at once (the checks below would come to the same)
+            return
         if isinstance(msg, p.Heartbeat):
             return
         if isinstance(msg, p.Disconnect):
@@ -199,7 +203,11 @@ class Scheduler:
             else:
                 reply = self.projects.act(msg, now)
             farm.send(peer, reply, now)
-        elif isinstance(peer, WorkerRecord):
+        else:
+            self._by_role(peer, msg, now)
+
+    def _by_role(self, peer: Peer, msg: p.Message, now: float) -> None:
+        if isinstance(peer, WorkerRecord):
             self._worker_message(peer, msg, now)
         elif isinstance(peer, ClientRecord):
             self._client_message(peer, msg, now)

@@ -273,6 +273,8 @@ COMPACT_FRAME_BYTES = 8192
 
 def compact(frame: Any) -> Any:
     """A small payload frame as bytes (kept by value); a large one as it is (zero copy)."""
+    if type(frame) is bytes:  # (already: once per frame of every job, so without a failed getattr)
+        return frame
     buffer = getattr(frame, "buffer", None)
     if buffer is not None and buffer.nbytes <= COMPACT_FRAME_BYTES:
         return frame.bytes
