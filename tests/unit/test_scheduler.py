@@ -868,6 +868,7 @@ class Conversation:
             self._report(route, rows[pick % len(rows)], OK, credit=0)
 
     def _report(self, route: bytes, row: list[Any], outcome: int, credit: int) -> None:
+        self.started.get(route, set()).discard((row[0], row[1]))  # over here (or handed back)
         frames = [f"done:{row[0]}:{row[1]}".encode()] if outcome in (OK, ERROR) else []
         self.send(route, p.Results(credit, [[row[0], row[1], row[2], outcome, len(frames), ""]], frames))
 
@@ -972,6 +973,8 @@ class Conversation:
 
     def _got_jobs(self, route: bytes, msg: p.Jobs) -> None:
         self.sent[route] = self.sent.get(route, 0) + len(msg.jobs)
+        for row in msg.jobs:  # a new attempt: not started yet, whatever an earlier one did
+            self.started.get(route, set()).discard((row[0], row[1]))
         self.held.setdefault(route, []).extend(msg.jobs)
         assert len(msg.frames) == len(msg.fns) + len(msg.jobs)
         assert list(msg.frames[len(msg.fns):]) == [f"{r[0]}:{r[1]}".encode() for r in msg.jobs]
