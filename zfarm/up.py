@@ -80,8 +80,9 @@ def run_up(args: argparse.Namespace) -> int:
                 shown = line
             stop.wait(max(0.1, args.refresh))
     finally:
-        print("stopping: workers finish their jobs and leave, then the broker stops", file=sys.stderr,
-              flush=True)
+        then = (", then the broker stops" if cluster.broker is not None
+                else " (the broker was already running: it stays)")
+        print(f"stopping: workers finish their jobs and leave{then}", file=sys.stderr, flush=True)
         cluster.close()
     left = [w for w in cluster.workers if w["state"] not in ("stopped", "failed")]
     if left:
