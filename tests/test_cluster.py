@@ -305,6 +305,18 @@ def test_client_profile_starts_and_stops_the_profile_cluster(tmp_path: Path,
     assert cluster.status()["launched"] == 0
 
 
+def test_an_adaptive_profile_starts_at_its_minimum_not_at_every_core(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "zfarm.toml").write_text('[profiles.grow]\nlauncher = "local"\n'
+                                         'adapt = { minimum = 0, maximum = 2 }\n')
+    monkeypatch.chdir(tmp_path)
+    cluster = build_cluster(load_profile("grow"))
+    try:
+        status = cluster.status()
+        assert (status["requested"], status["launched"]) == (0, 0), status  # nothing queued: nothing started
+    finally:
+        cluster.close()
+
 
 def test_a_worker_drains_at_its_drain_time_and_hands_back_its_queue(procs: Procs) -> None:
     """What a Slurm worker does before its walltime (ZFARM_DRAIN_AT), on a plain worker."""

@@ -204,6 +204,9 @@ def build_cluster(profile: Profile) -> Cluster:
     try:
         cluster: Cluster
         settings["name"] = profile.name  # how `zfarm status` and the dashboard name it, from the first report
+        if profile.adapt is not None and profile.launcher in ("local", "ssh"):
+            # adapt starts from its minimum (not from every core or host) until the queue asks for more
+            settings.setdefault("n_workers", int(profile.adapt.get("minimum", 0)))
         if profile.launcher == "local":
             cluster = LocalCluster(**settings)
         elif profile.launcher == "ssh":
