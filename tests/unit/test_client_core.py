@@ -8,9 +8,10 @@ from typing import Any
 import pytest
 
 from zfarm import protocol as p
-from zfarm.client.core import BUSY_BATCH, BUSY_MIN_S, Actions, ClientCore, PendingJob
+from zfarm.client.core import Actions, ClientCore, PendingJob
 from zfarm.client.futures import JobFuture
 from zfarm.client.receipts import RECEIVED_DELAY_S
+from zfarm.client.waiting import BUSY_BATCH, BUSY_MIN_S
 from zfarm.config import ClientSettings
 from zfarm.errors import BrokerUnavailable, ConfigError, DependencyFailed, Refused
 from zfarm.link import LinkState

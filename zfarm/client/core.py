@@ -20,18 +20,17 @@ here is dropped and counted, so every future resolves exactly once even when its
 
 from __future__ import annotations
 
-import heapq
 import logging
 import os
 import random
 import socket
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 from zfarm import protocol as p
 from zfarm.client.futures import JobFuture
 from zfarm.client.receipts import Receipts
+from zfarm.client.waiting import Waiting
 from zfarm.config import ClientSettings
 from zfarm.errors import BrokerUnavailable, ConfigError, DependencyFailed, Refused
 from zfarm.link import Checked, LinkState, Liveness
@@ -41,11 +40,6 @@ log = logging.getLogger(__name__)
 
 _OUTCOME_NAMES = {int(o): o.name.lower() for o in p.Outcome}
 RETRY_BACKOFF_MAX_S = 30.0
-#: back-pressure: jobs bounced by a full broker go back BUSY_BATCH at a time, waiting BUSY_MIN_S,
-#: doubling up to BUSY_MAX_S while the broker stays full
-BUSY_BATCH = 16
-BUSY_MIN_S = 0.05
-BUSY_MAX_S = 2.0
 #: how long ending a session waits for the broker to be reachable, to tell it
 END_SESSION_WAIT_S = 10.0
 #: SUBMIT messages are cut at this size so one message never holds up the broker for long
@@ -124,13 +118,7 @@ class ClientCore:
         self._fn_users: dict[bytes, int] = {}
         self._fns_sent: set[bytes] = set()
         self._to_send: list[int] = []
-        self._retry_at: list[tuple[float, int]] = []  # (when, seq): jobs waiting out a retry backoff
-        self._retrying: set[int] = set()  # their seqs
-        # Back-pressure: jobs the broker had no room for (BUSY) wait here, in order, with every
-        # job submitted after them; they go back in small batches, less often while it stays full.
-        self._bounced: deque[int] = deque()
-        self._busy_backoff_s = BUSY_MIN_S
-        self._busy_retry_at = 0.0
+        self.waiting = Waiting(self.rng)  # jobs held back: a retry's backoff, the broker's BUSY
         self.receipts = Receipts(self.session)
         self._cancels: list[int] = []  # to send once the broker listens
         self._noticed: set[int] = set()  # NOTICE kinds already logged (once each: the status says it all)
@@ -148,7 +136,7 @@ class ClientCore:
     def submit(self, fn_id: bytes, blob: Any, jobs: list[PendingJob], now: float) -> None:
         self._fns[fn_id] = blob
         self._fn_users[fn_id] = self._fn_users.get(fn_id, 0) + len(jobs)
-        queue = self._bounced if self._bounced else self._to_send  # none overtakes a bounced one
+        queue = self.waiting.bounced or self._to_send  # none overtakes a bounced one
         for job in jobs:
             job.submitted_at = now
             self.jobs[job.seq] = job
@@ -189,11 +177,7 @@ class ClientCore:
         Jobs waiting out a retry or a full queue go now: the broker runs them without us.
         """
         self._detach_by = deadline
-        waiting = [seq for _, seq in self._retry_at] + list(self._bounced)
-        self._retry_at.clear()
-        self._retrying.clear()
-        self._bounced.clear()
-        self._to_send.extend(seq for seq in waiting if seq in self.jobs)
+        self._to_send.extend(seq for seq in self.waiting.take_all() if seq in self.jobs)
         self.live.retry_now(now)
 
     def accepted(self, seq: int) -> bool:
@@ -248,10 +232,8 @@ class ClientCore:
     def wait_s(self, now: float) -> float:
         """How long the shell may sleep: a quarter interval, or less if something is due sooner."""
         due = now + self.live.interval_s / 4
-        if self._retry_at:
-            due = min(due, self._retry_at[0][0])
-        if self._bounced:
-            due = min(due, self._busy_retry_at)
+        if (waiting_at := self.waiting.next_at()) is not None:
+            due = min(due, waiting_at)
         if (received_at := self.receipts.due_at()) is not None:
             due = min(due, received_at)
         if self.live.state is LinkState.DOWN:
@@ -312,8 +294,8 @@ class ClientCore:
             # a re-run's RECEIVED may have died with the old connection: say it again, or the broker
             # answers the re-run with the failed result it still holds
             job.drop_held = job.drop_held or job.attempt > 0
-        waiting = self._retrying | set(self._bounced)  # these go when their backoff is over
-        self._to_send = sorted(set(self.jobs) - waiting)  # all unfinished: the broker drops what it has
+        # every unfinished job (the broker drops what it has) but those held back: they go in their time
+        self._to_send = sorted(set(self.jobs) - self.waiting.seqs())
         if not first:
             log.info("client %s reconnected to broker %s; resubmitting %d unfinished jobs", self.client_id,
                      msg.broker_id, len(self._to_send))
@@ -363,7 +345,7 @@ class ClientCore:
             else:
                 out.settle.append((job, outcome, frames, info))
         self.receipts.note(received, now)
-        self._note_room(busy, now)
+        self.waiting.note_room(busy, now)
 
     def _about_jobs(self, msg: p.Accepted | p.Running | p.Notice) -> None:
         if isinstance(msg, p.Notice):
@@ -389,21 +371,12 @@ class ClientCore:
             self._fns_sent.discard(job.fn_id)  # the broker let it go: send it again
             self._to_send.append(seq)
         else:  # back-pressure: send it later
-            self._bounced.append(seq)
-
-    def _note_room(self, busy: bool, now: float) -> None:
-        """After a RESULT: if the broker bounced jobs, wait longer before offering them again."""
-        if busy:
-            jitter = 1 + self.rng.random() / 2  # clients that bounced together do not return together
-            self._busy_retry_at = now + self._busy_backoff_s * jitter
-            self._busy_backoff_s = min(self._busy_backoff_s * 2, BUSY_MAX_S)
-        else:  # results mean the queue moves: offer the next batch soon
-            self._busy_backoff_s = BUSY_MIN_S
+            self.waiting.bounced.append(seq)
 
     def _retry(self, seq: int, info: str, now: float) -> bool:
         """Run a job that raised again later, if it has retries left (backoff 1, 2, 4 … 30 s)."""
         job = self.jobs.get(seq)
-        if job is None or job.retries <= 0 or seq in self._retrying:
+        if job is None or job.retries <= 0 or self.waiting.retrying(seq):
             return False
         job.retries -= 1
         job.attempt += 1
@@ -412,20 +385,13 @@ class ClientCore:
         delay_s = min(self.settings.retry_backoff_s * 2 ** (job.attempt - 1), RETRY_BACKOFF_MAX_S)
         log.info("job %s:%d raised (%s): running it again in %.1f s, %d retries left", self.client_id, seq,
                  p.clip(info), delay_s, job.retries)
-        heapq.heappush(self._retry_at, (now + delay_s, seq))
-        self._retrying.add(seq)
+        self.waiting.retry_at(seq, now + delay_s)
         return True
 
     def _release_retries(self, now: float) -> None:
-        while self._retry_at and self._retry_at[0][0] <= now:
-            _, seq = heapq.heappop(self._retry_at)
-            self._retrying.discard(seq)
-            if seq in self.jobs:
-                self._to_send.append(seq)
-        if self._bounced and now >= self._busy_retry_at:
-            for _ in range(min(BUSY_BATCH, len(self._bounced))):
-                self._to_send.append(self._bounced.popleft())
-            self._busy_retry_at = now + BUSY_MIN_S  # the next batch once this one has had a chance
+        retries, bounced = self.waiting.due(now)
+        self._to_send.extend(seq for seq in retries if seq in self.jobs)
+        self._to_send.extend(bounced)
 
     def _acknowledge(self, now: float, force: bool = False) -> None:
         """Tell the broker which results arrived, in batches: it holds each result until then."""
