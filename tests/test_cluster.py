@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import tempfile
 import textwrap
 import threading
@@ -362,3 +363,18 @@ def test_a_cluster_that_fails_after_its_broker_started_leaves_no_broker_and_no_f
     kill_pids(left)
     assert not left, [describe_pid(pid) for pid in left]
     assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_a_cluster_sweeps_the_folder_a_killed_cluster_left(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from zfarm import scratch
+
+    ended = subprocess.Popen(["true"])
+    ended.wait()  # a process that is gone: a cluster SIGKILLed before it could clean up
+    stale = tmp_path / f"zfarm-local-{scratch.host_stem()}-{ended.pid}-a1b2"
+    stale.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with zfarm.LocalCluster(0) as cluster:
+        assert not stale.exists()
+        assert cluster._tmpdir.startswith(str(tmp_path / f"zfarm-local-{scratch.host_stem()}-{os.getpid()}-"))
+    assert list(tmp_path.iterdir()) == []

@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import shutil
 import socket
 import sys
 import tempfile
@@ -40,6 +39,7 @@ from typing import Any
 
 import msgpack
 
+from zfarm import scratch
 from zfarm.protocol import as_bytes, buffer_of
 
 #: bytes of each stream kept per job (the end of it)
@@ -128,8 +128,8 @@ class FdCapture:
             self._kept = AttemptFiles(self.output_dir, file_stem(job))
             self._files = list(self._kept.fds)
             link_live(self.live_dir, self.live_name, self._kept.parts)
-        for fd, scratch in zip((1, 2), self._files, strict=True):
-            os.dup2(scratch, fd)
+        for fd, held in zip((1, 2), self._files, strict=True):
+            os.dup2(held, fd)
 
     def stop(self) -> bytes:
         """Put the descriptors back; return the output frame (empty bytes: the job printed nothing)."""
@@ -229,48 +229,15 @@ def file_stem(name: str) -> str:
 STREAM_SUFFIXES = ("out", "err")
 
 
-LIVE_DIR_PREFIX = "zfarm-live-"
-
-
 def make_live_dir() -> str:
-    """A new live folder for a worker: private (0700), in the temporary folder, named after this host
-    and process so that a later worker on this host removes it if this one is killed with its slots
-    before they do (:func:`sweep_live_dirs`, called here first)."""
-    sweep_live_dirs()
-    return tempfile.mkdtemp(prefix=f"{LIVE_DIR_PREFIX}{file_stem(socket.gethostname())}-{os.getpid()}-")
+    """A new live folder for a worker: private, named after this host and process, so that a later
+    worker on this host removes it if this one is killed with its slots before they do."""
+    return scratch.make_owned_dir("live")
 
 
 def sweep_live_dirs(folder: str | None = None) -> list[str]:
-    """Remove the live folders that workers of this host left behind, killed (their process is gone:
-    a whole process tree SIGKILLed, the OOM killer); return them. Only this user's are touched."""
-    folder = folder or tempfile.gettempdir()
-    prefix = f"{LIVE_DIR_PREFIX}{file_stem(socket.gethostname())}-"
-    try:
-        names = [n for n in os.listdir(folder) if n.startswith(prefix)]
-    except OSError:
-        return []
-    swept = []
-    for name in names:
-        pid, _, _rest = name[len(prefix):].partition("-")
-        path = os.path.join(folder, name)
-        try:
-            mine = os.lstat(path).st_uid == os.getuid()
-        except OSError:
-            continue
-        if mine and pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(path, ignore_errors=True)
-            swept.append(path)
-    return swept
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # another user's: alive
-    return True
+    """Remove the live folders that killed workers of this host left behind; return them."""
+    return scratch.sweep_owned_dirs("live", folder)
 
 
 def slot_live_name(pid: int) -> str:

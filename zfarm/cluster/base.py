@@ -26,7 +26,6 @@ import logging
 import os
 import shutil
 import subprocess
-import tempfile
 import threading
 import time
 import uuid
@@ -36,6 +35,7 @@ from types import TracebackType
 from typing import Any
 
 from zfarm import protocol as p
+from zfarm import scratch
 from zfarm.cluster.adaptive import Adaptive
 from zfarm.cluster.offer import offer_args, resources_text, tags_text
 from zfarm.cluster.reporter import STATUS_EVERY_S, Reporter, cluster_report
@@ -93,7 +93,7 @@ class Cluster:
             check_endpoint(bind, bind=True)
         #: every launched worker's --resources and --tags, checked ("": none given)
         self.worker_resources, self.worker_tags = resources_text(resources), tags_text(tags)
-        self._tmpdir = tempfile.mkdtemp(prefix=f"zfarm-{self.kind}-")
+        self._tmpdir = scratch.make_owned_dir(self.kind)  # (a killed cluster's is swept by the next)
         if not keys and self.networked and not insecure and not address:
             try:
                 keys = make_keys(self._tmpdir)
