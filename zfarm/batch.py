@@ -340,10 +340,20 @@ class Attached:
         """Wait until the broker accepted every job; return how many it had not by ``timeout_s``."""
         return _unaccepted(self.futures, time.monotonic() + timeout_s)
 
-    def wait(self, timeout_s: float | None) -> bool:
-        """Wait for every job; False if ``timeout_s`` passed first."""
-        _, pending = concurrent.futures.wait(self.futures, timeout_s)
-        return not pending
+    def wait(self, timeout_s: float | None, progress: bool = False) -> bool:
+        """Wait for every job; False if ``timeout_s`` passed first. ``progress``: a bar on stderr."""
+        if not progress:
+            _, pending = concurrent.futures.wait(self.futures, timeout_s)
+            return not pending
+        from zfarm.progress import track
+
+        done = concurrent.futures.as_completed(self.futures, timeout_s)
+        try:
+            for _ in track(done, len(self.futures), self.record.name):
+                pass
+        except concurrent.futures.TimeoutError:
+            return False
+        return True
 
     def leave(self) -> None:
         """Leave the session: unfinished jobs go on and every result stays held."""

@@ -245,7 +245,7 @@ def _run_wait(args: argparse.Namespace) -> int:
 
 def _wait_and_report(attached: Attached, timeout_s: float | None, as_json: bool) -> int:
     try:
-        finished = attached.wait(timeout_s)
+        finished = attached.wait(timeout_s, progress=not as_json and sys.stderr.isatty())
         states = attached.states()
     finally:
         attached.leave()
