@@ -61,6 +61,20 @@ def test_array_specs() -> None:
         parse_array("1-500001")  # a watcher holds every job in memory: about 3 KB each
 
 
+
+def test_short_errors_for_the_jobs_table() -> None:
+    from zfarm.batch import JobState, State
+    from zfarm.cli_batch import short_error
+
+    assert short_error(JobState(1, State.FAILED, 3, error="command x exited with status 3")) == "exit 3"
+    assert short_error(JobState(1, State.FAILED, -9, error="command x was killed by signal 9")) == "signal 9"
+    assert short_error(JobState(1, State.TIMEOUT, -9), 3.0) == "timeout 3 s"
+    assert short_error(JobState(1, State.ERROR, error="CommandNotFound: command not found: x")) == "not found"
+    assert short_error(JobState(1, State.ERROR, error="MemoryLimitExceeded: job used 2 GiB")) == \
+        "MemoryLimitExceeded"
+    assert short_error(JobState(1, State.OK, 0)) == short_error(JobState(1, State.CANCELLED)) == ""
+
+
 def test_an_array_with_mixed_exit_codes(procs: Procs, state: dict[str, str]) -> None:
     endpoint, _ = procs.farm(*FAST, procs=2)
     submitted = zf(state, "submit", "--connect", endpoint, "--array", "1-150", "--name", "demo",
