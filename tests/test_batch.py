@@ -6,6 +6,7 @@ Each test keeps its array records in its own state folder (``ZFARM_STATE_DIR``).
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 from collections import Counter
 from pathlib import Path
@@ -60,6 +61,20 @@ def test_array_specs() -> None:
         parse_array("1-500001")  # a watcher holds every job in memory: about 3 KB each
 
 
+
+def test_short_errors_for_the_jobs_table() -> None:
+    from zfarm.batch import JobState, State
+    from zfarm.cli_batch import short_error
+
+    assert short_error(JobState(1, State.FAILED, 3, error="command x exited with status 3")) == "exit 3"
+    assert short_error(JobState(1, State.FAILED, -9, error="command x was killed by signal 9")) == "signal 9"
+    assert short_error(JobState(1, State.TIMEOUT, -9), 3.0) == "timeout 3 s"
+    assert short_error(JobState(1, State.ERROR, error="CommandNotFound: command not found: x")) == "not found"
+    assert short_error(JobState(1, State.ERROR, error="MemoryLimitExceeded: job used 2 GiB")) == \
+        "MemoryLimitExceeded"
+    assert short_error(JobState(1, State.OK, 0)) == short_error(JobState(1, State.CANCELLED)) == ""
+
+
 def test_an_array_with_mixed_exit_codes(procs: Procs, state: dict[str, str]) -> None:
     endpoint, _ = procs.farm(*FAST, procs=2)
     submitted = zf(state, "submit", "--connect", endpoint, "--array", "1-150", "--name", "demo",
@@ -106,9 +121,73 @@ def test_args_from_stdin_environment_and_a_missing_command(procs: Procs, state: 
     assert job["state"] == "error" and "CommandNotFound" in job["error"]
     assert "no-such-program-zfarm" in job["error"]
     assert job["worker"] and job["host"] and job["attempts"] == 1, job  # where it failed to start
+    assert "not found" in zf(state, "jobs", "nothing").stdout.splitlines()[2]  # the table's short error
     assert zf(state, "submit", "--connect", endpoint, "--array", "5-1", "--", "true").returncode == 2
     taken = zf(state, "submit", "--connect", endpoint, "--name", "lines", "--", "true")
     assert taken.returncode == 2 and "exists already" in taken.stderr
+
+
+
+def on_a_terminal(state: dict[str, str], *args: str, columns: int = 80) -> str:
+    """What ``zfarm ARGS`` prints on a terminal ``columns`` wide (a pseudo-terminal as its stdout)."""
+    import os
+
+    reader, writer = os.openpty()
+    try:
+        done = subprocess.run([*ZFARM_COMMAND, *args], stdin=subprocess.DEVNULL, stdout=writer,
+                              stderr=subprocess.PIPE, env=zfarm_env({**state, "COLUMNS": str(columns)}),
+                              timeout=90)
+        assert done.returncode == 0, done.stderr
+        os.close(writer)
+        writer = -1
+        out = b""
+        while True:
+            try:
+                chunk = os.read(reader, 65536)
+            except OSError:  # EIO: the terminal's other end closed, all read
+                break
+            if not chunk:
+                break
+            out += chunk
+        return out.decode()
+    finally:
+        os.close(reader)
+        if writer != -1:
+            os.close(writer)
+
+
+def test_the_tables_show_short_errors_and_the_arrays_in_submission_order(
+        procs: Procs, state: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from zfarm import batch
+
+    monkeypatch.setenv("ZFARM_STATE_DIR", state["ZFARM_STATE_DIR"])
+    batch.save(batch.ArrayRecord("zz-old", "tcp://127.0.0.1:1", ["true"], [1], ["1"]), new=True)  # no time
+    endpoint, _ = procs.farm(*FAST, procs=2)
+    script = "for i in $(seq 1 3); do echo line $i; done; exit $(( {} % 2 ))"
+    for name in ("b-first", "a-second"):
+        submitted = zf(state, "submit", "--connect", endpoint, "--name", name, "--array", "1-2", "--wait",
+                       "--", "sh", "-c", script)
+        assert submitted.returncode == 1, submitted.stderr  # job 1 exits 1
+    piped = zf(state, "jobs", "b-first")  # a pipe: plain columns
+    assert piped.returncode == 0, piped.stderr
+    rows = {line.split()[0]: line.split() for line in piped.stdout.splitlines()[2:-1]}
+    assert rows["1"][1:3] == ["failed", "1"] and rows["1"][-2:] == ["exit", "1"], piped.stdout
+    assert rows["2"][1:3] == ["ok", "0"], piped.stdout
+    assert "seq" not in piped.stdout and "status 1" not in piped.stdout  # the command is in --json
+    in_json = json.loads(zf(state, "jobs", "b-first", "--json").stdout)["jobs"]
+    (failed,) = [job for job in in_json if job["index"] == 1]
+    assert "seq 1 3" in failed["error"] and "exited with status 1" in failed["error"]
+    shown = on_a_terminal(state, "jobs", "b-first")  # rich, 80 columns: one line a job, ids whole
+    (line,) = [line for line in shown.splitlines() if line.split()[:2] == ["1", "failed"]]
+    assert failed["worker"] in line and line.rstrip().endswith("exit 1"), shown
+    listed = zf(state, "jobs").stdout.splitlines()
+    assert listed[0].split() == ["name", "jobs", "submitted", "address", "command"], listed
+    assert [line.split()[0] for line in listed[1:]] == ["zz-old", "b-first", "a-second"], listed
+    assert listed[1].endswith(" true") and listed[2].endswith(" sh -c " + shlex.quote(script)), listed
+    arrays = json.loads(zf(state, "jobs", "--json").stdout)
+    assert [a["name"] for a in arrays] == ["zz-old", "b-first", "a-second"]
+    assert arrays[0]["created_at"] == 0 and arrays[0]["submitted_at"] > 0  # the record file's time
+    assert arrays[2]["command"] == ["sh", "-c", script] and arrays[2]["jobs"] == 2
 
 
 @pytest.mark.slow  # leaving waits 10 s for the jobs the broker did not take
@@ -166,6 +245,7 @@ def test_a_timed_out_job_is_killed_with_its_tree_and_keeps_its_output(procs: Pro
         assert zf(state, "logs", "slow", "2").stdout == "started 2\n"
         jobs = json.loads(zf(state, "jobs", "slow", "--json").stdout)["jobs"]
         assert [(j["state"], j["exit_code"]) for j in jobs] == [("timeout", -9)] * 2
+        assert zf(state, "jobs", "slow").stdout.splitlines()[2].endswith("timeout 3 s")
         assert len(sleepers()) == 2 and not live_pids(sleepers())
     finally:  # a failed check must not leave them running for 1000 s (only ours: a pid may be reused)
         kill_pids(pid for pid in sleepers() if cmdline(pid).startswith("sleep 1000"))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
+import shlex
 import sys
 import time
 from collections import Counter
@@ -32,6 +33,7 @@ from zfarm.cli_args import (
     count,
     keys_flag,
     keys_folder,
+    print_columns,
     seconds,
     size_bytes,
     some,
@@ -333,14 +335,9 @@ def _run_jobs(args: argparse.Namespace) -> int:
         ]
         print(json.dumps({"name": args.name, "total": len(states), "counts": dict(counts), "jobs": rows}))
         return 0
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(
-        "index", "state", "exit", "worker", "host", "run s", "attempts", "error", title=f"array {args.name}"
-    )
-    for s in states:
-        table.add_row(
+    title = f"array {args.name}"
+    cells = [
+        [
             str(s.index),
             s.state.value,
             "" if s.exit_code is None else str(s.exit_code),
@@ -348,30 +345,79 @@ def _run_jobs(args: argparse.Namespace) -> int:
             s.host,
             "" if s.run_s is None else f"{s.run_s:.2f}",
             str(s.attempts or ""),
-            s.error[:80],
-        )
+            short_error(s, attached.record.timeout_s),
+        ]
+        for s in states
+    ]
+    if not sys.stdout.isatty():  # a pipe: plain columns, nothing cut or wrapped
+        print(title)
+        print_columns(JOB_COLUMNS, cells)
+        print(_summary(states))
+        return 0
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left")
+    for label in JOB_COLUMNS:  # ids whole; only the host may fold, and the error (short already)
+        table.add_column(label, no_wrap=label not in ("host", "error"), overflow="fold", min_width=len(label))
+    for row in cells:
+        table.add_row(*row)
     console = Console()
     console.print(table)
     console.print(_summary(states), markup=False)
     return 0
 
 
+#: the columns of ``zfarm jobs NAME``
+JOB_COLUMNS = ("index", "state", "exit", "worker", "host", "run s", "attempts", "error")
+
+
+def short_error(state: JobState, timeout_s: float | None = None) -> str:
+    """Why a job did not succeed, in a few words for a table cell: ``exit 1``, ``signal 9``,
+    ``timeout 3 s``, ``not found``, else the error's type (the whole text is in ``jobs --json``)."""
+    if state.state is State.TIMEOUT:
+        return f"timeout {timeout_s:g} s" if timeout_s else "timeout"
+    if state.state is State.FAILED and state.exit_code is not None:
+        return f"signal {-state.exit_code}" if state.exit_code < 0 else f"exit {state.exit_code}"
+    if not state.error:
+        return ""
+    type_name = state.error.partition(":")[0].rpartition(".")[2]  # "zfarm.errors.X: text" -> "X"
+    if type_name == "CommandNotFound":
+        return "not found"
+    return type_name if type_name.isidentifier() else state.error.splitlines()[0][:40]
+
+
+#: the columns of ``zfarm jobs`` (the arrays)
+ARRAY_COLUMNS = ("name", "jobs", "submitted", "address", "command")
+
+
 def _list_arrays(as_json: bool) -> int:
     folder = batch.state_dir() / "arrays"
-    names = sorted(p.stem for p in folder.glob("*.json")) if folder.is_dir() else []
-    records = [batch.load(name) for name in names]
+    files = list(folder.glob("*.json")) if folder.is_dir() else []
+    # an older record has no creation time: its file's last change stands in (a cancel rewrites it)
+    records = [(batch.load(path.stem), path) for path in files]
+    listed = [(r, r.created_at or path.stat().st_mtime) for r, path in records]
+    listed.sort(key=lambda pair: (pair[1], pair[0].name))  # in submission order: the newest last
     if as_json:
         print(
             json.dumps(
                 [
-                    {"name": r.name, "jobs": len(r.indexes), "address": r.address, "created_at": r.created_at}
-                    for r in records
+                    {"name": r.name, "jobs": len(r.indexes), "address": r.address, "created_at": r.created_at,
+                     "submitted_at": at, "command": r.command}
+                    for r, at in listed
                 ]
             )
         )
-    else:
-        for r in records:
-            print(f"{r.name}\t{len(r.indexes)} jobs\t{r.address}\t{' '.join(r.command)}")
+        return 0
+    print_columns(
+        ARRAY_COLUMNS,
+        [
+            [r.name, str(len(r.indexes)), time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at)), r.address,
+             shlex.join(r.command)]
+            for r, at in listed
+        ],
+    )
     return 0
 
 
