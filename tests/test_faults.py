@@ -442,8 +442,8 @@ def test_status_unreachable_endpoint_exits_1_naming_address() -> None:
     result = run_zfarm("status", "--connect", endpoint, "--timeout", str(timeout_s), timeout_s=30)
     elapsed_s = time.monotonic() - started
     assert result.returncode == 1, (result.stdout, result.stderr)
-    assert endpoint in result.stderr, result.stderr
-    assert timeout_s <= elapsed_s < timeout_s + 15.0, f"took {elapsed_s:.1f} s"
+    assert endpoint in result.stderr and "nothing listens there" in result.stderr, result.stderr
+    assert elapsed_s < timeout_s + 15.0, f"took {elapsed_s:.1f} s"  # (a refused connection: at once)
 
 
 @pytest.mark.slow

@@ -45,7 +45,10 @@ def broker_address(args: argparse.Namespace, fallback: str = "", listening: bool
     check_endpoint(address)
     if listening:
         from zfarm.monitor import check_listening
+        from zfarm.security import keys_root
 
+        if keys := keys_folder(args):
+            keys_root(keys)  # a missing keys folder is a usage error, said before any connection
         check_listening(address)
     return address
 

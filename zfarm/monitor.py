@@ -19,7 +19,7 @@ from zfarm import protocol as p
 from zfarm.config import check_endpoint
 from zfarm.errors import BrokerUnavailable, Refused, SecurityError
 from zfarm.link import Link
-from zfarm.security import PeerKeys
+from zfarm.security import PeerKeys, set_ipv6_for
 
 #: how long a refused connection may go on being refused (a broker still starting) before a command
 #: says that no broker answers, instead of waiting out the whole connect timeout
@@ -168,6 +168,7 @@ def check_listening(address: str, within_s: float = LISTEN_CHECK_S) -> None:
     """
     context: zmq.Context[Any] = zmq.Context()
     sock = context.socket(zmq.DEALER)
+    set_ipv6_for(sock, address)
     watch = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_CONNECT_RETRIED)
     started = time.monotonic()
     refused = False
