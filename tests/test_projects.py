@@ -10,6 +10,7 @@ unschedulable requests.
 from __future__ import annotations
 
 import json
+import operator
 import threading
 import time
 from pathlib import Path
@@ -168,16 +169,19 @@ def test_a_chain_runs_while_its_session_client_is_away_and_a_rerun_collects_it(p
     assert len(runs(markers, "started")) == 1  # collected, not run again
 
 
-def test_a_failed_upstream_fails_its_dependents_naming_it(procs: Procs) -> None:
+def test_a_failed_upstream_fails_its_dependents_naming_it_and_its_error(procs: Procs) -> None:
     endpoint, _ = procs.farm(*FAST, workers=1, procs=1)
     with zfarm.Client(endpoint) as client:
-        upstream = client.submit(jobs.boom, 1)
+        upstream = client.submit(operator.truediv, 1, 0)
         middle = client.submit(jobs.add, upstream, 1)
         last = client.submit(jobs.square, middle)
         for future, named in ((middle, upstream), (last, middle)):
             with pytest.raises(zfarm.DependencyFailed) as info:
                 future.result(30)
             assert info.value.upstream == f"{client.id}:{named.seq}"  # type: ignore[attr-defined]
+            assert "ZeroDivisionError: division by zero" in str(info.value)  # why, not only that it failed
+        detail = info.value.detail  # type: ignore[attr-defined]
+        assert detail.startswith(f"it was lost: {client.id}:{upstream.seq}: it failed: ZeroDivisionError")
         with zfarm.Client(endpoint) as other, pytest.raises(zfarm.ConfigError, match="another client"):
             other.submit(jobs.square, middle)
 
@@ -269,9 +273,10 @@ def test_map_waits_for_futures_among_its_items_and_inside_them(procs: Procs, tmp
         finally:
             (tmp_path / "release-2").touch()
         failed = client.submit(jobs.boom, 1)
-        with pytest.raises(zfarm.DependencyFailed):
+        with pytest.raises(zfarm.DependencyFailed, match="ValueError: boom 1"):
             list(client.map(jobs.add, [7, failed], [1, 1], timeout=60))
         slow = client.submit(jobs.sleep_then, 0, 1.0)
-        with pytest.raises(zfarm.DependencyFailed):  # failed is done: refused at once, slow not held for it
+        # failed is done: refused at once (saying why it failed), slow not held for it
+        with pytest.raises(zfarm.DependencyFailed, match="before this job was submitted: ValueError: boom"):
             client.submit(jobs.add, slow, failed)
         assert client._connection.core.receipts.pins.snapshot() == frozenset()

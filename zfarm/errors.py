@@ -156,14 +156,17 @@ class WorkerLost(ZfarmError):
 
 class DependencyFailed(ZfarmError):
     """A job whose argument was another job's future did not run: that upstream job failed, was
-    cancelled, or its result is no longer held."""
+    cancelled, or its result is no longer held.
+
+    ``detail``: how the upstream job ended and the first line of its error, as the broker saw it
+    (e.g. ``it failed: ZeroDivisionError: division by zero``)."""
 
     def __init__(self, job: str, upstream: str, detail: str = "") -> None:
         self.job = job
         self.upstream = upstream
         self.detail = detail
         super().__init__(f"job {job} did not run: its upstream job {upstream} did not succeed"
-                         f"{': ' + detail if detail else ''}; fix or rerun {upstream} first")
+                         f"{f' ({detail})' if detail else ''}; fix or rerun {upstream} first")
 
     def __reduce__(self) -> tuple[type, tuple[str, str, str]]:
         return (type(self), (self.job, self.upstream, self.detail))

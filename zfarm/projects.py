@@ -23,7 +23,7 @@ from zfarm import protocol as p
 from zfarm.client.futures import JobFuture
 from zfarm.config import parse_amount
 from zfarm.errors import ConfigError, DependencyFailed, ZfarmError
-from zfarm.serialization import Upstream
+from zfarm.serialization import Upstream, error_line
 
 if TYPE_CHECKING:
     from zfarm.client import Client
@@ -258,9 +258,12 @@ class _Upstreams:
         connection.pin(future.seq)  # first: its result must stay held at the broker for this job
         if future.done():
             connection.unpin([future.seq])
-            if future.cancelled() or future.exception() is not None:
+            if future.cancelled():
                 raise DependencyFailed("(not submitted)", f"{connection.client_id}:{future.seq}",
-                                       "it failed or was cancelled before this job was submitted")
+                                       "it was cancelled before this job was submitted")
+            if (error := future.exception()) is not None:
+                raise DependencyFailed("(not submitted)", f"{connection.client_id}:{future.seq}",
+                                       f"it failed before this job was submitted: {error_line(error)}")
             return future.result()
         if future.seq not in after:
             after.append(future.seq)

@@ -290,6 +290,8 @@ def test_a_dependency_failed_row_fails_the_future_with_dependency_failed() -> No
     ((job, error),) = actions.fail
     assert actions.settle == [] and job.seq == 1
     assert isinstance(error, DependencyFailed) and error.upstream == "c-1:7" and error.detail == "it raised"
+    assert str(error) == ("job c-1:1 did not run: its upstream job c-1:7 did not succeed (it raised); "
+                          "fix or rerun c-1:7 first")
 
 
 def test_a_pinned_result_is_not_acknowledged_until_its_dependent_job_is_over() -> None:

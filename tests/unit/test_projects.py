@@ -32,6 +32,7 @@ from tests.unit.test_scheduler import (
 from zfarm import protocol as p
 from zfarm import serialization as ser
 from zfarm.broker import placement
+from zfarm.broker.dependencies import WHY_CHARS, how_it_ended
 from zfarm.broker.journal import Journal
 from zfarm.broker.placement import MAX_CREDIT
 from zfarm.client.futures import JobFuture
@@ -367,13 +368,27 @@ def test_a_dependent_waits_for_its_upstream_and_gets_its_result_frames_or_fails_
     submit(farm, [5], 2.0, with_fn=False, after=[4])
     farm.result(W1, jobs_msg.jobs[0], 3.0)
     (row,) = job_rows(farm.out(3.0), W1)
-    farm.result(W1, row, 4.0, outcome=ERROR, frames=[b"exc"])
+    farm.result(W1, row, 4.0, outcome=ERROR, frames=[b"exc"],
+                info="ZeroDivisionError: division by zero\n  and more lines")
     rows = {r[0][0]: r[0] for r in result_rows(farm.out(4.0), CA)}
     assert rows[4][4] == rows[5][4] == p.ResultKind.DEPENDENCY_FAILED
-    assert rows[4][3].startswith("ca:3: ") and rows[5][3].startswith("ca:4: ")  # each names its upstream
+    # each names its upstream, how it ended and the first line of its error (the chain's root cause too)
+    assert rows[4][3] == "ca:3: it failed: ZeroDivisionError: division by zero"
+    assert rows[5][3] == "ca:4: it was lost: ca:3: it failed: ZeroDivisionError: division by zero"
     submit(farm, [6], 5.0, with_fn=False, after=[3])  # an upstream that already failed
     ((late, _),) = result_rows(farm.out(5.0), CA)
     assert (late[0], late[4]) == (6, p.ResultKind.DEPENDENCY_FAILED)
+    assert late[3] == "ca:3: it failed: ZeroDivisionError: division by zero"
+
+
+def test_a_dependent_says_how_its_upstream_ended_clipped_to_one_line() -> None:
+    assert how_it_ended(p.Outcome.CANCELLED, "") == "it was cancelled"
+    crashed = how_it_ended(p.Outcome.CRASHED, "JobCrashed: the slot died\nits stderr")
+    assert crashed == "it crashed: JobCrashed: the slot died"
+    assert how_it_ended(99, "odd") == "it ended with outcome 99: odd"
+    long = how_it_ended(p.Outcome.ERROR, "ValueError: " + "x" * 5000)
+    assert long.startswith("it failed: ValueError: x") and len(long) < WHY_CHARS + 100
+    assert how_it_ended(p.Outcome.ERROR, "bad\x1b[31m") == "it failed: bad\\x1b[31m"  # no control characters
 
 
 def test_an_upstream_result_on_disk_is_read_once_for_all_its_dependents_in_a_jobs_message(

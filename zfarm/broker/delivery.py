@@ -78,7 +78,7 @@ class Delivery:
         """A worker's result ends the job (``outcome``: a :class:`~zfarm.protocol.Outcome`)."""
         if run.finished_at and job.state is ASSIGNED:  # fair share: charge the slot-time it really took
             self.farm.ran(job, run.run_s)
-        self.moves.move(job, FINISHED, client, now, finisher=worker, outcome=outcome)
+        self.moves.move(job, FINISHED, client, now, finisher=worker, outcome=outcome, info=info)
         if outcome == OK:
             worker.done += 1
         else:
@@ -93,7 +93,7 @@ class Delivery:
                   kind: int = p.ResultKind.PLAIN, worker: WorkerRecord | None = None) -> None:
         """End an unfinished job that did not run to its end (cancelled with its project, an upstream
         job failed, poison): FINISHED with ``outcome``, its client told. ``worker``: the one it was on."""
-        self.moves.move(job, FINISHED, client, now, outcome=outcome)
+        self.moves.move(job, FINISHED, client, now, outcome=outcome, info=info)
         at = self.farm.records.wall(now)
         self.deliver(client, job, outcome, [], info, p.RunStats(at, at, 0.0, 0), now, kind, worker)
 

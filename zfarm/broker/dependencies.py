@@ -10,6 +10,8 @@ The broker never unpickles: it appends each upstream job's held result frames to
 (option ``upstream``: how many frames each), and the slot puts the values in place of the
 placeholders. The client keeps upstream results held (it does not say RECEIVED for them) until
 their dependents are over, so they are there to send. A chain runs while its client is away.
+A dependent that does not run says why in its result's info: ``UPSTREAM: how it ended[: the first
+line of its info]``, e.g. ``c-…:8: it failed: ZeroDivisionError: division by zero``.
 """
 
 from __future__ import annotations
@@ -45,6 +47,30 @@ def upstream_of(options: dict[str, Any], seq: int) -> tuple[int, ...]:
     return tuple(after)
 
 
+#: how an upstream job that did not succeed ended, by its outcome (its info line follows)
+_ENDINGS = {
+    p.Outcome.ERROR: "it failed",
+    p.Outcome.CRASHED: "it crashed",
+    p.Outcome.LOST: "it was lost",
+    p.Outcome.CANCELLED: "it was cancelled",
+    p.Outcome.CORRUPTED: "its stored copy is damaged",
+}
+#: the upstream job's info line in its dependents' (a chain's root cause shows in each, nested)
+WHY_CHARS = 300
+
+
+def how_it_ended(outcome: int, info: str) -> str:
+    """Why an upstream job's dependents do not run: how it ended and the first line of its info (its
+    error, e.g. ``it failed: ZeroDivisionError: division by zero``), clipped: the broker never
+    unpickles the error itself."""
+    try:
+        ended = _ENDINGS.get(p.Outcome(outcome), f"it ended {p.Outcome(outcome).name.lower()}")
+    except ValueError:
+        ended = f"it ended with outcome {outcome}"
+    lines = info.strip().splitlines()
+    return f"{ended}: {p.clip(lines[0], WHY_CHARS)}" if lines else ended
+
+
 class Dependencies:
     def __init__(self, farm: Farm, moves: JobMoves, delivery: Delivery) -> None:
         self.farm = farm
@@ -60,7 +86,10 @@ class Dependencies:
                 continue
             held = client.held.get(seq)
             if held is None or held.outcome != p.Outcome.OK:
-                why = "its result is no longer held" if held is None else "it did not succeed"
+                why = "its result is no longer held"
+                if held is not None:  # (its info is read back if its result is on disk: a failure's is small)
+                    whole = self.delivery.held_result(client, seq, held, now) or held
+                    why = how_it_ended(whole.outcome, whole.info)
                 self.moves.move(job, JobState.WAITING, client, now)
                 self._fail(client, job, seq, why, now)
                 return
@@ -72,13 +101,15 @@ class Dependencies:
         for seq in unfinished:
             client.dependents.setdefault(seq, []).append(job)
 
-    def ended(self, client: ClientRecord, upstream: Job, ok: bool, now: float) -> None:
-        """An upstream job is over: its dependents go on (ok) or fail."""
+    def ended(self, client: ClientRecord, upstream: Job, outcome: int, info: str, now: float) -> None:
+        """An upstream job is over: its dependents go on (OK) or fail, saying how it ended (``info``:
+        its result's info line)."""
+        why = "" if outcome == p.Outcome.OK else how_it_ended(outcome, info)
         for job in client.dependents.pop(upstream.seq, ()):
             if job.state is not JobState.WAITING or job.waiting_for is None:
                 continue
-            if not ok:
-                self._fail(client, job, upstream.seq, "it failed or was cancelled", now)
+            if why:
+                self._fail(client, job, upstream.seq, why, now)
                 continue
             job.waiting_for.discard(upstream.seq)
             if not job.waiting_for:
@@ -87,7 +118,7 @@ class Dependencies:
 
     def _fail(self, client: ClientRecord, job: Job, upstream: int, why: str, now: float) -> None:
         name = f"{client.id}:{upstream}"
-        log.info("job %s does not run: its upstream job %s %s", job.name, name, why)
+        log.info("job %s did not run: its upstream job %s did not succeed (%s)", job.name, name, why)
         self.delivery.end_unrun(client, job, p.Outcome.LOST, f"{name}: {why}", now,
                                 p.ResultKind.DEPENDENCY_FAILED)
 

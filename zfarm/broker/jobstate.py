@@ -58,17 +58,18 @@ class IllegalMove(RuntimeError):
 class JobMoves:
     def __init__(self, farm: Farm) -> None:
         self.farm = farm
-        #: told of each job that is over (whether it succeeded): its dependents go on or fail
-        self.on_ended: Callable[[ClientRecord, Job, bool, float], None] = lambda _c, _j, _ok, _now: None
+        #: told of each job that is over (its outcome, and its info line): its dependents go on or fail
+        self.on_ended: Callable[[ClientRecord, Job, int, str, float], None] = lambda *_: None
 
     def move(self, job: Job, to: JobState, client: ClientRecord, now: float, *,
              worker: WorkerRecord | None = None, finisher: WorkerRecord | None = None,
-             front: bool = False, outcome: int | None = None) -> None:
+             front: bool = False, outcome: int | None = None, info: str = "") -> None:
         """Move ``job`` of ``client`` to ``to``.
 
         ``worker``: the worker it is assigned to (ASSIGNED). ``finisher``: the worker that answered
         for it (it is not told to cancel it). ``front``: queue it first (a requeued job).
-        ``outcome``: how it ended (FINISHED; a job moved to CANCELLED ended CANCELLED).
+        ``outcome``: how it ended (FINISHED; a job moved to CANCELLED ended CANCELLED). ``info``: its
+        result's info line (why it failed: its dependents' results say it).
 
         Raises:
             IllegalMove: the table does not allow this move.
@@ -118,7 +119,7 @@ class JobMoves:
             if job.request is not None:
                 take(worker, job)
         else:  # FINISHED or CANCELLED: over for its client
-            self._forget(client, queue, job, now, p.Outcome.CANCELLED if to is CANCELLED else outcome)
+            self._forget(client, queue, job, now, p.Outcome.CANCELLED if to is CANCELLED else outcome, info)
 
     def admit(self, job: Job, client: ClientRecord, now: float) -> None:
         """A new job queues, or waits if an earlier phase of its client's jobs in its queue is unfinished."""
@@ -180,7 +181,7 @@ class JobMoves:
                 holder.cancels.append([job.client_id, job.seq])
 
     def _forget(self, client: ClientRecord, queue: Queue, job: Job, now: float,
-                outcome: int | None) -> None:
+                outcome: int | None, info: str = "") -> None:
         """The job is over for its client, counted by its outcome; its dependents are told; its function
         is kept a little while for the next jobs."""
         farm = self.farm
@@ -217,7 +218,7 @@ class JobMoves:
         if users <= 0:
             client.fn_idle[job.fn_id] = now  # let go FN_KEEP_S from now (see Functions)
         if client.dependents and known:
-            self.on_ended(client, job, outcome == OK, now)
+            self.on_ended(client, job, int(p.Outcome.CANCELLED) if outcome is None else outcome, info, now)
 
 
 def take(worker: WorkerRecord, job: Job) -> None:
