@@ -23,7 +23,7 @@ from zfarm.cli_args import (
 from zfarm.errors import ConfigError, ZfarmError
 
 COLUMNS = ["name", "state", "priority", "share", "submitted", "queued", "running", "done", "failed",
-           "cancelled", "jobs_per_s", "eta_s"]
+           "cancelled", "slot_s", "jobs_per_s", "eta_s"]
 
 
 def add_project_commands(sub: Any) -> None:

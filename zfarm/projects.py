@@ -68,13 +68,14 @@ class ProjectStatus:
     eta_s: float | None  # at that rate, until the queued and running jobs are over (None: unknown)
     why_suspended: str = ""
     unschedulable: str = ""
+    slot_s: float = 0.0  # the slot-time its finished jobs took, in seconds (what fair share shares)
 
     @classmethod
     def from_view(cls, view: dict[str, Any]) -> ProjectStatus:
         return cls(**{k: view.get(k, "") for k in ("name", "state", "why_suspended", "unschedulable")},
                    **{k: view.get(k, 0) for k in ("priority", "share", "submitted", "queued", "running",
                                                   "done", "failed", "cancelled", "jobs_per_s")},
-                   eta_s=view.get("eta_s"))
+                   eta_s=view.get("eta_s"), slot_s=view.get("slot_s", 0.0))
 
 
 class Project(concurrent.futures.Executor):

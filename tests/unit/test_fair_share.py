@@ -41,6 +41,8 @@ def test_a_hundred_jobs_running_at_once_are_charged_the_slot_time_they_used() ->
     for row in rows:
         report(farm, row, 3600.0, 3600.0)
     assert queue.pass_ * queue.share == pytest.approx(100 * 3600.0)
+    (shown,) = act(farm, "list", "", 3600.0).projects  # what `zfarm project list` shows
+    assert shown["slot_s"] == pytest.approx(100 * 3600.0)
 
 
 def test_a_share_changed_while_a_hundred_jobs_run_is_applied_to_their_run_time_not_their_charge() -> None:

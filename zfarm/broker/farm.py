@@ -170,6 +170,7 @@ class Farm:
         if run_s < MIN_CHARGE_S:
             run_s = MIN_CHARGE_S
         queue = job.queue
+        queue.slot_s += run_s
         correction = run_s / queue.share - job.charged
         queue.pass_ += correction
         job.charged = 0.0

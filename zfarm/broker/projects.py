@@ -248,7 +248,7 @@ class Projects:
                 "submitted": queue.submitted, "queued": queue.queued, "running": queue.running,
                 "done": queue.done, "failed": queue.failed, "cancelled": queue.cancelled,
                 "waiting": queue.waiting_jobs, "unschedulable": queue.unschedulable,
-                "jobs_per_s": round(rate, 3),
+                "jobs_per_s": round(rate, 3), "slot_s": round(queue.slot_s, 1),
                 "eta_s": round(left / rate, 1) if rate > 0 and left else (0.0 if not left else None)}
 
 

@@ -109,6 +109,8 @@ class Queue:
     #: a running mean of its jobs' run times (0: none reported yet): what a dispatch charges its pass
     #: (fair share by slot-time, :meth:`zfarm.broker.farm.Farm.charge`)
     run_estimate_s: float = 0.0
+    #: the slot-time its jobs' results measured, in seconds (what fair share shared: `zfarm project list`)
+    slot_s: float = 0.0
 
     def first_phase(self, client_id: str) -> int | None:
         """The lowest phase with unfinished jobs of this client here (None: none)."""
