@@ -109,7 +109,9 @@ def cluster_line(cluster: dict[str, Any]) -> str:
     parts += [f"{cluster[k]} {k}" for k in ("retiring", "failed") if cluster.get(k)]
     adapt = cluster.get("adapt")
     bounds = f" (adapt {adapt['minimum']}-{adapt['maximum']})" if adapt else ""
-    return f"cluster {who}: {', '.join(parts)}, wants {cluster['requested']}{bounds}"
+    age_s, every_s = cluster.get("report_age_s", 0.0), cluster.get("every_s", 0.0)
+    late = f" (last report {age_s:.0f} s ago)" if every_s and age_s > 2 * every_s + 1 else ""  # gone?
+    return f"cluster {who}: {', '.join(parts)}, wants {cluster['requested']}{bounds}{late}"
 
 
 Table = tuple[list[str], list[list[Any]]]

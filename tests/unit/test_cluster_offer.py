@@ -124,6 +124,10 @@ def test_a_cluster_line_says_running_coming_pending_and_wanted() -> None:
     row.update(name="lab", launcher="ssh", pending=0, retiring=1, failed=2, adapt=None)
     assert cluster_line(row) == ("cluster lab (ssh, slurm-3f2a1c): 2 running, 1 coming, 1 retiring, "
                                  "2 failed, wants 4")
+    row.update(every_s=2.0, report_age_s=4.5)  # one report late: nothing said yet
+    assert cluster_line(row).endswith("wants 4")
+    row.update(report_age_s=12.4)  # silent a while (its process killed?): the line says how stale it is
+    assert cluster_line(row).endswith("wants 4 (last report 12 s ago)")
 
 
 def test_a_cluster_line_shows_control_characters_escaped() -> None:
