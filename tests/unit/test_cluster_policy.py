@@ -47,6 +47,12 @@ def test_adapt_wants_one_slot_per_job_before_it_knows_run_times_within_bounds() 
     assert policy.wanted(snapshot(500, 0), slots_per_worker=2) == 10
 
 
+def test_adapt_counts_no_demand_for_jobs_no_connected_worker_could_hold() -> None:
+    policy = Adaptive(minimum=0, maximum=10)
+    assert policy.wanted({**snapshot(6, 0), "unschedulable": 6}, slots_per_worker=1) == 0
+    assert policy.wanted({**snapshot(9, 1), "unschedulable": 6}, slots_per_worker=1) == 4
+
+
 def test_adapt_uses_measured_run_times_to_size_for_the_target_duration() -> None:
     policy = Adaptive(minimum=0, maximum=100, target_duration_s=10)
     # 4 jobs in flight, 40 finished per second: each takes 0.1 s; 1004 jobs = 100.4 s of work

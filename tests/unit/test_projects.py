@@ -316,6 +316,7 @@ def test_a_job_no_worker_can_hold_is_unschedulable_and_does_not_block_the_others
     assert [r[1] for r in job_rows(out, W1)] == [2]
     (client,) = farm.snap()["clients"]
     assert "gpus=2" in client["unschedulable"]
+    assert farm.snap()["unschedulable"] == 1  # queued, but no demand for adapt
     info = {"resources": {"gpus": 2}}
     farm.send(W2, p.Hello("worker", "w2", "node", 101, 1, info), 1.0)  # a worker that can: it runs there
     farm.send(W2, p.Ready(1), 1.0)

@@ -41,7 +41,9 @@ class Adaptive:
 
     def wanted(self, snapshot: dict[str, Any], slots_per_worker: int) -> int:
         """Workers the demand in ``snapshot`` calls for, within [minimum, maximum]."""
-        queued, in_flight = int(snapshot.get("queued", 0)), int(snapshot.get("in_flight", 0))
+        # jobs set aside as unschedulable are no demand: a worker like those connected cannot hold them
+        queued = max(0, int(snapshot.get("queued", 0)) - int(snapshot.get("unschedulable", 0)))
+        in_flight = int(snapshot.get("in_flight", 0))
         jobs = queued + in_flight
         rate = rate_now(list(snapshot.get("throughput", [])), RATE_WINDOW_S)
         if rate > 0 and in_flight > 0:
