@@ -233,7 +233,7 @@ def test_follow_of_a_finished_job_prints_it_and_exits_with_its_outcome(procs: Pr
     assert (ok.returncode, ok.stdout) == (0, "out 1\n"), ok.stderr
     failed = zf(state, "logs", "done", "2", "--follow")
     assert (failed.returncode, failed.stdout) == (1, "out 2\n"), failed.stderr
-    assert failed.stderr == "zfarm: job 2 of done: failed with exit status 1\n"  # why it says 1
+    assert failed.stderr == "zfarm: job 2 of done did not succeed: exit 1\n"  # why it says 1
     no_job = zf(state, "logs", "done", "9", "--follow")
     assert no_job.returncode == 2 and "has no job 9" in no_job.stderr
     no_array = zf(state, "logs", "nothing", "1", "--follow")

@@ -392,10 +392,8 @@ def _run_demo(args: argparse.Namespace) -> int:
     import zfarm
 
     started = time.perf_counter()
-    if address := args.connect or os.environ.get("ZFARM_ADDRESS"):  # not the embedded farm
-        from zfarm.monitor import check_listening
-
-        check_listening(address)  # nothing listens there: said at once, not after the connect timeout
+    if args.connect or os.environ.get("ZFARM_ADDRESS"):  # not the embedded farm: is anything there?
+        broker_address(args, listening=True)
     with zfarm.Client(args.connect, n_workers=args.workers, keys=args.keys, key_name=args.key_name) as client:
         where = client.address if args.connect else f"an embedded farm ({client.address})"
         print(f"zfarm demo: {args.jobs} jobs estimating pi on {where}", file=sys.stderr)

@@ -460,16 +460,8 @@ def _run_logs(args: argparse.Namespace) -> int:
     _write(rest)
     if state.succeeded:
         return 0
-    _say(f"job {args.index} of {record.name}: {_how_it_ended(state)}")  # why the exit status is 1
+    _say(f"job {args.index} of {record.name} did not succeed: {short_error(state, record.timeout_s)}")
     return EXIT_FAILED
-
-
-def _how_it_ended(state: JobState) -> str:
-    if state.state is State.TIMEOUT:
-        return f"timed out after {state.run_s:.1f} s" if state.run_s is not None else "timed out"
-    if state.exit_code is not None and state.state is State.FAILED:
-        return f"failed with exit status {state.exit_code}"
-    return f"{state.state.value}{': ' + state.error if state.error else ''}"
 
 
 #: how long ``logs --follow`` waits for a job's result once the broker says the job is over

@@ -44,12 +44,12 @@ from zfarm.output import (
     AttemptFiles,
     JobOutput,
     drop_live,
-    file_stem,
     link_live,
     new_command_live_name,
     open_live,
     read_tail,
 )
+from zfarm.scratch import file_stem
 
 #: lines of stderr quoted in a CommandFailed message
 STDERR_LINES_QUOTED = 10

@@ -41,6 +41,7 @@ import msgpack
 
 from zfarm import scratch
 from zfarm.protocol import as_bytes, buffer_of
+from zfarm.scratch import file_stem
 
 #: bytes of each stream kept per job (the end of it)
 TAIL_BYTES = 1024 * 1024
@@ -217,11 +218,6 @@ def keep(part: str, path: str, printed: bool) -> None:
         else:
             os.unlink(part)
             os.unlink(path)  # an earlier copy's file is not this run's output
-
-
-def file_stem(name: str) -> str:
-    """A job's name as a file name: ``client:seq`` becomes ``client_seq``."""
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "job"
 
 
 # ---- the live folder: a running job's streams, by name -------------------------------------------

@@ -18,9 +18,14 @@ import socket
 import tempfile
 
 
+def file_stem(name: str) -> str:
+    """A name as a file name may hold it: a job's ``client:seq`` becomes ``client_seq``."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "job"
+
+
 def host_stem() -> str:
     """This host's name, as a file name may hold it."""
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in socket.gethostname()) or "host"
+    return file_stem(socket.gethostname())
 
 
 def make_owned_dir(kind: str) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import socket
 import subprocess
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import msgpack
 import pytest
 
 from tests.unit.test_scheduler import CA, MON, W1, W2, Farm, job_rows, to
-from zfarm import output
+from zfarm import output, scratch
 from zfarm import protocol as p
 from zfarm.config import WorkerSettings
 from zfarm.errors import ProtocolError
@@ -207,7 +206,7 @@ def test_the_follower_starts_over_with_a_new_run_of_the_job() -> None:
 
 
 def test_the_live_folder_a_killed_worker_left_is_swept_by_the_next_one(tmp_path: Path) -> None:
-    host = output.file_stem(socket.gethostname())
+    host = scratch.host_stem()
     ended = subprocess.Popen(["true"])
     ended.wait()  # a process that is gone: a worker killed with its slots
     stale = tmp_path / f"zfarm-live-{host}-{ended.pid}-a1b2"
