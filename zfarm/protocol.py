@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, NamedTuple
 
@@ -478,7 +478,6 @@ MESSAGE_TYPES: dict[Command, type[Message]] = {
 _ENVELOPE_FIELDS: dict[type[Message], tuple[str, ...]] = {
     cls: tuple(f.name for f in fields(cls) if f.name != "frames") for cls in MESSAGE_TYPES.values()
 }
-_HAS_FRAMES = {cls for cls in MESSAGE_TYPES.values() if "frames" in {f.name for f in fields(cls)}}
 #: the bound of each text, bytes and map field of an envelope (rows are bounded by *_ROW_LIMITS)
 _FIELD_LIMITS: dict[type[Message], dict[str, int]] = {
     Hello: {"role": MAX_ID_CHARS, "peer_id": MAX_ID_CHARS, "host": MAX_HOST_CHARS, "info": MAX_INFO_COST},
@@ -506,7 +505,7 @@ def encode(msg: Message) -> list[Frame]:
     cls = type(msg)
     envelope = [getattr(msg, name) for name in _ENVELOPE_FIELDS[cls]]
     out: list[Frame] = [HEADER, _COMMAND_BYTES[cls.command], msgpack.packb(envelope, use_bin_type=True)]
-    if cls in _HAS_FRAMES:
+    if _FRAMES_AT[cls] is not None:
         out.extend(msg.frames)  # type: ignore[attr-defined]
     return out
 
@@ -536,9 +535,9 @@ def decode(frames: Sequence[Frame]) -> Message:
     cmd_bytes = as_bytes(frames[1])
     if as_bytes(frames[0]) != HEADER:
         return _foreign(frames, cmd_bytes)
-    if len(cmd_bytes) != 1 or cmd_bytes[0] not in _BY_BYTE:
+    cls = _BY_COMMAND_BYTES.get(cmd_bytes)
+    if cls is None:
         raise ProtocolError(f"unknown command {cmd_bytes[:8]!r}")
-    cls = _BY_BYTE[cmd_bytes[0]]
     raw = as_bytes(frames[2])
     if len(raw) > MAX_ENVELOPE_BYTES:
         raise ProtocolError(f"{cls.__name__} envelope of {len(raw)} bytes is over the limit")
@@ -546,25 +545,34 @@ def decode(frames: Sequence[Frame]) -> Message:
         envelope = msgpack.unpackb(raw, raw=False, use_list=True, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types on bad input
         raise ProtocolError(f"{cls.__name__} envelope is not valid msgpack: {exc}") from None
+    # Every message of every job comes through here: the usual envelope is told by one comparison of
+    # its fields' exact types, and the message is made from it by position (no names, no dict).
+    if type(envelope) is not list or list(map(type, envelope)) != _USUAL_ENVELOPE[cls]:
+        _check_envelope(cls, envelope)
+    for position, limit, what in _ENVELOPE_LIMITS[cls]:
+        check_size(envelope[position], limit, what)
+    frames_at = _FRAMES_AT[cls]
+    if frames_at is not None:
+        payload = list(frames[3:])
+        envelope.insert(frames_at, payload)
+        msg = cls(*envelope)
+        _FRAME_RULES[cls](msg, len(payload))
+        return msg
+    if len(frames) > 3:
+        raise ProtocolError(f"{cls.__name__} carries no payload frames, got {len(frames) - 3}")
+    msg = cls(*envelope)
+    _check_plain_rows(msg)
+    return msg
+
+
+def _check_envelope(cls: type[Message], envelope: Any) -> None:
+    """The whole check of an envelope whose field types are not the usual ones (a choice, or wrong)."""
     names = _ENVELOPE_FIELDS[cls]
     if not isinstance(envelope, list) or len(envelope) != len(names):
         raise ProtocolError(f"{cls.__name__} envelope must be an array of {len(names)} fields")
     for name, value, kind in zip(names, envelope, cls.schema, strict=True):
         if not _is(value, kind):
             raise ProtocolError(f"{cls.__name__}.{name} has the wrong type {type(value).__name__}")
-    for position, limit, what in _ENVELOPE_LIMITS[cls]:
-        check_size(envelope[position], limit, what)
-    payload = list(frames[3:])
-    values = dict(zip(names, envelope, strict=True))
-    if cls in _HAS_FRAMES:
-        msg = cls(**values, frames=payload)  # type: ignore[call-arg]
-        _check_frames(msg, len(payload))
-        return msg
-    if payload:
-        raise ProtocolError(f"{cls.__name__} carries no payload frames, got {len(payload)}")
-    msg = cls(**values)
-    _check_plain_rows(msg)
-    return msg
 
 
 def _foreign(frames: Sequence[Frame], cmd_bytes: bytes) -> Refused:
@@ -582,7 +590,7 @@ def _foreign(frames: Sequence[Frame], cmd_bytes: bytes) -> Refused:
     return Refused(reason)
 
 
-_BY_BYTE = {int(c): cls for c, cls in MESSAGE_TYPES.items()}
+_BY_COMMAND_BYTES = {bytes([c]): cls for c, cls in MESSAGE_TYPES.items()}
 
 
 def _is(value: Any, kind: type | tuple[type, ...]) -> bool:
@@ -613,6 +621,18 @@ def _usual_types(layout: tuple[Any, ...]) -> list[type]:
     if usual is None:
         usual = _USUAL_TYPES[layout] = [kind if isinstance(kind, type) else kind[-1] for kind in layout]
     return usual
+
+
+#: each message type's envelope field types as they usually come (the last of a choice: float for a
+#: number); anything else gets the whole check
+_USUAL_ENVELOPE: dict[type[Message], list[type]] = {
+    cls: _usual_types(cls.schema) for cls in MESSAGE_TYPES.values()
+}
+#: where the payload frames go among a message's fields (None: it carries none)
+_FRAMES_AT: dict[type[Message], int | None] = {
+    cls: next((i for i, f in enumerate(fields(cls)) if f.name == "frames"), None)
+    for cls in MESSAGE_TYPES.values()
+}
 
 
 def _check_row_types(row: Any, layout: tuple[Any, ...], what: str) -> None:
@@ -686,37 +706,52 @@ def _check_seqs(seqs: list[Any], what: str) -> None:
         raise ProtocolError(f"{what} seqs must be integers from 0 to {MAX_SEQ}")
 
 
-def _check_frames(msg: Message, nframes: int) -> None:
-    if isinstance(msg, Jobs):
-        check_rows(msg.jobs, JOB_ROW, "JOBS", JOB_ROW_LIMITS)
-        if not all(isinstance(f, bytes) for f in msg.fns):
-            raise ProtocolError("JOBS fns must be byte strings")
-        for fn_id in msg.fns:
-            check_size(fn_id, MAX_FN_ID_BYTES, "JOBS fn id")
-        expected = len(msg.fns) + _sum_frames(msg.jobs, 4)
-    elif isinstance(msg, Results):
-        check_rows(msg.results, RESULTS_ROW, "RESULTS", RESULTS_ROW_LIMITS)
-        _check_stats(msg.stats, RUN_STATS_ROW, len(msg.results), "RESULTS")
-        if msg.kinds and (len(msg.kinds) != len(msg.results) or not all(k in _KINDS for k in msg.kinds)):
-            raise ProtocolError(f"RESULTS kinds must be one ResultKind per result, or none: {msg.kinds[:8]}")
-        expected = _sum_frames(msg.results, 4)
-    elif isinstance(msg, Submit):
-        check_rows(msg.jobs, SUBMIT_ROW, "SUBMIT", SUBMIT_ROW_LIMITS)
-        _check_seqs([row[0] for row in msg.jobs], "SUBMIT")
-        expected = int(msg.with_fn) + _sum_frames(msg.jobs, 1)
-    elif isinstance(msg, Result):
-        check_rows(msg.results, RESULT_ROW, "RESULT", RESULT_ROW_LIMITS)
-        _check_stats(msg.stats, JOB_STATS_ROW, len(msg.results), "RESULT", JOB_STATS_ROW_LIMITS)
-        expected = _sum_frames(msg.results, 2)
-    elif isinstance(msg, PeekReply):
-        _check_peek_reply(msg)
-        expected = STREAMS if msg.status == PeekStatus.RUNNING else 0
-        if not all(memoryview(buffer_of(f)).nbytes <= PEEK_CHUNK_BYTES for f in msg.frames):
-            raise ProtocolError(f"PEEK_REPLY chunks must be at most {PEEK_CHUNK_BYTES} bytes")
-    else:  # pragma: no cover - every framed type is listed above
-        raise ProtocolError(f"no frame rule for {type(msg).__name__}")
+def _check_jobs_frames(msg: Jobs, nframes: int) -> None:
+    check_rows(msg.jobs, JOB_ROW, "JOBS", JOB_ROW_LIMITS)
+    if not all(isinstance(f, bytes) for f in msg.fns):
+        raise ProtocolError("JOBS fns must be byte strings")
+    for fn_id in msg.fns:
+        check_size(fn_id, MAX_FN_ID_BYTES, "JOBS fn id")
+    _check_count(msg, len(msg.fns) + _sum_frames(msg.jobs, 4), nframes)
+
+
+def _check_results_frames(msg: Results, nframes: int) -> None:
+    check_rows(msg.results, RESULTS_ROW, "RESULTS", RESULTS_ROW_LIMITS)
+    _check_stats(msg.stats, RUN_STATS_ROW, len(msg.results), "RESULTS")
+    if msg.kinds and (len(msg.kinds) != len(msg.results) or not all(k in _KINDS for k in msg.kinds)):
+        raise ProtocolError(f"RESULTS kinds must be one ResultKind per result, or none: {msg.kinds[:8]}")
+    _check_count(msg, _sum_frames(msg.results, 4), nframes)
+
+
+def _check_submit_frames(msg: Submit, nframes: int) -> None:
+    check_rows(msg.jobs, SUBMIT_ROW, "SUBMIT", SUBMIT_ROW_LIMITS)
+    _check_seqs([row[0] for row in msg.jobs], "SUBMIT")
+    _check_count(msg, int(msg.with_fn) + _sum_frames(msg.jobs, 1), nframes)
+
+
+def _check_result_frames(msg: Result, nframes: int) -> None:
+    check_rows(msg.results, RESULT_ROW, "RESULT", RESULT_ROW_LIMITS)
+    _check_stats(msg.stats, JOB_STATS_ROW, len(msg.results), "RESULT", JOB_STATS_ROW_LIMITS)
+    _check_count(msg, _sum_frames(msg.results, 2), nframes)
+
+
+def _check_peek_reply_frames(msg: PeekReply, nframes: int) -> None:
+    _check_peek_reply(msg)
+    _check_count(msg, STREAMS if msg.status == PeekStatus.RUNNING else 0, nframes)
+    if not all(memoryview(buffer_of(f)).nbytes <= PEEK_CHUNK_BYTES for f in msg.frames):
+        raise ProtocolError(f"PEEK_REPLY chunks must be at most {PEEK_CHUNK_BYTES} bytes")
+
+
+def _check_count(msg: Message, expected: int, nframes: int) -> None:
     if expected != nframes:
         raise ProtocolError(f"{type(msg).__name__} announces {expected} payload frames, carries {nframes}")
+
+
+#: the checks of each message type that carries payload frames (its rows and its frame count)
+_FRAME_RULES: dict[type[Message], Callable[[Any, int], None]] = {
+    Jobs: _check_jobs_frames, Results: _check_results_frames, Submit: _check_submit_frames,
+    Result: _check_result_frames, PeekReply: _check_peek_reply_frames,
+}
 
 
 _KINDS = {int(k) for k in ResultKind}

@@ -82,6 +82,25 @@ def test_round_trip(msg: p.Message) -> None:
     assert decoded == msg
 
 
+@pytest.mark.parametrize("msg", SAMPLES, ids=lambda m: type(m).__name__)
+def test_a_wrong_type_in_any_envelope_field_is_refused(msg: p.Message) -> None:
+    """Each field replaced by a value of no type its schema allows (a bool where a number goes too):
+    refused, whichever way ``decode`` reads the envelope."""
+    header, cmd, env, *payload = p.encode(msg)
+    envelope = msgpack.unpackb(env, raw=False)
+    for position, kind in enumerate(type(msg).schema):
+        allowed = kind if isinstance(kind, tuple) else (kind,)
+        wrong = next(v for v in (True, None, 1.5, "x", [], {}) if type(v) not in allowed)
+        changed = [*envelope[:position], wrong, *envelope[position + 1:]]
+        with pytest.raises(ProtocolError, match="wrong type"):
+            p.decode([header, cmd, msgpack.packb(changed, use_bin_type=True), *payload])
+
+
+def test_a_number_field_takes_an_int_or_a_float() -> None:
+    for interval in (2, 2.5):
+        assert p.decode(p.encode(p.Welcome("b", interval, 3, 100))) == p.Welcome("b", interval, 3, 100)
+
+
 @pytest.mark.parametrize("msg", [m for m in SAMPLES if hasattr(m, "frames")], ids=lambda m: type(m).__name__)
 def test_payload_frames_pass_through_untouched(msg: Any) -> None:
     """The decoder routes payload frames as they are: the very same objects, never copies."""
