@@ -33,6 +33,36 @@ _NOBLOCK = int(zmq.NOBLOCK)
 _MORE_NOBLOCK = int(zmq.SNDMORE) | _NOBLOCK
 
 
+# pyzmq's recv_multipart and send_multipart turn their flags into enums at every frame, which costs
+# more than the frame itself: these two do the same with plain ints (broker, workers and clients).
+
+def recv_frames(socket: zmq.Socket[Any]) -> list[zmq.Frame] | None:
+    """The next whole message waiting on ``socket`` as frames (zero copy), or None if none waits."""
+    recv = socket.recv
+    try:
+        frame = recv(_NOBLOCK, copy=False)
+    except zmq.Again:
+        return None
+    frames = [frame]
+    while frame.more:  # the rest of a multipart message is there already
+        frame = recv(0, copy=False)
+        frames.append(frame)
+    return frames
+
+
+def send_frames(socket: zmq.Socket[Any], frames: list[Any]) -> None:
+    """Send one message without blocking.
+
+    Raises:
+        zmq.Again: it cannot be queued now (nothing was sent).
+        zmq.ZMQError: as the socket says (a ROUTER's unroutable peer: EHOSTUNREACH).
+    """
+    send = socket.send
+    for frame in frames[:-1]:
+        send(frame, _MORE_NOBLOCK, copy=False)
+    send(frames[-1], _NOBLOCK, copy=False)
+
+
 class LinkState(str, enum.Enum):
     DOWN = "down"  # no socket: waiting out the reconnect backoff
     CONNECTING = "connecting"  # HELLO sent, no WELCOME yet
@@ -216,15 +246,9 @@ class Link:
     def receive(self) -> Iterator[p.Message]:
         """Every message that has arrived, decoded; malformed ones are logged and dropped."""
         while self.socket is not None:
-            recv = self.socket.recv
-            try:
-                frame = recv(_NOBLOCK, copy=False)
-            except zmq.Again:
+            frames = recv_frames(self.socket)
+            if frames is None:
                 return
-            frames = [frame]
-            while frame.more:  # the rest of a multipart message is there already
-                frame = recv(0, copy=False)
-                frames.append(frame)
             try:
                 yield p.decode(frames)
             except ProtocolError as exc:
@@ -240,13 +264,9 @@ class Link:
         carried goes again once the core has reconnected (unfinished jobs, kept results)."""
         if self.socket is None:
             return
-        send = self.socket.send
         for msg in msgs:
-            frames = p.encode(msg)
             try:
-                for frame in frames[:-1]:  # plain ints: pyzmq's flag enums cost more than the send
-                    send(frame, _MORE_NOBLOCK, copy=False)
-                send(frames[-1], _NOBLOCK, copy=False)
+                send_frames(self.socket, p.encode(msg))
             except zmq.Again:
                 log.debug("%s %s: no connection to the broker; dropped a %s", self.role, self.name,
                           type(msg).__name__)

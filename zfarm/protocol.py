@@ -612,15 +612,17 @@ def check_rows(rows: list[Any], layout: tuple[Any, ...], what: str,
                 check_size(value, limit, f"{what} row field {column}")
 
 
-_USUAL_TYPES: dict[tuple[Any, ...], list[type]] = {}
+#: by the layout's id (hashing the layout itself would cost as much as the check): (layout, types)
+_USUAL_TYPES: dict[int, tuple[tuple[Any, ...], list[type]]] = {}
 
 
 def _usual_types(layout: tuple[Any, ...]) -> list[type]:
     """The exact types a row of ``layout`` usually has (the last of a choice: float for a number)."""
-    usual = _USUAL_TYPES.get(layout)
-    if usual is None:
-        usual = _USUAL_TYPES[layout] = [kind if isinstance(kind, type) else kind[-1] for kind in layout]
-    return usual
+    known = _USUAL_TYPES.get(id(layout))
+    if known is None or known[0] is not layout:  # (the layout kept in the entry: its id stays its own)
+        known = _USUAL_TYPES[id(layout)] = (layout, [kind if isinstance(kind, type) else kind[-1]
+                                                     for kind in layout])
+    return known[1]
 
 
 #: each message type's envelope field types as they usually come (the last of a choice: float for a
@@ -702,8 +704,12 @@ def is_hello(frames: Sequence[Frame]) -> bool:
 
 
 def _check_seqs(seqs: list[Any], what: str) -> None:
-    if not all(_is(s, int) and 0 <= s <= MAX_SEQ for s in seqs):
+    # (in C: exact ints only, which leaves bools out, then their range)
+    if seqs and (set(map(type, seqs)) != _JUST_INT or min(seqs) < 0 or max(seqs) > MAX_SEQ):
         raise ProtocolError(f"{what} seqs must be integers from 0 to {MAX_SEQ}")
+
+
+_JUST_INT = {int}
 
 
 def _check_jobs_frames(msg: Jobs, nframes: int) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import signal
 import socket
@@ -34,6 +35,7 @@ from zfarm.broker.spill import Spill
 from zfarm.broker.state import Auth
 from zfarm.config import BrokerSettings
 from zfarm.errors import ZfarmError
+from zfarm.link import recv_frames, send_frames
 from zfarm.security import BrokerKeys, check_bind_is_safe, identity_of, set_ipv6_for
 
 log = logging.getLogger(__name__)
@@ -99,7 +101,7 @@ class Broker:
         try:
             while not self._stopping.is_set():
                 timeout_ms = max(0.0, (sched.next_wakeup() - time.monotonic()) * 1000)
-                ready = dict(poller.poll(int(min(timeout_ms, 250))))
+                ready = dict(poller.poll(math.ceil(min(timeout_ms, 250))))  # (0 would spin until then)
                 if self.keys is not None and self.keys.zap in ready:
                     self.keys.answer_zap()
                 if self.socket in ready:
@@ -138,12 +140,10 @@ class Broker:
         return [m for m in outbound if not isinstance(m[1], p.Accepted)]
 
     def _drain(self) -> None:
-        sched = self.scheduler
-        recv = self.socket.recv_multipart
+        sched, socket = self.scheduler, self.socket
         for _ in range(DRAIN_LIMIT):
-            try:
-                frames = recv(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
+            frames = recv_frames(socket)
+            if frames is None:
                 return
             sched.handle(frames[0].bytes, frames[1:], time.monotonic(), self._auth(frames))
 
@@ -154,10 +154,10 @@ class Broker:
         return Auth(*identity_of(str(frames[-1].get("User-Id"))))
 
     def _send(self, outbound: list[tuple[bytes, p.Message]]) -> None:
-        send = self.socket.send_multipart
+        socket = self.socket
         for route, msg in outbound:
             try:
-                send([route, *p.encode(msg)], zmq.NOBLOCK, copy=False)
+                send_frames(socket, [route, *p.encode(msg)])
             except zmq.Again:
                 log.warning("peer %s reads nothing: %d messages wait for it; dropping it", route.hex(),
                             SEND_QUEUE_MESSAGES)
