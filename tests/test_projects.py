@@ -213,6 +213,8 @@ def test_a_suspended_project_stays_suspended_when_its_broker_is_sigkilled_and_re
         result = run_zfarm("project", "suspend", "kept", "--connect", endpoint)
         assert result.returncode == 0, result.stderr
         wait_for(lambda: project_view(endpoint, "kept")["running"] == 0, 30, message="the running job to end")
+        before = project_view(endpoint, "kept")
+        assert before["done"] >= 2 and before["submitted"] == 15, before
         broker.kill()
         broker.wait(10)
         started = len(runs(markers, "started"))
@@ -223,6 +225,7 @@ def test_a_suspended_project_stays_suspended_when_its_broker_is_sigkilled_and_re
         assert shown.returncode == 0, shown.stderr
         view = json.loads(shown.stdout)
         assert (view["state"], view["priority"]) == ("suspended", 3), view
+        assert (view["submitted"], view["done"], view["slot_s"]) == (15, before["done"], before["slot_s"])
         wait_for_workers(endpoint, 1)  # the worker is back: it would take a job if one were dispatched
         since = time.monotonic()
 
@@ -235,6 +238,7 @@ def test_a_suspended_project_stays_suspended_when_its_broker_is_sigkilled_and_re
         wait_for(quiet_for_two_seconds, 20, interval_s=0.1, message="two seconds with nothing dispatched")
         assert run_zfarm("project", "resume", "kept", "--connect", endpoint).returncode == 0
         assert [f.result(60) for f in futures] == [i * 10 for i in range(15)]
+        assert project_view(endpoint, "kept")["done"] == 15
 
 
 class Interrupts:

@@ -6,10 +6,13 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+import pytest
+
 from tests.unit.test_projects import ERROR, act, finish, restart, submit, view
 from tests.unit.test_scheduler import CA, CB, FN, MON, W1, Farm, job_rows
 from zfarm import protocol as p
 from zfarm.broker.journal import Journal
+from zfarm.broker.journal_rows import JournalProject
 from zfarm.broker.placement import MAX_CREDIT
 
 
@@ -87,3 +90,15 @@ def test_a_damaged_project_row_whose_name_is_not_text_is_deleted_and_counted_onc
     db = sqlite3.connect(path)
     assert db.execute("SELECT count(*) FROM projects").fetchone() == (0,)
     db.close()
+
+
+def test_a_project_row_reads_back_with_or_without_counts_and_refuses_bad_ones() -> None:
+    """A row of a zfarm that kept no counts still reads (its counts are unknown); counts that are not
+    four counts and a number of seconds make the row unreadable, as a wrong field does."""
+    row = JournalProject("p", "ca", 1, 2.0, "continue", False, "", 100.0, (7, 1, 1, 1, 2.5))
+    assert JournalProject.from_row("p", row.to_state()) == row
+    old = {k: v for k, v in row.to_state().items() if k != "counts"}
+    assert JournalProject.from_row("p", old).counts is None
+    for counts in ([7, 1, 1], [7, 1, 1, -1, 0.0], [7, 1, 1, True, 0.0], [7, 1, 1, 1, float("nan")], "7"):
+        with pytest.raises(ValueError):
+            JournalProject.from_row("p", {**old, "counts": counts})

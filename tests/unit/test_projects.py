@@ -477,6 +477,34 @@ def test_a_suspended_project_and_its_changed_settings_survive_a_restart_from_the
     assert view(again, "held")["state"] == "queued" and view(again, "held")["priority"] == 7
 
 
+def test_a_projects_counts_survive_a_restart_from_the_journal_as_of_the_last_turn(tmp_path: Path) -> None:
+    """submitted, done, failed, cancelled and slot_s come back as the last committed turn left them
+    (its recovered jobs are not counted as submitted twice); the queued ones run after it."""
+    path = str(tmp_path / "j.db")
+    farm = journaled_farm(path)
+    submit(farm, range(1, 8), project="counted")
+    (first,) = job_rows(farm.out(0.0), W1)
+    stats = [[100.0, 102.5, 2.5, 1]]  # it ran 2.5 s
+    farm.send(W1, p.Results(1, [["ca", first[1], first[2], OK, 1, ""]], [b"r"], stats), 1.0)
+    (second,) = job_rows(farm.out(1.0), W1)
+    finish(farm, [second], 2.0, outcome=ERROR)
+    farm.send(CA, p.Cancel([7]), 2.5)
+    job_rows(farm.out(2.5), W1)  # the third is running when the broker dies
+    counts = ("submitted", "done", "failed", "cancelled", "queued", "running")
+    before = view(farm, "counted")
+    assert [before[k] for k in counts] == [7, 1, 1, 1, 3, 1]
+    again = restart(farm, path, 3.0)
+    after = view(again, "counted")
+    assert [after[k] for k in counts] == [7, 1, 1, 1, 4, 0]
+    assert after["slot_s"] == before["slot_s"] == 2.5
+    again.worker(W1, "w1", 3.0, credit=MAX_CREDIT)
+    for row in job_rows(again.out(3.0), W1):
+        again.result(W1, row, 4.0, credit=0)
+    again.out(4.0)
+    done = view(again, "counted")
+    assert (done["state"], done["submitted"], done["done"], done["failed"]) == ("done", 7, 5, 1)
+
+
 def test_a_cancelled_project_stays_cancelled_after_a_restart(tmp_path: Path) -> None:
     path = str(tmp_path / "j.db")
     farm = journaled_farm(path)

@@ -70,6 +70,8 @@ class Farm:
     _scheduled: int = 0  # queues scheduled so far: each one's ``order``
     #: projects by name
     projects: dict[str, Queue] = field(default_factory=dict)
+    #: projects whose counts changed this turn (with a journal: their rows are written at the flush)
+    counted: set[Queue] = field(default_factory=set)
     #: counts changes to ``workers`` (a worker joined or its record ended): what could run somewhere
     workers_epoch: int = 0
     #: the pass of the last queue dispatched from: a queue that was idle starts there (no banked turns)

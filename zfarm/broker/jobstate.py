@@ -153,8 +153,11 @@ class JobMoves:
         key = (client.id, job.phase)
         queue.phases[key] = queue.phases.get(key, 0) + 1
         journal = self.farm.journal
-        if journal is not None and job.recovered_after < 0:  # a recovered job's row is there already
-            journal.job(job, self.farm.records.wall(job.queued_at))
+        if journal is not None:
+            if job.recovered_after < 0:  # a recovered job's row is there already
+                journal.job(job, self.farm.records.wall(job.queued_at))
+            if queue.name:
+                self.farm.counted.add(queue)  # (its row's counts are written with this turn)
 
     def _next_phase(self, client: ClientRecord, queue: Queue, now: float) -> None:
         """A phase of ``client``'s jobs here is over: the jobs of the next one queue."""
@@ -204,6 +207,8 @@ class JobMoves:
                 queue.finished.add(now)
         elif farm.journal is not None and known:  # (a dropped client's rows go with it)
             farm.journal.drop_job(client.id, job.seq)  # (a finished job's is replaced by its result's)
+        if queue.name and farm.journal is not None:
+            farm.counted.add(queue)  # (its row's counts are written with this turn)
         client.jobs.pop(job.seq, None)
         key = (client.id, job.phase)
         left = queue.phases[key] = queue.phases[key] - 1

@@ -43,9 +43,15 @@ class JournalProject:
     suspended: bool
     why_suspended: str
     created_at: float  # epoch seconds
+    #: its counts as of the turn that last changed them: submitted, done, failed, cancelled, and the
+    #: slot-seconds its results measured (None: a row from a zfarm that did not keep them)
+    counts: tuple[int, int, int, int, float] | None = None
 
     def to_state(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in _PROJECT_FIELDS}
+        state = {k: getattr(self, k) for k in _PROJECT_FIELDS}
+        if self.counts is not None:
+            state["counts"] = list(self.counts)
+        return state
 
     @classmethod
     def from_row(cls, name: object, state: object) -> JournalProject:
@@ -60,7 +66,15 @@ class JournalProject:
         if not all(isinstance(v, kind) and not (kind is int and isinstance(v, bool))
                    for v, kind in zip(values, _PROJECT_KINDS, strict=True)):
             raise ValueError("a project row's field has the wrong type")
-        return cls(name, *values)
+        counts = state.get("counts")
+        if counts is not None and not (
+                isinstance(counts, list) and len(counts) == 5
+                and all(type(n) is int and n >= 0 for n in counts[:4])
+                and isinstance(counts[4], (int, float)) and not isinstance(counts[4], bool)
+                and 0.0 <= counts[4] < float("inf")):
+            raise ValueError("a project row's counts are not four counts and a number of seconds")
+        return cls(name, **dict(zip(_PROJECT_FIELDS, values, strict=True)),
+                   counts=(counts[0], counts[1], counts[2], counts[3], float(counts[4])) if counts else None)
 
 
 _PROJECT_FIELDS = ("owner", "priority", "share", "on_error", "suspended", "why_suspended", "created_at")

@@ -172,10 +172,21 @@ class Projects:
         if journal is None:
             return
         row = JournalProject(queue.name, queue.owner, queue.priority, queue.share, queue.on_error.value,
-                             queue.suspended, queue.why_suspended, self.farm.records.wall(queue.created_at))
+                             queue.suspended, queue.why_suspended, self.farm.records.wall(queue.created_at),
+                             (queue.submitted, queue.done, queue.failed, queue.cancelled, queue.slot_s))
         if self.rows.get(queue.name) != row:
             self.rows[queue.name] = row
             journal.project(row)
+
+    def save_counted(self) -> None:
+        """The rows of the projects whose counts changed this turn, written in the turn's commit with
+        the job and result rows that changed them (so a restart shows what the journal holds)."""
+        projects = self.farm.projects
+        for queue in self.farm.counted:
+            # (one owed nothing needs no row: tidy drops it, and a restart does not bring it back)
+            if projects.get(queue.name) is queue and (queue.suspended or _unfinished(queue)):
+                self.save(queue)
+        self.farm.counted.clear()
 
     def restore(self, rows: list[JournalProject], now: float) -> None:
         """After a restart, once the journal's jobs are read back (and made their projects): each
@@ -203,6 +214,22 @@ class Projects:
                 log.info("project %s is suspended, as it was before the restart: %s", p.clip(row.name),
                          row.why_suspended)
         self._tidy_at = now + TIDY_EVERY_S
+
+    def recount(self, rows: list[JournalProject]) -> None:
+        """After a restart, once the recovered jobs are queued again: each project's counts as its row
+        last had them (its recovered jobs were among the submitted then; any that ended while being
+        read back, an upstream failed, are added)."""
+        for row in rows:
+            queue = self.farm.projects.get(row.name)
+            if queue is None or row.counts is None:
+                continue
+            submitted, done, failed, cancelled, slot_s = row.counts
+            queue.submitted = max(queue.submitted, submitted)
+            queue.done += done
+            queue.failed += failed
+            queue.cancelled += cancelled
+            queue.slot_s += slot_s
+            self.save(queue)
 
     def tidy(self, now: float) -> None:
         """Once a second (they are few, and a row that stays a little longer does no harm): drop the

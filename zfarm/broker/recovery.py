@@ -45,6 +45,7 @@ def recover(farm: Farm, delivery: Delivery, functions: Functions, saved: Recover
             farm.held_results.recovered(1)
     for client, job in waiting:  # with every job and result known, each queues or waits again
         intake.admit(client, job, now)
+    intake.projects.recount(saved.projects)
     jobs = len(waiting)
     _recover_damaged(farm, delivery, saved.damaged, now)
     functions.idle_all(now)

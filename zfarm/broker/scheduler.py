@@ -304,6 +304,8 @@ class Scheduler:
             if client.out_rows:
                 farm.send(client, p.Result(client.out_rows, client.out_frames, client.out_stats), now)
                 client.out_rows, client.out_frames, client.out_stats = [], [], []
+        if farm.counted:
+            self.projects.save_counted()
         out, farm.out = farm.out, []
         return out
 
