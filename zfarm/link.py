@@ -54,7 +54,8 @@ def send_frames(socket: zmq.Socket[Any], frames: list[Any]) -> None:
     """Send one message without blocking.
 
     Raises:
-        zmq.Again: it cannot be queued now (nothing was sent).
+        zmq.Again: it cannot be queued now (on a ROUTER, the broker's, at its first frame: nothing was
+            sent; on a DEALER, ZeroMQ drops the part already queued).
         zmq.ZMQError: as the socket says (a ROUTER's unroutable peer: EHOSTUNREACH).
     """
     send = socket.send

@@ -612,14 +612,17 @@ def check_rows(rows: list[Any], layout: tuple[Any, ...], what: str,
                 check_size(value, limit, f"{what} row field {column}")
 
 
-#: by the layout's id (hashing the layout itself would cost as much as the check): (layout, types)
+#: by the layout's id (hashing the layout itself would cost as much as the check): (layout, types);
+#: the layout is kept in its entry, so its id stays its own; bounded for layouts made on the fly
 _USUAL_TYPES: dict[int, tuple[tuple[Any, ...], list[type]]] = {}
 
 
 def _usual_types(layout: tuple[Any, ...]) -> list[type]:
     """The exact types a row of ``layout`` usually has (the last of a choice: float for a number)."""
     known = _USUAL_TYPES.get(id(layout))
-    if known is None or known[0] is not layout:  # (the layout kept in the entry: its id stays its own)
+    if known is None:
+        if len(_USUAL_TYPES) >= 256:
+            _USUAL_TYPES.clear()
         known = _USUAL_TYPES[id(layout)] = (layout, [kind if isinstance(kind, type) else kind[-1]
                                                      for kind in layout])
     return known[1]
@@ -724,7 +727,8 @@ def _check_jobs_frames(msg: Jobs, nframes: int) -> None:
 def _check_results_frames(msg: Results, nframes: int) -> None:
     check_rows(msg.results, RESULTS_ROW, "RESULTS", RESULTS_ROW_LIMITS)
     _check_stats(msg.stats, RUN_STATS_ROW, len(msg.results), "RESULTS")
-    if msg.kinds and (len(msg.kinds) != len(msg.results) or not all(k in _KINDS for k in msg.kinds)):
+    if msg.kinds and (len(msg.kinds) != len(msg.results) or set(map(type, msg.kinds)) != _JUST_INT
+                      or not all(k in _KINDS for k in msg.kinds)):  # (types first: a list is unhashable)
         raise ProtocolError(f"RESULTS kinds must be one ResultKind per result, or none: {msg.kinds[:8]}")
     _check_count(msg, _sum_frames(msg.results, 4), nframes)
 

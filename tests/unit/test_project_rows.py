@@ -6,8 +6,6 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-import pytest
-
 from tests.unit.test_projects import ERROR, act, finish, restart, submit, view
 from tests.unit.test_scheduler import CA, CB, FN, MON, W1, Farm, job_rows
 from zfarm import protocol as p
@@ -92,13 +90,37 @@ def test_a_damaged_project_row_whose_name_is_not_text_is_deleted_and_counted_onc
     db.close()
 
 
-def test_a_project_row_reads_back_with_or_without_counts_and_refuses_bad_ones() -> None:
-    """A row of a zfarm that kept no counts still reads (its counts are unknown); counts that are not
-    four counts and a number of seconds make the row unreadable, as a wrong field does."""
-    row = JournalProject("p", "ca", 1, 2.0, "continue", False, "", 100.0, (7, 1, 1, 1, 2.5))
+def test_a_project_row_reads_back_with_or_without_counts_and_keeps_its_state_whatever_they_are() -> None:
+    """A row of a zfarm that kept no counts still reads (its counts are unknown); so does one whose
+    counts are not four counts and a number of seconds (another zfarm's): its suspension is kept."""
+    row = JournalProject("p", "ca", 1, 2.0, "continue", True, "why", 100.0, (7, 1, 1, 1, 2.5))
     assert JournalProject.from_row("p", row.to_state()) == row
     old = {k: v for k, v in row.to_state().items() if k != "counts"}
-    assert JournalProject.from_row("p", old).counts is None
-    for counts in ([7, 1, 1], [7, 1, 1, -1, 0.0], [7, 1, 1, True, 0.0], [7, 1, 1, 1, float("nan")], "7"):
-        with pytest.raises(ValueError):
-            JournalProject.from_row("p", {**old, "counts": counts})
+    assert JournalProject.from_row("p", old) == JournalProject("p", "ca", 1, 2.0, "continue", True, "why",
+                                                               100.0)
+    for counts in ([7, 1, 1], [7, 1, 1, -1, 0.0], [7, 1, 1, True, 0.0], [7, 1, 1, 1, float("nan")], "7",
+                   [7, 1, 1, 1, 2.5, 9]):
+        back = JournalProject.from_row("p", {**old, "counts": counts})
+        assert (back.counts, back.suspended, back.why_suspended) == (None, True, "why")
+
+
+def test_a_project_counts_its_jobs_lost_while_read_back_as_failed(tmp_path: Path) -> None:
+    """A job whose row fails its seal after a restart fails (CORRUPTED, its client told): its project
+    counts it failed, so its counts still add up to what it was sent."""
+    path = str(tmp_path / "j.db")
+    farm = journaled_farm(path)
+    submit(farm, range(1, 4), project="counted")
+    farm.out(0.0)
+    farm.sched.journal.close()  # type: ignore[union-attr]
+    db = sqlite3.connect(path)
+    with db:
+        db.execute("UPDATE jobs SET seal=x'00' WHERE seq=2")
+    db.close()
+    again = Farm(1.0, journal=Journal(path))
+    again.send(MON, p.Hello("monitor", "m", "h", 3, 0, {}), 1.0)
+    again.worker(W1, "w1", 1.0, credit=MAX_CREDIT)
+    for row in job_rows(again.out(1.0), W1):
+        again.result(W1, row, 2.0, credit=0)
+    again.out(2.0)
+    counted = view(again, "counted")
+    assert [counted[k] for k in ("state", "submitted", "done", "failed", "cancelled")] == ["done", 3, 2, 1, 0]

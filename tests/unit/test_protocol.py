@@ -68,6 +68,16 @@ def test_results_kinds_are_one_known_kind_per_row_or_none() -> None:
             p.decode(p.encode(p.Results(1, [row], [], [], kinds)))
 
 
+def test_results_kinds_that_are_not_numbers_are_refused() -> None:
+    """(A list or a map among the kinds used to raise TypeError out of decode: any peer could stop
+    the broker with one message.)"""
+    row = ["c-1", 0, 1, int(p.Outcome.ERROR), 0, ""]
+    for kinds in ([[]], [{}], [1.0], [True]):
+        envelope = msgpack.packb([1, [row], [], kinds], use_bin_type=True)
+        with pytest.raises(ProtocolError, match="kinds"):
+            p.decode([p.HEADER, bytes([p.Command.RESULTS]), envelope])
+
+
 def test_every_message_type_is_sampled() -> None:
     assert {type(m) for m in SAMPLES} == set(p.MESSAGE_TYPES.values())
 

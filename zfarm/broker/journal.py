@@ -314,7 +314,7 @@ class Journal:
         return None
 
     def project(self, row: JournalProject) -> None:
-        """A project's state and settings as they are now (they replace the ones written before)."""
+        """A project's state, settings and counts as they are now (they replace the ones written before)."""
         state = pack(row.to_state())
         self._write("INSERT OR REPLACE INTO projects VALUES(?, ?, ?)",
                     (row.name, state, seal("projects", row.name, state)))

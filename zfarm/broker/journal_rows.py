@@ -33,7 +33,8 @@ class JournalJob:
 @dataclass(frozen=True, slots=True)
 class JournalProject:
     """A project's state and settings, as the broker last changed them (suspend, resume, set, a job's
-    options): read back after a restart, they win over the settings its jobs carried."""
+    options): read back after a restart, they win over the settings its jobs carried; and its counts
+    as of the last turn that changed them while it was owed something."""
 
     name: str
     owner: str
@@ -67,12 +68,10 @@ class JournalProject:
                    for v, kind in zip(values, _PROJECT_KINDS, strict=True)):
             raise ValueError("a project row's field has the wrong type")
         counts = state.get("counts")
-        if counts is not None and not (
-                isinstance(counts, list) and len(counts) == 5
-                and all(type(n) is int and n >= 0 for n in counts[:4])
-                and isinstance(counts[4], (int, float)) and not isinstance(counts[4], bool)
-                and 0.0 <= counts[4] < float("inf")):
-            raise ValueError("a project row's counts are not four counts and a number of seconds")
+        if not (isinstance(counts, list) and len(counts) == 5  # (else unknown: the state and settings
+                and all(type(n) is int and n >= 0 for n in counts[:4])  # still count, a suspension above all)
+                and type(counts[4]) in (int, float) and 0.0 <= counts[4] < float("inf")):
+            counts = None
         return cls(name, **dict(zip(_PROJECT_FIELDS, values, strict=True)),
                    counts=(counts[0], counts[1], counts[2], counts[3], float(counts[4])) if counts else None)
 

@@ -13,10 +13,13 @@ cancelling ends the queued and running jobs with CANCELLED results for their cli
 
 With a journal, a project's own row holds its state and settings as they are now (suspended or not,
 and priority, share and on_error however they last changed), written in the turn that changes
-them. A restarted broker reads the jobs back first (each job's options make or update its
-project), then lays the project rows over them: they are newer. A row is kept while its project
-has unfinished jobs or is suspended, and dropped (:meth:`Projects.tidy`) once neither holds, so
-the journal holds only the projects still owed something. A suspended project with no job left
+them, and its counts (submitted, done, failed, cancelled, slot-seconds), written once in each turn
+that changes them while it is owed something (:meth:`Projects.save_counted`). A restarted broker
+reads the jobs back first (each job's options make or update its project), then lays the project
+rows over them: they are newer; once the jobs are queued again, the counts (:meth:`Projects.recount`).
+A row is kept while its project has unfinished jobs or is suspended, and dropped
+(:meth:`Projects.tidy`) once neither holds, so the journal holds only the projects still owed
+something. A suspended project with no job left
 whose owner is gone (its session ended, or it left) is dropped, row and all
 (:meth:`Projects.forget`): nobody is left to resume it, and a later run of its name starts afresh.
 """
@@ -217,16 +220,19 @@ class Projects:
 
     def recount(self, rows: list[JournalProject]) -> None:
         """After a restart, once the recovered jobs are queued again: each project's counts as its row
-        last had them (its recovered jobs were among the submitted then; any that ended while being
-        read back, an upstream failed, are added)."""
+        last had them. Its jobs read back were among the submitted then (each counted again as it
+        queued: not twice); any that ended while being read back (an upstream failed) are added; and
+        its jobs unfinished then that did not come back (a damaged row or function, no client) failed."""
         for row in rows:
             queue = self.farm.projects.get(row.name)
             if queue is None or row.counts is None:
                 continue
             submitted, done, failed, cancelled, slot_s = row.counts
-            queue.submitted = max(queue.submitted, submitted)
+            back = queue.submitted  # its jobs read back
+            lost = max(0, submitted - done - failed - cancelled - back)
+            queue.submitted = max(back, submitted)
             queue.done += done
-            queue.failed += failed
+            queue.failed += failed + lost
             queue.cancelled += cancelled
             queue.slot_s += slot_s
             self.save(queue)
