@@ -32,7 +32,7 @@ from zfarm.errors import (
     ZfarmError,
 )
 
-__version__ = "0.4.0"
+__version__ = "0.4.1"
 
 if TYPE_CHECKING:
     from zfarm.client import Client, as_completed
