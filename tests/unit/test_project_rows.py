@@ -6,7 +6,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from tests.unit.test_projects import ERROR, act, finish, restart, submit, view
+from tests.unit.test_projects import ERROR, act, finish, restart, restart_tampered, submit, view
 from tests.unit.test_scheduler import CA, CB, FN, MON, W1, Farm, job_rows
 from zfarm import protocol as p
 from zfarm.broker.journal import Journal
@@ -111,12 +111,7 @@ def test_a_project_counts_its_jobs_lost_while_read_back_as_failed(tmp_path: Path
     farm = journaled_farm(path)
     submit(farm, range(1, 4), project="counted")
     farm.out(0.0)
-    farm.sched.journal.close()  # type: ignore[union-attr]
-    db = sqlite3.connect(path)
-    with db:
-        db.execute("UPDATE jobs SET seal=x'00' WHERE seq=2")
-    db.close()
-    again = Farm(1.0, journal=Journal(path))
+    again = restart_tampered(farm, path, "UPDATE jobs SET seal=x'00' WHERE seq=2", 1.0)
     again.send(MON, p.Hello("monitor", "m", "h", 3, 0, {}), 1.0)
     again.worker(W1, "w1", 1.0, credit=MAX_CREDIT)
     for row in job_rows(again.out(1.0), W1):

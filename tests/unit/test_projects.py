@@ -454,6 +454,17 @@ def restart(farm: Farm, path: str, now: float) -> Farm:
     return again
 
 
+def restart_tampered(farm: Farm, path: str, sql: str, now: float) -> Farm:
+    """The broker dies after its last commit, a row of its journal is changed on disk (``sql``), and
+    another starts on the journal."""
+    farm.sched.journal.close()  # type: ignore[union-attr]
+    db = sqlite3.connect(path)
+    with db:
+        db.execute(sql)
+    db.close()
+    return Farm(now, journal=Journal(path))
+
+
 def test_a_suspended_project_and_its_changed_settings_survive_a_restart_from_the_journal(
         tmp_path: Path) -> None:
     path = str(tmp_path / "j.db")
@@ -546,12 +557,7 @@ def test_a_project_row_that_fails_its_seal_is_dropped_and_its_jobs_still_run(tmp
     submit(farm, range(1, 3), project="tampered", priority=2)
     act(farm, "suspend", "tampered", 1.0)
     farm.out(1.0)
-    farm.sched.journal.close()  # type: ignore[union-attr]
-    db = sqlite3.connect(path)
-    with db:
-        db.execute("UPDATE projects SET seal=x'00'")
-    db.close()
-    again = Farm(2.0, journal=Journal(path))
+    again = restart_tampered(farm, path, "UPDATE projects SET seal=x'00'", 2.0)
     assert again.counter("corrupted") == 1
     (status,) = again.snap(2.0)["projects"]
     assert (status["state"], status["priority"], status["queued"]) == ("queued", 2, 2)
