@@ -44,8 +44,7 @@ def check_share(share: Any, what: str = "a project's share") -> float:
     Raises:
         ConfigError: not a number from ``MIN_SHARE`` to ``MAX_SHARE`` (NaN and infinity included).
     """
-    if (isinstance(share, bool) or not isinstance(share, (int, float))
-            or not p.MIN_SHARE <= share <= p.MAX_SHARE):
+    if not p.valid_share(share):
         raise ConfigError(f"{what} is a number from {p.MIN_SHARE:g} to {p.MAX_SHARE:g}, not {share!r}")
     return float(share)
 

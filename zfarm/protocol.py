@@ -59,6 +59,11 @@ MAX_RUN_S = 1e7
 #: share charges) stays a finite number, however long it ran (``MAX_RUN_S``)
 MIN_SHARE, MAX_SHARE = 1e-6, 1e6
 
+
+def valid_share(share: Any) -> bool:
+    """Whether ``share`` is a number from MIN_SHARE to MAX_SHARE (NaN and infinity are not)."""
+    return isinstance(share, (int, float)) and not isinstance(share, bool) and MIN_SHARE <= share <= MAX_SHARE
+
 Frame = Any  # bytes, memoryview or zmq.Frame: payloads are never looked into
 
 
@@ -528,8 +533,19 @@ def decode(frames: Sequence[Frame]) -> Message:
     """Validate frames and build the message they carry.
 
     Raises:
-        ProtocolError: the frames are not a well-formed message of this version.
+        ProtocolError: the frames are not a well-formed message of this version. Nothing else: what
+            a peer sends can end no process (broker, worker or client), even through a check missed.
     """
+    try:
+        return _decode(frames)
+    except ProtocolError:
+        raise
+    except Exception as exc:  # a check missed: still bad input (and a bug in zfarm to report)
+        raise ProtocolError(f"a message escaped the protocol's checks ({type(exc).__name__}: {exc}; a bug "
+                            f"in zfarm)") from exc
+
+
+def _decode(frames: Sequence[Frame]) -> Message:
     if len(frames) < 3:
         raise ProtocolError(f"expected at least 3 frames, got {len(frames)}")
     cmd_bytes = as_bytes(frames[1])

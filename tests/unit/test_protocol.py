@@ -78,6 +78,17 @@ def test_results_kinds_that_are_not_numbers_are_refused() -> None:
             p.decode([p.HEADER, bytes([p.Command.RESULTS]), envelope])
 
 
+def test_an_error_a_check_misses_is_still_a_protocol_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Defence in depth: whatever a peer's bytes make a check raise, decode raises ProtocolError (which
+    every reader drops as malformed), never an error that would end the process."""
+    def broken(_msg: Any, _nframes: int) -> None:
+        raise TypeError("unhashable type: 'list'")
+
+    monkeypatch.setitem(p._FRAME_RULES, p.Results, broken)
+    with pytest.raises(ProtocolError, match="TypeError: unhashable"):
+        p.decode(p.encode(p.Results(1, [["c-1", 0, 1, int(p.Outcome.OK), 0, ""]], [])))
+
+
 def test_every_message_type_is_sampled() -> None:
     assert {type(m) for m in SAMPLES} == set(p.MESSAGE_TYPES.values())
 

@@ -635,23 +635,6 @@ MALFORMED: dict[str, tuple[bytes, list[Any]]] = {
 }
 
 
-def test_an_error_that_escapes_the_protocols_checks_drops_the_message_not_the_broker(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """Defence in depth: whatever a peer's bytes make decode raise, the broker counts a malformed
-    message and goes on."""
-    farm = _registered()
-
-    def broken(_frames: Any) -> p.Message:
-        raise TypeError("unhashable type: 'list'")
-
-    monkeypatch.setattr(scheduler.p, "decode", broken)
-    farm.sched.handle(W1, p.encode(p.Ready(1)), 0.1)
-    assert farm.counter("malformed") == 1
-    monkeypatch.undo()
-    farm.sched.handle(CA, p.encode(p.Submit(FN, True, [[0, 1, {}]], [b"fn", b"a"])), 0.2)
-    assert farm.snap(0.2)["queued"] + farm.snap(0.2)["in_flight"] == 1
-
-
 @pytest.mark.parametrize("case", MALFORMED.values(), ids=MALFORMED.keys())
 def test_malformed_input_is_counted_and_never_raises(case: tuple[bytes, list[Any]]) -> None:
     farm = _registered()

@@ -19,15 +19,14 @@ reads the jobs back first (each job's options make or update its project), then 
 rows over them: they are newer; once the jobs are queued again, the counts (:meth:`Projects.recount`).
 A row is kept while its project has unfinished jobs or is suspended, and dropped
 (:meth:`Projects.tidy`) once neither holds, so the journal holds only the projects still owed
-something. A suspended project with no job left
-whose owner is gone (its session ended, or it left) is dropped, row and all
-(:meth:`Projects.forget`): nobody is left to resume it, and a later run of its name starts afresh.
+something. A suspended project with no job left whose owner is gone (its session ended, or it left)
+is dropped, row and all (:meth:`Projects.forget`): nobody is left to resume it, and a later run of
+its name starts afresh.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any
 
 from zfarm import protocol as p
@@ -40,7 +39,6 @@ from zfarm.broker.state import ClientRecord, Job, OnError, Queue
 log = logging.getLogger("zfarm.broker.scheduler")
 
 MAX_PROJECT_CHARS = 128
-MIN_SHARE, MAX_SHARE = p.MIN_SHARE, p.MAX_SHARE
 #: how often journaled projects are looked at for rows that may go (``Projects.tidy``)
 TIDY_EVERY_S = 1.0
 
@@ -296,9 +294,9 @@ def _settings(options: dict[str, Any]) -> tuple[int | None, float | None, OnErro
     if priority is not None and (not isinstance(priority, int) or isinstance(priority, bool)
                                  or abs(priority) > 1_000_000):
         raise BadProject(f"a project's priority is an integer from -1000000 to 1000000, not {priority!r}")
-    if share is not None and (not isinstance(share, (int, float)) or isinstance(share, bool)
-                              or not math.isfinite(share) or not MIN_SHARE <= share <= MAX_SHARE):
-        raise BadProject(f"a project's share is a number from {MIN_SHARE:g} to {MAX_SHARE:g}, not {share!r}")
+    if share is not None and not p.valid_share(share):
+        raise BadProject(f"a project's share is a number from {p.MIN_SHARE:g} to {p.MAX_SHARE:g}, "
+                         f"not {share!r}")
     try:
         rule = OnError(on_error) if on_error is not None else None
     except ValueError:

@@ -155,10 +155,6 @@ class Scheduler:
         except ProtocolError as exc:
             farm.malformed(now, "dropped malformed message from %s: %s", route.hex(), p.clip(str(exc)))
             return
-        except Exception as exc:  # input decode's checks missed: dropped, never the broker's end
-            farm.malformed(now, "dropped malformed message from %s (%s escaped the protocol's checks: a bug "
-                           "in zfarm): %s", route.hex(), type(exc).__name__, p.clip(str(exc)))
-            return
         if isinstance(msg, p.Hello) and auth is not None and (reason := self.peers_part.refusal(msg, auth)):
             log.warning("refused %s %s from %s: %s", msg.role, msg.peer_id, p.clip(msg.host), reason)
             farm.send_to(route, p.Refused(reason))
