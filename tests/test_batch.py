@@ -205,7 +205,7 @@ def test_cancel_and_wait_timeout(procs: Procs, state: dict[str, str], tmp_path: 
     assert zf(state, "submit", "--connect", endpoint, "--name", "slow", "--array", "1-3", "--",
               "sh", "-c", "touch " + str(tmp_path / "ran-{}") + "; sleep 60").returncode == 0
     wait_for(lambda: (tmp_path / "ran-1").exists(), 30, message="job 1 running")
-    timed = zf(state, "wait", "slow", "--timeout", "0.5")
+    timed = zf(state, "wait", "slow", "--timeout", "5")  # (time for the broker to say job 1 runs)
     assert timed.returncode == 2 and "1 running, 2 pending" in timed.stdout, timed.stdout
     cancelled = zf(state, "cancel", "slow")
     assert "cancelled 3 unfinished jobs: 1-3" in cancelled.stdout, cancelled.stderr

@@ -382,7 +382,7 @@ def short_error(state: JobState, timeout_s: float | None = None) -> str:
         return f"signal {-state.exit_code}" if state.exit_code < 0 else f"exit {state.exit_code}"
     if not state.error:
         return ""
-    type_name = state.error.partition(":")[0].rpartition(".")[2]  # "zfarm.errors.X: text" -> "X"
+    type_name = state.error.partition(":")[0]  # "X: text" -> "X" (describe writes the type's name)
     if type_name == "CommandNotFound":
         return "not found"
     return type_name if type_name.isidentifier() else state.error.splitlines()[0][:40]

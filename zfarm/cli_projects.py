@@ -54,7 +54,6 @@ def add_project_commands(sub: Any) -> None:
 def _run(args: argparse.Namespace) -> int:
     from zfarm.projects import act
 
-    address = broker_address(args, listening=True)
     action = p.ProjectAction.LIST if args.action == "show" else p.ProjectAction(args.action)
     settings = {k: v for k in ("priority", "share") if (v := getattr(args, k, None)) is not None}
     if args.action == "set" and not settings:
@@ -62,6 +61,7 @@ def _run(args: argparse.Namespace) -> int:
     if "share" in settings:
         from zfarm.projects import check_share
         check_share(settings["share"], "--share")
+    address = broker_address(args, listening=True)  # (after the usage checks: they need no broker)
     name = getattr(args, "name", "")
     views = act(address, action, name, settings, args.timeout, keys_folder(args))
     if args.action != "list":

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 import threading
 import time
 import uuid
@@ -19,7 +18,7 @@ from zfarm import protocol as p
 from zfarm.config import check_endpoint
 from zfarm.errors import BrokerUnavailable, Refused, SecurityError
 from zfarm.link import Link
-from zfarm.security import PeerKeys, set_ipv6_for
+from zfarm.security import PeerKeys, dealer_to_broker, monitor_event
 
 #: how long a refused connection may go on being refused (a broker still starting) before a command
 #: says that no broker answers, instead of waiting out the whole connect timeout
@@ -169,8 +168,7 @@ def check_listening(address: str, within_s: float = LISTEN_CHECK_S) -> None:
         BrokerUnavailable: every connection was refused for ``within_s``.
     """
     context: zmq.Context[Any] = zmq.Context()
-    sock = context.socket(zmq.DEALER)
-    set_ipv6_for(sock, address)
+    sock = dealer_to_broker(context, address, None)
     watch = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_CONNECT_RETRIED)
     started = time.monotonic()
     refused = False
@@ -182,7 +180,7 @@ def check_listening(address: str, within_s: float = LISTEN_CHECK_S) -> None:
         while (left_s := started + within_s - time.monotonic()) > 0:
             if not watch.poll(max(1, int(left_s * 1000))):
                 break
-            event = int.from_bytes(watch.recv_multipart()[0][:2], sys.byteorder)
+            event = monitor_event(watch.recv_multipart())
             if event == zmq.EVENT_CONNECTED:
                 return
             refused = True  # EVENT_CONNECT_RETRIED: the connection failed; ZeroMQ tries again

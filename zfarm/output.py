@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import socket
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -41,7 +40,7 @@ import msgpack
 
 from zfarm import scratch
 from zfarm.protocol import as_bytes, buffer_of
-from zfarm.scratch import file_stem
+from zfarm.scratch import file_stem, host_stem
 
 #: bytes of each stream kept per job (the end of it)
 TAIL_BYTES = 1024 * 1024
@@ -137,16 +136,16 @@ class FdCapture:
         _flush_python_streams()
         for fd, saved in zip((1, 2), self._saved, strict=True):
             os.dup2(saved, fd)
-        (out, out_cut), (err, err_cut) = (read_tail(scratch) for scratch in self._files)
+        (out, out_cut), (err, err_cut) = (read_tail(held) for held in self._files)
         if self._kept is not None:
             drop_live(self.live_dir, self.live_name)
             self._kept.finish()
             self._kept, self._files = None, []
         else:  # emptied now, before the result goes: the next job's live view never shows this one's
-            for scratch, printed in zip(self._files, (out, err), strict=True):
+            for held, printed in zip(self._files, (out, err), strict=True):
                 if printed:
-                    os.ftruncate(scratch, 0)
-                    os.lseek(scratch, 0, os.SEEK_SET)
+                    os.ftruncate(held, 0)
+                    os.lseek(held, 0, os.SEEK_SET)
         if not (out or err):
             return b""
         return pack(out, err, out_cut, err_cut)
@@ -206,7 +205,7 @@ def _attempt_suffix() -> str:
     global _suffix
     pid = os.getpid()
     if _suffix[0] != pid:
-        _suffix = (pid, f"{file_stem(socket.gethostname())}-{pid}")
+        _suffix = (pid, f"{host_stem()}-{pid}")
     return _suffix[1]
 
 

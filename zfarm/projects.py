@@ -92,7 +92,6 @@ class Project(concurrent.futures.Executor):
             raise ConfigError(f"on_error is one of {', '.join(ON_ERROR)}, not {on_error!r}")
         if not isinstance(priority, int) or isinstance(priority, bool):
             raise ConfigError(f"a project's priority is an integer, not {priority!r}")
-        check_share(share)
         self.client = client
         self.name = name
         self.priority = priority

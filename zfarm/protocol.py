@@ -64,6 +64,7 @@ def valid_share(share: Any) -> bool:
     """Whether ``share`` is a number from MIN_SHARE to MAX_SHARE (NaN and infinity are not)."""
     return isinstance(share, (int, float)) and not isinstance(share, bool) and MIN_SHARE <= share <= MAX_SHARE
 
+
 Frame = Any  # bytes, memoryview or zmq.Frame: payloads are never looked into
 
 

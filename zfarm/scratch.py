@@ -4,7 +4,8 @@ one removes those whose owner was killed before it could (SIGKILL, the OOM kille
 ::
 
     /tmp/zfarm-live-HOST-PID-xxxx     a worker's live folder (zfarm/output.py)
-    /tmp/zfarm-local-HOST-PID-xxxx    a cluster's broker socket and scratch (zfarm/cluster/base.py)
+    /tmp/zfarm-KIND-HOST-PID-xxxx     a cluster's broker socket and scratch, KIND local, ssh or slurm
+                                      (zfarm/cluster/base.py)
 
 The host is in the name because the temporary folder may be shared (NFS): a process of another
 host is not ours to judge. Only this user's folders are touched.

@@ -280,7 +280,7 @@ _KEYS_HINT = {"client": "pass keys= or set ZFARM_KEYS", "worker": "start it with
 _KEY_LIST = {"client": "client", "worker": "worker", "monitor": "client (or worker)"}
 
 
-def _monitor_event(frames: list[bytes]) -> int:
+def monitor_event(frames: list[bytes]) -> int:
     """The event number of a ZeroMQ monitor message (its first frame starts with it, 16 bits).
 
     Read here rather than with ``zmq.utils.monitor``, whose import pulls in asyncio: 20 ms of
@@ -306,7 +306,7 @@ class HandshakeWatch:
     def read(self) -> str:
         """Take the pending events; return why the last handshake failed ("" if it did not)."""
         while self.monitor.poll(0):
-            self.problem = self._problem(_monitor_event(self.monitor.recv_multipart()))
+            self.problem = self._problem(monitor_event(self.monitor.recv_multipart()))
         return self.problem
 
     def _problem(self, event: int) -> str:

@@ -5,9 +5,10 @@
     zfarm.toml [profiles.NAME] ─► cluster (broker + launched workers)
         prints the address and the line a client uses, then one status line whenever it changes:
         the cluster's view (requested, running, coming, retiring, failed) + the broker's (queue),
-        as the cluster's supervisor last read it (every 2 s, when it reports to the broker: no second
+        as the cluster's reporter last read it (every 2 s, when it reports to the broker: no second
         monitor connection)
-    Ctrl-C / SIGTERM ─► cluster.close(): workers retire (jobs handed back), the broker stops
+    Ctrl-C / SIGTERM ─► cluster.close(): workers retire (jobs handed back), the broker stops (unless
+        the profile named a broker's address: that broker stays)
 """
 
 from __future__ import annotations

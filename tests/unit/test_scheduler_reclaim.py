@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from tests.unit.test_scheduler import CA, W1, W2, W3, Farm, job_rows, job_seqs, result_rows, to
 from zfarm import protocol as p
+from zfarm.broker.farm import FIRST_ESTIMATE_S
 
 RETURNED = int(p.Outcome.RETURNED)
 
@@ -129,6 +130,8 @@ def test_an_unsent_prefetched_job_is_taken_back_at_once_for_an_idle_slot() -> No
     assert not to(out, W1, p.Reclaim)
     assert farm.sched.workers["w1"].credit == 1  # the job it never got left its credit with it
     assert farm.counter("requeued") == 1
+    # fair share: job 2 held no slot on w1, so its queue is charged for it once (a second each), not twice
+    assert farm.sched.clients["ca"].own.pass_ == 2 * FIRST_ESTIMATE_S
 
 
 def test_an_asked_back_job_goes_only_where_it_fits() -> None:

@@ -19,7 +19,8 @@ they ran; and among queues of equal priority each holds running slots in proport
 however long its jobs are: a queue of 10 s jobs beside a queue of 0.1 s jobs gets half of the
 slot-time, not nearly every slot. A job whose worker died keeps its dispatch's charge (the slot-time
 its lost attempt held is not known: the estimate stands for it), and so does a cancelled one; a job
-handed back unrun gets it back. A dispatch stays one heap step; a result at most one push.
+handed back unrun gets it back. A dispatch is one heap step (none while one queue waits), plus one
+for each entry found lagging below its queue's pass; a result at most one push.
 """
 
 from __future__ import annotations
@@ -88,6 +89,10 @@ class Farm:
     def journal_path(self) -> str:
         return self.journal.path if self.journal is not None else ""
 
+    def queues(self) -> list[Queue]:
+        """Every queue: each project's, and each client's own."""
+        return [*self.projects.values(), *(c.own for c in self.clients.values())]
+
     def add_worker(self, worker: WorkerRecord) -> None:
         self.workers[worker.id] = worker
         self.workers_epoch += 1
@@ -144,17 +149,13 @@ class Farm:
 
     # ---- fair share by slot-time (see the module's docstring) ---------------------------------------
 
-    def estimate(self, queue: Queue) -> float:
-        """What one job of ``queue`` is charged at dispatch: how long its jobs run, as far as known."""
-        return queue.run_estimate_s or self.run_estimate_s or FIRST_ESTIMATE_S
-
     def charge(self, queue: Queue, job: Job, listed: bool = False) -> None:
         """``job`` of ``queue`` was dispatched: its pass moves on by the job's estimated slot-time, which
         the job keeps (``Job.charged``) until its result says what it really took.
 
         ``listed``: the queue's entry is still in the heap (it may lag below the new pass: no push)."""
         self.vtime = queue.pass_
-        # (self.estimate(queue), spelt out: once per dispatch)
+        # what one job of the queue is charged: how long its jobs run, as far as known
         job.charged = (queue.run_estimate_s or self.run_estimate_s or FIRST_ESTIMATE_S) / queue.share
         queue.pass_ += job.charged
         if not listed:

@@ -26,13 +26,6 @@ from zfarm.protocol import buffer_of
 ON_DISK: list[Any] = []
 
 
-def payload_bytes(frames: Iterable[Any]) -> int:
-    total = 0
-    for f in frames:  # (once per result: bytes, the usual small frame, without a memoryview)
-        total += len(f) if type(f) is bytes else memoryview(buffer_of(f)).nbytes
-    return total
-
-
 class HeldResults:
     """Where each held result's payload lives; the records themselves stay in each client's ``held``."""
 
@@ -50,7 +43,7 @@ class HeldResults:
         """
         if not disk_only:
             size = 0
-            for f in held.frames or ():  # (payload_bytes, spelt out: once per result)
+            for f in held.frames or ():  # (once per result: bytes, the usual small frame, no memoryview)
                 size += len(f) if type(f) is bytes else memoryview(buffer_of(f)).nbytes
             over = size and self.memory_bytes + size > self.limit_bytes
             if not over or not self._to_disk(client_id, seq, held):  # (what cannot go to disk stays)

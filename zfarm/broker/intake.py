@@ -81,10 +81,7 @@ class Intake:
                 job.history = ("",) * client.attempts_used.pop(seq, 0)  # attempts of a retired job
             if client.session:
                 client.accepted.append(seq)
-            if job.after or job.phase:
-                self.admit(client, job, now)
-            else:
-                self.moves.move(job, QUEUED, client, now)
+            self.admit(client, job, now)
         if known_fn and not client.fn_users.get(fn_id):  # no job it accepted uses the function
             self.functions.idle_since(client, fn_id, now)
 

@@ -105,12 +105,8 @@ class Placement:
                         del self.hungry[worker.id]
                 if not placed:
                     break
-        if reclaim and self.prefetched and self._slot_idle() and self.reclaim(now):
+        if reclaim and self.prefetched and self.reclaim(now):
             self.dispatch(now, reclaim=False)  # jobs taken back unsent go to the idle slots now
-
-    def _slot_idle(self) -> bool:
-        """Whether a worker with credit has a slot idle (cheaper than :meth:`reclaim` finds it out)."""
-        return any(len(worker.jobs) < worker.slots for worker in self.hungry.values())
 
     def reclaim(self, now: float) -> bool:
         """Take back prefetched jobs that would wait while a slot is idle elsewhere; returns whether some
@@ -156,6 +152,7 @@ class Placement:
         """Take back a prefetched job now if it is unsent (True), else ask its worker with RECLAIM."""
         holder = self.farm.workers[job.worker or ""]
         if job in holder.outbox:
+            self.farm.refund(job)  # it held no slot: its dispatch's charge goes back (as in give_back)
             self.moves.move(job, JobState.QUEUED, self.farm.clients[job.client_id], now, front=True)
             self.hungry[holder.id] = holder  # (its credit for the job is back)
             return True
@@ -206,11 +203,9 @@ class Placement:
         return job
 
     def _fits(self, job: Job, worker: WorkerRecord, now: float) -> bool:
-        request = job.request
-        if request is None:
-            return True
-        free = worker.free
-        if request.tags <= worker.tags and all(free.get(k, 0.0) >= v for k, v in request.amounts.items()):
+        """Whether ``job`` fits what ``worker`` has free now; if not, and the workers changed since it
+        was last looked at, whether any worker could ever hold it (:meth:`_check_schedulable`)."""
+        if _fits_free(job, worker):
             return True
         if job.checked != self.farm.workers_epoch:
             self._check_schedulable(job, now)
@@ -237,7 +232,7 @@ class Placement:
 
     def unpark(self) -> None:
         """A worker joined: jobs set aside as unschedulable are tried again, first in their queues."""
-        for queue in [*self.farm.projects.values(), *(c.own for c in self.farm.clients.values())]:
+        for queue in self.farm.queues():
             if queue.parked:
                 for job in reversed(queue.parked):
                     if job.state is JobState.QUEUED:  # (checked again: the workers changed)

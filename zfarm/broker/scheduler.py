@@ -326,8 +326,7 @@ class Scheduler:
             "liveness": self.settings.liveness,
             "queued": farm.queued,
             # of those, set aside as unschedulable: no connected worker could ever hold them
-            "unschedulable": sum(len(q.parked) for q in [*farm.projects.values(),
-                                                         *(c.own for c in farm.clients.values())]),
+            "unschedulable": sum(len(q.parked) for q in farm.queues()),
             "in_flight": in_flight,
             "workers": [worker_view(w, now) for w in farm.workers.values()],
             "lost_workers": list(farm.records.lost_workers),

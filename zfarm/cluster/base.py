@@ -315,7 +315,7 @@ class Cluster:
             self._wake.wait(TICK_S)
             self._wake.clear()
         if self._reporter is not None:
-            self._reporter.close(goodbye=True)  # the broker forgets us now, not a few rounds later
+            self._reporter.close()  # the broker forgets us now, not a few rounds later
         try:
             self._cleanup()
         except Exception:

@@ -8,7 +8,7 @@
             registered, which are idle, the demand (adapt)
         no answer within REPORT_TIMEOUT_S ──► heard(None); the next try after a back-off
             (STATUS_EVERY_S doubling up to MAX_BACKOFF_S), so a dead broker costs little
-    close(goodbye): the thread stops at once (a report in flight is given up), then a last
+    close(): the thread stops at once (a report in flight is given up), then a last
         CLUSTER (leaving) so the broker forgets us now; only if it answered the last report
 
 The supervisor never waits for the broker: a dead or slow broker delays no restart, retirement or
@@ -78,14 +78,14 @@ class Reporter:
         """Report now rather than at the next round (once: then at the usual pace)."""
         self._soon.set()
 
-    def close(self, goodbye: bool = True) -> None:
-        """Stop reporting; with ``goodbye``, tell the broker we leave (if it answered the last report).
-        Returns within about GOODBYE_TIMEOUT_S whatever the broker does."""
+    def close(self) -> None:
+        """Stop reporting, and tell the broker we leave (if it answered the last report). Returns
+        within about GOODBYE_TIMEOUT_S whatever the broker does."""
         self._stop.set()
         self._soon.set()
         if self._thread.is_alive():
             self._thread.join(REPORT_TIMEOUT_S + 1.0)  # a report in flight notices the stop within 0.1 s
-        if not (goodbye and self._answered):
+        if not self._answered:
             return
         from zfarm import monitor
 
