@@ -1378,7 +1378,9 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, help="runs per figure (default 5; 3 with --quick)")
     parser.add_argument("--quick", action="store_true", help="fewer runs, smaller sizes (about 3 minutes)")
     parser.add_argument("--only", help=f"comma-separated workloads of: {', '.join(WORKLOADS)}")
-    parser.add_argument("--json", default=str(REPO_ROOT / "benchmarks" / "results.json"), help="output path")
+    parser.add_argument("--json", default=str(REPO_ROOT / "benchmarks" / "results.json"),
+                        help="where the figures go (default: benchmarks/results.json; a run of some "
+                             "workloads keeps the others' figures there)")
     args = parser.parse_args()
     chosen = [w.strip() for w in args.only.split(",")] if args.only else list(WORKLOADS)
     unknown = set(chosen) - set(WORKLOADS)

@@ -71,6 +71,15 @@ def test_local_cluster_scales_up_and_down_and_client_uses_it() -> None:
         wait_for(lambda: len(require_status(cluster.address)["workers"]) == 1, 30, interval_s=0.2)
 
 
+def test_a_cluster_bound_to_any_free_port_tells_its_workers_the_one_it_took() -> None:
+    with zfarm.LocalCluster(n_workers=1, bind="tcp://127.0.0.1:*", heartbeat_interval_s=0.5) as cluster:
+        assert cluster.address.rpartition(":")[2].isdigit(), cluster.address
+        cluster.wait_for_workers(1)  # (with the * passed on, its worker refused it and never came)
+        with zfarm.Client(cluster) as client:
+            assert client.submit(pow, 2, 5).result(30) == 32
+        assert [w["state"] for w in cluster.workers] == ["running"]
+
+
 def test_a_worker_that_dies_at_start_backs_off_and_is_given_up() -> None:
     with zfarm.LocalCluster(n_workers=0) as cluster:
         cluster.log_level = "no-such-level"  # the worker exits at once: its command line is wrong

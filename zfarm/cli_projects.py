@@ -74,8 +74,9 @@ def _run(args: argparse.Namespace) -> int:
         _print(views)
     else:
         view = views[0]
-        print(f"project {name}: {view['state']} ({view['done']} done, {view['queued']} queued, "
-              f"{view['running']} running)")
+        counts = ", ".join(f"{view[k]} {k}" for k in ("done", "failed", "cancelled", "queued", "running")
+                           if view[k] or k in ("done", "queued", "running"))  # (failed, cancelled: if any)
+        print(f"project {name}: {view['state']} ({counts})")
     return 0
 
 

@@ -38,9 +38,11 @@ def terminate_gently(proc: subprocess.Popen[bytes]) -> None:
 
 
 def free_tcp_endpoint(host: str = "127.0.0.1") -> str:
-    """``tcp://HOST:PORT`` with a port the kernel just reported free on ``host`` (``*``: every interface)."""
-    with socket.socket() as s:
-        s.bind(("" if host == "*" else host, 0))
+    """``tcp://HOST:PORT`` with a port the kernel just reported free on ``host`` (``*``: every interface;
+    ``[IPv6]`` in brackets, as an endpoint writes it)."""
+    ipv6 = host.startswith("[")
+    with socket.socket(socket.AF_INET6 if ipv6 else socket.AF_INET) as s:
+        s.bind(("" if host == "*" else host.strip("[]"), 0))
         return f"tcp://{host}:{s.getsockname()[1]}"
 
 

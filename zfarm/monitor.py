@@ -165,7 +165,7 @@ def check_listening(address: str, within_s: float = LISTEN_CHECK_S) -> None:
     client's own connect timeout and handshake checks.
 
     Raises:
-        BrokerUnavailable: every connection was refused for ``within_s``.
+        BrokerUnavailable: every connection failed (refused, or no such host) for ``within_s``.
     """
     context: zmq.Context[Any] = zmq.Context()
     sock = dealer_to_broker(context, address, None)
@@ -191,4 +191,4 @@ def check_listening(address: str, within_s: float = LISTEN_CHECK_S) -> None:
         context.term()
     if refused:
         raise BrokerUnavailable(address, time.monotonic() - started,
-                                "nothing listens there (the connection was refused)")
+                                "nothing listens there (every connection failed: refused, or no such host)")

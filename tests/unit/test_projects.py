@@ -516,6 +516,23 @@ def test_a_projects_counts_survive_a_restart_from_the_journal_as_of_the_last_tur
     assert (done["state"], done["submitted"], done["done"], done["failed"]) == ("done", 7, 5, 1)
 
 
+def test_a_result_from_the_old_brokers_worker_counts_its_slot_time_after_a_restart(tmp_path: Path) -> None:
+    """A job running when its broker died finishes on the same worker: the new broker, which never
+    dispatched it, still counts the slot-time it took (slot_s, and fair share's pass)."""
+    path = str(tmp_path / "j.db")
+    farm = journaled_farm(path)
+    submit(farm, [1], project="timed")
+    (row,) = job_rows(farm.out(0.0), W1)
+    again = restart(farm, path, 1.0)
+    again.worker(W1, "w1", 1.0, credit=0)  # the same worker, still running it
+    stats = [[100.0, 102.5, 2.5, 1]]  # it ran 2.5 s
+    again.send(W1, p.Results(1, [["ca", row[1], row[2], OK, 1, ""]], [b"r"], stats), 2.0)
+    again.out(2.0)
+    timed = view(again, "timed")
+    assert (timed["done"], timed["slot_s"]) == (1, 2.5)
+    assert again.sched.farm.projects["timed"].pass_ == 2.5
+
+
 def test_a_cancelled_project_stays_cancelled_after_a_restart(tmp_path: Path) -> None:
     path = str(tmp_path / "j.db")
     farm = journaled_farm(path)

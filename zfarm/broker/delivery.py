@@ -30,7 +30,7 @@ _OUTCOMES = {int(o) for o in p.Outcome}
 _NAMES = {int(o): o.name.lower() for o in p.Outcome}  # as the history shows them
 OK, CANCELLED, RETURNED = int(p.Outcome.OK), int(p.Outcome.CANCELLED), int(p.Outcome.RETURNED)
 PLAIN = int(p.ResultKind.PLAIN)
-FINISHED, ASSIGNED = JobState.FINISHED, JobState.ASSIGNED
+FINISHED = JobState.FINISHED
 _new_tuple = tuple.__new__  # a typed row from a checked wire row, in C (RunStats.from_wire, spelt out)
 
 
@@ -76,8 +76,8 @@ class Delivery:
     def finish(self, worker: WorkerRecord, client: ClientRecord, job: Job, outcome: int,
                frames: list[Any], info: str, run: p.RunStats, now: float, kind: int = PLAIN) -> None:
         """A worker's result ends the job (``outcome``: a :class:`~zfarm.protocol.Outcome`)."""
-        if run.finished_at and job.state is ASSIGNED:  # fair share: charge the slot-time it really took
-            self.farm.ran(job, run.run_s)
+        if run.finished_at:  # fair share: charge the slot-time it really took (a job read back from the
+            self.farm.ran(job, run.run_s)  # journal too, answered by the old broker's worker: none charged)
         self.moves.move(job, FINISHED, client, now, finisher=worker, outcome=outcome, info=info)
         if outcome == OK:
             worker.done += 1

@@ -91,6 +91,7 @@ class Cluster:
             check_endpoint(address)
         if bind:
             check_endpoint(bind, bind=True)
+            bind = _with_a_port(bind)
         #: every launched worker's --resources and --tags, checked ("": none given)
         self.worker_resources, self.worker_tags = resources_text(resources), tags_text(tags)
         self._tmpdir = scratch.make_owned_dir(self.kind)  # (a killed cluster's is swept by the next)
@@ -448,3 +449,15 @@ def _close_all() -> None:
     for cluster in list(_OPEN):
         with contextlib.suppress(Exception):
             cluster.close(timeout_s=10.0)
+
+
+def _with_a_port(bind: str) -> str:
+    """A TCP bind asking for any free port (``*`` or ``0``) given one now: the workers launched must be
+    told where the broker listens, and a broker's log is not where a cluster reads it."""
+    scheme, _, rest = bind.partition("://")
+    host, _, port = rest.rpartition(":")
+    if scheme != "tcp" or port not in ("*", "0"):
+        return bind
+    from zfarm.local import free_tcp_endpoint
+
+    return free_tcp_endpoint(host)
